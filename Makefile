@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Everything they need (virtual environment, Python packages, buf) is set up here.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+STAMP := $(VENV)/.installed
+
+.PHONY: setup gen gen-check lint typecheck test test-fast demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+$(BUF): package.json package-lock.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+setup: $(STAMP) $(BUF)
+
+## gen: regenerate Python code and .pyi stubs from proto/
+gen: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+gen-check: $(STAMP)
+	$(PY) scripts/gen_proto.py --check
+
+## lint: buf lint, ruff, mypy --strict on hand-written code
+lint: setup
+	cd proto && ../$(BUF) lint
+	$(VENV)/bin/ruff check sdk tests scripts
+	$(VENV)/bin/mypy sdk/collateral_sync scripts
+
+test: setup gen-check lint
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -x -m "not slow"
+
+demo: $(STAMP)
+	$(PY) -m collateral_sync._demo
+
+bench: $(STAMP)
+	$(VENV)/bin/collateral-sync bench
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
