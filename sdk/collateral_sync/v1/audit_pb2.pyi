@@ -26,15 +26,14 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class AuditBundle(_message.Message):
     """Evidence for offline verification by an auditor (`collateral-sync verify`).
     Stored as binary protobuf or as its proto3 JSON mapping. Verification
-    reproduces the relying party's decision: every statement is verified with
-    the registry, for verifier_party_id as audience, at verify_at.
+    reproduces the relying party's decisions: each statement is verified with
+    the registry, for verifier_party_id as audience, at the time it was relied on.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REGISTRY_FIELD_NUMBER: _builtins.int
     VERIFIER_PARTY_ID_FIELD_NUMBER: _builtins.int
-    VERIFY_AT_FIELD_NUMBER: _builtins.int
     LOG_ORIGIN_FIELD_NUMBER: _builtins.int
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     CONSISTENCY_PROOFS_FIELD_NUMBER: _builtins.int
@@ -47,25 +46,23 @@ class AuditBundle(_message.Message):
     @_builtins.property
     def registry(self) -> _keys_pb2.KeyRegistry: ...
     @_builtins.property
-    def verify_at(self) -> _timestamp_pb2.Timestamp:
-        """The time at which the evidence was relied upon (freshness is checked then)."""
-
-    @_builtins.property
-    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]:
-        """Envelopes of Checkpoint statements, in increasing tree size."""
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evidence]:
+        """Checkpoint statements, in strictly increasing tree size."""
 
     @_builtins.property
     def consistency_proofs(self) -> _containers.RepeatedCompositeFieldContainer[_attestation_pb2.ConsistencyProof]:
         """Consistency proofs between consecutive checkpoints (i -> i+1)."""
 
     @_builtins.property
-    def attested_statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttestedStatement]:
-        """Attested statements with their inclusion proofs."""
+    def attested_statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evidence]:
+        """Statements that are leaves of the attestation log; inclusion_proof set,
+        against the checkpoint of the same tree size.
+        """
 
     @_builtins.property
-    def statements(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]:
-        """Further signed statements to verify (margin calls, reconciliation
-        results, emergency releases, receipts); each is verified by its payload type.
+    def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evidence]:
+        """Further signed statements (margin calls, reconciliation results,
+        emergency releases, receipts); each is verified by its payload type.
         """
 
     def __init__(
@@ -73,45 +70,50 @@ class AuditBundle(_message.Message):
         *,
         registry: _keys_pb2.KeyRegistry | None = ...,
         verifier_party_id: _builtins.str = ...,
-        verify_at: _timestamp_pb2.Timestamp | None = ...,
         log_origin: _builtins.str = ...,
-        checkpoints: _abc.Iterable[_envelope_pb2.Envelope] | None = ...,
+        checkpoints: _abc.Iterable[Global___Evidence] | None = ...,
         consistency_proofs: _abc.Iterable[_attestation_pb2.ConsistencyProof] | None = ...,
-        attested_statements: _abc.Iterable[Global___AttestedStatement] | None = ...,
-        statements: _abc.Iterable[_envelope_pb2.Envelope] | None = ...,
+        attested_statements: _abc.Iterable[Global___Evidence] | None = ...,
+        statements: _abc.Iterable[Global___Evidence] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registry", b"registry", "verify_at", b"verify_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["registry", b"registry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attested_statements", b"attested_statements", "checkpoints", b"checkpoints", "consistency_proofs", b"consistency_proofs", "log_origin", b"log_origin", "registry", b"registry", "statements", b"statements", "verifier_party_id", b"verifier_party_id", "verify_at", b"verify_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attested_statements", b"attested_statements", "checkpoints", b"checkpoints", "consistency_proofs", b"consistency_proofs", "log_origin", b"log_origin", "registry", b"registry", "statements", b"statements", "verifier_party_id", b"verifier_party_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditBundle: _TypeAlias = AuditBundle  # noqa: Y015
 
 @_typing.final
-class AttestedStatement(_message.Message):
-    """A statement that is a leaf of the attestation log, with its proof against
-    one of the bundle's checkpoints.
-    """
+class Evidence(_message.Message):
+    """One signed statement as relied upon."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STATEMENT_FIELD_NUMBER: _builtins.int
+    RELIED_AT_FIELD_NUMBER: _builtins.int
     INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def statement(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
-    def inclusion_proof(self) -> _attestation_pb2.InclusionProof: ...
+    def relied_at(self) -> _timestamp_pb2.Timestamp:
+        """When the relying party accepted it; freshness is checked at this time."""
+
+    @_builtins.property
+    def inclusion_proof(self) -> _attestation_pb2.InclusionProof:
+        """For attested statements: proof of the leaf PAE(payload_type, payload)."""
+
     def __init__(
         self,
         *,
         statement: _envelope_pb2.Envelope | None = ...,
+        relied_at: _timestamp_pb2.Timestamp | None = ...,
         inclusion_proof: _attestation_pb2.InclusionProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "relied_at", b"relied_at", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "relied_at", b"relied_at", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AttestedStatement: _TypeAlias = AttestedStatement  # noqa: Y015
+Global___Evidence: _TypeAlias = Evidence  # noqa: Y015
