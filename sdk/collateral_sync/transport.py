@@ -1,0 +1,366 @@
+"""gRPC transport between parties: mutual TLS, channel options, retry policy.
+
+Every connection between custodian, exchange and regulator is mutual TLS: the
+server requires a client certificate from the shared CA, and the subject CN of
+each side's certificate is its party id (see :mod:`collateral_sync.dev_ca`).
+A plaintext channel exists only for tests and is named so.
+
+Channels carry one service config. Its retry policy covers *only* idempotent
+RPCs — every unary ``Get*``/``List*`` method found in the generated service
+descriptors — and retries them on ``UNAVAILABLE`` with bounded attempts and
+backoff. Everything else (``Submit*``, ``Pledge*``, ``Respond*``,
+``Execute*``, ``CoSign*``, ``RequestRedemption``, the ``SyncPositions``
+stream) is never retried by the channel: a second delivery of a signed
+statement must be a deliberate decision of the caller (and the receiver then
+answers REPLAYED). gRPC's *transparent* retry still applies to all RPCs, which
+is safe: it only resends calls that never reached the server application.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import grpc
+import grpc.aio
+from cryptography.hazmat.primitives import serialization
+
+from collateral_sync.dev_ca import (
+    DevPki,
+    certificate_common_name,
+    load_certificate_chain_pem,
+    load_private_key_pem,
+)
+from collateral_sync.errors import MalformedError, VerificationError
+from collateral_sync.v1 import (
+    custodian_service_pb2,
+    emergency_release_service_pb2,
+    errors_pb2,
+    exchange_service_pb2,
+    reconciliation_service_pb2,
+    regulator_service_pb2,
+)
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "MAX_MESSAGE_BYTES",
+    "SERVICE_MODULES",
+    "ChannelOption",
+    "RetryPolicy",
+    "TlsConfig",
+    "channel_credentials",
+    "channel_options",
+    "check_peer_party",
+    "idempotent_methods",
+    "peer_party_id",
+    "plaintext_channel_for_testing",
+    "secure_channel",
+    "server_credentials",
+    "server_options",
+    "service_config_json",
+]
+
+#: Largest message either side sends or accepts; the same on clients and servers.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+#: The generated modules whose services this SDK speaks (source of the retry policy).
+SERVICE_MODULES: tuple[ModuleType, ...] = (
+    custodian_service_pb2,
+    emergency_release_service_pb2,
+    exchange_service_pb2,
+    reconciliation_service_pb2,
+    regulator_service_pb2,
+)
+
+ChannelOption = tuple[str, str | int]
+
+_IDEMPOTENT_PREFIXES = ("Get", "List")
+
+# Client pings every 20 s on an open call and gives the peer 10 s to answer, so
+# a silently dead counterparty on the long-lived SyncPositions stream is noticed
+# within ~30 s instead of at the next write. Pings keep going on a quiet stream
+# (max_pings_without_data=0); servers accept pings every 10 s (server_options),
+# below the client's interval, so they never answer with GOAWAY too_many_pings.
+_CLIENT_KEEPALIVE: tuple[ChannelOption, ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+_SERVER_KEEPALIVE: tuple[ChannelOption, ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retry of idempotent RPCs on UNAVAILABLE (gRPC service-config semantics).
+
+    ``max_attempts`` counts the first attempt; gRPC caps it at 5. Backoff before
+    attempt n is random in [0, min(initial * multiplier**(n-2), max)).
+    """
+
+    max_attempts: int = 4
+    initial_backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 2.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_attempts <= 5:
+            raise ValueError(f"expected 2 <= max_attempts <= 5, got {self.max_attempts}")
+        for name in ("initial_backoff_seconds", "max_backoff_seconds", "backoff_multiplier"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"expected {name} > 0 and finite, got {value}")
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ValueError(
+                f"expected max_backoff_seconds >= {self.initial_backoff_seconds}, "
+                f"got {self.max_backoff_seconds}"
+            )
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+def idempotent_methods() -> tuple[tuple[str, str], ...]:
+    """(full service name, method name) of every RPC the channel may retry.
+
+    Unary methods whose name starts with ``Get`` or ``List``: reads that change
+    no state, so a retry cannot apply anything twice. Derived from the
+    descriptors so that a new read RPC is covered without touching this module.
+    """
+    found: list[tuple[str, str]] = []
+    for module in SERVICE_MODULES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                if method.client_streaming or method.server_streaming:
+                    continue
+                if method.name.startswith(_IDEMPOTENT_PREFIXES):
+                    found.append((service.full_name, method.name))
+    return tuple(sorted(found))
+
+
+def service_config_json(retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> str:
+    """The gRPC service config (JSON) every channel of this SDK carries."""
+    names = [{"service": s, "method": m} for s, m in idempotent_methods()]
+    config = {
+        "methodConfig": [
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": retry_policy.max_attempts,
+                    "initialBackoff": _duration(retry_policy.initial_backoff_seconds),
+                    "maxBackoff": _duration(retry_policy.max_backoff_seconds),
+                    "backoffMultiplier": retry_policy.backoff_multiplier,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        # Stops retrying when most recent calls failed, so a down server is
+        # not hit with max_attempts times the load.
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+    return json.dumps(config, separators=(",", ":"), sort_keys=True)
+
+
+def channel_options(
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    server_name_override: str | None = None,
+    extra: Sequence[ChannelOption] = (),
+) -> list[ChannelOption]:
+    """Channel arguments for a client channel; ``extra`` entries replace defaults."""
+    _check_message_bytes(max_message_bytes)
+    options: dict[str, str | int] = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.enable_retries": 1,
+        "grpc.service_config": service_config_json(retry_policy),
+        **dict(_CLIENT_KEEPALIVE),
+    }
+    if server_name_override is not None:
+        options["grpc.ssl_target_name_override"] = server_name_override
+    options.update(dict(extra))
+    return list(options.items())
+
+
+def server_options(
+    *, max_message_bytes: int = MAX_MESSAGE_BYTES, extra: Sequence[ChannelOption] = ()
+) -> list[ChannelOption]:
+    """Server arguments matching :func:`channel_options`; ``extra`` replaces defaults."""
+    _check_message_bytes(max_message_bytes)
+    options: dict[str, str | int] = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        # Without this a second server can bind the same port and silently
+        # take half of the connections.
+        "grpc.so_reuseport": 0,
+        **dict(_SERVER_KEEPALIVE),
+    }
+    options.update(dict(extra))
+    return list(options.items())
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """One party's TLS material, as PEM bytes.
+
+    ``ca_cert`` is the trust anchor for the counterparty; ``cert_chain`` is this
+    party's certificate (leaf first), ``private_key`` its key. Checked on
+    construction so that a wrong file fails here with a clear error rather
+    than inside the TLS handshake.
+    """
+
+    ca_cert: bytes
+    cert_chain: bytes
+    private_key: bytes
+
+    def __post_init__(self) -> None:
+        load_certificate_chain_pem(self.ca_cert)
+        leaf = load_certificate_chain_pem(self.cert_chain)[0]
+        key = load_private_key_pem(self.private_key)
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+            raise MalformedError(
+                "expected the private key of the leaf certificate, got a different key",
+                metadata={
+                    "expected": f"key of {leaf.subject.rfc4514_string()}",
+                    "actual": "another key",
+                },
+            )
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_cert: str | os.PathLike[str],
+        cert_chain: str | os.PathLike[str],
+        private_key: str | os.PathLike[str],
+    ) -> TlsConfig:
+        """Read the three PEM files."""
+        return cls(_read(ca_cert), _read(cert_chain), _read(private_key))
+
+    @classmethod
+    def from_dev_pki(cls, pki: DevPki, party_id: str) -> TlsConfig:
+        """The material of ``party_id`` in a development PKI."""
+        files = pki.party(party_id)
+        return cls.from_files(pki.ca_cert, files.cert, files.key)
+
+    @property
+    def party_id(self) -> str:
+        """Subject CN of this party's certificate."""
+        return certificate_common_name(load_certificate_chain_pem(self.cert_chain)[0])
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """Client credentials: trust ``tls.ca_cert``, present our certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_cert,
+        private_key=tls.private_key,
+        certificate_chain=tls.cert_chain,
+    )
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """Server credentials that require a client certificate from ``tls.ca_cert``."""
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.cert_chain)],
+        root_certificates=tls.ca_cert,
+        require_client_auth=True,
+    )
+
+
+def secure_channel(
+    target: str,
+    tls: TlsConfig,
+    *,
+    server_name_override: str | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    options: Sequence[ChannelOption] = (),
+) -> grpc.aio.Channel:
+    """A mutual-TLS channel to ``target`` (``host:port``).
+
+    ``server_name_override`` names the certificate SAN to check when ``target``
+    is an address that is not in it (e.g. dialling an IP of a host whose
+    certificate names only its DNS name).
+    """
+    return grpc.aio.secure_channel(
+        target,
+        channel_credentials(tls),
+        options=channel_options(
+            max_message_bytes=max_message_bytes,
+            retry_policy=retry_policy,
+            server_name_override=server_name_override,
+            extra=options,
+        ),
+    )
+
+
+def plaintext_channel_for_testing(
+    target: str,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    options: Sequence[ChannelOption] = (),
+) -> grpc.aio.Channel:
+    """An unencrypted, unauthenticated channel. Tests only: parties use mutual TLS."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=channel_options(
+            max_message_bytes=max_message_bytes, retry_policy=retry_policy, extra=options
+        ),
+    )
+
+
+def peer_party_id(context: grpc.aio.ServicerContext) -> str | None:
+    """Party id (certificate subject CN) of the peer of a server call.
+
+    None when the call did not arrive over mutual TLS with a certificate that
+    has exactly one CN.
+    """
+    names = context.auth_context().get("x509_common_name", ())
+    if len(names) != 1:
+        return None
+    name: bytes = names[0]
+    return name.decode("utf-8", errors="replace")
+
+
+def check_peer_party(context: grpc.aio.ServicerContext, expected_party_id: str) -> str:
+    """Require the TLS peer to be ``expected_party_id`` (e.g. a statement's issuer).
+
+    A party may only present statements it issued over its own connection; a
+    mismatch is reported as KEY_ROLE_MISMATCH (PERMISSION_DENIED): the signing
+    key belongs to another party than the one on the wire.
+    """
+    actual = peer_party_id(context)
+    if actual != expected_party_id:
+        raise VerificationError(
+            f"expected TLS peer {expected_party_id!r}, got {actual or 'no client certificate'!r}",
+            reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+            metadata={"expected": expected_party_id, "actual": actual or ""},
+        )
+    return expected_party_id
+
+
+def _read(path: str | os.PathLike[str]) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _duration(seconds: float) -> str:
+    # Service-config durations are protobuf JSON Durations: decimal seconds + "s".
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def _check_message_bytes(value: int) -> None:
+    if not 1024 <= value <= 2**31 - 1:
+        raise ValueError(f"expected 1024 <= max_message_bytes <= 2**31-1, got {value}")
