@@ -25,36 +25,43 @@ _sym_db = _symbol_database.Default()
 from collateral_sync.v1 import attestation_pb2 as collateral__sync_dot_v1_dot_attestation__pb2
 from collateral_sync.v1 import common_pb2 as collateral__sync_dot_v1_dot_common__pb2
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
+from collateral_sync.v1 import errors_pb2 as collateral__sync_dot_v1_dot_errors__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&collateral_sync/v1/position_sync.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a!collateral_sync/v1/envelope.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\tSyncFrame\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncHelloH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12*\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.SyncAckH\x00\x12\x36\n\theartbeat\x18\x04 \x01(\x0b\x32!.collateral_sync.v1.SyncHeartbeatH\x00\x42\x07\n\x05\x66rame\"\xba\x01\n\tSyncHello\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12<\n\x11sending_direction\x18\x02 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12\x19\n\x11received_sequence\x18\x03 \x01(\x04\x12\x1b\n\x13received_entry_hash\x18\x04 \x01(\x0c\x12\x15\n\rsent_sequence\x18\x05 \x01(\x04\x12\x0e\n\x06window\x18\x06 \x01(\r\"/\n\x07SyncAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\"S\n\rSyncHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsent_sequence\x18\x02 \x01(\x04\"\xa6\x01\n\tSyncBatch\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x34\n\tdirection\x18\x02 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12.\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1d.collateral_sync.v1.SyncEntry\"Z\n\tSyncEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0fprev_entry_hash\x18\x02 \x01(\x0c\x12\x0e\n\x06update\x18\x03 \x01(\x0c\x12\x12\n\nentry_hash\x18\x04 \x01(\x0c\"\xaa\x04\n\x0ePositionUpdate\x12=\n\x0fholdings_change\x18\x01 \x01(\x0b\x32\".collateral_sync.v1.HoldingsChangeH\x00\x12\x39\n\rpledge_change\x18\x02 \x01(\x0b\x32 .collateral_sync.v1.PledgeChangeH\x00\x12\x39\n\ryield_accrual\x18\x03 \x01(\x0b\x32 .collateral_sync.v1.YieldAccrualH\x00\x12;\n\x13liquidation_receipt\x18\x04 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12<\n\x14margin_call_response\x18\x05 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0b\x63redit_line\x18\n \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0bmargin_call\x18\x0b \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12?\n\x17liquidation_instruction\x18\x0c \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0brisk_policy\x18\r \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x42\x08\n\x06update\"\x83\x01\n\x0eHoldingsChange\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xa4\x01\n\x0cPledgeChange\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12\x35\n\x10pledged_quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x37\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xd6\x01\n\x0cYieldAccrual\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12\x35\n\x10\x61\x63\x63rued_quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x30\n\x0c\x61\x63\x63rual_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0b\x61ttestation\x18\x05 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef*\x83\x01\n\rSyncDirection\x12\x1e\n\x1aSYNC_DIRECTION_UNSPECIFIED\x10\x00\x12(\n$SYNC_DIRECTION_CUSTODIAN_TO_EXCHANGE\x10\x01\x12(\n$SYNC_DIRECTION_EXCHANGE_TO_CUSTODIAN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&collateral_sync/v1/position_sync.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a!collateral_sync/v1/envelope.proto\x1a\x1f\x63ollateral_sync/v1/errors.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\tSyncFrame\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncHelloH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12*\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.SyncAckH\x00\x12\x36\n\theartbeat\x18\x04 \x01(\x0b\x32!.collateral_sync.v1.SyncHeartbeatH\x00\x12.\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncCloseH\x00\x42\x07\n\x05\x66rame\"\xd9\x01\n\tSyncHello\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12<\n\x11sending_direction\x18\x02 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12\x19\n\x11received_sequence\x18\x03 \x01(\x04\x12\x1b\n\x13received_entry_hash\x18\x04 \x01(\x0c\x12\x15\n\rsent_sequence\x18\x05 \x01(\x04\x12\x0e\n\x06window\x18\x06 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x07 \x01(\r\"/\n\x07SyncAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\"S\n\rSyncHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsent_sequence\x18\x02 \x01(\x04\"\xbd\x01\n\tSyncClose\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.collateral_sync.v1.ErrorReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12=\n\x08metadata\x18\x03 \x03(\x0b\x32+.collateral_sync.v1.SyncClose.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\tSyncBatch\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x34\n\tdirection\x18\x02 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12.\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1d.collateral_sync.v1.SyncEntry\"Z\n\tSyncEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0fprev_entry_hash\x18\x02 \x01(\x0c\x12\x0e\n\x06update\x18\x03 \x01(\x0c\x12\x12\n\nentry_hash\x18\x04 \x01(\x0c\"\xaa\x04\n\x0ePositionUpdate\x12=\n\x0fholdings_change\x18\x01 \x01(\x0b\x32\".collateral_sync.v1.HoldingsChangeH\x00\x12\x39\n\rpledge_change\x18\x02 \x01(\x0b\x32 .collateral_sync.v1.PledgeChangeH\x00\x12\x39\n\ryield_accrual\x18\x03 \x01(\x0b\x32 .collateral_sync.v1.YieldAccrualH\x00\x12;\n\x13liquidation_receipt\x18\x04 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12<\n\x14margin_call_response\x18\x05 \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0b\x63redit_line\x18\n \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0bmargin_call\x18\x0b \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12?\n\x17liquidation_instruction\x18\x0c \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x12\x33\n\x0brisk_policy\x18\r \x01(\x0b\x32\x1c.collateral_sync.v1.EnvelopeH\x00\x42\x08\n\x06update\"\x83\x01\n\x0eHoldingsChange\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xa4\x01\n\x0cPledgeChange\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12\x35\n\x10pledged_quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x37\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xd6\x01\n\x0cYieldAccrual\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12\x35\n\x10\x61\x63\x63rued_quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x30\n\x0c\x61\x63\x63rual_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0b\x61ttestation\x18\x05 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef*\x83\x01\n\rSyncDirection\x12\x1e\n\x1aSYNC_DIRECTION_UNSPECIFIED\x10\x00\x12(\n$SYNC_DIRECTION_CUSTODIAN_TO_EXCHANGE\x10\x01\x12(\n$SYNC_DIRECTION_EXCHANGE_TO_CUSTODIAN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.position_sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYNCDIRECTION']._serialized_start=2079
-  _globals['_SYNCDIRECTION']._serialized_end=2210
-  _globals['_SYNCFRAME']._serialized_start=202
-  _globals['_SYNCFRAME']._serialized_end=417
-  _globals['_SYNCHELLO']._serialized_start=420
-  _globals['_SYNCHELLO']._serialized_end=606
-  _globals['_SYNCACK']._serialized_start=608
-  _globals['_SYNCACK']._serialized_end=655
-  _globals['_SYNCHEARTBEAT']._serialized_start=657
-  _globals['_SYNCHEARTBEAT']._serialized_end=740
-  _globals['_SYNCBATCH']._serialized_start=743
-  _globals['_SYNCBATCH']._serialized_end=909
-  _globals['_SYNCENTRY']._serialized_start=911
-  _globals['_SYNCENTRY']._serialized_end=1001
-  _globals['_POSITIONUPDATE']._serialized_start=1004
-  _globals['_POSITIONUPDATE']._serialized_end=1558
-  _globals['_HOLDINGSCHANGE']._serialized_start=1561
-  _globals['_HOLDINGSCHANGE']._serialized_end=1692
-  _globals['_PLEDGECHANGE']._serialized_start=1695
-  _globals['_PLEDGECHANGE']._serialized_end=1859
-  _globals['_YIELDACCRUAL']._serialized_start=1862
-  _globals['_YIELDACCRUAL']._serialized_end=2076
+  _globals['_SYNCCLOSE_METADATAENTRY']._loaded_options = None
+  _globals['_SYNCCLOSE_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SYNCDIRECTION']._serialized_start=2383
+  _globals['_SYNCDIRECTION']._serialized_end=2514
+  _globals['_SYNCFRAME']._serialized_start=235
+  _globals['_SYNCFRAME']._serialized_end=498
+  _globals['_SYNCHELLO']._serialized_start=501
+  _globals['_SYNCHELLO']._serialized_end=718
+  _globals['_SYNCACK']._serialized_start=720
+  _globals['_SYNCACK']._serialized_end=767
+  _globals['_SYNCHEARTBEAT']._serialized_start=769
+  _globals['_SYNCHEARTBEAT']._serialized_end=852
+  _globals['_SYNCCLOSE']._serialized_start=855
+  _globals['_SYNCCLOSE']._serialized_end=1044
+  _globals['_SYNCCLOSE_METADATAENTRY']._serialized_start=997
+  _globals['_SYNCCLOSE_METADATAENTRY']._serialized_end=1044
+  _globals['_SYNCBATCH']._serialized_start=1047
+  _globals['_SYNCBATCH']._serialized_end=1213
+  _globals['_SYNCENTRY']._serialized_start=1215
+  _globals['_SYNCENTRY']._serialized_end=1305
+  _globals['_POSITIONUPDATE']._serialized_start=1308
+  _globals['_POSITIONUPDATE']._serialized_end=1862
+  _globals['_HOLDINGSCHANGE']._serialized_start=1865
+  _globals['_HOLDINGSCHANGE']._serialized_end=1996
+  _globals['_PLEDGECHANGE']._serialized_start=1999
+  _globals['_PLEDGECHANGE']._serialized_end=2163
+  _globals['_YIELDACCRUAL']._serialized_start=2166
+  _globals['_YIELDACCRUAL']._serialized_end=2380
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collateral_sync.v1 import attestation_pb2 as _attestation_pb2
 from collateral_sync.v1 import common_pb2 as _common_pb2
 from collateral_sync.v1 import envelope_pb2 as _envelope_pb2
+from collateral_sync.v1 import errors_pb2 as _errors_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -51,6 +52,7 @@ class SyncFrame(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SyncHello:
         """First frame from each side."""
@@ -65,6 +67,13 @@ class SyncFrame(_message.Message):
 
     @_builtins.property
     def heartbeat(self) -> Global___SyncHeartbeat: ...
+    @_builtins.property
+    def close(self) -> Global___SyncClose:
+        """Last frame from a side that refuses the peer's input: why it ends the
+        stream. The exchange, which dials and so cannot set a call status,
+        has no other way to say it; the custodian also sets the call status.
+        """
+
     def __init__(
         self,
         *,
@@ -72,12 +81,13 @@ class SyncFrame(_message.Message):
         batch: _envelope_pb2.Envelope | None = ...,
         ack: Global___SyncAck | None = ...,
         heartbeat: Global___SyncHeartbeat | None = ...,
+        close: Global___SyncClose | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "frame", b"frame", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "close", b"close", "frame", b"frame", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "frame", b"frame", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "close", b"close", "frame", b"frame", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "batch", "ack", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "batch", "ack", "heartbeat", "close"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -97,6 +107,7 @@ class SyncHello(_message.Message):
     RECEIVED_ENTRY_HASH_FIELD_NUMBER: _builtins.int
     SENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     party_id: _builtins.str
     sending_direction: Global___SyncDirection.ValueType
     """The direction this side sends."""
@@ -108,6 +119,11 @@ class SyncHello(_message.Message):
     """Highest sequence this side has in its own outgoing log."""
     window: _builtins.int
     """Maximum number of unacknowledged entries this side accepts in flight."""
+    heartbeat_interval_ms: _builtins.int
+    """This side sends a frame at least this often (a heartbeat when idle); the
+    peer considers it gone after three intervals of silence. 0: the default,
+    5000 ms.
+    """
     def __init__(
         self,
         *,
@@ -117,10 +133,11 @@ class SyncHello(_message.Message):
         received_entry_hash: _builtins.bytes = ...,
         sent_sequence: _builtins.int = ...,
         window: _builtins.int = ...,
+        heartbeat_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_id", b"party_id", "received_entry_hash", b"received_entry_hash", "received_sequence", b"received_sequence", "sending_direction", b"sending_direction", "sent_sequence", b"sent_sequence", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "party_id", b"party_id", "received_entry_hash", b"received_entry_hash", "received_sequence", b"received_sequence", "sending_direction", b"sending_direction", "sent_sequence", b"sent_sequence", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,6 +191,59 @@ class SyncHeartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncHeartbeat: _TypeAlias = SyncHeartbeat  # noqa: Y015
+
+@_typing.final
+class SyncClose(_message.Message):
+    """Why a side ends the stream after refusing the peer's input. Not signed:
+    the channel is mutually authenticated, and nothing is acted on because of it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    reason: _errors_pb2.ErrorReason.ValueType
+    """The status code follows from the reason (docs/PROTOCOL.md, "Errors")."""
+    message: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The same facts as google.rpc.ErrorInfo.metadata: "expected", "actual"..."""
+
+    def __init__(
+        self,
+        *,
+        reason: _errors_pb2.ErrorReason.ValueType = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncClose: _TypeAlias = SyncClose  # noqa: Y015
 
 @_typing.final
 class SyncBatch(_message.Message):
