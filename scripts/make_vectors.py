@@ -1,0 +1,1332 @@
+"""Write the language-neutral test vectors of collateral_sync.v1 into vectors/*.json.
+
+The vectors pin the protocol's byte-level rules (docs/PROTOCOL.md, "Test
+vectors") so that an implementation in any language can check itself without
+running ours: key ids, PAE, signed statements that must verify or must fail
+with a given ErrorReason, RFC 9162 Merkle roots and proofs, canonical amounts.
+
+Everything is deterministic: fixed 32-byte Ed25519 seeds (Ed25519 signatures
+are deterministic), fixed timestamps, fixed statement ids, deterministic
+protobuf serialisation. Expected outcomes are written here by hand from the
+specification, never read back from the SDK's verifiers, so that the vectors
+test the SDK rather than mirror it (tests/test_vectors.py checks both the SDK
+and an independent verifier against them, and that the committed files equal
+what this script generates).
+
+Usage::
+
+    python scripts/make_vectors.py            # (re)write vectors/
+    python scripts/make_vectors.py --check    # exit 1 if vectors/ differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+from collateral_sync import merkle
+from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.signing import pae, sign_statement
+from collateral_sync.statements import message_class_of, payload_type_of
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    emergency_pb2,
+    envelope_pb2,
+    keys_pb2,
+    liquidation_pb2,
+    valuation_pb2,
+)
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+from pymerkle import InmemoryTree
+
+__all__ = ["VECTOR_FILES", "build_vectors", "main"]
+
+FORMAT = "collateral-sync-test-vectors"
+FORMAT_VERSION = 1
+PROTOCOL = "collateral_sync.v1"
+GENERATOR = "scripts/make_vectors.py"
+
+VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
+
+_ROLE = common_pb2.PartyRole
+_CUSTODIAN = _ROLE.PARTY_ROLE_CUSTODIAN
+_EXCHANGE = _ROLE.PARTY_ROLE_EXCHANGE
+_REGULATOR = _ROLE.PARTY_ROLE_REGULATOR
+_CLIENT = _ROLE.PARTY_ROLE_CLIENT
+
+# The status each reason maps to (docs/PROTOCOL.md §12), written out here so a
+# change to the SDK's table cannot silently change the vectors.
+_STATUS = {
+    "MALFORMED": "INVALID_ARGUMENT",
+    "INVALID_AMOUNT": "INVALID_ARGUMENT",
+    "PAYLOAD_TYPE_MISMATCH": "INVALID_ARGUMENT",
+    "SIGNATURE_INVALID": "UNAUTHENTICATED",
+    "KEY_UNKNOWN": "UNAUTHENTICATED",
+    "KEY_REVOKED": "UNAUTHENTICATED",
+    "KEY_NOT_VALID": "UNAUTHENTICATED",
+    "KEY_ROLE_MISMATCH": "PERMISSION_DENIED",
+    "AUDIENCE_MISMATCH": "PERMISSION_DENIED",
+    "THRESHOLD_NOT_MET": "PERMISSION_DENIED",
+    "STATEMENT_EXPIRED": "FAILED_PRECONDITION",
+    "STATEMENT_NOT_YET_VALID": "FAILED_PRECONDITION",
+    "REPLAYED": "ALREADY_EXISTS",
+    "PROOF_INVALID": "INVALID_ARGUMENT",
+    "CHECKPOINT_INCONSISTENT": "FAILED_PRECONDITION",
+}
+
+# --- parties, keys and times ------------------------------------------------------
+
+CUSTODIAN_ID = "custodian.example"
+EXCHANGE_ID = "exchange.example"
+REGULATOR_ID = "regulator.example"
+CLIENT_ID = "client-0001.example"
+LOG_ORIGIN = "custodian.example/collateral-sync/attestations"
+
+NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+ISSUED = NOW - timedelta(minutes=1)
+TTL = timedelta(hours=1)
+MAX_SKEW_SECONDS = 30
+KEYS_VALID_FROM = datetime(2026, 1, 1, tzinfo=UTC)
+OLD_KEY_VALID_FROM = datetime(2025, 1, 1, tzinfo=UTC)
+ROTATION_TIME = KEYS_VALID_FROM
+REVOCATION_TIME = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def _seed(start: int) -> bytes:
+    return bytes(range(start, start + 32))
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    key: SigningKey
+    registered: bool
+    valid_from: datetime
+    valid_until: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def party_key(self) -> keys_pb2.PartyKey:
+        entry = self.key.party_key(self.valid_from, self.valid_until)
+        if self.revoked_at is not None:
+            entry.revoked_at.CopyFrom(_timestamp(self.revoked_at))
+        return entry
+
+
+def _keys() -> dict[str, _Key]:
+    def key(
+        name: str,
+        start: int,
+        party: str,
+        role: int,
+        *,
+        registered: bool = True,
+        valid_from: datetime = KEYS_VALID_FROM,
+        valid_until: datetime | None = None,
+        revoked_at: datetime | None = None,
+    ) -> _Key:
+        return _Key(
+            name,
+            SigningKey.from_seed(_seed(start), party, role),
+            registered,
+            valid_from,
+            valid_until,
+            revoked_at,
+        )
+
+    keys = [
+        key("custodian", 0, CUSTODIAN_ID, _CUSTODIAN),
+        key("exchange", 32, EXCHANGE_ID, _EXCHANGE),
+        key("regulator", 64, REGULATOR_ID, _REGULATOR),
+        key("regulator-second", 96, REGULATOR_ID, _REGULATOR),
+        key("client", 128, CLIENT_ID, _CLIENT),
+        # Rotated out at ROTATION_TIME: valid only for statements issued before it.
+        key(
+            "custodian-rotated-out",
+            160,
+            CUSTODIAN_ID,
+            _CUSTODIAN,
+            valid_from=OLD_KEY_VALID_FROM,
+            valid_until=ROTATION_TIME,
+        ),
+        key("exchange-revoked", 192, EXCHANGE_ID, _EXCHANGE, revoked_at=REVOCATION_TIME),
+        key("unregistered", 224, CUSTODIAN_ID, _CUSTODIAN, registered=False),
+    ]
+    return {k.name: k for k in keys}
+
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _rfc3339(value: datetime) -> str:
+    return _timestamp(value).ToJsonString()
+
+
+def _status(reason: str) -> dict[str, Any]:
+    return {"valid": False, "reason": reason, "grpc_status": _STATUS[reason]}
+
+
+def _decimal(text: str) -> common_pb2.Decimal:
+    return common_pb2.Decimal(value=text)
+
+
+def _position(asset: str, quantity: str, locked: str, pledged: str) -> common_pb2.Position:
+    return common_pb2.Position(
+        account_id="acct-0001",
+        asset_id=asset,
+        quantity=_decimal(quantity),
+        locked_quantity=_decimal(locked),
+        pledged_quantity=_decimal(pledged),
+    )
+
+
+def _header(
+    *,
+    issuer: str,
+    audience: Sequence[str],
+    sequence: int,
+    issued_at: datetime,
+    expires_at: datetime,
+    statement_id: str,
+) -> envelope_pb2.StatementHeader:
+    header = envelope_pb2.StatementHeader(
+        issuer=issuer, audience=audience, sequence=sequence, statement_id=statement_id
+    )
+    header.issued_at.CopyFrom(_timestamp(issued_at))
+    header.expires_at.CopyFrom(_timestamp(expires_at))
+    return header
+
+
+def _raw_envelope(
+    payload: bytes, payload_type: str, signers: Iterable[SigningKey]
+) -> envelope_pb2.Envelope:
+    """An envelope signed over PAE without any of the issuer checks of sign_statement.
+
+    Negative vectors need statements the SDK would refuse to issue.
+    """
+    signed = pae(payload_type, payload)
+    return envelope_pb2.Envelope(
+        payload=payload,
+        payload_type=payload_type,
+        signatures=[envelope_pb2.Signature(key_id=k.key_id, sig=k.sign(signed)) for k in signers],
+    )
+
+
+def _statement_envelope(
+    message: Message, header: envelope_pb2.StatementHeader, signers: Iterable[SigningKey]
+) -> envelope_pb2.Envelope:
+    message.header.CopyFrom(header)  # type: ignore[attr-defined]
+    payload = message.SerializeToString(deterministic=True)
+    return _raw_envelope(payload, payload_type_of(message), signers)
+
+
+def _copy(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+    duplicate = envelope_pb2.Envelope()
+    duplicate.CopyFrom(envelope)
+    return duplicate
+
+
+# --- file 1: keys -----------------------------------------------------------------
+
+_KEY_MESSAGE = b"collateral-sync test vector message"
+
+
+def _keys_file() -> dict[str, Any]:
+    seeds = [bytes(32), bytes(range(32)), bytes([0xFF] * 32), _seed(32), _seed(224)]
+    vectors = []
+    for seed in seeds:
+        signing = nacl.signing.SigningKey(seed)
+        public = bytes(signing.verify_key)
+        vectors.append(
+            {
+                "seed_hex": seed.hex(),
+                "public_key_hex": public.hex(),
+                "public_key_base64": base64.b64encode(public).decode("ascii"),
+                "key_id": hashlib.sha256(public).hexdigest(),
+                "message_hex": _KEY_MESSAGE.hex(),
+                "signature_hex": signing.sign(_KEY_MESSAGE).signature.hex(),
+            }
+        )
+    return {
+        "description": (
+            "Ed25519 (RFC 8032) keys from 32-byte seeds. key_id is the lowercase hex "
+            "SHA-256 of the 32-byte raw public key; signature_hex is the deterministic "
+            "Ed25519 signature of message_hex."
+        ),
+        "vectors": vectors,
+    }
+
+
+# --- file 2: PAE ------------------------------------------------------------------
+
+
+def _pae_file() -> dict[str, Any]:
+    cases: list[tuple[str, bytes, str]] = [
+        (
+            "application/vnd.collateral-sync.v1.checkpoint+proto",
+            b"hello",
+            "the example of docs/PROTOCOL.md section 3.2",
+        ),
+        ("application/vnd.collateral-sync.v1.holdings-statement+proto", b"", "empty payload"),
+        ("", b"x", "empty payload type"),
+        (
+            "application/vnd.collateral-sync.v1.sync-batch+proto",
+            bytes(range(256)),
+            "binary payload of 256 bytes: three-digit length, spaces and NULs inside",
+        ),
+        (
+            "application/vnd.collateral-sync.v1.margin-call+proto",
+            b"DSSEv1 1 a 1 b",
+            "a payload that itself looks like a PAE",
+        ),
+        ("type/\u00e9", b"\xc3\xa9", "non-ASCII type: LEN counts UTF-8 bytes (7), not characters"),
+        ("application/example", b"0123456789" * 100, "1000-byte payload"),
+    ]
+    return {
+        "description": (
+            'PAE(type, payload) = "DSSEv1" SP LEN(type) SP type SP LEN(payload) SP payload, '
+            "LEN = ASCII decimal byte length without leading zeros, SP = 0x20, type as UTF-8."
+        ),
+        "vectors": [
+            {
+                "description": why,
+                "payload_type": payload_type,
+                "payload_hex": payload.hex(),
+                "pae_hex": pae(payload_type, payload).hex(),
+            }
+            for payload_type, payload, why in cases
+        ],
+    }
+
+
+# --- file 3: signed statements ----------------------------------------------------
+
+
+@dataclass
+class _StatementCase:
+    id: str
+    description: str
+    expected_type: str
+    envelope: envelope_pb2.Envelope
+    expected: dict[str, Any]
+    verifier: str
+    now: datetime = NOW
+    last_accepted_sequence: int = 0
+    threshold: int | None = None
+
+
+_THRESHOLD_ROLES = ["PARTY_ROLE_REGULATOR", "PARTY_ROLE_CUSTODIAN", "PARTY_ROLE_EXCHANGE"]
+
+
+def _holdings(epoch: int = 3) -> attestation_pb2.HoldingsStatement:
+    return attestation_pb2.HoldingsStatement(
+        account_id="acct-0001",
+        exchange_id=EXCHANGE_ID,
+        epoch=epoch,
+        positions=[
+            _position("BENJI", "1000000", "0", "1000000"),
+            _position("USDC", "500000.25", "0", "400000"),
+        ],
+        reason=attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE,
+    )
+
+
+def _release() -> emergency_pb2.EmergencyRelease:
+    release = emergency_pb2.EmergencyRelease(
+        release_id="release-0001",
+        account_id="acct-0001",
+        exchange_id=EXCHANGE_ID,
+        reason=emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE,
+    )
+    release.exchange_unresponsive_since.CopyFrom(_timestamp(NOW - timedelta(hours=49)))
+    return release
+
+
+def _valid(issuer: str, *signer_parties: str) -> dict[str, Any]:
+    return {"valid": True, "issuer": issuer, "signer_party_ids": list(signer_parties)}
+
+
+def _statement_cases(keys: dict[str, _Key], checkpoint_root: bytes) -> list[_StatementCase]:
+    custodian = keys["custodian"].key
+    exchange = keys["exchange"].key
+    regulator = keys["regulator"].key
+    regulator_second = keys["regulator-second"].key
+    client = keys["client"].key
+    rotated_out = keys["custodian-rotated-out"].key
+    revoked = keys["exchange-revoked"].key
+    unregistered = keys["unregistered"].key
+
+    holdings_type = payload_type_of(attestation_pb2.HoldingsStatement)
+    checkpoint_type = payload_type_of(attestation_pb2.Checkpoint)
+    release_type = payload_type_of(emergency_pb2.EmergencyRelease)
+    policy_type = payload_type_of(valuation_pb2.RiskPolicy)
+    path_type = payload_type_of(liquidation_pb2.LiquidationPath)
+
+    def holdings_header(**changes: Any) -> envelope_pb2.StatementHeader:
+        fields: dict[str, Any] = {
+            "issuer": CUSTODIAN_ID,
+            "audience": [EXCHANGE_ID],
+            "sequence": 7,
+            "issued_at": ISSUED,
+            "expires_at": ISSUED + TTL,
+            "statement_id": "holdings-acct-0001-epoch-3",
+        }
+        fields.update(changes)
+        return _header(**fields)
+
+    # Positive statements issued through the SDK's own issuing path.
+    holdings = sign_statement(
+        _holdings(),
+        custodian,
+        audience=[EXCHANGE_ID],
+        sequence=7,
+        ttl=TTL,
+        issued_at=ISSUED,
+        statement_id="holdings-acct-0001-epoch-3",
+    )
+    checkpoint_message = attestation_pb2.Checkpoint(
+        origin=LOG_ORIGIN, tree_size=1000, root_hash=checkpoint_root
+    )
+    checkpoint_message.timestamp.CopyFrom(_timestamp(ISSUED))
+    checkpoint = sign_statement(
+        checkpoint_message,
+        custodian,
+        audience=["*"],
+        sequence=42,
+        ttl=TTL,
+        issued_at=ISSUED,
+        statement_id="checkpoint-1000",
+    )
+    release_header = _header(
+        issuer=REGULATOR_ID,
+        audience=[REGULATOR_ID, CUSTODIAN_ID, EXCHANGE_ID],
+        sequence=1,
+        issued_at=ISSUED,
+        expires_at=ISSUED + TTL,
+        statement_id="release-0001",
+    )
+    release_2of3 = _statement_envelope(_release(), release_header, [regulator, custodian])
+    release_extra = _copy(release_2of3)
+    release_extra.signatures.add(
+        key_id=unregistered.key_id, sig=unregistered.sign(pae(release_type, b"other bytes"))
+    )
+    release_extra.signatures.add(key_id=exchange.key_id, sig=bytes(64))
+    path_message = liquidation_pb2.LiquidationPath(
+        account_id="acct-0001",
+        exchange_id=EXCHANGE_ID,
+        steps=[
+            liquidation_pb2.LiquidationStep(
+                asset_id="USDC", venue="otc-desk", max_quantity=_decimal("400000")
+            ),
+            liquidation_pb2.LiquidationStep(
+                asset_id="BENJI", venue="fund-redemption", max_quantity=_decimal("1000000")
+            ),
+        ],
+        proceeds_account_id="exchange-settlement-0001",
+    )
+    path = _statement_envelope(
+        path_message,
+        _header(
+            issuer=CLIENT_ID,
+            audience=[CUSTODIAN_ID],
+            sequence=1,
+            issued_at=ISSUED,
+            expires_at=ISSUED + TTL,
+            statement_id="path-acct-0001-v1",
+        ),
+        [client, custodian],
+    )
+    old_key_time = ROTATION_TIME - timedelta(hours=1)
+    by_rotated_out = sign_statement(
+        _holdings(epoch=2),
+        rotated_out,
+        audience=[EXCHANGE_ID],
+        sequence=6,
+        ttl=TTL,
+        issued_at=old_key_time,
+        statement_id="holdings-acct-0001-epoch-2",
+    )
+
+    def tampered(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+        changed = _copy(envelope)
+        payload = bytearray(changed.payload)
+        payload[-1] ^= 0x01
+        changed.payload = bytes(payload)
+        return changed
+
+    def relabelled(envelope: envelope_pb2.Envelope, payload_type: str) -> envelope_pb2.Envelope:
+        changed = _copy(envelope)
+        changed.payload_type = payload_type
+        return changed
+
+    def holdings_by(
+        signers: Sequence[SigningKey], **changes: Any
+    ) -> envelope_pb2.Envelope:
+        return _statement_envelope(_holdings(), holdings_header(**changes), signers)
+
+    short_signature = _copy(holdings)
+    short_signature.signatures[0].sig = short_signature.signatures[0].sig[:63]
+    upper_key_id = _copy(holdings)
+    upper_key_id.signatures[0].key_id = upper_key_id.signatures[0].key_id.upper()
+    unsigned = _copy(holdings)
+    del unsigned.signatures[:]
+
+    revoked_policy = valuation_pb2.RiskPolicy(version=9)
+    revoked_policy_envelope = _statement_envelope(
+        revoked_policy,
+        _header(
+            issuer=EXCHANGE_ID,
+            audience=["*"],
+            sequence=9,
+            issued_at=ISSUED,
+            expires_at=ISSUED + TTL,
+            statement_id="risk-policy-9",
+        ),
+        [revoked],
+    )
+    no_header = _raw_envelope(b"", holdings_type, [custodian])
+    garbage = _raw_envelope(b"\xff\xff\xff", holdings_type, [custodian])
+    # The skew boundary: expired 20 s before NOW, inside the 30 s skew.
+    in_skew = sign_statement(
+        _holdings(),
+        custodian,
+        audience=[EXCHANGE_ID],
+        sequence=8,
+        ttl=timedelta(seconds=40),
+        issued_at=NOW - timedelta(minutes=1),
+        statement_id="holdings-in-skew",
+    )
+
+    valid = _valid
+    return [
+        _StatementCase(
+            "holdings-statement/valid",
+            "A custodian's holdings statement addressed to the exchange.",
+            holdings_type,
+            holdings,
+            valid(CUSTODIAN_ID, CUSTODIAN_ID),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "checkpoint/valid-public",
+            "A checkpoint addressed to '*' (public type), verified by the regulator.",
+            checkpoint_type,
+            checkpoint,
+            valid(CUSTODIAN_ID, CUSTODIAN_ID),
+            REGULATOR_ID,
+        ),
+        _StatementCase(
+            "liquidation-path/valid-countersigned",
+            "A client's liquidation path countersigned by the custodian: the issuer signs first.",
+            path_type,
+            path,
+            valid(CLIENT_ID, CLIENT_ID),
+            CUSTODIAN_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/valid-rotated-key-before-rotation",
+            "Signed by a key since rotated out, issued while it was valid; 'now' is then too.",
+            holdings_type,
+            by_rotated_out,
+            valid(CUSTODIAN_ID, CUSTODIAN_ID),
+            EXCHANGE_ID,
+            now=old_key_time + timedelta(minutes=5),
+        ),
+        _StatementCase(
+            "holdings-statement/valid-expired-within-skew",
+            "Expired 20 s before 'now': still accepted with the 30 s skew.",
+            holdings_type,
+            in_skew,
+            valid(CUSTODIAN_ID, CUSTODIAN_ID),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "emergency-release/valid-2-of-3",
+            "Issued by the regulator, signed by regulator and custodian (2 distinct parties).",
+            release_type,
+            release_2of3,
+            valid(REGULATOR_ID, REGULATOR_ID, CUSTODIAN_ID),
+            CUSTODIAN_ID,
+            threshold=2,
+        ),
+        _StatementCase(
+            "emergency-release/valid-extra-bad-signatures-ignored",
+            "2-of-3 plus an unregistered key's signature and a zero signature by the exchange's "
+            "key: invalid extra signatures are ignored.",
+            release_type,
+            release_extra,
+            valid(REGULATOR_ID, REGULATOR_ID, CUSTODIAN_ID),
+            CUSTODIAN_ID,
+            threshold=2,
+        ),
+        # --- must fail ---
+        _StatementCase(
+            "holdings-statement/tampered-payload",
+            "The last payload byte flipped after signing.",
+            holdings_type,
+            tampered(holdings),
+            _status("SIGNATURE_INVALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/swapped-payload-type",
+            "payload_type changed to checkpoint; the verifier expects a holdings statement.",
+            holdings_type,
+            relabelled(holdings, checkpoint_type),
+            _status("PAYLOAD_TYPE_MISMATCH"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/relabelled-as-checkpoint",
+            "payload_type changed to checkpoint and the verifier expects a checkpoint: the type "
+            "is inside PAE, so the signature no longer verifies.",
+            checkpoint_type,
+            relabelled(holdings, checkpoint_type),
+            _status("SIGNATURE_INVALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/unregistered-key",
+            "Signed by a key that is not in the registry.",
+            holdings_type,
+            holdings_by([unregistered]),
+            _status("KEY_UNKNOWN"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/wrong-role",
+            "Issued and signed by the exchange: exchange keys may not issue holdings statements.",
+            holdings_type,
+            holdings_by([exchange], issuer=EXCHANGE_ID, audience=[CUSTODIAN_ID]),
+            _status("KEY_ROLE_MISMATCH"),
+            CUSTODIAN_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/other-party-key",
+            "Issuer is the custodian but the only signature is the exchange's.",
+            holdings_type,
+            holdings_by([exchange]),
+            _status("KEY_ROLE_MISMATCH"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/key-not-valid-after-rotation",
+            "Signed with the rotated-out key, issued after its valid_until.",
+            holdings_type,
+            holdings_by([rotated_out]),
+            _status("KEY_NOT_VALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "risk-policy/revoked-key",
+            "Signed with an exchange key revoked before issued_at.",
+            policy_type,
+            revoked_policy_envelope,
+            _status("KEY_REVOKED"),
+            CUSTODIAN_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/wrong-audience",
+            "Addressed to another exchange.",
+            holdings_type,
+            holdings_by([custodian], audience=["other-exchange.example"]),
+            _status("AUDIENCE_MISMATCH"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/star-audience-not-public",
+            "Audience ['*', verifier] on a non-public type.",
+            holdings_type,
+            holdings_by([custodian], audience=["*", EXCHANGE_ID]),
+            _status("AUDIENCE_MISMATCH"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/expired",
+            "expires_at one hour before 'now'.",
+            holdings_type,
+            holdings_by(
+                [custodian], issued_at=NOW - timedelta(hours=2), expires_at=NOW - timedelta(hours=1)
+            ),
+            _status("STATEMENT_EXPIRED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/not-yet-valid",
+            "issued_at one minute after 'now' (beyond the 30 s skew).",
+            holdings_type,
+            holdings_by(
+                [custodian], issued_at=NOW + timedelta(minutes=1), expires_at=NOW + TTL
+            ),
+            _status("STATEMENT_NOT_YET_VALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/replayed",
+            "Sequence 7 when the verifier already accepted sequence 7 from this issuer and type.",
+            holdings_type,
+            holdings,
+            _status("REPLAYED"),
+            EXCHANGE_ID,
+            last_accepted_sequence=7,
+        ),
+        _StatementCase(
+            "holdings-statement/no-signatures",
+            "An envelope without signatures.",
+            holdings_type,
+            unsigned,
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/short-signature",
+            "A 63-byte signature.",
+            holdings_type,
+            short_signature,
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/uppercase-key-id",
+            "A key id in uppercase hex.",
+            holdings_type,
+            upper_key_id,
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/unparseable-payload",
+            "Validly signed bytes that are not a protobuf message.",
+            holdings_type,
+            garbage,
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/no-header",
+            "Validly signed empty payload: a message without a header.",
+            holdings_type,
+            no_header,
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/sequence-zero",
+            "header.sequence = 0.",
+            holdings_type,
+            holdings_by([custodian], sequence=0),
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/expires-before-issued",
+            "expires_at before issued_at.",
+            holdings_type,
+            holdings_by([custodian], expires_at=ISSUED - timedelta(seconds=1)),
+            _status("MALFORMED"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "emergency-release/below-threshold",
+            "Signed by the regulator alone.",
+            release_type,
+            _statement_envelope(_release(), release_header, [regulator]),
+            _status("THRESHOLD_NOT_MET"),
+            CUSTODIAN_ID,
+            threshold=2,
+        ),
+        _StatementCase(
+            "emergency-release/same-party-twice",
+            "Signed by two different keys of the regulator: one party counts once.",
+            release_type,
+            _statement_envelope(_release(), release_header, [regulator, regulator_second]),
+            _status("THRESHOLD_NOT_MET"),
+            CUSTODIAN_ID,
+            threshold=2,
+        ),
+    ]
+
+
+def _envelope_json(envelope: envelope_pb2.Envelope) -> dict[str, Any]:
+    return {
+        "payload_type": envelope.payload_type,
+        "payload_hex": envelope.payload.hex(),
+        "signatures": [
+            {"key_id": s.key_id, "sig_hex": s.sig.hex()} for s in envelope.signatures
+        ],
+    }
+
+
+def _payload_json(payload_type: str, payload: bytes) -> dict[str, Any] | None:
+    """The payload as proto3 JSON, when it parses, for readers of the vectors."""
+    message = message_class_of(payload_type)()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError:  # unparseable payloads are vectors too
+        return None
+    if not message.ListFields():
+        return None
+    return json_format.MessageToDict(message)
+
+
+def _statements_file(keys: dict[str, _Key], checkpoint_root: bytes) -> dict[str, Any]:
+    registry = KeyRegistry(k.party_key() for k in keys.values() if k.registered)
+    vectors = []
+    for case in _statement_cases(keys, checkpoint_root):
+        envelope = case.envelope
+        vector: dict[str, Any] = {
+            "id": case.id,
+            "description": case.description,
+            "expected_payload_type": case.expected_type,
+            "envelope": _envelope_json(envelope),
+            "envelope_hex": envelope.SerializeToString(deterministic=True).hex(),
+            "pae_hex": pae(envelope.payload_type, envelope.payload).hex(),
+            "payload_json": _payload_json(case.expected_type, envelope.payload),
+            "verifier_party_id": case.verifier,
+            "now": _rfc3339(case.now),
+            "last_accepted_sequence": case.last_accepted_sequence,
+            "threshold": (
+                None
+                if case.threshold is None
+                else {"k": case.threshold, "roles": list(_THRESHOLD_ROLES)}
+            ),
+            "expected": case.expected,
+        }
+        vectors.append(vector)
+    return {
+        "description": (
+            "Signed statements (docs/PROTOCOL.md section 3). Verify each envelope with the "
+            "registry, for verifier_party_id, at 'now', with max_skew_seconds of skew, "
+            "expecting expected_payload_type; last_accepted_sequence is the replay state for "
+            "(issuer, payload type) (0: none). A non-null 'threshold' means a threshold "
+            "statement (section 3.7). 'expected' is either valid with the issuer and the "
+            "counted signer parties, or the ErrorReason (without the ERROR_REASON_ prefix) "
+            "and gRPC status the verifier must fail with."
+        ),
+        "max_skew_seconds": MAX_SKEW_SECONDS,
+        "registry": json_format.MessageToDict(registry.to_proto()),
+        "signing_keys": [
+            {
+                "name": k.name,
+                "party_id": k.key.party_id,
+                "role": common_pb2.PartyRole.Name(k.key.role),  # type: ignore[arg-type]
+                "seed_hex": k.key.seed.hex(),
+                "key_id": k.key.key_id,
+                "registered": k.registered,
+            }
+            for k in keys.values()
+        ],
+        "vectors": vectors,
+    }
+
+
+# --- file 4: Merkle trees ---------------------------------------------------------
+
+_LARGE_SIZES = (100, 1000)
+
+
+def _leaf(index: int) -> bytes:
+    return b"leaf-%d" % index
+
+
+def _selected_indexes(size: int) -> list[int]:
+    """Every index of small trees; edges and power-of-two boundaries of larger ones."""
+    if size <= 16:
+        return list(range(size))
+    picks = {0, 1, size // 2, size - 2, size - 1}
+    power = 1
+    while power < size:
+        picks.update({power - 1, power} & set(range(size)))
+        power *= 2
+    return sorted(picks)
+
+
+def _selected_first_sizes(size: int) -> list[int]:
+    if size <= 16:
+        return list(range(1, size + 1))
+    return sorted({i + 1 for i in _selected_indexes(size)} | {size})
+
+
+def _merkle_file() -> dict[str, Any]:
+    largest = max(_LARGE_SIZES)
+    tree = InmemoryTree()
+    tree.append_entries([_leaf(i) for i in range(largest)])
+    sizes = [*range(1, 33), *_LARGE_SIZES]
+
+    def root(size: int) -> bytes:
+        return merkle.empty_root() if size == 0 else bytes(tree.get_root(size))
+
+    def inclusion(index: int, size: int) -> attestation_pb2.InclusionProof:
+        return merkle.inclusion_proof_from_pymerkle(tree.prove_inclusion(index + 1, size))
+
+    def consistency(first: int, second: int) -> list[bytes]:
+        if first == second:
+            return []
+        return list(
+            merkle.consistency_proof_from_pymerkle(
+                tree.prove_consistency(first, second)
+            ).consistency_path
+        )
+
+    trees = [{"tree_size": 0, "root_hex": root(0).hex()}] + [
+        {"tree_size": n, "root_hex": root(n).hex()} for n in sizes
+    ]
+    inclusions = []
+    for size in sizes:
+        for index in _selected_indexes(size):
+            proof = inclusion(index, size)
+            inclusions.append(
+                {
+                    "leaf_index": index,
+                    "tree_size": size,
+                    "leaf_hex": _leaf(index).hex(),
+                    "leaf_hash_hex": merkle.leaf_hash(_leaf(index)).hex(),
+                    "audit_path": [h.hex() for h in proof.audit_path],
+                    "root_hex": root(size).hex(),
+                }
+            )
+    consistencies = []
+    for size in sizes:
+        for first in _selected_first_sizes(size):
+            consistencies.append(
+                {
+                    "first_tree_size": first,
+                    "second_tree_size": size,
+                    "first_root_hex": root(first).hex(),
+                    "second_root_hex": root(size).hex(),
+                    "consistency_path": [h.hex() for h in consistency(first, size)],
+                }
+            )
+    return {
+        "description": (
+            "RFC 9162 Merkle trees with SHA-256 (docs/PROTOCOL.md section 5). Leaf i "
+            "(0-based) is the ASCII bytes 'leaf-<i>' (decimal, no padding); leaf hash = "
+            "SHA-256(0x00 || leaf), node hash = SHA-256(0x01 || left || right), empty tree = "
+            "SHA-256(''). Inclusion audit paths are bottom-up (RFC 9162 2.1.3); consistency "
+            "paths follow RFC 9162 2.1.4.1 (empty when the sizes are equal)."
+        ),
+        "leaf_rule": "leaf-<i>",
+        "trees": trees,
+        "inclusion": inclusions,
+        "consistency": consistencies,
+        "invalid_inclusion": _invalid_inclusion(root, inclusion),
+        "invalid_consistency": _invalid_consistency(root, consistency),
+    }
+
+
+def _inclusion_vector(
+    vector_id: str,
+    description: str,
+    *,
+    leaf_index: int,
+    tree_size: int,
+    leaf_hash: bytes,
+    audit_path: Sequence[bytes],
+    root: bytes,
+    reason: str,
+) -> dict[str, Any]:
+    return {
+        "id": vector_id,
+        "description": description,
+        "leaf_index": leaf_index,
+        "tree_size": tree_size,
+        "leaf_hash_hex": leaf_hash.hex(),
+        "audit_path": [h.hex() for h in audit_path],
+        "root_hex": root.hex(),
+        "expected": _status(reason),
+    }
+
+
+def _invalid_inclusion(
+    root: Callable[[int], bytes],
+    inclusion: Callable[[int, int], attestation_pb2.InclusionProof],
+) -> list[dict[str, Any]]:
+    path = list(inclusion(5, 13).audit_path)
+    good = {
+        "leaf_index": 5,
+        "tree_size": 13,
+        "leaf_hash": merkle.leaf_hash(_leaf(5)),
+        "audit_path": path,
+        "root": root(13),
+    }
+
+    def case(vector_id: str, description: str, reason: str, **changes: Any) -> dict[str, Any]:
+        fields = {**good, **changes}
+        return _inclusion_vector(vector_id, description, reason=reason, **fields)
+
+    flipped = bytearray(path[1])
+    flipped[0] ^= 0x80
+    return [
+        case(
+            "index-equals-size",
+            "leaf_index = tree_size.",
+            "PROOF_INVALID",
+            leaf_index=13,
+        ),
+        case(
+            "index-beyond-size",
+            "leaf_index > tree_size.",
+            "PROOF_INVALID",
+            leaf_index=20,
+        ),
+        case(
+            "empty-tree",
+            "tree_size = 0 has no leaves.",
+            "PROOF_INVALID",
+            leaf_index=0,
+            tree_size=0,
+            audit_path=[],
+            root=root(0),
+        ),
+        case(
+            "path-too-short",
+            "The last audit path hash removed.",
+            "PROOF_INVALID",
+            audit_path=path[:-1],
+        ),
+        case(
+            "path-too-long",
+            "One hash too many.",
+            "PROOF_INVALID",
+            audit_path=[*path, root(1)],
+        ),
+        case(
+            "short-path-hash",
+            "An audit path hash of 31 bytes.",
+            "PROOF_INVALID",
+            audit_path=[path[0][:31], *path[1:]],
+        ),
+        case(
+            "short-leaf-hash",
+            "A leaf hash of 31 bytes.",
+            "PROOF_INVALID",
+            leaf_hash=merkle.leaf_hash(_leaf(5))[:31],
+        ),
+        case(
+            "short-root",
+            "A root of 31 bytes.",
+            "PROOF_INVALID",
+            root=root(13)[:31],
+        ),
+        case(
+            "wrong-leaf",
+            "The proof of leaf 5 presented for leaf 6's hash.",
+            "PROOF_INVALID",
+            leaf_hash=merkle.leaf_hash(_leaf(6)),
+        ),
+        case(
+            "wrong-index",
+            "The proof of leaf 5 presented as index 4.",
+            "PROOF_INVALID",
+            leaf_index=4,
+        ),
+        case(
+            "flipped-path-bit",
+            "One bit of an audit path hash flipped.",
+            "PROOF_INVALID",
+            audit_path=[path[0], bytes(flipped), *path[2:]],
+        ),
+        case(
+            "wrong-root",
+            "A valid proof checked against the root of another size.",
+            "PROOF_INVALID",
+            root=root(14),
+        ),
+    ]
+
+
+def _invalid_consistency(
+    root: Callable[[int], bytes], consistency: Callable[[int, int], list[bytes]]
+) -> list[dict[str, Any]]:
+    # History rewritten: leaf 3 replaced after a checkpoint at size 8, then grown to 13.
+    rewritten = InmemoryTree()
+    rewritten.append_entries(
+        [b"leaf-3-rewritten" if i == 3 else _leaf(i) for i in range(13)]
+    )
+    rewritten_path = list(
+        merkle.consistency_proof_from_pymerkle(rewritten.prove_consistency(8, 13)).consistency_path
+    )
+    path = consistency(6, 13)
+
+    def case(
+        vector_id: str,
+        description: str,
+        reason: str,
+        *,
+        first: int,
+        second: int,
+        consistency_path: Sequence[bytes],
+        first_root: bytes,
+        second_root: bytes,
+    ) -> dict[str, Any]:
+        return {
+            "id": vector_id,
+            "description": description,
+            "first_tree_size": first,
+            "second_tree_size": second,
+            "first_root_hex": first_root.hex(),
+            "second_root_hex": second_root.hex(),
+            "consistency_path": [h.hex() for h in consistency_path],
+            "expected": _status(reason),
+        }
+
+    flipped = bytearray(path[0])
+    flipped[31] ^= 0x01
+    return [
+        case(
+            "rewritten-history",
+            "The log rewrote leaf 3 after the checkpoint of size 8: the new tree's proof from 8 "
+            "to 13 does not lead from the old root.",
+            "CHECKPOINT_INCONSISTENT",
+            first=8,
+            second=13,
+            consistency_path=rewritten_path,
+            first_root=root(8),
+            second_root=bytes(rewritten.get_root(13)),
+        ),
+        case(
+            "fork-same-size",
+            "Two different roots for the same size.",
+            "CHECKPOINT_INCONSISTENT",
+            first=8,
+            second=8,
+            consistency_path=[],
+            first_root=root(8),
+            second_root=bytes(rewritten.get_root(8)),
+        ),
+        case(
+            "flipped-path-bit",
+            "One bit of a well-formed proof flipped.",
+            "CHECKPOINT_INCONSISTENT",
+            first=6,
+            second=13,
+            consistency_path=[bytes(flipped), *path[1:]],
+            first_root=root(6),
+            second_root=root(13),
+        ),
+        case(
+            "first-larger-than-second",
+            "first_tree_size > second_tree_size.",
+            "PROOF_INVALID",
+            first=13,
+            second=6,
+            consistency_path=path,
+            first_root=root(13),
+            second_root=root(6),
+        ),
+        case(
+            "first-size-zero",
+            "A consistency proof from the empty tree is not defined.",
+            "PROOF_INVALID",
+            first=0,
+            second=13,
+            consistency_path=[],
+            first_root=root(0),
+            second_root=root(13),
+        ),
+        case(
+            "path-too-short",
+            "The last hash removed.",
+            "PROOF_INVALID",
+            first=6,
+            second=13,
+            consistency_path=path[:-1],
+            first_root=root(6),
+            second_root=root(13),
+        ),
+        case(
+            "path-too-long",
+            "One hash too many.",
+            "PROOF_INVALID",
+            first=6,
+            second=13,
+            consistency_path=[*path, root(1)],
+            first_root=root(6),
+            second_root=root(13),
+        ),
+        case(
+            "short-path-hash",
+            "A consistency path hash of 31 bytes.",
+            "PROOF_INVALID",
+            first=6,
+            second=13,
+            consistency_path=[path[0][:31], *path[1:]],
+            first_root=root(6),
+            second_root=root(13),
+        ),
+        case(
+            "equal-sizes-non-empty-path",
+            "Equal sizes with a non-empty path.",
+            "PROOF_INVALID",
+            first=8,
+            second=8,
+            consistency_path=[root(1)],
+            first_root=root(8),
+            second_root=root(8),
+        ),
+    ]
+
+
+# --- file 5: amounts --------------------------------------------------------------
+
+
+def _amounts_file() -> dict[str, Any]:
+    canonical = [
+        "0",
+        "1",
+        "12",
+        "-3.5",
+        "0.5",
+        "-0.5",
+        "0.000000000000000001",
+        "-0.000000000000000001",
+        "1000000",
+        "123456789012345678901234567890.25",
+        "9223372036854775808",
+        "9" * 60,
+        "-" + "9" * 60 + "." + "9" * 18,
+        "1.000000000000000001",
+    ]
+    non_canonical = [
+        ("-0", "negative zero"),
+        ("0.0", "trailing zero in the fraction"),
+        ("1.50", "trailing zero in the fraction"),
+        ("1.", "empty fraction"),
+        (".5", "empty integer part"),
+        ("01", "leading zero"),
+        ("00", "leading zero"),
+        ("-01.5", "leading zero"),
+        ("+1", "plus sign"),
+        ("1e3", "exponent"),
+        ("1E3", "exponent"),
+        (" 1", "leading space"),
+        ("1 ", "trailing space"),
+        ("1,000", "thousands separator"),
+        ("1_000", "digit separator"),
+        ("", "empty"),
+        ("-", "sign only"),
+        ("NaN", "not a number"),
+        ("Infinity", "not a number"),
+        ("0.0000000000000000001", "19 fraction digits"),
+        ("1" * 61, "61 integer digits"),
+        ("\u0661", "non-ASCII digit (ARABIC-INDIC DIGIT ONE)"),
+        ("0x10", "hexadecimal"),
+        ("--1", "double sign"),
+    ]
+    formatting = [
+        ("1.500", "1.5"),
+        ("-0.000", "0"),
+        ("0012", "12"),
+        ("100", "100"),
+        ("1000.000000000000000000", "1000"),
+        ("-2.50", "-2.5"),
+        ("0.000000000000000001000", "0.000000000000000001"),
+    ]
+    unformattable = [
+        ("0.0000000000000000001", "19 significant fraction digits would need rounding"),
+        ("1" * 61, "61 integer digits"),
+    ]
+    return {
+        "description": (
+            "Canonical decimal text (docs/PROTOCOL.md section 2). 'canonical' must parse; "
+            "'non_canonical' must be refused with reason INVALID_AMOUNT; 'formatting' maps an "
+            "exact value written in any plain decimal notation to its canonical text; "
+            "'unformattable' values cannot be written canonically and must be refused with "
+            "INVALID_AMOUNT rather than rounded."
+        ),
+        "canonical": canonical,
+        "non_canonical": [
+            {"text": text, "why": why, "expected": _reason_amount()} for text, why in non_canonical
+        ],
+        "formatting": [{"value": value, "canonical": text} for value, text in formatting],
+        "unformattable": [
+            {"value": value, "why": why, "expected": _reason_amount()}
+            for value, why in unformattable
+        ],
+    }
+
+
+def _reason_amount() -> dict[str, Any]:
+    return {"valid": False, "reason": "INVALID_AMOUNT", "grpc_status": "INVALID_ARGUMENT"}
+
+
+# --- assembly ---------------------------------------------------------------------
+
+#: File names written under vectors/, in the order they are built.
+VECTOR_FILES = ("keys.json", "pae.json", "statements.json", "merkle.json", "amounts.json")
+
+
+def _document(kind: str, body: dict[str, Any]) -> str:
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "protocol": PROTOCOL,
+        "kind": kind,
+        "generator": GENERATOR,
+        **body,
+    }
+    return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+
+def build_vectors() -> dict[str, str]:
+    """Every vector file's name and exact text, generated in memory."""
+    keys = _keys()
+    merkle_body = _merkle_file()
+    checkpoint_root = bytes.fromhex(
+        next(t["root_hex"] for t in merkle_body["trees"] if t["tree_size"] == 1000)
+    )
+    bodies = {
+        "keys.json": ("keys", _keys_file()),
+        "pae.json": ("pae", _pae_file()),
+        "statements.json": ("statements", _statements_file(keys, checkpoint_root)),
+        "merkle.json": ("merkle", merkle_body),
+        "amounts.json": ("amounts", _amounts_file()),
+    }
+    assert tuple(bodies) == VECTOR_FILES
+    return {name: _document(kind, body) for name, (kind, body) in bodies.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if vectors/ differs from the generator"
+    )
+    parser.add_argument("--out", type=Path, default=VECTORS_DIR, help="output directory")
+    args = parser.parse_args(argv)
+    files = build_vectors()
+    out: Path = args.out
+    if args.check:
+        stale = [
+            name
+            for name, text in files.items()
+            if not (out / name).is_file() or (out / name).read_text(encoding="utf-8") != text
+        ]
+        if stale:
+            print(f"stale test vectors in {out}: {', '.join(stale)}", file=sys.stderr)
+            return 1
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    print(f"wrote {len(files)} files to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

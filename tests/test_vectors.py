@@ -1,0 +1,671 @@
+"""Tests for the language-neutral test vectors in vectors/ (scripts/make_vectors.py).
+
+Three things are checked:
+
+(a) the committed files are exactly what the generator produces (drift fails);
+(b) every positive vector verifies with the SDK *and* with an independent
+    check written here from the JSON and docs/PROTOCOL.md alone (hashlib and
+    PyNaCl for keys, PAE and signatures; tests/rfc9162_reference.py for Merkle
+    proofs; a character-level checker for amounts);
+(c) every negative vector fails, in the SDK and in the independent check, with
+    the ErrorReason (and gRPC status) the vector states.
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import hashlib
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+import pytest
+import rfc9162_reference as ref
+from collateral_sync import merkle
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.errors import CollateralSyncError, ProofError
+from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.signing import (
+    MemoryReplayGuard,
+    VerifiedStatement,
+    pae,
+    verify_statement,
+    verify_threshold,
+)
+from collateral_sync.statements import message_class_of
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    emergency_pb2,
+    envelope_pb2,
+    errors_pb2,
+    keys_pb2,
+    liquidation_pb2,
+    valuation_pb2,
+)
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "vectors"
+PROTOCOL_MD = ROOT / "docs" / "PROTOCOL.md"
+
+
+def _load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((VECTORS / name).read_text(encoding="utf-8"))
+    return data
+
+
+KEYS = _load("keys.json")
+PAE = _load("pae.json")
+STATEMENTS = _load("statements.json")
+MERKLE = _load("merkle.json")
+AMOUNTS = _load("amounts.json")
+
+POSITIVE_STATEMENTS = [v for v in STATEMENTS["vectors"] if v["expected"]["valid"]]
+NEGATIVE_STATEMENTS = [v for v in STATEMENTS["vectors"] if not v["expected"]["valid"]]
+
+
+def _ids(vectors: Sequence[dict[str, Any]]) -> list[str]:
+    return [v["id"] for v in vectors]
+
+
+# --- (a) drift ---------------------------------------------------------------------
+
+
+def _generator() -> ModuleType:
+    path = ROOT / "scripts" / "make_vectors.py"
+    spec = importlib.util.spec_from_file_location("make_vectors", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_committed_vectors_equal_the_generator_output() -> None:
+    generator = _generator()
+    generated: dict[str, str] = generator.build_vectors()
+    assert sorted(p.name for p in VECTORS.iterdir()) == sorted(generator.VECTOR_FILES)
+    for name, text in generated.items():
+        committed = (VECTORS / name).read_text(encoding="utf-8")
+        assert committed == text, f"vectors/{name} is stale: run scripts/make_vectors.py"
+
+
+def test_generator_is_deterministic() -> None:
+    generator = _generator()
+    assert generator.build_vectors() == generator.build_vectors()
+
+
+def test_check_mode_detects_a_stale_file(tmp_path: Path) -> None:
+    generator = _generator()
+    assert generator.main(["--out", str(tmp_path)]) == 0
+    assert generator.main(["--check", "--out", str(tmp_path)]) == 0
+    stale = tmp_path / "pae.json"
+    stale.write_text(stale.read_text(encoding="utf-8").replace("DSSE", "dsse", 1))
+    assert generator.main(["--check", "--out", str(tmp_path)]) == 1
+
+
+def test_every_file_declares_the_format() -> None:
+    for document in (KEYS, PAE, STATEMENTS, MERKLE, AMOUNTS):
+        assert document["format"] == "collateral-sync-test-vectors"
+        assert document["format_version"] == 1
+        assert document["protocol"] == "collateral_sync.v1"
+
+
+def test_vector_ids_are_unique() -> None:
+    for vectors in (
+        STATEMENTS["vectors"],
+        MERKLE["invalid_inclusion"],
+        MERKLE["invalid_consistency"],
+    ):
+        ids = _ids(vectors)
+        assert len(ids) == len(set(ids))
+
+
+def test_the_vectors_cover_what_the_spec_requires() -> None:
+    reasons = {v["expected"]["reason"] for v in NEGATIVE_STATEMENTS}
+    assert {
+        "SIGNATURE_INVALID",
+        "PAYLOAD_TYPE_MISMATCH",
+        "KEY_UNKNOWN",
+        "KEY_ROLE_MISMATCH",
+        "KEY_REVOKED",
+        "KEY_NOT_VALID",
+        "AUDIENCE_MISMATCH",
+        "STATEMENT_EXPIRED",
+        "STATEMENT_NOT_YET_VALID",
+        "REPLAYED",
+        "THRESHOLD_NOT_MET",
+        "MALFORMED",
+    } <= reasons
+    sizes = {t["tree_size"] for t in MERKLE["trees"]}
+    assert set(range(33)) | {100, 1000} <= sizes
+    assert any(v["expected"]["reason"] == "CHECKPOINT_INCONSISTENT"
+               for v in MERKLE["invalid_consistency"])
+
+
+def test_protocol_document_examples_match_the_vectors() -> None:
+    # docs/PROTOCOL.md quotes a PAE and a registry entry; they must be the vectors' bytes.
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    assert PAE["vectors"][0]["pae_hex"] in text
+    seed_key = next(v for v in KEYS["vectors"] if v["seed_hex"] == bytes(range(32)).hex())
+    assert seed_key["key_id"] in text
+    assert seed_key["public_key_base64"] in text
+
+
+# --- independent helpers (no SDK) ------------------------------------------------
+
+
+def _own_pae(payload_type: str, payload: bytes) -> bytes:
+    kind = payload_type.encode("utf-8")
+    return b"".join(
+        [b"DSSEv1 ", str(len(kind)).encode(), b" ", kind, b" ", str(len(payload)).encode(),
+         b" ", payload]
+    )
+
+
+def _own_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
+
+
+# --- keys and PAE ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vector", KEYS["vectors"], ids=lambda v: v["seed_hex"][:8])
+def test_key_vector(vector: dict[str, Any]) -> None:
+    seed = bytes.fromhex(vector["seed_hex"])
+    public = bytes.fromhex(vector["public_key_hex"])
+    message = bytes.fromhex(vector["message_hex"])
+    signature = bytes.fromhex(vector["signature_hex"])
+    # Independent.
+    own = nacl.signing.SigningKey(seed)
+    assert bytes(own.verify_key) == public
+    assert base64.b64decode(vector["public_key_base64"]) == public
+    assert hashlib.sha256(public).hexdigest() == vector["key_id"]
+    assert own.sign(message).signature == signature
+    assert _own_verify(public, message, signature)
+    assert not _own_verify(public, message + b"!", signature)
+    # SDK.
+    sdk = SigningKey.from_seed(seed, "party.example", common_pb2.PARTY_ROLE_CUSTODIAN)
+    assert sdk.public_key == public
+    assert sdk.key_id == vector["key_id"]
+    assert sdk.sign(message) == signature
+
+
+@pytest.mark.parametrize("vector", PAE["vectors"], ids=lambda v: v["description"][:40])
+def test_pae_vector(vector: dict[str, Any]) -> None:
+    payload = bytes.fromhex(vector["payload_hex"])
+    expected = bytes.fromhex(vector["pae_hex"])
+    assert _own_pae(vector["payload_type"], payload) == expected
+    assert pae(vector["payload_type"], payload) == expected
+
+
+# --- signed statements: an independent verifier written from docs/PROTOCOL.md §3 --------
+
+_TYPE_PREFIX = "application/vnd.collateral-sync.v1."
+# Only the rows of the §3.5 table that the vectors use.
+_OWN_TABLE: dict[str, tuple[type[Message], set[str], bool]] = {
+    "holdings-statement": (attestation_pb2.HoldingsStatement, {"PARTY_ROLE_CUSTODIAN"}, False),
+    "checkpoint": (attestation_pb2.Checkpoint, {"PARTY_ROLE_CUSTODIAN"}, True),
+    "risk-policy": (valuation_pb2.RiskPolicy, {"PARTY_ROLE_EXCHANGE"}, True),
+    "liquidation-path": (liquidation_pb2.LiquidationPath, {"PARTY_ROLE_CLIENT"}, False),
+    "emergency-release": (
+        emergency_pb2.EmergencyRelease,
+        {"PARTY_ROLE_REGULATOR", "PARTY_ROLE_CUSTODIAN", "PARTY_ROLE_EXCHANGE"},
+        False,
+    ),
+}
+_HEX = set("0123456789abcdef")
+_NS = 1_000_000_000
+_TS_MIN, _TS_MAX = -62_135_596_800, 253_402_300_799
+
+
+class _RefusedError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _ns_of_text(text: str) -> int:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromJsonString(text)
+    return stamp.seconds * _NS + stamp.nanos
+
+
+def _ns(stamp: timestamp_pb2.Timestamp) -> int:
+    return stamp.seconds * _NS + stamp.nanos
+
+
+def _key_usable(key: dict[str, Any], issued_ns: int) -> str | None:
+    """The stage d2/d3 failure of a registry entry at issued_at, or None."""
+    if "revokedAt" in key and _ns_of_text(key["revokedAt"]) <= issued_ns:
+        return "KEY_REVOKED"
+    if issued_ns < _ns_of_text(key["validFrom"]):
+        return "KEY_NOT_VALID"
+    if "validUntil" in key and issued_ns >= _ns_of_text(key["validUntil"]):
+        return "KEY_NOT_VALID"
+    return None
+
+
+def _independent_verify(vector: dict[str, Any]) -> tuple[str, list[str]]:
+    """Run the stages of docs/PROTOCOL.md §3.6/§3.7; return (issuer, signer parties)."""
+    registry = {k["keyId"]: k for k in STATEMENTS["registry"]["keys"]}
+    envelope = vector["envelope"]
+    payload_type = envelope["payload_type"]
+    payload = bytes.fromhex(envelope["payload_hex"])
+    signatures = [(s["key_id"], bytes.fromhex(s["sig_hex"])) for s in envelope["signatures"]]
+    # a
+    if payload_type != vector["expected_payload_type"]:
+        raise _RefusedError("PAYLOAD_TYPE_MISMATCH")
+    if len(payload) > 4 * 1024 * 1024:
+        raise _RefusedError("TOO_LARGE")
+    if not 1 <= len(signatures) <= 16:
+        raise _RefusedError("MALFORMED")
+    for key_id, sig in signatures:
+        if len(sig) != 64 or len(key_id) != 64 or not set(key_id) <= _HEX:
+            raise _RefusedError("MALFORMED")
+    # b: over the received bytes, before parsing
+    signed = _own_pae(payload_type, payload)
+    known = [(k, s) for k, s in signatures if k in registry]
+    if not known:
+        raise _RefusedError("KEY_UNKNOWN")
+    verified: list[str] = []
+    for key_id, sig in known:
+        public = base64.b64decode(registry[key_id]["publicKey"])
+        assert hashlib.sha256(public).hexdigest() == key_id
+        if key_id not in verified and _own_verify(public, signed, sig):
+            verified.append(key_id)
+    if not verified:
+        raise _RefusedError("SIGNATURE_INVALID")
+    # c
+    name = payload_type.removeprefix(_TYPE_PREFIX).removesuffix("+proto")
+    message_class, issuer_roles, public_type = _OWN_TABLE[name]
+    message = message_class()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError:
+        raise _RefusedError("MALFORMED") from None
+    if not message.HasField("header"):
+        raise _RefusedError("MALFORMED")
+    header: envelope_pb2.StatementHeader = message.header  # type: ignore[attr-defined]
+    for stamp_name in ("issued_at", "expires_at"):
+        stamp = getattr(header, stamp_name)
+        if not header.HasField(stamp_name) or not _TS_MIN <= stamp.seconds <= _TS_MAX:
+            raise _RefusedError("MALFORMED")
+    issued, expires = _ns(header.issued_at), _ns(header.expires_at)
+    if not header.issuer or header.sequence < 1 or expires <= issued:
+        raise _RefusedError("MALFORMED")
+    # d
+    threshold = vector["threshold"]
+    if threshold is None:
+        failures = []
+        for key_id in verified:
+            key = registry[key_id]
+            if key["partyId"] != header.issuer or key["role"] not in issuer_roles:
+                failures.append("KEY_ROLE_MISMATCH")
+                continue
+            failure = _key_usable(key, issued)
+            if failure is None:
+                break
+            failures.append(failure)
+        else:
+            raise _RefusedError(failures[0])
+        signers = [header.issuer]
+    else:
+        counted: dict[str, str] = {}
+        for key_id in verified:
+            key = registry[key_id]
+            if key["role"] in threshold["roles"] and _key_usable(key, issued) is None:
+                counted.setdefault(key["partyId"], key["role"])
+        if len(counted) < threshold["k"]:
+            raise _RefusedError("THRESHOLD_NOT_MET")
+        if counted.get(header.issuer) not in issuer_roles:
+            raise _RefusedError("THRESHOLD_NOT_MET")
+        signers = [header.issuer, *(p for p in counted if p != header.issuer)]
+    # e
+    audience = list(header.audience)
+    verifier = vector["verifier_party_id"]
+    if ("*" in audience and not public_type) or ("*" not in audience and verifier not in audience):
+        raise _RefusedError("AUDIENCE_MISMATCH")
+    # f
+    now = _ns_of_text(vector["now"])
+    skew = STATEMENTS["max_skew_seconds"] * _NS
+    if issued > now + skew:
+        raise _RefusedError("STATEMENT_NOT_YET_VALID")
+    if now > expires + skew:
+        raise _RefusedError("STATEMENT_EXPIRED")
+    # g
+    if header.sequence <= vector["last_accepted_sequence"]:
+        raise _RefusedError("REPLAYED")
+    return header.issuer, signers
+
+
+# --- signed statements: through the SDK -------------------------------------------
+
+
+def _envelope(vector: dict[str, Any]) -> envelope_pb2.Envelope:
+    fields = vector["envelope"]
+    return envelope_pb2.Envelope(
+        payload=bytes.fromhex(fields["payload_hex"]),
+        payload_type=fields["payload_type"],
+        signatures=[
+            envelope_pb2.Signature(key_id=s["key_id"], sig=bytes.fromhex(s["sig_hex"]))
+            for s in fields["signatures"]
+        ],
+    )
+
+
+def _sdk_registry() -> KeyRegistry:
+    message = keys_pb2.KeyRegistry()
+    json_format.ParseDict(STATEMENTS["registry"], message)
+    return KeyRegistry.from_proto(message)
+
+
+def _replay_guard(vector: dict[str, Any], envelope: envelope_pb2.Envelope) -> MemoryReplayGuard:
+    guard = MemoryReplayGuard()
+    last = vector["last_accepted_sequence"]
+    if last:
+        # What the receiver remembers: (issuer, payload type) -> last sequence acted on.
+        message = message_class_of(vector["expected_payload_type"])()
+        message.ParseFromString(envelope.payload)
+        issuer = message.header.issuer  # type: ignore[attr-defined]
+        header = envelope_pb2.StatementHeader(issuer=issuer, sequence=last)
+        guard.record(
+            VerifiedStatement(
+                message=message,
+                header=header,
+                payload_type=vector["expected_payload_type"],
+                payload=b"",
+                signer_key_ids=(),
+                signer_party_ids=(),
+                envelope=envelope_pb2.Envelope(),
+            )
+        )
+    return guard
+
+
+def _sdk_verify(vector: dict[str, Any]) -> VerifiedStatement[Any]:
+    envelope = _envelope(vector)
+    common: dict[str, Any] = {
+        "expected_type": message_class_of(vector["expected_payload_type"]),
+        "audience": vector["verifier_party_id"],
+        "now": datetime.fromisoformat(vector["now"]),
+        "max_skew": timedelta(seconds=STATEMENTS["max_skew_seconds"]),
+        "replay_guard": _replay_guard(vector, envelope),
+    }
+    threshold = vector["threshold"]
+    if threshold is None:
+        return verify_statement(envelope, _sdk_registry(), **common)
+    return verify_threshold(
+        envelope,
+        _sdk_registry(),
+        threshold=threshold["k"],
+        roles={common_pb2.PartyRole.Value(r) for r in threshold["roles"]},
+        **common,
+    )
+
+
+def test_registry_and_signing_keys_agree() -> None:
+    registered = {k["keyId"] for k in STATEMENTS["registry"]["keys"]}
+    for entry in STATEMENTS["registry"]["keys"]:
+        public = base64.b64decode(entry["publicKey"])
+        assert hashlib.sha256(public).hexdigest() == entry["keyId"]
+    for key in STATEMENTS["signing_keys"]:
+        public = bytes(nacl.signing.SigningKey(bytes.fromhex(key["seed_hex"])).verify_key)
+        assert hashlib.sha256(public).hexdigest() == key["key_id"]
+        assert (key["key_id"] in registered) is key["registered"]
+    assert len(_sdk_registry()) == len(registered)
+
+
+@pytest.mark.parametrize("vector", STATEMENTS["vectors"], ids=_ids(STATEMENTS["vectors"]))
+def test_statement_vector_bytes_are_consistent(vector: dict[str, Any]) -> None:
+    envelope = _envelope(vector)
+    assert envelope_pb2.Envelope.FromString(bytes.fromhex(vector["envelope_hex"])) == envelope
+    assert bytes.fromhex(vector["pae_hex"]) == _own_pae(envelope.payload_type, envelope.payload)
+    if vector["payload_json"] is not None:
+        message = message_class_of(vector["expected_payload_type"])()
+        message.ParseFromString(envelope.payload)
+        assert json_format.MessageToDict(message) == vector["payload_json"]
+
+
+@pytest.mark.parametrize("vector", POSITIVE_STATEMENTS, ids=_ids(POSITIVE_STATEMENTS))
+def test_positive_statement_verifies(vector: dict[str, Any]) -> None:
+    expected = vector["expected"]
+    issuer, signers = _independent_verify(vector)
+    assert (issuer, signers) == (expected["issuer"], expected["signer_party_ids"])
+    verified = _sdk_verify(vector)
+    assert verified.issuer == expected["issuer"]
+    assert list(verified.signer_party_ids) == expected["signer_party_ids"]
+    assert verified.payload == bytes.fromhex(vector["envelope"]["payload_hex"])
+
+
+@pytest.mark.parametrize("vector", NEGATIVE_STATEMENTS, ids=_ids(NEGATIVE_STATEMENTS))
+def test_negative_statement_fails_with_its_reason(vector: dict[str, Any]) -> None:
+    expected = vector["expected"]
+    with pytest.raises(_RefusedError) as independent:
+        _independent_verify(vector)
+    assert independent.value.reason == expected["reason"]
+    with pytest.raises(CollateralSyncError) as sdk:
+        _sdk_verify(vector)
+    assert sdk.value.reason_name == expected["reason"], sdk.value.message
+    assert sdk.value.code.name == expected["grpc_status"]
+    assert sdk.value.metadata.get("expected") is not None
+
+
+def test_a_negative_vector_is_not_vacuous() -> None:
+    # The tampered vector differs from the valid one only in the payload; restoring
+    # the byte makes both verifiers accept it again.
+    valid = next(v for v in STATEMENTS["vectors"] if v["id"] == "holdings-statement/valid")
+    tampered = next(
+        v for v in STATEMENTS["vectors"] if v["id"] == "holdings-statement/tampered-payload"
+    )
+    good = bytes.fromhex(valid["envelope"]["payload_hex"])
+    bad = bytes.fromhex(tampered["envelope"]["payload_hex"])
+    assert len(good) == len(bad)
+    assert sum(a != b for a, b in zip(good, bad, strict=True)) == 1
+    restored = json.loads(json.dumps(tampered))
+    restored["envelope"]["payload_hex"] = good.hex()
+    assert _independent_verify(restored)[0] == "custodian.example"
+    assert _sdk_verify(restored).issuer == "custodian.example"
+
+
+# --- Merkle --------------------------------------------------------------------------
+
+_LEAVES = [b"leaf-%d" % i for i in range(max(t["tree_size"] for t in MERKLE["trees"]))]
+
+
+def _hexes(values: Sequence[str]) -> list[bytes]:
+    return [bytes.fromhex(v) for v in values]
+
+
+def test_tree_roots() -> None:
+    assert MERKLE["leaf_rule"] == "leaf-<i>"
+    for tree in MERKLE["trees"]:
+        size = tree["tree_size"]
+        assert ref.mth(_LEAVES[:size]).hex() == tree["root_hex"]
+    assert MERKLE["trees"][0]["root_hex"] == hashlib.sha256(b"").hexdigest()
+    assert merkle.empty_root().hex() == MERKLE["trees"][0]["root_hex"]
+
+
+@pytest.mark.parametrize(
+    "vector",
+    MERKLE["inclusion"],
+    ids=[f"{v['leaf_index']}-of-{v['tree_size']}" for v in MERKLE["inclusion"]],
+)
+def test_inclusion_vector(vector: dict[str, Any]) -> None:
+    index, size = vector["leaf_index"], vector["tree_size"]
+    leaf = bytes.fromhex(vector["leaf_hex"])
+    leaf_hash = bytes.fromhex(vector["leaf_hash_hex"])
+    path = _hexes(vector["audit_path"])
+    root = bytes.fromhex(vector["root_hex"])
+    # Independent: hashing, the recursive definition of PATH, and its verifier.
+    assert leaf == _LEAVES[index]
+    assert hashlib.sha256(b"\x00" + leaf).digest() == leaf_hash
+    assert ref.path(index, _LEAVES[:size]) == path
+    assert ref.root_from_path(leaf_hash, index, size, path) == root
+    # SDK.
+    merkle.verify_inclusion(leaf_hash, index, size, path, root)
+
+
+@pytest.mark.parametrize(
+    "vector",
+    MERKLE["consistency"],
+    ids=[f"{v['first_tree_size']}-to-{v['second_tree_size']}" for v in MERKLE["consistency"]],
+)
+def test_consistency_vector(vector: dict[str, Any]) -> None:
+    first, second = vector["first_tree_size"], vector["second_tree_size"]
+    path = _hexes(vector["consistency_path"])
+    first_root = bytes.fromhex(vector["first_root_hex"])
+    second_root = bytes.fromhex(vector["second_root_hex"])
+    assert ref.proof(first, _LEAVES[:second]) == path
+    assert ref.roots_from_proof(first, second, path, first_root) == (first_root, second_root)
+    merkle.verify_consistency(first, second, path, first_root, second_root)
+
+
+def _independent_inclusion(vector: dict[str, Any]) -> str | None:
+    """docs/PROTOCOL.md §5.3 with the reference recursion; the failure reason or None."""
+    index, size = vector["leaf_index"], vector["tree_size"]
+    leaf_hash = bytes.fromhex(vector["leaf_hash_hex"])
+    path = _hexes(vector["audit_path"])
+    root = bytes.fromhex(vector["root_hex"])
+    if not 0 <= index < size or any(len(h) != 32 for h in [leaf_hash, root, *path]):
+        return "PROOF_INVALID"
+    try:
+        computed = ref.root_from_path(leaf_hash, index, size, path)
+    except ValueError:
+        return "PROOF_INVALID"
+    return None if computed == root else "PROOF_INVALID"
+
+
+def _independent_consistency(vector: dict[str, Any]) -> str | None:
+    """docs/PROTOCOL.md §5.4 with the reference recursion; the failure reason or None."""
+    first, second = vector["first_tree_size"], vector["second_tree_size"]
+    path = _hexes(vector["consistency_path"])
+    first_root = bytes.fromhex(vector["first_root_hex"])
+    second_root = bytes.fromhex(vector["second_root_hex"])
+    if not 0 < first <= second or any(len(h) != 32 for h in [first_root, second_root, *path]):
+        return "PROOF_INVALID"
+    if first == second:
+        if path:
+            return "PROOF_INVALID"
+        return None if first_root == second_root else "CHECKPOINT_INCONSISTENT"
+    try:
+        roots = ref.roots_from_proof(first, second, path, first_root)
+    except ValueError:
+        return "PROOF_INVALID"
+    return None if roots == (first_root, second_root) else "CHECKPOINT_INCONSISTENT"
+
+
+def test_independent_merkle_checks_accept_the_positive_vectors() -> None:
+    # Guards the two helpers above against rejecting everything.
+    for vector in MERKLE["inclusion"]:
+        assert _independent_inclusion(vector) is None
+    for vector in MERKLE["consistency"]:
+        assert _independent_consistency(vector) is None
+
+
+@pytest.mark.parametrize(
+    "vector", MERKLE["invalid_inclusion"], ids=_ids(MERKLE["invalid_inclusion"])
+)
+def test_invalid_inclusion_vector(vector: dict[str, Any]) -> None:
+    expected = vector["expected"]
+    assert _independent_inclusion(vector) == expected["reason"]
+    with pytest.raises(ProofError) as sdk:
+        merkle.verify_inclusion(
+            bytes.fromhex(vector["leaf_hash_hex"]),
+            vector["leaf_index"],
+            vector["tree_size"],
+            _hexes(vector["audit_path"]),
+            bytes.fromhex(vector["root_hex"]),
+        )
+    assert sdk.value.reason_name == expected["reason"]
+    assert sdk.value.code.name == expected["grpc_status"]
+
+
+@pytest.mark.parametrize(
+    "vector", MERKLE["invalid_consistency"], ids=_ids(MERKLE["invalid_consistency"])
+)
+def test_invalid_consistency_vector(vector: dict[str, Any]) -> None:
+    expected = vector["expected"]
+    assert _independent_consistency(vector) == expected["reason"]
+    with pytest.raises(ProofError) as sdk:
+        merkle.verify_consistency(
+            vector["first_tree_size"],
+            vector["second_tree_size"],
+            _hexes(vector["consistency_path"]),
+            bytes.fromhex(vector["first_root_hex"]),
+            bytes.fromhex(vector["second_root_hex"]),
+        )
+    assert sdk.value.reason_name == expected["reason"]
+    assert sdk.value.code.name == expected["grpc_status"]
+
+
+# --- amounts -------------------------------------------------------------------------
+
+_DIGITS = set("0123456789")
+
+
+def _own_is_canonical(text: str) -> bool:
+    """docs/PROTOCOL.md §2.1, character by character."""
+    body = text.removeprefix("-")
+    integer, dot, fraction = body.partition(".")
+    if not integer or not set(integer) <= _DIGITS or len(integer) > 60:
+        return False
+    if len(integer) > 1 and integer[0] == "0":
+        return False
+    if dot and (
+        not fraction or not set(fraction) <= _DIGITS or len(fraction) > 18 or fraction[-1] == "0"
+    ):
+        return False
+    return text != "-0"
+
+
+@pytest.mark.parametrize("text", AMOUNTS["canonical"])
+def test_canonical_amount(text: str) -> None:
+    assert _own_is_canonical(text)
+    assert format_amount(parse_amount(text)) == text
+
+
+@pytest.mark.parametrize(
+    "vector", AMOUNTS["non_canonical"], ids=[repr(v["text"]) for v in AMOUNTS["non_canonical"]]
+)
+def test_non_canonical_amount(vector: dict[str, Any]) -> None:
+    assert not _own_is_canonical(vector["text"])
+    with pytest.raises(CollateralSyncError) as sdk:
+        parse_amount(vector["text"])
+    assert sdk.value.reason_name == vector["expected"]["reason"]
+    assert sdk.value.code.name == vector["expected"]["grpc_status"]
+
+
+@pytest.mark.parametrize("vector", AMOUNTS["formatting"], ids=lambda v: v["value"])
+def test_amount_formatting(vector: dict[str, Any]) -> None:
+    canonical = vector["canonical"]
+    assert _own_is_canonical(canonical)
+    assert decimal.Decimal(vector["value"]) == decimal.Decimal(canonical)
+    assert format_amount(decimal.Decimal(vector["value"])) == canonical
+
+
+@pytest.mark.parametrize("vector", AMOUNTS["unformattable"], ids=lambda v: v["why"])
+def test_unformattable_amount(vector: dict[str, Any]) -> None:
+    with pytest.raises(CollateralSyncError) as sdk:
+        format_amount(decimal.Decimal(vector["value"]))
+    assert sdk.value.reason == errors_pb2.ERROR_REASON_INVALID_AMOUNT
+    assert sdk.value.reason_name == vector["expected"]["reason"]
