@@ -225,7 +225,7 @@ def error_from_rpc_error(error: grpc.RpcError) -> RPCError:
     """Decode a ``grpc.RpcError`` / ``grpc.aio.AioRpcError`` with its rich details."""
     status: status_pb2.Status | None = None
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except ValueError:
         status = None
     if status is None:
