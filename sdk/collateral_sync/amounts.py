@@ -32,7 +32,9 @@ MAX_INTEGER_DIGITS = 60
 
 _CANONICAL = re.compile(r"-?(0|[1-9][0-9]{0,59})(\.[0-9]{0,17}[1-9])?")
 # Enough precision that no canonical amount, nor a product of two, is rounded.
-_CONTEXT = decimal.Context(prec=200, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
+_CONTEXT = decimal.Context(
+    prec=200, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation]
+)
 _QUANTUM = decimal.Decimal(1).scaleb(-MAX_FRACTION_DIGITS)
 
 
@@ -74,7 +76,11 @@ def format_amount(value: Amount, *, field: str = "amount") -> str:
         raise MalformedError(
             f"{field}: expected at most {MAX_INTEGER_DIGITS} integer digits, got {integer_digits}",
             reason=errors_pb2.ERROR_REASON_INVALID_AMOUNT,
-            metadata={"field": field, "expected": "<= 60 integer digits", "actual": str(integer_digits)},
+            metadata={
+                "field": field,
+                "expected": "<= 60 integer digits",
+                "actual": str(integer_digits),
+            },
         )
     return text
 
