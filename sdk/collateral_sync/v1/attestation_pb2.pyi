@@ -58,9 +58,8 @@ Global___HoldingsChangeReason: _TypeAlias = HoldingsChangeReason  # noqa: Y015
 class HoldingsStatement(_message.Message):
     """The custodian's statement of one account's holdings at one epoch.
     Payload type "application/vnd.collateral-sync.v1.holdings-statement+proto".
-    The signed Envelope bytes of this statement (its deterministic
-    serialisation as received, see docs/PROTOCOL.md) are one leaf of the
-    attestation log.
+    Its leaf in the attestation log is PAE(payload_type, payload) of its
+    Envelope, built from the received bytes (never re-serialised).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -103,14 +103,16 @@ class StatementHeader(_message.Message):
     """Party id of the issuer. Must own the signing key."""
     sequence: _builtins.int
     """Strictly increasing per (issuer, payload_type); receivers refuse a
-    sequence they have already accepted (replay).
+    sequence they have already accepted (replay). For a SyncBatch it is the
+    sequence of the batch's last entry.
     """
     statement_id: _builtins.str
     """Random or unique id of this statement, for logs and evidence."""
     @_builtins.property
     def audience(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Party ids the statement is meant for. "*" means any party and is only
-        valid for public statements (checkpoints, risk policies, reconciliation results).
+        valid for public statements (checkpoints, risk policies, price snapshots,
+        reconciliation results); a non-public statement naming "*" is refused.
         """
 
     @_builtins.property

@@ -105,7 +105,7 @@ class GetPositionTreeNodesRequest(_message.Message):
 
     @_builtins.property
     def account_leaf_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Ranges of single leaves whose account positions are wanted."""
+        """Indexes of single leaves whose account positions are wanted."""
 
     def __init__(
         self,

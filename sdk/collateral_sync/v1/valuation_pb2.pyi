@@ -94,6 +94,7 @@ class RiskPolicy(_message.Message):
     EMERGENCY_RELEASE_WAIT_FIELD_NUMBER: _builtins.int
     PRICE_SOURCE_FIELD_NUMBER: _builtins.int
     STALE_PRICE_FACTOR_FIELD_NUMBER: _builtins.int
+    ASSETS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Strictly increasing."""
     valuation_currency: _builtins.str
@@ -164,6 +165,12 @@ class RiskPolicy(_message.Message):
     def stale_price_factor(self) -> _common_pb2.Decimal:
         """Extra factor applied to stale prices under STALE_PRICE_RULE_LAST_PRICE."""
 
+    @_builtins.property
+    def assets(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Asset]:
+        """The class of every asset the exchange accepts. An asset not listed here
+        is unknown and counts 0, so a valuation needs no input beyond signed ones.
+        """
+
     def __init__(
         self,
         *,
@@ -188,10 +195,11 @@ class RiskPolicy(_message.Message):
         emergency_release_wait: _duration_pb2.Duration | None = ...,
         price_source: _builtins.str = ...,
         stale_price_factor: _common_pb2.Decimal | None = ...,
+        assets: _abc.Iterable[_common_pb2.Asset] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cure_period", b"cure_period", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_haircuts", b"asset_haircuts", "auto_deleveraging_rule", b"auto_deleveraging_rule", "concentration_caps", b"concentration_caps", "cure_period", b"cure_period", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "haircuts", b"haircuts", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "max_settlement_cycles_per_day", b"max_settlement_cycles_per_day", "price_source", b"price_source", "rounding_scale", b"rounding_scale", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor", "stale_price_rule", b"stale_price_rule", "valuation_currency", b"valuation_currency", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_haircuts", b"asset_haircuts", "assets", b"assets", "auto_deleveraging_rule", b"auto_deleveraging_rule", "concentration_caps", b"concentration_caps", "cure_period", b"cure_period", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "haircuts", b"haircuts", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "max_settlement_cycles_per_day", b"max_settlement_cycles_per_day", "price_source", b"price_source", "rounding_scale", b"rounding_scale", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor", "stale_price_rule", b"stale_price_rule", "valuation_currency", b"valuation_currency", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
