@@ -372,8 +372,10 @@ def test_monitor_first_and_consistent_growth(grown: AttestationLog) -> None:
     second = _checkpoint(grown, 20)
     monitor.advance(second, grown.consistency_proof(8, 20))
     assert monitor.latest(ORIGIN) == second
-    # The same checkpoint again is accepted and changes nothing.
-    monitor.advance(_checkpoint(grown, 20), None)
+    # The same tree again, even with a later timestamp, is accepted and changes nothing.
+    again = _checkpoint(grown, 20)
+    again.timestamp.FromDatetime(NOW + TTL)
+    monitor.advance(again, None)
     assert monitor.latest(ORIGIN) == second
     assert monitor.evidence == ()
 
