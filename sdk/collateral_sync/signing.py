@@ -285,29 +285,18 @@ def verify_statement(
     payload, verified = _verify_signatures(envelope, registry, row, max_payload_bytes)
     message = _parse(row, payload)
     header: envelope_pb2.StatementHeader = message.header
-    # The issuer's own key must be among the verified signatures.
-    first_error: VerificationError | None = None
-    for kid in verified:
-        try:
-            registry.resolve(
-                kid, at=header.issued_at, roles=row.issuer_roles, party_id=header.issuer
-            )
-        except VerificationError as err:
-            first_error = first_error or err
-            continue
-        return _accept(
-            envelope,
-            row,
-            payload,
-            message,
-            signers=[(kid, header.issuer)],
-            audience=audience,
-            now=now,
-            max_skew=max_skew,
-            replay_guard=replay_guard,
-        )
-    assert first_error is not None  # verified is never empty
-    raise first_error
+    issuer_kid = _issuer_key(registry, verified, header, row.issuer_roles)
+    return _accept(
+        envelope,
+        row,
+        payload,
+        message,
+        signers=[(issuer_kid, header.issuer)],
+        audience=audience,
+        now=now,
+        max_skew=max_skew,
+        replay_guard=replay_guard,
+    )
 
 
 def verify_threshold(
@@ -339,14 +328,10 @@ def verify_threshold(
     message = _parse(row, payload)
     header: envelope_pb2.StatementHeader = message.header
     counted: dict[str, str] = {}  # party id -> key id of its first counted signature
-    issuer_error: VerificationError | None = None
     for kid in verified:
         try:
             key = registry.resolve(kid, at=header.issued_at, roles=roles)
-        except VerificationError as err:
-            known = registry.get(kid)
-            if known is not None and known.party_id == header.issuer:
-                issuer_error = issuer_error or err
+        except VerificationError:
             continue
         counted.setdefault(key.party_id, kid)
     if len(counted) < threshold:
@@ -355,18 +340,16 @@ def verify_threshold(
             reason=_R.ERROR_REASON_THRESHOLD_NOT_MET,
             metadata={"expected": str(threshold), "actual": str(len(counted))},
         )
+    _issuer_key(registry, verified, header, row.issuer_roles)
     issuer_kid = counted.get(header.issuer)
     if issuer_kid is None:
-        if issuer_error is not None:
-            raise issuer_error
+        # The issuer signed with a key fit to issue, but not in one of ``roles``.
+        counted_parties = ",".join(sorted(counted))
         raise VerificationError(
-            f"issuer {header.issuer!r} is not among the signers {sorted(counted)}",
+            f"issuer {header.issuer!r} is not among the counted signers [{counted_parties}]",
             reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
-            metadata={"expected": header.issuer, "actual": ",".join(sorted(counted))},
+            metadata={"expected": header.issuer, "actual": counted_parties},
         )
-    registry.resolve(
-        issuer_kid, at=header.issued_at, roles=row.issuer_roles, party_id=header.issuer
-    )
     # Issuer first, then the other parties in signature order.
     others = [(kid, party) for party, kid in counted.items() if party != header.issuer]
     return _accept(
@@ -380,6 +363,35 @@ def verify_threshold(
         max_skew=max_skew,
         replay_guard=replay_guard,
     )
+
+
+def _issuer_key(
+    registry: KeyRegistry,
+    verified: Sequence[str],
+    header: envelope_pb2.StatementHeader,
+    issuer_roles: Collection[int],
+) -> str:
+    """Stage d: the first verified key that may issue for ``header.issuer`` at issued_at.
+
+    If none may, the error reported is about the issuer's own key when it
+    signed (revoked, not valid, wrong role), else about the first signer.
+    """
+    own_error: VerificationError | None = None
+    other_error: VerificationError | None = None
+    for kid in verified:
+        try:
+            registry.resolve(kid, at=header.issued_at, roles=issuer_roles, party_id=header.issuer)
+        except VerificationError as err:
+            key = registry.get(kid)
+            if key is not None and key.party_id == header.issuer:
+                own_error = own_error or err
+            else:
+                other_error = other_error or err
+            continue
+        return kid
+    error = own_error or other_error
+    assert error is not None  # _verify_signatures never returns an empty list
+    raise error
 
 
 def _verify_signatures(
