@@ -389,9 +389,8 @@ def _issuer_key(
                 other_error = other_error or err
             continue
         return kid
-    error = own_error or other_error
-    assert error is not None  # _verify_signatures never returns an empty list
-    raise error
+    # _verify_signatures never returns an empty list; the last fallback is for type checkers.
+    raise own_error or other_error or VerificationError("no verified signature")
 
 
 def _verify_signatures(
