@@ -1,0 +1,146 @@
+"""The ``collateral-sync`` command line.
+
+Exit codes: 0 success; 1 verification refused (the evidence is bad); 2 usage
+error or unusable input (missing file, malformed bundle). Errors are printed
+as one line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from collateral_sync import __version__
+from collateral_sync.errors import CollateralSyncError, VerificationError
+from collateral_sync.v1 import common_pb2
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+_ROLES = {
+    "custodian": common_pb2.PARTY_ROLE_CUSTODIAN,
+    "exchange": common_pb2.PARTY_ROLE_EXCHANGE,
+    "regulator": common_pb2.PARTY_ROLE_REGULATOR,
+    "client": common_pb2.PARTY_ROLE_CLIENT,
+}
+
+
+class _UsageError(Exception):
+    """A problem with the command line or its input files (exit 2)."""
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from collateral_sync.keys import KeyRegistry, SigningKey
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path = out / f"{args.party}.key.json"
+    if key_path.exists() and not args.force:
+        raise _UsageError(f"{key_path} exists; pass --force to overwrite it")
+    key = SigningKey.generate(args.party, _ROLES[args.role])
+    key.save(key_path)
+    registry_path = Path(args.registry) if args.registry else out / "registry.json"
+    registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
+    valid_from = _parse_time(args.valid_from) if args.valid_from else datetime.now(UTC)
+    registry.add(key.party_key(valid_from=valid_from))
+    registry.save(registry_path)
+    print(f"key id     {key.key_id}")
+    print(f"party      {key.party_id} ({args.role})")
+    print(f"secret key {key_path} (mode 0600)")
+    print(f"registry   {registry_path}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from collateral_sync.audit import load_audit_bundle, verify_audit_bundle
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise _UsageError(f"{path}: no such file")
+    bundle = load_audit_bundle(path)
+    report = verify_audit_bundle(bundle)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from collateral_sync._bench import run_benchmarks
+
+    return run_benchmarks(args.suite, scale=args.scale)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise _UsageError(
+            f"expected an ISO 8601 time such as 2026-01-01T00:00:00Z, got {text!r}"
+        ) from err
+    if value.tzinfo is None:
+        raise _UsageError(f"expected a time with a zone (e.g. ...Z), got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collateral-sync",
+        description="Open protocol for mirrored collateral: keys, offline verification, benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"collateral-sync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keygen = sub.add_parser("keygen", help="generate an Ed25519 party key and register it")
+    keygen.add_argument("--party", required=True, help="party id, e.g. custodian-1")
+    keygen.add_argument("--role", required=True, choices=sorted(_ROLES))
+    keygen.add_argument("--out", default="keys", help="directory for the secret key file")
+    keygen.add_argument(
+        "--registry", help="key registry JSON to add the key to (created if absent)"
+    )
+    keygen.add_argument("--valid-from", help="start of the key's validity (ISO 8601; default now)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    verify = sub.add_parser("verify", help="verify an audit bundle offline")
+    verify.add_argument("file", help="AuditBundle as binary protobuf (.pb) or proto3 JSON (.json)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=_cmd_verify)
+
+    bench = sub.add_parser("bench", help="run benchmarks with baselines measured in the same run")
+    bench.add_argument("suite", nargs="?", default="sdk", choices=["sdk"])
+    bench.add_argument(
+        "--scale", type=float, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
+    )
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except _UsageError as err:
+        print(f"collateral-sync: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except VerificationError as err:
+        print(f"collateral-sync: refused: {err.reason_name}: {err.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except CollateralSyncError as err:
+        print(f"collateral-sync: error: {err.reason_name}: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"collateral-sync: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
