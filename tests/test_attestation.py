@@ -148,6 +148,23 @@ def test_every_root_and_proof_while_growing_in_batches(tmp_path: Path) -> None:
             )
 
 
+def test_cold_reopened_log_answers_in_any_order(tmp_path: Path) -> None:
+    # After a reopen nothing is in memory; answering from the right edge
+    # first leaves gaps in the stored subtrees that later answers must fill.
+    path = tmp_path / "cold.sqlite"
+    leaves = _leaves(300)
+    with AttestationLog(path, origin=ORIGIN) as first:
+        first.append_many(leaves)
+    with AttestationLog(path, origin=ORIGIN) as cold:
+        for index, size in ((299, 300), (200, 260), (17, 33), (0, 300), (150, 151), (64, 300)):
+            assert list(cold.inclusion_proof(index, size).audit_path) == ref.path(
+                index, leaves[:size]
+            )
+        assert list(cold.consistency_proof(97, 300).consistency_path) == ref.proof(97, leaves)
+        for size in range(300, 0, -13):
+            assert cold.root(size) == ref.mth(leaves[:size])
+
+
 def test_proofs_after_a_checkpoint_need_no_subtree_recomputation(
     log: AttestationLog, custodian: SigningKey
 ) -> None:

@@ -52,10 +52,9 @@ __all__ = [
 
 _R = errors_pb2.ErrorReason
 
-#: Perfect subtrees at least this many leaves wide are cached once computed.
-#: Below it a proof recomputes siblings from leaf hashes (at most 15 leaves
-#: for the 4 lowest levels); above it every node of a 1M-leaf tree fits in
-#: about 40 MB of cache (125k entries), which keeps proofs well under 0.2 ms.
+#: Perfect subtrees at least this many leaves wide are kept in memory once
+#: computed (about 66/threshold bytes a leaf: 4 MB at 1M leaves). Narrower
+#: ones a proof recomputes from one block of this many leaf hashes.
 _SUBROOT_CACHE_THRESHOLD = 16
 
 _META_TABLE = "attestation_log_meta"
@@ -81,45 +80,82 @@ def _out_of_range(what: str, expected: str, actual: int) -> StateError:
 # ------------------------------------------------------------------ storage
 
 
+class _NodeStore:
+    """Perfect-subtree hashes of one width and up, in one flat array per width.
+
+    A node of width ``w`` at leaf ``offset`` (a multiple of ``w``) is slot
+    ``offset // w`` of its width's array. 33 bytes a node and no per-entry
+    objects: at the default threshold the whole tree costs about 4 bytes of
+    memory per leaf, and a level filled in one pass is stored with two slice
+    assignments.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self) -> None:
+        # width -> (hashes, presence flags)
+        self._levels: dict[int, tuple[bytearray, bytearray]] = {}
+
+    def get(self, offset: int, width: int) -> bytes | None:
+        level = self._levels.get(width)
+        slot = offset // width
+        if level is None or slot >= len(level[1]) or not level[1][slot]:
+            return None
+        return bytes(level[0][slot * HASH_SIZE : (slot + 1) * HASH_SIZE])
+
+    def put(self, offset: int, width: int, hashes: list[bytes]) -> None:
+        """Store ``hashes`` of consecutive nodes of ``width``, the first at ``offset``."""
+        level = self._levels.setdefault(width, (bytearray(), bytearray()))
+        first = offset // width
+        end = first + len(hashes)
+        missing = end - len(level[1])
+        if missing > 0:
+            level[0].extend(bytes(missing * HASH_SIZE))
+            level[1].extend(bytes(missing))
+        level[0][first * HASH_SIZE : end * HASH_SIZE] = b"".join(hashes)
+        level[1][first:end] = b"\x01" * len(hashes)
+
+
 class _SubrootTree(SqliteTree):  # type: ignore[misc]  # pymerkle ships no type hints
-    """pymerkle's SqliteTree with a subroot cache that composes.
+    """pymerkle's SqliteTree with subtree hashes that are computed once.
 
     pymerkle caches the perfect subtree roots it is asked for, but computes a
     missing one from all of its leaves, ignoring cached descendants; random
     inclusion proofs on a large tree then keep reading and hashing hundreds of
     thousands of leaves (measured: 1.4 ms median per proof at 1M leaves after
-    2,000 proofs). Here a missing subroot is composed from cached children
-    when there are some, and otherwise computed bottom-up in one pass that
-    caches every node on the way. Computing the root once (as every
-    checkpoint does) therefore fills the cache for the whole tree, for about
-    the cost of computing the root at all.
+    2,000 proofs, still 0.25 ms once warm). Here a missing subroot is composed
+    from stored children when there are some, and otherwise computed
+    bottom-up in one pass that stores every node of width ``threshold`` and
+    up. Computing the root once (as every checkpoint does) therefore prepares
+    the whole tree for proofs, for about the cost of computing the root.
     """
 
-    # Leaf hashes of the last aligned block of ``threshold`` leaves read.
-    _block: tuple[int, list[bytes]] | None = None
+    def __init__(self, dbfile: str, *, threshold: int) -> None:
+        super().__init__(dbfile, threshold=threshold)
+        self._nodes = _NodeStore()
+        # Leaf hashes of the last aligned block of ``threshold`` leaves read.
+        self._block: tuple[int, list[bytes]] | None = None
 
     def _get_subroot(self, offset: int, width: int) -> bytes:
         if width < self.threshold:
             return self._small_subroot(offset, width)
-        cache = self.cache
-        key = (offset, width)
-        try:
-            found: bytes = cache[key]
-        except KeyError:
-            pass
-        else:
+        nodes = self._nodes
+        found = nodes.get(offset, width)
+        if found is not None:
             self.hits += 1
             return found
         self.misses += 1
         half = width >> 1
-        if half >= self.threshold and ((offset, half) in cache or (offset + half, half) in cache):
+        if half >= self.threshold and (
+            nodes.get(offset, half) is not None or nodes.get(offset + half, half) is not None
+        ):
             value = _node(self._get_subroot(offset, half), self._get_subroot(offset + half, half))
-            cache[key] = value
+            nodes.put(offset, width, [value])
             return value
         return self._fill(offset, width)
 
     def _small_subroot(self, offset: int, width: int) -> bytes:
-        # The uncached siblings of one inclusion proof, and its leaf, all lie
+        # The unstored siblings of one inclusion proof, and its leaf, all lie
         # in the aligned block of ``threshold`` leaves around the leaf: one
         # read serves them all. Leaves never change; a block read while it
         # was still filling is read again once more leaves are needed.
@@ -134,14 +170,12 @@ class _SubrootTree(SqliteTree):  # type: ignore[misc]  # pymerkle ships no type 
 
     def _fill(self, offset: int, width: int) -> bytes:
         level = _stored(list(self._get_leaves(offset, width)), offset, width)
-        cache, threshold = self.cache, self.threshold
         node_width = 1
         while node_width < width:
             level = _pairs(level)
             node_width <<= 1
-            if node_width >= threshold:
-                for position, value in enumerate(level):
-                    cache[offset + position * node_width, node_width] = value
+            if node_width >= self.threshold:
+                self._nodes.put(offset, node_width, level)
         return level[0]
 
 
