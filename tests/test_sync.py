@@ -1,0 +1,1297 @@
+"""Tests for position sync: entry hashes, the durable log, the session, and the gRPC adapters.
+
+Sessions run over two transports: an in-memory duplex pipe (which the tests
+can inspect, delay or cut) and a real grpc.aio stream with mutual TLS on
+127.0.0.1 port 0. Every party keeps its log in a real SQLite file; its
+``apply`` inserts each applied sequence into a table whose primary key is the
+sequence, in the same transaction, so applying anything twice fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sqlite3
+import struct
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import pytest
+from collateral_sync import sync
+from collateral_sync.amounts import amount_to_proto
+from collateral_sync.clients import CustodianClient
+from collateral_sync.dev_ca import DevPki, create_dev_pki
+from collateral_sync.errors import (
+    CollateralSyncError,
+    MalformedError,
+    RPCError,
+    StateError,
+    VerificationError,
+    error_from_rpc_error,
+)
+from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.server import create_server, serve
+from collateral_sync.signing import sign_statement
+from collateral_sync.sync import (
+    CUSTODIAN_TO_EXCHANGE,
+    EXCHANGE_TO_CUSTODIAN,
+    ZERO_HASH,
+    LogHead,
+    SyncLog,
+    SyncSession,
+    dial_sync_stream,
+    entry_hash,
+    serve_sync_stream,
+    verify_sync_batch,
+)
+from collateral_sync.transport import TlsConfig, secure_channel
+from collateral_sync.v1 import (
+    common_pb2,
+    custodian_service_pb2,
+    custodian_service_pb2_grpc,
+    envelope_pb2,
+    errors_pb2,
+    position_sync_pb2,
+)
+
+_T = TypeVar("_T")
+_R = errors_pb2.ErrorReason
+CUSTODIAN = "custodian-1"
+EXCHANGE = "exchange-1"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+Frame = position_sync_pb2.SyncFrame
+EMPTY_HEAD = LogHead(0, ZERO_HASH)
+
+
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
+    return asyncio.run(coro)
+
+
+async def within(
+    awaitable: Coroutine[Any, Any, _T] | asyncio.Future[_T], seconds: float = 10
+) -> _T:
+    """Await with a generous bound, so that a bug fails the test instead of hanging it."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+# --- parties ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, SigningKey]:
+    return {
+        CUSTODIAN: SigningKey.from_seed(b"\x01" * 32, CUSTODIAN, common_pb2.PARTY_ROLE_CUSTODIAN),
+        EXCHANGE: SigningKey.from_seed(b"\x02" * 32, EXCHANGE, common_pb2.PARTY_ROLE_EXCHANGE),
+    }
+
+
+def make_registry(*signers: SigningKey) -> KeyRegistry:
+    return KeyRegistry(s.party_key(valid_from=T0) for s in signers)
+
+
+@pytest.fixture(scope="module")
+def registry(keys: dict[str, SigningKey]) -> KeyRegistry:
+    return make_registry(*keys.values())
+
+
+def update_for(direction: int, index: int) -> position_sync_pb2.PositionUpdate:
+    """A small valid update of ``direction``; ``index`` makes it unique."""
+    if direction == CUSTODIAN_TO_EXCHANGE:
+        return position_sync_pb2.PositionUpdate(
+            pledge_change=position_sync_pb2.PledgeChange(
+                account_id=f"acct-{index}",
+                asset_id="USDC",
+                pledged_quantity=amount_to_proto(f"{index}.5"),
+            )
+        )
+    credit = envelope_pb2.Envelope(
+        payload=b"credit line %d" % index,
+        payload_type="application/vnd.collateral-sync.v1.credit-line+proto",
+    )
+    return position_sync_pb2.PositionUpdate(credit_line=credit)
+
+
+class Party:
+    """One side: its SQLite file, sync log, session, and an exactly-once applied table."""
+
+    def __init__(
+        self,
+        path: Path,
+        signer: SigningKey,
+        registry: KeyRegistry,
+        *,
+        apply_hook: Callable[[list[tuple[int, position_sync_pb2.PositionUpdate]]], None]
+        | None = None,
+        **session_options: Any,
+    ) -> None:
+        self.path = path
+        self.signer = signer
+        self.direction = (
+            CUSTODIAN_TO_EXCHANGE if signer.party_id == CUSTODIAN else EXCHANGE_TO_CUSTODIAN
+        )
+        peer = EXCHANGE if signer.party_id == CUSTODIAN else CUSTODIAN
+        self.connection = sqlite3.connect(path, isolation_level=None)
+        self.connection.execute(
+            "CREATE TABLE IF NOT EXISTS applied (sequence INTEGER PRIMARY KEY, variant TEXT)"
+        )
+        self.log = SyncLog(
+            self.connection,
+            party_id=signer.party_id,
+            peer_party_id=peer,
+            sending_direction=self.direction,
+        )
+        self.apply_hook = apply_hook
+        self.session = SyncSession(self.log, signer, registry, apply=self.apply, **session_options)
+
+    def apply(self, updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+        self.connection.executemany(
+            "INSERT INTO applied VALUES (?, ?)",
+            [(sequence, update.WhichOneof("update")) for sequence, update in updates],
+        )
+        if self.apply_hook is not None:
+            self.apply_hook(updates)
+
+    def append(self, count: int, start: int | None = None) -> LogHead:
+        first = self.log.sent_head().sequence + 1 if start is None else start
+        with self.log.transaction():
+            return self.log.append(update_for(self.direction, first + i) for i in range(count))
+
+    def applied(self) -> list[int]:
+        rows = self.connection.execute("SELECT sequence FROM applied ORDER BY sequence")
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture
+def make_party(
+    tmp_path: Path, keys: dict[str, SigningKey], registry: KeyRegistry
+) -> Iterator[Callable[..., Party]]:
+    made: list[Party] = []
+
+    def factory(party_id: str, name: str | None = None, **options: Any) -> Party:
+        party = Party(tmp_path / f"{name or party_id}.sqlite", keys[party_id], registry, **options)
+        made.append(party)
+        return party
+
+    yield factory
+    for party in made:
+        party.close()
+
+
+# --- transports -------------------------------------------------------------------
+
+
+class Pipe:
+    """One direction of an in-memory stream; frames cross it serialised, as on the wire.
+
+    ``drop`` decides which frames are lost; ``on_frame`` sees every frame sent.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.drop: Callable[[Frame], bool] = lambda frame: False
+        self.on_frame: Callable[[Frame], None] = lambda frame: None
+
+    async def send(self, frame: Frame) -> None:
+        self.on_frame(frame)
+        if not self.drop(frame):
+            await self.queue.put(Frame.FromString(frame.SerializeToString()))
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while True:
+            frame = await self.queue.get()
+            if frame is None:
+                return
+            yield frame
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+
+class Link:
+    """Two sessions running over a pair of pipes."""
+
+    def __init__(self, exchange: Party, custodian: Party) -> None:
+        self.to_custodian = Pipe()
+        self.to_exchange = Pipe()
+        self.exchange_run = asyncio.create_task(
+            exchange.session.run(self.to_custodian.send, self.to_exchange.frames())
+        )
+        self.custodian_run = asyncio.create_task(
+            custodian.session.run(self.to_exchange.send, self.to_custodian.frames())
+        )
+
+    async def cut(self) -> None:
+        """End the stream both ways and wait for both sessions to return."""
+        self.to_custodian.end()
+        self.to_exchange.end()
+        await within(asyncio.gather(self.exchange_run, self.custodian_run))
+
+
+class ScriptedPeer:
+    """The far end of a session under test, driven frame by frame by the test."""
+
+    def __init__(self, session: SyncSession) -> None:
+        self.inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self.outbox = Pipe()
+        self.run = asyncio.create_task(session.run(self._receive, self.outbox.frames()))
+
+    async def _receive(self, frame: Frame) -> None:
+        await self.inbox.put(Frame.FromString(frame.SerializeToString()))
+
+    async def send(self, frame: Frame) -> None:
+        await self.outbox.send(frame)
+
+    async def expect(self, kind: str) -> Frame:
+        frame = await within(self.inbox.get())
+        assert frame.WhichOneof("frame") == kind, frame
+        return frame
+
+    async def failure(self) -> BaseException:
+        """The error the session ended with (it must end with one)."""
+        with pytest.raises(BaseException) as caught:
+            await within(self.run)
+        return caught.value
+
+
+def hello(
+    party_id: str,
+    direction: int,
+    *,
+    received: LogHead = EMPTY_HEAD,
+    sent_sequence: int = 0,
+    window: int = 1000,
+    heartbeat_interval_ms: int = 60_000,
+) -> Frame:
+    return Frame(
+        hello=position_sync_pb2.SyncHello(
+            party_id=party_id,
+            sending_direction=direction,  # type: ignore[arg-type]
+            received_sequence=received.sequence,
+            received_entry_hash=received.entry_hash,
+            sent_sequence=sent_sequence,
+            window=window,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+        )
+    )
+
+
+def chain(
+    direction: int, count: int, *, start: int = 1, prev: bytes = ZERO_HASH, salt: int = 0
+) -> list[position_sync_pb2.SyncEntry]:
+    """``count`` correctly chained entries from ``start`` on top of ``prev``."""
+    entries = []
+    for sequence in range(start, start + count):
+        update = update_for(direction, sequence + salt).SerializeToString()
+        digest = entry_hash(direction, sequence, prev, update)
+        entries.append(
+            position_sync_pb2.SyncEntry(
+                sequence=sequence, prev_entry_hash=prev, update=update, entry_hash=digest
+            )
+        )
+        prev = digest
+    return entries
+
+
+def batch_frame(
+    signer: SigningKey,
+    direction: int,
+    entries: list[position_sync_pb2.SyncEntry],
+    *,
+    audience: str,
+    header_sequence: int | None = None,
+    issued_at: datetime | None = None,
+) -> Frame:
+    batch = position_sync_pb2.SyncBatch(direction=direction, entries=entries)  # type: ignore[arg-type]
+    envelope = sign_statement(
+        batch,
+        signer,
+        audience=[audience],
+        sequence=entries[-1].sequence if header_sequence is None else header_sequence,
+        ttl=timedelta(minutes=5),
+        issued_at=issued_at or datetime.now(UTC),
+    )
+    return Frame(batch=envelope)
+
+
+def check_error(error: BaseException, reason: int, code: grpc.StatusCode) -> None:
+    assert isinstance(error, CollateralSyncError), repr(error)
+    assert (error.reason, error.code) == (reason, code), repr(error)
+    assert {"expected", "actual"} <= set(error.metadata), error.metadata
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return create_dev_pki(tmp_path_factory.mktemp("pki"), parties=[CUSTODIAN, EXCHANGE])
+
+
+class CustodianSync(custodian_service_pb2_grpc.CustodianServiceServicer):
+    """The custodian's SyncPositions: the SDK adapter around one session."""
+
+    def __init__(self, session: SyncSession) -> None:
+        self.session = session
+
+    async def SyncPositions(
+        self,
+        request_iterator: AsyncIterator[custodian_service_pb2.SyncPositionsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await serve_sync_stream(self.session, request_iterator, context)
+
+
+@contextlib.asynccontextmanager
+async def custodian_server(
+    pki: DevPki, servicer: custodian_service_pb2_grpc.CustodianServiceServicer
+) -> AsyncIterator[CustodianClient]:
+    """A mutual-TLS custodian server on port 0, and the exchange's client to it."""
+    server = create_server(tls=TlsConfig.from_dev_pki(pki, CUSTODIAN), servicers=[servicer])
+    async with (
+        serve(server, grace=0) as port,
+        secure_channel(f"localhost:{port}", TlsConfig.from_dev_pki(pki, EXCHANGE)) as channel,
+    ):
+        yield CustodianClient(channel)
+
+
+# --- entry hash and the log -----------------------------------------------------------
+
+
+def test_entry_hash_is_the_specified_sha256() -> None:
+    update = bytes.fromhex("0a0b") + b"holdings"
+    prev = bytes(range(32))
+    expected = hashlib.sha256(
+        b"collateral-sync/v1/sync-entry\x00" + b"\x02" + struct.pack(">Q", 258) + prev + update
+    ).digest()
+    assert entry_hash(EXCHANGE_TO_CUSTODIAN, 258, prev, update) == expected
+    # The direction and the sequence are bound into the hash.
+    assert entry_hash(CUSTODIAN_TO_EXCHANGE, 258, prev, update) != expected
+    assert entry_hash(EXCHANGE_TO_CUSTODIAN, 259, prev, update) != expected
+
+
+@pytest.mark.parametrize(
+    ("direction", "sequence", "prev", "expected"),
+    [
+        (0, 1, ZERO_HASH, "1|2"),
+        (3, 1, ZERO_HASH, "1|2"),
+        (1, 0, ZERO_HASH, "1..2^64-1"),
+        (1, 2**64, ZERO_HASH, "1..2^64-1"),
+        (1, 1, bytes(31), "32"),
+    ],
+)
+def test_entry_hash_refuses_bad_input(
+    direction: int, sequence: int, prev: bytes, expected: str
+) -> None:
+    with pytest.raises(MalformedError) as caught:
+        entry_hash(direction, sequence, prev, b"")
+    assert caught.value.metadata["expected"] == expected
+
+
+def test_append_chains_entries_and_commits_with_the_callers_transaction(
+    make_party: Callable[..., Party],
+) -> None:
+    custodian = make_party(CUSTODIAN)
+    log = custodian.log
+    assert log.sent_head() == LogHead(0, ZERO_HASH)
+    head = custodian.append(3)
+    assert head.sequence == 3
+    prev = ZERO_HASH
+    for sequence in (1, 2, 3):
+        entry = log.outgoing_entry(sequence)
+        assert entry is not None
+        assert entry.prev_entry_hash == prev
+        assert entry.entry_hash == entry_hash(CUSTODIAN_TO_EXCHANGE, sequence, prev, entry.update)
+        assert position_sync_pb2.PositionUpdate.FromString(entry.update) == update_for(
+            CUSTODIAN_TO_EXCHANGE, sequence
+        )
+        prev = entry.entry_hash
+    assert head == LogHead(3, prev)
+
+    # A state change and its entries commit together, or neither does.
+    connection = custodian.connection
+    connection.execute("CREATE TABLE state (value INTEGER)")
+
+    def change_then_fail() -> None:
+        with log.transaction():
+            connection.execute("INSERT INTO state VALUES (1)")
+            log.append([update_for(CUSTODIAN_TO_EXCHANGE, 4)])
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        change_then_fail()
+    assert log.sent_head() == head
+    assert connection.execute("SELECT COUNT(*) FROM state").fetchone() == (0,)
+
+    # The caller's own transaction works too.
+    connection.execute("BEGIN")
+    connection.execute("INSERT INTO state VALUES (2)")
+    log.append([update_for(CUSTODIAN_TO_EXCHANGE, 4).SerializeToString()])
+    connection.execute("COMMIT")
+    assert log.sent_head().sequence == 4
+
+
+def test_append_refuses_misuse_and_bad_updates_without_writing(
+    make_party: Callable[..., Party],
+) -> None:
+    custodian = make_party(CUSTODIAN)
+    log = custodian.log
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        log.append([update_for(CUSTODIAN_TO_EXCHANGE, 1)])
+    with log.transaction():
+        # An exchange-to-custodian variant cannot go custodian to exchange.
+        with pytest.raises(MalformedError) as wrong_way:
+            log.append([update_for(CUSTODIAN_TO_EXCHANGE, 1), update_for(EXCHANGE_TO_CUSTODIAN, 2)])
+        assert wrong_way.value.metadata["actual"] == "credit_line"
+        with pytest.raises(MalformedError) as unset:
+            log.append([position_sync_pb2.PositionUpdate()])
+        assert unset.value.metadata["actual"] == "unset"
+        with pytest.raises(MalformedError):
+            log.append([b"\xff\xff"])
+        with pytest.raises(CollateralSyncError) as too_large:
+            log.append([b"\x00" * (sync.MAX_UPDATE_BYTES + 1)])
+        assert too_large.value.reason == _R.ERROR_REASON_TOO_LARGE
+    assert log.sent_head() == LogHead(0, ZERO_HASH)
+    with log.transaction():
+        nested = log.transaction()
+        with pytest.raises(RuntimeError, match="open transaction"):
+            nested.__enter__()
+
+
+def test_log_sets_wal_and_the_requested_synchronous_level(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "full.sqlite", isolation_level=None)
+    SyncLog(
+        connection,
+        party_id=CUSTODIAN,
+        peer_party_id=EXCHANGE,
+        sending_direction=CUSTODIAN_TO_EXCHANGE,
+        synchronous="FULL",
+    )
+    assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    connection.close()
+    with contextlib.closing(sqlite3.connect(":memory:")) as memory:
+        with pytest.raises(ValueError, match="WAL"):
+            SyncLog(
+                memory,
+                party_id=CUSTODIAN,
+                peer_party_id=EXCHANGE,
+                sending_direction=CUSTODIAN_TO_EXCHANGE,
+            )
+        # Off would risk a corrupt database on power loss.
+        with pytest.raises(ValueError, match="synchronous"):
+            SyncLog(
+                memory,
+                party_id=CUSTODIAN,
+                peer_party_id=EXCHANGE,
+                sending_direction=CUSTODIAN_TO_EXCHANGE,
+                synchronous="OFF",
+            )
+
+
+# --- batch verification -------------------------------------------------------------
+
+
+def _verify(frame: Frame, registry: KeyRegistry, **overrides: Any) -> sync.VerifiedSyncBatch:
+    options: dict[str, Any] = {
+        "receiver_party_id": EXCHANGE,
+        "sender_party_id": CUSTODIAN,
+        "direction": CUSTODIAN_TO_EXCHANGE,
+        "now": datetime.now(UTC),
+        "max_entries": 100,
+    }
+    options.update(overrides)
+    return verify_sync_batch(frame.batch, registry, **options)
+
+
+def test_verify_sync_batch_accepts_a_chained_batch(
+    keys: dict[str, SigningKey], registry: KeyRegistry
+) -> None:
+    entries = chain(CUSTODIAN_TO_EXCHANGE, 5, start=1)
+    verified = _verify(batch_frame(keys[CUSTODIAN], 1, entries, audience=EXCHANGE), registry)
+    assert (verified.first_sequence, verified.last_sequence) == (1, 5)
+    assert verified.entry_hashes == tuple(e.entry_hash for e in entries)
+    assert verified.updates == tuple(e.update for e in entries)
+    # A batch continuing a log elsewhere chains to that log's hash, not zeros.
+    later = chain(CUSTODIAN_TO_EXCHANGE, 2, start=6, prev=entries[-1].entry_hash)
+    verified = _verify(batch_frame(keys[CUSTODIAN], 1, later, audience=EXCHANGE), registry)
+    assert verified.first_prev_hash == entries[-1].entry_hash
+
+
+def _tampered(kind: str) -> tuple[list[position_sync_pb2.SyncEntry], str]:
+    entries = chain(CUSTODIAN_TO_EXCHANGE, 4)
+    if kind == "content":  # the update changed after hashing
+        entries[2].update = update_for(CUSTODIAN_TO_EXCHANGE, 99).SerializeToString()
+        return entries, "entries[2].entry_hash"
+    if kind == "link":  # a correctly hashed entry that does not chain
+        rest = chain(CUSTODIAN_TO_EXCHANGE, 2, start=3, prev=b"\x07" * 32)
+        return entries[:2] + rest, "entries[2].prev_entry_hash"
+    if kind == "order":
+        return [entries[0], entries[2]], "entries[1].sequence"
+    if kind == "first-prev":  # sequence 1 must chain to zeros
+        return chain(CUSTODIAN_TO_EXCHANGE, 2, prev=b"\x01" * 32), "entries[0].prev_entry_hash"
+    assert kind == "short-hash"
+    entries[1].entry_hash = entries[1].entry_hash[:31]
+    return entries, "entries[1].entry_hash"
+
+
+@pytest.mark.parametrize("kind", ["content", "link", "order", "first-prev", "short-hash"])
+def test_verify_sync_batch_refuses_a_broken_chain(
+    kind: str, keys: dict[str, SigningKey], registry: KeyRegistry
+) -> None:
+    entries, field = _tampered(kind)
+    frame = batch_frame(keys[CUSTODIAN], 1, entries, audience=EXCHANGE)
+    with pytest.raises(MalformedError) as caught:
+        _verify(frame, registry)
+    assert list(caught.value.field_violations) == [field]
+
+
+def test_verify_sync_batch_checks_header_direction_and_size(
+    keys: dict[str, SigningKey], registry: KeyRegistry
+) -> None:
+    entries = chain(CUSTODIAN_TO_EXCHANGE, 3)
+    signer = keys[CUSTODIAN]
+    frame = batch_frame(signer, 1, entries, audience=EXCHANGE, header_sequence=2)
+    with pytest.raises(MalformedError) as caught:
+        _verify(frame, registry)
+    assert caught.value.metadata == {"expected": "3", "actual": "2"}
+
+    frame = batch_frame(signer, 1, entries, audience=EXCHANGE)
+    with pytest.raises(CollateralSyncError) as caught:
+        _verify(frame, registry, max_entries=2)
+    check_error(caught.value, _R.ERROR_REASON_LIMIT_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    wrong_direction = batch_frame(signer, 2, entries, audience=EXCHANGE)
+    with pytest.raises(VerificationError) as caught:
+        _verify(wrong_direction, registry)
+    check_error(caught.value, _R.ERROR_REASON_KEY_ROLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED)
+
+    empty = position_sync_pb2.SyncBatch(direction=1)  # type: ignore[arg-type]
+    envelope = sign_statement(
+        empty,
+        signer,
+        audience=[EXCHANGE],
+        sequence=1,
+        ttl=timedelta(minutes=1),
+        issued_at=datetime.now(UTC),
+    )
+    with pytest.raises(MalformedError, match="no entries"):
+        _verify(Frame(batch=envelope), registry)
+
+
+# --- sessions over an in-memory stream ----------------------------------------------------
+
+
+def test_sessions_exchange_both_logs_and_acknowledge_after_commit(
+    make_party: Callable[..., Party],
+) -> None:
+    async def scenario() -> None:
+        exchange, custodian = make_party(EXCHANGE), make_party(CUSTODIAN)
+        exchange.append(40)
+        link = Link(exchange, custodian)
+        custodian.append(25)  # after the stream is up: the append wakes the sender
+        await within(
+            asyncio.gather(
+                exchange.session.wait_acknowledged(40), custodian.session.wait_acknowledged(25)
+            )
+        )
+        assert custodian.applied() == list(range(1, 41))
+        assert exchange.applied() == list(range(1, 26))
+        assert custodian.log.received_head() == exchange.log.sent_head()
+        assert exchange.log.received_head() == custodian.log.sent_head()
+        assert exchange.session.connected
+        assert exchange.session.in_flight == 0
+        # Received entries are kept as received, inside their signed batches.
+        stored = custodian.log.received_entry(17)
+        assert stored == exchange.log.outgoing_entry(17)
+        await link.cut()
+        assert not exchange.session.connected
+
+    run(scenario())
+
+
+# --- sessions over gRPC ------------------------------------------------------------------
+
+
+def test_5000_updates_each_way_over_grpc_arrive_once(
+    make_party: Callable[..., Party], pki: DevPki
+) -> None:
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, batch_size=700)
+        custodian = make_party(CUSTODIAN, batch_size=700)
+        async with custodian_server(pki, CustodianSync(custodian.session)) as client:
+            dial = asyncio.create_task(dial_sync_stream(exchange.session, client))
+            for _ in range(5):  # appends while the stream runs, from both sides
+                exchange.append(1000)
+                custodian.append(1000)
+                await asyncio.sleep(0)
+            await within(
+                asyncio.gather(
+                    exchange.session.wait_acknowledged(5000),
+                    custodian.session.wait_acknowledged(5000),
+                )
+            )
+            dial.cancel()
+            await asyncio.wait({dial})
+        assert exchange.applied() == custodian.applied() == list(range(1, 5001))
+        assert custodian.log.received_head() == exchange.log.sent_head()
+        assert exchange.log.received_head() == custodian.log.sent_head()
+        assert exchange.log.sent_head().sequence == 5000
+
+    run(scenario())
+
+
+def test_disconnect_mid_stream_then_resume_loses_nothing_and_applies_once(
+    make_party: Callable[..., Party], pki: DevPki
+) -> None:
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, batch_size=50, window=200)
+        custodian = make_party(CUSTODIAN, batch_size=50, window=200)
+        cut_at = asyncio.Event()
+
+        def watch(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+            if updates[-1][0] >= 1000:
+                cut_at.set()
+
+        custodian.apply_hook = watch
+        async with custodian_server(pki, CustodianSync(custodian.session)) as client:
+            exchange.append(3000)
+            custodian.append(3000)
+            dial = asyncio.create_task(dial_sync_stream(exchange.session, client))
+            await within(cut_at.wait())
+            dial.cancel()  # the exchange drops the call mid-stream
+            await asyncio.wait({dial})
+            midway = custodian.log.received_head().sequence
+            assert 1000 <= midway < 3000
+            exchange.append(500)
+            custodian.append(500)
+            dial = asyncio.create_task(dial_sync_stream(exchange.session, client))
+            await within(
+                asyncio.gather(
+                    exchange.session.wait_acknowledged(3500),
+                    custodian.session.wait_acknowledged(3500),
+                )
+            )
+            dial.cancel()
+            await asyncio.wait({dial})
+        assert exchange.applied() == custodian.applied() == list(range(1, 3501))
+        assert custodian.log.received_head() == exchange.log.sent_head()
+        assert exchange.log.received_head() == custodian.log.sent_head()
+
+    run(scenario())
+
+
+def test_crash_after_commit_before_ack_replays_and_applies_once(
+    make_party: Callable[..., Party],
+) -> None:
+    """The custodian commits batches but 'dies' before its acks leave; then restarts."""
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, batch_size=100, window=1000)
+        custodian = make_party(CUSTODIAN, batch_size=100)
+        exchange.append(600)
+        committed = asyncio.Event()
+
+        def watch(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+            if updates[-1][0] >= 600:
+                committed.set()
+
+        custodian.apply_hook = watch
+        link = Link(exchange, custodian)
+        link.to_exchange.drop = lambda frame: frame.WhichOneof("frame") == "ack"
+        await within(committed.wait())
+        await link.cut()
+        # Everything is durable at the custodian; the exchange heard of none of it.
+        assert custodian.log.received_head().sequence == 600
+        assert exchange.session.acknowledged_sequence == 0
+        custodian.close()
+        restarted = make_party(CUSTODIAN, batch_size=100)  # same file: a new process
+        assert restarted.log.received_head() == exchange.log.sent_head()
+        replayed: list[int] = []
+        exchange.append(50)
+        link = Link(exchange, restarted)
+
+        def record(frame: Frame) -> None:
+            if frame.WhichOneof("frame") == "batch":
+                batch = position_sync_pb2.SyncBatch.FromString(frame.batch.payload)
+                replayed.extend(entry.sequence for entry in batch.entries)
+
+        link.to_custodian.on_frame = record
+        await within(exchange.session.wait_acknowledged(650))
+        await link.cut()
+        # The restarted custodian's hello made the exchange resume after 600.
+        assert replayed == list(range(601, 651))
+        assert restarted.applied() == list(range(1, 651))
+
+    run(scenario())
+
+
+def test_duplicate_entries_are_skipped_and_acknowledged_again(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        await peer.expect("hello")
+        entries = chain(EXCHANGE_TO_CUSTODIAN, 5)
+        signer = keys[EXCHANGE]
+        await peer.send(batch_frame(signer, 2, entries[:3], audience=CUSTODIAN))
+        assert (await peer.expect("ack")).ack.sequence == 3
+        # A sender replaying from its last ack overlaps what is stored.
+        await peer.send(batch_frame(signer, 2, entries, audience=CUSTODIAN))
+        ack = (await peer.expect("ack")).ack
+        assert (ack.sequence, ack.entry_hash) == (5, entries[4].entry_hash)
+        await peer.send(batch_frame(signer, 2, entries[1:4], audience=CUSTODIAN))
+        assert (await peer.expect("ack")).ack.sequence == 5
+        assert custodian.applied() == [1, 2, 3, 4, 5]
+        peer.outbox.end()
+        await within(peer.run)
+
+    run(scenario())
+
+
+async def _exchange_call_with_three_entries(
+    client: CustodianClient, signer: SigningKey
+) -> tuple[grpc.aio.StreamStreamCall, list[position_sync_pb2.SyncEntry]]:
+    """A raw exchange call that says hello and gets entries 1..3 acknowledged."""
+    call = client.sync_positions(timeout=10)
+
+    async def write(frame: Frame) -> None:
+        await call.write(custodian_service_pb2.SyncPositionsRequest(frame=frame))
+
+    async def read(kind: str) -> Frame:
+        response = await within(call.read())
+        assert response is not grpc.aio.EOF
+        assert response.frame.WhichOneof("frame") == kind, response
+        return response.frame
+
+    await write(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+    await read("hello")
+    entries = chain(EXCHANGE_TO_CUSTODIAN, 3)
+    await write(batch_frame(signer, 2, entries, audience=CUSTODIAN))
+    assert (await read("ack")).ack.sequence == 3
+    return call, entries
+
+
+async def _status_of(call: grpc.aio.StreamStreamCall, frame: Frame) -> RPCError:
+    """Send ``frame`` on a raw call; the custodian must end the call with an error."""
+    await call.write(custodian_service_pb2.SyncPositionsRequest(frame=frame))
+    try:
+        while await within(call.read()) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as err:
+        return error_from_rpc_error(err)
+    raise AssertionError("the custodian ended the call without an error")
+
+
+def test_equivocating_exchange_is_aborted_and_the_evidence_kept(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey], pki: DevPki
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        async with custodian_server(pki, CustodianSync(custodian.session)) as client:
+            call, entries = await _exchange_call_with_three_entries(client, keys[EXCHANGE])
+            # A different entry 3, correctly chained to 2 and signed: a fork.
+            forked = chain(EXCHANGE_TO_CUSTODIAN, 2, start=3, prev=entries[1].entry_hash, salt=7)
+            frame = batch_frame(keys[EXCHANGE], 2, forked, audience=CUSTODIAN)
+            error = await _status_of(call, frame)
+        assert error.code == grpc.StatusCode.ABORTED
+        assert error.reason == _R.ERROR_REASON_EQUIVOCATION
+        assert error.metadata == {
+            "sequence": "3",
+            "expected": entries[2].entry_hash.hex(),
+            "actual": forked[0].entry_hash.hex(),
+        }
+        # Nothing of the fork was stored or applied; both signed sides are kept.
+        assert custodian.log.received_head() == LogHead(3, entries[2].entry_hash)
+        assert custodian.applied() == [1, 2, 3]
+        [evidence] = custodian.log.evidence()
+        assert (evidence.kind, evidence.sequence) == ("batch", 3)
+        assert evidence.direction == EXCHANGE_TO_CUSTODIAN
+        assert evidence.stored_entry_hash == entries[2].entry_hash
+        assert evidence.received_entry_hash == forked[0].entry_hash
+        assert evidence.received == frame.batch.SerializeToString()
+        assert evidence.stored_batch is not None
+        stored = envelope_pb2.Envelope.FromString(evidence.stored_batch)
+        assert position_sync_pb2.SyncBatch.FromString(stored.payload).entries[2] == entries[2]
+
+    run(scenario())
+
+
+def test_forged_batch_signature_is_unauthenticated_and_changes_nothing(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey], pki: DevPki
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        async with custodian_server(pki, CustodianSync(custodian.session)) as client:
+            call, entries = await _exchange_call_with_three_entries(client, keys[EXCHANGE])
+            more = chain(EXCHANGE_TO_CUSTODIAN, 2, start=4, prev=entries[2].entry_hash)
+            frame = batch_frame(keys[EXCHANGE], 2, more, audience=CUSTODIAN)
+            forged = bytearray(frame.batch.signatures[0].sig)
+            forged[0] ^= 1
+            frame.batch.signatures[0].sig = bytes(forged)
+            error = await _status_of(call, frame)
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED
+        assert error.reason == _R.ERROR_REASON_SIGNATURE_INVALID
+        assert custodian.log.received_head().sequence == 3
+        assert custodian.applied() == [1, 2, 3]
+        assert custodian.log.evidence() == []
+
+    run(scenario())
+
+
+# --- refusals on the stream ------------------------------------------------------------
+
+
+async def _custodian_with_three_entries(
+    custodian: Party, signer: SigningKey
+) -> tuple[ScriptedPeer, list[position_sync_pb2.SyncEntry]]:
+    """The custodian's session under test, past the hello, holding exchange entries 1..3."""
+    peer = ScriptedPeer(custodian.session)
+    await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+    await peer.expect("hello")
+    entries = chain(EXCHANGE_TO_CUSTODIAN, 3)
+    await peer.send(batch_frame(signer, 2, entries, audience=CUSTODIAN))
+    assert (await peer.expect("ack")).ack.sequence == 3
+    return peer, entries
+
+
+async def _refused(peer: ScriptedPeer, frame: Frame) -> CollateralSyncError:
+    """Send ``frame``; the session must fail, telling the peer why in a SyncClose."""
+    await peer.send(frame)
+    close = (await peer.expect("close")).close
+    error = await peer.failure()
+    assert isinstance(error, CollateralSyncError)
+    assert not isinstance(error, RPCError)
+    assert (close.reason, close.message, dict(close.metadata)) == (
+        error.reason,
+        error.message,
+        error.metadata,
+    )
+    return error
+
+
+def test_gap_is_out_of_range_and_changes_nothing(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        skipped = chain(EXCHANGE_TO_CUSTODIAN, 3, start=4, prev=entries[2].entry_hash)[1:]
+        error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, skipped, audience=CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_SEQUENCE_GAP, grpc.StatusCode.OUT_OF_RANGE)
+        assert error.metadata == {"expected": "4", "actual": "5"}
+        assert custodian.log.received_head() == LogHead(3, entries[2].entry_hash)
+        assert custodian.applied() == [1, 2, 3]
+
+    run(scenario())
+
+
+def test_new_entry_not_chained_to_the_stored_head_is_equivocation(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        elsewhere = chain(EXCHANGE_TO_CUSTODIAN, 2, start=4, prev=b"\x09" * 32)
+        error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, elsewhere, audience=CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_EQUIVOCATION, grpc.StatusCode.ABORTED)
+        [evidence] = custodian.log.evidence()
+        assert (evidence.sequence, evidence.stored_entry_hash, evidence.received_entry_hash) == (
+            3,
+            entries[2].entry_hash,
+            b"\x09" * 32,
+        )
+        assert custodian.applied() == [1, 2, 3]
+
+    run(scenario())
+
+
+def test_batch_signed_by_the_wrong_role_or_party_is_permission_denied(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey], registry: KeyRegistry
+) -> None:
+    # A key registered to the custodian's party id but in the exchange role.
+    impostor = SigningKey.from_seed(b"\x03" * 32, CUSTODIAN, common_pb2.PARTY_ROLE_EXCHANGE)
+    wide = make_registry(keys[CUSTODIAN], keys[EXCHANGE], impostor)
+
+    async def scenario(signer: SigningKey, direction: int, expected: dict[str, str]) -> None:
+        exchange = make_party(EXCHANGE, name=f"exchange-{signer.key_id[:8]}-{direction}")
+        exchange.session = SyncSession(exchange.log, keys[EXCHANGE], wide, apply=exchange.apply)
+        peer = ScriptedPeer(exchange.session)
+        await peer.expect("hello")
+        await peer.send(hello(CUSTODIAN, CUSTODIAN_TO_EXCHANGE))
+        entries = chain(direction, 2)
+        error = await _refused(peer, batch_frame(signer, direction, entries, audience=EXCHANGE))
+        check_error(error, _R.ERROR_REASON_KEY_ROLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED)
+        assert error.metadata == expected
+        assert exchange.log.received_head() == LogHead(0, ZERO_HASH)
+        assert exchange.applied() == []
+
+    # An exchange-role key signing a custodian-direction batch.
+    run(
+        scenario(impostor, 1, {"expected": "PARTY_ROLE_CUSTODIAN", "actual": "PARTY_ROLE_EXCHANGE"})
+    )
+    # The exchange's own batch reflected at it as if it came from the custodian.
+    run(scenario(keys[EXCHANGE], 2, {"expected": CUSTODIAN, "actual": EXCHANGE}))
+    # The right key, the wrong direction on this stream.
+    run(scenario(keys[CUSTODIAN], 2, {"expected": "1", "actual": "2"}))
+
+
+def test_batch_for_another_audience_is_permission_denied(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        more = chain(EXCHANGE_TO_CUSTODIAN, 1, start=4, prev=entries[2].entry_hash)
+        frame = batch_frame(keys[EXCHANGE], 2, more, audience="custodian-2")
+        error = await _refused(peer, frame)
+        check_error(error, _R.ERROR_REASON_AUDIENCE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED)
+        assert custodian.log.received_head().sequence == 3
+
+    run(scenario())
+
+
+def test_batch_larger_than_the_window_is_refused(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN, window=4)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        assert (await peer.expect("hello")).hello.window == 4
+        entries = chain(EXCHANGE_TO_CUSTODIAN, 5)
+        error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, entries, audience=CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_LIMIT_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert custodian.applied() == []
+
+    run(scenario())
+
+
+def test_apply_failure_rolls_back_the_whole_batch(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    def refuse_sequence_5(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+        if any(sequence == 5 for sequence, _ in updates):
+            raise StateError(
+                "account acct-5 is frozen",
+                metadata={"expected": "active account", "actual": "frozen"},
+            )
+
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN, apply_hook=refuse_sequence_5)
+        peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        more = chain(EXCHANGE_TO_CUSTODIAN, 3, start=4, prev=entries[2].entry_hash)
+        error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, more, audience=CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_STATE_CONFLICT, grpc.StatusCode.FAILED_PRECONDITION)
+        # Entry 4 was applied inside the transaction, then rolled back with it.
+        assert custodian.log.received_head().sequence == 3
+        assert custodian.applied() == [1, 2, 3]
+
+    run(scenario())
+
+
+def test_bad_update_inside_a_signed_batch_is_malformed(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        # A custodian-to-exchange variant, correctly hashed, in the other direction.
+        update = update_for(CUSTODIAN_TO_EXCHANGE, 4).SerializeToString()
+        prev = entries[2].entry_hash
+        entry = position_sync_pb2.SyncEntry(
+            sequence=4,
+            prev_entry_hash=prev,
+            update=update,
+            entry_hash=entry_hash(EXCHANGE_TO_CUSTODIAN, 4, prev, update),
+        )
+        error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, [entry], audience=CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_MALFORMED, grpc.StatusCode.INVALID_ARGUMENT)
+        assert error.metadata["actual"] == "pledge_change"
+        assert custodian.log.received_head().sequence == 3
+
+    run(scenario())
+
+
+def test_hello_is_checked_before_anything_is_sent(
+    make_party: Callable[..., Party],
+) -> None:
+    async def refused_hello(custodian: Party, frame: Frame) -> CollateralSyncError:
+        peer = ScriptedPeer(custodian.session)
+        # The custodian answers a bad hello with a SyncClose, never its own hello.
+        return await _refused(peer, frame)
+
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        head = custodian.append(5)
+        third = custodian.log.outgoing_hash(3)
+        assert third is not None
+
+        error = await refused_hello(custodian, hello("exchange-2", EXCHANGE_TO_CUSTODIAN))
+        check_error(error, _R.ERROR_REASON_KEY_ROLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED)
+        error = await refused_hello(custodian, hello(EXCHANGE, CUSTODIAN_TO_EXCHANGE))
+        check_error(error, _R.ERROR_REASON_KEY_ROLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED)
+        error = await refused_hello(custodian, hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN, window=0))
+        check_error(error, _R.ERROR_REASON_MALFORMED, grpc.StatusCode.INVALID_ARGUMENT)
+        error = await refused_hello(custodian, Frame(heartbeat=position_sync_pb2.SyncHeartbeat()))
+        check_error(error, _R.ERROR_REASON_MALFORMED, grpc.StatusCode.INVALID_ARGUMENT)
+        # The exchange claims entries the custodian never wrote: it lost data, or lies.
+        error = await refused_hello(
+            custodian, hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN, received=LogHead(6, head.entry_hash))
+        )
+        check_error(error, _R.ERROR_REASON_OUT_OF_RANGE, grpc.StatusCode.OUT_OF_RANGE)
+        assert custodian.log.evidence() == []
+        # The exchange holds another entry 3 than the one the custodian wrote.
+        claimed = hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN, received=LogHead(3, b"\x05" * 32))
+        error = await refused_hello(custodian, claimed)
+        check_error(error, _R.ERROR_REASON_EQUIVOCATION, grpc.StatusCode.ABORTED)
+        [evidence] = custodian.log.evidence()
+        assert (evidence.kind, evidence.sequence, evidence.direction) == ("hello", 3, 1)
+        assert evidence.stored_entry_hash == third
+        assert evidence.received_entry_hash == b"\x05" * 32
+        assert evidence.received == claimed.SerializeToString()
+
+    run(scenario())
+
+
+def test_acks_are_checked_against_what_was_sent(
+    make_party: Callable[..., Party],
+) -> None:
+    async def scenario(ack: position_sync_pb2.SyncAck, reason: int) -> Party:
+        custodian = make_party(CUSTODIAN, name=f"custodian-{ack.sequence}")
+        custodian.append(3)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        await peer.expect("hello")
+        batch = position_sync_pb2.SyncBatch.FromString((await peer.expect("batch")).batch.payload)
+        assert [e.sequence for e in batch.entries] == [1, 2, 3]
+        second = Frame(
+            ack=position_sync_pb2.SyncAck(sequence=2, entry_hash=batch.entries[1].entry_hash)
+        )
+        await peer.send(second)
+        await within(custodian.session.wait_acknowledged(2))
+        error = await _refused(peer, Frame(ack=ack))
+        assert error.reason == reason
+        assert custodian.session.acknowledged_sequence == 2
+        return custodian
+
+    run(
+        scenario(
+            position_sync_pb2.SyncAck(sequence=4, entry_hash=ZERO_HASH),
+            _R.ERROR_REASON_OUT_OF_RANGE,
+        )
+    )
+    custodian = run(
+        scenario(
+            position_sync_pb2.SyncAck(sequence=3, entry_hash=b"\x01" * 32),
+            _R.ERROR_REASON_EQUIVOCATION,
+        )
+    )
+    [evidence] = custodian.log.evidence()
+    assert (evidence.kind, evidence.sequence) == ("ack", 3)
+
+
+def test_peer_close_ends_the_session_with_the_peers_reason(
+    make_party: Callable[..., Party],
+) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        await peer.expect("hello")
+        close = position_sync_pb2.SyncClose(
+            reason=_R.ERROR_REASON_EQUIVOCATION,
+            message="custodian forked at 9",
+            metadata={"sequence": "9", "expected": "aa", "actual": "bb"},
+        )
+        await peer.send(Frame(close=close))
+        error = await peer.failure()
+        assert isinstance(error, RPCError)
+        assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, _R.ERROR_REASON_EQUIVOCATION)
+        assert error.metadata["sequence"] == "9"
+        assert peer.inbox.empty()  # a peer's close is not answered with another
+
+    run(scenario())
+
+
+def test_dialling_exchange_tells_the_custodian_why_it_refuses(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey], pki: DevPki
+) -> None:
+    """The exchange cannot set a call status; its SyncClose carries the reason instead."""
+
+    class ForkingCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
+        def __init__(self) -> None:
+            self.seen: list[Frame] = []
+
+        async def SyncPositions(
+            self, request_iterator: Any, context: grpc.aio.ServicerContext
+        ) -> None:
+            async for request in request_iterator:
+                self.seen.append(request.frame)
+                if request.frame.WhichOneof("frame") == "hello":
+                    await context.write(
+                        custodian_service_pb2.SyncPositionsResponse(
+                            frame=hello(CUSTODIAN, CUSTODIAN_TO_EXCHANGE)
+                        )
+                    )
+                    entries = chain(CUSTODIAN_TO_EXCHANGE, 2, start=2, prev=b"\x04" * 32)
+                    frame = batch_frame(keys[CUSTODIAN], 1, entries, audience=EXCHANGE)
+                    await context.write(custodian_service_pb2.SyncPositionsResponse(frame=frame))
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE)
+        custodian = ForkingCustodian()
+        async with custodian_server(pki, custodian) as client:
+            with pytest.raises(CollateralSyncError) as caught:
+                await within(dial_sync_stream(exchange.session, client))
+        check_error(caught.value, _R.ERROR_REASON_SEQUENCE_GAP, grpc.StatusCode.OUT_OF_RANGE)
+        kinds = [frame.WhichOneof("frame") for frame in custodian.seen]
+        assert kinds == ["hello", "close"]
+        assert custodian.seen[1].close.reason == _R.ERROR_REASON_SEQUENCE_GAP
+        assert dict(custodian.seen[1].close.metadata) == {"expected": "1", "actual": "2"}
+
+    run(scenario())
+
+
+def test_custodian_refusal_reaches_the_dialling_exchange_as_rpc_error(
+    make_party: Callable[..., Party], registry: KeyRegistry, pki: DevPki
+) -> None:
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE)
+        custodian = make_party(CUSTODIAN)
+        custodian.append(2)
+        # The exchange holds custodian entries 1..4, more than the custodian's log has
+        # (say the custodian lost its last writes): the custodian refuses the hello.
+        other = make_party(CUSTODIAN, name="lost-custodian")
+        other.append(4)
+        entries = [other.log.outgoing_entry(s) for s in (1, 2, 3, 4)]
+        signed = batch_frame(other.signer, 1, [e for e in entries if e], audience=EXCHANGE)
+        now = datetime.now(UTC)
+        verified = verify_sync_batch(
+            signed.batch,
+            registry,
+            receiver_party_id=EXCHANGE,
+            sender_party_id=CUSTODIAN,
+            direction=CUSTODIAN_TO_EXCHANGE,
+            now=now,
+            max_entries=10,
+        )
+        exchange.log.accept_batch(verified, exchange.apply, now=now)
+        async with custodian_server(pki, CustodianSync(custodian.session)) as client:
+            with pytest.raises(RPCError) as caught:
+                await within(dial_sync_stream(exchange.session, client))
+        assert caught.value.code == grpc.StatusCode.OUT_OF_RANGE
+        assert caught.value.reason == _R.ERROR_REASON_OUT_OF_RANGE
+        assert caught.value.metadata == {"expected": "<= 2", "actual": "4"}
+
+    run(scenario())
+
+
+# --- flow control and liveness -----------------------------------------------------------
+
+
+def test_sender_never_has_more_than_the_window_unacknowledged(
+    make_party: Callable[..., Party],
+) -> None:
+    window = 20
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, batch_size=7)
+        custodian = make_party(CUSTODIAN, window=window)
+        exchange.append(100)
+        link = Link(exchange, custodian)
+        held: list[Frame] = []
+        released = 0
+        sent = 0
+        worst = 0
+
+        def count_batches(frame: Frame) -> None:
+            nonlocal sent, worst
+            if frame.WhichOneof("frame") == "batch":
+                batch = position_sync_pb2.SyncBatch.FromString(frame.batch.payload)
+                sent = batch.entries[-1].sequence
+                worst = max(worst, sent - released)
+
+        link.to_custodian.on_frame = count_batches
+
+        def hold_acks(frame: Frame) -> bool:
+            if frame.WhichOneof("frame") == "ack":
+                held.append(frame)
+                return True
+            return False
+
+        link.to_exchange.drop = hold_acks
+        while released < 100:
+            # Let the sender run as far as it may; then release one ack.
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert sent - released <= window
+            assert exchange.session.in_flight == sent - released
+            if released < 80:
+                assert sent - released == window  # it used the whole window, no more
+            ack = held.pop(0)
+            released = ack.ack.sequence
+            await link.to_exchange.queue.put(ack)
+            await within(exchange.session.wait_acknowledged(released))
+        assert worst == window
+        assert custodian.applied() == list(range(1, 101))
+        await link.cut()
+
+    run(scenario())
+
+
+def test_idle_session_sends_heartbeats(make_party: Callable[..., Party]) -> None:
+    stamp = datetime.now(UTC).replace(microsecond=0)
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, heartbeat_interval=timedelta(milliseconds=30))
+        custodian = make_party(CUSTODIAN, clock=lambda: stamp)
+        custodian.append(2)
+        custodian.session = SyncSession(
+            custodian.log,
+            custodian.signer,
+            custodian.session._registry,
+            apply=custodian.apply,
+            heartbeat_interval=timedelta(milliseconds=30),
+            clock=lambda: stamp,
+        )
+        link = Link(exchange, custodian)
+        beats: asyncio.Queue[Frame] = asyncio.Queue()
+
+        def watch(frame: Frame) -> None:
+            if frame.WhichOneof("frame") == "heartbeat":
+                beats.put_nowait(frame)
+
+        link.to_exchange.on_frame = watch
+        beat = (await within(beats.get())).heartbeat
+        assert beat.sent_sequence == 2
+        assert beat.sent_at.ToDatetime(tzinfo=UTC) == stamp
+        # Heartbeats keep the stream alive past the liveness limit of three intervals.
+        for _ in range(4):
+            await within(beats.get())
+        assert exchange.session.connected
+        assert exchange.session.peer_sent_sequence == 2
+        await link.cut()
+
+    run(scenario())
+
+
+def test_silent_peer_is_considered_gone(make_party: Callable[..., Party]) -> None:
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        peer = ScriptedPeer(custodian.session)
+        # The peer promises a frame every 20 ms, then says nothing more.
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN, heartbeat_interval_ms=20))
+        await peer.expect("hello")
+        error = await peer.failure()
+        assert isinstance(error, TimeoutError)
+        assert not custodian.session.connected
+
+    run(scenario())
