@@ -24,6 +24,7 @@ from collateral_sync.v1 import (
     common_pb2,
     envelope_pb2,
     errors_pb2,
+    liquidation_pb2,
     margin_pb2,
     valuation_pb2,
 )
@@ -37,6 +38,7 @@ from collateral_sync.valuation import (
     liquidation_shortfall,
     margin_call_amount,
     needs_liquidation,
+    recompute_liquidation_instruction,
     recompute_margin_call,
     validate_risk_policy,
     value_collateral,
@@ -98,6 +100,7 @@ def seed_policy() -> valuation_pb2.RiskPolicy:
         valuation_currency="USD",
         auto_deleveraging_rule=valuation_pb2.AUTO_DELEVERAGING_RULE_PROFIT_TIMES_LEVERAGE,
         max_price_age=duration_pb2.Duration(seconds=15 * 60),
+        cure_period=duration_pb2.Duration(seconds=24 * 3600),
         stale_price_rule=valuation_pb2.STALE_PRICE_RULE_ZERO,
         rounding_scale=2,
         max_settlement_cycles_per_day=2,
@@ -256,12 +259,14 @@ def test_stale_price_rule_zero(observed_at: datetime, stale: bool) -> None:
 
 
 def test_stale_price_one_nanosecond_past_the_limit() -> None:
-    stale_quote = quote("SPY", "500")
-    stale_quote.observed_at.FromDatetime(T0 - timedelta(minutes=15))
-    stale_quote.observed_at.nanos = 0
-    stale_quote.observed_at.seconds -= 1
-    stale_quote.observed_at.nanos = 999_999_999  # 15 min + 1 ns before T0
-    assert value([pos("SPY", "10")], [stale_quote]).collateral_value == 0
+    limit = int((T0 - timedelta(minutes=15)).timestamp())
+    at_limit = quote("SPY", "500")
+    at_limit.observed_at.seconds, at_limit.observed_at.nanos = limit, 0
+    assert value([pos("SPY", "10")], [at_limit]).collateral_value == D("4000")
+    past_limit = quote("SPY", "500")
+    # 15 minutes and 1 ns before T0
+    past_limit.observed_at.seconds, past_limit.observed_at.nanos = limit - 1, 999_999_999
+    assert value([pos("SPY", "10")], [past_limit]).collateral_value == 0
 
 
 def test_stale_price_rule_last_price() -> None:
@@ -377,14 +382,23 @@ def test_position_rows_convert_to_proto() -> None:
 @pytest.mark.parametrize(
     ("position", "field", "reason"),
     [
-        (pos("USDC", "-1", pledged="0"), "positions[0].quantity", R.ERROR_REASON_MALFORMED),
+        (pos("USDC", "-1", pledged="0"), "positions[0].quantity", R.ERROR_REASON_INVALID_AMOUNT),
         (pos("USDC", "1.50"), "positions[0].quantity", R.ERROR_REASON_INVALID_AMOUNT),
         (
             pos("USDC", "1", locked=""),
             "positions[0].locked_quantity",
             R.ERROR_REASON_INVALID_AMOUNT,
         ),
-        (pos("USDC", "1", pledged="-2"), "positions[0].pledged_quantity", R.ERROR_REASON_MALFORMED),
+        (
+            pos("USDC", "1", pledged="-2"),
+            "positions[0].pledged_quantity",
+            R.ERROR_REASON_INVALID_AMOUNT,
+        ),
+        (
+            common_pb2.Position(asset_id="USDC", quantity=_dec("1"), pledged_quantity=_dec("1")),
+            "positions[0].locked_quantity",
+            R.ERROR_REASON_MALFORMED,  # absent, not malformed text
+        ),
         (pos("", "1"), "positions[0].asset_id", R.ERROR_REASON_MALFORMED),
     ],
 )
@@ -495,6 +509,7 @@ def test_negative_or_inexact_inputs_are_refused() -> None:
     with pytest.raises(MalformedError) as info:
         margin_call_amount(policy, D("1000"), D("-1"))
     assert info.value.metadata["field"] == "exposure"
+    assert info.value.reason == R.ERROR_REASON_INVALID_AMOUNT  # a sign error
     with pytest.raises(MalformedError) as info:
         margin_call_amount(policy, D("0.0000000000000000001"), D("1"))  # 19 places
     assert info.value.reason == R.ERROR_REASON_INVALID_AMOUNT
@@ -607,6 +622,10 @@ def _set(name: str, value: object) -> Callable[[valuation_pb2.RiskPolicy], None]
     return lambda policy: setattr(policy, name, value)
 
 
+def _clear(name: str) -> Callable[[valuation_pb2.RiskPolicy], None]:
+    return lambda policy: policy.ClearField(name)  # type: ignore[arg-type]
+
+
 def _duplicate_class_haircut(policy: valuation_pb2.RiskPolicy) -> None:
     policy.haircuts.add(asset_class=MMF, collateral_factor=_dec("0.5"))
 
@@ -658,7 +677,7 @@ AMOUNT = R.ERROR_REASON_INVALID_AMOUNT
         (
             _set_decimal("haircuts[1].collateral_factor", "-0.1"),
             "haircuts[1].collateral_factor",
-            MAL,
+            AMOUNT,
         ),
         (
             _set_decimal("haircuts[2].collateral_factor", "0.80"),
@@ -671,12 +690,14 @@ AMOUNT = R.ERROR_REASON_INVALID_AMOUNT
             MAL,
         ),
         (_set_decimal("leverage_cap", "0"), "leverage_cap", MAL),
-        (_set_decimal("leverage_cap", "-2"), "leverage_cap", MAL),
+        (_set_decimal("leverage_cap", "-2"), "leverage_cap", AMOUNT),
+        (_clear("leverage_cap"), "leverage_cap", MAL),
+        (_clear("maintenance_ratio"), "maintenance_ratio", MAL),
         (_set_decimal("leverage_cap", ""), "leverage_cap", AMOUNT),
         (_set_decimal("liquidation_ratio", "0.6"), "liquidation_ratio", MAL),
-        (_set_decimal("liquidation_ratio", "-0.1"), "liquidation_ratio", MAL),
+        (_set_decimal("liquidation_ratio", "-0.1"), "liquidation_ratio", AMOUNT),
         (_set_decimal("maintenance_ratio", "0.505"), "maintenance_ratio", MAL),
-        (_set_decimal("insurance_fund_balance", "-1"), "insurance_fund_balance", MAL),
+        (_set_decimal("insurance_fund_balance", "-1"), "insurance_fund_balance", AMOUNT),
         (_set("rounding_scale", 19), "rounding_scale", MAL),
         (_set("stale_price_rule", 0), "stale_price_rule", MAL),
         (_set("stale_price_rule", 9), "stale_price_rule", MAL),
@@ -686,7 +707,7 @@ AMOUNT = R.ERROR_REASON_INVALID_AMOUNT
         (_asset_factor_above_one, "asset_haircuts[0].collateral_factor", MAL),
         (_unspecified_cap_class, "concentration_caps[0].asset_class", MAL),
         (_negative_price_age, "max_price_age", MAL),
-        (_last_price_without_factor, "stale_price_factor", AMOUNT),
+        (_last_price_without_factor, "stale_price_factor", MAL),
         (_last_price_factor_above_one, "stale_price_factor", MAL),
     ],
 )
@@ -815,6 +836,7 @@ def issue_call(
     risk_policy_version: int = 7,
     audience: str = CUSTODIAN,
     observed_at: datetime = T0 - timedelta(minutes=2),
+    due_in: timedelta = timedelta(hours=24),  # the seed's cure period
 ) -> envelope_pb2.Envelope:
     if policy_envelope is None:
         policy_envelope = parties.sign(
@@ -846,7 +868,7 @@ def issue_call(
         collateral_ratio=_dec(stated["collateral_ratio"]),
         call_amount=_dec(stated["call_amount"]),
     )
-    call.due_by.FromDatetime(T0 + timedelta(hours=4))
+    call.due_by.FromDatetime(T0 + due_in)
     return parties.sign(call, parties.exchange, [audience], T0)
 
 
@@ -916,11 +938,12 @@ def test_holdings_resigned_by_a_wrong_role_key_are_refused(parties: Parties) -> 
 
 
 def test_policy_signed_by_a_non_exchange_key_is_refused(parties: Parties) -> None:
-    # The custodian party's key registered as an exchange key still cannot
-    # stand in for the call's issuer, and its custodian key has the wrong role.
+    # The custodian's own (custodian-role) key may not issue a risk policy.
     policy = forge(seed_policy(), parties.custodian, ["*"], T0 - timedelta(days=1))
     error = _refuted(parties, issue_call(parties, policy_envelope=policy))
     assert error.reason == R.ERROR_REASON_KEY_ROLE_MISMATCH
+    # A key of the custodian party registered in the exchange role passes the
+    # role check, but the policy is then not the calling exchange's.
     policy = parties.sign(
         seed_policy(), parties.custodian_as_exchange, ["*"], T0 - timedelta(days=1)
     )
@@ -1038,3 +1061,121 @@ def test_margin_call_without_inputs_is_malformed(parties: Parties) -> None:
     with pytest.raises(MalformedError) as info:
         check(parties, envelope)
     assert info.value.metadata["field"] == "inputs.risk_policy"
+
+
+def test_due_by_must_be_issued_at_plus_cure_period(parties: Parties) -> None:
+    error = _refuted(parties, issue_call(parties, due_in=timedelta(hours=23)))
+    assert error.metadata == {
+        "field": "due_by",
+        "expected": "2026-03-03T12:00:00Z",
+        "actual": "2026-03-03T11:00:00Z",
+    }
+
+
+def test_call_without_exposure_is_refuted(parties: Parties) -> None:
+    figures = {"exposure": "0", "collateral_ratio": "0", "call_amount": "0"}
+    error = _refuted(parties, issue_call(parties, figures=figures))
+    assert error.reason == R.ERROR_REASON_PROOF_INVALID
+    assert error.metadata["field"] == "exposure"
+
+
+# ------------------------------------------------------------ liquidation instructions
+
+
+def issue_instruction(
+    parties: Parties, amount: str, *, margin_call_id: str = "", policy_version: int = 7
+) -> envelope_pb2.Envelope:
+    inputs = valuation_pb2.ValuationInputs(
+        risk_policy=parties.sign(seed_policy(), parties.exchange, ["*"], T0 - timedelta(days=1)),
+        holdings_statements=[
+            parties.sign(holdings(), parties.custodian, [EXCHANGE], T0 - timedelta(hours=1))
+        ],
+        price_snapshot=parties.sign(
+            valuation_pb2.PriceSnapshot(prices=[quote("BENJI", "1"), quote("USDC", "0.9999")]),
+            parties.exchange,
+            ["*"],
+            T0 - timedelta(minutes=1),
+        ),
+    )
+    instruction = liquidation_pb2.LiquidationInstruction(
+        liquidation_id="liq-1",
+        account_id=ACCOUNT,
+        margin_call_id=margin_call_id,
+        amount=_dec(amount),
+        liquidation_path_id="path-1",
+        inputs=inputs,
+        risk_policy_version=policy_version,
+    )
+    return parties.sign(instruction, parties.exchange, [CUSTODIAN], T0)
+
+
+def check_instruction(
+    parties: Parties,
+    envelope: envelope_pb2.Envelope,
+    margin_call: margin_pb2.MarginCall | None = None,
+) -> valuation.LiquidationCheck:
+    return recompute_liquidation_instruction(
+        envelope,
+        parties.registry,
+        audience=CUSTODIAN,
+        asset_classes=ASSET_CLASSES,
+        now=T0 + timedelta(minutes=1),
+        margin_call=margin_call,
+    )
+
+
+# Collateral value of holdings() is 1166.97; 1166.97 / 0.4 = 2917.425, so the
+# liquidation line lies between exposures 2917.42 (ratio 0.400001... -> 0.4)
+# and 2917.43 (ratio 0.399998... -> 0.39).
+
+
+def test_breach_liquidation_is_confirmed(parties: Parties) -> None:
+    result = check_instruction(parties, issue_instruction(parties, "2917.43"))
+    assert result.amount == D("2917.43")
+    assert result.collateral_value == D("1166.97")
+    assert result.collateral_ratio == D("0.39")
+
+
+@pytest.mark.parametrize(("amount", "ratio"), [("2917.42", "0.4"), ("2400", "0.48")])
+def test_breach_liquidation_above_the_line_is_refuted(
+    parties: Parties, amount: str, ratio: str
+) -> None:
+    with pytest.raises(VerificationError) as info:
+        check_instruction(parties, issue_instruction(parties, amount))
+    error = info.value
+    assert error.reason == R.ERROR_REASON_PROOF_INVALID
+    assert error.metadata["field"] == "amount"
+    assert f"collateral_ratio {ratio}," in error.metadata["expected"]
+    assert error.metadata["actual"] == amount
+
+
+def _expired_call(exposure: str = "2400") -> margin_pb2.MarginCall:
+    return margin_pb2.MarginCall(margin_call_id="mc-1", account_id=ACCOUNT, exposure=_dec(exposure))
+
+
+def test_liquidation_after_an_expired_call_raises_the_call_exposure(parties: Parties) -> None:
+    # Ratio 0.48 is above the line, but the call expired: the exposure is raised.
+    envelope = issue_instruction(parties, "2400", margin_call_id="mc-1")
+    result = check_instruction(parties, envelope, _expired_call())
+    assert result.amount == D("2400")
+    assert result.collateral_ratio == D("0.48")
+
+    with pytest.raises(VerificationError) as info:
+        check_instruction(
+            parties, issue_instruction(parties, "2400.01", margin_call_id="mc-1"), _expired_call()
+        )
+    assert info.value.metadata == {"field": "amount", "expected": "2400", "actual": "2400.01"}
+
+    other = margin_pb2.MarginCall(margin_call_id="mc-9", account_id=ACCOUNT, exposure=_dec("2400"))
+    with pytest.raises(VerificationError) as info:
+        check_instruction(parties, envelope, other)
+    assert info.value.metadata["field"] == "margin_call_id"
+
+    with pytest.raises(ValueError, match="margin_call"):
+        check_instruction(parties, envelope)
+
+
+def test_liquidation_inputs_are_verified_like_a_margin_call(parties: Parties) -> None:
+    with pytest.raises(VerificationError) as info:
+        check_instruction(parties, issue_instruction(parties, "3000", policy_version=8))
+    assert info.value.metadata == {"field": "risk_policy_version", "expected": "7", "actual": "8"}

@@ -1,79 +1,91 @@
-"""Valuation, credit, margin-call and liquidation arithmetic, and verifiable margin calls.
+"""Valuation, credit, margin-call and liquidation arithmetic, and their recomputation.
 
 Every figure an exchange derives from attested collateral — collateral value,
 credit limit, collateral ratio, margin call amount, liquidation amount,
 shortfall allocation — is computed here by pure functions over exact
 ``decimal.Decimal`` values (never floats), so a custodian running the same
 functions on the same signed inputs gets the same figures to the last digit.
-:func:`recompute_margin_call` does exactly that for a signed ``MarginCall``.
+:func:`recompute_margin_call` and :func:`recompute_liquidation_instruction`
+do exactly that for a signed ``MarginCall`` or ``LiquidationInstruction``.
 
-Rules (docs/PROTOCOL.md, "Valuation and credit", states the same rules)
------------------------------------------------------------------------
+Rules (docs/PROTOCOL.md sections 2.3, 7.1-7.3, 8.2, 9.2 and 9.5 state the same)
+------------------------------------------------------------------------------
 1. Eligible quantity of a position =
    ``max(0, min(pledged_quantity, quantity - locked_quantity))``: locked
    quantity counts 0, and only pledged quantity counts.
-2. Price of an asset: the ``PriceQuote`` for it. A price is stale when
-   ``valued_at - observed_at > policy.max_price_age``. Under
-   ``STALE_PRICE_RULE_ZERO`` a stale price counts 0; under
-   ``STALE_PRICE_RULE_LAST_PRICE`` it counts ``price * stale_price_factor``.
-   A missing price counts 0.
-3. Market value = eligible quantity * price.
-4. Collateral factor = the asset's ``AssetHaircut`` if the policy has one,
+2. Collateral factor = the asset's ``AssetHaircut`` if the policy has one,
    else the ``AssetClassHaircut`` of the asset's class, else 0. The class comes
    from the ``AssetHaircut`` or, failing that, from the caller's
    ``asset_classes`` map (holdings carry only asset ids); an asset in neither
-   is unknown and counts 0.
-5. Haircut value = market value * collateral factor.
-6. Concentration caps, computed once against the uncapped total
-   ``T = sum of haircut values``: for each class with cap ``c`` whose haircut
-   value ``V_c > c * T``, each of the class's positions is multiplied by
-   ``(c * T) / V_c``. No iteration.
-7. Each position's collateral value is then rounded down to
-   ``rounding_scale`` decimal places; the total collateral value is the sum of
-   the rounded position values.
-8. Credit limit = collateral value * leverage_cap, rounded down.
-9. Collateral ratio = collateral value / exposure, rounded down; undefined
-   when the exposure is 0 (then there is no margin call and no liquidation).
-10. Margin call when ratio < maintenance_ratio; call amount =
-    ``exposure * maintenance_ratio - collateral value``, rounded up.
-11. Liquidation when ratio < liquidation_ratio: the position is closed out,
-    the amount to raise is the exposure; shortfall =
+   is unknown (ASSET_CLASS_UNSPECIFIED) and counts 0.
+3. Price of an asset: its ``PriceQuote`` (at most one per asset). A price is
+   stale when ``valued_at - observed_at > policy.max_price_age``. Under
+   ``STALE_PRICE_RULE_ZERO`` a stale price counts 0; under
+   ``STALE_PRICE_RULE_LAST_PRICE`` it counts ``price * stale_price_factor``.
+   A missing price counts 0.
+4. Market value = eligible quantity * price; haircut value w = market value *
+   collateral factor.
+5. Concentration caps, applied once against the uncapped total
+   ``T = sum of w``: a class with cap ``c`` whose ``V_c = sum of its w`` is
+   ``> c * T`` is capped. No iteration.
+6. Position collateral value = ``RD(w, s)``, or for a capped class
+   ``RD(w * (c * T) / V_c, s)`` (one exact quotient, rounded once).
+7. Collateral value = the sum of the position collateral values.
+8. Credit limit = ``RD(collateral value * leverage_cap, s)``.
+9. Collateral ratio = ``RD(collateral value / exposure, s)``; none when the
+   exposure is 0 (then there is no margin call and no liquidation).
+10. Margin call iff ratio < maintenance_ratio; call amount =
+    ``RU(exposure * maintenance_ratio - collateral value, s)``.
+11. Liquidation iff ratio < liquidation_ratio: the account is closed out and
+    the amount to raise is the whole exposure; shortfall =
     ``max(0, amount - proceeds)``. Waterfall: the insurance fund covers
     ``min(shortfall, insurance_fund_balance)``; the rest is auto-deleveraged
     over the ranking of ``AUTO_DELEVERAGING_RULE_PROFIT_TIMES_LEVERAGE``:
-    score = profit * effective leverage, highest first, ties by account id
-    (UTF-8 bytes) ascending, ranks from 1. Nothing left to deleverage means
-    an empty ranking.
-12. Rounding is ``ROUND_FLOOR`` ("down") or ``ROUND_CEILING`` ("up") at
-    ``10**-rounding_scale``. Intermediate values are exact.
+    score = profit * effective leverage (profit may be negative), highest
+    exact score first, ties by account id bytes ascending, ranks from 1.
+    Nothing left to deleverage means an empty ranking.
+
+``s`` is the policy's rounding_scale (<= 18); RD is ``ROUND_FLOOR`` and RU
+``ROUND_CEILING`` at ``10**-s`` (every rounded figure is non-negative, so
+these are "toward zero" and "away from zero"). Everything before a rounding
+is exact: products run in a context that traps Inexact, and quotients are
+integer divisions, so no figure is ever rounded twice.
 
 A valid risk policy has: canonical Decimals; collateral factors, caps and
-stale_price_factor in [0, 1]; leverage_cap > 0; 0 <= liquidation_ratio <=
-maintenance_ratio, both with at most rounding_scale decimal places (so that
-comparing the rounded ratio is the same as comparing the exact one, and a
-call amount is always positive); insurance_fund_balance >= 0;
-rounding_scale <= 18; max_price_age >= 0; a stale-price rule and an
-auto-deleveraging rule that are defined (not UNSPECIFIED); at most one
-haircut per class, per asset and one cap per class, and classes that are
-defined. :func:`validate_risk_policy` refuses anything else with
-:class:`~collateral_sync.errors.MalformedError` naming the field.
+stale_price_factor in [0, 1] (the factor may be absent unless the rule is
+LAST_PRICE); leverage_cap > 0; 0 <= liquidation_ratio <= maintenance_ratio,
+both with at most rounding_scale decimal places (so that comparing the
+rounded ratio equals comparing the exact one, and a due call amount is
+always positive); insurance_fund_balance >= 0; rounding_scale <= 18;
+max_price_age >= 0; defined stale-price and auto-deleveraging rules; defined
+classes; at most one haircut per class, one override per asset and one cap
+per class. :func:`validate_risk_policy` refuses anything else with
+:class:`~collateral_sync.errors.MalformedError` naming the field in metadata
+``field`` and in ``field_violations``.
 
-Figures on the wire: ``PositionValuation.price`` and ``market_value`` are
-reported rounded down to 18 decimal places (the wire's limit: a product of two
-18-digit amounts can have 36); the computation itself uses the exact values.
+Error reasons for amounts (PROTOCOL.md 2.1, 2.2): a required Decimal that is
+absent is MALFORMED; one that is present but not canonical, or negative where
+the protocol says non-negative, is INVALID_AMOUNT; a value outside its range
+for another reason (a factor above 1, a zero leverage cap) is MALFORMED.
+
+On the wire, ``PositionValuation.price`` and ``market_value`` and ADL scores
+are cut down to 18 decimal places (a product of two 18-place amounts can
+have 36); they are reported, never used to recompute.
 
 Verifiable margin calls
 -----------------------
-:func:`recompute_margin_call` verifies the call (an exchange statement
-addressed to the verifier), then each signed input at the call's issued_at,
-checks that the inputs are the ones the call claims (policy version, account,
-issuer), values the latest holdings statement at the call's issued_at and
-compares collateral value, collateral ratio and call amount with the call.
-A figure that does not match raises ``VerificationError`` with reason
-``ERROR_REASON_PROOF_INVALID`` and metadata ``{"field", "expected"
-(recomputed), "actual" (stated)}``: the signed inputs are evidence and the
-call's figures are a claim that this evidence does not prove, which is what
-PROOF_INVALID means; it maps to INVALID_ARGUMENT, as a refused statement should.
+:func:`recompute_margin_call` verifies the call (addressed to the verifier),
+then each signed input as evidence at the call's issued_at, checks that the
+inputs are the ones the call claims (policy version and effective_from,
+account, issuer, pledgee), values the latest holdings statement at the call's
+issued_at and compares collateral value, collateral ratio, call amount and
+due_by with the call. A figure that does not match raises
+``VerificationError`` with reason ``ERROR_REASON_PROOF_INVALID`` and metadata
+``{"field", "expected" (recomputed), "actual" (stated)}``. Why PROOF_INVALID:
+the signed inputs are evidence and the call's figures a claim this evidence
+does not prove; STATE_CONFLICT would say our state disagrees, which is not
+the point, and MALFORMED would say the message is ill-formed, which it is not.
+PROOF_INVALID maps to INVALID_ARGUMENT, as a refused statement should.
 """
 
 from __future__ import annotations
@@ -85,6 +97,7 @@ from datetime import UTC, datetime
 from typing import TypeAlias
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from collateral_sync.amounts import MAX_FRACTION_DIGITS, format_amount, parse_amount
 from collateral_sync.errors import MalformedError, VerificationError
@@ -105,6 +118,7 @@ __all__ = [
     "AdlRank",
     "CollateralValuation",
     "CreditLineFigures",
+    "LiquidationCheck",
     "MarginCallCheck",
     "PositionValuation",
     "ShortfallFigures",
@@ -115,6 +129,7 @@ __all__ = [
     "liquidation_shortfall",
     "margin_call_amount",
     "needs_liquidation",
+    "recompute_liquidation_instruction",
     "recompute_margin_call",
     "validate_risk_policy",
     "value_collateral",
@@ -185,10 +200,18 @@ def _wire(value: Decimal, field: str) -> str:
 # --- errors -----------------------------------------------------------------------
 
 
-def _malformed(field: str, expected: str, actual: str, what: str = "") -> MalformedError:
+def _malformed(
+    field: str,
+    expected: str,
+    actual: str,
+    what: str = "",
+    *,
+    reason: int = _R.ERROR_REASON_MALFORMED,
+) -> MalformedError:
     subject = f"{what} {field}" if what else field
     return MalformedError(
         f"{subject}: expected {expected}, got {actual}",
+        reason=reason,
         metadata={"field": field, "expected": expected, "actual": actual},
         field_violations={field: f"must be {expected}"},
     )
@@ -202,8 +225,21 @@ def _refuted(field: str, expected: str, actual: str, why: str) -> VerificationEr
     )
 
 
-def _amount(message: common_pb2.Decimal, field: str) -> Decimal:
+def _amount(parent: Message, name: str, field: str, what: str) -> Decimal:
+    """A required Decimal field: absent is MALFORMED, present but not canonical INVALID_AMOUNT."""
+    if not parent.HasField(name):
+        raise _malformed(field, "a Decimal", "absent", what)
+    message: common_pb2.Decimal = getattr(parent, name)
     return parse_amount(message.value, field=field)
+
+
+def _non_negative(value: Decimal, field: str, what: str) -> Decimal:
+    # A sign error is an unacceptable amount (docs/PROTOCOL.md section 2.2).
+    if value < 0:
+        raise _malformed(
+            field, ">= 0", format_amount(value), what, reason=_R.ERROR_REASON_INVALID_AMOUNT
+        )
+    return value
 
 
 def _sum(values: Iterable[Decimal]) -> Decimal:
@@ -214,10 +250,9 @@ def _sum(values: Iterable[Decimal]) -> Decimal:
     return total
 
 
-def _bounded(value: Decimal, field: str, low: Decimal | None, high: Decimal | None) -> Decimal:
-    if (low is not None and value < low) or (high is not None and value > high):
-        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise _malformed(field, f"a value in {interval}", format_amount(value), "risk policy")
+def _at_most(value: Decimal, high: Decimal, field: str, what: str) -> Decimal:
+    if value > high:
+        raise _malformed(field, f"<= {format_amount(high)}", format_amount(value), what)
     return value
 
 
@@ -226,8 +261,8 @@ def _checked_input(value: Decimal, field: str, *, non_negative: bool = True) -> 
     if not isinstance(value, Decimal):
         raise TypeError(f"{field} must be a decimal.Decimal, got {type(value).__name__}")
     format_amount(value, field=field)  # finite, <= 18 places, <= 60 integer digits
-    if non_negative and value < 0:
-        raise _malformed(field, ">= 0", format_amount(value))
+    if non_negative:
+        _non_negative(value, field, "")
     return value
 
 
@@ -289,8 +324,15 @@ def _check_class(asset_class: int, field: str) -> int:
     return asset_class
 
 
-def _fraction(message: common_pb2.Decimal, field: str) -> Decimal:
-    return _bounded(_amount(message, field), field, _ZERO, _ONE)
+def _fraction(parent: Message, name: str, field: str) -> Decimal:
+    """A required Decimal in [0, 1] of the policy."""
+    value = _non_negative(_amount(parent, name, field, "risk policy"), field, "risk policy")
+    return _at_most(value, _ONE, field, "risk policy")
+
+
+def _policy_amount(policy: valuation_pb2.RiskPolicy, name: str) -> Decimal:
+    """A required non-negative Decimal of the policy, named by its field."""
+    return _non_negative(_amount(policy, name, name, "risk policy"), name, "risk policy")
 
 
 def _decimal_places(value: Decimal) -> int:
@@ -317,7 +359,7 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
                 what,
             )
         class_factors[asset_class] = _fraction(
-            class_haircut.collateral_factor, f"{field}.collateral_factor"
+            class_haircut, "collateral_factor", f"{field}.collateral_factor"
         )
 
     asset_haircuts: dict[str, tuple[int, Decimal]] = {}
@@ -333,7 +375,7 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
                 what,
             )
         asset_class = _check_class(asset_haircut.asset_class, f"{field}.asset_class")
-        factor = _fraction(asset_haircut.collateral_factor, f"{field}.collateral_factor")
+        factor = _fraction(asset_haircut, "collateral_factor", f"{field}.collateral_factor")
         asset_haircuts[asset_haircut.asset_id] = (asset_class, factor)
 
     caps: dict[int, Decimal] = {}
@@ -347,22 +389,17 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
                 f"a second cap for {_class_name(asset_class)}",
                 what,
             )
-        caps[asset_class] = _fraction(cap.max_share, f"{field}.max_share")
+        caps[asset_class] = _fraction(cap, "max_share", f"{field}.max_share")
 
-    leverage_cap = _amount(policy.leverage_cap, "leverage_cap")
-    if leverage_cap <= 0:
-        raise _malformed("leverage_cap", "> 0", format_amount(leverage_cap), what)
-    maintenance = _bounded(
-        _amount(policy.maintenance_ratio, "maintenance_ratio"),
-        "maintenance_ratio",
-        _ZERO,
-        None,
-    )
-    liquidation = _bounded(
-        _amount(policy.liquidation_ratio, "liquidation_ratio"),
-        "liquidation_ratio",
-        _ZERO,
+    leverage_cap = _policy_amount(policy, "leverage_cap")
+    if leverage_cap == 0:
+        raise _malformed("leverage_cap", "> 0", "0", what)
+    maintenance = _policy_amount(policy, "maintenance_ratio")
+    liquidation = _at_most(
+        _policy_amount(policy, "liquidation_ratio"),
         maintenance,
+        "liquidation_ratio",
+        f"{what} (liquidation_ratio <= maintenance_ratio)",
     )
     for field, ratio in (("maintenance_ratio", maintenance), ("liquidation_ratio", liquidation)):
         if _decimal_places(ratio) > scale:
@@ -372,12 +409,7 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
                 format_amount(ratio),
                 what,
             )
-    insurance = _bounded(
-        _amount(policy.insurance_fund_balance, "insurance_fund_balance"),
-        "insurance_fund_balance",
-        _ZERO,
-        None,
-    )
+    insurance = _policy_amount(policy, "insurance_fund_balance")
 
     age = policy.max_price_age
     if age.seconds < 0 or age.nanos < 0 or age.nanos >= _NS_PER_S:
@@ -397,8 +429,8 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
         )
     # The factor only matters under LAST_PRICE; elsewhere it may be left empty.
     stale_factor = _ZERO
-    if rule == _STALE.STALE_PRICE_RULE_LAST_PRICE or policy.stale_price_factor.value:
-        stale_factor = _fraction(policy.stale_price_factor, "stale_price_factor")
+    if rule == _STALE.STALE_PRICE_RULE_LAST_PRICE or policy.HasField("stale_price_factor"):
+        stale_factor = _fraction(policy, "stale_price_factor", "stale_price_factor")
     adl_rule = policy.auto_deleveraging_rule
     if adl_rule != _ADL.AUTO_DELEVERAGING_RULE_PROFIT_TIMES_LEVERAGE:
         raise _malformed(
@@ -519,24 +551,20 @@ def _parse_prices(
             )
         if not quote.HasField("observed_at"):
             raise _malformed(f"{field}.observed_at", "a timestamp", "unset", "price")
-        price = _amount(quote.price, f"{field}.price")
-        if price < 0:
-            raise _malformed(f"{field}.price", ">= 0", format_amount(price), "price")
+        price = _non_negative(
+            _amount(quote, "price", f"{field}.price", "price"), f"{field}.price", "price"
+        )
         by_asset[quote.asset_id] = (price, _timestamp_ns(quote.observed_at))
     return by_asset
 
 
 def _eligible(position: common_pb2.Position, field: str) -> Decimal:
-    quantity = _amount(position.quantity, f"{field}.quantity")
-    locked = _amount(position.locked_quantity, f"{field}.locked_quantity")
-    pledged = _amount(position.pledged_quantity, f"{field}.pledged_quantity")
-    for name, value in (
-        ("quantity", quantity),
-        ("locked_quantity", locked),
-        ("pledged_quantity", pledged),
-    ):
-        if value < 0:
-            raise _malformed(f"{field}.{name}", ">= 0", format_amount(value), "position")
+    quantity, locked, pledged = (
+        _non_negative(
+            _amount(position, name, f"{field}.{name}", "position"), f"{field}.{name}", "position"
+        )
+        for name in ("quantity", "locked_quantity", "pledged_quantity")
+    )
     return max(_ZERO, min(pledged, _EXACT.subtract(quantity, locked)))
 
 
@@ -622,7 +650,8 @@ def _value(
                 collateral_value=value,
             )
         )
-    collateral_value = _round_down(_sum(row.collateral_value for row in valued), scale)
+    # Already at scale s: the sum needs no rounding.
+    collateral_value = _sum(row.collateral_value for row in valued)
     return CollateralValuation(
         positions=tuple(valued),
         haircut_total=total,
@@ -816,7 +845,7 @@ def allocate_shortfall(
     )
 
 
-# --- verifiable margin calls ----------------------------------------------------------
+# --- verifiable margin calls and liquidation instructions ------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -834,70 +863,59 @@ class MarginCallCheck:
     call_amount: Decimal
 
 
-def _datetime_of(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)
+@dataclass(frozen=True, slots=True)
+class LiquidationCheck:
+    """A liquidation instruction confirmed from its signed inputs."""
+
+    instruction: liquidation_pb2.LiquidationInstruction
+    risk_policy: valuation_pb2.RiskPolicy
+    holdings: attestation_pb2.HoldingsStatement
+    valuation: CollateralValuation
+    #: The value to raise: the whole exposure.
+    amount: Decimal
+    collateral_value: Decimal
+    #: None when the amount is 0 (only possible after an expired call).
+    collateral_ratio: Decimal | None
 
 
-def _same_issuer(issuer: str, call_issuer: str, field: str) -> None:
-    if issuer != call_issuer:
-        raise _refuted(
-            field, call_issuer, issuer, "a margin call input must be issued by the call's issuer"
-        )
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    policy: valuation_pb2.RiskPolicy
+    parsed: _Policy
+    snapshot: valuation_pb2.PriceSnapshot
+    holdings: attestation_pb2.HoldingsStatement
 
 
-def _stated(message: common_pb2.Decimal, field: str) -> Decimal:
-    return _amount(message, field)
+def _ns_text(ns: int) -> str:
+    seconds, nanos = divmod(ns, _NS_PER_S)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
 
 
-def _compare(field: str, recomputed: Decimal | None, stated: Decimal, why_none: str) -> Decimal:
-    if recomputed is None:
-        raise _refuted(field, why_none, format_amount(stated), "margin call not supported")
-    if recomputed != stated:
-        raise _refuted(
-            field,
-            format_amount(recomputed),
-            format_amount(stated),
-            "margin call figure differs from the one recomputed from its signed inputs",
-        )
-    return recomputed
-
-
-def recompute_margin_call(
-    envelope: envelope_pb2.Envelope,
+def _verify_inputs(
+    inputs: valuation_pb2.ValuationInputs,
     registry: KeyRegistry,
     *,
+    header: envelope_pb2.StatementHeader,
+    account_id: str,
+    risk_policy_version: int,
     audience: str,
-    asset_classes: Mapping[str, AssetClass],
-    now: datetime,
-) -> MarginCallCheck:
-    """Verify a signed MarginCall and recompute every figure from its signed inputs.
+    what: str,
+) -> _Inputs:
+    """Verify a statement's ValuationInputs as evidence at its issued_at (PROTOCOL.md 8.2).
 
-    ``audience`` is the verifying party's id; the call must be addressed to it
-    and fresh at ``now``. Each input is verified at the call's issued_at: the
-    risk policy and the price snapshot must be issued by the call's issuer
-    (exchange keys; the statement table enforces the roles), the holdings
-    statements by a custodian, addressed to the call's issuer, for the call's
-    account and pledged to the call's issuer. The latest epoch counts; two
-    statements with one epoch are refused. Valuation time is the call's
-    issued_at. Returns the recomputed figures; raises VerificationError
-    (PROOF_INVALID, metadata field/expected/actual) on any mismatch.
+    ``header`` is the embedding statement's: its issuer must have issued the
+    policy and the snapshot, and be the audience and pledgee of the holdings.
     """
-    call = verify_statement(
-        envelope, registry, expected_type=margin_pb2.MarginCall, audience=audience, now=now
-    ).message
-    issuer = call.header.issuer
-    issued_at = _datetime_of(call.header.issued_at)
-    issued_ns = _timestamp_ns(call.header.issued_at)
-
-    if not call.account_id:
-        raise _malformed("account_id", "a non-empty account id", "''", "margin call")
-    inputs = call.inputs
+    issuer = header.issuer
+    issued_at = header.issued_at.ToDatetime(tzinfo=UTC)
+    if not account_id:
+        raise _malformed("account_id", "a non-empty account id", "''", what)
     for name in ("risk_policy", "price_snapshot"):
         if not inputs.HasField(name):
-            raise _malformed(f"inputs.{name}", "a signed statement", "unset", "margin call")
+            raise _malformed(f"inputs.{name}", "a signed statement", "absent", what)
     if not inputs.holdings_statements:
         raise _malformed(
-            "inputs.holdings_statements", "at least one signed statement", "none", "margin call"
+            "inputs.holdings_statements", "at least one signed statement", "none", what
         )
 
     policy = verify_statement(
@@ -909,19 +927,20 @@ def recompute_margin_call(
     ).message
     _same_issuer(policy.header.issuer, issuer, "inputs.risk_policy.header.issuer")
     parsed = _parse_policy(policy)
-    if call.risk_policy_version != parsed.version:
+    if risk_policy_version != parsed.version:
         raise _refuted(
             "risk_policy_version",
             str(parsed.version),
-            str(call.risk_policy_version),
-            "the call names another policy version than the signed policy it carries",
+            str(risk_policy_version),
+            f"the {what} names another policy version than the signed policy it carries",
         )
+    issued_ns = _timestamp_ns(header.issued_at)
     if policy.HasField("effective_from") and _timestamp_ns(policy.effective_from) > issued_ns:
         raise _refuted(
             "inputs.risk_policy.effective_from",
-            f"<= {call.header.issued_at.ToJsonString()}",
+            f"<= {_ns_text(issued_ns)}",
             policy.effective_from.ToJsonString(),
-            "the policy was not yet in force when the call was issued",
+            f"the policy was not yet in force when the {what} was issued",
         )
 
     snapshot = verify_statement(
@@ -944,10 +963,10 @@ def recompute_margin_call(
             audience=issuer,
             now=issued_at,
         ).message
-        if holdings.account_id != call.account_id:
+        if holdings.account_id != account_id:
             raise _refuted(
                 f"{field}.account_id",
-                call.account_id,
+                account_id,
                 holdings.account_id,
                 "holdings statement of another account",
             )
@@ -956,7 +975,7 @@ def recompute_margin_call(
                 f"{field}.exchange_id",
                 issuer,
                 holdings.exchange_id,
-                "holdings not pledged to the exchange that issued the call",
+                f"holdings not pledged to the exchange that issued the {what}",
             )
         if holdings.epoch in epochs:
             raise _refuted(
@@ -969,36 +988,196 @@ def recompute_margin_call(
         if latest is None or holdings.epoch > latest.epoch:
             latest = holdings
     assert latest is not None  # at least one statement, checked above
+    return _Inputs(policy=policy, parsed=parsed, snapshot=snapshot, holdings=latest)
 
-    exposure = _stated(call.exposure, "exposure")
-    stated_value = _stated(call.collateral_value, "collateral_value")
-    stated_ratio = _stated(call.collateral_ratio, "collateral_ratio")
-    stated_amount = _stated(call.call_amount, "call_amount")
-    if exposure < 0:
-        raise _malformed("exposure", ">= 0", format_amount(exposure), "margin call")
 
-    valuation = _value(parsed, latest.positions, snapshot.prices, asset_classes, issued_ns)
-    value = _compare("collateral_value", valuation.collateral_value, stated_value, "")
-    ratio = _compare(
-        "collateral_ratio",
-        _ratio(parsed, value, exposure),
-        stated_ratio,
-        "undefined (exposure is 0)",
+def _same_issuer(issuer: str, expected: str, field: str) -> None:
+    if issuer != expected:
+        raise _refuted(field, expected, issuer, "an input must be issued by the issuer it backs")
+
+
+def _compare(field: str, recomputed: Decimal, stated: Decimal) -> Decimal:
+    if recomputed != stated:
+        raise _refuted(
+            field,
+            format_amount(recomputed),
+            format_amount(stated),
+            "the stated figure differs from the one recomputed from the signed inputs",
+        )
+    return recomputed
+
+
+def _stated(parent: Message, name: str, what: str, *, field: str | None = None) -> Decimal:
+    field = field or name
+    return _non_negative(_amount(parent, name, field, what), field, what)
+
+
+def recompute_margin_call(
+    envelope: envelope_pb2.Envelope,
+    registry: KeyRegistry,
+    *,
+    audience: str,
+    asset_classes: Mapping[str, AssetClass],
+    now: datetime,
+) -> MarginCallCheck:
+    """Verify a signed MarginCall and recompute every figure from its signed inputs.
+
+    ``audience`` is the verifying party's id; the call must be addressed to it
+    and fresh at ``now``. Each input is verified as evidence at the call's
+    issued_at: the risk policy and the price snapshot issued by the call's
+    issuer and addressed to ``audience`` (or ``"*"``), the holdings statements
+    issued by a custodian, addressed to the call's issuer, for the call's
+    account, pledged to the call's issuer, with distinct epochs (the latest
+    counts). The valuation time is the call's issued_at. Then collateral
+    value, collateral ratio, call amount and ``due_by`` (issued_at +
+    cure_period) are compared with the call.
+
+    Returns the recomputed figures. Raises VerificationError (PROOF_INVALID,
+    metadata field/expected/actual) on any mismatch, including a call stated
+    where none is due; MalformedError for missing or invalid fields; and
+    whatever :func:`~collateral_sync.signing.verify_statement` raises for a
+    statement that does not verify.
+    """
+    call = verify_statement(
+        envelope, registry, expected_type=margin_pb2.MarginCall, audience=audience, now=now
+    ).message
+    what = "margin call"
+    inputs = _verify_inputs(
+        call.inputs,
+        registry,
+        header=call.header,
+        account_id=call.account_id,
+        risk_policy_version=call.risk_policy_version,
+        audience=audience,
+        what=what,
     )
-    amount = _compare(
-        "call_amount",
-        _call_amount(parsed, value, exposure),
-        stated_amount,
-        f"no call (ratio {format_amount(ratio)} >= maintenance_ratio "
-        f"{format_amount(parsed.maintenance_ratio)})",
+    policy = inputs.parsed
+    exposure = _stated(call, "exposure", what)
+    stated_value = _stated(call, "collateral_value", what)
+    stated_ratio = _stated(call, "collateral_ratio", what)
+    stated_amount = _stated(call, "call_amount", what)
+
+    issued_ns = _timestamp_ns(call.header.issued_at)
+    valuation = _value(
+        policy, inputs.holdings.positions, inputs.snapshot.prices, asset_classes, issued_ns
     )
+    value = _compare("collateral_value", valuation.collateral_value, stated_value)
+    ratio = _ratio(policy, value, exposure)
+    if ratio is None:
+        raise _refuted(
+            "exposure", "> 0 (no margin call without exposure)", "0", "margin call not due"
+        )
+    ratio = _compare("collateral_ratio", ratio, stated_ratio)
+    amount = _call_amount(policy, value, exposure)
+    if amount is None:
+        raise _refuted(
+            "call_amount",
+            f"no call (collateral_ratio {format_amount(ratio)} >= maintenance_ratio "
+            f"{format_amount(policy.maintenance_ratio)})",
+            format_amount(stated_amount),
+            "margin call not due",
+        )
+    amount = _compare("call_amount", amount, stated_amount)
+    due_ns = issued_ns + _duration_ns(inputs.policy.cure_period)
+    stated_due = _ns_text(_timestamp_ns(call.due_by)) if call.HasField("due_by") else "absent"
+    if not call.HasField("due_by") or _timestamp_ns(call.due_by) != due_ns:
+        raise _refuted(
+            "due_by", _ns_text(due_ns), stated_due, "due_by is not issued_at + cure_period"
+        )
     return MarginCallCheck(
         margin_call=call,
-        risk_policy=policy,
-        holdings=latest,
+        risk_policy=inputs.policy,
+        holdings=inputs.holdings,
         valuation=valuation,
         exposure=exposure,
         collateral_value=value,
         collateral_ratio=ratio,
         call_amount=amount,
+    )
+
+
+def recompute_liquidation_instruction(
+    envelope: envelope_pb2.Envelope,
+    registry: KeyRegistry,
+    *,
+    audience: str,
+    asset_classes: Mapping[str, AssetClass],
+    now: datetime,
+    margin_call: margin_pb2.MarginCall | None = None,
+) -> LiquidationCheck:
+    """Verify a signed LiquidationInstruction and recompute it from its signed inputs.
+
+    Inputs are verified as for :func:`recompute_margin_call`. For a breach
+    (empty ``margin_call_id``) the ratio of the valued holdings to ``amount``
+    (the exposure) must be below the liquidation ratio. After a margin call,
+    pass that call (already verified, e.g. from its MarginCallState): it must
+    be the one named, for the same account, and ``amount`` must equal its
+    exposure. Whether the call has EXPIRED is state, checked by the caller.
+    Mismatches raise VerificationError (PROOF_INVALID, field/expected/actual).
+    """
+    instruction = verify_statement(
+        envelope,
+        registry,
+        expected_type=liquidation_pb2.LiquidationInstruction,
+        audience=audience,
+        now=now,
+    ).message
+    what = "liquidation instruction"
+    inputs = _verify_inputs(
+        instruction.inputs,
+        registry,
+        header=instruction.header,
+        account_id=instruction.account_id,
+        risk_policy_version=instruction.risk_policy_version,
+        audience=audience,
+        what=what,
+    )
+    policy = inputs.parsed
+    amount = _stated(instruction, "amount", what)
+    valuation = _value(
+        policy,
+        inputs.holdings.positions,
+        inputs.snapshot.prices,
+        asset_classes,
+        _timestamp_ns(instruction.header.issued_at),
+    )
+    ratio = _ratio(policy, valuation.collateral_value, amount)
+    if instruction.margin_call_id:
+        if margin_call is None:
+            raise ValueError(
+                f"the instruction follows margin call {instruction.margin_call_id!r}; "
+                "pass that call as margin_call"
+            )
+        if margin_call.margin_call_id != instruction.margin_call_id:
+            raise _refuted(
+                "margin_call_id",
+                margin_call.margin_call_id,
+                instruction.margin_call_id,
+                "the instruction names another margin call",
+            )
+        if margin_call.account_id != instruction.account_id:
+            raise _refuted(
+                "account_id",
+                margin_call.account_id,
+                instruction.account_id,
+                "the margin call is for another account",
+            )
+        _compare("amount", _stated(margin_call, "exposure", "margin call"), amount)
+    elif ratio is None or ratio >= policy.liquidation_ratio:
+        shown = "undefined (exposure 0)" if ratio is None else format_amount(ratio)
+        raise _refuted(
+            "amount",
+            f"no liquidation (collateral_ratio {shown}, liquidation_ratio "
+            f"{format_amount(policy.liquidation_ratio)})",
+            format_amount(amount),
+            "liquidation not due",
+        )
+    return LiquidationCheck(
+        instruction=instruction,
+        risk_policy=inputs.policy,
+        holdings=inputs.holdings,
+        valuation=valuation,
+        amount=amount,
+        collateral_value=valuation.collateral_value,
+        collateral_ratio=ratio,
     )
