@@ -302,27 +302,35 @@ def _parse_updates(
 ) -> list[tuple[int, position_sync_pb2.PositionUpdate]]:
     """Parse updates and check each carries a variant allowed in ``direction`` (§6.8)."""
     allowed = _VARIANTS[direction]
-    parse = position_sync_pb2.PositionUpdate.FromString
     parsed: list[tuple[int, position_sync_pb2.PositionUpdate]] = []
     sequence = first_sequence
     for data in updates:
-        try:
-            update = parse(data)
-        except DecodeError as err:
-            raise MalformedError(
-                f"entry {sequence}: update does not parse as PositionUpdate: {err}",
-                metadata={"expected": "PositionUpdate", "actual": "undecodable bytes"},
-            ) from err
+        update = _parse_update(data, sequence)
         variant = update.WhichOneof("update")
         if variant not in allowed:
-            raise MalformedError(
-                f"entry {sequence}: update variant {variant or 'unset'!r} is not allowed in "
-                f"{direction_name(direction)}",
-                metadata={"expected": "|".join(sorted(allowed)), "actual": variant or "unset"},
-            )
+            raise _variant_error(direction, sequence, variant)
         parsed.append((sequence, update))
         sequence += 1
     return parsed
+
+
+def _parse_update(data: bytes, sequence: int) -> position_sync_pb2.PositionUpdate:
+    try:
+        return position_sync_pb2.PositionUpdate.FromString(data)
+    except DecodeError as err:
+        raise MalformedError(
+            f"entry {sequence}: update does not parse as PositionUpdate: {err}",
+            metadata={"expected": "PositionUpdate", "actual": "undecodable bytes"},
+        ) from err
+
+
+def _variant_error(direction: int, sequence: int, variant: str | None) -> MalformedError:
+    allowed = _VARIANTS[direction]
+    return MalformedError(
+        f"entry {sequence}: update variant {variant or 'unset'!r} is not allowed in "
+        f"{direction_name(direction)}",
+        metadata={"expected": "|".join(sorted(allowed)), "actual": variant or "unset"},
+    )
 
 
 # --- evidence -------------------------------------------------------------------
@@ -586,8 +594,16 @@ class SyncLog:
                 "so that the state change and its log entries commit together"
             )
         direction = self._sending_direction
-        encoded: list[bytes] = []
+        allowed = _VARIANTS[direction]
+        prefix = _PREFIX[direction]
+        sha256 = hashlib.sha256
+        peer = self._peer_party_id
+        sequence, prev = self._outgoing_head()
+        rows = []
+        # A peer refuses a bad update forever, which would wedge the log behind
+        # it: each is checked here, before anything is written.
         for update in updates:
+            sequence += 1
             data = (
                 update
                 if isinstance(update, bytes)
@@ -599,19 +615,13 @@ class SyncLog:
                     reason=_R.ERROR_REASON_TOO_LARGE,
                     metadata={"expected": f"<= {MAX_UPDATE_BYTES}", "actual": str(len(data))},
                 )
-            encoded.append(data)
-        head = self._outgoing_head()
-        # A peer refuses a bad update forever, which would wedge the log behind
-        # it: check here, before it is written.
-        _parse_updates(direction, head.sequence + 1, encoded)
-        prefix = _PREFIX[direction]
-        sha256 = hashlib.sha256
-        sequence, prev = head
-        rows = []
-        for data in encoded:
-            sequence += 1
+            # A message is checked as given; bytes only once parsed.
+            parsed = _parse_update(data, sequence) if isinstance(update, bytes) else update
+            variant = parsed.WhichOneof("update")
+            if variant not in allowed:
+                raise _variant_error(direction, sequence, variant)
             prev = sha256(prefix + sequence.to_bytes(8, "big") + prev + data).digest()
-            rows.append((self._peer_party_id, direction, sequence, prev, data))
+            rows.append((peer, direction, sequence, prev, data))
         connection.executemany(_OUT_INSERT, rows)
         return LogHead(sequence, prev)
 
