@@ -1179,3 +1179,43 @@ def test_liquidation_inputs_are_verified_like_a_margin_call(parties: Parties) ->
     with pytest.raises(VerificationError) as info:
         check_instruction(parties, issue_instruction(parties, "3000", policy_version=8))
     assert info.value.metadata == {"field": "risk_policy_version", "expected": "7", "actual": "8"}
+
+
+def _policy_listing_assets() -> valuation_pb2.RiskPolicy:
+    policy = seed_policy()
+    policy.assets.extend(
+        common_pb2.Asset(asset_id=asset_id, asset_class=asset_class)
+        for asset_id, asset_class in ASSET_CLASSES.items()
+    )
+    return policy
+
+
+def test_signed_policy_assets_supply_the_class_without_a_map() -> None:
+    positions = [pos("BENJI", "900"), pos("USDC", "300")]
+    prices = [quote("BENJI", "1"), quote("USDC", "1")]
+    listed = valuation.value_collateral(_policy_listing_assets(), positions, prices, valued_at=T0)
+    mapped = value(positions, prices)
+    # BENJI at 0.98 and USDC at 0.95, as with the caller's map.
+    assert listed.collateral_value == mapped.collateral_value == D("1167")
+    # Without the policy's list and without a map, both assets are unknown: 0.
+    unknown = valuation.value_collateral(seed_policy(), positions, prices, valued_at=T0)
+    assert unknown.collateral_value == D("0")
+
+
+def test_margin_call_recomputes_from_signed_inputs_alone(parties: Parties) -> None:
+    policy_envelope = parties.sign(
+        _policy_listing_assets(), parties.exchange, ["*"], T0 - timedelta(days=1)
+    )
+    envelope = issue_call(parties, policy_envelope=policy_envelope)
+    result = recompute_margin_call(
+        envelope, parties.registry, audience=CUSTODIAN, now=T0 + timedelta(minutes=1)
+    )
+    assert result.call_amount == D("33.03")
+
+
+def test_policy_listing_an_asset_twice_is_refused() -> None:
+    policy = _policy_listing_assets()
+    policy.assets.add(asset_id="BENJI", asset_class=STABLECOIN)
+    with pytest.raises(MalformedError) as raised:
+        valuation.validate_risk_policy(policy)
+    assert "assets[6].asset_id" in raised.value.field_violations

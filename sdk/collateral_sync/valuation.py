@@ -15,9 +15,11 @@ Rules (docs/PROTOCOL.md sections 2.3, 7.1-7.3, 8.2, 9.2 and 9.5 state the same)
    quantity counts 0, and only pledged quantity counts.
 2. Collateral factor = the asset's ``AssetHaircut`` if the policy has one,
    else the ``AssetClassHaircut`` of the asset's class, else 0. The class comes
-   from the ``AssetHaircut`` or, failing that, from the caller's
-   ``asset_classes`` map (holdings carry only asset ids); an asset in neither
-   is unknown (ASSET_CLASS_UNSPECIFIED) and counts 0.
+   from the ``AssetHaircut``, else from the signed policy's ``assets`` list,
+   else from the caller's optional ``asset_classes`` map (for policies that
+   list no assets); an asset in none of them is unknown
+   (ASSET_CLASS_UNSPECIFIED) and counts 0. Recomputing a margin call needs no
+   map when the policy lists its assets: every input is then signed.
 3. Price of an asset: its ``PriceQuote`` (at most one per asset). A price is
    stale when ``valued_at - observed_at > policy.max_price_age``. Under
    ``STALE_PRICE_RULE_ZERO`` a stale price counts 0; under
@@ -301,6 +303,7 @@ class _Policy:
     version: int
     class_factors: Mapping[int, Decimal]
     asset_haircuts: Mapping[str, tuple[int, Decimal]]
+    asset_classes: Mapping[str, int]
     caps: Mapping[int, Decimal]
     leverage_cap: Decimal
     maintenance_ratio: Decimal
@@ -378,6 +381,20 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
         factor = _fraction(asset_haircut, "collateral_factor", f"{field}.collateral_factor")
         asset_haircuts[asset_haircut.asset_id] = (asset_class, factor)
 
+    asset_classes: dict[str, int] = {}
+    for i, asset in enumerate(policy.assets):
+        field = f"assets[{i}]"
+        if not asset.asset_id:
+            raise _malformed(f"{field}.asset_id", "a non-empty asset id", "''", what)
+        if asset.asset_id in asset_classes:
+            raise _malformed(
+                f"{field}.asset_id",
+                "each asset listed once",
+                f"a second entry for {asset.asset_id!r}",
+                what,
+            )
+        asset_classes[asset.asset_id] = _check_class(asset.asset_class, f"{field}.asset_class")
+
     caps: dict[int, Decimal] = {}
     for i, cap in enumerate(policy.concentration_caps):
         field = f"concentration_caps[{i}]"
@@ -444,6 +461,7 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
         version=policy.version,
         class_factors=class_factors,
         asset_haircuts=asset_haircuts,
+        asset_classes=asset_classes,
         caps=caps,
         leverage_cap=leverage_cap,
         maintenance_ratio=maintenance,
@@ -526,11 +544,13 @@ def value_collateral(
     positions: Sequence[common_pb2.Position],
     prices: Sequence[valuation_pb2.PriceQuote],
     *,
-    asset_classes: Mapping[str, AssetClass],
+    asset_classes: Mapping[str, AssetClass] | None = None,
     valued_at: datetime,
 ) -> CollateralValuation:
     """Value ``positions`` under ``policy`` at ``valued_at`` (rules 1 to 7)."""
-    return _value(_parse_policy(policy), positions, prices, asset_classes, _datetime_ns(valued_at))
+    return _value(
+        _parse_policy(policy), positions, prices, asset_classes or {}, _datetime_ns(valued_at)
+    )
 
 
 def _parse_prices(
@@ -590,7 +610,9 @@ def _value(
         if override is not None:
             asset_class, factor = override
         else:
-            asset_class = asset_classes.get(asset_id, _UNSPECIFIED_CLASS)
+            asset_class = policy.asset_classes.get(
+                asset_id, asset_classes.get(asset_id, _UNSPECIFIED_CLASS)
+            )
             factor = policy.class_factors.get(asset_class, _ZERO)
         quote = quotes.get(asset_id)
         if quote is None:
@@ -1017,7 +1039,7 @@ def recompute_margin_call(
     registry: KeyRegistry,
     *,
     audience: str,
-    asset_classes: Mapping[str, AssetClass],
+    asset_classes: Mapping[str, AssetClass] | None = None,
     now: datetime,
 ) -> MarginCallCheck:
     """Verify a signed MarginCall and recompute every figure from its signed inputs.
@@ -1059,7 +1081,7 @@ def recompute_margin_call(
 
     issued_ns = _timestamp_ns(call.header.issued_at)
     valuation = _value(
-        policy, inputs.holdings.positions, inputs.snapshot.prices, asset_classes, issued_ns
+        policy, inputs.holdings.positions, inputs.snapshot.prices, asset_classes or {}, issued_ns
     )
     value = _compare("collateral_value", valuation.collateral_value, stated_value)
     ratio = _ratio(policy, value, exposure)
@@ -1101,7 +1123,7 @@ def recompute_liquidation_instruction(
     registry: KeyRegistry,
     *,
     audience: str,
-    asset_classes: Mapping[str, AssetClass],
+    asset_classes: Mapping[str, AssetClass] | None = None,
     now: datetime,
     margin_call: margin_pb2.MarginCall | None = None,
 ) -> LiquidationCheck:
@@ -1138,7 +1160,7 @@ def recompute_liquidation_instruction(
         policy,
         inputs.holdings.positions,
         inputs.snapshot.prices,
-        asset_classes,
+        asset_classes or {},
         _timestamp_ns(instruction.header.issued_at),
     )
     ratio = _ratio(policy, valuation.collateral_value, amount)
