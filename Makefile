@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+# Hand-written packages beside the SDK (generated code is excluded in pyproject).
+SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance)
 
 .PHONY: setup gen gen-check lint typecheck test test-fast demo bench clean
 
@@ -31,8 +33,8 @@ gen-check: $(STAMP)
 ## lint: buf lint, ruff, mypy --strict on hand-written code
 lint: setup
 	cd proto && ../$(BUF) lint
-	$(VENV)/bin/ruff check sdk tests scripts
-	$(VENV)/bin/mypy sdk/collateral_sync scripts
+	$(VENV)/bin/ruff check sdk tests scripts $(SERVER_PKGS)
+	$(VENV)/bin/mypy sdk/collateral_sync scripts $(SERVER_PKGS)
 
 test: setup gen-check lint
 	$(VENV)/bin/pytest -q
