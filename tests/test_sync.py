@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import sqlite3
 import struct
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -330,7 +331,9 @@ def check_error(error: BaseException, reason: int, code: grpc.StatusCode) -> Non
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return create_dev_pki(tmp_path_factory.mktemp("pki"), parties=[CUSTODIAN, EXCHANGE])
+    return create_dev_pki(
+        tmp_path_factory.mktemp("pki"), parties=[CUSTODIAN, EXCHANGE, "exchange-2"]
+    )
 
 
 class CustodianSync(custodian_service_pb2_grpc.CustodianServiceServicer):
@@ -1293,5 +1296,162 @@ def test_silent_peer_is_considered_gone(make_party: Callable[..., Party]) -> Non
         error = await peer.failure()
         assert isinstance(error, TimeoutError)
         assert not custodian.session.connected
+
+    run(scenario())
+
+
+def test_custodian_refuses_a_stream_from_another_tls_identity(
+    make_party: Callable[..., Party], pki: DevPki
+) -> None:
+    """The hello may name the right party; the TLS certificate must too."""
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE)
+        custodian = make_party(CUSTODIAN)
+        server = create_server(
+            tls=TlsConfig.from_dev_pki(pki, CUSTODIAN), servicers=[CustodianSync(custodian.session)]
+        )
+        other = TlsConfig.from_dev_pki(pki, "exchange-2")
+        async with serve(server, grace=0) as port, secure_channel(f"localhost:{port}", other) as ch:
+            with pytest.raises(RPCError) as caught:
+                await within(dial_sync_stream(exchange.session, CustodianClient(ch)))
+        assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.reason == _R.ERROR_REASON_KEY_ROLE_MISMATCH
+        assert caught.value.metadata == {"expected": EXCHANGE, "actual": "exchange-2"}
+
+    run(scenario())
+
+
+# --- SIGKILL ------------------------------------------------------------------------------
+
+# The exchange as a separate process: sends its log of `count` entries, applies the
+# custodian's in its `applied` table (primary key: applying twice fails), re-dials on
+# any disconnect. The test kills it with SIGKILL mid-stream and starts it again.
+_EXCHANGE_PROCESS = """
+import asyncio, sqlite3, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from collateral_sync.clients import CustodianClient
+from collateral_sync.errors import RPCError
+from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncLog, SyncSession, dial_sync_stream
+from collateral_sync.transport import TlsConfig, secure_channel
+from collateral_sync.v1 import common_pb2, envelope_pb2, position_sync_pb2
+
+database, pki, port, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+t0 = datetime(2026, 1, 1, tzinfo=UTC)
+custodian = SigningKey.from_seed(b"\\x01" * 32, "custodian-1", common_pb2.PARTY_ROLE_CUSTODIAN)
+exchange = SigningKey.from_seed(b"\\x02" * 32, "exchange-1", common_pb2.PARTY_ROLE_EXCHANGE)
+registry = KeyRegistry([custodian.party_key(t0), exchange.party_key(t0)])
+connection = sqlite3.connect(database, isolation_level=None)
+connection.execute("CREATE TABLE IF NOT EXISTS applied (sequence INTEGER PRIMARY KEY, v TEXT)")
+log = SyncLog(connection, party_id="exchange-1", peer_party_id="custodian-1",
+              sending_direction=EXCHANGE_TO_CUSTODIAN)
+
+def apply(updates):
+    connection.executemany("INSERT INTO applied VALUES (?, ?)",
+                           [(s, u.WhichOneof("update")) for s, u in updates])
+
+while log.sent_head().sequence < count:
+    start = log.sent_head().sequence + 1
+    with log.transaction():
+        log.append(position_sync_pb2.PositionUpdate(credit_line=envelope_pb2.Envelope(
+            payload=b"credit %d" % i, payload_type="application/vnd.collateral-sync.v1.credit-line+proto"))
+            for i in range(start, min(start + 500, count + 1)))
+session = SyncSession(log, exchange, registry, apply=apply, batch_size=200, window=1000)
+tls = TlsConfig.from_files(pki / "ca.pem", pki / "exchange-1.pem", pki / "exchange-1.key")
+
+async def main():
+    async with secure_channel(f"localhost:{port}", tls) as channel:
+        while True:
+            try:
+                await dial_sync_stream(session, CustodianClient(channel))
+            except (RPCError, TimeoutError):
+                await asyncio.sleep(0.05)
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def exchange_database(path: Path) -> Iterator[SyncLog]:
+    """The exchange process's log, opened as its next incarnation would."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+        yield SyncLog(
+            connection,
+            party_id=EXCHANGE,
+            peer_party_id=CUSTODIAN,
+            sending_direction=EXCHANGE_TO_CUSTODIAN,
+        )
+
+
+@pytest.mark.slow
+def test_exchange_killed_with_sigkill_mid_stream_resumes_with_identical_heads(
+    make_party: Callable[..., Party], pki: DevPki, tmp_path: Path
+) -> None:
+    count = 6000
+    database = tmp_path / "exchange-process.sqlite"
+
+    async def scenario() -> None:
+        received = {"head": 0}
+        reached: list[tuple[int, asyncio.Event]] = []
+
+        def watch(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+            received["head"] = updates[-1][0]
+            for target, event in reached:
+                if updates[-1][0] >= target:
+                    event.set()
+
+        async def received_at_least(target: int) -> None:
+            event = asyncio.Event()
+            reached.append((target, event))
+            if received["head"] >= target:
+                return
+            await within(event.wait(), 30)
+
+        custodian = make_party(CUSTODIAN, batch_size=200, window=1000, apply_hook=watch)
+        custodian.append(count)
+        server = create_server(
+            tls=TlsConfig.from_dev_pki(pki, CUSTODIAN), servicers=[CustodianSync(custodian.session)]
+        )
+        async with serve(server, grace=0) as port:
+
+            async def start() -> asyncio.subprocess.Process:
+                return await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    _EXCHANGE_PROCESS,
+                    str(database),
+                    str(pki.directory),
+                    str(port),
+                    str(count),
+                )
+
+            # Killed twice mid-stream, each time while both logs are still flowing.
+            for target in (1500, 3500):
+                child = await start()
+                await received_at_least(target)
+                child.kill()  # SIGKILL
+                await child.wait()
+                assert received["head"] < count
+                # Every entry the dead exchange acknowledged is in its database.
+                acknowledged = custodian.session.acknowledged_sequence
+                with exchange_database(database) as exchange_log:
+                    durable = exchange_log.received_head()
+                assert acknowledged <= durable.sequence
+                assert custodian.log.outgoing_hash(durable.sequence) == durable.entry_hash
+            child = await start()
+            await within(custodian.session.wait_acknowledged(count), 30)
+            await received_at_least(count)
+            child.kill()
+            await child.wait()
+
+        with exchange_database(database) as exchange_log:
+            assert exchange_log.received_head() == custodian.log.sent_head()
+            assert exchange_log.sent_head() == custodian.log.received_head()
+            rows = exchange_log.connection.execute("SELECT sequence FROM applied ORDER BY 1")
+            applied = [row[0] for row in rows]
+        assert applied == list(range(1, count + 1))
+        assert custodian.applied() == list(range(1, count + 1))
 
     run(scenario())
