@@ -868,7 +868,10 @@ async def _custodian_with_three_entries(
 async def _refused(peer: ScriptedPeer, frame: Frame) -> CollateralSyncError:
     """Send ``frame``; the session must fail, telling the peer why in a SyncClose."""
     await peer.send(frame)
-    close = (await peer.expect("close")).close
+    # The session may still send its own log before it reads the frame.
+    while (reply := await within(peer.inbox.get())).WhichOneof("frame") != "close":
+        assert reply.WhichOneof("frame") in {"batch", "heartbeat"}, reply
+    close = reply.close
     error = await peer.failure()
     assert isinstance(error, CollateralSyncError)
     assert not isinstance(error, RPCError)
@@ -980,7 +983,11 @@ def test_batch_larger_than_the_window_is_refused(
 def test_apply_failure_rolls_back_the_whole_batch(
     make_party: Callable[..., Party], keys: dict[str, SigningKey]
 ) -> None:
+    custodian: Party
+
     def refuse_sequence_5(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+        # An answer appended in the same transaction goes down with the refusal too.
+        custodian.log.append([update_for(CUSTODIAN_TO_EXCHANGE, updates[0][0])])
         if any(sequence == 5 for sequence, _ in updates):
             raise StateError(
                 "account acct-5 is frozen",
@@ -988,14 +995,40 @@ def test_apply_failure_rolls_back_the_whole_batch(
             )
 
     async def scenario() -> None:
+        nonlocal custodian
         custodian = make_party(CUSTODIAN, apply_hook=refuse_sequence_5)
         peer, entries = await _custodian_with_three_entries(custodian, keys[EXCHANGE])
+        assert custodian.log.sent_head().sequence == 1
         more = chain(EXCHANGE_TO_CUSTODIAN, 3, start=4, prev=entries[2].entry_hash)
         error = await _refused(peer, batch_frame(keys[EXCHANGE], 2, more, audience=CUSTODIAN))
         check_error(error, _R.ERROR_REASON_STATE_CONFLICT, grpc.StatusCode.FAILED_PRECONDITION)
         # Entry 4 was applied inside the transaction, then rolled back with it.
         assert custodian.log.received_head().sequence == 3
         assert custodian.applied() == [1, 2, 3]
+        assert custodian.log.sent_head().sequence == 1
+
+    run(scenario())
+
+
+def test_answers_appended_by_apply_commit_with_the_batch_and_are_sent(
+    make_party: Callable[..., Party],
+) -> None:
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, batch_size=10)
+        custodian = make_party(CUSTODIAN)
+
+        def answer(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
+            # One response per credit line, in the transaction that stores the credit line.
+            custodian.log.append(update_for(CUSTODIAN_TO_EXCHANGE, s) for s, _ in updates)
+
+        custodian.apply_hook = answer
+        link = Link(exchange, custodian)
+        exchange.append(35)
+        await within(exchange.session.wait_acknowledged(35))
+        await within(custodian.session.wait_acknowledged(35))
+        assert exchange.applied() == list(range(1, 36))
+        assert exchange.log.received_head() == custodian.log.sent_head()
+        await link.cut()
 
     run(scenario())
 
@@ -1060,6 +1093,10 @@ def test_hello_is_checked_before_anything_is_sent(
         assert evidence.stored_entry_hash == third
         assert evidence.received_entry_hash == b"\x05" * 32
         assert evidence.received == claimed.SerializeToString()
+        # The exchange re-dials with the same forked history: refused, kept once.
+        error = await refused_hello(custodian, claimed)
+        assert error.reason == _R.ERROR_REASON_EQUIVOCATION
+        assert custodian.log.evidence() == [evidence]
 
     run(scenario())
 

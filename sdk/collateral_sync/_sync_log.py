@@ -439,10 +439,14 @@ _IN_INSERT = (
     "INSERT INTO sync_received_batches (peer_party_id, direction, first_sequence, "
     "last_sequence, last_entry_hash, envelope, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+# The same conflict shown again (a peer re-dialling with its forked history) is
+# kept once: the first signed proof of it is enough.
 _EVIDENCE_INSERT = (
     "INSERT INTO sync_equivocations (peer_party_id, direction, sequence, kind, "
     "stored_entry_hash, received_entry_hash, stored_batch, received, detected_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE NOT EXISTS (SELECT 1 FROM "
+    "sync_equivocations WHERE peer_party_id = ?1 AND direction = ?2 AND sequence = ?3 "
+    "AND kind = ?4 AND stored_entry_hash = ?5 AND received_entry_hash = ?6)"
 )
 _EVIDENCE_SELECT = (
     "SELECT kind, direction, sequence, stored_entry_hash, received_entry_hash, stored_batch, "
@@ -554,11 +558,13 @@ class SyncLog:
             listener()
 
     def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` on every :meth:`notify` (sessions register here)."""
+        """Call ``listener`` on every :meth:`notify` (a running session registers here)."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners.remove(listener)
+        """Stop calling ``listener``; absent listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     @contextmanager
     def _own_transaction(self) -> Iterator[None]:
@@ -822,7 +828,7 @@ class SyncLog:
             )
 
     def evidence(self) -> list[EquivocationEvidence]:
-        """Every equivocation kept for this peer, oldest first."""
+        """Every distinct equivocation kept for this peer, oldest first."""
         rows = self._connection.execute(_EVIDENCE_SELECT, (self._peer_party_id,)).fetchall()
         return [
             EquivocationEvidence(

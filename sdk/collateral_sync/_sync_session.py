@@ -129,7 +129,6 @@ class SyncSession:
         self._acked = 0
         self._peer_sent_sequence = 0
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        log.add_listener(self.notify)
 
     # -- state --
 
@@ -191,6 +190,7 @@ class SyncSession:
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         frames = aiter(receive)
+        self._log.add_listener(self.notify)
         try:
             await self._handshake(send, frames)
             await self._exchange(send, frames)
@@ -199,6 +199,7 @@ class SyncSession:
                 await self._send_close(send, err)
             raise
         finally:
+            self._log.remove_listener(self.notify)
             self._connected = False
             self._wake = None
             if self._run_task is asyncio.current_task():

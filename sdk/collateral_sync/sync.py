@@ -21,7 +21,9 @@ and changes its state and appends to its outgoing log in one transaction::
 
 A :class:`SyncSession` runs both logs over one stream. ``apply`` receives the
 peer's new updates inside the storing transaction and must change state only
-through the same connection (or in memory it rebuilds from it)::
+through the same connection (or in memory it rebuilds from it); it may
+:meth:`SyncLog.append` its own answers there, which then commit with them. A
+CollateralSyncError it raises refuses the batch with that reason::
 
     session = SyncSession(log, signing_key, registry, apply=apply_updates)
     await dial_sync_stream(session, CustodianClient(channel))        # exchange
