@@ -366,6 +366,34 @@ async def custodian_server(
 # --- entry hash and the log -----------------------------------------------------------
 
 
+def test_public_api_is_pinned() -> None:
+    assert sorted(sync.__all__) == [
+        "CUSTODIAN_TO_EXCHANGE",
+        "DEFAULT_BATCH_SIZE",
+        "DEFAULT_BATCH_TTL",
+        "DEFAULT_HEARTBEAT_INTERVAL",
+        "DEFAULT_WINDOW",
+        "ENTRY_HASH_DOMAIN",
+        "EXCHANGE_TO_CUSTODIAN",
+        "LIVENESS_INTERVALS",
+        "MAX_UPDATE_BYTES",
+        "ZERO_HASH",
+        "ApplyUpdates",
+        "EquivocationEvidence",
+        "LogHead",
+        "SendFrame",
+        "SyncLog",
+        "SyncSession",
+        "VerifiedSyncBatch",
+        "dial_sync_stream",
+        "entry_hash",
+        "serve_sync_stream",
+        "verify_sync_batch",
+    ]
+    for name in sync.__all__:
+        assert getattr(sync, name) is not None
+
+
 def test_entry_hash_is_the_specified_sha256() -> None:
     update = bytes.fromhex("0a0b") + b"holdings"
     prev = bytes(range(32))
@@ -642,6 +670,7 @@ def test_5000_updates_each_way_over_grpc_arrive_once(
             dial.cancel()
             await asyncio.wait({dial})
         assert exchange.applied() == custodian.applied() == list(range(1, 5001))
+        assert custodian.session.received_head == exchange.session.sent_head
         assert custodian.log.received_head() == exchange.log.sent_head()
         assert exchange.log.received_head() == custodian.log.sent_head()
         assert exchange.log.sent_head().sequence == 5000
@@ -1287,7 +1316,9 @@ def test_sender_never_has_more_than_the_window_unacknowledged(
     run(scenario())
 
 
-def test_idle_session_sends_heartbeats(make_party: Callable[..., Party]) -> None:
+def test_idle_session_sends_heartbeats(
+    make_party: Callable[..., Party], registry: KeyRegistry
+) -> None:
     stamp = datetime.now(UTC).replace(microsecond=0)
 
     async def scenario() -> None:
@@ -1297,7 +1328,7 @@ def test_idle_session_sends_heartbeats(make_party: Callable[..., Party]) -> None
         custodian.session = SyncSession(
             custodian.log,
             custodian.signer,
-            custodian.session._registry,
+            registry,
             apply=custodian.apply,
             heartbeat_interval=timedelta(milliseconds=30),
             clock=lambda: stamp,

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -18,6 +19,7 @@ from collateral_sync._sync_log import (
     _SENDER_ROLE,
     HASH_SIZE,
     ApplyUpdates,
+    LogHead,
     SyncLog,
     _equivocation_error,
     direction_name,
@@ -139,6 +141,16 @@ class SyncSession:
     @property
     def peer_party_id(self) -> str:
         return self._log.peer_party_id
+
+    @property
+    def sent_head(self) -> LogHead:
+        """Head of our outgoing log (what we have written, sent or not)."""
+        return self._log.sent_head()
+
+    @property
+    def received_head(self) -> LogHead:
+        """Head of the peer's log as durably received (and applied) here."""
+        return self._log.received_head()
 
     @property
     def connected(self) -> bool:
@@ -289,8 +301,8 @@ class SyncSession:
                 metadata={"expected": f"<= {own_head}", "actual": str(claimed)},
             )
         own_hash = log.outgoing_hash(claimed)
-        assert own_hash is not None  # claimed <= own_head
         if own_hash != claimed_hash:
+            assert own_hash is not None  # claimed <= own_head
             self._equivocation("hello", claimed, own_hash, claimed_hash, frame)
         interval_ms = hello.heartbeat_interval_ms or _DEFAULT_INTERVAL_MS
         self._peer_dead_after = LIVENESS_INTERVALS * interval_ms / 1000
@@ -308,7 +320,8 @@ class SyncSession:
         stored: bytes,
         received: bytes,
         frame: position_sync_pb2.SyncFrame,
-    ) -> None:
+    ) -> NoReturn:
+        """Keep the evidence that the peer holds another version of our log, and refuse."""
         direction = self._log.sending_direction
         self._log._keep_evidence(
             kind=kind,
