@@ -367,29 +367,31 @@ async def custodian_server(
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(sync.__all__) == [
-        "CUSTODIAN_TO_EXCHANGE",
-        "DEFAULT_BATCH_SIZE",
-        "DEFAULT_BATCH_TTL",
-        "DEFAULT_HEARTBEAT_INTERVAL",
-        "DEFAULT_WINDOW",
-        "ENTRY_HASH_DOMAIN",
-        "EXCHANGE_TO_CUSTODIAN",
-        "LIVENESS_INTERVALS",
-        "MAX_UPDATE_BYTES",
-        "ZERO_HASH",
-        "ApplyUpdates",
-        "EquivocationEvidence",
-        "LogHead",
-        "SendFrame",
-        "SyncLog",
-        "SyncSession",
-        "VerifiedSyncBatch",
-        "dial_sync_stream",
-        "entry_hash",
-        "serve_sync_stream",
-        "verify_sync_batch",
-    ]
+    assert sorted(sync.__all__) == sorted(
+        [
+            "CUSTODIAN_TO_EXCHANGE",
+            "DEFAULT_BATCH_SIZE",
+            "DEFAULT_BATCH_TTL",
+            "DEFAULT_HEARTBEAT_INTERVAL",
+            "DEFAULT_WINDOW",
+            "ENTRY_HASH_DOMAIN",
+            "EXCHANGE_TO_CUSTODIAN",
+            "LIVENESS_INTERVALS",
+            "MAX_UPDATE_BYTES",
+            "ZERO_HASH",
+            "ApplyUpdates",
+            "EquivocationEvidence",
+            "LogHead",
+            "SendFrame",
+            "SyncLog",
+            "SyncSession",
+            "VerifiedSyncBatch",
+            "dial_sync_stream",
+            "entry_hash",
+            "serve_sync_stream",
+            "verify_sync_batch",
+        ]
+    )
     for name in sync.__all__:
         assert getattr(sync, name) is not None
 
