@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from collateral_sync import __version__
+from collateral_sync._version import __version__
 from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.v1 import common_pb2
 
