@@ -1,0 +1,343 @@
+"""Server configuration: one JSON file per server, checked completely before anything starts.
+
+Every reference server reads one JSON object (paths in it are relative to the
+file's directory)::
+
+    {
+      "party_id": "custodian-1",
+      "role": "custodian",
+      "listen": "127.0.0.1:7441",
+      "storage": {"engine": "sqlite", "path": "custodian-1.sqlite", "synchronous": "NORMAL"},
+      "signing_key": "keys/custodian-1.key.json",
+      "key_registry": "keys/registry.json",
+      "tls": {"ca": "pki/ca.pem", "cert": "pki/custodian-1.pem", "key": "pki/custodian-1.key"},
+      "peers": {"exchange-1": "127.0.0.1:7442"},
+      "max_skew_seconds": 30,
+      "sync": {"window": 8000, "batch_size": 1000, "heartbeat_interval_ms": 5000},
+      "custodian": {...}
+    }
+
+``party_id``, ``role``, ``signing_key`` and ``key_registry`` are required;
+``tls`` is required unless the server runs with ``--plaintext-for-testing``.
+``peers`` maps each counterparty's party id to its address (``null`` for a
+peer that dials us). The object named after the role holds the role's own
+settings; its module reads it through :class:`ConfigSection`. Unknown keys are
+refused at every level, so a typo never silently falls back to a default.
+Every problem is a :class:`~collateral_sync.errors.MalformedError` naming the
+file and the key path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from collateral_sync.amounts import Amount, parse_amount
+from collateral_sync.errors import CollateralSyncError, MalformedError
+
+__all__ = [
+    "DEFAULT_LISTEN_HOST",
+    "ConfigSection",
+    "ServerConfig",
+    "StorageSettings",
+    "SyncSettings",
+    "TlsFiles",
+    "check_address",
+    "load_config",
+]
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+_SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+_ENGINES = ("sqlite",)
+_ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Final = _Missing()
+
+
+def check_address(text: str) -> str:
+    """``host:port`` (``[v6]:port`` for IPv6) with a port in 0..65535, or ValueError."""
+    match = _ADDRESS.fullmatch(text)
+    if match is None or int(match["port"]) > 65535:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:7441), got {text!r}")
+    return text
+
+
+class ConfigSection:
+    """One JSON object of the configuration, read key by key.
+
+    Readers record which keys they consumed; :meth:`finish` refuses the rest,
+    so every key in the file is either understood or reported.
+    """
+
+    __slots__ = ("_data", "_file", "_read", "_where")
+
+    def __init__(self, data: Mapping[str, Any], *, file: Path, where: str = "") -> None:
+        self._data = data
+        self._file = file
+        self._where = where
+        self._read: set[str] = set()
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    def error(self, key: str | None, expected: str, actual: object) -> MalformedError:
+        where = self._key_path(key) or "(top level)"
+        shown = actual if isinstance(actual, str) else json.dumps(actual)[:80]
+        return MalformedError(
+            f"config {self._file}: {where}: expected {expected}, got {shown}",
+            metadata={"field": where, "expected": expected, "actual": str(shown)},
+        )
+
+    def _key_path(self, key: str | None) -> str:
+        if key is None:
+            return self._where
+        return f"{self._where}.{key}" if self._where else key
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def _get(self, key: str, default: object) -> object:
+        self._read.add(key)
+        if key not in self._data or self._data[key] is None:
+            if default is _MISSING:
+                raise self.error(key, "a value", "nothing (required)")
+            return default
+        return self._data[key]
+
+    def string(self, key: str, default: str | _Missing = _MISSING) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "a non-empty string", value)
+        return value
+
+    def integer(
+        self,
+        key: str,
+        default: int | _Missing = _MISSING,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, "an integer", value)
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise self.error(key, f"an integer in [{minimum}, {maximum}]", value)
+        return value
+
+    def seconds(self, key: str, default: float | _Missing = _MISSING) -> timedelta:
+        """A positive duration given in seconds (integer or decimal)."""
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.error(key, "a positive number of seconds", value)
+        return timedelta(seconds=value)
+
+    def path(self, key: str, default: str | _Missing = _MISSING) -> Path:
+        """A file path, relative to the configuration file's directory."""
+        text = self.string(key, default)
+        return (self._file.parent / os.path.expanduser(text)).resolve()
+
+    def amount(self, key: str, default: str | _Missing = _MISSING) -> Amount:
+        """An exact decimal in canonical text form (never a JSON number: no floats)."""
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self.error(key, 'a decimal as a JSON string, e.g. "0.0001"', value)
+        try:
+            return parse_amount(value, field=self._key_path(key))
+        except CollateralSyncError as err:
+            raise self.error(key, "a canonical decimal", value) from err
+
+    def section(self, key: str, *, required: bool = False) -> ConfigSection:
+        """The object under ``key``; an empty section if absent and not required."""
+        value = self._get(key, _MISSING if required else {})
+        if not isinstance(value, dict):
+            raise self.error(key, "an object", value)
+        return ConfigSection(value, file=self._file, where=self._key_path(key))
+
+    def sections(self, key: str, *, required: bool = False) -> list[ConfigSection]:
+        """A list of objects under ``key``; empty if absent and not required."""
+        value = self._get(key, _MISSING if required else [])
+        if not isinstance(value, list):
+            raise self.error(key, "a list of objects", value)
+        found = []
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(f"{key}[{index}]", "an object", item)
+            found.append(
+                ConfigSection(item, file=self._file, where=self._key_path(f"{key}[{index}]"))
+            )
+        return found
+
+    def entries(self, key: str) -> list[tuple[str, object]]:
+        """The (name, value) pairs of the object under ``key`` (empty if absent)."""
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, "an object", value)
+        return list(value.items())
+
+    def finish(self) -> None:
+        """Refuse keys nobody read: a typo must not fall back to a default silently."""
+        unknown = sorted(set(self._data) - self._read)
+        if unknown:
+            raise self.error(unknown[0], "a known key", f"unknown key {unknown[0]!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files of this party's mutual-TLS identity."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    engine: str
+    path: Path
+    #: SQLite ``PRAGMA synchronous``: NORMAL survives a killed process, FULL also power loss.
+    synchronous: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    """Position-sync stream tuning (see :class:`collateral_sync.sync.SyncSession`)."""
+
+    window: int
+    batch_size: int
+    heartbeat_interval: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The settings every role shares; the role's own section is :attr:`role_settings`."""
+
+    file: Path
+    party_id: str
+    role: str
+    listen: str
+    storage: StorageSettings
+    signing_key: Path
+    key_registry: Path
+    tls: TlsFiles | None
+    #: Counterparty party id -> address it serves on (None: it dials us).
+    peers: Mapping[str, str | None]
+    max_skew: timedelta
+    sync: SyncSettings
+    role_settings: ConfigSection
+
+
+def load_config(path: str | os.PathLike[str], *, default_port: int) -> ServerConfig:
+    """Read and check a server configuration file (see the module docstring)."""
+    file = Path(path).resolve()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise MalformedError(
+            f"config {file}: no such file",
+            metadata={"expected": "a readable file", "actual": "missing"},
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise MalformedError(
+            f"config {file}: cannot read it ({err})",
+            metadata={"expected": "a readable UTF-8 file", "actual": type(err).__name__},
+        ) from err
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MalformedError(
+            f"config {file}: not JSON ({err.msg} at line {err.lineno} column {err.colno})",
+            metadata={"expected": "a JSON object", "actual": "invalid JSON"},
+        ) from err
+    top = ConfigSection(document if isinstance(document, dict) else {}, file=file)
+    if not isinstance(document, dict):
+        raise top.error(None, "a JSON object", type(document).__name__)
+
+    party_id = top.string("party_id")
+    role = top.string("role")
+    listen = top.string("listen", f"{DEFAULT_LISTEN_HOST}:{default_port}")
+    try:
+        check_address(listen)
+    except ValueError:
+        raise top.error("listen", "host:port", listen) from None
+
+    storage_section = top.section("storage")
+    engine = storage_section.string("engine", "sqlite")
+    if engine not in _ENGINES:
+        raise storage_section.error("engine", " or ".join(_ENGINES), engine)
+    synchronous = storage_section.string("synchronous", "NORMAL").upper()
+    if synchronous not in _SYNCHRONOUS:
+        raise storage_section.error("synchronous", "|".join(_SYNCHRONOUS), synchronous)
+    storage = StorageSettings(
+        engine=engine,
+        path=storage_section.path("path", f"{party_id}.sqlite"),
+        synchronous=synchronous,
+    )
+    storage_section.finish()
+
+    tls: TlsFiles | None = None
+    if "tls" in top:
+        tls_section = top.section("tls")
+        tls = TlsFiles(
+            ca=tls_section.path("ca"), cert=tls_section.path("cert"), key=tls_section.path("key")
+        )
+        tls_section.finish()
+
+    peers: dict[str, str | None] = {}
+    for peer, address in top.entries("peers"):
+        if address is not None:
+            if not isinstance(address, str):
+                raise top.error(f"peers.{peer}", "host:port or null", address)
+            try:
+                check_address(address)
+            except ValueError:
+                raise top.error(f"peers.{peer}", "host:port or null", address) from None
+        if peer == party_id:
+            raise top.error(f"peers.{peer}", "another party than this server's", peer)
+        peers[peer] = address
+
+    sync_section = top.section("sync")
+    sync = SyncSettings(
+        window=sync_section.integer("window", 8000, minimum=1, maximum=2**32 - 1),
+        batch_size=sync_section.integer("batch_size", 1000, minimum=1, maximum=100_000),
+        heartbeat_interval=timedelta(
+            milliseconds=sync_section.integer(
+                "heartbeat_interval_ms", 5000, minimum=1, maximum=2**32 - 1
+            )
+        ),
+    )
+    sync_section.finish()
+
+    max_skew = timedelta(seconds=top.integer("max_skew_seconds", 30, minimum=0, maximum=300))
+    config = ServerConfig(
+        file=file,
+        party_id=party_id,
+        role=role,
+        listen=listen,
+        storage=storage,
+        signing_key=top.path("signing_key"),
+        key_registry=top.path("key_registry"),
+        tls=tls,
+        peers=peers,
+        max_skew=max_skew,
+        sync=sync,
+        role_settings=top.section(role),
+    )
+    top.finish()
+    return config
