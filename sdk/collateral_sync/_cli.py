@@ -72,6 +72,47 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_REFUSED
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from collateral_sync_reference import serve_main
+    except ModuleNotFoundError as err:
+        if err.name != "collateral_sync_reference":
+            raise
+        raise _UsageError(
+            "the reference servers (package collateral_sync_reference) are not installed"
+        ) from err
+    from collateral_sync_reference._config import check_address
+
+    if args.listen is not None:
+        try:
+            check_address(args.listen)
+        except ValueError as err:
+            raise _UsageError(f"--listen: {err}") from err
+    return serve_main(
+        args.role,
+        args.config,
+        test_mode=args.test_mode,
+        listen=args.listen,
+        plaintext_for_testing=args.plaintext_for_testing,
+    )
+
+
+def _cmd_dev_certs(args: argparse.Namespace) -> int:
+    from collateral_sync.dev_ca import DEFAULT_HOSTS, create_dev_pki
+
+    pki = create_dev_pki(
+        args.out,
+        parties=args.party,
+        hosts=args.host or DEFAULT_HOSTS,
+        valid_days=args.valid_days,
+        overwrite=args.force,
+    )
+    print(f"CA         {pki.ca_cert} (key {pki.ca_key}, mode 0600)")
+    for files in pki.parties.values():
+        print(f"party      {files.party_id}: {files.cert} (key {files.key}, mode 0600)")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from collateral_sync._bench import run_benchmarks
 
@@ -93,7 +134,10 @@ def _parse_time(text: str) -> datetime:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collateral-sync",
-        description="Open protocol for mirrored collateral: keys, offline verification, benchmarks.",
+        description=(
+            "Open protocol for mirrored collateral: keys, offline verification, benchmarks, "
+            "development certificates and the reference servers."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"collateral-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +157,47 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("file", help="AuditBundle as binary protobuf (.pb) or proto3 JSON (.json)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=_cmd_verify)
+
+    serve = sub.add_parser(
+        "serve", help="run a reference server (custodian, exchange or regulator) until SIGTERM"
+    )
+    serve.add_argument("role", choices=["custodian", "exchange", "regulator"])
+    serve.add_argument("--config", required=True, help="the server's JSON configuration file")
+    serve.add_argument(
+        "--test-mode",
+        action="store_true",
+        help="also serve TestControlService, with a clock tests can move (never in production)",
+    )
+    serve.add_argument(
+        "--listen", help="host:port to listen on, overriding the config (port 0: any free port)"
+    )
+    serve.add_argument(
+        "--plaintext-for-testing",
+        action="store_true",
+        help="serve without TLS (tests only; parties talk over mutual TLS)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    dev_certs = sub.add_parser(
+        "dev-certs", help="create a development CA and mutual-TLS certificates for parties"
+    )
+    dev_certs.add_argument("--out", required=True, help="directory to write the PEM files to")
+    dev_certs.add_argument(
+        "--party",
+        required=True,
+        action="extend",
+        nargs="+",
+        help="party id (certificate CN); repeat or list several",
+    )
+    dev_certs.add_argument(
+        "--host",
+        action="extend",
+        nargs="+",
+        help="DNS name or IP the certificates are valid for (default: localhost, 127.0.0.1, ::1)",
+    )
+    dev_certs.add_argument("--valid-days", type=int, default=30, help="certificate lifetime")
+    dev_certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    dev_certs.set_defaults(func=_cmd_dev_certs)
 
     bench = sub.add_parser("bench", help="run benchmarks with baselines measured in the same run")
     bench.add_argument("suite", nargs="?", default="sdk", choices=["sdk"])
