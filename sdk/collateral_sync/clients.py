@@ -38,6 +38,8 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2_grpc,
     regulator_service_pb2,
     regulator_service_pb2_grpc,
+    test_control_pb2,
+    test_control_pb2_grpc,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "Metadata",
     "ReconciliationClient",
     "RegulatorClient",
+    "TestControlClient",
 ]
 
 #: Default deadline, in seconds, of a unary call.
@@ -441,3 +444,114 @@ class EmergencyReleaseClient(_Client):
     ) -> emergency_release_service_pb2.CoSignEmergencyReleaseResponse:
         """Have the peer verify a release and append its signature."""
         return await self._unary(self._co_sign_emergency_release, request, timeout, metadata)
+
+
+class TestControlClient(_Client):
+    """Client of ``TestControlService`` (served only by servers started in test mode).
+
+    A server not in test mode answers UNIMPLEMENTED, raised as an RPCError
+    with that status code.
+    """
+
+    __test__ = False  # not a pytest test class
+    __slots__ = (
+        "_accrue_yield",
+        "_advance_clock",
+        "_deposit",
+        "_get_sync_state",
+        "_run_valuation",
+        "_set_exposure",
+        "_set_price",
+    )
+
+    def __init__(self, channel: grpc.aio.Channel, *, default_timeout: float = DEFAULT_TIMEOUT):
+        super().__init__(channel, default_timeout=default_timeout)
+        stub = test_control_pb2_grpc.TestControlServiceStub(channel)
+        m = test_control_pb2
+        self._set_exposure: _UnaryMethod[m.SetExposureRequest, m.SetExposureResponse] = (
+            stub.SetExposure
+        )
+        self._set_price: _UnaryMethod[m.SetPriceRequest, m.SetPriceResponse] = stub.SetPrice
+        self._advance_clock: _UnaryMethod[m.AdvanceClockRequest, m.AdvanceClockResponse] = (
+            stub.AdvanceClock
+        )
+        self._run_valuation: _UnaryMethod[m.RunValuationRequest, m.RunValuationResponse] = (
+            stub.RunValuation
+        )
+        self._deposit: _UnaryMethod[m.DepositRequest, m.DepositResponse] = stub.Deposit
+        self._accrue_yield: _UnaryMethod[m.AccrueYieldRequest, m.AccrueYieldResponse] = (
+            stub.AccrueYield
+        )
+        self._get_sync_state: _UnaryMethod[m.GetSyncStateRequest, m.GetSyncStateResponse] = (
+            stub.GetSyncState
+        )
+
+    async def set_exposure(
+        self,
+        request: test_control_pb2.SetExposureRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.SetExposureResponse:
+        """Exchange: set an account's exposure."""
+        return await self._unary(self._set_exposure, request, timeout, metadata)
+
+    async def set_price(
+        self,
+        request: test_control_pb2.SetPriceRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.SetPriceResponse:
+        """Exchange: publish a price on its scripted price source."""
+        return await self._unary(self._set_price, request, timeout, metadata)
+
+    async def advance_clock(
+        self,
+        request: test_control_pb2.AdvanceClockRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.AdvanceClockResponse:
+        """Move the server's clock forward; returns its new time."""
+        return await self._unary(self._advance_clock, request, timeout, metadata)
+
+    async def run_valuation(
+        self,
+        request: test_control_pb2.RunValuationRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.RunValuationResponse:
+        """Exchange: revalue an account now."""
+        return await self._unary(self._run_valuation, request, timeout, metadata)
+
+    async def deposit(
+        self,
+        request: test_control_pb2.DepositRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.DepositResponse:
+        """Custodian: credit assets to a client account."""
+        return await self._unary(self._deposit, request, timeout, metadata)
+
+    async def accrue_yield(
+        self,
+        request: test_control_pb2.AccrueYieldRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.AccrueYieldResponse:
+        """Custodian: run the daily yield accrual now."""
+        return await self._unary(self._accrue_yield, request, timeout, metadata)
+
+    async def get_sync_state(
+        self,
+        request: test_control_pb2.GetSyncStateRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.GetSyncStateResponse:
+        """Sync-log heads in both directions."""
+        return await self._unary(self._get_sync_state, request, timeout, metadata)
