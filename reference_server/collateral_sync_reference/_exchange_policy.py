@@ -37,14 +37,13 @@ __all__ = [
 
 _CLASS = common_pb2.AssetClass
 
-#: The pilot's asset list: asset id -> class.
+#: The pilot's asset list: asset id -> class (the reference custodian's seed assets).
 PILOT_ASSETS: Mapping[str, int] = {
     "BTC": _CLASS.ASSET_CLASS_CRYPTO,
-    "ETH": _CLASS.ASSET_CLASS_CRYPTO,
     "USDC": _CLASS.ASSET_CLASS_STABLECOIN,
     "BENJI": _CLASS.ASSET_CLASS_TOKENIZED_MMF,
-    "SPY-T": _CLASS.ASSET_CLASS_TOKENIZED_ETF,
-    "AAPL-T": _CLASS.ASSET_CLASS_TOKENIZED_SINGLE_STOCK,
+    "SPYx": _CLASS.ASSET_CLASS_TOKENIZED_ETF,
+    "TSLAx": _CLASS.ASSET_CLASS_TOKENIZED_SINGLE_STOCK,
 }
 
 _PILOT_HAIRCUTS: Mapping[int, str] = {

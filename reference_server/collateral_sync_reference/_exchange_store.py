@@ -125,7 +125,9 @@ _SCHEMA = (
         total_proceeds TEXT,
         shortfall TEXT,
         allocation BLOB,
-        executed_at_ns INTEGER
+        executed_at_ns INTEGER,
+        refusal_reason TEXT,
+        refusal_detail TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS exchange_liquidation_paths (
         account_id TEXT PRIMARY KEY,
@@ -221,6 +223,8 @@ class LiquidationRow:
     total_proceeds: Decimal | None
     shortfall: Decimal | None
     allocation: envelope_pb2.Envelope | None
+    refusal_reason: str | None
+    refusal_detail: str | None
 
 
 def _envelope(data: bytes | None) -> envelope_pb2.Envelope | None:
@@ -242,7 +246,8 @@ _MARGIN_COLUMNS = (
 )
 _LIQUIDATION_COLUMNS = (
     "seq, liquidation_id, account_id, margin_call_id, amount, liquidation_path_id, instruction, "
-    "instructed_at_ns, status, receipt, total_proceeds, shortfall, allocation"
+    "instructed_at_ns, status, receipt, total_proceeds, shortfall, allocation, refusal_reason, "
+    "refusal_detail"
 )
 _HOLDINGS_COLUMNS = (
     "id, account_id, epoch, exchange_id, envelope, attestation, sync_sequence, received_at_ns, "
@@ -663,6 +668,25 @@ class ExchangeStore:
             ),
         )
 
+    def refuse_liquidation(
+        self, liquidation_id: str, *, reason: str, detail: str, at_ns: int
+    ) -> None:
+        """The custodian refused the instruction (or its receipt did not add up)."""
+        self._write(
+            "UPDATE exchange_liquidations SET status = 'refused', refusal_reason = ?, "
+            "refusal_detail = ?, executed_at_ns = ? WHERE liquidation_id = ? "
+            "AND status = 'instructed'",
+            (reason, detail, at_ns, liquidation_id),
+        )
+
+    def liquidations_in(self, status: str) -> list[LiquidationRow]:
+        rows = self._db.execute(
+            f"SELECT {_LIQUIDATION_COLUMNS} FROM exchange_liquidations "  # noqa: S608
+            "WHERE status = ? ORDER BY seq",
+            (status,),
+        ).fetchall()
+        return [_liquidation_row(row) for row in rows]
+
     def liquidation(self, liquidation_id: str) -> LiquidationRow | None:
         row = self._one(
             f"SELECT {_LIQUIDATION_COLUMNS} FROM exchange_liquidations "  # noqa: S608
@@ -818,4 +842,6 @@ def _liquidation_row(row: Any) -> LiquidationRow:
         total_proceeds=_amount(row[10]),
         shortfall=_amount(row[11]),
         allocation=_envelope(row[12]),
+        refusal_reason=row[13],
+        refusal_detail=row[14],
     )
