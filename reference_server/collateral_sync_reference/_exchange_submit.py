@@ -9,7 +9,8 @@ then sends it with ``SubmitLiquidationInstruction`` and acts on the answer:
   receipt on the sync stream, and whichever copy arrives second is no news;
 - a refusal (PATH_NOT_AUTHORISED, STATE_CONFLICT, a proof the custodian does
   not accept...): recorded on the liquidation with its reason, for operators;
-- a transport failure: retried with backoff. The custodian executes an
+- a transport failure, or an instruction from our future (the custodian's
+  clock is behind): retried with backoff. The custodian executes an
   instruction once and answers a repeat with the same receipt, so a retry
   after a lost answer (or after our own crash) is safe.
 
@@ -25,12 +26,15 @@ import logging
 
 from collateral_sync.clients import CustodianClient
 from collateral_sync.errors import CollateralSyncError, RPCError
-from collateral_sync.v1 import custodian_service_pb2
+from collateral_sync.v1 import custodian_service_pb2, errors_pb2
 
 from collateral_sync_reference._exchange_attest import TRANSIENT_CODES
 from collateral_sync_reference._exchange_core import ExchangeCore
 
 __all__ = ["LiquidationSubmitter"]
+
+# The custodian's clock is behind ours: the same instruction will be valid soon.
+_NOT_YET_VALID = errors_pb2.ERROR_REASON_STATEMENT_NOT_YET_VALID
 
 
 class LiquidationSubmitter:
@@ -78,7 +82,7 @@ class LiquidationSubmitter:
             try:
                 response = await self._client.submit_liquidation_instruction(request)
             except RPCError as err:
-                if err.code in TRANSIENT_CODES:
+                if err.code in TRANSIENT_CODES or err.reason == _NOT_YET_VALID:
                     self._logger.info(
                         "liquidation %s not delivered yet: %s", liquidation.liquidation_id, err
                     )
