@@ -33,7 +33,7 @@ import grpc.aio
 import pytest
 from collateral_sync.amounts import amount_to_proto, format_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
-from collateral_sync.clients import ExchangeClient, TestControlClient
+from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
 from collateral_sync.errors import RPCError
 from collateral_sync.keys import SigningKey
 from collateral_sync.merkle import leaf_hash
@@ -1428,3 +1428,222 @@ def test_state_survives_a_restart_and_the_trusted_checkpoint_carries_on(
                 assert len(margin_calls) == 1  # nothing sent twice after the restart
 
     run(scenario())
+
+
+# --- with the reference custodian ------------------------------------------------------------------
+
+
+def test_lifecycle_with_the_reference_custodian(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """Pledge, credit, call answered by the custodian, top-up, second call, breach, receipt."""
+    parties = reference_parties
+    custodian_config = parties.config(
+        CUSTODIAN,
+        "custodian",
+        tmp_path,
+        peers={EXCHANGE: None},
+        custodian={
+            "accounts": [
+                {
+                    "account_id": "acct-1",
+                    "client_id": CLIENT,
+                    "holdings": {"BTC": "10", "USDC": "250000", "BENJI": "1000000"},
+                }
+            ],
+            "margin_call_responses": [
+                {"kind": "PARTIALLY_AGREE", "agreed_fraction": "0.5", "dispute_reason": "VALUATION"}
+            ],
+        },
+    )
+    custodian = start_server("custodian", custodian_config, name="lifecycle-custodian")
+    exchange = start_server(
+        "exchange",
+        parties.config(
+            EXCHANGE,
+            "exchange",
+            tmp_path,
+            peers={CUSTODIAN: custodian.address},
+            exchange={
+                "log_origin": ORIGIN,
+                "prices": [
+                    {"asset_id": "BTC", "price": "60000"},
+                    {"asset_id": "USDC", "price": "1"},
+                    {"asset_id": "BENJI", "price": "1"},
+                ],
+                "liquidation_paths": {"acct-1": "path-acct-1"},
+            },
+        ),
+        name="lifecycle-exchange",
+    )
+    client = parties.keys[CLIENT]
+    sequences = itertools.count(1)
+
+    async def scenario() -> None:
+        async with (
+            parties.channel(custodian.address, EXCHANGE) as to_custodian,
+            parties.channel(exchange.address, CUSTODIAN) as to_exchange,
+        ):
+            custodian_client = CustodianClient(to_custodian)
+            custodian_control = TestControlClient(to_custodian)
+            ex = ExchangeClient(to_exchange)
+            control = TestControlClient(to_exchange)
+            now = (
+                await custodian_control.advance_clock(
+                    test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration())
+                )
+            ).now.ToDatetime(tzinfo=UTC)
+            path = sign_statement(
+                liquidation_pb2.LiquidationPath(
+                    account_id="acct-1",
+                    exchange_id=EXCHANGE,
+                    proceeds_account_id="exchange-1-settlement",
+                    steps=[
+                        liquidation_pb2.LiquidationStep(
+                            asset_id="BTC", venue="otc-desk", max_quantity=amount_to_proto("10")
+                        ),
+                        liquidation_pb2.LiquidationStep(
+                            asset_id="USDC",
+                            venue="otc-desk",
+                            max_quantity=amount_to_proto("250000"),
+                        ),
+                    ],
+                ),
+                client,
+                audience=[CUSTODIAN],
+                sequence=next(sequences),
+                ttl=timedelta(hours=1),
+                issued_at=now,
+                statement_id="path-acct-1",
+            )
+
+            async def pledge(asset: str, quantity: str) -> None:
+                instruction = sign_statement(
+                    custodian_service_pb2.PledgeInstruction(
+                        account_id="acct-1",
+                        exchange_id=EXCHANGE,
+                        asset_id=asset,
+                        quantity=amount_to_proto(quantity),
+                    ),
+                    client,
+                    audience=[CUSTODIAN],
+                    sequence=next(sequences),
+                    ttl=timedelta(hours=1),
+                    issued_at=now,
+                )
+                await custodian_client.pledge_collateral(
+                    custodian_service_pb2.PledgeCollateralRequest(
+                        pledge_instruction=instruction, liquidation_path=path
+                    )
+                )
+
+            async def until(check: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+                # Across two processes there is no event to await: poll the exchange.
+                async with asyncio.timeout(WAIT):
+                    while not await check():
+                        await asyncio.sleep(0.05)
+
+            async def credit() -> valuation_pb2.CreditLine:
+                try:
+                    response = await ex.get_credit_line(
+                        exchange_service_pb2.GetCreditLineRequest(account_id="acct-1")
+                    )
+                except RPCError:
+                    return valuation_pb2.CreditLine()
+                return valuation_pb2.CreditLine.FromString(response.credit_line.payload)
+
+            async def states() -> list[margin_pb2.MarginCallState]:
+                try:
+                    listed = await ex.list_margin_calls(
+                        exchange_service_pb2.ListMarginCallsRequest(account_id="acct-1")
+                    )
+                except RPCError:
+                    return []
+                return [
+                    margin_pb2.MarginCallState.FromString(s.payload)
+                    for s in listed.margin_call_states
+                ]
+
+            async def set_btc(price: str) -> None:
+                await control.set_price(
+                    test_control_pb2.SetPriceRequest(
+                        quote=valuation_pb2.PriceQuote(asset_id="BTC", price=amount_to_proto(price))
+                    )
+                )
+
+            await pledge("BTC", "10")
+            await pledge("USDC", "200000")
+            # 10 BTC x 60000 x 0.8 + 200000 USDC x 0.95.
+            await until(lambda: _is(credit(), lambda c: c.collateral_value.value == "670000"))
+            await control.set_exposure(
+                test_control_pb2.SetExposureRequest(
+                    account_id="acct-1", exposure=amount_to_proto("1000000")
+                )
+            )
+            await set_btc("30000")  # 240000 + 190000: ratio 0.43, call 70000
+            await until(
+                lambda: _is(
+                    states(),
+                    lambda s: (
+                        [(x.status, x.agreed_amount.value) for x in s]
+                        == [(_S.MARGIN_CALL_STATUS_PARTIALLY_AGREED, "35000")]
+                    ),
+                )
+            )
+            await pledge("USDC", "50000")  # +47500 under the call's prices >= 35000 due
+            await until(
+                lambda: _is(
+                    states(),
+                    lambda s: (
+                        len(s) == 2
+                        and s[0].status == _S.MARGIN_CALL_STATUS_SATISFIED
+                        and s[0].satisfied_amount.value == "47500"
+                        # 477500 / 1000000 = 0.47: a second call for 22500, half agreed.
+                        and (s[1].status, s[1].call_amount.value, s[1].agreed_amount.value)
+                        == (_S.MARGIN_CALL_STATUS_PARTIALLY_AGREED, "22500", "11250")
+                    ),
+                )
+            )
+            accrued = await custodian_control.accrue_yield(test_control_pb2.AccrueYieldRequest())
+            assert accrued.accounts == 1
+            await set_btc("5000")  # 50000 + 237500: ratio 0.28 < 0.4, close out
+            exchange_db = tmp_path / f"{EXCHANGE}.sqlite"
+
+            def executed() -> list[tuple[Any, ...]]:
+                with contextlib.closing(
+                    sqlite3.connect(f"file:{exchange_db}?mode=ro", uri=True)
+                ) as db:
+                    return db.execute(
+                        "SELECT receipt, total_proceeds, shortfall FROM exchange_liquidations "
+                        "WHERE status = 'executed'"
+                    ).fetchall()
+
+            async def done() -> bool:
+                return bool(executed())
+
+            await until(done)
+            [(receipt_bytes, proceeds, shortfall)] = executed()
+            receipt = liquidation_pb2.LiquidationReceipt.FromString(
+                envelope_pb2.Envelope.FromString(receipt_bytes).payload
+            )
+            # Yield paid out first; then the path: all BTC (50000), all USDC (250000).
+            assert [y.asset_id for y in receipt.yield_distributions] == ["BENJI"]
+            assert [(f.asset_id, f.quantity.value) for f in receipt.fills] == [
+                ("BTC", "10"),
+                ("USDC", "250000"),
+            ]
+            assert (proceeds, shortfall) == ("300000", "700000")
+            policy = await ex.get_risk_policy(exchange_service_pb2.GetRiskPolicyRequest())
+            published = valuation_pb2.RiskPolicy.FromString(policy.risk_policy.payload)
+            assert (published.version, published.insurance_fund_balance.value) == (2, "300000")
+            await until(lambda: _is(credit(), lambda c: c.exposure.value == "0"))
+            assert [s.status for s in await states()] == [
+                _S.MARGIN_CALL_STATUS_SATISFIED,
+                _S.MARGIN_CALL_STATUS_WITHDRAWN,
+            ]
+
+    run(scenario())
+
+
+async def _is(value: Coroutine[Any, Any, _T], predicate: Callable[[_T], bool]) -> bool:
+    return predicate(await value)
