@@ -46,7 +46,8 @@ demo: $(STAMP)
 	$(PY) -m collateral_sync._demo
 
 bench: $(STAMP)
-	$(VENV)/bin/collateral-sync bench
+	$(VENV)/bin/collateral-sync bench sdk
+	$(VENV)/bin/collateral-sync bench sync
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,8 @@
 """``collateral-sync bench``: SDK figures beside baselines measured in the same run.
 
+Suites: ``sdk`` (here) and ``sync`` (position sync and margin-call latency
+between two processes, in :mod:`collateral_sync._bench_sync`).
+
 Each figure is printed with its baseline (raw PyNaCl for signatures, raw
 pymerkle for the log and proofs) and the ratio between them, because the
 machines are shared and noisy: only same-run ratios are comparable. Targets
@@ -296,10 +299,15 @@ def _bench_log(size: int, workdir: Path, now: datetime) -> list[_Row]:
 
 def run_benchmarks(suite: str, *, scale: float = 1.0) -> int:
     """Run a suite and print its table; returns the process exit code."""
-    if suite != "sdk":
+    if suite not in ("sdk", "sync"):
         raise ValueError(f"unknown suite {suite!r}")
     if not 0 < scale <= 1:
         raise ValueError(f"scale: expected 0 < scale <= 1, got {scale}")
+    if suite == "sync":
+        # Its own module: it runs a second (custodian) process and gRPC servers.
+        from collateral_sync._bench_sync import run_sync_benchmark  # noqa: PLC0415
+
+        return run_sync_benchmark(scale=scale)
     now = datetime.now(UTC)
     log_size = max(64, int(FULL_LOG_SIZE * scale))
     signatures = max(32, int(FULL_SIGNATURES * scale))

@@ -200,7 +200,13 @@ def _parser() -> argparse.ArgumentParser:
     dev_certs.set_defaults(func=_cmd_dev_certs)
 
     bench = sub.add_parser("bench", help="run benchmarks with baselines measured in the same run")
-    bench.add_argument("suite", nargs="?", default="sdk", choices=["sdk"])
+    bench.add_argument(
+        "suite",
+        nargs="?",
+        default="sdk",
+        choices=["sdk", "sync"],
+        help="sdk: signatures, attestation log, proofs; sync: position sync and margin calls",
+    )
     bench.add_argument(
         "--scale", type=float, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
     )
