@@ -306,11 +306,21 @@ class ExchangeCore:
     # -- start --
 
     def start(self) -> None:
-        """Publish the configured policy if it differs from the one in force; revalue all."""
+        """Publish the configured policy if it differs from the one in force; revalue all.
+
+        The configured insurance-fund balance is the fund's opening balance:
+        once a policy is published the balance is state (shortfalls draw on
+        it), so a restart keeps the balance in force and publishes a new
+        version only if another figure of the configuration changed.
+        """
         now = self._clock()
         with self._storage.transaction():
             latest = self._store.latest_policy()
-            content = self._settings.policy_content
+            content = valuation_pb2.RiskPolicy()
+            content.CopyFrom(self._settings.policy_content)
+            if latest is not None:
+                in_force = valuation_pb2.RiskPolicy.FromString(latest[1].payload)
+                content.insurance_fund_balance.CopyFrom(in_force.insurance_fund_balance)
             if latest is None or latest[2] != policy_content_key(content):
                 self._publish_policy(content, now)
             for account_id, path_id in sorted(self._settings.liquidation_paths.items()):

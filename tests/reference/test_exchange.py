@@ -1117,6 +1117,15 @@ def test_expired_call_leads_to_liquidation_and_the_shortfall_waterfall(
             credit = await w.credit_line("acct-x")
             assert credit.exposure.value == "0"
 
+            # The fund's balance is state: a restart keeps it (no new version from the
+            # configured opening balance).
+            address = await asyncio.to_thread(w.server.restart)
+            async with w.parties.channel(address, CUSTODIAN) as channel:
+                after = await ExchangeClient(channel).get_risk_policy(
+                    exchange_service_pb2.GetRiskPolicyRequest()
+                )
+                assert after.risk_policy == policy
+
     run(scenario())
 
 
