@@ -34,7 +34,7 @@ import pytest
 from collateral_sync.amounts import amount_to_proto, format_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
-from collateral_sync.errors import RPCError
+from collateral_sync.errors import MalformedError, RPCError
 from collateral_sync.keys import SigningKey
 from collateral_sync.merkle import leaf_hash
 from collateral_sync.server import create_server, start_server, stop_server
@@ -61,6 +61,10 @@ from collateral_sync.valuation import (
     recompute_margin_call,
     value_collateral,
 )
+from collateral_sync_reference._config import ConfigSection
+from collateral_sync_reference._exchange_policy import build_policy_content
+from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
+from collateral_sync_reference._storage import SqliteStorage
 from google.protobuf import duration_pb2
 
 from .conftest import (
@@ -508,6 +512,113 @@ async def refused(call: Coroutine[Any, Any, Any]) -> RPCError:
 
 def d(text: str) -> Decimal:
     return Decimal(text)
+
+
+# --- the scripted price source and the policy configuration (no process needed) ----------------
+
+
+def test_scripted_prices_follow_the_script_and_survive_a_restart(tmp_path: Path) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    script = [
+        PriceStep("BTC", d("90"), at=t0 + timedelta(hours=1)),
+        PriceStep("BTC", d("100")),
+        PriceStep("ETH", d("5"), at=t0 + timedelta(hours=2), observed_at=t0),
+    ]
+
+    def quotes(feed: ScriptedPriceFeed) -> dict[str, tuple[str, datetime]]:
+        return {
+            q.asset_id: (q.price.value, q.observed_at.ToDatetime(tzinfo=UTC))
+            for q in feed.all_quotes()
+        }
+
+    storage = SqliteStorage(tmp_path / "prices.sqlite")
+    feed = ScriptedPriceFeed(storage, name="scripted", script=script)
+    with storage.transaction():
+        assert feed.tick(t0) == {"BTC"}  # the untimed step applies at once
+    assert quotes(feed) == {"BTC": ("100", t0)}
+    later = t0 + timedelta(minutes=30)
+    with storage.transaction():
+        stored = feed.set_price(
+            valuation_pb2.PriceQuote(asset_id="BTC", price=amount_to_proto("95")), now=later
+        )
+        assert (stored.source, stored.price.value) == ("scripted", "95")
+        assert feed.tick(later) == {"BTC"}
+        assert feed.tick(later) == set()
+    assert quotes(feed) == {"BTC": ("95", later)}
+    with storage.transaction():
+        assert feed.tick(t0 + timedelta(hours=1)) == {"BTC"}  # a later step replaces it
+    storage.close()
+
+    storage = SqliteStorage(tmp_path / "prices.sqlite")
+    feed = ScriptedPriceFeed(storage, name="scripted", script=script)
+    with storage.transaction():
+        assert feed.tick(t0 + timedelta(hours=1)) == set()  # nothing applied twice
+        assert feed.tick(t0 + timedelta(hours=3)) == {"ETH"}
+    assert quotes(feed) == {"BTC": ("90", t0 + timedelta(hours=1)), "ETH": ("5", t0)}
+    refusals = [
+        (
+            valuation_pb2.PriceQuote(asset_id="BTC", price=amount_to_proto("1"), source="x"),
+            "MALFORMED",
+        ),
+        (
+            valuation_pb2.PriceQuote(asset_id="BTC", price=common_pb2.Decimal(value="-1")),
+            "INVALID_AMOUNT",
+        ),
+        (
+            valuation_pb2.PriceQuote(asset_id="BTC", price=common_pb2.Decimal(value="1.0")),
+            "INVALID_AMOUNT",
+        ),
+        (valuation_pb2.PriceQuote(price=amount_to_proto("1")), "MALFORMED"),
+        (valuation_pb2.PriceQuote(asset_id="BTC"), "MALFORMED"),
+    ]
+    for quote, reason in refusals:
+        with pytest.raises(MalformedError) as caught, storage.transaction():
+            feed.set_price(quote, now=t0)
+        assert caught.value.reason_name == reason
+    assert quotes(feed)["BTC"] == ("90", t0 + timedelta(hours=1))
+    storage.close()
+
+
+def test_policy_configuration_is_checked_before_start() -> None:
+    def build(data: dict[str, Any]) -> valuation_pb2.RiskPolicy:
+        return build_policy_content(ConfigSection(data, file=Path("exchange.json")))
+
+    seed = build({})
+    assert (seed.version, seed.HasField("header"), seed.price_source) == (0, False, "scripted")
+    assert {a.asset_id for a in seed.assets} == {"BTC", "USDC", "BENJI", "SPYx", "TSLAx"}
+    custom = build(
+        {
+            "haircuts": {"STABLECOIN": "0.9", "ASSET_CLASS_CRYPTO": "0.5"},
+            "concentration_caps": {},
+            "asset_haircuts": [
+                {
+                    "asset_id": "AAPL-T",
+                    "asset_class": "TOKENIZED_SINGLE_STOCK",
+                    "collateral_factor": "0.5",
+                }
+            ],
+            "rounding_scale": 4,
+        }
+    )
+    assert {h.asset_class: h.collateral_factor.value for h in custom.haircuts} == {
+        common_pb2.ASSET_CLASS_STABLECOIN: "0.9",
+        common_pb2.ASSET_CLASS_CRYPTO: "0.5",
+    }
+    assert list(custom.concentration_caps) == []
+    assert custom.asset_haircuts[0].asset_id == "AAPL-T"
+    bad = [
+        ({"leverage": "2"}, "leverage"),
+        ({"liquidation_ratio": "0.6"}, "liquidation_ratio"),
+        ({"maintenance_ratio": "0.505"}, "maintenance_ratio"),
+        ({"haircuts": {"STABLECOIN": "1.5"}}, "haircuts"),
+        ({"haircuts": {"GOLD": "0.5"}}, "haircuts.GOLD"),
+        ({"leverage_cap": 2}, "leverage_cap"),
+        ({"stale_price_rule": "NEVER"}, "stale_price_rule"),
+    ]
+    for data, field in bad:
+        with pytest.raises(MalformedError) as caught:
+            build(data)
+        assert caught.value.metadata["field"].startswith(field), data
 
 
 # --- risk policy ----------------------------------------------------------------------------
