@@ -243,8 +243,14 @@ class ServerConfig:
     role_settings: ConfigSection
 
 
-def load_config(path: str | os.PathLike[str], *, default_port: int) -> ServerConfig:
-    """Read and check a server configuration file (see the module docstring)."""
+def load_config(
+    path: str | os.PathLike[str], *, role: str | None = None, default_port: int = 0
+) -> ServerConfig:
+    """Read and check a server configuration file (see the module docstring).
+
+    ``role``, when given, is the role the server was started as; a file for
+    another role is refused before anything else is read.
+    """
     file = Path(path).resolve()
     try:
         text = file.read_text(encoding="utf-8")
@@ -270,7 +276,12 @@ def load_config(path: str | os.PathLike[str], *, default_port: int) -> ServerCon
         raise top.error(None, "a JSON object", type(document).__name__)
 
     party_id = top.string("party_id")
-    role = top.string("role")
+    configured_role = top.string("role")
+    if role is not None and configured_role != role:
+        raise top.error(
+            "role", f"{role!r} (the server was started as {role})", f"role is {configured_role!r}"
+        )
+    role = configured_role
     listen = top.string("listen", f"{DEFAULT_LISTEN_HOST}:{default_port}")
     try:
         check_address(listen)

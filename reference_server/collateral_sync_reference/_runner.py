@@ -15,8 +15,11 @@ calls get a grace period, then the storage is closed.
 Roles
 -----
 :data:`ROLE_MODULES` names the module of each role. A role module provides
-``create_role(context: ServerContext) -> Role``; adding a role is adding its
-module (the registry already names ``exchange`` and ``regulator``). The
+``create_role(context: ServerContext) -> Role`` and may provide
+``parse_settings(config: ServerConfig) -> object``, which checks the role's
+own configuration section before any file is opened (its result is
+``context.settings``). Adding a role is adding its module (the registry
+already names ``exchange`` and ``regulator``). The
 :class:`Role` builds its servicers from the :class:`ServerContext`, may run
 background tasks between :meth:`Role.start` and :meth:`Role.stop`, and in test
 mode serves ``TestControlService`` (usually a subclass of
@@ -83,6 +86,8 @@ class ServerContext:
     """Everything a role is built from."""
 
     config: ServerConfig
+    #: What the role module's ``parse_settings(config)`` returned (None without one).
+    settings: object
     storage: SqliteStorage
     clock: Clock
     signer: SigningKey
@@ -165,12 +170,10 @@ def serve_main(
     """
     _configure_logging()
     module = _load_role_module(role)
-    config = load_config(config_path, default_port=DEFAULT_PORTS.get(role, 0))
-    if config.role != role:
-        raise MalformedError(
-            f"config {config.file}: role is {config.role!r}, but the server was started as {role!r}",
-            metadata={"field": "role", "expected": role, "actual": config.role},
-        )
+    config = load_config(config_path, role=role, default_port=DEFAULT_PORTS.get(role, 0))
+    # The role's own section is checked before anything is opened or created.
+    parse_settings = getattr(module, "parse_settings", None)
+    settings = parse_settings(config) if callable(parse_settings) else None
     signer = SigningKey.load(config.signing_key)
     expected_role = _PARTY_ROLES.get(role)
     if signer.party_id != config.party_id or (
@@ -215,6 +218,7 @@ def serve_main(
             _serve(
                 module,
                 config,
+                settings=settings,
                 storage=storage,
                 clock=clock,
                 signer=signer,
@@ -232,6 +236,7 @@ async def _serve(
     module: Any,
     config: ServerConfig,
     *,
+    settings: object,
     storage: SqliteStorage,
     clock: Clock,
     signer: SigningKey,
@@ -252,6 +257,7 @@ async def _serve(
 
     context = ServerContext(
         config=config,
+        settings=settings,
         storage=storage,
         clock=clock,
         signer=signer,
