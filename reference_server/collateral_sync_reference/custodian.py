@@ -1,0 +1,297 @@
+"""The reference custodian: holds client assets, attests them, and acts only on authorised input.
+
+Serves ``CustodianService`` (and ``TestControlService`` in test mode):
+
+- checkpoints, inclusion and consistency proofs of the attestation log, and the
+  latest holdings statement of each account;
+- ``PledgeCollateral``: a client pledges assets to an exchange together with
+  its pre-authorised liquidation path;
+- ``RequestRedemption``: the assets are locked until settlement (24 h by
+  default), then leave the account;
+- ``SubmitLiquidationInstruction`` (or the same instruction on the sync
+  stream): executed only along the pre-authorised path, accrued yield paid out
+  first, a signed receipt returned; repeating an executed instruction returns
+  the same receipt;
+- ``SyncPositions``: the position-sync stream the exchange dials; credit
+  lines, risk policies and margin calls arriving on it are recorded, and each
+  margin call is recomputed from its signed inputs and answered (DISPUTE with
+  reason ARITHMETIC when it does not recompute).
+
+Yield accrues daily on fund tokens at the configured UTC time; every change of
+holdings is a signed holdings statement appended to the attestation log and
+announced to the account's exchange. The behaviour lives in
+``_custodian_core``; this module wires it to gRPC. ``ExecuteEmergencyRelease``
+is not implemented yet (UNIMPLEMENTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+
+import grpc
+import grpc.aio
+from collateral_sync.errors import CollateralSyncError, MalformedError, VerificationError
+from collateral_sync.sync import SyncSession, serve_sync_stream
+from collateral_sync.transport import peer_party_id
+from collateral_sync.v1 import (
+    custodian_service_pb2,
+    custodian_service_pb2_grpc,
+    errors_pb2,
+    test_control_pb2,
+)
+
+from collateral_sync_reference._config import ServerConfig
+from collateral_sync_reference._custodian_config import CustodianSettings, parse_custodian_settings
+from collateral_sync_reference._custodian_core import Custodian
+from collateral_sync_reference._runner import ServerContext
+from collateral_sync_reference._test_control import TestControlBase
+
+__all__ = ["CustodianRole", "create_role", "parse_settings"]
+
+#: Longest the scheduler sleeps before it looks at the clock again (the test
+#: clock can be moved while it sleeps; AdvanceClock also wakes it).
+_MAX_SLEEP = 60.0
+_MIN_SLEEP = 0.05
+
+
+class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
+    def __init__(self, role: CustodianRole) -> None:
+        self._role = role
+        self._custodian = role.custodian
+
+    async def GetCheckpoint(  # noqa: N802 (generated gRPC method name)
+        self, request: custodian_service_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> custodian_service_pb2.GetCheckpointResponse:
+        return custodian_service_pb2.GetCheckpointResponse(
+            checkpoint=self._custodian.checkpoint(request.tree_size)
+        )
+
+    async def GetInclusionProof(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.GetInclusionProofRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.GetInclusionProofResponse:
+        envelope, proof = self._custodian.inclusion_proof(request.leaf_index, request.tree_size)
+        return custodian_service_pb2.GetInclusionProofResponse(
+            holdings_statement=envelope, proof=proof
+        )
+
+    async def GetConsistencyProof(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.GetConsistencyProofRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.GetConsistencyProofResponse:
+        return custodian_service_pb2.GetConsistencyProofResponse(
+            proof=self._custodian.consistency_proof(
+                request.first_tree_size, request.second_tree_size
+            )
+        )
+
+    async def GetHoldingsStatement(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.GetHoldingsStatementRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.GetHoldingsStatementResponse:
+        envelope, ref = self._custodian.holdings_statement(request.account_id)
+        return custodian_service_pb2.GetHoldingsStatementResponse(
+            holdings_statement=envelope, attestation=ref
+        )
+
+    async def PledgeCollateral(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.PledgeCollateralRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.PledgeCollateralResponse:
+        # Client statements authenticate themselves: any authenticated peer may relay them.
+        envelope, ref = self._custodian.pledge(request)
+        return custodian_service_pb2.PledgeCollateralResponse(
+            holdings_statement=envelope, attestation=ref
+        )
+
+    async def RequestRedemption(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.RequestRedemptionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.RequestRedemptionResponse:
+        envelope, ref = self._custodian.redeem(request)
+        return custodian_service_pb2.RequestRedemptionResponse(
+            holdings_statement=envelope, attestation=ref
+        )
+
+    async def SubmitLiquidationInstruction(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.SubmitLiquidationInstructionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.SubmitLiquidationInstructionResponse:
+        if not request.HasField("liquidation_instruction"):
+            raise MalformedError(
+                "liquidation_instruction is required",
+                metadata={
+                    "field": "liquidation_instruction",
+                    "expected": "a signed LiquidationInstruction",
+                    "actual": "absent",
+                },
+                field_violations={"liquidation_instruction": "required"},
+            )
+        # The exchange's instructions come over the exchange's own connection.
+        tls_peer = None if self._role.plaintext else (peer_party_id(context) or "")
+        receipt = self._custodian.liquidate(
+            request.liquidation_instruction, now=self._role.now(), tls_peer=tls_peer
+        )
+        return custodian_service_pb2.SubmitLiquidationInstructionResponse(
+            liquidation_receipt=receipt
+        )
+
+    async def SyncPositions(  # type: ignore[override]  # noqa: N802 (generated gRPC method name)
+        self,
+        request_iterator: AsyncIterator[custodian_service_pb2.SyncPositionsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        # Writes with context.write (the SDK session) instead of yielding responses.
+        session = self._role.session_for(context)
+        logger = self._role.logger
+        logger.info("sync stream with %s opened", session.peer_party_id)
+        try:
+            await serve_sync_stream(
+                session, request_iterator, context, require_tls_peer=not self._role.plaintext
+            )
+        except grpc.aio.AbortError:
+            code = context.code()
+            logger.warning(
+                "sync stream with %s refused: %s %s",
+                session.peer_party_id,
+                code.name if isinstance(code, grpc.StatusCode) else code,
+                context.details(),
+            )
+            raise
+        logger.info(
+            "sync stream with %s closed (acknowledged up to %d)",
+            session.peer_party_id,
+            session.acknowledged_sequence,
+        )
+
+    async def ExecuteEmergencyRelease(  # noqa: N802 (generated gRPC method name)
+        self,
+        request: custodian_service_pb2.ExecuteEmergencyReleaseRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.ExecuteEmergencyReleaseResponse:
+        raise NotImplementedError("emergency release is not implemented by this custodian yet")
+
+
+class _CustodianTestControl(TestControlBase):
+    __test__ = False
+
+    def __init__(self, role: CustodianRole) -> None:
+        super().__init__(
+            role.context.test_clock,
+            sessions=lambda: list(role.custodian.sessions.values()),
+            on_clock_advanced=role.on_clock_advanced,
+        )
+        self._role = role
+
+    async def Deposit(  # noqa: N802 (generated gRPC method name)
+        self, request: test_control_pb2.DepositRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.DepositResponse:
+        self._role.custodian.deposit(request)
+        return test_control_pb2.DepositResponse()
+
+    async def AccrueYield(  # noqa: N802 (generated gRPC method name)
+        self, request: test_control_pb2.AccrueYieldRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.AccrueYieldResponse:
+        # Runs now, beside the daily schedule (which it does not move).
+        accounts = self._role.custodian.accrue_yield(self._role.now())
+        return test_control_pb2.AccrueYieldResponse(accounts=accounts)
+
+
+class CustodianRole:
+    """The custodian as the runner drives it (see :class:`collateral_sync_reference._runner.Role`)."""
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.logger = context.logger
+        settings = context.settings
+        if not isinstance(settings, CustodianSettings):
+            settings = parse_settings(context.config)
+        self.custodian = Custodian(context, settings)
+        self._service = _CustodianService(self)
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+
+    @property
+    def plaintext(self) -> bool:
+        return self.context.plaintext
+
+    def now(self) -> datetime:
+        return self.context.clock.now()
+
+    def session_for(self, context: grpc.aio.ServicerContext) -> SyncSession:
+        """The sync session of the exchange on the other end of the call."""
+        sessions = self.custodian.sessions
+        if self.plaintext:
+            # No certificate to tell exchanges apart: only one can be served.
+            if len(sessions) != 1:
+                raise VerificationError(
+                    f"plaintext sync needs exactly one exchange peer, {len(sessions)} configured",
+                    reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+                    metadata={"expected": "1 exchange", "actual": str(len(sessions))},
+                )
+            return next(iter(sessions.values()))
+        peer = peer_party_id(context)
+        session = sessions.get(peer or "")
+        if session is None:
+            expected = "|".join(sessions) or "a configured exchange"
+            raise VerificationError(
+                f"SyncPositions is for the exchanges this custodian serves ({expected}), "
+                f"not {peer or 'an unidentified peer'!r}",
+                reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+                metadata={"expected": expected, "actual": peer or ""},
+            )
+        return session
+
+    def servicers(self) -> Sequence[object]:
+        return [self._service]
+
+    def test_control(self) -> _CustodianTestControl:
+        return _CustodianTestControl(self)
+
+    async def on_clock_advanced(self) -> None:
+        self.custodian.run_due()
+        self._wake.set()
+
+    async def start(self) -> None:
+        self.custodian.run_due()
+        self._scheduler = asyncio.create_task(self._schedule(), name="custodian-scheduler")
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        self.custodian.close()
+
+    async def _schedule(self) -> None:
+        """Settle redemptions and accrue yield when the (possibly test) clock says so."""
+        while True:
+            try:
+                self.custodian.run_due()
+                wait = (self.custodian.next_due() - self.now()).total_seconds()
+            except CollateralSyncError as err:
+                self.logger.exception("scheduled work failed: %s: %s", err.reason_name, err.message)
+                wait = _MAX_SLEEP
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(max(wait, _MIN_SLEEP), _MAX_SLEEP)):
+                    await self._wake.wait()
+            self._wake.clear()
+
+
+def parse_settings(config: ServerConfig) -> CustodianSettings:
+    """Check the ``custodian`` section of the configuration (before anything is opened)."""
+    return parse_custodian_settings(config)
+
+
+def create_role(context: ServerContext) -> CustodianRole:
+    """Entry point for the runner's role registry."""
+    return CustodianRole(context)
