@@ -131,6 +131,9 @@ class AttestationChecker:
             except (RPCError, OSError, TimeoutError) as err:
                 self._logger.info("attestation check postponed: %s", err)
                 waiting = True
+            except Exception:  # the checker must outlive a bug: log it, retry later
+                self._logger.exception("attestation check failed; retrying")
+                waiting = True
             if waiting:
                 # Retry with backoff: the custodian is down, or has not yet
                 # signed a checkpoint that covers what it sent.

@@ -417,6 +417,8 @@ class ExchangeCore:
                 metadata={"expected": f"1..{newest}", "actual": str(version)},
             )
         now = self._clock()
+        if not _stale(found[1], valuation_pb2.RiskPolicy, self._settings.policy_ttl, now):
+            return found[1]
         with self._storage.transaction():
             return self._refreshed_policy(found[0], found[1], now)
 
@@ -526,7 +528,7 @@ class ExchangeCore:
         if not change.HasField("attestation"):
             raise _malformed("holdings_change.attestation", "an AttestationRef", "absent")
         self._store.ensure_account(statement.account_id)
-        self._store.add_holdings(
+        holdings_id = self._store.add_holdings(
             account_id=statement.account_id,
             epoch=statement.epoch,
             exchange_id=statement.exchange_id,
@@ -535,6 +537,18 @@ class ExchangeCore:
             sync_sequence=sequence,
             received_at_ns=_ns(now),
         )
+        try:
+            _check_positions(statement)
+        except CollateralSyncError as err:
+            # Signed, but no valuation can use it: never credited, kept with the reason.
+            self._store.decide_holdings(
+                holdings_id,
+                status="rejected",
+                reason=err.reason_name,
+                detail=err.message,
+                at_ns=_ns(now),
+            )
+            return
         self._replay.record(verified)
 
     def _receive_pledge_change(self, sequence: int, change: position_sync_pb2.PledgeChange) -> None:
@@ -1456,6 +1470,28 @@ class ExchangeCore:
         """Record the statement id of an account's pre-authorised liquidation path."""
         with self._storage.transaction():
             self._store.set_liquidation_path(account_id, liquidation_path_id)
+
+
+def _check_positions(statement: attestation_pb2.HoldingsStatement) -> None:
+    """Positions a valuation can use: asset ids, canonical non-negative quantities (§7.2)."""
+    for i, position in enumerate(statement.positions):
+        field = f"holdings_statement.positions[{i}]"
+        if not position.asset_id:
+            raise _malformed(f"{field}.asset_id", "an asset id", "''")
+        for name in ("quantity", "locked_quantity", "pledged_quantity"):
+            if not position.HasField(name):
+                raise _malformed(f"{field}.{name}", "a Decimal", "absent")
+            value = parse_amount(getattr(position, name).value, field=f"{field}.{name}")
+            if value < 0:
+                raise MalformedError(
+                    f"{field}.{name}: expected >= 0, got {format_amount(value)}",
+                    reason=_R.ERROR_REASON_INVALID_AMOUNT,
+                    metadata={
+                        "field": f"{field}.{name}",
+                        "expected": ">= 0",
+                        "actual": format_amount(value),
+                    },
+                )
 
 
 def _path_refused(liquidation: LiquidationRow, known_path: str | None) -> bool:

@@ -64,7 +64,12 @@ class LiquidationSubmitter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if await self.submit_pending():
+            try:
+                delivered = await self.submit_pending()
+            except Exception:  # the submitter must outlive a bug: log it, retry later
+                self._logger.exception("liquidation delivery failed; retrying")
+                delivered = False
+            if delivered:
                 delay = self._retry_interval
                 continue
             with contextlib.suppress(TimeoutError):

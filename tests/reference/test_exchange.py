@@ -736,8 +736,16 @@ def test_holdings_with_a_bad_inclusion_proof_or_leaf_hash_are_not_credited(
             assert (status, reason) == ("rejected", "PROOF_INVALID")
             assert "leaf_hash" in detail
 
+            # Signed by the custodian but unusable (a negative quantity): refused, and the
+            # stream carries on.
+            w.custodian.attest("acct-negative", (("USDC", "-5", "0", "0"),))
+            _, status, reason, _ = await decided(w, "acct-negative")
+            assert (status, reason) == ("rejected", "INVALID_AMOUNT")
+            w.custodian.attest("acct-after", SMALL)
+            await w.custodian.wait_update("credit_line", lambda c: c.account_id == "acct-after")
+
             # Not credited: no credit line, and with exposure the collateral counts 0.
-            for account_id in ("acct-forged-proof", "acct-wrong-leaf"):
+            for account_id in ("acct-forged-proof", "acct-wrong-leaf", "acct-negative"):
                 missing = await refused(
                     w.exchange.get_credit_line(
                         exchange_service_pb2.GetCreditLineRequest(account_id=account_id)
