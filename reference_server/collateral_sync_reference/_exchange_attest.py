@@ -83,7 +83,7 @@ class AttestationChecker:
         clock: Callable[[], datetime],
         max_skew: timedelta = DEFAULT_MAX_SKEW,
         retry_interval: float = 0.2,
-        max_retry_interval: float = 5.0,
+        max_retry_interval: float = 2.0,
         logger: logging.Logger | None = None,
     ) -> None:
         self._core = core
