@@ -1,0 +1,294 @@
+"""``collateral-sync conformance run|list``: the kit's command line.
+
+Exit codes: 0 every MUST case passed (and the known-failing list is current);
+1 a MUST case failed or erred, or the known-failing list is stale; 2 a usage
+error (bad arguments, unreadable files, a target that cannot be reached),
+reported on one line of stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from collateral_sync import PROTOCOL_VERSION, __version__
+from collateral_sync.errors import CollateralSyncError
+from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.transport import TlsConfig, secure_channel
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from collateral_sync_conformance._context import KitConfig, party_role
+from collateral_sync_conformance._registry import (
+    REGISTRY,
+    Case,
+    Registry,
+    Role,
+    check_glob,
+    glob_matches,
+    select_cases,
+)
+from collateral_sync_conformance._report import TerminalReporter, write_reports
+from collateral_sync_conformance._runner import (
+    EXIT_OK,
+    EXIT_USAGE,
+    KnownFailing,
+    run_cases,
+)
+
+__all__ = ["main"]
+
+_PROG = "collateral-sync conformance"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its input files (exit 2)."""
+
+
+def _load_cases() -> Registry:
+    # Importing the package registers every case with REGISTRY.
+    import collateral_sync_conformance.cases  # noqa: F401, PLC0415
+
+    return REGISTRY
+
+
+def _globs(values: Sequence[str] | None, option: str, cases: Sequence[Case]) -> list[str]:
+    globs = []
+    for value in values or ():
+        try:
+            check_glob(value)
+        except ValueError as err:
+            raise UsageError(f"{option}: {err}") from err
+        if not any(glob_matches(value, c.id) for c in cases):
+            raise UsageError(f"{option} {value!r} matches no case (see 'conformance list')")
+        globs.append(value)
+    return globs
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            f"The collateral-sync conformance kit {__version__} ({PROTOCOL_VERSION}): run cases "
+            "against a custodian, exchange or regulator server and report which pass."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    roles = [r.value for r in Role]
+
+    run = sub.add_parser("run", help="run the cases against a server")
+    run.add_argument("--role", required=True, choices=roles, help="role of the server under test")
+    run.add_argument("--target", required=True, help="host:port of the server under test")
+    run.add_argument(
+        "--ca", required=True, help="CA certificate (PEM) the server's certificate chains to"
+    )
+    run.add_argument(
+        "--cert", required=True, help="the kit's client certificate (PEM), CN = its party id"
+    )
+    run.add_argument("--key", required=True, help="private key (PEM) of --cert")
+    run.add_argument(
+        "--registry", required=True, help="key registry (proto3 JSON) with the server's public keys"
+    )
+    run.add_argument(
+        "--kit-key",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a signing key file of a party the kit plays (e.g. the exchange and a client when "
+        "testing a custodian); repeatable",
+    )
+    run.add_argument("--server-party", help="party id of the server (default: from --registry)")
+    run.add_argument("--server-name", help="name to check in the server certificate (TLS)")
+    run.add_argument(
+        "--account", help="an account at the server owned by the kit's client key (custodian cases)"
+    )
+    run.add_argument("--log-origin", help="the custodian's attestation log origin, if known")
+    run.add_argument("--run", action="append", metavar="GLOB", help="run only matching cases")
+    run.add_argument("--skip", action="append", metavar="GLOB", help="do not run matching cases")
+    run.add_argument(
+        "--known-failing", metavar="FILE", help="case ids (or globs) expected to fail, one a line"
+    )
+    run.add_argument(
+        "--report-dir", metavar="DIR", help="write results.json, junit.xml, report.html"
+    )
+    run.add_argument(
+        "--timeout", type=_positive, default=60.0, help="time limit of one case, seconds (60)"
+    )
+    run.add_argument(
+        "--rpc-timeout", type=_positive, default=10.0, help="deadline of each RPC, seconds (10)"
+    )
+    run.add_argument("--no-colour", action="store_true", help="plain terminal output")
+
+    listing = sub.add_parser("list", help="list the cases with id, level and description")
+    listing.add_argument("--role", choices=roles, help="only the cases of this role")
+    listing.add_argument("--run", action="append", metavar="GLOB", help="only matching cases")
+    listing.add_argument("--skip", action="append", metavar="GLOB", help="leave out matching cases")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
+    everything = list(registry)
+    run = _globs(args.run, "--run", everything)
+    skip = _globs(args.skip, "--skip", everything)
+    roles = [Role(args.role)] if args.role else list(Role)
+    chosen = [
+        case
+        for case in everything
+        if any(case in select_cases([case], role, run=run, skip=skip) for role in roles)
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": c.id,
+                        "level": c.level.value,
+                        "roles": sorted(r.value for r in c.roles),
+                        "description": c.description,
+                    }
+                    for c in chosen
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    width = max((len(c.id) for c in chosen), default=0)
+    for case in chosen:
+        who = ",".join(r.value for r in Role if r in case.roles)
+        print(f"{case.id:<{width}}  {case.level.value:<6}  {who:<28}  {case.description}")
+    print(f"{len(chosen)} cases ({sum(1 for c in chosen if c.level.value == 'MUST')} MUST)")
+    return EXIT_OK
+
+
+def _server_party(args: argparse.Namespace, role: Role, registry: KeyRegistry) -> str:
+    if args.server_party:
+        return str(args.server_party)
+    parties = sorted({k.party_id for k in registry if k.role == party_role(role)})
+    if len(parties) != 1:
+        found = ", ".join(parties) or "none"
+        raise UsageError(
+            f"--server-party is needed: the registry holds {role.value} parties: {found}"
+        )
+    return parties[0]
+
+
+def _config(args: argparse.Namespace) -> KitConfig:
+    role = Role(args.role)
+    try:
+        tls = TlsConfig.from_files(args.ca, args.cert, args.key)
+        registry = KeyRegistry.load(args.registry)
+        keys = tuple(SigningKey.load(path) for path in args.kit_key)
+    except (OSError, CollateralSyncError, ValueError) as err:
+        message = err.message if isinstance(err, CollateralSyncError) else str(err)
+        raise UsageError(message) from err
+    return KitConfig(
+        role=role,
+        target=args.target,
+        tls=tls,
+        registry=registry,
+        kit_keys=keys,
+        server_party_id=_server_party(args, role, registry),
+        server_name_override=args.server_name,
+        account_id=args.account,
+        log_origin=args.log_origin,
+        rpc_timeout=args.rpc_timeout,
+    )
+
+
+async def _reachable(config: KitConfig) -> str | None:
+    """None if the target answers a health check over mutual TLS, else why not."""
+    async with secure_channel(
+        config.target, config.tls, server_name_override=config.server_name_override
+    ) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=config.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"{err.code().name}: {err.details()}"
+    return None
+
+
+def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
+    config = _config(args)
+    role_cases = registry.for_role(config.role)
+    run = _globs(args.run, "--run", list(registry))
+    skip = _globs(args.skip, "--skip", list(registry))
+    chosen = select_cases(role_cases, config.role, run=run, skip=skip)
+    known = None
+    if args.known_failing:
+        try:
+            known = KnownFailing.load(args.known_failing)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--known-failing: {err}") from err
+    problem = asyncio.run(_reachable(config))
+    if problem is not None:
+        raise UsageError(
+            f"cannot reach {config.target} over mutual TLS ({problem}); "
+            "check --target, --ca, --cert, --key and --server-name"
+        )
+    reporter = TerminalReporter(colour=False if args.no_colour else None)
+    reporter.start(
+        {
+            "kit": f"collateral-sync conformance {__version__}",
+            "protocol": PROTOCOL_VERSION,
+            "role": config.role.value,
+            "target": config.target,
+            "server": config.server_party_id,
+            "kit party": config.tls.party_id,
+        },
+        chosen,
+    )
+    result = asyncio.run(
+        run_cases(
+            config,
+            chosen,
+            role_cases=role_cases,
+            known_failing=known,
+            case_timeout=args.timeout,
+            progress=reporter.case_finished,
+        )
+    )
+    reporter.summary(result)
+    if args.report_dir:
+        written = write_reports(result, Path(args.report_dir))
+        print("reports    " + ", ".join(str(p) for p in written))
+    return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = _PROG) -> int:
+    """Entry point; returns the exit code."""
+    parser = _parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse reports usage errors itself (exit 2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    registry = _load_cases()
+    try:
+        if args.command == "list":
+            return _cmd_list(args, registry)
+        return _cmd_run(args, registry)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""What a case works with: the target, TLS, keys, clients, the server's clock, test control.
+
+:class:`KitConfig` is the kit's configuration (from the command line).
+:class:`Session` holds what the cases of one run share: one mutual-TLS
+channel to the target with a client per service, the sequence counter for the
+statements the kit signs, and what the run has learnt about the server (its
+log origin). Each case gets its own :class:`CaseContext`, which records every
+RPC it makes and turns an UNIMPLEMENTED test-control call into *skipped*.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from collateral_sync.clients import (
+    CustodianClient,
+    EmergencyReleaseClient,
+    ExchangeClient,
+    ReconciliationClient,
+    RegulatorClient,
+    TestControlClient,
+)
+from collateral_sync.errors import RPCError
+from collateral_sync.keys import KeyRegistry, SigningKey, role_name
+from collateral_sync.transport import TlsConfig, secure_channel
+from collateral_sync.v1 import common_pb2, envelope_pb2, test_control_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from collateral_sync_conformance._expect import (
+    CaseFailure,
+    CaseSkipped,
+    Outcome,
+    outcome_from_error,
+)
+from collateral_sync_conformance._forge import make_header, seal
+from collateral_sync_conformance._registry import Case, Role
+
+__all__ = [
+    "MAIN_SERVICE",
+    "CaseContext",
+    "KitConfig",
+    "Session",
+]
+
+_Resp = TypeVar("_Resp")
+
+#: The service each role serves first; health and reflection cases look for it.
+MAIN_SERVICE: dict[Role, str] = {
+    Role.CUSTODIAN: "collateral_sync.v1.CustodianService",
+    Role.EXCHANGE: "collateral_sync.v1.ExchangeService",
+    Role.REGULATOR: "collateral_sync.v1.RegulatorService",
+}
+
+#: Default lifetime of the statements the kit signs: long enough for a slow
+#: server, short enough that a replay test cannot be confused with expiry.
+DEFAULT_STATEMENT_TTL = timedelta(minutes=10)
+
+
+@dataclass(frozen=True, slots=True)
+class KitConfig:
+    """Everything the kit needs to know about the server under test and itself."""
+
+    role: Role
+    #: ``host:port`` of the server under test.
+    target: str
+    #: The kit's TLS identity (a certificate of the counterpart it plays) and the CA.
+    tls: TlsConfig
+    #: Public keys of the parties, including the server's.
+    registry: KeyRegistry
+    #: The kit's own signing keys (client, exchange, custodian... as the role needs).
+    kit_keys: tuple[SigningKey, ...]
+    #: Party id of the server under test.
+    server_party_id: str
+    #: Certificate name to check when ``target`` is not in the server's certificate.
+    server_name_override: str | None = None
+    #: An account at the server owned by the kit's client key (custodian cases).
+    account_id: str | None = None
+    #: The attestation log's origin, if known in advance (else learnt from the first checkpoint).
+    log_origin: str | None = None
+    #: Deadline of each RPC the kit makes, in seconds.
+    rpc_timeout: float = 10.0
+
+    def key_for(self, role: int) -> SigningKey | None:
+        """The kit's first key registered for ``role`` (a ``PartyRole``), if any."""
+        for key in self.kit_keys:
+            if key.role == role:
+                return key
+        return None
+
+
+@dataclass(slots=True)
+class Session:
+    """State shared by the cases of one run; create and close it inside the event loop."""
+
+    config: KitConfig
+    channel: grpc.aio.Channel
+    custodian: CustodianClient
+    exchange: ExchangeClient
+    regulator: RegulatorClient
+    reconciliation: ReconciliationClient
+    emergency_release: EmergencyReleaseClient
+    test_control: TestControlClient
+    #: Origin of the attestation log, fixed by --log-origin or the first checkpoint seen.
+    log_origin: str | None = None
+    #: False once the server answered UNIMPLEMENTED to the clock probe.
+    clock_probe: bool = True
+    _sequence: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, config: KitConfig) -> Session:
+        channel = secure_channel(
+            config.target, config.tls, server_name_override=config.server_name_override
+        )
+        timeout = config.rpc_timeout
+        return cls(
+            config=config,
+            channel=channel,
+            custodian=CustodianClient(channel, default_timeout=timeout),
+            exchange=ExchangeClient(channel, default_timeout=timeout),
+            regulator=RegulatorClient(channel, default_timeout=timeout),
+            reconciliation=ReconciliationClient(channel, default_timeout=timeout),
+            emergency_release=EmergencyReleaseClient(channel, default_timeout=timeout),
+            test_control=TestControlClient(channel, default_timeout=timeout),
+            log_origin=config.log_origin,
+            # Microseconds since the epoch: above every sequence an earlier run of the
+            # kit used, so a server that remembers its replay state accepts the next run.
+            _sequence=itertools.count(time.time_ns() // 1000),
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def next_sequence(self) -> int:
+        value: int = next(self._sequence)
+        return value
+
+
+class CaseContext:
+    """The explicit context a case body works with."""
+
+    def __init__(self, session: Session, case: Case) -> None:
+        self.session = session
+        self.case = case
+        #: Every RPC the case made, in order.
+        self.transcript: list[Outcome] = []
+
+    # -- configuration --
+
+    @property
+    def config(self) -> KitConfig:
+        return self.session.config
+
+    @property
+    def role(self) -> Role:
+        return self.session.config.role
+
+    @property
+    def registry(self) -> KeyRegistry:
+        return self.session.config.registry
+
+    @property
+    def server_party_id(self) -> str:
+        return self.session.config.server_party_id
+
+    @property
+    def kit_party_id(self) -> str:
+        """The party id of the kit's TLS certificate."""
+        return self.session.config.tls.party_id
+
+    def key(self, role: int) -> SigningKey:
+        """The kit's key for ``role`` (a ``PartyRole``); skips the case if there is none."""
+        key = self.config.key_for(role)
+        if key is None:
+            raise CaseSkipped(f"needs a --kit-key of role {role_name(role)}")
+        return key
+
+    def account(self) -> str:
+        """The account the kit may use (``--account``); skips the case if none was given."""
+        if not self.config.account_id:
+            raise CaseSkipped(
+                "needs --account: an account at the server owned by the kit's client key"
+            )
+        return self.config.account_id
+
+    @staticmethod
+    def unique(prefix: str) -> str:
+        """A fresh identifier, e.g. for statement ids or accounts that must not exist."""
+        return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+    def next_sequence(self) -> int:
+        return self.session.next_sequence()
+
+    # -- clients --
+
+    @property
+    def custodian(self) -> CustodianClient:
+        return self.session.custodian
+
+    @property
+    def exchange(self) -> ExchangeClient:
+        return self.session.exchange
+
+    @property
+    def regulator(self) -> RegulatorClient:
+        return self.session.regulator
+
+    @property
+    def reconciliation(self) -> ReconciliationClient:
+        return self.session.reconciliation
+
+    @property
+    def emergency_release(self) -> EmergencyReleaseClient:
+        return self.session.emergency_release
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self.session.channel
+
+    async def rpc(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Message,
+        *,
+        timeout: float | None = None,
+        label: str | None = None,
+    ) -> Outcome:
+        """Call ``method(request)`` and record the outcome; errors become outcomes, not raises."""
+        name = label or getattr(method, "__qualname__", None) or repr(method)
+        deadline = self.config.rpc_timeout if timeout is None else timeout
+        started = time.perf_counter()
+        try:
+            response = await method(request, timeout=deadline)
+        except (RPCError, grpc.RpcError) as err:
+            outcome = outcome_from_error(name, request, err, time.perf_counter() - started)
+        else:
+            outcome = Outcome(
+                rpc=name,
+                request=request,
+                response=response,
+                code=grpc.StatusCode.OK,
+                elapsed=time.perf_counter() - started,
+            )
+        self.transcript.append(outcome)
+        return outcome
+
+    async def control(self, method: Callable[..., Awaitable[_Resp]], request: Message) -> _Resp:
+        """Call a TestControlService RPC to put the server in a state.
+
+        UNIMPLEMENTED (the server is not in test mode, or does not offer this
+        RPC) skips the case; any other error fails it.
+        """
+        name = getattr(method, "__name__", "test control")
+        outcome = await self.rpc(method, request, label=f"TestControlService.{name}")
+        if outcome.code == grpc.StatusCode.UNIMPLEMENTED:
+            raise CaseSkipped(f"the server does not offer TestControlService.{name}")
+        if not outcome.ok:
+            raise CaseFailure(
+                f"TestControlService.{name} failed with {outcome.code.name}: {outcome.message}",
+                expected="OK",
+                got=str(outcome.summary()),
+            )
+        response: _Resp = outcome.response
+        return response
+
+    @property
+    def test_control(self) -> TestControlClient:
+        """The raw client; prefer :meth:`control`, which handles UNIMPLEMENTED."""
+        return self.session.test_control
+
+    # -- time and statements --
+
+    async def server_now(self) -> datetime:
+        """The server's current time.
+
+        A server in test mode may have moved its clock; ``AdvanceClock`` by zero
+        reads it. Otherwise the server is taken to keep real time.
+        """
+        if self.session.clock_probe:
+            request = test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration(seconds=0))
+            try:
+                response = await self.session.test_control.advance_clock(request)
+            except RPCError:
+                self.session.clock_probe = False
+            else:
+                if response.HasField("now"):
+                    return response.now.ToDatetime(tzinfo=UTC)
+                self.session.clock_probe = False
+        return datetime.now(UTC)
+
+    async def sign(
+        self,
+        message: Message,
+        signer: SigningKey,
+        *,
+        issuer: str | None = None,
+        audience: Sequence[str] | None = None,
+        sequence: int | None = None,
+        issued_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        statement_id: str | None = None,
+        extra_signers: Sequence[SigningKey] = (),
+        payload_type: str | None = None,
+        payload: bytes | None = None,
+    ) -> envelope_pb2.Envelope:
+        """A statement as a correct issuer would make it, unless a knob says otherwise.
+
+        Sets ``message.header`` in place. Defaults: issuer = the signer's party,
+        audience = the server, a fresh sequence, issued now (server time),
+        expiring after :data:`DEFAULT_STATEMENT_TTL`, a fresh statement id.
+        """
+        now = issued_at if issued_at is not None else await self.server_now()
+        header = make_header(
+            issuer=signer.party_id if issuer is None else issuer,
+            audience=[self.server_party_id] if audience is None else audience,
+            sequence=self.next_sequence() if sequence is None else sequence,
+            issued_at=now,
+            expires_at=expires_at if expires_at is not None else now + DEFAULT_STATEMENT_TTL,
+            statement_id=self.unique("conformance") if statement_id is None else statement_id,
+        )
+        message.header.CopyFrom(header)  # type: ignore[attr-defined]
+        return seal(message, [signer, *extra_signers], payload_type=payload_type, payload=payload)
+
+
+def party_role(role: Role) -> int:
+    """The ``PartyRole`` of a server role."""
+    return {
+        Role.CUSTODIAN: common_pb2.PARTY_ROLE_CUSTODIAN,
+        Role.EXCHANGE: common_pb2.PARTY_ROLE_EXCHANGE,
+        Role.REGULATOR: common_pb2.PARTY_ROLE_REGULATOR,
+    }[role]
