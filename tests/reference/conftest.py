@@ -1,7 +1,8 @@
 """Fixtures that run the reference servers as real processes on port 0, over mutual TLS.
 
-- ``reference_parties`` (session): a development PKI and Ed25519 keys for the
-  parties below, with one key registry file; :class:`Parties` builds TLS
+- ``reference_parties`` (session): a development PKI (written by
+  ``collateral-sync dev-certs``) and Ed25519 keys for the parties below, with
+  one key registry file; :class:`Parties` builds TLS
   configs, channels and server configuration files from them.
 - ``start_server`` (module): ``start_server(role, config) -> ServerProcess``
   writes the config (a dict; party files filled in by :meth:`Parties.config`)
@@ -31,7 +32,7 @@ from typing import Any
 
 import grpc.aio
 import pytest
-from collateral_sync.dev_ca import DevPki, create_dev_pki
+from collateral_sync.dev_ca import DevPki, PartyFiles
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.transport import TlsConfig, secure_channel
 from collateral_sync.v1 import common_pb2
@@ -110,7 +111,36 @@ class Parties:
 @pytest.fixture(scope="session")
 def reference_parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
     directory = tmp_path_factory.mktemp("parties")
-    pki = create_dev_pki(directory / "pki", parties=list(_ROLES))
+    # Through the CLI, as an operator would: `collateral-sync dev-certs`.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "collateral_sync._cli",
+            "dev-certs",
+            "--out",
+            str(directory / "pki"),
+            "--party",
+            *_ROLES,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    pki = DevPki(
+        directory=directory / "pki",
+        ca_cert=directory / "pki" / "ca.pem",
+        ca_key=directory / "pki" / "ca.key",
+        parties={
+            party: PartyFiles(
+                party, directory / "pki" / f"{party}.pem", directory / "pki" / f"{party}.key"
+            )
+            for party in _ROLES
+        },
+    )
+    assert all(files.cert.is_file() and files.key.is_file() for files in pki.parties.values())
     (directory / "keys").mkdir()
     keys = {}
     registry = KeyRegistry()
