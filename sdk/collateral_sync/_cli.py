@@ -119,6 +119,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmarks(args.suite, scale=args.scale)
 
 
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    try:
+        from collateral_sync_conformance import main as conformance_main
+    except ModuleNotFoundError as err:
+        if err.name != "collateral_sync_conformance":
+            raise
+        raise _UsageError(
+            "the conformance kit (package collateral_sync_conformance) is not installed"
+        ) from err
+    return conformance_main(args.args, prog="collateral-sync conformance")
+
+
 def _parse_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -211,6 +223,17 @@ def _parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
     )
     bench.set_defaults(func=_cmd_bench)
+
+    # Every argument after "conformance" goes to the kit's own parser (prefix "\0": none
+    # of them is an option here), so 'conformance run --help' shows the kit's help.
+    conformance = sub.add_parser(
+        "conformance",
+        help="run the conformance kit against a server ('conformance --help')",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    conformance.add_argument("args", nargs=argparse.REMAINDER)
+    conformance.set_defaults(func=_cmd_conformance)
     return parser
 
 
