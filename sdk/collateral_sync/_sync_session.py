@@ -392,9 +392,12 @@ class SyncSession:
             if room > 0 and not connection.in_transaction:
                 rows = log._read_outgoing(self._sent, min(self._batch_size, room))
                 if rows:
-                    await self._send_frame(send, self._batch_frame(rows))
+                    frame = self._batch_frame(rows)
+                    # Count the batch as sent before the write yields: the peer's
+                    # ack can arrive while the write is still being awaited.
                     self._sent = rows[-1][0]
                     self._sent_hash = rows[-1][1]
+                    await self._send_frame(send, frame)
                     continue
             idle_for = loop.time() - self._last_sent_at
             if idle_for >= interval:
