@@ -44,7 +44,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
     def __init__(self, core: ExchangeCore) -> None:
         self._core = core
 
-    async def GetRiskPolicy(  # noqa: N802 - gRPC method name
+    async def GetRiskPolicy(
         self,
         request: exchange_service_pb2.GetRiskPolicyRequest,
         context: grpc.aio.ServicerContext,
@@ -53,7 +53,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             risk_policy=self._core.risk_policy(request.version)
         )
 
-    async def GetCreditLine(  # noqa: N802 - gRPC method name
+    async def GetCreditLine(
         self,
         request: exchange_service_pb2.GetCreditLineRequest,
         context: grpc.aio.ServicerContext,
@@ -63,7 +63,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             credit_line=self._core.credit_line(request.account_id)
         )
 
-    async def GetMarginCall(  # noqa: N802 - gRPC method name
+    async def GetMarginCall(
         self,
         request: exchange_service_pb2.GetMarginCallRequest,
         context: grpc.aio.ServicerContext,
@@ -73,7 +73,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             margin_call_state=self._core.margin_call_state(request.margin_call_id)
         )
 
-    async def ListMarginCalls(  # noqa: N802 - gRPC method name
+    async def ListMarginCalls(
         self,
         request: exchange_service_pb2.ListMarginCallsRequest,
         context: grpc.aio.ServicerContext,
@@ -86,7 +86,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             margin_call_states=states, next_page_token=token
         )
 
-    async def RespondToMarginCall(  # noqa: N802 - gRPC method name
+    async def RespondToMarginCall(
         self,
         request: exchange_service_pb2.RespondToMarginCallRequest,
         context: grpc.aio.ServicerContext,
@@ -116,7 +116,7 @@ class ExchangeTestControl(TestControlBase):
         super().__init__(clock, sessions=sessions, on_clock_advanced=on_clock_advanced)
         self._core = core
 
-    async def SetExposure(  # noqa: N802 - gRPC method name
+    async def SetExposure(
         self, request: test_control_pb2.SetExposureRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.SetExposureResponse:
         _required(bool(request.account_id), "account_id", "an account id")
@@ -125,14 +125,14 @@ class ExchangeTestControl(TestControlBase):
         self._core.set_exposure(request.account_id, exposure)
         return test_control_pb2.SetExposureResponse()
 
-    async def SetPrice(  # noqa: N802 - gRPC method name
+    async def SetPrice(
         self, request: test_control_pb2.SetPriceRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.SetPriceResponse:
         _required(request.HasField("quote"), "quote", "a PriceQuote")
         self._core.set_price(request.quote)
         return test_control_pb2.SetPriceResponse()
 
-    async def RunValuation(  # noqa: N802 - gRPC method name
+    async def RunValuation(
         self, request: test_control_pb2.RunValuationRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.RunValuationResponse:
         _required(bool(request.account_id), "account_id", "an account id")

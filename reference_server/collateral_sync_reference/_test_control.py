@@ -61,7 +61,7 @@ class TestControlBase(test_control_pb2_grpc.TestControlServiceServicer):
         self._sessions = sessions
         self._on_clock_advanced = on_clock_advanced
 
-    async def AdvanceClock(  # noqa: N802 (generated gRPC method name)
+    async def AdvanceClock(
         self, request: test_control_pb2.AdvanceClockRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.AdvanceClockResponse:
         if self._clock is None:
@@ -95,7 +95,7 @@ class TestControlBase(test_control_pb2_grpc.TestControlServiceServicer):
         response.now.FromDatetime(now)
         return response
 
-    async def GetSyncState(  # noqa: N802 (generated gRPC method name)
+    async def GetSyncState(
         self, request: test_control_pb2.GetSyncStateRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.GetSyncStateResponse:
         directions: list[test_control_pb2.SyncDirectionState] = []
@@ -105,27 +105,27 @@ class TestControlBase(test_control_pb2_grpc.TestControlServiceServicer):
 
     # The role-specific RPCs: UNIMPLEMENTED unless the role overrides them.
 
-    async def SetExposure(  # noqa: N802 (generated gRPC method name)
+    async def SetExposure(
         self, request: test_control_pb2.SetExposureRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.SetExposureResponse:
         raise NotImplementedError("SetExposure is served by the exchange")
 
-    async def SetPrice(  # noqa: N802 (generated gRPC method name)
+    async def SetPrice(
         self, request: test_control_pb2.SetPriceRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.SetPriceResponse:
         raise NotImplementedError("SetPrice is served by the exchange")
 
-    async def RunValuation(  # noqa: N802 (generated gRPC method name)
+    async def RunValuation(
         self, request: test_control_pb2.RunValuationRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.RunValuationResponse:
         raise NotImplementedError("RunValuation is served by the exchange")
 
-    async def Deposit(  # noqa: N802 (generated gRPC method name)
+    async def Deposit(
         self, request: test_control_pb2.DepositRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.DepositResponse:
         raise NotImplementedError("Deposit is served by the custodian")
 
-    async def AccrueYield(  # noqa: N802 (generated gRPC method name)
+    async def AccrueYield(
         self, request: test_control_pb2.AccrueYieldRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.AccrueYieldResponse:
         raise NotImplementedError("AccrueYield is served by the custodian")

@@ -62,14 +62,14 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         self._role = role
         self._custodian = role.custodian
 
-    async def GetCheckpoint(  # noqa: N802 (generated gRPC method name)
+    async def GetCheckpoint(
         self, request: custodian_service_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> custodian_service_pb2.GetCheckpointResponse:
         return custodian_service_pb2.GetCheckpointResponse(
             checkpoint=self._custodian.checkpoint(request.tree_size)
         )
 
-    async def GetInclusionProof(  # noqa: N802 (generated gRPC method name)
+    async def GetInclusionProof(
         self,
         request: custodian_service_pb2.GetInclusionProofRequest,
         context: grpc.aio.ServicerContext,
@@ -79,7 +79,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             holdings_statement=envelope, proof=proof
         )
 
-    async def GetConsistencyProof(  # noqa: N802 (generated gRPC method name)
+    async def GetConsistencyProof(
         self,
         request: custodian_service_pb2.GetConsistencyProofRequest,
         context: grpc.aio.ServicerContext,
@@ -90,7 +90,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             )
         )
 
-    async def GetHoldingsStatement(  # noqa: N802 (generated gRPC method name)
+    async def GetHoldingsStatement(
         self,
         request: custodian_service_pb2.GetHoldingsStatementRequest,
         context: grpc.aio.ServicerContext,
@@ -100,7 +100,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             holdings_statement=envelope, attestation=ref
         )
 
-    async def PledgeCollateral(  # noqa: N802 (generated gRPC method name)
+    async def PledgeCollateral(
         self,
         request: custodian_service_pb2.PledgeCollateralRequest,
         context: grpc.aio.ServicerContext,
@@ -111,7 +111,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             holdings_statement=envelope, attestation=ref
         )
 
-    async def RequestRedemption(  # noqa: N802 (generated gRPC method name)
+    async def RequestRedemption(
         self,
         request: custodian_service_pb2.RequestRedemptionRequest,
         context: grpc.aio.ServicerContext,
@@ -121,7 +121,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             holdings_statement=envelope, attestation=ref
         )
 
-    async def SubmitLiquidationInstruction(  # noqa: N802 (generated gRPC method name)
+    async def SubmitLiquidationInstruction(
         self,
         request: custodian_service_pb2.SubmitLiquidationInstructionRequest,
         context: grpc.aio.ServicerContext,
@@ -145,7 +145,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             liquidation_receipt=receipt
         )
 
-    async def SyncPositions(  # type: ignore[override]  # noqa: N802 (generated gRPC method name)
+    async def SyncPositions(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[custodian_service_pb2.SyncPositionsRequest],
         context: grpc.aio.ServicerContext,
@@ -173,7 +173,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             session.acknowledged_sequence,
         )
 
-    async def ExecuteEmergencyRelease(  # noqa: N802 (generated gRPC method name)
+    async def ExecuteEmergencyRelease(
         self,
         request: custodian_service_pb2.ExecuteEmergencyReleaseRequest,
         context: grpc.aio.ServicerContext,
@@ -192,13 +192,13 @@ class _CustodianTestControl(TestControlBase):
         )
         self._role = role
 
-    async def Deposit(  # noqa: N802 (generated gRPC method name)
+    async def Deposit(
         self, request: test_control_pb2.DepositRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.DepositResponse:
         self._role.custodian.deposit(request)
         return test_control_pb2.DepositResponse()
 
-    async def AccrueYield(  # noqa: N802 (generated gRPC method name)
+    async def AccrueYield(
         self, request: test_control_pb2.AccrueYieldRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.AccrueYieldResponse:
         # Runs now, beside the daily schedule (which it does not move).
