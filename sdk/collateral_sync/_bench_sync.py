@@ -33,8 +33,9 @@ noisy, so only same-run ratios compare):
 
 The run ends with checks that make the figures mean something: both logs
 fully received and acknowledged on both sides, every margin call stored by
-the custodian and agreed in full. A failure of either process, or of the
-stream, is raised with the custodian's stderr; every wait has a deadline.
+the custodian and agreed in full. Every wait has a deadline; a failure of
+either process, of the stream or of a check ends the run with one message on
+stderr (with the custodian's stderr when it has any) and exit code 1.
 """
 
 from __future__ import annotations
@@ -346,6 +347,8 @@ class _Custodian:
             _pledge_update(i).SerializeToString(deterministic=True) for i in range(pool_size)
         ]
         self._produced = 0
+        #: Duration of each apply (each batch of margin calls), until collected.
+        self.apply_seconds: list[float] = []
 
     def _apply(self, updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
         """Verify, recompute, store and answer each margin call, as the reference custodian does.
@@ -353,6 +356,7 @@ class _Custodian:
         Runs in the transaction that stores the batch: the call, its answer and
         the log entry carrying the answer commit before the acknowledgement.
         """
+        begin = time.perf_counter()
         now = datetime.now(UTC)
         answers = []
         for sequence, update in updates:
@@ -401,6 +405,7 @@ class _Custodian:
             )
             answers.append(position_sync_pb2.PositionUpdate(margin_call_response=response))
         self.log.append(answers)
+        self.apply_seconds.append(time.perf_counter() - begin)
 
     def _check_fresh_call(self, issuer: str, sequence: int) -> None:
         """The durable replay check: a call's statement sequence must be new."""
@@ -605,6 +610,9 @@ async def _custodian_main(workdir: Path, pool_size: int) -> None:
                         await custodian.session.wait_acknowledged(last)
                     elapsed = time.perf_counter() - begin
                     _reply({"updates": appended, "elapsed": elapsed})
+                elif op == "apply-times":
+                    _reply({"seconds": custodian.apply_seconds})
+                    custodian.apply_seconds = []
                 elif op == "state":
                     # Quiet first: everything we sent (answers included) acknowledged.
                     async with asyncio.timeout(_ACK_TIMEOUT):
@@ -653,8 +661,8 @@ def _child(argv: Sequence[str]) -> int:
 # --- the exchange process (this one) ---------------------------------------------------
 
 
-class _CustodianProcessError(RuntimeError):
-    """The custodian process failed, stopped answering, or broke the protocol."""
+class _RunError(RuntimeError):
+    """The run cannot go on: the custodian process, the stream or an end-to-end check failed."""
 
 
 class _CustodianProcess:
@@ -702,7 +710,7 @@ class _CustodianProcess:
             raise self._failure(f"exited during {what}")
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
-            raise _CustodianProcessError(f"custodian process failed during {what}:\n{reply['error']}")
+            raise _RunError(f"custodian process failed during {what}:\n{reply['error']}")
         return reply
 
     async def ask(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -713,12 +721,12 @@ class _CustodianProcess:
         code = self._process.returncode
         return "running" if code is None else f"exited with code {code}"
 
-    def _failure(self, what: str) -> _CustodianProcessError:
+    def _failure(self, what: str) -> _RunError:
         try:
             tail = self._stderr_path.read_text(errors="replace")[-2000:]
         except OSError:
             tail = ""
-        return _CustodianProcessError(
+        return _RunError(
             f"custodian process ({self.describe()}): {what}"
             + (f"\n--- its stderr ---\n{tail}" if tail.strip() else "")
         )
@@ -872,8 +880,13 @@ class _Exchange:
         (count,) = self.connection.execute("SELECT count(*) FROM holdings").fetchone()
         return int(count)
 
-    async def margin_call(self, account_id: str, btc_price: str, guard: _Guard) -> float:
-        """Seconds from a breaching price to the custodian's durable acknowledgement of the call."""
+    async def margin_call(
+        self, account_id: str, btc_price: str, guard: _Guard
+    ) -> tuple[float, float]:
+        """Seconds from a breaching price to the custodian's durable acknowledgement of the call.
+
+        Also the seconds until the call was committed to our log, ready to send.
+        """
         begin = time.perf_counter()
         now = datetime.now(UTC)
         self._calls += 1
@@ -942,10 +955,11 @@ class _Exchange:
                     envelope.SerializeToString(),
                 ),
             )
+        prepared = time.perf_counter()
         await guard.bounded(
             self.session.wait_acknowledged(head.sequence), _ACK_TIMEOUT, f"ack of {call.margin_call_id}"
         )
-        return time.perf_counter() - begin
+        return time.perf_counter() - begin, prepared - begin
 
     def close(self) -> None:
         self.connection.close()
@@ -961,7 +975,7 @@ class _Guard:
     def check(self, what: str) -> None:
         if self._dial.done():
             error = None if self._dial.cancelled() else self._dial.exception()
-            raise _CustodianProcessError(
+            raise _RunError(
                 f"{what}: the sync stream ended ({error!r}); custodian process "
                 f"{self._custodian.describe()}"
             )
@@ -972,7 +986,7 @@ class _Guard:
                 return await awaitable
         except TimeoutError:
             self.check(what)
-            raise _CustodianProcessError(
+            raise _RunError(
                 f"{what}: nothing within {seconds:.0f} s; custodian process "
                 f"{self._custodian.describe()}"
             ) from None
@@ -1065,7 +1079,7 @@ async def _raw_stream_rate(
             for sequence in range(1, count + 1):
                 response = await call.read()
                 if response is grpc.aio.EOF:
-                    raise _CustodianProcessError(f"raw stream ended after {sequence - 1} of {count}")
+                    raise _RunError(f"raw stream ended after {sequence - 1} of {count}")
                 ack = position_sync_pb2.SyncAck(sequence=sequence, entry_hash=_ACK_HASH)
                 await call.write(
                     custodian_service_pb2.SyncPositionsRequest(
@@ -1077,7 +1091,7 @@ async def _raw_stream_rate(
     finally:
         call.cancel()
     if code != grpc.StatusCode.OK:
-        raise _CustodianProcessError(f"raw stream ended with {code}")
+        raise _RunError(f"raw stream ended with {code}")
     reply = await custodian.receive(timeout, "'raw' result")
     return count / float(reply["elapsed"])
 
@@ -1099,23 +1113,36 @@ async def _sync_run(guard: _Guard, updates: int) -> _SyncRun:
 
 
 @dataclass(frozen=True)
-class _Latencies:
-    call_p50: float
-    call_p99: float
-    unary_p50: float
-    unary_p99: float
-    call_max: float
+class _Percentiles:
+    """p50, p99 and max of a sample, in milliseconds."""
+
+    p50: float
+    p99: float
+    max: float
 
     @classmethod
-    def of(cls, calls: list[float], unary: list[float]) -> _Latencies:
-        calls, unary = sorted(calls), sorted(unary)
+    def of(cls, seconds: Sequence[float]) -> _Percentiles:
+        ordered = sorted(seconds)
         return cls(
-            call_p50=statistics.median(calls) * 1e3,
-            call_p99=_nearest_rank(calls, 0.99) * 1e3,
-            unary_p50=statistics.median(unary) * 1e3,
-            unary_p99=_nearest_rank(unary, 0.99) * 1e3,
-            call_max=calls[-1] * 1e3,
+            statistics.median(ordered) * 1e3,
+            _nearest_rank(ordered, 0.99) * 1e3,
+            ordered[-1] * 1e3,
         )
+
+    def text(self) -> str:
+        return f"p50 {self.p50:.3f} ms, p99 {self.p99:.3f} ms, max {self.max:.3f} ms"
+
+
+@dataclass(frozen=True)
+class _Latencies:
+    call: _Percentiles
+    unary: _Percentiles
+    #: Breach until the call is committed to the exchange's log (snapshot,
+    #: valuation, two signatures, the transaction).
+    prepare: _Percentiles
+    #: The custodian's apply of a batch holding a call (verify, recompute,
+    #: sign the answer, store), inside its transaction.
+    custodian_apply: _Percentiles
 
 
 async def _margin_latencies(
@@ -1123,18 +1150,28 @@ async def _margin_latencies(
 ) -> _Latencies:
     """Margin calls interleaved with raw unary round trips on the same channel."""
     calls: list[float] = []
+    prepare: list[float] = []
     unary: list[float] = []
     request = health_pb2.HealthCheckRequest()
+    await guard.ask({"op": "apply-times"}, _START_TIMEOUT)  # start afresh
     async with asyncio.timeout(60 + breaches * _ACK_TIMEOUT / 10):
         for n in range(breaches):
             number = offset + n
-            calls.append(
-                await exchange.margin_call(_margin_account(number), _breach_price(number), guard)
+            total, prepared = await exchange.margin_call(
+                _margin_account(number), _breach_price(number), guard
             )
+            calls.append(total)
+            prepare.append(prepared)
             begin = time.perf_counter()
             await guard.bounded(health.Check(request, timeout=_ACK_TIMEOUT), _ACK_TIMEOUT, "health")
             unary.append(time.perf_counter() - begin)
-    return _Latencies.of(calls, unary)
+    applied = await guard.ask({"op": "apply-times"}, _START_TIMEOUT)
+    return _Latencies(
+        call=_Percentiles.of(calls),
+        unary=_Percentiles.of(unary),
+        prepare=_Percentiles.of(prepare),
+        custodian_apply=_Percentiles.of(applied["seconds"] or [0.0]),
+    )
 
 
 @dataclass(frozen=True)
@@ -1195,14 +1232,14 @@ async def _run(workdir: Path, sizes: _Scale, signatures: _SignatureRates) -> Non
 def _why(condition: str, figures: _Latencies) -> str:
     if condition == "idle":
         return (
-            f" (the raw unary round trip's p99 is {figures.unary_p99:.3f} ms in the same run; "
+            f" (the raw unary round trip's p99 is {figures.unary.p99:.3f} ms in the same run; "
             "see the load average: the machine is shared)"
         )
     return (
         f": the acknowledgement is read after the custodian batches sent before it, each of up "
         f"to {DEFAULT_BATCH_SIZE:,} updates verified, stored and applied in one go on the "
         f"exchange's event loop (window {DEFAULT_WINDOW:,}); the raw unary round trip on the "
-        f"same channel waits alike (p99 {figures.unary_p99:.3f} ms)"
+        f"same channel waits alike (p99 {figures.unary.p99:.3f} ms)"
     )
 
 
@@ -1222,7 +1259,7 @@ async def _check_heads(exchange: _Exchange, guard: _Guard, when: str) -> int:
         or state["received_sequence"] != sent
         or exchange.session.acknowledged_sequence != sent
     ):
-        raise _CustodianProcessError(
+        raise _RunError(
             f"{when}: custodian sent {state['sent_sequence']} (acknowledged "
             f"{state['acknowledged_sequence']}), exchange received {received}; exchange sent "
             f"{sent} (acknowledged {exchange.session.acknowledged_sequence}), custodian "
@@ -1296,7 +1333,7 @@ async def _measure(
     )
     received = await _check_heads(exchange, guard, "after the throughput runs")
     if exchange.holdings_count() != _MARGIN_ACCOUNTS:
-        raise _CustodianProcessError(
+        raise _RunError(
             f"expected the custodian's {_MARGIN_ACCOUNTS} holdings statements at the exchange, "
             f"got {exchange.holdings_count()}"
         )
@@ -1320,24 +1357,30 @@ async def _measure(
         print(
             _Figure(
                 f"margin call p50 ({condition})",
-                figures.call_p50,
+                figures.call.p50,
                 "ms",
                 f"raw unary gRPC round trip p50 ({condition})",
-                figures.unary_p50,
+                figures.unary.p50,
                 "ms",
             ).render()
         )
         print(
             _Figure(
                 f"margin call p99 ({condition})",
-                figures.call_p99,
+                figures.call.p99,
                 "ms",
                 f"raw unary gRPC round trip p99 ({condition})",
-                figures.unary_p99,
+                figures.unary.p99,
                 "ms",
-                _verdict(figures.call_p99 <= TARGET_P99_MS, f"p99 <= {TARGET_P99_MS:g} ms")
-                + f"; max {figures.call_max:.3f} ms",
+                _verdict(figures.call.p99 <= TARGET_P99_MS, f"p99 <= {TARGET_P99_MS:g} ms")
+                + f"; max {figures.call.max:.3f} ms",
             ).render()
+        )
+    for condition, figures in (("idle", idle), ("loaded", loaded)):
+        print(
+            f"  of a call ({condition}): exchange until committed to its log "
+            f"{figures.prepare.text()}; custodian apply (verify, recompute, answer, store) "
+            f"{figures.custodian_apply.text()}"
         )
     print(
         f"  loaded = custodian -> exchange updates flowing at {background_rate:,.0f}/s "
@@ -1345,14 +1388,14 @@ async def _measure(
         "during the calls"
     )
     for condition, figures in (("idle", idle), ("loaded", loaded)):
-        if figures.call_p99 > TARGET_P99_MS:
+        if figures.call.p99 > TARGET_P99_MS:
             print(f"  NOTE: the margin-call p99 target is missed {condition}{_why(condition, figures)}")
 
     await _check_heads(exchange, guard, "after the margin calls")
     state = await guard.ask({"op": "state"}, _START_TIMEOUT)
     calls = 2 * sizes.breaches
     if state["margin_calls"] != calls or exchange.agreed_calls() != calls:
-        raise _CustodianProcessError(
+        raise _RunError(
             f"expected {calls} margin calls stored at the custodian and agreed at the exchange, "
             f"got {state['margin_calls']} and {exchange.agreed_calls()}"
         )
@@ -1386,7 +1429,11 @@ def run_sync_benchmark(*, scale: float = 1.0) -> int:
     )
     signatures = _bench_raw_signatures(sizes.signatures, message.frame.batch)
     with tempfile.TemporaryDirectory(prefix="collateral-sync-bench-sync-") as tmp:
-        asyncio.run(_run(Path(tmp), sizes, signatures))
+        try:
+            asyncio.run(_run(Path(tmp), sizes, signatures))
+        except _RunError as err:
+            print(f"collateral-sync bench sync: run failed: {err}", file=sys.stderr)
+            return 1
     return 0
 
 
