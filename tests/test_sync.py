@@ -1169,6 +1169,54 @@ def test_acks_are_checked_against_what_was_sent(
     assert (evidence.kind, evidence.sequence) == ("ack", 3)
 
 
+def test_an_ack_that_arrives_while_its_batch_is_still_being_written_is_accepted(
+    make_party: Callable[..., Party],
+) -> None:
+    """On a fast link the peer's ack can be read before the write of its batch returns.
+
+    The session must already count the batch as sent then; a session that
+    counted it only after the write saw an ack beyond what it had sent and
+    ended the stream with OUT_OF_RANGE.
+    """
+    total = 30
+
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN, batch_size=10)
+        custodian.append(total)
+        session = custodian.session
+        acks: asyncio.Queue[tuple[Frame, asyncio.Future[None]]] = asyncio.Queue()
+        acked_inside_write: list[int] = []
+
+        async def peer_frames() -> AsyncIterator[Frame]:
+            yield hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN)
+            while True:
+                ack, handled = await acks.get()
+                yield ack
+                # Resumed: the session handled the ack and asks for the next frame.
+                handled.set_result(None)
+                if session.acknowledged_sequence == total:
+                    return
+
+        async def send(frame: Frame) -> None:
+            if frame.WhichOneof("frame") != "batch":
+                return
+            last = position_sync_pb2.SyncBatch.FromString(frame.batch.payload).entries[-1]
+            handled = asyncio.get_running_loop().create_future()
+            ack = Frame(
+                ack=position_sync_pb2.SyncAck(sequence=last.sequence, entry_hash=last.entry_hash)
+            )
+            await acks.put((ack, handled))
+            # The write is still "in progress" while the session reads and handles the ack.
+            await handled
+            acked_inside_write.append(session.acknowledged_sequence)
+
+        await within(session.run(send, peer_frames()))
+        assert acked_inside_write == [10, 20, 30]
+        assert session.acknowledged_sequence == total
+
+    run(scenario())
+
+
 def test_peer_close_ends_the_session_with_the_peers_reason(
     make_party: Callable[..., Party],
 ) -> None:
