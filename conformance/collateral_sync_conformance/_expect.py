@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from collateral_sync.errors import ERROR_DOMAIN, STATUS_BY_REASON, CollateralSyncError
+from collateral_sync.errors import ERROR_DOMAIN, STATUS_BY_REASON, CollateralSyncError, RPCError
 from collateral_sync.statements import message_class_of
 from collateral_sync.v1 import envelope_pb2, errors_pb2
 from google.protobuf import timestamp_pb2
@@ -126,7 +126,22 @@ def outcome_from_error(
     while raw is not None and not isinstance(raw, grpc.RpcError):
         raw = raw.__cause__
     if raw is None:
-        raise TypeError(f"not an RPC error: {error!r}")
+        if not isinstance(error, RPCError):
+            raise TypeError(f"not an RPC error: {error!r}")
+        # Already decoded, without the original status: keep what the SDK kept.
+        known = error.reason != errors_pb2.ERROR_REASON_UNSPECIFIED
+        return Outcome(
+            rpc=rpc,
+            request=request,
+            response=None,
+            code=error.status_code,
+            message=error.message,
+            error_infos=(ErrorDetail(error.reason_name, ERROR_DOMAIN, error.metadata),)
+            if known
+            else (),
+            field_violations=dict(error.field_violations),
+            elapsed=elapsed,
+        )
     code = raw.code() if hasattr(raw, "code") else grpc.StatusCode.UNKNOWN
     message = raw.details() if hasattr(raw, "details") else str(raw)
     status: status_pb2.Status | None

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9-]*")
-_GLOB_COMPONENT = re.compile(r"\*\*|[a-z0-9*?][a-z0-9*?-]*")
+_GLOB_COMPONENT = re.compile(r"[a-z0-9*?][a-z0-9*?-]*")
 
 
 class Level(StrEnum):
@@ -141,7 +141,9 @@ REGISTRY = Registry()
 def check_glob(pattern: str) -> str:
     """Return ``pattern`` if it is a well-formed id glob, else raise ValueError."""
     parts = pattern.split("/")
-    if not pattern or not all(_GLOB_COMPONENT.fullmatch(p) for p in parts):
+    if not pattern or not all(
+        p == "**" or (_GLOB_COMPONENT.fullmatch(p) and "**" not in p) for p in parts
+    ):
         raise ValueError(
             f"glob {pattern!r}: expected '/'-separated components of lowercase letters, "
             "digits, '-', '*' and '?', or '**' alone"

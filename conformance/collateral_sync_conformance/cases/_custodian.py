@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
-from collateral_sync.attestation import verify_checkpoint
+from collateral_sync.attestation import statement_leaf, verify_checkpoint
 from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.keys import SigningKey
+from collateral_sync.merkle import leaf_hash, verify_consistency_proof, verify_inclusion_proof
 from collateral_sync.signing import VerifiedStatement, verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -35,6 +36,7 @@ from collateral_sync_conformance._expect import (
     CaseSkipped,
     check,
     check_equal,
+    describe,
     expect_ok,
     sdk_check,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "client_key",
     "custodian_state",
     "exchange_party",
+    "expect_attested",
     "expect_unchanged",
     "grow_log",
     "holdings",
@@ -211,22 +214,100 @@ async def log_size_at_least(ctx: CaseContext, size: int) -> attestation_pb2.Chec
 
 
 async def grow_log(ctx: CaseContext) -> None:
-    """Append a leaf: deposit into the kit's account (needs --account and test control)."""
+    """Append a leaf to the log: a deposit (test control) into the kit's account, else a pledge.
+
+    A pledge is an ordinary protocol action, so a server without a test mode
+    can still be grown; it needs the kit's client key and free holdings.
+    """
     if not ctx.config.account_id:
-        raise CaseSkipped(
-            "the attestation log is too small and the kit has no --account to deposit into"
-        )
+        raise CaseSkipped("the attestation log is too small and the kit has no --account to use")
     statement, _, _ = await holdings(ctx, ctx.config.account_id)
     if not statement.positions:
-        raise CaseSkipped(f"account {statement.account_id!r} holds no asset the kit could deposit")
-    await ctx.control(
-        ctx.test_control.deposit,
-        test_control_pb2.DepositRequest(
-            account_id=statement.account_id,
-            asset_id=statement.positions[0].asset_id,
-            quantity=amount_to_proto("1"),
+        raise CaseSkipped(f"account {statement.account_id!r} holds no asset the kit could use")
+    try:
+        await ctx.control(
+            ctx.test_control.deposit,
+            test_control_pb2.DepositRequest(
+                account_id=statement.account_id,
+                asset_id=statement.positions[0].asset_id,
+                quantity=amount_to_proto("1"),
+            ),
+        )
+    except CaseSkipped as no_deposit:
+        try:
+            plan = await plan_pledge(ctx)
+        except CaseSkipped as no_pledge:
+            raise CaseSkipped(f"cannot grow the log: {no_deposit}; {no_pledge}") from no_pledge
+        request = custodian_service_pb2.PledgeCollateralRequest(
+            pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+            liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+        )
+        expect_ok(await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral"))
+
+
+async def expect_attested(
+    ctx: CaseContext,
+    envelope: envelope_pb2.Envelope,
+    ref: attestation_pb2.AttestationRef,
+    *,
+    since: attestation_pb2.Checkpoint,
+) -> attestation_pb2.Checkpoint:
+    """A new holdings statement is in the log (§5.5) and the log grew consistently from ``since``.
+
+    Checks the reference's leaf hash, that a checkpoint was signed at its
+    tree size, the inclusion proof against that checkpoint, and the
+    consistency proof from ``since`` to it. Returns that checkpoint.
+    """
+    check_equal(
+        "attestation leaf_hash (H(0x00 || PAE(type, payload)), §5.5)",
+        leaf_hash(statement_leaf(envelope)).hex(),
+        ref.leaf_hash.hex(),
+    )
+    if ctx.session.log_origin is not None:
+        check_equal("attestation log_origin", ctx.session.log_origin, ref.log_origin)
+    check(
+        since.tree_size <= ref.leaf_index < ref.tree_size,
+        "a new statement's leaf must come after the log's earlier size",
+        expected=f"{since.tree_size} <= leaf_index < tree_size ({ref.tree_size})",
+        got=ref.leaf_index,
+    )
+    included_in = await checkpoint_at(ctx, ref.tree_size)
+    outcome = await ctx.rpc(
+        ctx.custodian.get_inclusion_proof,
+        custodian_service_pb2.GetInclusionProofRequest(
+            leaf_index=ref.leaf_index, tree_size=ref.tree_size
         ),
     )
+    response: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
+    check(
+        response.holdings_statement.payload == envelope.payload,
+        f"the leaf at index {ref.leaf_index} is not the statement that references it",
+        expected="the same payload bytes",
+        got=describe(response.holdings_statement),
+    )
+    sdk_check(
+        f"the inclusion proof of leaf {ref.leaf_index}",
+        verify_inclusion_proof,
+        response.proof,
+        statement_leaf(envelope),
+        included_in,
+    )
+    if since.tree_size:
+        outcome = await ctx.rpc(
+            ctx.custodian.get_consistency_proof,
+            custodian_service_pb2.GetConsistencyProofRequest(
+                first_tree_size=since.tree_size, second_tree_size=included_in.tree_size
+            ),
+        )
+        consistency: custodian_service_pb2.GetConsistencyProofResponse = expect_ok(outcome)
+        sdk_check(
+            f"the consistency proof from {since.tree_size} to {included_in.tree_size}",
+            verify_consistency_proof,
+            consistency.proof,
+            since,
+            included_in,
+        )
+    return included_in
 
 
 # ------------------------------------------------------------------ holdings and state

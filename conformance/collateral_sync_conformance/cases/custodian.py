@@ -9,14 +9,20 @@ are refused with the prescribed reason and change nothing.
 from __future__ import annotations
 
 import grpc
-from collateral_sync.amounts import format_amount, parse_amount
-from collateral_sync.attestation import statement_leaf
-from collateral_sync.merkle import leaf_hash, verify_consistency_proof, verify_inclusion_proof
+from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
 from collateral_sync.signing import verify_statement
-from collateral_sync.v1 import attestation_pb2, custodian_service_pb2, errors_pb2
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    custodian_service_pb2,
+    envelope_pb2,
+    errors_pb2,
+    test_control_pb2,
+)
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
+    CaseSkipped,
     check,
     check_equal,
     expect_ok,
@@ -25,10 +31,10 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._custodian import (
-    PLEDGE_UNIT,
     PledgePlan,
-    checkpoint_at,
+    client_key,
     custodian_state,
+    expect_attested,
     expect_unchanged,
     holdings,
     latest_checkpoint,
@@ -67,11 +73,63 @@ async def _pledge(
     )
 
 
-def _pledged(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> str:
+def _position(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> tuple[str, str, str]:
+    """(quantity, locked, pledged) of an asset as canonical text; zeros if absent."""
     for position in statement.positions:
         if position.asset_id == asset_id:
-            return position.pledged_quantity.value or "0"
-    return "0"
+            return (
+                position.quantity.value or "0",
+                position.locked_quantity.value or "0",
+                position.pledged_quantity.value or "0",
+            )
+    return ("0", "0", "0")
+
+
+def _plus(text: str, amount: str) -> str:
+    return format_amount(parse_amount(text) + parse_amount(amount))
+
+
+async def _verified_response_statement(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, account_id: str, what: str
+) -> attestation_pb2.HoldingsStatement:
+    verified = sdk_check(
+        what,
+        verify_statement,
+        envelope,
+        ctx.registry,
+        expected_type=attestation_pb2.HoldingsStatement,
+        audience=client_key(ctx).party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal(f"issuer of {what}", ctx.server_party_id, verified.issuer)
+    check_equal(f"account of {what}", account_id, verified.message.account_id)
+    statement: attestation_pb2.HoldingsStatement = verified.message
+    return statement
+
+
+def _check_change(
+    before: attestation_pb2.HoldingsStatement,
+    after: attestation_pb2.HoldingsStatement,
+    reasons: tuple[int, ...],
+    expected: dict[str, tuple[str, str, str]],
+) -> None:
+    """A later epoch, one of ``reasons``, and (quantity, locked, pledged) per asset as expected."""
+    check(
+        after.epoch > before.epoch,
+        "a change of holdings must have a later epoch",
+        expected=f"> {before.epoch}",
+        got=after.epoch,
+    )
+    check(
+        after.reason in reasons,
+        "reason of the new holdings statement",
+        expected=" or ".join(_REASON.Name(r) for r in reasons),  # type: ignore[arg-type]
+        got=_REASON.Name(after.reason),
+    )
+    for asset_id, figures in expected.items():
+        check_equal(
+            f"(quantity, locked, pledged) of {asset_id}", figures, _position(after, asset_id)
+        )
 
 
 @REGISTRY.case(
@@ -87,83 +145,165 @@ async def pledge_accepted(ctx: CaseContext) -> None:
     request = await _pledge(ctx, plan)
     outcome = await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral")
     response: custodian_service_pb2.PledgeCollateralResponse = expect_ok(outcome)
-
-    verified = sdk_check(
-        "the holdings statement PledgeCollateral returned",
-        verify_statement,
-        response.holdings_statement,
-        ctx.registry,
-        expected_type=attestation_pb2.HoldingsStatement,
-        audience=plan.client.party_id,
-        now=await ctx.server_now(),
+    statement = await _verified_response_statement(
+        ctx, response.holdings_statement, plan.account_id, "the statement PledgeCollateral returned"
     )
-    statement = verified.message
-    check_equal("issuer of the returned statement", ctx.server_party_id, verified.issuer)
-    check_equal("account of the returned statement", plan.account_id, statement.account_id)
+    quantity, locked, pledged = _position(before_statement, plan.asset_id)
+    _check_change(
+        before_statement,
+        statement,
+        (_REASON.HOLDINGS_CHANGE_REASON_PLEDGE, _REASON.HOLDINGS_CHANGE_REASON_TOP_UP),
+        {plan.asset_id: (quantity, locked, _plus(pledged, plan.quantity))},
+    )
     check_equal("exchange_id after the pledge", plan.exchange_id, statement.exchange_id)
-    check(
-        statement.epoch > before_statement.epoch,
-        "the pledge's holdings statement must have a later epoch",
-        expected=f"> {before_statement.epoch}",
-        got=statement.epoch,
-    )
-    check(
-        statement.reason
-        in (_REASON.HOLDINGS_CHANGE_REASON_PLEDGE, _REASON.HOLDINGS_CHANGE_REASON_TOP_UP),
-        "reason of the pledge's holdings statement",
-        expected="PLEDGE or TOP_UP",
-        got=_REASON.Name(statement.reason),
-    )
-    expected_pledged = format_amount(plan.pledged + PLEDGE_UNIT)
+    latest, _, latest_ref = await holdings(ctx, plan.account_id)
+    check_equal("epoch of GetHoldingsStatement after the pledge", statement.epoch, latest.epoch)
     check_equal(
-        f"pledged quantity of {plan.asset_id} after pledging {plan.quantity}",
-        expected_pledged,
-        _pledged(statement, plan.asset_id),
+        "attestation of GetHoldingsStatement after the pledge", response.attestation, latest_ref
     )
+    await expect_attested(ctx, response.holdings_statement, response.attestation, since=before)
 
-    ref = response.attestation
-    check_equal(
-        "attestation leaf_hash of the returned statement",
-        leaf_hash(statement_leaf(response.holdings_statement)).hex(),
-        ref.leaf_hash.hex(),
-    )
-    latest_after, _, latest_ref = await holdings(ctx, plan.account_id)
-    check_equal(
-        "epoch of GetHoldingsStatement after the pledge", statement.epoch, latest_after.epoch
-    )
-    check_equal("attestation of GetHoldingsStatement after the pledge", ref, latest_ref)
 
-    included_in = await checkpoint_at(ctx, ref.tree_size)
-    proof_outcome = await ctx.rpc(
-        ctx.custodian.get_inclusion_proof,
-        custodian_service_pb2.GetInclusionProofRequest(
-            leaf_index=ref.leaf_index, tree_size=ref.tree_size
+@REGISTRY.case(
+    "custodian/deposit-attested",
+    Level.MUST,
+    "a deposit (test control) is attested: a DEPOSIT holdings statement with exactly the added quantity, in the log",
+    roles=_CUSTODIAN,
+)
+async def deposit_attested(ctx: CaseContext) -> None:
+    account = ctx.account()
+    before_statement, _, _ = await holdings(ctx, account)
+    if not before_statement.positions:
+        raise CaseSkipped(f"account {account!r} holds no asset to deposit more of")
+    asset_id = before_statement.positions[0].asset_id
+    before = await latest_checkpoint(ctx)
+    await ctx.control(
+        ctx.test_control.deposit,
+        test_control_pb2.DepositRequest(
+            account_id=account, asset_id=asset_id, quantity=amount_to_proto("1.5")
         ),
     )
-    proof: custodian_service_pb2.GetInclusionProofResponse = expect_ok(proof_outcome)
-    sdk_check(
-        "the inclusion proof of the pledge's holdings statement",
-        verify_inclusion_proof,
-        proof.proof,
-        statement_leaf(response.holdings_statement),
-        included_in,
+    after_statement, envelope, ref = await holdings(ctx, account)
+    quantity, locked, pledged = _position(before_statement, asset_id)
+    _check_change(
+        before_statement,
+        after_statement,
+        (_REASON.HOLDINGS_CHANGE_REASON_DEPOSIT,),
+        {asset_id: (_plus(quantity, "1.5"), locked, pledged)},
     )
-    # The log grew from the checkpoint before the pledge, and only grew.
-    if before.tree_size:
-        consistency = await ctx.rpc(
-            ctx.custodian.get_consistency_proof,
-            custodian_service_pb2.GetConsistencyProofRequest(
-                first_tree_size=before.tree_size, second_tree_size=included_in.tree_size
-            ),
+    await expect_attested(ctx, envelope, ref, since=before)
+
+
+@REGISTRY.case(
+    "custodian/yield-accrual-attested",
+    Level.MUST,
+    "a yield accrual (test control) is attested with reason YIELD_ACCRUAL, raises quantities only, never pledges",
+    roles=_CUSTODIAN,
+)
+async def yield_accrual_attested(ctx: CaseContext) -> None:
+    account = ctx.account()
+    before_statement, _, _ = await holdings(ctx, account)
+    before = await latest_checkpoint(ctx)
+    await ctx.control(ctx.test_control.accrue_yield, test_control_pb2.AccrueYieldRequest())
+    after_statement, envelope, ref = await holdings(ctx, account)
+    if after_statement.epoch == before_statement.epoch:
+        raise CaseSkipped(f"account {account!r} holds no asset that accrues yield")
+    check_equal(
+        "reason of the accrual's holdings statement",
+        "HOLDINGS_CHANGE_REASON_YIELD_ACCRUAL",
+        _REASON.Name(after_statement.reason),
+    )
+    grew = False
+    for position in after_statement.positions:
+        quantity, locked, pledged = _position(after_statement, position.asset_id)
+        old_quantity, old_locked, old_pledged = _position(before_statement, position.asset_id)
+        check(
+            parse_amount(quantity) >= parse_amount(old_quantity),
+            f"a yield accrual lowered the quantity of {position.asset_id}",
+            expected=f">= {old_quantity}",
+            got=quantity,
         )
-        found: custodian_service_pb2.GetConsistencyProofResponse = expect_ok(consistency)
-        sdk_check(
-            f"consistency from {before.tree_size} (before the pledge) to {included_in.tree_size}",
-            verify_consistency_proof,
-            found.proof,
-            before,
-            included_in,
+        # Yield is never pledged (§9.3) and locks nothing.
+        check_equal(
+            f"(locked, pledged) of {position.asset_id} after the accrual",
+            (old_locked, old_pledged),
+            (locked, pledged),
         )
+        grew = grew or parse_amount(quantity) > parse_amount(old_quantity)
+    check(
+        grew,
+        "the accrual's holdings statement raised no quantity",
+        expected="a higher quantity",
+        got="none",
+    )
+    await expect_attested(ctx, envelope, ref, since=before)
+
+
+async def _redemption(
+    ctx: CaseContext, plan: PledgePlan, quantity: str
+) -> custodian_service_pb2.RequestRedemptionRequest:
+    message = custodian_service_pb2.RedemptionRequest(
+        redemption_id=ctx.unique("conformance-redemption"),
+        account_id=plan.account_id,
+        asset_id=plan.asset_id,
+        quantity=common_pb2.Decimal(value=quantity),
+    )
+    return custodian_service_pb2.RequestRedemptionRequest(
+        redemption_request=await ctx.sign(message, plan.client)
+    )
+
+
+@REGISTRY.case(
+    "custodian/redemption-locks",
+    Level.MUST,
+    "a correct redemption request locks exactly its quantity (REDEMPTION_LOCK) and is attested",
+    roles=_CUSTODIAN,
+)
+async def redemption_locks(ctx: CaseContext) -> None:
+    plan = await plan_pledge(ctx)  # the same room a pledge needs: unlocked, unpledged quantity
+    before_statement, _, _ = await holdings(ctx, plan.account_id)
+    before = await latest_checkpoint(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.request_redemption,
+        await _redemption(ctx, plan, plan.quantity),
+        label="RequestRedemption",
+    )
+    response: custodian_service_pb2.RequestRedemptionResponse = expect_ok(outcome)
+    statement = await _verified_response_statement(
+        ctx,
+        response.holdings_statement,
+        plan.account_id,
+        "the statement RequestRedemption returned",
+    )
+    quantity, locked, pledged = _position(before_statement, plan.asset_id)
+    _check_change(
+        before_statement,
+        statement,
+        (_REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK,),
+        {plan.asset_id: (quantity, _plus(locked, plan.quantity), pledged)},
+    )
+    await expect_attested(ctx, response.holdings_statement, response.attestation, since=before)
+
+
+@REGISTRY.case(
+    "custodian/redemption-exceeding-unlocked-refused",
+    Level.MUST,
+    "a redemption above quantity - locked is refused: FAILED_PRECONDITION STATE_CONFLICT",
+    roles=_CUSTODIAN,
+)
+async def redemption_exceeding(ctx: CaseContext) -> None:
+    plan = await plan_pledge(ctx)
+    statement, _, _ = await holdings(ctx, plan.account_id)
+    quantity, locked, _ = _position(statement, plan.asset_id)
+    too_much = format_amount(parse_amount(quantity) - parse_amount(locked) + parse_amount("1"))
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.request_redemption,
+        await _redemption(ctx, plan, too_much),
+        label="RequestRedemption",
+    )
+    expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+    await expect_unchanged(ctx, before)
 
 
 @REGISTRY.case(

@@ -7,8 +7,8 @@ bytes, an invalid amount — and requires the status and ``ErrorInfo`` reason
 of §3.6/§12, and that nothing changed on the server (§12.3).
 
 The defects are defined once and applied to each RPC that takes a statement
-to act on (:data:`_TARGETS`): ``PledgeCollateral`` (a client statement) and
-``SubmitLiquidationInstruction`` (an exchange statement).
+to act on (:data:`_TARGETS`): ``PledgeCollateral`` and ``RequestRedemption``
+(client statements) and ``SubmitLiquidationInstruction`` (an exchange statement).
 """
 
 from __future__ import annotations
@@ -126,6 +126,23 @@ async def _prepare_pledge(
     return pledge_instruction(plan), request
 
 
+async def _prepare_redemption(
+    ctx: CaseContext,
+) -> tuple[Message, Callable[..., Awaitable[Message]]]:
+    plan = await plan_pledge(ctx)  # a free quantity of an asset of the kit's account
+    redemption = custodian_service_pb2.RedemptionRequest(
+        redemption_id=ctx.unique("conformance-redemption"),
+        account_id=plan.account_id,
+        asset_id=plan.asset_id,
+        quantity=common_pb2.Decimal(value=plan.quantity),
+    )
+
+    async def request(envelope: envelope_pb2.Envelope) -> Message:
+        return custodian_service_pb2.RequestRedemptionRequest(redemption_request=envelope)
+
+    return redemption, request
+
+
 async def _prepare_liquidation(
     ctx: CaseContext,
 ) -> tuple[Message, Callable[..., Awaitable[Message]]]:
@@ -155,6 +172,15 @@ _TARGETS = (
         prepare=_prepare_pledge,
         call=lambda ctx: ctx.custodian.pledge_collateral,
         foreign_type=payload_type_of(liquidation_pb2.LiquidationPath),
+    ),
+    _Target(
+        slug="request-redemption",
+        rpc="RequestRedemption",
+        issuer_role=_ROLE.PARTY_ROLE_CLIENT,
+        other_role=_ROLE.PARTY_ROLE_EXCHANGE,
+        prepare=_prepare_redemption,
+        call=lambda ctx: ctx.custodian.request_redemption,
+        foreign_type=payload_type_of(custodian_service_pb2.PledgeInstruction),
     ),
     _Target(
         slug="submit-liquidation-instruction",
