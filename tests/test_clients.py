@@ -25,6 +25,7 @@ from collateral_sync.clients import (
     ExchangeClient,
     ReconciliationClient,
     RegulatorClient,
+    TestControlClient,
 )
 from collateral_sync.dev_ca import DevPki, create_dev_pki
 from collateral_sync.errors import (
@@ -47,6 +48,7 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2,
     regulator_service_pb2,
     regulator_service_pb2_grpc,
+    test_control_pb2,
 )
 
 _T = TypeVar("_T")
@@ -399,6 +401,7 @@ _CLIENT_BY_SERVICE = {
         EmergencyReleaseClient,
         emergency_release_service_pb2,
     ),
+    "collateral_sync.v1.TestControlService": (TestControlClient, test_control_pb2),
 }
 
 

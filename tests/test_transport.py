@@ -6,6 +6,7 @@ Real grpc.aio servers on port 0; every test runs its own event loop.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import pkgutil
 from collections.abc import AsyncIterator, Coroutine
@@ -49,6 +50,8 @@ from collateral_sync.v1 import (
     exchange_service_pb2_grpc,
     regulator_service_pb2,
     regulator_service_pb2_grpc,
+    test_control_pb2,
+    test_control_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -57,6 +60,7 @@ _T = TypeVar("_T")
 
 EXCHANGE = "collateral_sync.v1.ExchangeService"
 REGULATOR = "collateral_sync.v1.RegulatorService"
+TEST_CONTROL = "collateral_sync.v1.TestControlService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
@@ -180,11 +184,17 @@ def test_tls_config_rejects_non_pem(pki: DevPki, tmp_path: Path) -> None:
 # --- service config and options ------------------------------------------
 
 
-def test_service_modules_cover_every_generated_service_module() -> None:
-    on_disk = {
-        m.name for m in pkgutil.iter_modules(v1_package.__path__) if m.name.endswith("_service_pb2")
-    }
-    assert {m.__name__.rsplit(".", 1)[1] for m in SERVICE_MODULES} == on_disk
+def test_service_modules_are_every_generated_module_that_defines_a_service() -> None:
+    with_services = set()
+    for info in pkgutil.iter_modules(v1_package.__path__):
+        if info.name.endswith("_pb2"):
+            module = importlib.import_module(f"{v1_package.__name__}.{info.name}")
+            if module.DESCRIPTOR.services_by_name:
+                with_services.add(info.name)
+    assert {m.__name__.rsplit(".", 1)[1] for m in SERVICE_MODULES} == with_services
+    # Test control is served only in test mode, but it is a service like the others.
+    assert "test_control_pb2" in with_services
+    assert "custodian_service_pb2" in with_services
 
 
 def test_idempotent_methods_are_exactly_the_unary_reads() -> None:
@@ -590,6 +600,53 @@ def test_health_and_reflection_list_the_added_services(pki: DevPki) -> None:
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol=EXCHANGE),
             )
             assert described.file_descriptor_response.file_descriptor_proto
+
+    run(scenario())
+
+
+class SyncStateOnlyTestControl(test_control_pb2_grpc.TestControlServiceServicer):
+    """A test-mode server's TestControlService; GetSyncState answers, the rest UNIMPLEMENTED."""
+
+    async def GetSyncState(
+        self, request: test_control_pb2.GetSyncStateRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.GetSyncStateResponse:
+        return test_control_pb2.GetSyncStateResponse(
+            directions=[test_control_pb2.SyncDirectionState(sequence=7)]
+        )
+
+
+def test_test_control_is_added_and_announced_like_any_other_service(pki: DevPki) -> None:
+    async def scenario() -> None:
+        server = create_server(tls=tls(pki, "exchange-1"), servicers=[FlakyExchange()])
+        assert add_servicer(server, SyncStateOnlyTestControl()) == TEST_CONTROL
+        assert service_names(server) == (EXCHANGE, TEST_CONTROL)
+        async with (
+            serve(server) as port,
+            secure_channel(f"localhost:{port}", tls(pki, "custodian-1")) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            response = await health.Check(
+                health_pb2.HealthCheckRequest(service=TEST_CONTROL), timeout=5
+            )
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+            listed = await _reflection_request(
+                channel, reflection_pb2.ServerReflectionRequest(list_services="")
+            )
+            assert sorted(s.name for s in listed.list_services_response.service) == sorted(
+                [EXCHANGE, TEST_CONTROL, HEALTH, REFLECTION]
+            )
+            described = await _reflection_request(
+                channel,
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=TEST_CONTROL),
+            )
+            assert described.file_descriptor_response.file_descriptor_proto
+            # Served through the same interceptors: an unimplemented RPC is mapped, not a crash.
+            stub = test_control_pb2_grpc.TestControlServiceStub(channel)
+            state = await stub.GetSyncState(test_control_pb2.GetSyncStateRequest(), timeout=5)
+            assert [d.sequence for d in state.directions] == [7]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Deposit(test_control_pb2.DepositRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     run(scenario())
 

@@ -42,7 +42,7 @@ import grpc
 import grpc.aio
 from collateral_sync.errors import CollateralSyncError, MalformedError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
-from collateral_sync.server import create_server, start_server, stop_server
+from collateral_sync.server import add_servicer, create_server, start_server, stop_server
 from collateral_sync.transport import TlsConfig, peer_party_id
 from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 
@@ -275,9 +275,9 @@ async def _serve(
         interceptors=[_RequestErrorLog(context.logger)],
     )
     if test_mode:
-        # Registered beside the protocol services: the interceptors map its
-        # errors too, and only a test-mode server has it.
-        test_control_pb2_grpc.add_TestControlServiceServicer_to_server(role.test_control(), server)
+        # Added like the protocol services: the interceptors map its errors,
+        # and health and reflection list it (only a test-mode server has it).
+        add_servicer(server, role.test_control())
     port = await start_server(server, listen)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

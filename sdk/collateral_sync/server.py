@@ -52,6 +52,7 @@ from collateral_sync.v1 import (
     exchange_service_pb2_grpc,
     reconciliation_service_pb2_grpc,
     regulator_service_pb2_grpc,
+    test_control_pb2_grpc,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ _GRPC_MODULES = (
     exchange_service_pb2_grpc,
     reconciliation_service_pb2_grpc,
     regulator_service_pb2_grpc,
+    test_control_pb2_grpc,
 )
 
 

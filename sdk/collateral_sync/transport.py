@@ -43,6 +43,7 @@ from collateral_sync.v1 import (
     exchange_service_pb2,
     reconciliation_service_pb2,
     regulator_service_pb2,
+    test_control_pb2,
 )
 
 __all__ = [
@@ -67,13 +68,16 @@ __all__ = [
 #: Largest message either side sends or accepts; the same on clients and servers.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
-#: The generated modules whose services this SDK speaks (source of the retry policy).
+#: The generated modules whose services this SDK speaks (source of the retry policy
+#: and of the services a server can add). TestControlService is among them: only
+#: test-mode servers serve it, but those must announce it like any other service.
 SERVICE_MODULES: tuple[ModuleType, ...] = (
     custodian_service_pb2,
     emergency_release_service_pb2,
     exchange_service_pb2,
     reconciliation_service_pb2,
     regulator_service_pb2,
+    test_control_pb2,
 )
 
 ChannelOption = tuple[str, str | int]

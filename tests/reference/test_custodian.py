@@ -64,6 +64,7 @@ _T = TypeVar("_T")
 
 ORIGIN = f"{CUSTODIAN}/collateral-sync/attestations"
 CUSTODIAN_SERVICE = "collateral_sync.v1.CustodianService"
+TEST_CONTROL_SERVICE = "collateral_sync.v1.TestControlService"
 REASON = attestation_pb2.HoldingsChangeReason
 CODE = grpc.StatusCode
 BENJI_DAILY_RATE = Decimal("0.000118")
@@ -289,7 +290,8 @@ def test_health_serving_and_reflection_lists_the_services(
     async def scenario() -> None:
         async with reference_parties.channel(custodian.address, EXCHANGE) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", CUSTODIAN_SERVICE):
+            # A test-mode server serves TestControlService, and announces it like the rest.
+            for service in ("", CUSTODIAN_SERVICE, TEST_CONTROL_SERVICE):
                 reply = await health.Check(
                     health_pb2.HealthCheckRequest(service=service), timeout=5
                 )
@@ -300,9 +302,53 @@ def test_health_serving_and_reflection_lists_the_services(
             reply = await call.read()
             await call.done_writing()
             names = {s.name for s in reply.list_services_response.service}
-            assert {CUSTODIAN_SERVICE, "grpc.health.v1.Health"} <= names
+            assert names == {
+                CUSTODIAN_SERVICE,
+                TEST_CONTROL_SERVICE,
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            }
 
     run(scenario())
+
+
+def test_without_test_mode_test_control_is_neither_served_nor_announced(
+    start_server: StartServer,
+    reference_parties: Parties,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    directory = tmp_path_factory.mktemp("production")
+    config = reference_parties.config(
+        CUSTODIAN, "custodian", directory, peers={EXCHANGE: None}, custodian={}
+    )
+    server = start_server("custodian", config, name="production-custodian", test_mode=False)
+
+    async def scenario() -> None:
+        async with reference_parties.channel(server.address, EXCHANGE) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await health.Check(
+                    health_pb2.HealthCheckRequest(service=TEST_CONTROL_SERVICE), timeout=5
+                )
+            assert unknown.value.code() == CODE.NOT_FOUND
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            call = reflection.ServerReflectionInfo(timeout=5)
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await call.read()
+            await call.done_writing()
+            names = {s.name for s in reply.list_services_response.service}
+            assert CUSTODIAN_SERVICE in names
+            assert TEST_CONTROL_SERVICE not in names
+            with pytest.raises(RPCError) as caught:
+                await TestControlClient(channel).get_sync_state(
+                    test_control_pb2.GetSyncStateRequest()
+                )
+            assert caught.value.code == CODE.UNIMPLEMENTED
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
 
 
 def test_connection_without_a_client_certificate_is_refused(custodian: ServerProcess) -> None:
