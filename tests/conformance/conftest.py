@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,10 +34,14 @@ __all__ = [
     "CLIENT",
     "CUSTODIAN",
     "EXCHANGE",
+    "KIT_ACCOUNT",
     "REGULATOR",
     "Parties",
     "ServerProcess",
     "StartServer",
+    "custodian",
+    "custodian_config",
+    "kit_argv",
     "reference_parties",
     "start_server",
 ]
@@ -54,3 +59,61 @@ def kit_files(reference_parties: Parties) -> dict[str, Path]:
         "exchange_key": reference_parties.key_path(EXCHANGE),
         "client_key": reference_parties.key_path(CLIENT),
     }
+
+
+#: Accounts of the reference custodian the kit is run against; the kit uses KIT_ACCOUNT.
+KIT_ACCOUNT = "acct-kit"
+KIT_ACCOUNTS = {
+    KIT_ACCOUNT: {"USDC": "250000", "BTC": "10", "BENJI": "1000"},
+    "acct-kit-other": {"USDC": "10"},
+}
+
+
+def custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
+    """A reference custodian serving the kit's exchange, with the kit's accounts."""
+    return parties.config(
+        CUSTODIAN,
+        "custodian",
+        directory,
+        peers={EXCHANGE: None},
+        custodian={
+            "accounts": [
+                {"account_id": account, "client_id": CLIENT, "holdings": holdings}
+                for account, holdings in KIT_ACCOUNTS.items()
+            ]
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def custodian(
+    start_server: StartServer, reference_parties: Parties, tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
+    """A reference custodian in test mode, one per test module."""
+    directory = tmp_path_factory.mktemp("kit-custodian")
+    return start_server("custodian", custodian_config(reference_parties, directory))
+
+
+def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
+    """``run`` arguments for a custodian at ``target``, the kit playing exchange and client."""
+    return [
+        "run",
+        "--role",
+        "custodian",
+        "--target",
+        target,
+        "--ca",
+        str(files["ca"]),
+        "--cert",
+        str(files["cert"]),
+        "--key",
+        str(files["key"]),
+        "--registry",
+        str(files["registry"]),
+        "--kit-key",
+        str(files["exchange_key"]),
+        "--kit-key",
+        str(files["client_key"]),
+        "--no-colour",
+        *extra,
+    ]

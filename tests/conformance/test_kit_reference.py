@@ -19,60 +19,15 @@ import pytest
 from collateral_sync_conformance import main
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, ROOT, Parties, ServerProcess, StartServer
-
-ACCOUNT = "acct-kit"
-ACCOUNTS = {
-    ACCOUNT: {"USDC": "250000", "BTC": "10", "BENJI": "1000"},
-    "acct-kit-other": {"USDC": "10"},
-}
-
-
-def _custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
-    return parties.config(
-        CUSTODIAN,
-        "custodian",
-        directory,
-        peers={EXCHANGE: None},
-        custodian={
-            "accounts": [
-                {"account_id": account, "client_id": CLIENT, "holdings": holdings}
-                for account, holdings in ACCOUNTS.items()
-            ]
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def custodian(
-    start_server: StartServer, reference_parties: Parties, tmp_path_factory: pytest.TempPathFactory
-) -> ServerProcess:
-    directory = tmp_path_factory.mktemp("kit-custodian")
-    return start_server("custodian", _custodian_config(reference_parties, directory))
-
-
-def _argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--role",
-        "custodian",
-        "--target",
-        target,
-        "--ca",
-        str(files["ca"]),
-        "--cert",
-        str(files["cert"]),
-        "--key",
-        str(files["key"]),
-        "--registry",
-        str(files["registry"]),
-        "--kit-key",
-        str(files["exchange_key"]),
-        "--kit-key",
-        str(files["client_key"]),
-        "--no-colour",
-        *extra,
-    ]
+from .conftest import (
+    KIT_ACCOUNT,
+    ROOT,
+    Parties,
+    ServerProcess,
+    StartServer,
+    custodian_config,
+    kit_argv,
+)
 
 
 def _results(directory: Path) -> dict[str, Any]:
@@ -95,7 +50,9 @@ def test_reference_custodian_passes_every_must_case(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code = main(
-        _argv(kit_files, custodian.address, "--account", ACCOUNT, "--report-dir", str(tmp_path))
+        kit_argv(
+            kit_files, custodian.address, "--account", KIT_ACCOUNT, "--report-dir", str(tmp_path)
+        )
     )
     out = capsys.readouterr().out
     document = _results(tmp_path)
@@ -119,7 +76,7 @@ def test_stale_known_failing_entries_fail_the_run_against_a_real_server(
     known.write_text(
         "# our server is fine now\ntransport/health-serving\nenvelope/no-such-case\n", "utf-8"
     )
-    argv = _argv(
+    argv = kit_argv(
         kit_files,
         custodian.address,
         "--run",
@@ -151,16 +108,16 @@ def test_without_test_mode_cases_needing_test_control_are_skipped_not_passed(
     directory = tmp_path_factory.mktemp("kit-custodian-production")
     server = start_server(
         "custodian",
-        _custodian_config(reference_parties, directory),
+        custodian_config(reference_parties, directory),
         name="custodian-production",
         test_mode=False,
     )
     reports = directory / "reports"
-    argv = _argv(
+    argv = kit_argv(
         kit_files,
         server.address,
         "--account",
-        ACCOUNT,
+        KIT_ACCOUNT,
         "--run",
         "attestation/**",
         "--run",
@@ -199,7 +156,7 @@ def test_collateral_sync_conformance_runs_end_to_end(
             "-m",
             "collateral_sync._cli",
             "conformance",
-            *_argv(
+            *kit_argv(
                 kit_files, custodian.address, "--run", "transport/**", "--skip", "**/reflection-v1"
             ),
         ],
