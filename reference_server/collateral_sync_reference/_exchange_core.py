@@ -1327,9 +1327,56 @@ class ExchangeCore:
             )
         self._logger.error("liquidation %s refused: %s", liquidation_id, error.message)
 
-    def shortfall_allocations(self) -> list[envelope_pb2.Envelope]:
-        """Every signed ShortfallAllocation (there is no RPC for them in v1)."""
-        return self._store.shortfall_allocations()
+    def shortfall_allocation(self, liquidation_id: str) -> envelope_pb2.Envelope:
+        """GetShortfallAllocation: the signed allocation of a liquidation's shortfall.
+
+        NOT_FOUND for a liquidation this exchange never instructed, and for one
+        that has no allocation (not executed yet, or its proceeds covered the
+        amount). Re-signed, same content, when less than half its lifetime is left.
+        """
+        liquidation = self._store.liquidation(liquidation_id)
+        if liquidation is None:
+            raise StateError(
+                f"no liquidation {liquidation_id!r} was instructed by this exchange",
+                reason=_R.ERROR_REASON_NOT_FOUND,
+                metadata={
+                    "field": "liquidation_id",
+                    "expected": "an instructed liquidation id",
+                    "actual": liquidation_id,
+                },
+            )
+        allocation = liquidation.allocation
+        if allocation is None:
+            shortfall = (
+                "none yet"
+                if liquidation.shortfall is None
+                else format_amount(liquidation.shortfall)
+            )
+            raise StateError(
+                f"liquidation {liquidation_id!r} ({liquidation.status}) has no shortfall "
+                f"allocation: its shortfall is {shortfall}",
+                reason=_R.ERROR_REASON_NOT_FOUND,
+                metadata={
+                    "field": "liquidation_id",
+                    "expected": "an executed liquidation with a shortfall",
+                    "actual": f"{liquidation.status}, shortfall {shortfall}",
+                },
+            )
+        now = self._clock()
+        ttl = self._settings.statement_ttl
+        if not _stale(allocation, liquidation_pb2.ShortfallAllocation, ttl, now):
+            return allocation
+        with self._storage.transaction():
+            resigned = self._resign_if_stale(
+                allocation,
+                liquidation_pb2.ShortfallAllocation,
+                audience=[self._settings.custodian_id],
+                ttl=ttl,
+                now=now,
+            )
+            assert resigned is not None
+            self._store.replace_allocation(liquidation_id, resigned)
+        return resigned
 
     # -- requests --
 

@@ -99,6 +99,16 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         state = self._core.respond_to_margin_call(request.margin_call_response)
         return exchange_service_pb2.RespondToMarginCallResponse(margin_call_state=state)
 
+    async def GetShortfallAllocation(
+        self,
+        request: exchange_service_pb2.GetShortfallAllocationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.GetShortfallAllocationResponse:
+        _required(bool(request.liquidation_id), "liquidation_id", "a liquidation id")
+        return exchange_service_pb2.GetShortfallAllocationResponse(
+            shortfall_allocation=self._core.shortfall_allocation(request.liquidation_id)
+        )
+
 
 class ExchangeTestControl(TestControlBase):
     """TestControlService of the exchange: exposure, prices and valuation on demand."""

@@ -703,12 +703,13 @@ class ExchangeStore:
         ).fetchall()
         return [_liquidation_row(row) for row in rows]
 
-    def shortfall_allocations(self) -> list[envelope_pb2.Envelope]:
-        """Every signed ShortfallAllocation, in the order the liquidations were instructed."""
-        rows = self._db.execute(
-            "SELECT allocation FROM exchange_liquidations WHERE allocation IS NOT NULL ORDER BY seq"
-        ).fetchall()
-        return [_required_envelope(row[0]) for row in rows]
+    def replace_allocation(self, liquidation_id: str, allocation: envelope_pb2.Envelope) -> None:
+        """The same allocation signed afresh (served long after the liquidation)."""
+        self._write(
+            "UPDATE exchange_liquidations SET allocation = ? WHERE liquidation_id = ? "
+            "AND allocation IS NOT NULL",
+            (allocation.SerializeToString(), liquidation_id),
+        )
 
     def set_liquidation_path(self, account_id: str, liquidation_path_id: str) -> None:
         self._write(

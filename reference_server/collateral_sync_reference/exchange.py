@@ -19,7 +19,7 @@ the custodian's ``SyncPositions`` stream:
   expiry, withdrawal); instructs liquidation past the liquidation line or on
   expiry, delivered by ``SubmitLiquidationInstruction`` (``_exchange_submit``);
   a shortfall in the receipt goes to the insurance fund, then is ranked for
-  auto-deleveraging, in a signed ``ShortfallAllocation``.
+  auto-deleveraging, in a signed ``ShortfallAllocation`` (``GetShortfallAllocation``).
 
 Configuration (the ``exchange`` section of the server's file; every key but
 ``log_origin`` is optional)::

@@ -273,6 +273,7 @@ class ExchangeClient(_Client):
         "_get_credit_line",
         "_get_margin_call",
         "_get_risk_policy",
+        "_get_shortfall_allocation",
         "_list_margin_calls",
         "_respond_to_margin_call",
     )
@@ -296,6 +297,9 @@ class ExchangeClient(_Client):
         self._respond_to_margin_call: _UnaryMethod[
             m.RespondToMarginCallRequest, m.RespondToMarginCallResponse
         ] = stub.RespondToMarginCall
+        self._get_shortfall_allocation: _UnaryMethod[
+            m.GetShortfallAllocationRequest, m.GetShortfallAllocationResponse
+        ] = stub.GetShortfallAllocation
 
     async def get_risk_policy(
         self,
@@ -346,6 +350,16 @@ class ExchangeClient(_Client):
     ) -> exchange_service_pb2.RespondToMarginCallResponse:
         """Agree, partially agree or dispute a margin call."""
         return await self._unary(self._respond_to_margin_call, request, timeout, metadata)
+
+    async def get_shortfall_allocation(
+        self,
+        request: exchange_service_pb2.GetShortfallAllocationRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> exchange_service_pb2.GetShortfallAllocationResponse:
+        """The signed allocation of a liquidation's shortfall."""
+        return await self._unary(self._get_shortfall_allocation, request, timeout, metadata)
 
 
 class RegulatorClient(_Client):

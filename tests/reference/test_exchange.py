@@ -11,8 +11,7 @@ computations (PROTOCOL.md §7.4's worked example) and against
 :mod:`collateral_sync.valuation` on the same signed inputs.
 
 What the exchange decided but sends nowhere (a rejected statement, a kept
-checkpoint, a shortfall allocation, which has no RPC in v1) is read from its
-SQLite database, read-only, while it runs.
+checkpoint) is read from its SQLite database, read-only, while it runs.
 """
 
 from __future__ import annotations
@@ -1207,13 +1206,16 @@ def test_expired_call_leads_to_liquidation_and_the_shortfall_waterfall(
 
             # Insurance fund first (100000), the rest ranked by profit x leverage:
             # acct-e 5000 x (95000 / 95000) = 5000, acct-d 1000 x (190000 / 95000) = 2000.
+            served = await w.exchange.get_shortfall_allocation(
+                exchange_service_pb2.GetShortfallAllocationRequest(liquidation_id=liquidation_id)
+            )
             [(allocation_bytes,)] = w.rows(
                 "SELECT allocation FROM exchange_liquidations WHERE liquidation_id = ?",
                 liquidation_id,
             )
+            assert served.shortfall_allocation.SerializeToString() == allocation_bytes
             allocation = w.verified(
-                envelope_pb2.Envelope.FromString(allocation_bytes),
-                liquidation_pb2.ShortfallAllocation,
+                served.shortfall_allocation, liquidation_pb2.ShortfallAllocation
             )
             assert allocation.liquidation_id == liquidation_id
             assert allocation.shortfall.value == "1200000"
@@ -1292,6 +1294,37 @@ def test_breach_of_the_liquidation_line_instructs_a_close_out(
             assert (await w.state(call.margin_call_id)).status == _S.MARGIN_CALL_STATUS_WITHDRAWN
             # Proceeds covered the amount: no allocation, the policy unchanged.
             assert w.rows("SELECT allocation FROM exchange_liquidations") == [(None,)]
+            [(liquidation_id,)] = w.rows("SELECT liquidation_id FROM exchange_liquidations")
+            none = await refused(
+                w.exchange.get_shortfall_allocation(
+                    exchange_service_pb2.GetShortfallAllocationRequest(
+                        liquidation_id=liquidation_id
+                    )
+                )
+            )
+            assert (none.code, none.reason) == (
+                grpc.StatusCode.NOT_FOUND,
+                _R.ERROR_REASON_NOT_FOUND,
+            )
+            assert none.metadata["actual"] == "executed, shortfall 0"
+            unknown = await refused(
+                w.exchange.get_shortfall_allocation(
+                    exchange_service_pb2.GetShortfallAllocationRequest(liquidation_id="liq-nope")
+                )
+            )
+            assert (unknown.code, unknown.metadata["actual"]) == (
+                grpc.StatusCode.NOT_FOUND,
+                "liq-nope",
+            )
+            empty = await refused(
+                w.exchange.get_shortfall_allocation(
+                    exchange_service_pb2.GetShortfallAllocationRequest()
+                )
+            )
+            assert (empty.code, empty.reason) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                _R.ERROR_REASON_MALFORMED,
+            )
 
     run(scenario())
 
@@ -1761,6 +1794,24 @@ def test_lifecycle_with_the_reference_custodian(
                 ("USDC", "250000"),
             ]
             assert (proceeds, shortfall) == ("300000", "700000")
+            # The waterfall's allocation is served to the custodian, signed.
+            allocation = verify_statement(
+                (
+                    await ex.get_shortfall_allocation(
+                        exchange_service_pb2.GetShortfallAllocationRequest(
+                            liquidation_id=receipt.liquidation_id
+                        )
+                    )
+                ).shortfall_allocation,
+                parties.registry,
+                expected_type=liquidation_pb2.ShortfallAllocation,
+                audience=CUSTODIAN,
+                now=now,
+            ).message
+            assert (allocation.shortfall.value, allocation.covered_by_insurance_fund.value) == (
+                "700000",
+                "700000",
+            )
             policy = await ex.get_risk_policy(exchange_service_pb2.GetRiskPolicyRequest())
             published = valuation_pb2.RiskPolicy.FromString(policy.risk_policy.payload)
             assert (published.version, published.insurance_fund_balance.value) == (2, "300000")

@@ -258,3 +258,48 @@ class RespondToMarginCallResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RespondToMarginCallResponse: _TypeAlias = RespondToMarginCallResponse  # noqa: Y015
+
+@_typing.final
+class GetShortfallAllocationRequest(_message.Message):
+    """Request for GetShortfallAllocation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIQUIDATION_ID_FIELD_NUMBER: _builtins.int
+    liquidation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        liquidation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["liquidation_id", b"liquidation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShortfallAllocationRequest: _TypeAlias = GetShortfallAllocationRequest  # noqa: Y015
+
+@_typing.final
+class GetShortfallAllocationResponse(_message.Message):
+    """Response of GetShortfallAllocation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHORTFALL_ALLOCATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shortfall_allocation(self) -> _envelope_pb2.Envelope:
+        """Envelope of a ShortfallAllocation."""
+
+    def __init__(
+        self,
+        *,
+        shortfall_allocation: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shortfall_allocation", b"shortfall_allocation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shortfall_allocation", b"shortfall_allocation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShortfallAllocationResponse: _TypeAlias = GetShortfallAllocationResponse  # noqa: Y015

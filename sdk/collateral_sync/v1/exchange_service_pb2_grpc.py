@@ -60,6 +60,11 @@ class ExchangeServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallResponse.FromString,
                 _registered_method=True)
+        self.GetShortfallAllocation = channel.unary_unary(
+                '/collateral_sync.v1.ExchangeService/GetShortfallAllocation',
+                request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -101,6 +106,14 @@ class ExchangeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetShortfallAllocation(self, request, context):
+        """The signed allocation of a liquidation's shortfall (insurance fund, then
+        auto-deleveraging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExchangeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
                     servicer.RespondToMarginCall,
                     request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallResponse.SerializeToString,
+            ),
+            'GetShortfallAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShortfallAllocation,
+                    request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class ExchangeService:
             '/collateral_sync.v1.ExchangeService/RespondToMarginCall',
             collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallRequest.SerializeToString,
             collateral__sync_dot_v1_dot_exchange__service__pb2.RespondToMarginCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShortfallAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.ExchangeService/GetShortfallAllocation',
+            collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class ExchangeServiceStub:
     """Margin calls of an account."""
     RespondToMarginCall: _grpc.UnaryUnaryMultiCallable[_exchange_service_pb2.RespondToMarginCallRequest, _exchange_service_pb2.RespondToMarginCallResponse]
     """Agree, partially agree or dispute a margin call."""
+    GetShortfallAllocation: _grpc.UnaryUnaryMultiCallable[_exchange_service_pb2.GetShortfallAllocationRequest, _exchange_service_pb2.GetShortfallAllocationResponse]
+    """The signed allocation of a liquidation's shortfall (insurance fund, then
+    auto-deleveraging).
+    """
 
 @_typing.type_check_only
 class ExchangeServiceAsyncStub(ExchangeServiceStub):
@@ -59,6 +63,10 @@ class ExchangeServiceAsyncStub(ExchangeServiceStub):
     """Margin calls of an account."""
     RespondToMarginCall: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.RespondToMarginCallRequest, _exchange_service_pb2.RespondToMarginCallResponse]  # type: ignore[assignment]
     """Agree, partially agree or dispute a margin call."""
+    GetShortfallAllocation: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.GetShortfallAllocationRequest, _exchange_service_pb2.GetShortfallAllocationResponse]  # type: ignore[assignment]
+    """The signed allocation of a liquidation's shortfall (insurance fund, then
+    auto-deleveraging).
+    """
 
 class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the exchange."""
@@ -102,5 +110,15 @@ class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_exchange_service_pb2.RespondToMarginCallResponse, _abc.Awaitable[_exchange_service_pb2.RespondToMarginCallResponse]]:
         """Agree, partially agree or dispute a margin call."""
+
+    @_abc_1.abstractmethod
+    def GetShortfallAllocation(
+        self,
+        request: _exchange_service_pb2.GetShortfallAllocationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_exchange_service_pb2.GetShortfallAllocationResponse, _abc.Awaitable[_exchange_service_pb2.GetShortfallAllocationResponse]]:
+        """The signed allocation of a liquidation's shortfall (insurance fund, then
+        auto-deleveraging).
+        """
 
 def add_ExchangeServiceServicer_to_server(servicer: ExchangeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
