@@ -198,6 +198,8 @@ class _Change:
 
     account: Account
     reason: int
+    #: For a pledge: the recorded LiquidationPath, announced with the holdings change.
+    liquidation_path: envelope_pb2.Envelope | None = None
 
 
 class Custodian:
@@ -470,13 +472,15 @@ class Custodian:
             )
             self._store.save_account(account)
             if account.exchange_id:
+                holdings_change = position_sync_pb2.HoldingsChange(
+                    holdings_statement=envelope, attestation=ref
+                )
+                if change.liquidation_path is not None:
+                    # How the exchange learns the path id its instructions must name.
+                    holdings_change.liquidation_path.CopyFrom(change.liquidation_path)
                 self._announce(
                     account.exchange_id,
-                    position_sync_pb2.PositionUpdate(
-                        holdings_change=position_sync_pb2.HoldingsChange(
-                            holdings_statement=envelope, attestation=ref
-                        )
-                    ),
+                    position_sync_pb2.PositionUpdate(holdings_change=holdings_change),
                 )
             issued.append((envelope, ref))
         return issued
@@ -661,16 +665,21 @@ class Custodian:
             account.exchange_id = exchange
             holding.pledged = _add(holding.pledged, quantity)
             if new_path:
+                recorded_path = add_signature(path.envelope, self._signer)
                 self._store.add_path(
                     PathRecord(
                         statement_id=path.header.statement_id,
                         account_id=account.account_id,
                         exchange_id=exchange,
                         recorded_at=now,
-                        envelope=add_signature(path.envelope, self._signer),
+                        envelope=recorded_path,
                     )
                 )
                 self._guard.record(path)
+            else:
+                record = self._store.path(path.header.statement_id)
+                assert record is not None  # _check_path found it
+                recorded_path = record.envelope
             self._store.add_pledge(
                 verified.header.statement_id,
                 account.account_id,
@@ -679,7 +688,9 @@ class Custodian:
                 verified.payload,
             )
             self._guard.record(verified)
-            [(envelope, ref)] = self._attest([_Change(account, reason)], now)
+            [(envelope, ref)] = self._attest(
+                [_Change(account, reason, liquidation_path=recorded_path)], now
+            )
             self._announce(
                 exchange,
                 position_sync_pb2.PositionUpdate(

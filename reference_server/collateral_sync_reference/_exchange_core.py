@@ -139,9 +139,6 @@ class ExchangeSettings:
     policy_ttl: timedelta = timedelta(days=30)
     #: Lifetime of a liquidation instruction.
     instruction_ttl: timedelta = timedelta(days=1)
-    #: Pre-authorised liquidation path (its statement id) per account, when known
-    #: out of band; see :meth:`ExchangeCore.set_liquidation_path`.
-    liquidation_paths: dict[str, str] = field(default_factory=dict)
     #: Profit per account for the auto-deleveraging ranking (there is no trading engine).
     profits: dict[str, Decimal] = field(default_factory=dict)
     max_skew: timedelta = DEFAULT_MAX_SKEW
@@ -323,8 +320,6 @@ class ExchangeCore:
                 content.insurance_fund_balance.CopyFrom(in_force.insurance_fund_balance)
             if latest is None or latest[2] != policy_content_key(content):
                 self._publish_policy(content, now)
-            for account_id, path_id in sorted(self._settings.liquidation_paths.items()):
-                self._store.set_liquidation_path(account_id, path_id)
             for account_id, profit in sorted(self._settings.profits.items()):
                 self._store.set_profit(account_id, profit)
             self._prices.tick(now)
@@ -527,7 +522,12 @@ class ExchangeCore:
             raise _malformed("holdings_change.holdings_statement.account_id", "an account id", "''")
         if not change.HasField("attestation"):
             raise _malformed("holdings_change.attestation", "an AttestationRef", "absent")
+        path_id = None
+        if change.HasField("liquidation_path"):
+            path_id = self._pledged_path(change.liquidation_path, verified)
         self._store.ensure_account(statement.account_id)
+        if path_id is not None:
+            self._store.set_liquidation_path(statement.account_id, path_id)
         holdings_id = self._store.add_holdings(
             account_id=statement.account_id,
             epoch=statement.epoch,
@@ -550,6 +550,52 @@ class ExchangeCore:
             )
             return
         self._replay.record(verified)
+
+    def _pledged_path(
+        self,
+        envelope: envelope_pb2.Envelope,
+        holdings: VerifiedStatement[attestation_pb2.HoldingsStatement],
+    ) -> str:
+        """The statement id of the pre-authorised path a pledge announces (PROTOCOL.md §9.1).
+
+        The client addressed the path to the custodian, which relays it: it is
+        checked as the custodian checked it when it recorded the pledge (stages
+        a-f, audience the custodian, at the holdings statement's issued_at; no
+        replay stage, as every top-up carries the path in force again), and it
+        must pre-authorise the liquidation of this account by this exchange.
+        A path that fails is a false statement of the custodian's and fails the
+        batch, like any embedded statement that does not verify (§6.5).
+        """
+        path = verify_statement(
+            envelope,
+            self._registry,
+            expected_type=liquidation_pb2.LiquidationPath,
+            audience=self._settings.custodian_id,
+            now=holdings.header.issued_at.ToDatetime(tzinfo=UTC),
+            max_skew=self._settings.max_skew,
+        )
+        message = path.message
+        account_id = holdings.message.account_id
+        for name, expected, actual in (
+            ("account_id", account_id, message.account_id),
+            ("exchange_id", self.party_id, message.exchange_id),
+        ):
+            if actual != expected:
+                raise VerificationError(
+                    f"holdings_change.liquidation_path.{name} is {actual!r}: it does not "
+                    f"pre-authorise liquidating {account_id!r} by {self.party_id!r}",
+                    reason=_R.ERROR_REASON_PATH_NOT_AUTHORISED,
+                    metadata={
+                        "field": f"holdings_change.liquidation_path.{name}",
+                        "expected": expected,
+                        "actual": actual,
+                    },
+                )
+        if not path.header.statement_id:
+            raise _malformed(
+                "holdings_change.liquidation_path.header.statement_id", "a statement id", "''"
+            )
+        return path.header.statement_id
 
     def _receive_pledge_change(self, sequence: int, change: position_sync_pb2.PledgeChange) -> None:
         # Recorded for the record: what counts is the attested holdings
@@ -1095,8 +1141,8 @@ class ExchangeCore:
         path_id = self._store.liquidation_path(account_id) or ""
         if not path_id:
             self._logger.warning(
-                "no pre-authorised liquidation path is known for %s; the custodian will "
-                "refuse the instruction (PATH_NOT_AUTHORISED)",
+                "no pledge of %s has announced a pre-authorised liquidation path; the "
+                "custodian will refuse the instruction (PATH_NOT_AUTHORISED)",
                 account_id,
             )
         liquidation_id = f"liq-{uuid.uuid4().hex}"
@@ -1512,11 +1558,6 @@ class ExchangeCore:
         page, more = rows[:size], len(rows) > size
         token = _page_token(account_id, page[-1].seq) if more else ""
         return [self._fresh_state(row) for row in page], token
-
-    def set_liquidation_path(self, account_id: str, liquidation_path_id: str) -> None:
-        """Record the statement id of an account's pre-authorised liquidation path."""
-        with self._storage.transaction():
-            self._store.set_liquidation_path(account_id, liquidation_path_id)
 
 
 def _check_positions(statement: attestation_pb2.HoldingsStatement) -> None:

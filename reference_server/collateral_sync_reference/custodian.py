@@ -5,7 +5,8 @@ Serves ``CustodianService`` (and ``TestControlService`` in test mode):
 - checkpoints, inclusion and consistency proofs of the attestation log, and the
   latest holdings statement of each account;
 - ``PledgeCollateral``: a client pledges assets to an exchange together with
-  its pre-authorised liquidation path;
+  its pre-authorised liquidation path, which the holdings change announcing
+  the pledge carries to the exchange;
 - ``RequestRedemption``: the assets are locked until settlement (24 h by
   default), then leave the account;
 - ``SubmitLiquidationInstruction`` (or the same instruction on the sync

@@ -30,7 +30,6 @@ Configuration (the ``exchange`` section of the server's file; every key but
       "risk_policy": {"maintenance_ratio": "0.5", "cure_period_seconds": 86400, ...},
       "prices": [{"asset_id": "BTC", "price": "60000"},
                  {"asset_id": "BTC", "price": "45000", "at": "2026-03-01T12:00:00Z"}],
-      "liquidation_paths": {"acct-1": "path-acct-1"},
       "profits": {"acct-2": "125000"},
       "statement_ttl_seconds": 604800,
       "policy_ttl_seconds": 2592000,
@@ -39,12 +38,11 @@ Configuration (the ``exchange`` section of the server's file; every key but
     }
 
 ``custodian`` defaults to the one peer with an address in ``peers`` (the
-exchange dials it). ``liquidation_paths`` names, per account, the statement id
-of the client's pre-authorised ``LiquidationPath``: v1 gives the exchange no
-way to learn it from the custodian (the path travels only in
-``PledgeCollateral``), so it is configured out of band; an account without one
-is never liquidated (the custodian would refuse). ``profits`` feeds the
-auto-deleveraging ranking (there is no trading engine).
+exchange dials it). ``profits`` feeds the auto-deleveraging ranking (there is
+no trading engine). The pre-authorised liquidation path of an account is not
+configured: the custodian announces it with the holdings change of each pledge
+(``HoldingsChange.liquidation_path``), and the exchange's instructions name the
+latest one it verified.
 
 The domain lives in ``_exchange_core``; this module reads the configuration and
 runs the background tasks: the sync stream (re-dialled with exponential backoff
@@ -127,11 +125,6 @@ def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
     log_origin = section.string("log_origin")
     policy = build_policy_content(section.section("risk_policy"))
     prices = tuple(PriceStep.from_config(step) for step in section.sections("prices"))
-    paths: dict[str, str] = {}
-    for account_id, path_id in section.entries("liquidation_paths"):
-        if not isinstance(path_id, str) or not path_id:
-            raise section.error(f"liquidation_paths.{account_id}", "a statement id", path_id)
-        paths[account_id] = path_id
     profits: dict[str, Decimal] = {}
     profit_section = section.section("profits")
     for account_id in list(profit_section.keys()):
@@ -146,7 +139,6 @@ def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
             statement_ttl=section.seconds("statement_ttl_seconds", 7 * 86_400),
             policy_ttl=section.seconds("policy_ttl_seconds", 30 * 86_400),
             instruction_ttl=section.seconds("instruction_ttl_seconds", 86_400),
-            liquidation_paths=paths,
             profits=profits,
             max_skew=config.max_skew,
         ),

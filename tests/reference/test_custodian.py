@@ -1290,6 +1290,25 @@ def test_sync_stream_announces_holdings_and_answers_margin_calls(
                 )
                 assert change.holdings_change.holdings_statement == pledged.holdings_statement
                 assert change.holdings_change.attestation == pledged.attestation
+                # The pledge carries the client's path, as recorded (countersigned): the
+                # exchange learns from it the id its instructions must name.
+                announced_path = change.holdings_change.liquidation_path
+                assert announced_path.payload == path.payload
+                assert [s.key_id for s in announced_path.signatures] == [
+                    parties.keys[CLIENT].key_id,
+                    parties.keys[CUSTODIAN].key_id,
+                ]
+                verified_path = verify_statement(
+                    announced_path,
+                    parties.registry,
+                    expected_type=liquidation_pb2.LiquidationPath,
+                    audience=CUSTODIAN,
+                    now=now,
+                )
+                assert (verified_path.issuer, verified_path.header.statement_id) == (
+                    CLIENT,
+                    "path-s",
+                )
                 pledge_change = await exchange.wait_for(
                     lambda u: u.HasField("pledge_change") and u.pledge_change.account_id == account
                 )

@@ -33,13 +33,19 @@ import pytest
 from collateral_sync.amounts import amount_to_proto, format_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
-from collateral_sync.errors import MalformedError, RPCError
+from collateral_sync.errors import CollateralSyncError, MalformedError, RPCError
 from collateral_sync.keys import SigningKey
 from collateral_sync.merkle import leaf_hash
 from collateral_sync.server import create_server, start_server, stop_server
 from collateral_sync.signing import pae, sign_statement, verify_statement
 from collateral_sync.statements import payload_type_of
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, SyncLog, SyncSession, serve_sync_stream
+from collateral_sync.sync import (
+    CUSTODIAN_TO_EXCHANGE,
+    EXCHANGE_TO_CUSTODIAN,
+    SyncLog,
+    SyncSession,
+    serve_sync_stream,
+)
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
@@ -61,6 +67,7 @@ from collateral_sync.valuation import (
     value_collateral,
 )
 from collateral_sync_reference._config import ConfigSection
+from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSettings
 from collateral_sync_reference._exchange_policy import build_policy_content
 from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
 from collateral_sync_reference._storage import SqliteStorage
@@ -125,11 +132,15 @@ def sign_any(
     sequence: int,
     ttl: timedelta,
     issued_at: datetime,
+    statement_id: str = "s",
 ) -> envelope_pb2.Envelope:
     """Sign a statement with any key, even one whose role may not issue it (the SDK refuses to)."""
     message.header.CopyFrom(
         envelope_pb2.StatementHeader(
-            issuer=signer.party_id, audience=audience, sequence=sequence, statement_id="s"
+            issuer=signer.party_id,
+            audience=audience,
+            sequence=sequence,
+            statement_id=statement_id,
         )
     )
     message.header.issued_at.FromDatetime(issued_at)
@@ -147,6 +158,39 @@ def sign_any(
     )
 
 
+def liquidation_path(
+    signer: SigningKey,
+    account_id: str,
+    path_id: str,
+    *,
+    sequence: int,
+    issued_at: datetime,
+    exchange_id: str = EXCHANGE,
+    audience: tuple[str, ...] = (CUSTODIAN,),
+    ttl: timedelta = timedelta(hours=1),
+) -> envelope_pb2.Envelope:
+    """A LiquidationPath as a client pre-authorises it (addressed to the custodian)."""
+    path = liquidation_pb2.LiquidationPath(
+        account_id=account_id,
+        exchange_id=exchange_id,
+        proceeds_account_id=f"{exchange_id}/settlement",
+        steps=[
+            liquidation_pb2.LiquidationStep(
+                asset_id="BENJI", venue="fund-redemption", max_quantity=amount_to_proto("1000000")
+            )
+        ],
+    )
+    return sign_any(
+        path,
+        signer,
+        audience=list(audience),
+        sequence=sequence,
+        ttl=ttl,
+        issued_at=issued_at,
+        statement_id=path_id,
+    )
+
+
 # --- the scripted custodian -------------------------------------------------------------
 
 
@@ -155,6 +199,7 @@ class FakeCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
 
     def __init__(self, directory: Path, parties: Parties) -> None:
         self.key: SigningKey = parties.keys[CUSTODIAN]
+        self.client: SigningKey = parties.keys[CLIENT]
         self.registry = parties.registry
         self.offset = timedelta(0)
         self.log = AttestationLog(directory / "fake-attestations.sqlite", origin=ORIGIN)
@@ -253,6 +298,16 @@ class FakeCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
             issued_at=self.now(),
         )
 
+    def path(self, account_id: str, path_id: str) -> envelope_pb2.Envelope:
+        """The client's pre-authorised LiquidationPath, as a pledge records it."""
+        return liquidation_path(
+            self.client,
+            account_id,
+            path_id,
+            sequence=self.next_sequence("path"),
+            issued_at=self.now(),
+        )
+
     def attest(
         self,
         account_id: str,
@@ -261,8 +316,12 @@ class FakeCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
         reason: int = attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE,
         log: AttestationLog | None = None,
         ref_hash: bytes | None = None,
+        path: envelope_pb2.Envelope | None = None,
     ) -> tuple[envelope_pb2.Envelope, attestation_pb2.AttestationRef]:
-        """Sign a holdings statement, append it to the log, send it on the stream."""
+        """Sign a holdings statement, append it to the log, send it on the stream.
+
+        ``path``: the pledge's liquidation path, announced with the change.
+        """
         envelope = self.statement(account_id, positions, reason=reason)
         target = log or self.log
         index = target.append(statement_leaf(envelope))
@@ -273,13 +332,10 @@ class FakeCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
             leaf_hash=ref_hash or leaf_hash(statement_leaf(envelope)),
             tree_size=index + 1,
         )
-        self.send(
-            position_sync_pb2.PositionUpdate(
-                holdings_change=position_sync_pb2.HoldingsChange(
-                    holdings_statement=envelope, attestation=ref
-                )
-            )
-        )
+        change = position_sync_pb2.HoldingsChange(holdings_statement=envelope, attestation=ref)
+        if path is not None:
+            change.liquidation_path.CopyFrom(path)
+        self.send(position_sync_pb2.PositionUpdate(holdings_change=change))
         return envelope, ref
 
     def send(self, update: position_sync_pb2.PositionUpdate) -> None:
@@ -618,6 +674,114 @@ def test_policy_configuration_is_checked_before_start() -> None:
         with pytest.raises(MalformedError) as caught:
             build(data)
         assert caught.value.metadata["field"].startswith(field), data
+
+
+# --- the liquidation path, learned from pledges (the apply callback, no process needed) ------
+
+
+def test_the_liquidation_path_comes_with_the_pledge_and_a_false_one_fails_its_batch(
+    reference_parties: Parties, tmp_path: Path
+) -> None:
+    parties = reference_parties
+    custodian, client = parties.keys[CUSTODIAN], parties.keys[CLIENT]
+    now = datetime.now(UTC).replace(microsecond=0)
+    storage = SqliteStorage(tmp_path / "exchange.sqlite")
+    policy = build_policy_content(ConfigSection({}, file=Path("exchange.json")))
+    core = ExchangeCore(
+        storage,
+        storage.sync_log(
+            party_id=EXCHANGE, peer_party_id=CUSTODIAN, sending_direction=EXCHANGE_TO_CUSTODIAN
+        ),
+        signer=parties.keys[EXCHANGE],
+        registry=parties.registry,
+        settings=ExchangeSettings(
+            party_id=EXCHANGE, custodian_id=CUSTODIAN, log_origin=ORIGIN, policy_content=policy
+        ),
+        prices=ScriptedPriceFeed(storage, name=policy.price_source),
+        clock=lambda: now,
+    )
+    core.start()
+    sequences = itertools.count(1)
+    entries = itertools.count(1)
+
+    def pledge(path: envelope_pb2.Envelope, account_id: str = "acct-p") -> None:
+        """One pledge's holdings change, applied as the stream applies a batch."""
+        statement = sign_statement(
+            attestation_pb2.HoldingsStatement(
+                account_id=account_id, exchange_id=EXCHANGE, epoch=next(sequences)
+            ),
+            custodian,
+            audience=[EXCHANGE, CLIENT],
+            sequence=next(sequences),
+            ttl=timedelta(days=1),
+            issued_at=now,
+        )
+        change = position_sync_pb2.HoldingsChange(
+            holdings_statement=statement,
+            attestation=attestation_pb2.AttestationRef(log_origin=ORIGIN, tree_size=1),
+            liquidation_path=path,
+        )
+        with storage.transaction():
+            core.apply_updates(
+                [(next(entries), position_sync_pb2.PositionUpdate(holdings_change=change))]
+            )
+
+    def path(path_id: str, *, signer: SigningKey = client, **options: Any) -> envelope_pb2.Envelope:
+        options.setdefault("issued_at", now - timedelta(minutes=1))
+        return liquidation_path(
+            signer,
+            options.pop("account_id", "acct-p"),
+            path_id,
+            sequence=next(sequences),
+            **options,
+        )
+
+    def recorded() -> tuple[str | None, int]:
+        held = storage.connection.execute("SELECT COUNT(*) FROM exchange_holdings").fetchone()
+        return core.store.liquidation_path("acct-p"), int(held[0])
+
+    try:
+        assert recorded() == (None, 0)
+        pledge(path("path-1"))
+        assert recorded() == ("path-1", 1)
+        # A top-up that names a new path: instructions issued from now on name it.
+        pledge(path("path-2"))
+        assert recorded() == ("path-2", 2)
+        # The client may address its path to the exchange as well as to the custodian.
+        pledge(path("path-3", audience=(CUSTODIAN, EXCHANGE)))
+        assert recorded() == ("path-3", 3)
+
+        forged = path("path-forged")
+        forged.signatures[0].sig = bytes(64)
+        not_a_path = sign_statement(
+            custodian_service_pb2.PledgeInstruction(account_id="acct-p", exchange_id=EXCHANGE),
+            client,
+            audience=[CUSTODIAN],
+            sequence=next(sequences),
+            ttl=timedelta(hours=1),
+            issued_at=now,
+        )
+        false_paths = [
+            (forged, "SIGNATURE_INVALID"),
+            (not_a_path, "PAYLOAD_TYPE_MISMATCH"),
+            # Only the client pre-authorises; the custodian cannot make one up.
+            (path("path-c", signer=custodian), "KEY_ROLE_MISMATCH"),
+            # The custodian recorded it as addressed to itself; anything else was not.
+            (path("path-a", audience=(EXCHANGE,)), "AUDIENCE_MISMATCH"),
+            (path("path-e", issued_at=now - timedelta(hours=2)), "STATEMENT_EXPIRED"),
+            (path("path-x", exchange_id=OTHER_EXCHANGE), "PATH_NOT_AUTHORISED"),
+            (path("path-o", account_id="acct-other"), "PATH_NOT_AUTHORISED"),
+            (path(""), "MALFORMED"),
+        ]
+        for false_path, reason in false_paths:
+            with pytest.raises(CollateralSyncError) as caught:
+                pledge(false_path)
+            assert caught.value.reason_name == reason, caught.value.message
+            assert {"expected", "actual"} <= set(caught.value.metadata)
+            # The whole batch is refused: neither the path nor the holdings are kept.
+            assert recorded() == ("path-3", 3), reason
+    finally:
+        storage.close()
 
 
 # --- risk policy ----------------------------------------------------------------------------
@@ -1156,7 +1320,6 @@ def test_expired_call_leads_to_liquidation_and_the_shortfall_waterfall(
                 "cure_period_seconds": 3600,
                 "insurance_fund_balance": "100000",
             },
-            liquidation_paths={"acct-x": "path-x"},
             profits={"acct-d": "1000", "acct-e": "5000"},
         ) as w:
             fake = w.custodian
@@ -1172,7 +1335,8 @@ def test_expired_call_leads_to_liquidation_and_the_shortfall_waterfall(
                         account_id=account_id, exposure=amount_to_proto(exposure)
                     )
                 )
-            fake.attest("acct-x", EXAMPLE_POSITIONS)
+            # The pledge announces the client's path: the instruction must name it.
+            fake.attest("acct-x", EXAMPLE_POSITIONS, path=fake.path("acct-x", "path-x"))
             await fake.wait_update(
                 "credit_line",
                 lambda c: c.account_id == "acct-x" and c.collateral_value.value != "0",
@@ -1260,10 +1424,11 @@ def test_breach_of_the_liquidation_line_instructs_a_close_out(
             tmp_path,
             prices=EXAMPLE_PRICES,
             risk_policy=EXAMPLE_POLICY,
-            liquidation_paths={"acct-y": "path-y"},
         ) as w:
             fake = w.custodian
-            fake.attest("acct-y", EXAMPLE_POSITIONS)
+            fake.attest("acct-y", EXAMPLE_POSITIONS, path=fake.path("acct-y", "path-y-1"))
+            # A top-up with a new path supersedes the first one.
+            fake.attest("acct-y", EXAMPLE_POSITIONS, path=fake.path("acct-y", "path-y"))
             await fake.wait_update(
                 "credit_line",
                 lambda c: c.account_id == "acct-y" and c.collateral_value.value != "0",
@@ -1283,10 +1448,10 @@ def test_breach_of_the_liquidation_line_instructs_a_close_out(
                 )
             )
             rows = await w.until_rows(
-                "SELECT margin_call_id, amount, status FROM exchange_liquidations "
-                "WHERE status = 'executed'"
+                "SELECT margin_call_id, amount, status, liquidation_path_id "
+                "FROM exchange_liquidations WHERE status = 'executed'"
             )
-            assert rows == [("", "5200000", "executed")]
+            assert rows == [("", "5200000", "executed", "path-y")]
             [check] = fake.liquidations
             assert check.collateral_value == d("1668000")
             assert check.collateral_ratio == d("0.32")
@@ -1632,7 +1797,6 @@ def test_lifecycle_with_the_reference_custodian(
                     {"asset_id": "USDC", "price": "1"},
                     {"asset_id": "BENJI", "price": "1"},
                 ],
-                "liquidation_paths": {"acct-1": "path-acct-1"},
             },
         ),
         name="lifecycle-exchange",
@@ -1775,15 +1939,17 @@ def test_lifecycle_with_the_reference_custodian(
                     sqlite3.connect(f"file:{exchange_db}?mode=ro", uri=True)
                 ) as db:
                     return db.execute(
-                        "SELECT receipt, total_proceeds, shortfall FROM exchange_liquidations "
-                        "WHERE status = 'executed'"
+                        "SELECT receipt, total_proceeds, shortfall, liquidation_path_id "
+                        "FROM exchange_liquidations WHERE status = 'executed'"
                     ).fetchall()
 
             async def done() -> bool:
                 return bool(executed())
 
             await until(done)
-            [(receipt_bytes, proceeds, shortfall)] = executed()
+            # The path id came with the pledge, not from configuration.
+            [(receipt_bytes, proceeds, shortfall, path_id)] = executed()
+            assert path_id == "path-acct-1"
             receipt = liquidation_pb2.LiquidationReceipt.FromString(
                 envelope_pb2.Envelope.FromString(receipt_bytes).payload
             )

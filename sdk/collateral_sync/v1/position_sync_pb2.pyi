@@ -384,19 +384,29 @@ class HoldingsChange(_message.Message):
 
     HOLDINGS_STATEMENT_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
+    LIQUIDATION_PATH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def holdings_statement(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
     def attestation(self) -> _attestation_pb2.AttestationRef: ...
+    @_builtins.property
+    def liquidation_path(self) -> _envelope_pb2.Envelope:
+        """Set when the change records a pledge (reason PLEDGE or TOP_UP): the
+        client-signed LiquidationPath the custodian recorded with it (Envelope of
+        a LiquidationPath). Its statement_id is what a LiquidationInstruction
+        names as liquidation_path_id.
+        """
+
     def __init__(
         self,
         *,
         holdings_statement: _envelope_pb2.Envelope | None = ...,
         attestation: _attestation_pb2.AttestationRef | None = ...,
+        liquidation_path: _envelope_pb2.Envelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement", "liquidation_path", b"liquidation_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement", "liquidation_path", b"liquidation_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
