@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def kit_files(reference_parties: Parties) -> dict[str, Path]:
     """The files a kit run against a custodian needs, as the exchange plus a client."""
     files = reference_parties.pki.party(EXCHANGE)

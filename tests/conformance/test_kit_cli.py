@@ -49,10 +49,12 @@ def test_list_filters_by_role_and_glob_and_speaks_json(
         "envelope/pledge-collateral/forged-signature-refused",
         "envelope/request-redemption/forged-signature-refused",
         "envelope/submit-liquidation-instruction/forged-signature-refused",
+        "envelope/respond-to-margin-call/forged-signature-refused",
     ]
     assert main(["list", "--run", "envelope/**", "--skip", "envelope/pledge-collateral/**"]) == 0
     out = capsys.readouterr().out
     assert "submit-liquidation-instruction" in out
+    assert "respond-to-margin-call" in out
     assert "pledge-collateral" not in out
 
 

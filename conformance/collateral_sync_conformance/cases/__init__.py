@@ -5,6 +5,6 @@ then the attestation log, signed-statement refusals, and role behaviour.
 """
 
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
-from collateral_sync_conformance.cases import attestation, envelope, custodian
+from collateral_sync_conformance.cases import attestation, envelope, custodian, exchange
 
-__all__ = ["attestation", "custodian", "envelope", "transport"]
+__all__ = ["attestation", "custodian", "envelope", "exchange", "transport"]

@@ -7,8 +7,10 @@ bytes, an invalid amount — and requires the status and ``ErrorInfo`` reason
 of §3.6/§12, and that nothing changed on the server (§12.3).
 
 The defects are defined once and applied to each RPC that takes a statement
-to act on (:data:`_TARGETS`): ``PledgeCollateral`` and ``RequestRedemption``
-(client statements) and ``SubmitLiquidationInstruction`` (an exchange statement).
+to act on (:data:`_TARGETS`): the custodian's ``PledgeCollateral`` and
+``RequestRedemption`` (client statements) and ``SubmitLiquidationInstruction``
+(an exchange statement), and the exchange's ``RespondToMarginCall`` (a
+custodian statement).
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from collateral_sync.v1 import (
     custodian_service_pb2,
     envelope_pb2,
     errors_pb2,
+    exchange_service_pb2,
     liquidation_pb2,
+    margin_pb2,
 )
 from google.protobuf.message import Message
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._expect import CaseSkipped, check, expect_ok, expect_status
+from collateral_sync_conformance._expect import (
+    CaseFailure,
+    CaseSkipped,
+    check,
+    expect_ok,
+    expect_status,
+)
 from collateral_sync_conformance._forge import corrupt_signature, seal, unknown_field
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._custodian import (
@@ -40,6 +50,7 @@ from collateral_sync_conformance.cases._custodian import (
     plan_pledge,
     pledge_instruction,
 )
+from collateral_sync_conformance.cases._exchange import exchange_state
 
 __all__: list[str] = []
 
@@ -109,7 +120,11 @@ class _Target:
     prepare: Callable[[CaseContext], Awaitable[tuple[Message, Callable[..., Awaitable[Message]]]]]
     call: Callable[[CaseContext], Callable[..., Awaitable[Message]]]
     #: An envelope type this RPC does not accept, for the payload-type case.
-    foreign_type: str = ""
+    foreign_type: str
+    #: The role of the server that serves the RPC.
+    role: Role
+    #: A text snapshot of the server's state; a refused request must leave it unchanged.
+    snapshot: Callable[[CaseContext], Awaitable[str]]
 
 
 async def _prepare_pledge(
@@ -143,6 +158,26 @@ async def _prepare_redemption(
     return redemption, request
 
 
+async def _prepare_margin_call_response(
+    ctx: CaseContext,
+) -> tuple[Message, Callable[..., Awaitable[Message]]]:
+    response = margin_pb2.MarginCallResponse(
+        margin_call_id=ctx.unique("conformance-margin-call"),
+        kind=margin_pb2.MARGIN_CALL_RESPONSE_KIND_DISPUTE,
+        agreed_amount=common_pb2.Decimal(value="0"),
+        dispute_reason=margin_pb2.DISPUTE_REASON_ARITHMETIC,
+    )
+
+    async def request(envelope: envelope_pb2.Envelope) -> Message:
+        return exchange_service_pb2.RespondToMarginCallRequest(margin_call_response=envelope)
+
+    return response, request
+
+
+async def _custodian_snapshot(ctx: CaseContext) -> str:
+    return (await custodian_state(ctx)).text()
+
+
 async def _prepare_liquidation(
     ctx: CaseContext,
 ) -> tuple[Message, Callable[..., Awaitable[Message]]]:
@@ -172,6 +207,8 @@ _TARGETS = (
         prepare=_prepare_pledge,
         call=lambda ctx: ctx.custodian.pledge_collateral,
         foreign_type=payload_type_of(liquidation_pb2.LiquidationPath),
+        role=Role.CUSTODIAN,
+        snapshot=_custodian_snapshot,
     ),
     _Target(
         slug="request-redemption",
@@ -181,6 +218,8 @@ _TARGETS = (
         prepare=_prepare_redemption,
         call=lambda ctx: ctx.custodian.request_redemption,
         foreign_type=payload_type_of(custodian_service_pb2.PledgeInstruction),
+        role=Role.CUSTODIAN,
+        snapshot=_custodian_snapshot,
     ),
     _Target(
         slug="submit-liquidation-instruction",
@@ -190,6 +229,19 @@ _TARGETS = (
         prepare=_prepare_liquidation,
         call=lambda ctx: ctx.custodian.submit_liquidation_instruction,
         foreign_type=payload_type_of(custodian_service_pb2.PledgeInstruction),
+        role=Role.CUSTODIAN,
+        snapshot=_custodian_snapshot,
+    ),
+    _Target(
+        slug="respond-to-margin-call",
+        rpc="RespondToMarginCall",
+        issuer_role=_ROLE.PARTY_ROLE_CUSTODIAN,
+        other_role=_ROLE.PARTY_ROLE_CLIENT,
+        prepare=_prepare_margin_call_response,
+        call=lambda ctx: ctx.exchange.respond_to_margin_call,
+        foreign_type=payload_type_of(custodian_service_pb2.PledgeInstruction),
+        role=Role.EXCHANGE,
+        snapshot=exchange_state,
     ),
 )
 
@@ -459,13 +511,19 @@ def _refusal_case(target: _Target, refusal: _Refusal) -> Callable[[CaseContext],
         message, make_request = await target.prepare(ctx)
         statement = _Statement(message=message, signer=ctx.key(target.issuer_role))
         await refusal.defect(ctx, target, statement)
-        before = await custodian_state(ctx)
+        before = await target.snapshot(ctx)
         request = await make_request(await statement.envelope(ctx))
         outcome = await ctx.rpc(target.call(ctx), request, label=target.rpc)
         expect_status(
             outcome, refusal.code, refusal.reason, field_violation=refusal.field_violation
         )
-        await expect_unchanged(ctx, before)
+        after = await target.snapshot(ctx)
+        if after != before:
+            raise CaseFailure(
+                f"the refused {target.rpc} changed the server's state (§12.3)",
+                expected=before,
+                got=after,
+            )
 
     return body
 
@@ -476,7 +534,7 @@ for _target in _TARGETS:
             f"envelope/{_target.slug}/{_refusal.slug}",
             Level.MUST,
             f"{_target.rpc}: {_refusal.description}",
-            roles=[Role.CUSTODIAN],
+            roles=[_target.role],
         )(_refusal_case(_target, _refusal))
 
 

@@ -1,0 +1,212 @@
+"""Exchange reads (docs/PROTOCOL.md §7.1, Appendix A): the published risk policy and lookups.
+
+The risk policy must be signed by the exchange, public, and valid by the
+rules of §7.1 (checked with the SDK's independent validator); every lookup of
+something that does not exist answers NOT_FOUND with the collateral-sync
+error details.
+"""
+
+from __future__ import annotations
+
+import grpc
+from collateral_sync.signing import verify_statement
+from collateral_sync.v1 import (
+    common_pb2,
+    errors_pb2,
+    exchange_service_pb2,
+    margin_pb2,
+    valuation_pb2,
+)
+
+from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._expect import check_equal, expect_ok, expect_status, sdk_check
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._exchange import (
+    exchange_state,
+    latest_policy,
+    verified_policy,
+)
+
+__all__: list[str] = []
+
+_EXCHANGE = [Role.EXCHANGE]
+_R = errors_pb2.ErrorReason
+_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, _R.ERROR_REASON_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/risk-policy-signed",
+    Level.MUST,
+    "the risk policy in force is signed by the exchange, public, and valid by the rules of §7.1",
+    roles=_EXCHANGE,
+)
+async def risk_policy_signed(ctx: CaseContext) -> None:
+    await latest_policy(ctx)
+
+
+@REGISTRY.case(
+    "exchange/risk-policy-by-version",
+    Level.MUST,
+    "GetRiskPolicy(version=v) of the version in force returns that version with the same content",
+    roles=_EXCHANGE,
+)
+async def risk_policy_by_version(ctx: CaseContext) -> None:
+    current = await latest_policy(ctx)
+    outcome = await ctx.rpc(
+        ctx.exchange.get_risk_policy,
+        exchange_service_pb2.GetRiskPolicyRequest(version=current.version),
+    )
+    response: exchange_service_pb2.GetRiskPolicyResponse = expect_ok(outcome)
+    again = await verified_policy(ctx, response.risk_policy)
+    check_equal("version of the policy asked for by version", current.version, again.version)
+    # The same policy, possibly re-signed: compare everything but the header.
+    first, second = valuation_pb2.RiskPolicy(), valuation_pb2.RiskPolicy()
+    first.CopyFrom(current)
+    second.CopyFrom(again)
+    first.ClearField("header")
+    second.ClearField("header")
+    check_equal(
+        f"content of policy version {current.version}",
+        str(first),
+        str(second),
+    )
+
+
+@REGISTRY.case(
+    "exchange/risk-policy-unknown-version-not-found",
+    Level.MUST,
+    "GetRiskPolicy of a version never published is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def risk_policy_unknown_version(ctx: CaseContext) -> None:
+    current = await latest_policy(ctx)
+    outcome = await ctx.rpc(
+        ctx.exchange.get_risk_policy,
+        exchange_service_pb2.GetRiskPolicyRequest(version=current.version + 1_000_000),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/credit-line-unknown-account-not-found",
+    Level.MUST,
+    "GetCreditLine of an account the exchange does not know is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def credit_line_unknown(ctx: CaseContext) -> None:
+    outcome = await ctx.rpc(
+        ctx.exchange.get_credit_line,
+        exchange_service_pb2.GetCreditLineRequest(
+            account_id=ctx.unique("conformance-no-such-account")
+        ),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/margin-call-unknown-not-found",
+    Level.MUST,
+    "GetMarginCall of a call that does not exist is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def margin_call_unknown(ctx: CaseContext) -> None:
+    outcome = await ctx.rpc(
+        ctx.exchange.get_margin_call,
+        exchange_service_pb2.GetMarginCallRequest(margin_call_id=ctx.unique("conformance-no-call")),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/list-margin-calls-unknown-account-not-found",
+    Level.MUST,
+    "ListMarginCalls of an account the exchange does not know is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def list_margin_calls_unknown(ctx: CaseContext) -> None:
+    outcome = await ctx.rpc(
+        ctx.exchange.list_margin_calls,
+        exchange_service_pb2.ListMarginCallsRequest(
+            account_id=ctx.unique("conformance-no-such-account")
+        ),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/list-margin-calls-bad-page-token",
+    Level.MUST,
+    "ListMarginCalls with a page token the exchange never issued is refused: INVALID_ARGUMENT MALFORMED",
+    roles=_EXCHANGE,
+)
+async def list_margin_calls_bad_token(ctx: CaseContext) -> None:
+    account = ctx.account()  # a known account, so that only the token is wrong
+    outcome = await ctx.rpc(
+        ctx.exchange.list_margin_calls,
+        exchange_service_pb2.ListMarginCallsRequest(
+            account_id=account,
+            page_token="conformance-not-a-token",  # noqa: S106 (not a secret)
+        ),
+    )
+    expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED)
+
+
+@REGISTRY.case(
+    "exchange/list-margin-calls-known-account",
+    Level.MUST,
+    "ListMarginCalls of a known account answers with signed call states of that account",
+    roles=_EXCHANGE,
+)
+async def list_margin_calls_known(ctx: CaseContext) -> None:
+    account = ctx.account()
+    outcome = await ctx.rpc(
+        ctx.exchange.list_margin_calls,
+        exchange_service_pb2.ListMarginCallsRequest(account_id=account),
+    )
+    response: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
+    now = await ctx.server_now()
+    for envelope in response.margin_call_states:
+        state = sdk_check(
+            "a listed margin call state",
+            verify_statement,
+            envelope,
+            ctx.registry,
+            expected_type=margin_pb2.MarginCallState,
+            audience=ctx.kit_party_id,
+            now=now,
+        )
+        check_equal("issuer of a listed margin call state", ctx.server_party_id, state.issuer)
+        call = margin_pb2.MarginCall.FromString(state.message.margin_call.payload)
+        check_equal("account of a listed margin call", account, call.account_id)
+        check_equal(
+            "margin_call_id of the state and its call",
+            state.message.margin_call_id,
+            call.margin_call_id,
+        )
+
+
+@REGISTRY.case(
+    "exchange/respond-to-unknown-margin-call-not-found",
+    Level.MUST,
+    "a correctly signed response to a margin call that does not exist is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def respond_to_unknown_call(ctx: CaseContext) -> None:
+    custodian = ctx.key(common_pb2.PARTY_ROLE_CUSTODIAN)
+    response = margin_pb2.MarginCallResponse(
+        margin_call_id=ctx.unique("conformance-no-call"),
+        kind=margin_pb2.MARGIN_CALL_RESPONSE_KIND_DISPUTE,
+        agreed_amount=common_pb2.Decimal(value="0"),
+        dispute_reason=margin_pb2.DISPUTE_REASON_ARITHMETIC,
+    )
+    before = await exchange_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.exchange.respond_to_margin_call,
+        exchange_service_pb2.RespondToMarginCallRequest(
+            margin_call_response=await ctx.sign(response, custodian)
+        ),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+    check_equal(
+        "the exchange's state after the refused response", before, await exchange_state(ctx)
+    )
