@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -45,10 +45,12 @@ from collateral_sync_conformance._forge import make_header, seal
 from collateral_sync_conformance._registry import Case, Role
 
 __all__ = [
+    "DEFAULT_STATEMENT_TTL",
     "MAIN_SERVICE",
     "CaseContext",
     "KitConfig",
     "Session",
+    "party_role",
 ]
 
 _Resp = TypeVar("_Resp")
@@ -113,7 +115,7 @@ class Session:
     log_origin: str | None = None
     #: False once the server answered UNIMPLEMENTED to the clock probe.
     clock_probe: bool = True
-    _sequence: Any = field(default=None, repr=False)
+    _sequence: Iterator[int] = field(default_factory=lambda: iter(()), repr=False)
 
     @classmethod
     def open(cls, config: KitConfig) -> Session:
@@ -140,8 +142,7 @@ class Session:
         await self.channel.close()
 
     def next_sequence(self) -> int:
-        value: int = next(self._sequence)
-        return value
+        return next(self._sequence)
 
 
 class CaseContext:

@@ -21,7 +21,10 @@ from collateral_sync_conformance._runner import CaseResult, RunResult, Verdict
 
 __all__ = [
     "RESULTS_FORMAT",
+    "RESULTS_FORMAT_VERSION",
     "TerminalReporter",
+    "junit_tree",
+    "render_html",
     "results_document",
     "write_html",
     "write_json",

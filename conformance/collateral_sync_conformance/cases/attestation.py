@@ -170,32 +170,50 @@ async def consistency_proof_verifies(ctx: CaseContext) -> None:
         expected=f"> {first.tree_size}",
         got=second.tree_size,
     )
-    for requested_second in (second.tree_size, 0):
-        outcome = await ctx.rpc(
-            ctx.custodian.get_consistency_proof,
-            custodian_service_pb2.GetConsistencyProofRequest(
-                first_tree_size=first.tree_size, second_tree_size=requested_second
-            ),
-        )
-        response: custodian_service_pb2.GetConsistencyProofResponse = expect_ok(outcome)
-        proof = response.proof
-        check_equal("proof first_tree_size", first.tree_size, proof.first_tree_size)
-        if requested_second == 0:
-            latest = await latest_checkpoint(ctx)
-            if latest.tree_size != second.tree_size:
-                return  # the log moved on meanwhile; the explicit request was checked
-        check_equal("proof second_tree_size", second.tree_size, proof.second_tree_size)
-        sdk_check(
-            f"the consistency proof from {first.tree_size} to {second.tree_size}",
-            verify_consistency_proof,
-            proof,
-            first,
-            second,
-        )
+    proof = await _consistency_proof(ctx, first.tree_size, second.tree_size)
+    check_equal("proof first_tree_size", first.tree_size, proof.first_tree_size)
+    check_equal("proof second_tree_size", second.tree_size, proof.second_tree_size)
+    sdk_check(
+        f"the consistency proof from {first.tree_size} to {second.tree_size}",
+        verify_consistency_proof,
+        proof,
+        first,
+        second,
+    )
     # The same check as a counterparty's monitor makes it (§5.6).
     monitor = CheckpointMonitor()
     monitor.advance(first, None)
     sdk_check("advancing a checkpoint monitor", monitor.advance, second, proof)
+
+    # second_tree_size 0 means the latest checkpoint's size (§5.4): one was signed there.
+    to_latest = await _consistency_proof(ctx, first.tree_size, 0)
+    check(
+        to_latest.second_tree_size >= second.tree_size,
+        "GetConsistencyProof(second_tree_size=0) must prove up to the latest checkpoint",
+        expected=f">= {second.tree_size}",
+        got=to_latest.second_tree_size,
+    )
+    latest = await checkpoint_at(ctx, to_latest.second_tree_size)
+    sdk_check(
+        f"the consistency proof from {first.tree_size} to the latest size",
+        verify_consistency_proof,
+        to_latest,
+        first,
+        latest,
+    )
+
+
+async def _consistency_proof(
+    ctx: CaseContext, first: int, second: int
+) -> attestation_pb2.ConsistencyProof:
+    outcome = await ctx.rpc(
+        ctx.custodian.get_consistency_proof,
+        custodian_service_pb2.GetConsistencyProofRequest(
+            first_tree_size=first, second_tree_size=second
+        ),
+    )
+    response: custodian_service_pb2.GetConsistencyProofResponse = expect_ok(outcome)
+    return response.proof
 
 
 @REGISTRY.case(
