@@ -36,7 +36,7 @@ import contextlib
 import decimal
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -87,6 +87,7 @@ from collateral_sync_reference._custodian_store import (
     MarginCallRecord,
     PathRecord,
     Redemption,
+    RejectedUpdate,
     SqliteCustodianStore,
     StoredCheckpoint,
     StoredStatement,
@@ -948,18 +949,36 @@ class Custodian:
         *,
         now: datetime,
         tls_peer: str | None = None,
-        on_stream: bool = False,
     ) -> envelope_pb2.Envelope:
         """Execute a liquidation instruction along the pre-authorised path; return the receipt.
 
-        On the stream it runs inside the batch's transaction (``on_stream``);
-        from the RPC in a transaction of its own. A repeat of an
-        executed instruction returns its receipt and changes nothing.
+        SubmitLiquidationInstruction: in a transaction of its own; every
+        refusal is the call's status. A repeat of an executed instruction
+        returns its receipt and changes nothing.
+        """
+        verified, receipt = self._check_instruction(envelope, now, tls_peer=tls_peer)
+        if receipt is not None:
+            return receipt
+        return self._liquidate_verified(verified, now, on_stream=False)
+
+    def _check_instruction(
+        self,
+        envelope: envelope_pb2.Envelope,
+        now: datetime,
+        *,
+        tls_peer: str | None,
+        on_stream: bool = False,
+    ) -> tuple[
+        VerifiedStatement[liquidation_pb2.LiquidationInstruction], envelope_pb2.Envelope | None
+    ]:
+        """The instruction's integrity: stages a to g, and that its issuer is the sender.
+
+        Returns the verified statement and, for a repeat of an instruction
+        already executed, its receipt (a repeat is no replay: it is answered).
         """
         verified = self._verify(
             envelope, liquidation_pb2.LiquidationInstruction, now, on_stream=on_stream
         )
-        instruction = verified.message
         exchange = verified.issuer
         if tls_peer is not None and tls_peer != exchange:
             raise VerificationError(
@@ -967,25 +986,41 @@ class Custodian:
                 reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 metadata={"expected": exchange, "actual": tls_peer},
             )
+        liquidation_id = verified.message.liquidation_id
+        executed = self._store.liquidation(liquidation_id) if liquidation_id else None
+        if executed is not None and executed.instruction_payload == verified.payload:
+            return verified, executed.receipt
+        self._guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        return verified, None
+
+    def _liquidate_verified(
+        self,
+        verified: VerifiedStatement[liquidation_pb2.LiquidationInstruction],
+        now: datetime,
+        *,
+        on_stream: bool,
+    ) -> envelope_pb2.Envelope:
+        """What the instruction asks, checked, then executed (business refusals raise).
+
+        On the stream it runs inside the batch's transaction; from the RPC in
+        a transaction of its own.
+        """
+        instruction = verified.message
         if not instruction.liquidation_id:
             raise _required("liquidation_instruction.liquidation_id", "a liquidation id")
-        executed = self._store.liquidation(instruction.liquidation_id)
-        if executed is not None:
-            if executed.instruction_payload == verified.payload:
-                return executed.receipt
+        if self._store.liquidation(instruction.liquidation_id) is not None:
             raise _conflict(
                 f"liquidation {instruction.liquidation_id!r} was executed from another instruction",
                 "liquidation_instruction.liquidation_id",
                 "a new liquidation id",
                 instruction.liquidation_id,
             )
-        self._guard.check(verified.issuer, verified.payload_type, verified.sequence)
         account = self._account(instruction.account_id, "liquidation_instruction.account_id")
         path = self._authorised_path(account, verified)
         margin_call = self._expired_margin_call(account, verified)
         issued_at = verified.header.issued_at.ToDatetime(tzinfo=now.tzinfo)
         check = recompute_liquidation_instruction(
-            envelope,
+            verified.envelope,
             self._registry,
             audience=self._party_id,
             asset_classes=self._asset_classes,
@@ -1169,7 +1204,10 @@ class Custodian:
         self, exchange: str
     ) -> Callable[[list[tuple[int, position_sync_pb2.PositionUpdate]]], None]:
         def apply(updates: list[tuple[int, position_sync_pb2.PositionUpdate]]) -> None:
-            # Inside the batch's transaction: any error rolls the whole batch back.
+            # Inside the batch's transaction. A statement that does not verify
+            # fails (rolls back) the whole batch; one that verifies but asks for
+            # something we cannot do is recorded as rejected, and the rest of
+            # the batch is applied (PROTOCOL.md §6.5).
             now = self._clock.now()
             for sequence, update in updates:
                 kind = update.WhichOneof("update")
@@ -1177,11 +1215,13 @@ class Custodian:
                     if kind == "credit_line":
                         self._on_credit_line(exchange, update.credit_line, now)
                     elif kind == "margin_call":
-                        self._on_margin_call(exchange, update.margin_call, now)
+                        self._on_margin_call(exchange, sequence, update.margin_call, now)
                     elif kind == "liquidation_instruction":
-                        self.liquidate(update.liquidation_instruction, now=now, on_stream=True)
+                        self._on_liquidation_instruction(
+                            exchange, sequence, update.liquidation_instruction, now
+                        )
                     elif kind == "risk_policy":
-                        self._on_risk_policy(exchange, update.risk_policy, now)
+                        self._on_risk_policy(exchange, sequence, update.risk_policy, now)
                     else:  # pragma: no cover - the sync log checks variants per direction
                         raise MalformedError(
                             f"update of kind {kind} is not one an exchange sends",
@@ -1195,6 +1235,71 @@ class Custodian:
                     raise
 
         return apply
+
+    @contextlib.contextmanager
+    def _or_rejected(
+        self,
+        exchange: str,
+        sequence: int,
+        kind: str,
+        envelope: envelope_pb2.Envelope,
+        now: datetime,
+    ) -> Iterator[None]:
+        """Act on a verified stream statement; a refusal is recorded instead of raised.
+
+        The stream cannot answer one update, and failing the batch would block
+        every later entry behind it for good: the refused action's writes are
+        undone (a savepoint inside the batch's transaction) and the refusal is
+        kept with its reason. The statement is not recorded for replay, so the
+        exchange may still send it by RPC, where the refusal is a status.
+        """
+        connection = self._storage.connection
+        connection.execute("SAVEPOINT custodian_update")
+        try:
+            yield
+        except CollateralSyncError as err:
+            connection.execute("ROLLBACK TO custodian_update")
+            connection.execute("RELEASE custodian_update")
+            _LOGGER.warning(
+                "sync entry %d from %s: %s rejected: %s: %s",
+                sequence,
+                exchange,
+                kind,
+                err.reason_name,
+                err.message,
+            )
+            self._store.add_rejected_update(
+                RejectedUpdate(
+                    exchange_id=exchange,
+                    sync_sequence=sequence,
+                    kind=kind,
+                    reason=err.reason_name,
+                    detail=err.message,
+                    envelope=envelope,
+                    rejected_at=now,
+                )
+            )
+        except BaseException:
+            connection.execute("ROLLBACK TO custodian_update")
+            connection.execute("RELEASE custodian_update")
+            raise
+        else:
+            connection.execute("RELEASE custodian_update")
+
+    def rejected_updates(self, exchange: str) -> list[RejectedUpdate]:
+        """The stream updates of ``exchange`` recorded as rejected, in stream order."""
+        return self._store.rejected_updates(exchange)
+
+    def _on_liquidation_instruction(
+        self, exchange: str, sequence: int, envelope: envelope_pb2.Envelope, now: datetime
+    ) -> None:
+        verified, receipt = self._check_instruction(
+            envelope, now, tls_peer=exchange, on_stream=True
+        )
+        if receipt is not None:
+            return  # executed before (and its receipt announced then)
+        with self._or_rejected(exchange, sequence, "liquidation_instruction", envelope, now):
+            self._liquidate_verified(verified, now, on_stream=True)
 
     def _from_peer(
         self,
@@ -1221,18 +1326,35 @@ class Custodian:
         self._guard.record(verified)
 
     def _on_risk_policy(
-        self, exchange: str, envelope: envelope_pb2.Envelope, now: datetime
+        self, exchange: str, sequence: int, envelope: envelope_pb2.Envelope, now: datetime
     ) -> None:
         verified = self._from_peer(exchange, envelope, valuation_pb2.RiskPolicy, now)
-        validate_risk_policy(verified.message)
-        self._store.put_risk_policy(verified.message.version, envelope)
-        self._guard.record(verified)
+        with self._or_rejected(exchange, sequence, "risk_policy", envelope, now):
+            # Signed, but figures no valuation can use: not a policy we hold the exchange to.
+            validate_risk_policy(verified.message)
+            self._store.put_risk_policy(verified.message.version, envelope)
+            self._guard.record(verified)
 
     def _on_margin_call(
-        self, exchange: str, envelope: envelope_pb2.Envelope, now: datetime
+        self, exchange: str, sequence: int, envelope: envelope_pb2.Envelope, now: datetime
     ) -> None:
-        """Record a margin call and answer it on the stream, after recomputing it."""
         verified = self._from_peer(exchange, envelope, margin_pb2.MarginCall, now)
+        with self._or_rejected(exchange, sequence, "margin_call", envelope, now):
+            self._answer_margin_call(exchange, verified, now)
+
+    def _answer_margin_call(
+        self,
+        exchange: str,
+        verified: VerifiedStatement[margin_pb2.MarginCall],
+        now: datetime,
+    ) -> None:
+        """Record a margin call and answer it on the stream, after recomputing it.
+
+        A call whose signed inputs do not give its figures is answered with a
+        DISPUTE; one that cannot be a call at all (no id, an id already used)
+        is refused, and so recorded as rejected by the caller.
+        """
+        envelope = verified.envelope
         call = verified.message
         if not call.margin_call_id:
             raise _required("margin_call.margin_call_id", "a margin call id")

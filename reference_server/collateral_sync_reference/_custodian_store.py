@@ -30,6 +30,7 @@ __all__ = [
     "MarginCallRecord",
     "PathRecord",
     "Redemption",
+    "RejectedUpdate",
     "SqliteCustodianStore",
     "StoredCheckpoint",
     "StoredStatement",
@@ -145,6 +146,22 @@ class MarginCallRecord:
     response: envelope_pb2.Envelope | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedUpdate:
+    """An exchange's stream update recorded as rejected instead of applied."""
+
+    exchange_id: str
+    sync_sequence: int
+    #: The PositionUpdate variant, e.g. "liquidation_instruction".
+    kind: str
+    #: ErrorReason name of the refusal.
+    reason: str
+    detail: str
+    #: The update's envelope, as received.
+    envelope: envelope_pb2.Envelope
+    rejected_at: datetime
+
+
 class CustodianStore(Protocol):
     """The custodian's state; writes run inside the storage's open transaction."""
 
@@ -190,6 +207,9 @@ class CustodianStore(Protocol):
     def put_credit_line(self, account_id: str, envelope: envelope_pb2.Envelope) -> None: ...
     def credit_line(self, account_id: str) -> envelope_pb2.Envelope | None: ...
     def put_risk_policy(self, version: int, envelope: envelope_pb2.Envelope) -> None: ...
+
+    def add_rejected_update(self, update: RejectedUpdate) -> None: ...
+    def rejected_updates(self, exchange_id: str) -> list[RejectedUpdate]: ...
 
 
 _SCHEMA = (
@@ -273,6 +293,18 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS custodian_risk_policies (
         version INTEGER PRIMARY KEY,
         envelope BLOB NOT NULL
+    )""",
+    # Stream updates whose statement verified but that asked for something we
+    # cannot do (PROTOCOL.md §6.5): kept with the reason, never applied.
+    """CREATE TABLE IF NOT EXISTS custodian_rejected_updates (
+        id INTEGER PRIMARY KEY,
+        exchange_id TEXT NOT NULL,
+        sync_sequence INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        rejected_at_us INTEGER NOT NULL
     )""",
 )
 
@@ -634,3 +666,32 @@ class SqliteCustodianStore:
             "ON CONFLICT (version) DO UPDATE SET envelope = excluded.envelope",
             (version, envelope.SerializeToString()),
         )
+
+    def add_rejected_update(self, update: RejectedUpdate) -> None:
+        self._db.execute(
+            "INSERT INTO custodian_rejected_updates (exchange_id, sync_sequence, kind, reason, "
+            "detail, payload, rejected_at_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                update.exchange_id,
+                update.sync_sequence,
+                update.kind,
+                update.reason,
+                update.detail,
+                update.envelope.SerializeToString(),
+                to_us(update.rejected_at),
+            ),
+        )
+
+    def rejected_updates(self, exchange_id: str) -> list[RejectedUpdate]:
+        """The updates of ``exchange_id`` recorded as rejected, in stream order."""
+        rows = self._db.execute(
+            "SELECT sync_sequence, kind, reason, detail, payload, rejected_at_us "
+            "FROM custodian_rejected_updates WHERE exchange_id = ? ORDER BY id",
+            (exchange_id,),
+        ).fetchall()
+        return [
+            RejectedUpdate(
+                exchange_id, row[0], row[1], row[2], row[3], _envelope(row[4]), from_us(row[5])
+            )
+            for row in rows
+        ]

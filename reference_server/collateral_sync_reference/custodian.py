@@ -16,7 +16,10 @@ Serves ``CustodianService`` (and ``TestControlService`` in test mode):
 - ``SyncPositions``: the position-sync stream the exchange dials; credit
   lines, risk policies and margin calls arriving on it are recorded, and each
   margin call is recomputed from its signed inputs and answered (DISPUTE with
-  reason ARITHMETIC when it does not recompute).
+  reason ARITHMETIC when it does not recompute). A statement that does not
+  verify fails its batch; one that verifies but asks for what cannot be done
+  (a liquidation off the path in force, a reused margin-call id, an unusable
+  policy) is recorded as rejected and the batch goes on (PROTOCOL.md §6.5).
 
 Yield accrues daily on fund tokens at the configured UTC time; every change of
 holdings is a signed holdings statement appended to the attestation log and

@@ -9,6 +9,7 @@ another test may have moved it forward.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -1449,6 +1450,179 @@ def test_sync_stream_announces_holdings_and_answers_margin_calls(
                 exchange.connection.close()
 
     run(scenario())
+
+
+def test_stream_updates_refused_for_what_they_ask_are_recorded_and_do_not_block_the_log(
+    start_server: StartServer,
+    reference_parties: Parties,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """PROTOCOL.md §6.5: a verified statement the custodian cannot act on is rejected, kept
+    with its reason, and the batch goes on; a statement that does not verify fails it."""
+    parties = reference_parties
+    directory = tmp_path_factory.mktemp("rejections")
+    account = "acct-refuse"
+    config = parties.config(
+        CUSTODIAN,
+        "custodian",
+        directory,
+        peers={EXCHANGE: None, OTHER_EXCHANGE: None},
+        custodian=custodian_settings({account: (CLIENT, {"USDC": "400000"})}),
+    )
+    server = start_server("custodian", config, name="rejecting-custodian")
+    database = Path(config["storage"]["path"])
+
+    def rejected() -> list[tuple[int, str, str]]:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT sync_sequence, kind, reason FROM custodian_rejected_updates "
+                "WHERE exchange_id = ? ORDER BY id",
+                (EXCHANGE,),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def scenario() -> None:
+        async with (
+            parties.channel(server.address, CLIENT) as client_channel,
+            parties.channel(server.address, EXCHANGE) as exchange_channel,
+        ):
+            client, control = CustodianClient(client_channel), TestControlClient(client_channel)
+            now = await server_now(control)
+            path = path_envelope(
+                parties, account, [("USDC", "otc-desk", "400000")], now=now, path_id="path-r"
+            )
+            pledged = await client.pledge_collateral(
+                pledge_request(parties, account, "USDC", "300000", now=now, path=path)
+            )
+            exchange = ExchangeSide(
+                tmp_path_factory.mktemp("refusing-exchange") / "x.sqlite", parties, lambda: now
+            )
+            policy = sign(parties, EXCHANGE, risk_policy(now), now=now, audience=("*",))
+            inputs = valuation_pb2.ValuationInputs(
+                risk_policy=policy,
+                holdings_statements=[pledged.holdings_statement],
+                price_snapshot=price_snapshot(parties, {"USDC": "1"}, now),
+            )
+
+            def instruction(liquidation_id: str, path_id: str) -> position_sync_pb2.PositionUpdate:
+                # 300000 * 0.95 = 285000 against an exposure of 800000: ratio 0.35 < 0.4.
+                return position_sync_pb2.PositionUpdate(
+                    liquidation_instruction=liquidation_instruction(
+                        parties,
+                        liquidation_id=liquidation_id,
+                        account_id=account,
+                        amount="800000",
+                        path_id=path_id,
+                        now=now,
+                        inputs=inputs,
+                    )
+                )
+
+            unusable = risk_policy(now)
+            unusable.haircuts[0].collateral_factor.value = "1.5"
+            call = margin_call(parties, pledged.holdings_statement, call_id="mc-r", now=now)
+            # One batch (one transaction, sent before the stream is up): 1, 3, 4 and 5
+            # verify but ask for what cannot be done; 2 and 6 are fine.
+            with exchange.log.transaction():
+                exchange.log.append(
+                    [
+                        instruction("liq-wrong-path", "path-unknown"),
+                        position_sync_pb2.PositionUpdate(margin_call=call),
+                        position_sync_pb2.PositionUpdate(
+                            margin_call=margin_call(
+                                parties, pledged.holdings_statement, call_id="mc-r", now=now
+                            )
+                        ),
+                        position_sync_pb2.PositionUpdate(
+                            margin_call=margin_call(
+                                parties, pledged.holdings_statement, call_id="", now=now
+                            )
+                        ),
+                        position_sync_pb2.PositionUpdate(
+                            risk_policy=sign(parties, EXCHANGE, unusable, now=now, audience=("*",))
+                        ),
+                        position_sync_pb2.PositionUpdate(
+                            credit_line=sign(
+                                parties,
+                                EXCHANGE,
+                                valuation_pb2.CreditLine(account_id=account, risk_policy_version=1),
+                                now=now,
+                            )
+                        ),
+                    ]
+                )
+            dial = exchange.dial = asyncio.create_task(
+                dial_sync_stream(exchange.session, CustodianClient(exchange_channel))
+            )
+            try:
+                # The whole batch is acknowledged; a stream that ends instead says why.
+                acked = asyncio.ensure_future(exchange.session.wait_acknowledged(6))
+                await asyncio.wait({acked, dial}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+                if dial.done():
+                    acked.cancel()
+                    dial.result()
+                assert acked.done(), "the batch was not acknowledged within 20 s"
+                assert rejected() == [
+                    (1, "liquidation_instruction", "PATH_NOT_AUTHORISED"),
+                    (3, "margin_call", "STATE_CONFLICT"),
+                    (4, "margin_call", "MALFORMED"),
+                    (5, "risk_policy", "MALFORMED"),
+                ]
+                # The good call in the same batch was answered; the refused ones were not.
+                await exchange.wait_for(lambda u: u.HasField("margin_call_response"))
+                answers = [
+                    margin_pb2.MarginCallResponse.FromString(u.margin_call_response.payload)
+                    for u in exchange.received
+                    if u.HasField("margin_call_response")
+                ]
+                assert [a.margin_call_id for a in answers] == ["mc-r"]
+                # The refused instruction sold nothing; a later one on the same log is executed.
+                latest = await client.get_holdings_statement(
+                    custodian_service_pb2.GetHoldingsStatementRequest(account_id=account)
+                )
+                assert latest.holdings_statement == pledged.holdings_statement
+                exchange.send(instruction("liq-right-path", "path-r"))
+                update = await exchange.wait_for(lambda u: u.HasField("liquidation_receipt"))
+                receipt = liquidation_pb2.LiquidationReceipt.FromString(
+                    update.liquidation_receipt.payload
+                )
+                assert receipt.liquidation_id == "liq-right-path"
+
+                # Integrity is another matter: an instruction another exchange signed,
+                # relayed on this exchange's stream, fails its batch and nothing is stored.
+                foreign = liquidation_instruction(
+                    parties,
+                    liquidation_id="liq-foreign",
+                    account_id=account,
+                    amount="800000",
+                    path_id="path-r",
+                    now=now,
+                    inputs=inputs,
+                    issuer=OTHER_EXCHANGE,
+                )
+                foreign_header = liquidation_pb2.LiquidationInstruction.FromString(foreign.payload)
+                assert foreign_header.header.issuer == OTHER_EXCHANGE
+                exchange.send(position_sync_pb2.PositionUpdate(liquidation_instruction=foreign))
+                with pytest.raises(RPCError) as caught:
+                    async with asyncio.timeout(20):
+                        await dial
+                assert (caught.value.code, caught.value.reason_name) == (
+                    CODE.PERMISSION_DENIED,
+                    "KEY_ROLE_MISMATCH",
+                )
+                state = await control.get_sync_state(test_control_pb2.GetSyncStateRequest())
+                heads = {int(d.direction): d.sequence for d in state.directions[:2]}
+                assert heads[EXCHANGE_TO_CUSTODIAN] == 7
+                assert len(rejected()) == 4
+            finally:
+                dial.cancel()
+                await asyncio.gather(dial, return_exceptions=True)
+                exchange.connection.close()
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
 
 
 def test_a_bad_batch_on_the_stream_is_refused_and_changes_nothing(
