@@ -12,6 +12,7 @@ not, is composed from those levels along RFC 9162's split.
 from __future__ import annotations
 
 import decimal
+import gc
 import operator
 import re
 import struct
@@ -20,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
-from itertools import accumulate, chain, pairwise
+from itertools import accumulate, chain, islice, pairwise
 from operator import itemgetter
 from typing import Literal, TypeAlias
 
@@ -63,10 +64,12 @@ _FIELDS: tuple[_AmountField, ...] = ("quantity", "locked_quantity", "pledged_qua
 # u32be(n) for n < 128 is "\0\0\0" + one ASCII byte, so an all-ASCII leaf can be
 # written as one str and encoded once; anything else takes the bytes path.
 _SHORT_LENGTH = tuple("\0\0\0" + chr(n) for n in range(128))
-# A run of non-negative canonical amounts, one per line (amounts.py's grammar
-# without the sign): lets a million amounts be checked in one regex call.
-# tests/test_reconciliation.py pins its agreement with parse_amount.
-_CANONICAL_RUN = re.compile(r"(?:(?:0|[1-9][0-9]{0,59})(?:\.[0-9]{0,17}[1-9])?\n)*")
+# A non-negative canonical amount (amounts.py's grammar without the sign),
+# matched without a Python call per amount; the slow path uses parse_amount.
+# tests/test_reconciliation.py pins their agreement.
+_CANONICAL = re.compile(r"(?:0|[1-9][0-9]{0,59})(?:\.[0-9]{0,17}[1-9])?")
+# Accounts handled per step of the build.
+_CHUNK = 1 << 15
 # Sums of up to 2**64 amounts of 60+18 digits stay far below 200 digits; Inexact
 # is trapped so that a total can never be rounded silently.
 _SUM_CONTEXT = decimal.Context(
@@ -136,9 +139,22 @@ def _sorted_values(account_id: str, positions: Iterable[PositionLike]) -> list[P
 
 
 def _fast_values(account_id: str, positions: Iterable[PositionLike]) -> Sequence[PositionValues]:
-    """:func:`_sorted_values`, without copying the common single-tuple list."""
-    if type(positions) is list and len(positions) == 1 and type(positions[0]) is tuple:
-        return positions
+    """:func:`_sorted_values`, without copying one or two tuples already in order.
+
+    Positions usually come sorted by asset (a database index); checking is
+    cheaper than sorting a copy, and most accounts hold one or two assets.
+    """
+    kind = type(positions)
+    if kind is list or kind is tuple:
+        count = len(positions)  # type: ignore[arg-type]
+        if count == 1:
+            (first,) = positions
+            if type(first) is tuple:
+                return positions  # type: ignore[return-value]  # checked: one tuple
+        elif count == 2:
+            first, second = positions
+            if type(first) is tuple and type(second) is tuple and first[0] < second[0]:
+                return positions  # type: ignore[return-value]  # checked: two, in order
     return _sorted_values(account_id, positions)
 
 
@@ -178,12 +194,21 @@ def _body(account_id: str, values: Sequence[PositionValues]) -> bytes:
     """Leaf bytes after the prefix, fast when every piece is short ASCII."""
     lengths = _SHORT_LENGTH
     try:
-        text = lengths[len(account_id)] + account_id + lengths[len(values)]
-        for asset_id, quantity, locked, pledged in values:
-            text += (
+        if len(values) == 1:
+            ((asset_id, quantity, locked, pledged),) = values
+            text = (
+                f"{lengths[len(account_id)]}{account_id}\0\0\0\x01"
                 f"{lengths[len(asset_id)]}{asset_id}{lengths[len(quantity)]}{quantity}"
                 f"{lengths[len(locked)]}{locked}{lengths[len(pledged)]}{pledged}"
             )
+        else:
+            parts = [lengths[len(account_id)], account_id, lengths[len(values)]]
+            for asset_id, quantity, locked, pledged in values:
+                parts.append(
+                    f"{lengths[len(asset_id)]}{asset_id}{lengths[len(quantity)]}{quantity}"
+                    f"{lengths[len(locked)]}{locked}{lengths[len(pledged)]}{pledged}"
+                )
+            text = "".join(parts)
     except IndexError:
         return _body_bytes(account_id, values)
     if not text.isascii():
@@ -204,7 +229,7 @@ def position_leaf(account_id: str, positions: Iterable[PositionLike]) -> bytes:
     return POSITION_LEAF_PREFIX + _body(account_id, values)
 
 
-def _decode_body(body: bytes) -> tuple[str, list[PositionValues]]:
+def _decode_body(body: bytes | bytearray) -> tuple[str, list[PositionValues]]:
     """Inverse of :func:`_body` for bytes this module wrote."""
     offset = 0
 
@@ -247,15 +272,11 @@ class AssetTotal:
         )
 
 
-def _all_canonical(texts: list[str]) -> bool:
-    joined = "\n".join(texts) + "\n"
-    # A text holding a newline would split into two lines: then count differs.
-    return joined.count("\n") == len(texts) and _CANONICAL_RUN.fullmatch(joined) is not None
-
-
-def _sum(texts: list[str]) -> decimal.Decimal:
-    with decimal.localcontext(_SUM_CONTEXT):
-        return sum(map(decimal.Decimal, texts), _ZERO)
+def _all_canonical(texts: Sequence[str]) -> bool:
+    try:
+        return all(map(_CANONICAL.fullmatch, texts))
+    except TypeError:  # not text: the slow path names it
+        return False
 
 
 # -------------------------------------------------------------------------- tree
@@ -278,6 +299,86 @@ def _combine_level(level: bytes | bytearray) -> bytes:
     )
 
 
+class _Builder:
+    """Leaf bytes, leaf hashes and totals, a chunk of accounts at a time.
+
+    Chunks keep the interpreter's per-object work (and the cyclic GC's) to
+    what one chunk holds; maps and comprehensions rather than one loop,
+    because at a million accounts per-statement overhead is the cost.
+    """
+
+    def __init__(self) -> None:
+        self.bodies = bytearray()
+        self.offsets = array("Q", [0])
+        self.leaf_hashes = bytearray()
+        self.sums: dict[str, list[decimal.Decimal]] = {}
+        self.last: str | None = None
+        self.in_order = True
+
+    def add(self, chunk: list[tuple[str, Iterable[PositionLike]]]) -> None:
+        account_ids = [account_id for account_id, _ in chunk]
+        if not all(isinstance(a, str) and a for a in account_ids):
+            for account_id in account_ids:
+                _check_values(account_id, ())
+        if self.in_order:
+            self.in_order = (self.last is None or self.last < account_ids[0]) and all(
+                map(operator.lt, account_ids, account_ids[1:])
+            )
+        self.last = account_ids[-1]
+        values_of = [_fast_values(account_id, positions) for account_id, positions in chunk]
+        try:
+            bodies = list(map(_body, account_ids, values_of))
+        except (TypeError, ValueError):
+            for account_id, values in zip(account_ids, values_of, strict=True):
+                _check_values(account_id, values)  # names the field that is not text
+            raise
+        by_asset: dict[str, list[PositionValues]] = defaultdict(list)
+        for position in chain.from_iterable(values_of):
+            by_asset[position[0]].append(position)
+        for asset_id, positions in by_asset.items():
+            _, *lists = zip(*positions, strict=True)
+            if not (asset_id and all(_all_canonical(texts) for texts in lists)):
+                # Find and name the culprit; the fast check only says "somewhere".
+                for account_id, values in zip(account_ids, values_of, strict=True):
+                    _check_values(account_id, values)
+            sums = self.sums.setdefault(asset_id, [_ZERO, _ZERO, _ZERO])
+            with decimal.localcontext(_SUM_CONTEXT):
+                for field, texts in enumerate(lists):
+                    sums[field] = sum(map(decimal.Decimal, texts), sums[field])
+        self.leaf_hashes += b"".join(map(leaf_hash, map(POSITION_LEAF_PREFIX.__add__, bodies)))
+        start = self.offsets[-1]
+        self.offsets.extend(islice(accumulate(map(len, bodies), initial=start), 1, None))
+        self.bodies += b"".join(bodies)
+
+    def _sort(self) -> None:
+        """Put leaves received out of order into account-id order."""
+        offsets, bodies, hashes = self.offsets, self.bodies, self.leaf_hashes
+        count = len(offsets) - 1
+        ids = [_decode_body(bytes(bodies[offsets[i] : offsets[i + 1]]))[0] for i in range(count)]
+        order = sorted(range(count), key=ids.__getitem__)
+        for before, after in pairwise(order):
+            if ids[before] == ids[after]:
+                raise _malformed("accounts", "distinct account ids", repr(ids[after]))
+        self.bodies = bytearray(b"".join(bodies[offsets[i] : offsets[i + 1]] for i in order))
+        self.offsets = array(
+            "Q", accumulate((offsets[i + 1] - offsets[i] for i in order), initial=0)
+        )
+        self.leaf_hashes = bytearray(
+            b"".join(hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE] for i in order)
+        )
+
+    def finish(self) -> PositionTree:
+        if not self.in_order:
+            self._sort()
+        totals = tuple(AssetTotal(asset_id, *self.sums[asset_id]) for asset_id in sorted(self.sums))
+        levels = [bytes(self.leaf_hashes)]
+        self.leaf_hashes = bytearray()
+        while len(levels[-1]) >= 2 * HASH_SIZE:
+            levels.append(_combine_level(levels[-1]))
+        # The leaf buffer is kept as built: copying it to bytes would double it.
+        return PositionTree(self.bodies, self.offsets, levels, totals)
+
+
 AccountsInput: TypeAlias = (
     "Mapping[str, Iterable[PositionLike]] | Iterable[tuple[str, Iterable[PositionLike]]]"
 )
@@ -296,7 +397,7 @@ class PositionTree:
 
     def __init__(
         self,
-        bodies: bytes,
+        bodies: bytearray,
         offsets: array[int],
         levels: list[bytes],
         totals: tuple[AssetTotal, ...],
@@ -312,51 +413,34 @@ class PositionTree:
     def build(cls, accounts: AccountsInput) -> PositionTree:
         """Build the tree of ``accounts``: account id -> positions.
 
-        Accepts a mapping or (account_id, positions) pairs, in any order
-        (already sorted input is cheapest). Positions are Position messages or
-        :data:`PositionValues` tuples. Duplicate accounts or assets, empty ids
-        and absent, non-canonical or negative amounts raise MalformedError.
+        Accepts a mapping or (account_id, positions) pairs in any order;
+        pairs already sorted by account id (e.g. a database cursor) are
+        streamed, so memory stays the tree's own. Positions are Position
+        messages or :data:`PositionValues` tuples. Duplicate accounts or
+        assets, empty ids and absent, non-canonical or negative amounts raise
+        MalformedError.
         """
-        items = list(accounts.items() if isinstance(accounts, Mapping) else accounts)
-        # str order is code-point order, which is the bytewise order of UTF-8.
-        items.sort(key=itemgetter(0))
-        account_ids = [account_id for account_id, _ in items]
-        if not all(isinstance(a, str) and a for a in account_ids):
-            for account_id in account_ids:
-                _check_values(account_id, ())
-        if any(map(operator.eq, account_ids, account_ids[1:])):
-            duplicate = next(a for a, b in pairwise(account_ids) if a == b)
-            raise _malformed("accounts", "distinct account ids", repr(duplicate))
-        # Comprehensions and maps rather than one loop: a million accounts
-        # spend most of their time in per-statement interpreter overhead.
-        values_of = [_fast_values(account_id, positions) for account_id, positions in items]
+        if isinstance(accounts, Mapping):
+            # str order is code-point order, which is the bytewise order of UTF-8.
+            pairs: Iterable[tuple[str, Iterable[PositionLike]]] = (
+                (account_id, accounts[account_id]) for account_id in sorted(accounts)
+            )
+        else:
+            pairs = accounts
+        builder = _Builder()
+        iterator = iter(pairs)
+        # The build makes no reference cycles, and a full collection walks
+        # every object of the process: seconds for a party holding a million
+        # accounts' positions, several times over. So the cyclic GC waits.
+        was_enabled = gc.isenabled()
+        gc.disable()
         try:
-            bodies = list(map(_body, account_ids, values_of))
-        except (TypeError, ValueError):
-            for account_id, values in zip(account_ids, values_of, strict=True):
-                _check_values(account_id, values)  # names the field that is not text
-            raise
-        leaf_hashes = b"".join(map(leaf_hash, map(POSITION_LEAF_PREFIX.__add__, bodies)))
-        offsets = array("Q", accumulate(map(len, bodies), initial=0))
-        blob = b"".join(bodies)
-        del bodies
-        by_asset: dict[str, list[PositionValues]] = defaultdict(list)
-        for position in chain.from_iterable(values_of):
-            by_asset[position[0]].append(position)
-        totals = []
-        for asset_id in sorted(by_asset):
-            positions = by_asset[asset_id]
-            lists = [list(map(itemgetter(i), positions)) for i in (1, 2, 3)]
-            if not (asset_id and all(_all_canonical(texts) for texts in lists)):
-                # Find and name the culprit; the fast check only says "somewhere".
-                for account_id, values in zip(account_ids, values_of, strict=True):
-                    _check_values(account_id, values)
-            totals.append(AssetTotal(asset_id, *(_sum(texts) for texts in lists)))
-        del values_of, by_asset
-        levels = [leaf_hashes]
-        while len(levels[-1]) >= 2 * HASH_SIZE:
-            levels.append(_combine_level(levels[-1]))
-        return cls(blob, offsets, levels, tuple(totals))
+            while chunk := list(islice(iterator, _CHUNK)):
+                builder.add(chunk)
+            return builder.finish()
+        finally:
+            if was_enabled:
+                gc.enable()
 
     # --- reading
 
