@@ -24,8 +24,12 @@ Serves ``CustodianService`` (and ``TestControlService`` in test mode):
 Yield accrues daily on fund tokens at the configured UTC time; every change of
 holdings is a signed holdings statement appended to the attestation log and
 announced to the account's exchange. The behaviour lives in
-``_custodian_core``; this module wires it to gRPC. ``ExecuteEmergencyRelease``
-is not implemented yet (UNIMPLEMENTED).
+``_custodian_core``; this module wires it to gRPC.
+
+``ExecuteEmergencyRelease`` executes a release signed by two of regulator,
+custodian and the account's exchange (``_custodian_emergency``); the custodian
+also serves ``EmergencyReleaseService.CoSignEmergencyRelease`` and co-signs
+releases of accounts it holds that name the account's exchange.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from collateral_sync.v1 import (
 from collateral_sync_reference._config import ServerConfig
 from collateral_sync_reference._custodian_config import CustodianSettings, parse_custodian_settings
 from collateral_sync_reference._custodian_core import Custodian
+from collateral_sync_reference._custodian_emergency import CustodianEmergencyRelease
+from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference._runner import ServerContext
 from collateral_sync_reference._test_control import TestControlBase
 
@@ -182,7 +188,21 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.ExecuteEmergencyReleaseRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.ExecuteEmergencyReleaseResponse:
-        raise NotImplementedError("emergency release is not implemented by this custodian yet")
+        if not request.HasField("emergency_release"):
+            raise MalformedError(
+                "emergency_release is required",
+                metadata={
+                    "field": "emergency_release",
+                    "expected": "a signed EmergencyRelease",
+                    "actual": "absent",
+                },
+                field_violations={"emergency_release": "required"},
+            )
+        # Any authenticated peer may bring the release: its signatures authorise it.
+        receipt = self._role.emergency.execute(request.emergency_release)
+        return custodian_service_pb2.ExecuteEmergencyReleaseResponse(
+            emergency_release_receipt=receipt
+        )
 
 
 class _CustodianTestControl(TestControlBase):
@@ -220,7 +240,15 @@ class CustodianRole:
         if not isinstance(settings, CustodianSettings):
             settings = parse_settings(context.config)
         self.custodian = Custodian(context, settings)
+        self.emergency = CustodianEmergencyRelease(self.custodian)
         self._service = _CustodianService(self)
+        self._cosigner = EmergencyReleaseCoSigner(
+            signer=context.signer,
+            registry=context.registry,
+            clock=context.clock.now,
+            policy=self.emergency.cosign_policy,
+            max_skew=context.config.max_skew,
+        )
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
 
@@ -256,7 +284,7 @@ class CustodianRole:
         return session
 
     def servicers(self) -> Sequence[object]:
-        return [self._service]
+        return [self._service, self._cosigner]
 
     def test_control(self) -> _CustodianTestControl:
         return _CustodianTestControl(self)

@@ -19,7 +19,9 @@ the custodian's ``SyncPositions`` stream:
   expiry, withdrawal); instructs liquidation past the liquidation line or on
   expiry, delivered by ``SubmitLiquidationInstruction`` (``_exchange_submit``);
   a shortfall in the receipt goes to the insurance fund, then is ranked for
-  auto-deleveraging, in a signed ``ShortfallAllocation`` (``GetShortfallAllocation``).
+  auto-deleveraging, in a signed ``ShortfallAllocation`` (``GetShortfallAllocation``);
+- ``EmergencyReleaseService.CoSignEmergencyRelease``: co-signs a release of an
+  account it mirrors with no open exposure (``_exchange_emergency``).
 
 Configuration (the ``exchange`` section of the server's file; every key but
 ``log_origin`` is optional)::
@@ -69,8 +71,10 @@ from collateral_sync.transport import plaintext_channel_for_testing, secure_chan
 from collateral_sync.v1 import errors_pb2
 
 from collateral_sync_reference._config import ServerConfig
+from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference._exchange_attest import AttestationChecker
 from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSettings
+from collateral_sync_reference._exchange_emergency import exchange_release_policy
 from collateral_sync_reference._exchange_policy import build_policy_content
 from collateral_sync_reference._exchange_rpc import ExchangeServicer, ExchangeTestControl
 from collateral_sync_reference._exchange_submit import LiquidationSubmitter
@@ -198,9 +202,16 @@ class ExchangeRole:
         self.checker: AttestationChecker | None = None
         self.submitter: LiquidationSubmitter | None = None
         self._service = ExchangeServicer(self.core)
+        self._cosigner = EmergencyReleaseCoSigner(
+            signer=context.signer,
+            registry=context.registry,
+            clock=clock.now,
+            policy=exchange_release_policy(self.core),
+            max_skew=context.config.max_skew,
+        )
 
     def servicers(self) -> Sequence[object]:
-        return [self._service]
+        return [self._service, self._cosigner]
 
     def test_control(self) -> ExchangeTestControl:
         return ExchangeTestControl(

@@ -305,6 +305,7 @@ def test_health_serving_and_reflection_lists_the_services(
             names = {s.name for s in reply.list_services_response.service}
             assert names == {
                 CUSTODIAN_SERVICE,
+                "collateral_sync.v1.EmergencyReleaseService",
                 TEST_CONTROL_SERVICE,
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
