@@ -48,6 +48,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/collateral-sync bench sdk
 	$(VENV)/bin/collateral-sync bench sync
+	$(VENV)/bin/collateral-sync bench recon
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

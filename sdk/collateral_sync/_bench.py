@@ -1,7 +1,9 @@
 """``collateral-sync bench``: SDK figures beside baselines measured in the same run.
 
-Suites: ``sdk`` (here) and ``sync`` (position sync and margin-call latency
-between two processes, in :mod:`collateral_sync._bench_sync`).
+Suites: ``sdk`` (here), ``sync`` (position sync and margin-call latency
+between two processes, in :mod:`collateral_sync._bench_sync`) and ``recon``
+(reconciliation of a million accounts across three processes, in
+:mod:`collateral_sync._bench_recon`).
 
 Each figure is printed with its baseline (raw PyNaCl for signatures, raw
 pymerkle for the log and proofs) and the ratio between them, because the
@@ -299,7 +301,7 @@ def _bench_log(size: int, workdir: Path, now: datetime) -> list[_Row]:
 
 def run_benchmarks(suite: str, *, scale: float = 1.0) -> int:
     """Run a suite and print its table; returns the process exit code."""
-    if suite not in ("sdk", "sync"):
+    if suite not in ("sdk", "sync", "recon"):
         raise ValueError(f"unknown suite {suite!r}")
     if not 0 < scale <= 1:
         raise ValueError(f"scale: expected 0 < scale <= 1, got {scale}")
@@ -308,6 +310,11 @@ def run_benchmarks(suite: str, *, scale: float = 1.0) -> int:
         from collateral_sync._bench_sync import run_sync_benchmark  # noqa: PLC0415
 
         return run_sync_benchmark(scale=scale)
+    if suite == "recon":
+        # Its own module: it runs the two parties in child processes.
+        from collateral_sync._bench_recon import run_recon_benchmark  # noqa: PLC0415
+
+        return run_recon_benchmark(scale=scale)
     now = datetime.now(UTC)
     log_size = max(64, int(FULL_LOG_SIZE * scale))
     signatures = max(32, int(FULL_SIGNATURES * scale))

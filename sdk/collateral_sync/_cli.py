@@ -216,8 +216,11 @@ def _parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="sdk",
-        choices=["sdk", "sync"],
-        help="sdk: signatures, attestation log, proofs; sync: position sync and margin calls",
+        choices=["sdk", "sync", "recon"],
+        help=(
+            "sdk: signatures, attestation log, proofs; sync: position sync and margin calls; "
+            "recon: reconciliation of a million accounts"
+        ),
     )
     bench.add_argument(
         "--scale", type=float, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"

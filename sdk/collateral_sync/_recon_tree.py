@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
-from itertools import accumulate, chain, islice, pairwise
+from itertools import accumulate, chain, compress, islice, pairwise
 from operator import itemgetter
 from typing import Literal, TypeAlias
 
@@ -68,6 +68,7 @@ _SHORT_LENGTH = tuple("\0\0\0" + chr(n) for n in range(128))
 # matched without a Python call per amount; the slow path uses parse_amount.
 # tests/test_reconciliation.py pins their agreement.
 _CANONICAL = re.compile(r"(?:0|[1-9][0-9]{0,59})(?:\.[0-9]{0,17}[1-9])?")
+_NOT_ZERO = "0".__ne__
 # Accounts handled per step of the build.
 _CHUNK = 1 << 15
 # Sums of up to 2**64 amounts of 60+18 digits stay far below 200 digits; Inexact
@@ -139,10 +140,10 @@ def _sorted_values(account_id: str, positions: Iterable[PositionLike]) -> list[P
 
 
 def _fast_values(account_id: str, positions: Iterable[PositionLike]) -> Sequence[PositionValues]:
-    """:func:`_sorted_values`, without copying one or two tuples already in order.
+    """:func:`_sorted_values`, without copying a few tuples already in order.
 
     Positions usually come sorted by asset (a database index); checking is
-    cheaper than sorting a copy, and most accounts hold one or two assets.
+    cheaper than sorting a copy, and most accounts hold a few assets.
     """
     kind = type(positions)
     if kind is list or kind is tuple:
@@ -155,6 +156,15 @@ def _fast_values(account_id: str, positions: Iterable[PositionLike]) -> Sequence
             first, second = positions
             if type(first) is tuple and type(second) is tuple and first[0] < second[0]:
                 return positions  # type: ignore[return-value]  # checked: two, in order
+        elif count == 3:
+            first, second, third = positions
+            if (
+                type(first) is tuple
+                and type(second) is tuple
+                and type(third) is tuple
+                and first[0] < second[0] < third[0]
+            ):
+                return positions  # type: ignore[return-value]  # checked: three, in order
     return _sorted_values(account_id, positions)
 
 
@@ -336,19 +346,36 @@ class _Builder:
         for position in chain.from_iterable(values_of):
             by_asset[position[0]].append(position)
         for asset_id, positions in by_asset.items():
-            _, *lists = zip(*positions, strict=True)
-            if not (asset_id and all(_all_canonical(texts) for texts in lists)):
+            if not (asset_id and self._add_sums(asset_id, positions)):
                 # Find and name the culprit; the fast check only says "somewhere".
                 for account_id, values in zip(account_ids, values_of, strict=True):
                     _check_values(account_id, values)
-            sums = self.sums.setdefault(asset_id, [_ZERO, _ZERO, _ZERO])
-            with decimal.localcontext(_SUM_CONTEXT):
-                for field, texts in enumerate(lists):
-                    sums[field] = sum(map(decimal.Decimal, texts), sums[field])
         self.leaf_hashes += b"".join(map(leaf_hash, map(POSITION_LEAF_PREFIX.__add__, bodies)))
         start = self.offsets[-1]
         self.offsets.extend(islice(accumulate(map(len, bodies), initial=start), 1, None))
         self.bodies += b"".join(bodies)
+
+    def _add_sums(self, asset_id: str, positions: list[PositionValues]) -> bool:
+        """Add one asset's amounts to its totals; False if one is not canonical.
+
+        Most locked quantities are zero and most pledged quantities equal the
+        quantity (everything in the custody account pledged): those are
+        neither checked nor parsed twice. Anything else takes the full path.
+        """
+        _, quantities, locked, pledged = zip(*positions, strict=True)
+        locked = tuple(filter(_NOT_ZERO, locked))
+        differs = tuple(map(operator.ne, quantities, pledged))
+        pledged = tuple(compress(pledged, differs))
+        if not (_all_canonical(quantities) and _all_canonical(locked) and _all_canonical(pledged)):
+            return False
+        sums = self.sums.setdefault(asset_id, [_ZERO, _ZERO, _ZERO])
+        with decimal.localcontext(_SUM_CONTEXT):
+            parsed = list(map(decimal.Decimal, quantities))
+            sums[0] = sum(parsed, sums[0])
+            sums[1] = sum(map(decimal.Decimal, locked), sums[1])
+            same = sum(compress(parsed, map(operator.not_, differs)), _ZERO)
+            sums[2] = sum(map(decimal.Decimal, pledged), sums[2] + same)
+        return True
 
     def _sort(self) -> None:
         """Put leaves received out of order into account-id order."""
@@ -371,12 +398,18 @@ class _Builder:
         if not self.in_order:
             self._sort()
         totals = tuple(AssetTotal(asset_id, *self.sums[asset_id]) for asset_id in sorted(self.sums))
-        levels = [bytes(self.leaf_hashes)]
+        levels = _levels(bytes(self.leaf_hashes))
         self.leaf_hashes = bytearray()
-        while len(levels[-1]) >= 2 * HASH_SIZE:
-            levels.append(_combine_level(levels[-1]))
         # The leaf buffer is kept as built: copying it to bytes would double it.
         return PositionTree(self.bodies, self.offsets, levels, totals)
+
+
+def _levels(leaf_hashes: bytes) -> list[bytes]:
+    """Every level of aligned subtree hashes above the leaf hashes, leaves first."""
+    levels = [leaf_hashes]
+    while len(levels[-1]) >= 2 * HASH_SIZE:
+        levels.append(_combine_level(levels[-1]))
+    return levels
 
 
 AccountsInput: TypeAlias = (
@@ -421,10 +454,14 @@ class PositionTree:
         MalformedError.
         """
         if isinstance(accounts, Mapping):
-            # str order is code-point order, which is the bytewise order of UTF-8.
-            pairs: Iterable[tuple[str, Iterable[PositionLike]]] = (
-                (account_id, accounts[account_id]) for account_id in sorted(accounts)
-            )
+            keys = list(accounts)
+            if all(map(operator.lt, keys, keys[1:])):
+                # Already in order (built from a sorted source): no lookups.
+                pairs: Iterable[tuple[str, Iterable[PositionLike]]] = accounts.items()
+            else:
+                # str order is code-point order, which is the bytewise order of UTF-8.
+                pairs = ((account_id, accounts[account_id]) for account_id in sorted(keys))
+            del keys
         else:
             pairs = accounts
         builder = _Builder()
