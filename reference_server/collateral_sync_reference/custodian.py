@@ -30,6 +30,10 @@ announced to the account's exchange. The behaviour lives in
 custodian and the account's exchange (``_custodian_emergency``); the custodian
 also serves ``EmergencyReleaseService.CoSignEmergencyRelease`` and co-signs
 releases of accounts it holds that name the account's exchange.
+
+``ReconciliationService``: at each cut-off the custodian freezes its view of
+the accounts pledged to its exchange, signs a reconciliation statement and
+submits it to the regulator (``_reconciliation``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ from collateral_sync_reference._custodian_config import CustodianSettings, parse
 from collateral_sync_reference._custodian_core import Custodian
 from collateral_sync_reference._custodian_emergency import CustodianEmergencyRelease
 from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
+from collateral_sync_reference._reconciliation import (
+    PartyReconciliation,
+    ReconciliationServicer,
+    custodian_holdings,
+    parse_reconciliation_settings,
+)
 from collateral_sync_reference._runner import ServerContext
 from collateral_sync_reference._test_control import TestControlBase
 
@@ -240,6 +250,20 @@ class CustodianRole:
         if not isinstance(settings, CustodianSettings):
             settings = parse_settings(context.config)
         self.custodian = Custodian(context, settings)
+        exchanges = self.custodian.exchanges
+        self.reconciliation = PartyReconciliation(
+            storage=context.storage,
+            signer=context.signer,
+            clock=context.clock,
+            settings=parse_reconciliation_settings(context.config, context.registry),
+            counterparty_id=exchanges[0] if len(exchanges) == 1 else None,
+            exchange_id=exchanges[0] if len(exchanges) == 1 else "",
+            holdings=lambda: custodian_holdings(context.storage),
+            tls=context.tls,
+            test_mode=context.test_mode,
+            logger=self.logger,
+        )
+        self._reconciliation_service = ReconciliationServicer(self.reconciliation)
         self.emergency = CustodianEmergencyRelease(self.custodian)
         self._service = _CustodianService(self)
         self._cosigner = EmergencyReleaseCoSigner(
@@ -284,20 +308,24 @@ class CustodianRole:
         return session
 
     def servicers(self) -> Sequence[object]:
-        return [self._service, self._cosigner]
+        return [self._service, self._cosigner, self._reconciliation_service]
 
     def test_control(self) -> _CustodianTestControl:
         return _CustodianTestControl(self)
 
     async def on_clock_advanced(self) -> None:
         self.custodian.run_due()
+        # A cut-off the clock passed is frozen before AdvanceClock answers.
+        self.reconciliation.run_due()
         self._wake.set()
 
     async def start(self) -> None:
         self.custodian.run_due()
         self._scheduler = asyncio.create_task(self._schedule(), name="custodian-scheduler")
+        self.reconciliation.start()
 
     async def stop(self) -> None:
+        await self.reconciliation.stop()
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -321,6 +349,8 @@ class CustodianRole:
 
 def parse_settings(config: ServerConfig) -> CustodianSettings:
     """Check the ``custodian`` section of the configuration (before anything is opened)."""
+    # Read first: the custodian's own parser refuses keys it does not know.
+    parse_reconciliation_settings(config)
     return parse_custodian_settings(config)
 
 

@@ -22,6 +22,10 @@ the custodian's ``SyncPositions`` stream:
   auto-deleveraging, in a signed ``ShortfallAllocation`` (``GetShortfallAllocation``);
 - ``EmergencyReleaseService.CoSignEmergencyRelease``: co-signs a release of an
   account it mirrors with no open exposure (``_exchange_emergency``).
+- ``ReconciliationService``: at each cut-off the exchange freezes what it
+  mirrors from the custodian's holdings statements, signs a reconciliation
+  statement and submits it to the regulator (``_reconciliation``; its
+  ``reconciliation`` object sits in the ``exchange`` section).
 
 Configuration (the ``exchange`` section of the server's file; every key but
 ``log_origin`` is optional)::
@@ -79,6 +83,12 @@ from collateral_sync_reference._exchange_policy import build_policy_content
 from collateral_sync_reference._exchange_rpc import ExchangeServicer, ExchangeTestControl
 from collateral_sync_reference._exchange_submit import LiquidationSubmitter
 from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
+from collateral_sync_reference._reconciliation import (
+    PartyReconciliation,
+    ReconciliationServicer,
+    exchange_holdings,
+    parse_reconciliation_settings,
+)
 from collateral_sync_reference._runner import ServerContext
 
 __all__ = ["ExchangeRole", "ExchangeRoleSettings", "create_role", "parse_exchange_settings"]
@@ -161,6 +171,8 @@ class ExchangeRole:
     def __init__(self, context: ServerContext) -> None:
         self.context = context
         self.logger = context.logger
+        # Read first: the exchange's own parser refuses keys it does not know.
+        reconciliation = parse_reconciliation_settings(context.config, context.registry)
         settings = parse_exchange_settings(context.config)
         self.settings = settings
         clock = context.clock
@@ -202,6 +214,19 @@ class ExchangeRole:
         self.checker: AttestationChecker | None = None
         self.submitter: LiquidationSubmitter | None = None
         self._service = ExchangeServicer(self.core)
+        self.reconciliation = PartyReconciliation(
+            storage=storage,
+            signer=context.signer,
+            clock=clock,
+            settings=reconciliation,
+            counterparty_id=settings.core.custodian_id,
+            exchange_id=context.party_id,
+            holdings=lambda: exchange_holdings(storage),
+            tls=context.tls,
+            test_mode=context.test_mode,
+            logger=self.logger,
+        )
+        self._reconciliation_service = ReconciliationServicer(self.reconciliation)
         self._cosigner = EmergencyReleaseCoSigner(
             signer=context.signer,
             registry=context.registry,
@@ -211,7 +236,7 @@ class ExchangeRole:
         )
 
     def servicers(self) -> Sequence[object]:
-        return [self._service, self._cosigner]
+        return [self._service, self._cosigner, self._reconciliation_service]
 
     def test_control(self) -> ExchangeTestControl:
         return ExchangeTestControl(
@@ -222,6 +247,8 @@ class ExchangeRole:
         )
 
     async def on_clock_advanced(self) -> None:
+        # The cut-off is frozen before the sweep appends what the new time brings.
+        self.reconciliation.run_due()
         # Every price may have turned stale and every cure period ended: all accounts.
         self.core.sweep(everything=True)
 
@@ -249,8 +276,10 @@ class ExchangeRole:
             asyncio.create_task(self.submitter.run(), name="exchange-liquidations"),
             asyncio.create_task(self._sweep_forever(), name="exchange-sweep"),
         ]
+        self.reconciliation.start()
 
     async def stop(self) -> None:
+        await self.reconciliation.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
