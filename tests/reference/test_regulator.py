@@ -310,6 +310,7 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
 ) -> None:
     parties = reference_parties
     trio = start_trio(parties, start_server, tmp_path, "matched")
+    kept: dict[str, Any] = {}
 
     async def scenario() -> None:
         async with (
@@ -357,6 +358,7 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
             assert cutoff_id == upcoming
             envelope = await await_result(regulator, cutoff_id)
             result = verified_result(parties, envelope)
+            kept.update(cutoff_id=cutoff_id, result=envelope, statement=result.custodian_statement)
             assert result.cutoff_id == cutoff_id
             assert result.outcome == _F.RECONCILIATION_OUTCOME_MATCHED
             assert list(result.breaks) == []
@@ -518,6 +520,40 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
             assert again.reconciliation_result == envelope
 
     run(scenario())
+
+    # Restarted, every party keeps what it stated: the result, the statement and
+    # the frozen tree (rebuilt from the stored snapshot, not from today's holdings).
+    trio.regulator.restart()
+    trio.custodian.restart()
+
+    async def after_restart() -> None:
+        async with (
+            parties.channel(trio.custodian.address, REGULATOR) as to_custodian,
+            parties.channel(trio.regulator.address, EXCHANGE) as to_regulator,
+        ):
+            results = await RegulatorClient(to_regulator).get_reconciliation_result(
+                regulator_service_pb2.GetReconciliationResultRequest(cutoff_id=kept["cutoff_id"])
+            )
+            assert results.reconciliation_result == kept["result"]
+            recon = ReconciliationClient(to_custodian)
+            statement = await recon.get_reconciliation_statement(
+                reconciliation_service_pb2.GetReconciliationStatementRequest(
+                    cutoff_id=kept["cutoff_id"]
+                )
+            )
+            assert statement.reconciliation_statement == kept["statement"]
+            nodes = await recon.get_position_tree_nodes(
+                reconciliation_service_pb2.GetPositionTreeNodesRequest(
+                    cutoff_id=kept["cutoff_id"],
+                    ranges=[reconciliation_service_pb2.LeafRange(start=0, end=len(ACCOUNTS))],
+                )
+            )
+            stated = reconciliation_pb2.ReconciliationStatement.FromString(
+                kept["statement"].payload
+            )
+            assert nodes.nodes[0].hash == stated.positions_root
+
+    run(after_restart())
 
 
 def test_breaks_are_located_to_account_asset_and_field(
