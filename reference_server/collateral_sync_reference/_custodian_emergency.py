@@ -12,7 +12,8 @@ a release only when:
    the exchange the release names, which must be the exchange the account is
    pledged to — another exchange's or another custodian's signature does not
    count;
-3. without the exchange's signature, ``exchange_unresponsive_since`` is set and
+3. without the exchange's signature, the reason is EXCHANGE_FAILURE,
+   ``exchange_unresponsive_since`` is set and
    the custodian's clock is at least the exchange's ``emergency_release_wait``
    past it. The wait is read from the latest risk policy *that exchange* sent
    on the sync stream; a custodian that never received one uses the pilot's
@@ -257,6 +258,17 @@ class CustodianEmergencyRelease:
     def _check_wait(self, release: emergency_pb2.EmergencyRelease, now: datetime) -> None:
         """Regulator and custodian alone: only after the policy's wait since the exchange went dark."""
         wait = self.emergency_release_wait(release.exchange_id)
+        failure = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+        if release.reason != failure:
+            raise StateError(
+                "a release without the exchange's signature must give the reason EXCHANGE_FAILURE",
+                reason=_R.ERROR_REASON_STATE_CONFLICT,
+                metadata={
+                    "field": "reason",
+                    "expected": emergency_pb2.EmergencyReleaseReason.Name(failure),
+                    "actual": emergency_pb2.EmergencyReleaseReason.Name(release.reason),
+                },
+            )
         if not release.HasField("exchange_unresponsive_since"):
             raise StateError(
                 "a release without the exchange's signature needs exchange_unresponsive_since",
@@ -277,7 +289,7 @@ class CustodianEmergencyRelease:
                 reason=_R.ERROR_REASON_STATE_CONFLICT,
                 metadata={
                     "field": "exchange_unresponsive_since",
-                    "expected": f"now >= {allowed_at.isoformat()}",
+                    "expected": allowed_at.isoformat(),
                     "actual": now.isoformat(),
                 },
             )

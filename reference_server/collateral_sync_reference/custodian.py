@@ -31,6 +31,11 @@ custodian and the account's exchange (``_custodian_emergency``); the custodian
 also serves ``EmergencyReleaseService.CoSignEmergencyRelease`` and co-signs
 releases of accounts it holds that name the account's exchange.
 
+``SubmitSettlementInstruction``, ``DisputeSettlement`` and ``GetSettlement``
+run the settlement cycles (``_custodian_settlement``): an instruction waits
+out its dispute window, then executes when the scheduler or AdvanceClock
+passes its deadline.
+
 ``ReconciliationService``: at each cut-off the custodian freezes its view of
 the accounts pledged to its exchange, signs a reconciliation statement and
 submits it to the regulator (``_reconciliation``).
@@ -59,6 +64,7 @@ from collateral_sync_reference._config import ServerConfig
 from collateral_sync_reference._custodian_config import CustodianSettings, parse_custodian_settings
 from collateral_sync_reference._custodian_core import Custodian
 from collateral_sync_reference._custodian_emergency import CustodianEmergencyRelease
+from collateral_sync_reference._custodian_settlement import CustodianSettlement
 from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference._reconciliation import (
     PartyReconciliation,
@@ -214,6 +220,49 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             emergency_release_receipt=receipt
         )
 
+    async def SubmitSettlementInstruction(
+        self,
+        request: custodian_service_pb2.SubmitSettlementInstructionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
+        if not request.HasField("settlement_instruction"):
+            raise MalformedError(
+                "settlement_instruction is required",
+                metadata={
+                    "field": "settlement_instruction",
+                    "expected": "a signed SettlementInstruction",
+                    "actual": "absent",
+                },
+                field_violations={"settlement_instruction": "required"},
+            )
+        response = self._role.settlement.submit(request.settlement_instruction)
+        self._role.wake()
+        return response
+
+    async def DisputeSettlement(
+        self,
+        request: custodian_service_pb2.DisputeSettlementRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.DisputeSettlementResponse:
+        if not request.HasField("settlement_dispute"):
+            raise MalformedError(
+                "settlement_dispute is required",
+                metadata={
+                    "field": "settlement_dispute",
+                    "expected": "a signed SettlementDispute",
+                    "actual": "absent",
+                },
+                field_violations={"settlement_dispute": "required"},
+            )
+        return self._role.settlement.dispute(request.settlement_dispute)
+
+    async def GetSettlement(
+        self,
+        request: custodian_service_pb2.GetSettlementRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.GetSettlementResponse:
+        return self._role.settlement.get(request.settlement_id)
+
 
 class _CustodianTestControl(TestControlBase):
     __test__ = False
@@ -265,6 +314,7 @@ class CustodianRole:
         )
         self._reconciliation_service = ReconciliationServicer(self.reconciliation)
         self.emergency = CustodianEmergencyRelease(self.custodian)
+        self.settlement = CustodianSettlement(self.custodian)
         self._service = _CustodianService(self)
         self._cosigner = EmergencyReleaseCoSigner(
             signer=context.signer,
@@ -313,8 +363,13 @@ class CustodianRole:
     def test_control(self) -> _CustodianTestControl:
         return _CustodianTestControl(self)
 
+    def wake(self) -> None:
+        """Have the scheduler look at its due times again (a new one may be earlier)."""
+        self._wake.set()
+
     async def on_clock_advanced(self) -> None:
         self.custodian.run_due()
+        self.settlement.run_due()
         # A cut-off the clock passed is frozen before AdvanceClock answers.
         self.reconciliation.run_due()
         self._wake.set()
@@ -337,7 +392,12 @@ class CustodianRole:
         while True:
             try:
                 self.custodian.run_due()
-                wait = (self.custodian.next_due() - self.now()).total_seconds()
+                self.settlement.run_due()
+                due = self.custodian.next_due()
+                settlement_due = self.settlement.next_due()
+                if settlement_due is not None:
+                    due = min(due, settlement_due)
+                wait = (due - self.now()).total_seconds()
             except CollateralSyncError as err:
                 self.logger.exception("scheduled work failed: %s: %s", err.reason_name, err.message)
                 wait = _MAX_SLEEP

@@ -115,14 +115,17 @@ class CustodianClient(_Client):
     """Client of ``CustodianService`` (served by the custodian)."""
 
     __slots__ = (
+        "_dispute_settlement",
         "_execute_emergency_release",
         "_get_checkpoint",
         "_get_consistency_proof",
         "_get_holdings_statement",
         "_get_inclusion_proof",
+        "_get_settlement",
         "_pledge_collateral",
         "_request_redemption",
         "_submit_liquidation_instruction",
+        "_submit_settlement_instruction",
         "_sync_positions",
     )
 
@@ -154,6 +157,15 @@ class CustodianClient(_Client):
         self._execute_emergency_release: _UnaryMethod[
             m.ExecuteEmergencyReleaseRequest, m.ExecuteEmergencyReleaseResponse
         ] = stub.ExecuteEmergencyRelease
+        self._submit_settlement_instruction: _UnaryMethod[
+            m.SubmitSettlementInstructionRequest, m.SubmitSettlementInstructionResponse
+        ] = stub.SubmitSettlementInstruction
+        self._dispute_settlement: _UnaryMethod[
+            m.DisputeSettlementRequest, m.DisputeSettlementResponse
+        ] = stub.DisputeSettlement
+        self._get_settlement: _UnaryMethod[m.GetSettlementRequest, m.GetSettlementResponse] = (
+            stub.GetSettlement
+        )
         self._sync_positions: Any = stub.SyncPositions
 
     async def get_checkpoint(
@@ -235,6 +247,36 @@ class CustodianClient(_Client):
     ) -> custodian_service_pb2.ExecuteEmergencyReleaseResponse:
         """Execute an emergency release signed by two of regulator, custodian, exchange."""
         return await self._unary(self._execute_emergency_release, request, timeout, metadata)
+
+    async def submit_settlement_instruction(
+        self,
+        request: custodian_service_pb2.SubmitSettlementInstructionRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
+        """Record a settlement instruction, pending until its dispute deadline."""
+        return await self._unary(self._submit_settlement_instruction, request, timeout, metadata)
+
+    async def dispute_settlement(
+        self,
+        request: custodian_service_pb2.DisputeSettlementRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> custodian_service_pb2.DisputeSettlementResponse:
+        """Dispute a pending settlement instruction before its deadline."""
+        return await self._unary(self._dispute_settlement, request, timeout, metadata)
+
+    async def get_settlement(
+        self,
+        request: custodian_service_pb2.GetSettlementRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> custodian_service_pb2.GetSettlementResponse:
+        """The state of a settlement instruction."""
+        return await self._unary(self._get_settlement, request, timeout, metadata)
 
     def sync_positions(
         self,

@@ -26,55 +26,69 @@ from collateral_sync.v1 import attestation_pb2 as collateral__sync_dot_v1_dot_at
 from collateral_sync.v1 import common_pb2 as collateral__sync_dot_v1_dot_common__pb2
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
 from collateral_sync.v1 import position_sync_pb2 as collateral__sync_dot_v1_dot_position__sync__pb2
+from collateral_sync.v1 import reconciliation_pb2 as collateral__sync_dot_v1_dot_reconciliation__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*collateral_sync/v1/custodian_service.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a!collateral_sync/v1/envelope.proto\x1a&collateral_sync/v1/position_sync.proto\")\n\x14GetCheckpointRequest\x12\x11\n\ttree_size\x18\x01 \x01(\x04\"I\n\x15GetCheckpointResponse\x12\x30\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"A\n\x18GetInclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"\x88\x01\n\x19GetInclusionProofResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x31\n\x05proof\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.InclusionProof\"O\n\x1aGetConsistencyProofRequest\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x04\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x04\"R\n\x1bGetConsistencyProofResponse\x12\x33\n\x05proof\x18\x01 \x01(\x0b\x32$.collateral_sync.v1.ConsistencyProof\"1\n\x1bGetHoldingsStatementRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\x91\x01\n\x1cGetHoldingsStatementResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xb2\x01\n\x11PledgeInstruction\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12-\n\x08quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x8b\x01\n\x17PledgeCollateralRequest\x12\x38\n\x12pledge_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x36\n\x10liquidation_path\x18\x02 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\x8d\x01\n\x18PledgeCollateralResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xb4\x01\n\x11RedemptionRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x15\n\rredemption_id\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12-\n\x08quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"T\n\x18RequestRedemptionRequest\x12\x38\n\x12redemption_request\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\x8e\x01\n\x19RequestRedemptionResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"d\n#SubmitLiquidationInstructionRequest\x12=\n\x17liquidation_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"a\n$SubmitLiquidationInstructionResponse\x12\x39\n\x13liquidation_receipt\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"Y\n\x1e\x45xecuteEmergencyReleaseRequest\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"b\n\x1f\x45xecuteEmergencyReleaseResponse\x12?\n\x19\x65mergency_release_receipt\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"D\n\x14SyncPositionsRequest\x12,\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncFrame\"E\n\x15SyncPositionsResponse\x12,\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncFrame2\xc1\x08\n\x10\x43ustodianService\x12\x64\n\rGetCheckpoint\x12(.collateral_sync.v1.GetCheckpointRequest\x1a).collateral_sync.v1.GetCheckpointResponse\x12p\n\x11GetInclusionProof\x12,.collateral_sync.v1.GetInclusionProofRequest\x1a-.collateral_sync.v1.GetInclusionProofResponse\x12v\n\x13GetConsistencyProof\x12..collateral_sync.v1.GetConsistencyProofRequest\x1a/.collateral_sync.v1.GetConsistencyProofResponse\x12y\n\x14GetHoldingsStatement\x12/.collateral_sync.v1.GetHoldingsStatementRequest\x1a\x30.collateral_sync.v1.GetHoldingsStatementResponse\x12m\n\x10PledgeCollateral\x12+.collateral_sync.v1.PledgeCollateralRequest\x1a,.collateral_sync.v1.PledgeCollateralResponse\x12p\n\x11RequestRedemption\x12,.collateral_sync.v1.RequestRedemptionRequest\x1a-.collateral_sync.v1.RequestRedemptionResponse\x12\x91\x01\n\x1cSubmitLiquidationInstruction\x12\x37.collateral_sync.v1.SubmitLiquidationInstructionRequest\x1a\x38.collateral_sync.v1.SubmitLiquidationInstructionResponse\x12\x82\x01\n\x17\x45xecuteEmergencyRelease\x12\x32.collateral_sync.v1.ExecuteEmergencyReleaseRequest\x1a\x33.collateral_sync.v1.ExecuteEmergencyReleaseResponse\x12h\n\rSyncPositions\x12(.collateral_sync.v1.SyncPositionsRequest\x1a).collateral_sync.v1.SyncPositionsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*collateral_sync/v1/custodian_service.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a!collateral_sync/v1/envelope.proto\x1a&collateral_sync/v1/position_sync.proto\x1a\'collateral_sync/v1/reconciliation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x14GetCheckpointRequest\x12\x11\n\ttree_size\x18\x01 \x01(\x04\"I\n\x15GetCheckpointResponse\x12\x30\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"A\n\x18GetInclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"\x88\x01\n\x19GetInclusionProofResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x31\n\x05proof\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.InclusionProof\"O\n\x1aGetConsistencyProofRequest\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x04\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x04\"R\n\x1bGetConsistencyProofResponse\x12\x33\n\x05proof\x18\x01 \x01(\x0b\x32$.collateral_sync.v1.ConsistencyProof\"1\n\x1bGetHoldingsStatementRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\x91\x01\n\x1cGetHoldingsStatementResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xb2\x01\n\x11PledgeInstruction\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12-\n\x08quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x8b\x01\n\x17PledgeCollateralRequest\x12\x38\n\x12pledge_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x36\n\x10liquidation_path\x18\x02 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\x8d\x01\n\x18PledgeCollateralResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"\xb4\x01\n\x11RedemptionRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32#.collateral_sync.v1.StatementHeader\x12\x15\n\rredemption_id\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12-\n\x08quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"T\n\x18RequestRedemptionRequest\x12\x38\n\x12redemption_request\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\x8e\x01\n\x19RequestRedemptionResponse\x12\x38\n\x12holdings_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x37\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\"d\n#SubmitLiquidationInstructionRequest\x12=\n\x17liquidation_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"a\n$SubmitLiquidationInstructionResponse\x12\x39\n\x13liquidation_receipt\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"Y\n\x1e\x45xecuteEmergencyReleaseRequest\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"b\n\x1f\x45xecuteEmergencyReleaseResponse\x12?\n\x19\x65mergency_release_receipt\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"b\n\"SubmitSettlementInstructionRequest\x12<\n\x16settlement_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\x91\x01\n#SubmitSettlementInstructionResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.collateral_sync.v1.SettlementStatus\x12\x34\n\x10\x64ispute_deadline\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x18\x44isputeSettlementRequest\x12\x38\n\x12settlement_dispute\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"Q\n\x19\x44isputeSettlementResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.collateral_sync.v1.SettlementStatus\"-\n\x14GetSettlementRequest\x12\x15\n\rsettlement_id\x18\x01 \x01(\t\"\xb4\x02\n\x15GetSettlementResponse\x12<\n\x16settlement_instruction\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x34\n\x06status\x18\x02 \x01(\x0e\x32$.collateral_sync.v1.SettlementStatus\x12\x34\n\x10\x64ispute_deadline\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\".collateral_sync.v1.AttestationRef\x12\x38\n\x12settlement_dispute\x18\x05 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"D\n\x14SyncPositionsRequest\x12,\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncFrame\"E\n\x15SyncPositionsResponse\x12,\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1d.collateral_sync.v1.SyncFrame2\xaa\x0b\n\x10\x43ustodianService\x12\x64\n\rGetCheckpoint\x12(.collateral_sync.v1.GetCheckpointRequest\x1a).collateral_sync.v1.GetCheckpointResponse\x12p\n\x11GetInclusionProof\x12,.collateral_sync.v1.GetInclusionProofRequest\x1a-.collateral_sync.v1.GetInclusionProofResponse\x12v\n\x13GetConsistencyProof\x12..collateral_sync.v1.GetConsistencyProofRequest\x1a/.collateral_sync.v1.GetConsistencyProofResponse\x12y\n\x14GetHoldingsStatement\x12/.collateral_sync.v1.GetHoldingsStatementRequest\x1a\x30.collateral_sync.v1.GetHoldingsStatementResponse\x12m\n\x10PledgeCollateral\x12+.collateral_sync.v1.PledgeCollateralRequest\x1a,.collateral_sync.v1.PledgeCollateralResponse\x12p\n\x11RequestRedemption\x12,.collateral_sync.v1.RequestRedemptionRequest\x1a-.collateral_sync.v1.RequestRedemptionResponse\x12\x91\x01\n\x1cSubmitLiquidationInstruction\x12\x37.collateral_sync.v1.SubmitLiquidationInstructionRequest\x1a\x38.collateral_sync.v1.SubmitLiquidationInstructionResponse\x12\x82\x01\n\x17\x45xecuteEmergencyRelease\x12\x32.collateral_sync.v1.ExecuteEmergencyReleaseRequest\x1a\x33.collateral_sync.v1.ExecuteEmergencyReleaseResponse\x12\x8e\x01\n\x1bSubmitSettlementInstruction\x12\x36.collateral_sync.v1.SubmitSettlementInstructionRequest\x1a\x37.collateral_sync.v1.SubmitSettlementInstructionResponse\x12p\n\x11\x44isputeSettlement\x12,.collateral_sync.v1.DisputeSettlementRequest\x1a-.collateral_sync.v1.DisputeSettlementResponse\x12\x64\n\rGetSettlement\x12(.collateral_sync.v1.GetSettlementRequest\x1a).collateral_sync.v1.GetSettlementResponse\x12h\n\rSyncPositions\x12(.collateral_sync.v1.SyncPositionsRequest\x1a).collateral_sync.v1.SyncPositionsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.custodian_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=212
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=253
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=255
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=328
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=330
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=395
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=398
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=534
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=536
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=615
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=617
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=699
-  _globals['_GETHOLDINGSSTATEMENTREQUEST']._serialized_start=701
-  _globals['_GETHOLDINGSSTATEMENTREQUEST']._serialized_end=750
-  _globals['_GETHOLDINGSSTATEMENTRESPONSE']._serialized_start=753
-  _globals['_GETHOLDINGSSTATEMENTRESPONSE']._serialized_end=898
-  _globals['_PLEDGEINSTRUCTION']._serialized_start=901
-  _globals['_PLEDGEINSTRUCTION']._serialized_end=1079
-  _globals['_PLEDGECOLLATERALREQUEST']._serialized_start=1082
-  _globals['_PLEDGECOLLATERALREQUEST']._serialized_end=1221
-  _globals['_PLEDGECOLLATERALRESPONSE']._serialized_start=1224
-  _globals['_PLEDGECOLLATERALRESPONSE']._serialized_end=1365
-  _globals['_REDEMPTIONREQUEST']._serialized_start=1368
-  _globals['_REDEMPTIONREQUEST']._serialized_end=1548
-  _globals['_REQUESTREDEMPTIONREQUEST']._serialized_start=1550
-  _globals['_REQUESTREDEMPTIONREQUEST']._serialized_end=1634
-  _globals['_REQUESTREDEMPTIONRESPONSE']._serialized_start=1637
-  _globals['_REQUESTREDEMPTIONRESPONSE']._serialized_end=1779
-  _globals['_SUBMITLIQUIDATIONINSTRUCTIONREQUEST']._serialized_start=1781
-  _globals['_SUBMITLIQUIDATIONINSTRUCTIONREQUEST']._serialized_end=1881
-  _globals['_SUBMITLIQUIDATIONINSTRUCTIONRESPONSE']._serialized_start=1883
-  _globals['_SUBMITLIQUIDATIONINSTRUCTIONRESPONSE']._serialized_end=1980
-  _globals['_EXECUTEEMERGENCYRELEASEREQUEST']._serialized_start=1982
-  _globals['_EXECUTEEMERGENCYRELEASEREQUEST']._serialized_end=2071
-  _globals['_EXECUTEEMERGENCYRELEASERESPONSE']._serialized_start=2073
-  _globals['_EXECUTEEMERGENCYRELEASERESPONSE']._serialized_end=2171
-  _globals['_SYNCPOSITIONSREQUEST']._serialized_start=2173
-  _globals['_SYNCPOSITIONSREQUEST']._serialized_end=2241
-  _globals['_SYNCPOSITIONSRESPONSE']._serialized_start=2243
-  _globals['_SYNCPOSITIONSRESPONSE']._serialized_end=2312
-  _globals['_CUSTODIANSERVICE']._serialized_start=2315
-  _globals['_CUSTODIANSERVICE']._serialized_end=3404
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=286
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=327
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=329
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=402
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=404
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=469
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=472
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=608
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=610
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=689
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=691
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=773
+  _globals['_GETHOLDINGSSTATEMENTREQUEST']._serialized_start=775
+  _globals['_GETHOLDINGSSTATEMENTREQUEST']._serialized_end=824
+  _globals['_GETHOLDINGSSTATEMENTRESPONSE']._serialized_start=827
+  _globals['_GETHOLDINGSSTATEMENTRESPONSE']._serialized_end=972
+  _globals['_PLEDGEINSTRUCTION']._serialized_start=975
+  _globals['_PLEDGEINSTRUCTION']._serialized_end=1153
+  _globals['_PLEDGECOLLATERALREQUEST']._serialized_start=1156
+  _globals['_PLEDGECOLLATERALREQUEST']._serialized_end=1295
+  _globals['_PLEDGECOLLATERALRESPONSE']._serialized_start=1298
+  _globals['_PLEDGECOLLATERALRESPONSE']._serialized_end=1439
+  _globals['_REDEMPTIONREQUEST']._serialized_start=1442
+  _globals['_REDEMPTIONREQUEST']._serialized_end=1622
+  _globals['_REQUESTREDEMPTIONREQUEST']._serialized_start=1624
+  _globals['_REQUESTREDEMPTIONREQUEST']._serialized_end=1708
+  _globals['_REQUESTREDEMPTIONRESPONSE']._serialized_start=1711
+  _globals['_REQUESTREDEMPTIONRESPONSE']._serialized_end=1853
+  _globals['_SUBMITLIQUIDATIONINSTRUCTIONREQUEST']._serialized_start=1855
+  _globals['_SUBMITLIQUIDATIONINSTRUCTIONREQUEST']._serialized_end=1955
+  _globals['_SUBMITLIQUIDATIONINSTRUCTIONRESPONSE']._serialized_start=1957
+  _globals['_SUBMITLIQUIDATIONINSTRUCTIONRESPONSE']._serialized_end=2054
+  _globals['_EXECUTEEMERGENCYRELEASEREQUEST']._serialized_start=2056
+  _globals['_EXECUTEEMERGENCYRELEASEREQUEST']._serialized_end=2145
+  _globals['_EXECUTEEMERGENCYRELEASERESPONSE']._serialized_start=2147
+  _globals['_EXECUTEEMERGENCYRELEASERESPONSE']._serialized_end=2245
+  _globals['_SUBMITSETTLEMENTINSTRUCTIONREQUEST']._serialized_start=2247
+  _globals['_SUBMITSETTLEMENTINSTRUCTIONREQUEST']._serialized_end=2345
+  _globals['_SUBMITSETTLEMENTINSTRUCTIONRESPONSE']._serialized_start=2348
+  _globals['_SUBMITSETTLEMENTINSTRUCTIONRESPONSE']._serialized_end=2493
+  _globals['_DISPUTESETTLEMENTREQUEST']._serialized_start=2495
+  _globals['_DISPUTESETTLEMENTREQUEST']._serialized_end=2579
+  _globals['_DISPUTESETTLEMENTRESPONSE']._serialized_start=2581
+  _globals['_DISPUTESETTLEMENTRESPONSE']._serialized_end=2662
+  _globals['_GETSETTLEMENTREQUEST']._serialized_start=2664
+  _globals['_GETSETTLEMENTREQUEST']._serialized_end=2709
+  _globals['_GETSETTLEMENTRESPONSE']._serialized_start=2712
+  _globals['_GETSETTLEMENTRESPONSE']._serialized_end=3020
+  _globals['_SYNCPOSITIONSREQUEST']._serialized_start=3022
+  _globals['_SYNCPOSITIONSREQUEST']._serialized_end=3090
+  _globals['_SYNCPOSITIONSRESPONSE']._serialized_start=3092
+  _globals['_SYNCPOSITIONSRESPONSE']._serialized_end=3161
+  _globals['_CUSTODIANSERVICE']._serialized_start=3164
+  _globals['_CUSTODIANSERVICE']._serialized_end=4614
 # @@protoc_insertion_point(module_scope)

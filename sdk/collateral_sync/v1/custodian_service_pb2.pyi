@@ -7,8 +7,10 @@ from collateral_sync.v1 import attestation_pb2 as _attestation_pb2
 from collateral_sync.v1 import common_pb2 as _common_pb2
 from collateral_sync.v1 import envelope_pb2 as _envelope_pb2
 from collateral_sync.v1 import position_sync_pb2 as _position_sync_pb2
+from collateral_sync.v1 import reconciliation_pb2 as _reconciliation_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -487,6 +489,168 @@ class ExecuteEmergencyReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteEmergencyReleaseResponse: _TypeAlias = ExecuteEmergencyReleaseResponse  # noqa: Y015
+
+@_typing.final
+class SubmitSettlementInstructionRequest(_message.Message):
+    """Request for SubmitSettlementInstruction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_INSTRUCTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlement_instruction(self) -> _envelope_pb2.Envelope:
+        """Envelope of a SettlementInstruction, signed by the exchange."""
+
+    def __init__(
+        self,
+        *,
+        settlement_instruction: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settlement_instruction", b"settlement_instruction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_instruction", b"settlement_instruction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSettlementInstructionRequest: _TypeAlias = SubmitSettlementInstructionRequest  # noqa: Y015
+
+@_typing.final
+class SubmitSettlementInstructionResponse(_message.Message):
+    """Response of SubmitSettlementInstruction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    DISPUTE_DEADLINE_FIELD_NUMBER: _builtins.int
+    status: _reconciliation_pb2.SettlementStatus.ValueType
+    @_builtins.property
+    def dispute_deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the instruction executes if nobody disputes it: the later of the
+        instruction's own deadline and receipt plus the policy's dispute window.
+        """
+
+    def __init__(
+        self,
+        *,
+        status: _reconciliation_pb2.SettlementStatus.ValueType = ...,
+        dispute_deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dispute_deadline", b"dispute_deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispute_deadline", b"dispute_deadline", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSettlementInstructionResponse: _TypeAlias = SubmitSettlementInstructionResponse  # noqa: Y015
+
+@_typing.final
+class DisputeSettlementRequest(_message.Message):
+    """Request for DisputeSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_DISPUTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlement_dispute(self) -> _envelope_pb2.Envelope:
+        """Envelope of a SettlementDispute, signed by the custodian or the exchange."""
+
+    def __init__(
+        self,
+        *,
+        settlement_dispute: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settlement_dispute", b"settlement_dispute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_dispute", b"settlement_dispute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisputeSettlementRequest: _TypeAlias = DisputeSettlementRequest  # noqa: Y015
+
+@_typing.final
+class DisputeSettlementResponse(_message.Message):
+    """Response of DisputeSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _reconciliation_pb2.SettlementStatus.ValueType
+    def __init__(
+        self,
+        *,
+        status: _reconciliation_pb2.SettlementStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisputeSettlementResponse: _TypeAlias = DisputeSettlementResponse  # noqa: Y015
+
+@_typing.final
+class GetSettlementRequest(_message.Message):
+    """Request for GetSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_ID_FIELD_NUMBER: _builtins.int
+    settlement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        settlement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_id", b"settlement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementRequest: _TypeAlias = GetSettlementRequest  # noqa: Y015
+
+@_typing.final
+class GetSettlementResponse(_message.Message):
+    """Response of GetSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_INSTRUCTION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DISPUTE_DEADLINE_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
+    SETTLEMENT_DISPUTE_FIELD_NUMBER: _builtins.int
+    status: _reconciliation_pb2.SettlementStatus.ValueType
+    @_builtins.property
+    def settlement_instruction(self) -> _envelope_pb2.Envelope:
+        """The instruction as received."""
+
+    @_builtins.property
+    def dispute_deadline(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attestation(self) -> _attestation_pb2.AttestationRef:
+        """Set once EXECUTED: the client account's holdings statement of the move."""
+
+    @_builtins.property
+    def settlement_dispute(self) -> _envelope_pb2.Envelope:
+        """Set once DISPUTED: the dispute as received."""
+
+    def __init__(
+        self,
+        *,
+        settlement_instruction: _envelope_pb2.Envelope | None = ...,
+        status: _reconciliation_pb2.SettlementStatus.ValueType = ...,
+        dispute_deadline: _timestamp_pb2.Timestamp | None = ...,
+        attestation: _attestation_pb2.AttestationRef | None = ...,
+        settlement_dispute: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "dispute_deadline", b"dispute_deadline", "settlement_dispute", b"settlement_dispute", "settlement_instruction", b"settlement_instruction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "dispute_deadline", b"dispute_deadline", "settlement_dispute", b"settlement_dispute", "settlement_instruction", b"settlement_instruction", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementResponse: _TypeAlias = GetSettlementResponse  # noqa: Y015
 
 @_typing.final
 class SyncPositionsRequest(_message.Message):

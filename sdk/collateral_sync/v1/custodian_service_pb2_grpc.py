@@ -75,6 +75,21 @@ class CustodianServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseResponse.FromString,
                 _registered_method=True)
+        self.SubmitSettlementInstruction = channel.unary_unary(
+                '/collateral_sync.v1.CustodianService/SubmitSettlementInstruction',
+                request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionResponse.FromString,
+                _registered_method=True)
+        self.DisputeSettlement = channel.unary_unary(
+                '/collateral_sync.v1.CustodianService/DisputeSettlement',
+                request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementResponse.FromString,
+                _registered_method=True)
+        self.GetSettlement = channel.unary_unary(
+                '/collateral_sync.v1.CustodianService/GetSettlement',
+                request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementResponse.FromString,
+                _registered_method=True)
         self.SyncPositions = channel.stream_stream(
                 '/collateral_sync.v1.CustodianService/SyncPositions',
                 request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SyncPositionsRequest.SerializeToString,
@@ -142,6 +157,28 @@ class CustodianServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSettlementInstruction(self, request, context):
+        """Records an exchange-signed settlement instruction as PENDING until its
+        dispute deadline; at most max_settlement_cycles_per_day cycles per UTC day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisputeSettlement(self, request, context):
+        """Disputes a PENDING settlement instruction before its dispute deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlement(self, request, context):
+        """The state of a settlement instruction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SyncPositions(self, request_iterator, context):
         """The long-lived bidirectional position-sync stream; the exchange dials.
         """
@@ -191,6 +228,21 @@ def add_CustodianServiceServicer_to_server(servicer, server):
                     servicer.ExecuteEmergencyRelease,
                     request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseResponse.SerializeToString,
+            ),
+            'SubmitSettlementInstruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSettlementInstruction,
+                    request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionResponse.SerializeToString,
+            ),
+            'DisputeSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisputeSettlement,
+                    request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementResponse.SerializeToString,
+            ),
+            'GetSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlement,
+                    request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementResponse.SerializeToString,
             ),
             'SyncPositions': grpc.stream_stream_rpc_method_handler(
                     servicer.SyncPositions,
@@ -415,6 +467,87 @@ class CustodianService:
             '/collateral_sync.v1.CustodianService/ExecuteEmergencyRelease',
             collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseRequest.SerializeToString,
             collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSettlementInstruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.CustodianService/SubmitSettlementInstruction',
+            collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitSettlementInstructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisputeSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.CustodianService/DisputeSettlement',
+            collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_custodian__service__pb2.DisputeSettlementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.CustodianService/GetSettlement',
+            collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_custodian__service__pb2.GetSettlementResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,14 @@ class CustodianServiceStub:
     """Exchange instructs a liquidation along the pre-authorised path."""
     ExecuteEmergencyRelease: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.ExecuteEmergencyReleaseRequest, _custodian_service_pb2.ExecuteEmergencyReleaseResponse]
     """Executes an emergency release signed by two of regulator, custodian, exchange."""
+    SubmitSettlementInstruction: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitSettlementInstructionRequest, _custodian_service_pb2.SubmitSettlementInstructionResponse]
+    """Records an exchange-signed settlement instruction as PENDING until its
+    dispute deadline; at most max_settlement_cycles_per_day cycles per UTC day.
+    """
+    DisputeSettlement: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.DisputeSettlementRequest, _custodian_service_pb2.DisputeSettlementResponse]
+    """Disputes a PENDING settlement instruction before its dispute deadline."""
+    GetSettlement: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.GetSettlementRequest, _custodian_service_pb2.GetSettlementResponse]
+    """The state of a settlement instruction."""
     SyncPositions: _grpc.StreamStreamMultiCallable[_custodian_service_pb2.SyncPositionsRequest, _custodian_service_pb2.SyncPositionsResponse]
     """The long-lived bidirectional position-sync stream; the exchange dials."""
 
@@ -73,6 +81,14 @@ class CustodianServiceAsyncStub(CustodianServiceStub):
     """Exchange instructs a liquidation along the pre-authorised path."""
     ExecuteEmergencyRelease: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.ExecuteEmergencyReleaseRequest, _custodian_service_pb2.ExecuteEmergencyReleaseResponse]  # type: ignore[assignment]
     """Executes an emergency release signed by two of regulator, custodian, exchange."""
+    SubmitSettlementInstruction: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitSettlementInstructionRequest, _custodian_service_pb2.SubmitSettlementInstructionResponse]  # type: ignore[assignment]
+    """Records an exchange-signed settlement instruction as PENDING until its
+    dispute deadline; at most max_settlement_cycles_per_day cycles per UTC day.
+    """
+    DisputeSettlement: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.DisputeSettlementRequest, _custodian_service_pb2.DisputeSettlementResponse]  # type: ignore[assignment]
+    """Disputes a PENDING settlement instruction before its dispute deadline."""
+    GetSettlement: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.GetSettlementRequest, _custodian_service_pb2.GetSettlementResponse]  # type: ignore[assignment]
+    """The state of a settlement instruction."""
     SyncPositions: _aio.StreamStreamMultiCallable[_custodian_service_pb2.SyncPositionsRequest, _custodian_service_pb2.SyncPositionsResponse]  # type: ignore[assignment]
     """The long-lived bidirectional position-sync stream; the exchange dials."""
 
@@ -142,6 +158,32 @@ class CustodianServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_custodian_service_pb2.ExecuteEmergencyReleaseResponse, _abc.Awaitable[_custodian_service_pb2.ExecuteEmergencyReleaseResponse]]:
         """Executes an emergency release signed by two of regulator, custodian, exchange."""
+
+    @_abc_1.abstractmethod
+    def SubmitSettlementInstruction(
+        self,
+        request: _custodian_service_pb2.SubmitSettlementInstructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custodian_service_pb2.SubmitSettlementInstructionResponse, _abc.Awaitable[_custodian_service_pb2.SubmitSettlementInstructionResponse]]:
+        """Records an exchange-signed settlement instruction as PENDING until its
+        dispute deadline; at most max_settlement_cycles_per_day cycles per UTC day.
+        """
+
+    @_abc_1.abstractmethod
+    def DisputeSettlement(
+        self,
+        request: _custodian_service_pb2.DisputeSettlementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custodian_service_pb2.DisputeSettlementResponse, _abc.Awaitable[_custodian_service_pb2.DisputeSettlementResponse]]:
+        """Disputes a PENDING settlement instruction before its dispute deadline."""
+
+    @_abc_1.abstractmethod
+    def GetSettlement(
+        self,
+        request: _custodian_service_pb2.GetSettlementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custodian_service_pb2.GetSettlementResponse, _abc.Awaitable[_custodian_service_pb2.GetSettlementResponse]]:
+        """The state of a settlement instruction."""
 
     @_abc_1.abstractmethod
     def SyncPositions(
