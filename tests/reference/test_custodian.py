@@ -1149,10 +1149,19 @@ def test_bad_reads_get_their_statuses(custodian: ServerProcess, reference_partie
             ]
             for call, code, reason in calls:
                 await expect_refusal(call, code, reason)
-            # Emergency release is not implemented yet: said so, not crashed.
-            with pytest.raises(RPCError) as caught:
-                await client.execute_emergency_release(request.ExecuteEmergencyReleaseRequest())
-            assert caught.value.code == CODE.UNIMPLEMENTED
+            # A release, a settlement or a dispute without its statement (test_emergency_release
+            # and test_settlement cover the rest).
+            for empty in (
+                client.execute_emergency_release(request.ExecuteEmergencyReleaseRequest()),
+                client.submit_settlement_instruction(request.SubmitSettlementInstructionRequest()),
+                client.dispute_settlement(request.DisputeSettlementRequest()),
+            ):
+                await expect_refusal(empty, CODE.INVALID_ARGUMENT, "MALFORMED")
+            await expect_refusal(
+                client.get_settlement(request.GetSettlementRequest(settlement_id="none")),
+                CODE.NOT_FOUND,
+                "NOT_FOUND",
+            )
 
     run(scenario())
 
