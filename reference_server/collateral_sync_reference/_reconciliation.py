@@ -18,16 +18,19 @@ Configuration (inside the role's section, every key optional)::
       "statement_ttl_seconds": 604800,
       "test_perturbations": [
         {"account_id": "acct-2", "asset_id": "BTC", "field": "locked_quantity", "delta": "1"},
-        {"account_id": "acct-4", "field": "missing"}
+        {"account_id": "acct-4", "field": "missing", "after_cutoffs": 1},
+        {"account_id": "acct-5", "asset_id": "USDC", "field": "missing"}
       ]
     }
 
 ``regulator`` defaults to the one peer whose registered keys have the regulator
 role; its address in ``peers`` is where statements are submitted (no address:
 they are only served). ``test_perturbations`` changes this party's *view* at
-each cut-off (one position field by ``delta``, or an account left out) so
-tests can produce breaks; a server refuses to start with them unless it runs in
-test mode.
+each cut-off (one position field by ``delta``; an asset, or with no
+``asset_id`` the whole account, left out) once ``after_cutoffs`` statements
+(default 0) have been built, so tests and the demo can produce breaks, after a
+matched cut-off if they like; a server refuses to start with them unless it
+runs in test mode.
 
 Sync-log heads are the heads held when the statement is built (the cut-off is
 processed as soon as the clock reaches it), not recomputed from batch
@@ -120,13 +123,16 @@ _LAST_CUTOFF_KEY = "reconciliation_last_cutoff"
 
 @dataclass(frozen=True, slots=True)
 class Perturbation:
-    """A test-mode change of this party's view: one field by ``delta``, or the account left out."""
+    """A test-mode change of this party's view: one field by ``delta``, or an asset or account left out."""
 
     account_id: str
+    #: Empty with "missing": the whole account is left out.
     asset_id: str
     #: "quantity", "locked_quantity", "pledged_quantity" or "missing".
     field: str
     delta: Decimal
+    #: Applies once this many statements have been built before.
+    after_cutoffs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ def _parse_perturbation(item: ConfigSection) -> Perturbation:
         asset_id=item.string("asset_id") if "asset_id" in item else "",
         field=field,
         delta=Decimal(0) if field == "missing" else item.amount("delta"),
+        after_cutoffs=item.integer("after_cutoffs", 0, minimum=0, maximum=1_000_000),
     )
     if field != "missing" and not perturbation.asset_id:
         raise item.error("asset_id", "the asset whose field changes", "nothing")
@@ -340,8 +347,11 @@ class PartyReconciliation:
             for account_id, statement in latest.items()
             if statement.exchange_id == self._exchange_id
         }
-        for change in self._settings.perturbations:
-            self._perturb(view, change)
+        if self._settings.perturbations:
+            built = self._db.execute("SELECT COUNT(*) FROM reconciliation_statements").fetchone()
+            for change in self._settings.perturbations:
+                if built[0] >= change.after_cutoffs:
+                    self._perturb(view, change)
         return view
 
     @staticmethod
@@ -350,7 +360,10 @@ class PartyReconciliation:
         if positions is None:
             return
         if change.field == "missing":
-            del view[change.account_id]
+            if change.asset_id:
+                positions[:] = [p for p in positions if p.asset_id != change.asset_id]
+            else:
+                del view[change.account_id]
             return
         for position in positions:
             if position.asset_id == change.asset_id:

@@ -64,12 +64,15 @@ ACCOUNTS = {
     "acct-p": ({"BTC": "5"}, "5"),
     "acct-q": ({"BTC": "10", "USDC": "250000"}, "6"),
 }
-PERTURBATIONS = [
+# From the second cut-off on: the first one is matched.
+PERTURBATIONS: list[dict[str, Any]] = [
     {"account_id": "acct-q", "asset_id": "BTC", "field": "quantity", "delta": "1"},
+    {"account_id": "acct-q", "asset_id": "USDC", "field": "missing"},
     {"account_id": "acct-l", "asset_id": "BTC", "field": "locked_quantity", "delta": "1"},
     {"account_id": "acct-p", "asset_id": "BTC", "field": "pledged_quantity", "delta": "0.5"},
     {"account_id": "acct-m", "field": "missing"},
 ]
+PERTURBATIONS = [{**p, "after_cutoffs": 1} for p in PERTURBATIONS]
 
 
 def run(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -97,7 +100,7 @@ def start_trio(
     directory: Path,
     name: str,
     *,
-    perturbations: list[dict[str, str]] | None = None,
+    perturbations: list[dict[str, Any]] | None = None,
 ) -> Trio:
     regulator_address = f"127.0.0.1:{free_port()}"
     custodian = start_server(
@@ -575,8 +578,16 @@ def test_breaks_are_located_to_account_asset_and_field(
             zero = test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration())
             now = (await custodian_control.advance_clock(zero)).now.ToDatetime(tzinfo=UTC)
             await pledge_all(parties, to_custodian, now)
-            await until_synced(custodian_control, exchange_control, ExchangeClient(to_exchange))
-            cutoff_id = await pass_cutoff([regulator_control, custodian_control, exchange_control])
+            exchange = ExchangeClient(to_exchange)
+            controls = [regulator_control, custodian_control, exchange_control]
+            await until_synced(custodian_control, exchange_control, exchange)
+            first = await pass_cutoff(controls)
+            matched = verified_result(parties, await await_result(regulator, first))
+            assert matched.outcome == _F.RECONCILIATION_OUTCOME_MATCHED
+            # What the exchange sent when its clock moved is in both views of the next one.
+            await until_synced(custodian_control, exchange_control, exchange)
+            cutoff_id = await pass_cutoff(controls)
+            assert cutoff_id != first
             result = verified_result(parties, await await_result(regulator, cutoff_id))
             assert result.outcome == _F.RECONCILIATION_OUTCOME_BREAKS
             found = [
@@ -595,6 +606,7 @@ def test_breaks_are_located_to_account_asset_and_field(
                 ("acct-m", "USDC", _F.BREAK_FIELD_MISSING, "500", None),
                 ("acct-p", "BTC", _F.BREAK_FIELD_PLEDGED_QUANTITY, "5", "5.5"),
                 ("acct-q", "BTC", _F.BREAK_FIELD_QUANTITY, "10", "11"),
+                ("acct-q", "USDC", _F.BREAK_FIELD_MISSING, "250000", None),
             ]
             exchange_statement = reconciliation_pb2.ReconciliationStatement.FromString(
                 result.exchange_statement.payload
