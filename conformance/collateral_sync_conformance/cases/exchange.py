@@ -8,7 +8,10 @@ error details.
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import grpc
+from collateral_sync.amounts import amount_from_proto, format_amount
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     common_pb2,
@@ -17,9 +20,17 @@ from collateral_sync.v1 import (
     margin_pb2,
     valuation_pb2,
 )
+from collateral_sync.valuation import credit_line_figures, value_collateral
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._expect import check_equal, expect_ok, expect_status, sdk_check
+from collateral_sync_conformance._expect import (
+    check,
+    check_equal,
+    describe,
+    expect_ok,
+    expect_status,
+    sdk_check,
+)
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._exchange import (
     exchange_state,
@@ -210,3 +221,90 @@ async def respond_to_unknown_call(ctx: CaseContext) -> None:
     check_equal(
         "the exchange's state after the refused response", before, await exchange_state(ctx)
     )
+
+
+# ------------------------------------------------------------------ valuation arithmetic
+
+
+def _row_positions(line: valuation_pb2.CreditLine) -> list[common_pb2.Position]:
+    """The holdings the exchange says it valued: each row's eligible quantity, pledged in full."""
+    return [
+        common_pb2.Position(
+            asset_id=row.asset_id,
+            quantity=row.eligible_quantity,
+            locked_quantity=common_pb2.Decimal(value="0"),
+            pledged_quantity=row.eligible_quantity,
+        )
+        for row in line.valuations
+    ]
+
+
+@REGISTRY.case(
+    "exchange/credit-line-recomputes",
+    Level.MUST,
+    "the signed CreditLine's rows and figures equal the SDK's valuation under the signed policy "
+    "it names, its prices and its holdings (§7.2, rules 1 to 8)",
+    roles=_EXCHANGE,
+)
+async def credit_line_recomputes(ctx: CaseContext) -> None:
+    account = ctx.account()
+    outcome = await ctx.rpc(
+        ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
+    )
+    response: exchange_service_pb2.GetCreditLineResponse = expect_ok(outcome)
+    verified = sdk_check(
+        "the credit line",
+        verify_statement,
+        response.credit_line,
+        ctx.registry,
+        expected_type=valuation_pb2.CreditLine,
+        audience=ctx.kit_party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal("credit line issuer", ctx.server_party_id, verified.issuer)
+    line: valuation_pb2.CreditLine = verified.message
+    check_equal("credit line account_id", account, line.account_id)
+    check(
+        bool(line.valuations),
+        "the credit line of an account with pledged collateral values no position",
+        expected="at least one PositionValuation row",
+        got="none",
+    )
+    check(
+        bool(line.attestations),
+        "the credit line names no holdings statement it valued",
+        expected="at least one AttestationRef",
+        got="none",
+    )
+    policy_outcome = await ctx.rpc(
+        ctx.exchange.get_risk_policy,
+        exchange_service_pb2.GetRiskPolicyRequest(version=line.risk_policy_version),
+    )
+    policy_response: exchange_service_pb2.GetRiskPolicyResponse = expect_ok(policy_outcome)
+    policy = await verified_policy(ctx, policy_response.risk_policy)
+    check_equal(
+        "version of the policy the credit line names", line.risk_policy_version, policy.version
+    )
+    valued_at = line.header.issued_at.ToDatetime(tzinfo=UTC)
+    valuation = sdk_check(
+        "the credit line's valuation inputs",
+        value_collateral,
+        policy,
+        _row_positions(line),
+        list(line.prices),
+        valued_at=valued_at,
+    )
+    expected_rows = [describe(row) for row in valuation.rows()]
+    check_equal(
+        "the position valuations (haircuts, caps, rounding)",
+        expected_rows,
+        [describe(row) for row in line.valuations],
+    )
+    exposure = sdk_check("the credit line's exposure", amount_from_proto, line.exposure)
+    figures = sdk_check(
+        "the credit line's figures", credit_line_figures, policy, valuation, exposure
+    )
+    check_equal(
+        "collateral_value", format_amount(figures.collateral_value), line.collateral_value.value
+    )
+    check_equal("credit_limit", format_amount(figures.credit_limit), line.credit_limit.value)
