@@ -1,4 +1,4 @@
-"""The collateral-sync command line: keygen, verify (offline audit bundles), bench, demo."""
+"""The collateral-sync command line: keygen, verify (offline audit bundles), bench."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from collateral_sync import _bench, _cli, _demo
+from collateral_sync import _bench, _cli
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.audit import load_audit_bundle, save_audit_bundle, verify_audit_bundle
@@ -246,15 +246,6 @@ def test_load_audit_bundle_round_trips(tmp_path: Path) -> None:
     for name in ("b.json", "b.pb"):
         save_audit_bundle(bundle, tmp_path / name)
         assert load_audit_bundle(tmp_path / name) == bundle
-
-
-def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _demo.run(tmp_path)
-    out = capsys.readouterr().out
-    assert out.count("refused ") == 5
-    assert "VERIFIED: 5 of 5 checks passed" in out
-    assert "REFUSED: 4 of 5 checks passed" in out
-    assert "Demo complete" in out
 
 
 def test_bench_runs_at_small_scale(capsys: pytest.CaptureFixture[str]) -> None:

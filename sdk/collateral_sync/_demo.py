@@ -1,309 +1,301 @@
-"""``make demo``: the SDK walked end to end, for real, with readable output.
+"""``make demo``: the reference custodian and exchange as real processes, and their story told.
 
-Keys and a registry; a custodian's signed holdings statements appended to a
-durable attestation log; signed checkpoints; the exchange verifying
-statements, inclusion proofs and the log's append-only growth; tampered,
-expired, misdirected and rewritten evidence refused; and an audit bundle
-exported and checked offline by the ``collateral-sync verify`` command.
+The demo sets everything up as an operator would — Ed25519 keys with
+``collateral-sync keygen``, a development PKI with ``collateral-sync
+dev-certs``, one JSON configuration per server — then starts the custodian and
+the exchange as separate ``collateral-sync serve`` processes (test mode, SQLite
+on disk, loopback, mutual TLS between them and towards the demo). It walks the
+lifecycle through public interfaces only (:mod:`collateral_sync._demo_story`):
+pledge, attestation and proofs, credit, exposure, a margin call and its
+partial dispute, a top-up, daily yield, liquidation with yield first, the
+shortfall waterfall. It ends by exporting what each party relied on as audit
+bundles and checking them offline with ``collateral-sync verify``, once as
+exported (exit 0) and once tampered (exit 1).
+
+It runs in a fresh temporary directory, or in ``COLLATERAL_SYNC_DEMO_DIR``
+(which must be empty or absent) to keep the keys, databases, logs and bundles.
+Exit codes: 0 done; 1 a step failed (one message, no traceback); 130
+interrupted. Every server it started is stopped in every case.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-import subprocess
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, time
 from pathlib import Path
+from time import monotonic
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
 
-from google.protobuf import timestamp_pb2
-
-from collateral_sync.amounts import amount_to_proto
-from collateral_sync.attestation import (
-    AttestationLog,
-    CheckpointMonitor,
-    statement_leaf,
-    verify_checkpoint,
+from collateral_sync import _demo_text as say
+from collateral_sync._demo_servers import ServerProcess, Servers, run_cli, write_config
+from collateral_sync._demo_story import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    OPERATOR,
+    PARTIES,
+    YIELD_LEAD,
+    Connections,
+    Story,
+    custodian_config,
+    edit_quantity,
+    exchange_config,
 )
 from collateral_sync.audit import save_audit_bundle
-from collateral_sync.errors import CollateralSyncError
+from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
+from collateral_sync.errors import CollateralSyncError, RPCError, StateError
 from collateral_sync.keys import KeyRegistry, SigningKey
-from collateral_sync.merkle import verify_consistency_proof, verify_inclusion_proof
-from collateral_sync.signing import sign_statement, verify_statement
-from collateral_sync.v1 import attestation_pb2, audit_pb2, common_pb2, envelope_pb2
+from collateral_sync.statements import message_class_of
+from collateral_sync.transport import TlsConfig, secure_channel
+from collateral_sync.v1 import audit_pb2
 
-ORIGIN = "custodian.example/collateral-sync/attestations"
-CUSTODIAN, EXCHANGE, REGULATOR = "custodian-1", "exchange-1", "regulator-1"
-ACCOUNT = "inst-7"
-TTL = timedelta(hours=1)
+__all__ = ["main", "run"]
 
-
-def _say(title: str) -> None:
-    print(f"\n== {title}")
+_T = TypeVar("_T")
+#: Every unary call the demo makes has this deadline.
+_RPC_TIMEOUT = 5.0
 
 
-def _ok(text: str) -> None:
-    print(f"   ok      {text}")
+def _cli(args: list[str], workdir: Path, *, expect: int = 0) -> list[str]:
+    """Run a ``collateral-sync`` command as an operator would; its output lines."""
+    say.command(args)
+    done = run_cli(args, cwd=workdir)
+    lines = (done.stdout + done.stderr).splitlines()
+    if done.returncode != expect:
+        raise StateError(
+            f"collateral-sync {args[0]}: expected exit code {expect}, got {done.returncode}: "
+            + " | ".join(lines[-3:]),
+            metadata={"expected": str(expect), "actual": str(done.returncode)},
+        )
+    return lines
 
 
-def _refused(text: str, check: Callable[[], object]) -> None:
-    try:
-        check()
-    except CollateralSyncError as err:
-        print(f"   refused {text}: {err.code.name} {err.reason_name} - {err.message}")
-        return
-    raise SystemExit(f"demo failed: {text} was accepted")
-
-
-def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
-
-
-def _holdings(
-    account: str, epoch: int, positions: dict[str, tuple[str, str]]
-) -> attestation_pb2.HoldingsStatement:
-    return attestation_pb2.HoldingsStatement(
-        account_id=account,
-        exchange_id=EXCHANGE,
-        epoch=epoch,
-        reason=attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE,
-        positions=[
-            common_pb2.Position(
-                account_id=account,
-                asset_id=asset,
-                quantity=amount_to_proto(quantity),
-                locked_quantity=amount_to_proto("0"),
-                pledged_quantity=amount_to_proto(pledged),
-            )
-            for asset, (quantity, pledged) in positions.items()
-        ],
-    )
+def _set_up(workdir: Path) -> KeyRegistry:
+    say.section("1. Parties, keys and mutual TLS")
+    for party_id, role in PARTIES.items():
+        _cli(["keygen", "--party", party_id, "--role", role, "--out", "keys"], workdir)
+    registry = KeyRegistry.load(workdir / "keys" / "registry.json")
+    for key in registry:
+        say.detail(f"{key.party_id:<12} Ed25519 key {key.key_id[:16]}... in keys/registry.json")
+    parties = [CUSTODIAN, EXCHANGE, CLIENT, OPERATOR]
+    _cli(["dev-certs", "--out", "pki", "--party", *parties], workdir)
+    say.detail(f"a development CA and a certificate for each of {', '.join(parties)}")
+    return registry
 
 
 def run(workdir: Path) -> None:
-    start = datetime.now(UTC).replace(microsecond=0)
-
-    _say("1. Parties, keys and the key registry")
-    custodian = SigningKey.generate(CUSTODIAN, common_pb2.PARTY_ROLE_CUSTODIAN)
-    exchange = SigningKey.generate(EXCHANGE, common_pb2.PARTY_ROLE_EXCHANGE)
-    regulator = SigningKey.generate(REGULATOR, common_pb2.PARTY_ROLE_REGULATOR)
-    registry = KeyRegistry()
-    for key in (custodian, exchange, regulator):
-        registry.add(key.party_key(valid_from=start - timedelta(days=1)))
-        _ok(f"{key.party_id:<12} Ed25519 key id {key.key_id[:16]}...")
-
-    _say("2. The custodian attests holdings into its append-only log")
-    log = AttestationLog(workdir / "attestations.sqlite", origin=ORIGIN)
-    sequence = 0
-
-    def attest(
-        statement: attestation_pb2.HoldingsStatement, when: datetime
-    ) -> tuple[envelope_pb2.Envelope, int]:
-        nonlocal sequence
-        sequence += 1
-        envelope = sign_statement(
-            statement, custodian, audience=[EXCHANGE], sequence=sequence, ttl=TTL, issued_at=when
+    """The whole demo in ``workdir`` (created if absent; it must be empty)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if any(workdir.iterdir()):
+        raise StateError(
+            f"{workdir}: expected an empty directory (the demo starts from nothing), it has files",
+            metadata={"expected": "an empty directory", "actual": "not empty"},
         )
-        return envelope, log.append(statement_leaf(envelope))
+    registry = _set_up(workdir)
+    # Yield accrues a few minutes after the start: the demo then moves the clocks only that far.
+    yield_time = (datetime.now(UTC) + YIELD_LEAD).time().replace(second=0, microsecond=0)
+    with Servers(workdir) as servers:
+        custodian = servers.start(
+            "custodian", write_config(workdir / "custodian.json", custodian_config(yield_time))
+        )
+        say.step(
+            f"{CUSTODIAN} serves on {custodian.address} (pid {custodian.pid}; SQLite "
+            f"{CUSTODIAN}.sqlite; log custodian.log)"
+        )
+        exchange = servers.start(
+            "exchange",
+            write_config(workdir / "exchange.json", exchange_config(custodian.address)),
+        )
+        say.step(
+            f"{EXCHANGE} serves on {exchange.address} (pid {exchange.pid}) and dials "
+            f"{CUSTODIAN}'s position-sync stream over mutual TLS"
+        )
+        bundles = _INTERRUPT.run_async(
+            lambda: _run_story(workdir, registry, custodian.address, exchange.address, yield_time)
+        )
+        stopped = servers.stop_all()
+    _audit(workdir, bundles, stopped)
 
-    for n in range(200):
-        attest(_holdings(f"acct-{n:04d}", 1, {"USDC": ("1000", "1000")}), start)
-    pledge, pledge_index = attest(
-        _holdings(
-            ACCOUNT,
-            1,
-            {
-                "BTC": ("12.5", "12.5"),
-                "USDC": ("2500000", "2000000"),
-                "BENJI": ("750000.125", "750000.125"),
-                "TSLAx": ("1800", "1800"),
-            },
-        ),
-        start,
-    )
-    _ok(
-        f"{ACCOUNT}: BTC 12.5, USDC 2,000,000 pledged, BENJI 750,000.125, TSLAx 1,800 (leaf {pledge_index})"
-    )
-    _ok(
-        f"payload {len(pledge.payload)} bytes, signed once over DSSE PAE, type {pledge.payload_type}"
-    )
-    first = log.checkpoint(custodian, now=start, sequence=1, ttl=TTL)
-    _ok(f"checkpoint 1 signed: tree size {log.size}, root {log.root().hex()[:16]}...")
 
-    _say("3. The exchange verifies before it credits anything")
-    verified = verify_statement(
-        pledge,
-        registry,
-        expected_type=attestation_pb2.HoldingsStatement,
-        audience=EXCHANGE,
-        now=start,
-    )
-    _ok(
-        f"signature, key role, audience, freshness: {verified.message.account_id} epoch {verified.message.epoch}"
-    )
-    checkpoint_1 = verify_checkpoint(first, registry, origin=ORIGIN, now=start)
-    monitor = CheckpointMonitor()
-    monitor.advance(checkpoint_1, None)
-    proof = log.inclusion_proof(pledge_index, checkpoint_1.tree_size)
-    verify_inclusion_proof(proof, statement_leaf(pledge), checkpoint_1)
-    _ok(
-        f"RFC 9162 inclusion proof: leaf {proof.leaf_index} of {proof.tree_size}, {len(proof.audit_path)} hashes"
-    )
+async def _run_story(
+    workdir: Path,
+    registry: KeyRegistry,
+    custodian_address: str,
+    exchange_address: str,
+    yield_time: time,
+) -> tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle]:
+    pki = workdir / "pki"
 
-    _say("4. The log grows: a top-up with accrued fund yield, then checkpoint 2")
-    later = start + timedelta(minutes=5)
-    top_up, top_up_index = attest(
-        _holdings(
-            ACCOUNT,
-            2,
-            {
-                "BTC": ("12.5", "12.5"),
-                "USDC": ("2500000", "2250000"),
-                "BENJI": ("750020.675", "750020.675"),
-                "TSLAx": ("1800", "1800"),
-            },
-        ),
-        later,
-    )
-    second = log.checkpoint(custodian, now=later, sequence=2, ttl=TTL)
-    checkpoint_2 = verify_checkpoint(second, registry, origin=ORIGIN, now=later)
-    consistency = log.consistency_proof(checkpoint_1.tree_size, checkpoint_2.tree_size)
-    verify_consistency_proof(consistency, checkpoint_1, checkpoint_2)
-    monitor.advance(checkpoint_2, consistency)
-    _ok(
-        f"consistency proof {checkpoint_1.tree_size} -> {checkpoint_2.tree_size}: "
-        f"{len(consistency.consistency_path)} hashes; history was only appended to"
-    )
+    def tls(party_id: str) -> TlsConfig:
+        return TlsConfig.from_files(
+            pki / "ca.pem", pki / f"{party_id}.pem", pki / f"{party_id}.key"
+        )
 
-    _say("5. Bad evidence is refused, and nothing changes")
-    tampered = envelope_pb2.Envelope()
-    tampered.CopyFrom(pledge)
-    tampered.payload = tampered.payload.replace(b"12.5", b"99.5", 1)
-    _refused(
-        "a holdings statement with BTC 12.5 edited to 99.5",
-        lambda: verify_statement(
-            tampered,
-            registry,
-            expected_type=attestation_pb2.HoldingsStatement,
-            audience=EXCHANGE,
-            now=start,
-        ),
-    )
-    _refused(
-        "the same statement presented to another exchange",
-        lambda: verify_statement(
-            pledge,
-            registry,
-            expected_type=attestation_pb2.HoldingsStatement,
-            audience="exchange-2",
-            now=start,
-        ),
-    )
-    _refused(
-        "the statement two hours later (expired)",
-        lambda: verify_statement(
-            pledge,
-            registry,
-            expected_type=attestation_pb2.HoldingsStatement,
-            audience=EXCHANGE,
-            now=start + timedelta(hours=2),
-        ),
-    )
-    forged = sign_statement(
-        _holdings(ACCOUNT, 3, {"BTC": ("1000", "1000")}),
-        SigningKey.generate(CUSTODIAN, common_pb2.PARTY_ROLE_CUSTODIAN),
-        audience=[EXCHANGE],
-        sequence=99,
-        ttl=TTL,
-        issued_at=start,
-    )
-    _refused(
-        "a statement signed by an unregistered key claiming to be the custodian",
-        lambda: verify_statement(
-            forged,
-            registry,
-            expected_type=attestation_pb2.HoldingsStatement,
-            audience=EXCHANGE,
-            now=start,
-        ),
-    )
-    rewritten = AttestationLog(workdir / "rewritten.sqlite", origin=ORIGIN)
-    for index in range(log.size):
-        leaf = log.leaf(index)
-        rewritten.append(leaf.replace(b"1000", b"9000") if index == 3 else leaf)
-    rewritten.append(statement_leaf(top_up))
-    fork = verify_checkpoint(
-        rewritten.checkpoint(custodian, now=later, sequence=3, ttl=TTL),
-        registry,
-        origin=ORIGIN,
-        now=later,
-    )
-    _refused(
-        "a checkpoint of a log whose leaf 3 was rewritten",
-        lambda: monitor.advance(
-            fork, rewritten.consistency_proof(checkpoint_2.tree_size, fork.tree_size)
-        ),
-    )
-    _ok(f"the exchange still trusts tree size {checkpoint_2.tree_size} with the original root")
-    rewritten.close()
-
-    _say("6. An auditor verifies the evidence offline")
-    bundle = audit_pb2.AuditBundle(
-        registry=registry.to_proto(),
-        verifier_party_id=EXCHANGE,
-        log_origin=ORIGIN,
-        checkpoints=[
-            audit_pb2.Evidence(statement=first, relied_at=_timestamp(start)),
-            audit_pb2.Evidence(statement=second, relied_at=_timestamp(later)),
-        ],
-        consistency_proofs=[consistency],
-        attested_statements=[
-            audit_pb2.Evidence(
-                statement=pledge, relied_at=_timestamp(start), inclusion_proof=proof
+    client_key = SigningKey.load(workdir / "keys" / f"{CLIENT}.key.json")
+    async with (
+        secure_channel(custodian_address, tls(CLIENT)) as as_client_to_custodian,
+        secure_channel(exchange_address, tls(CLIENT)) as as_client_to_exchange,
+        secure_channel(custodian_address, tls(OPERATOR)) as as_operator_to_custodian,
+        secure_channel(exchange_address, tls(OPERATOR)) as as_operator_to_exchange,
+    ):
+        connections = Connections(
+            custodian=CustodianClient(as_client_to_custodian, default_timeout=_RPC_TIMEOUT),
+            exchange=ExchangeClient(as_client_to_exchange, default_timeout=_RPC_TIMEOUT),
+            custodian_control=TestControlClient(
+                as_operator_to_custodian, default_timeout=_RPC_TIMEOUT
             ),
-            audit_pb2.Evidence(
-                statement=top_up,
-                relied_at=_timestamp(later),
-                inclusion_proof=log.inclusion_proof(top_up_index, checkpoint_2.tree_size),
+            exchange_control=TestControlClient(
+                as_operator_to_exchange, default_timeout=_RPC_TIMEOUT
             ),
-        ],
+        )
+        story = Story(connections, registry, client_key, yield_time)
+        await story.run()
+        return story.evidence.exchange_bundle(EXCHANGE), story.evidence.custodian_bundle(CUSTODIAN)
+
+
+def _audit(
+    workdir: Path,
+    bundles: tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle],
+    stopped: list[tuple[ServerProcess, int | None]],
+) -> None:
+    say.section("12. Audit: what each party relied on, verified offline")
+    say.step(
+        "the servers are stopped ("
+        + ", ".join(f"{server.role} exit code {code}" for server, code in stopped)
+        + "): nothing below uses the network"
     )
-    log.close()
-    bundle_path = workdir / "audit-bundle.json"
-    save_audit_bundle(bundle, bundle_path)
-    _ok(f"audit bundle written: {bundle_path}")
-    _run_verify(bundle_path, expect=0)
-    bundle.attested_statements[0].statement.payload = tampered.payload
-    bad_path = workdir / "audit-bundle-tampered.json"
-    save_audit_bundle(bundle, bad_path)
-    _run_verify(bad_path, expect=1)
+    for_exchange, for_custodian = bundles
+    exchange_path = workdir / "audit-exchange.json"
+    save_audit_bundle(for_exchange, exchange_path)
+    say.step(
+        f"{exchange_path.name}: what {EXCHANGE} relied on: the key registry, "
+        f"{len(for_exchange.checkpoints)} checkpoints with {len(for_exchange.consistency_proofs)} "
+        f"consistency proofs, {len(for_exchange.attested_statements)} holdings statements with "
+        "inclusion proofs"
+    )
+    _verify(workdir, exchange_path, expect=0, show_all=True)
+    custodian_path = workdir / "audit-custodian.json"
+    save_audit_bundle(for_custodian, custodian_path)
+    kinds = Counter(
+        message_class_of(e.statement.payload_type).DESCRIPTOR.name for e in for_custodian.statements
+    )
+    say.step(
+        f"{custodian_path.name}: what {CUSTODIAN} relied on, signed by {EXCHANGE}: "
+        + ", ".join(f"{count} {name}" for name, count in sorted(kinds.items()))
+    )
+    _verify(workdir, custodian_path, expect=0, show_all=False)
 
-    print("\nDemo complete: every check above ran for real.")
+    tampered = audit_pb2.AuditBundle()
+    tampered.CopyFrom(for_exchange)
+    statement = tampered.attested_statements[0].statement
+    statement.payload = edit_quantity(statement.payload, "100000", "900000")
+    tampered_path = workdir / "audit-exchange-tampered.json"
+    save_audit_bundle(tampered, tampered_path)
+    say.step(
+        f"{tampered_path.name}: the same bundle, BENJI 100,000 edited to 900,000 in its first "
+        "holdings statement"
+    )
+    _verify(workdir, tampered_path, expect=1, show_all=False)
 
 
-def _run_verify(path: Path, *, expect: int) -> None:
-    command = [sys.executable, "-m", "collateral_sync._cli", "verify", str(path)]
-    print(f"   $ collateral-sync verify {path.name}")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in (done.stdout + done.stderr).splitlines():
-        print(f"     {line}")
-    if done.returncode != expect:
-        raise SystemExit(f"demo failed: verify exited {done.returncode}, expected {expect}")
-    print(f"   exit code {done.returncode} (expected {expect})")
+def _verify(workdir: Path, path: Path, *, expect: int, show_all: bool) -> None:
+    lines = _cli(["verify", path.name], workdir, expect=expect)
+    for line in lines:
+        if show_all or not line.startswith("ok "):
+            say.detail(line)
+    say.detail(f"exit code {expect}")
+
+
+class _Interrupt:
+    """Ctrl-C and SIGTERM, turned into an orderly stop.
+
+    Outside the event loop the handler raises KeyboardInterrupt, which unwinds
+    through the ``with Servers`` block like any error. While the story runs it
+    only cancels the story's task: an exception raised from a signal handler in
+    the middle of gRPC's own code could leave a channel half torn down, whereas
+    a cancelled task leaves every call and channel through its normal exits.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._in_loop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if not self._in_loop:
+            raise KeyboardInterrupt
+        if self._loop is not None and self._task is not None:
+            # A loop already closing needs no cancel: run_async raises on its way out.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def run_async(self, story: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """``asyncio.run`` the coroutine ``story()`` makes, cancelled on an interrupt."""
+        self._in_loop = True
+        try:
+            return asyncio.run(self._guarded(story))
+        except asyncio.CancelledError:
+            if self.requested:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            self._in_loop = False
+            self._loop = self._task = None
+            if self.requested:
+                raise KeyboardInterrupt
+
+    async def _guarded(self, story: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self.requested:  # it came while the loop was being set up
+            raise asyncio.CancelledError
+        return await story()
+
+
+_INTERRUPT = _Interrupt()
 
 
 def main() -> None:
+    started = monotonic()
+    previous = {
+        signum: signal.signal(signum, _INTERRUPT.handler)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     keep = os.environ.get("COLLATERAL_SYNC_DEMO_DIR")
-    if keep:
-        workdir = Path(keep)
-        workdir.mkdir(parents=True, exist_ok=True)
-        run(workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="collateral-sync-demo-") as tmp:
-        run(Path(tmp))
+    try:
+        if keep:
+            run(Path(keep))
+        else:
+            with tempfile.TemporaryDirectory(prefix="collateral-sync-demo-") as tmp:
+                run(Path(tmp))
+    except KeyboardInterrupt:
+        _fail("\ndemo interrupted; every server it started was stopped", 130)
+    except RPCError as err:
+        _fail(f"\ndemo failed: a server answered {err.code.name} {err.reason_name}: {err.message}")
+    except CollateralSyncError as err:
+        _fail(f"\ndemo failed: {err.reason_name}: {err.message}")
+    except OSError as err:
+        _fail(f"\ndemo failed: {err}")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    where = f"; its files are in {keep}" if keep else ""
+    print(f"\nDemo complete in {monotonic() - started:.1f} s{where}.", flush=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

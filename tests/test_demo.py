@@ -1,0 +1,225 @@
+"""``make demo`` run as a user runs it: a process of its own, with its servers as processes.
+
+The demo is judged from the outside: its exit code, the lines that tell the
+story, the files it leaves in ``COLLATERAL_SYNC_DEMO_DIR`` (the audit bundles
+verify in-process too, and their tampered copy does not), and that no server
+it started outlives it, whether it finishes, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from collateral_sync.audit import load_audit_bundle, verify_audit_bundle
+from collateral_sync.v1 import margin_pb2, valuation_pb2
+
+DEMO = (sys.executable, "-m", "collateral_sync._demo")
+#: The brief asks for well under two minutes on the 2-core machine.
+DEMO_TIMEOUT = 120.0
+
+
+def _run_demo(directory: Path) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ, COLLATERAL_SYNC_DEMO_DIR=str(directory))
+    return subprocess.run(
+        DEMO, capture_output=True, text=True, env=environment, timeout=DEMO_TIMEOUT, check=False
+    )
+
+
+def _server_pids(output: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"serves on \S+ \(pid (\d+)", output)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie child of the exited demo is gone too; ask the kernel for its state.
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split(")")[-1].split()[0] == "Z"
+
+
+def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path: Path) -> None:
+    directory = tmp_path / "demo"
+    started = time.monotonic()
+    done = _run_demo(directory)
+    elapsed = time.monotonic() - started
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr}"
+    assert "Traceback" not in done.stderr
+    assert elapsed < DEMO_TIMEOUT
+
+    for number in range(1, 13):
+        assert f"\n== {number}. " in out, f"section {number} missing"
+    # The story, in order: each step appears after the one before it.
+    steps = [
+        "$ collateral-sync keygen --party custodian-1 --role custodian",
+        "$ collateral-sync dev-certs --out pki",
+        "custodian-1 serves on 127.0.0.1:",
+        "exchange-1 serves on 127.0.0.1:",
+        "risk policy v1, signed by exchange-1",
+        "client-1 signs its pre-authorised liquidation path path-acct-7-1",
+        "client-1 pledges TSLAx 400 to exchange-1",
+        "refused a pledge signed by a key that claims to be client-1",
+        "UNAUTHENTICATED KEY_UNKNOWN",
+        "FAILED_PRECONDITION STATE_CONFLICT",
+        "its signed CreditLine cites leaf 4 of tree size 5",
+        "first checkpoint, trusted on first use",
+        "AUDIENCE_MISMATCH",
+        "PROOF_INVALID",
+        "TSLAx: TOKENIZED_SINGLE_STOCK may count at most 0.1",
+        "collateral value 578,000 x leverage cap 2 = credit limit 1,156,000",
+        "exposure 1,000,000 within the credit limit 1,156,000",
+        "BTC 60,000 -> 45,000",
+        "call amount 27,600",
+        "ok      recomputed from those signed inputs alone",
+        "PARTIALLY_AGREED: 13,800 agreed and due, 13,800 disputed",
+        "margin call SATISFIED",
+        "(YIELD_ACCRUAL)",
+        "BENJI 100,000 -> 100,011.8 (+11.8)",
+        "(LIQUIDATION)",
+        "yield first: BENJI 11.8",
+        "proceeds 440,000",
+        "insurance fund 1,000,000 -> 440,000",
+        "the insurance fund covers 560,000, 0 left for auto-deleveraging",
+        "CreditLine: exposure 0",
+        "entries on both sides",
+        "exchange exit code 0, custodian exit code 0",
+        "$ collateral-sync verify audit-exchange.json",
+        "$ collateral-sync verify audit-custodian.json",
+        "$ collateral-sync verify audit-exchange-tampered.json",
+        "FAIL attested_statement[0]",
+        "Demo complete in",
+    ]
+    position = 0
+    for text in steps:
+        found = out.find(text, position)
+        assert found >= 0, f"{text!r} missing after position {position}:\n{out}"
+        position = found
+    verdicts = re.findall(r"(VERIFIED|REFUSED): (\d+) of (\d+) checks passed", out)
+    assert [v[0] for v in verdicts] == ["VERIFIED", "VERIFIED", "REFUSED"]
+    assert all(passed == total for _, passed, total in verdicts[:2])
+    assert int(verdicts[2][1]) == int(verdicts[2][2]) - 1
+    assert out.count("exit code 0\n") == 2
+    assert out.count("exit code 1\n") == 1
+
+    # No server outlives the demo.
+    pids = _server_pids(out)
+    assert len(pids) == 2
+    assert all(_gone(pid) for pid in pids)
+
+    # The kept files: the bundles check out here too, independently of the CLI.
+    exchange_report = verify_audit_bundle(load_audit_bundle(directory / "audit-exchange.json"))
+    assert exchange_report.ok
+    exchange_bundle = load_audit_bundle(directory / "audit-exchange.json")
+    assert exchange_bundle.verifier_party_id == "exchange-1"
+    sizes = [c.inclusion_proof.tree_size for c in exchange_bundle.attested_statements]
+    assert sizes == sorted(sizes)
+    assert len(exchange_bundle.consistency_proofs) == len(exchange_bundle.checkpoints) - 1
+    custodian_bundle = load_audit_bundle(directory / "audit-custodian.json")
+    assert verify_audit_bundle(custodian_bundle).ok
+    kinds = {e.statement.payload_type.rsplit(".", 1)[-1] for e in custodian_bundle.statements}
+    assert {"margin-call+proto", "margin-call-state+proto", "credit-line+proto"} <= kinds
+    calls = [
+        margin_pb2.MarginCall.FromString(e.statement.payload)
+        for e in custodian_bundle.statements
+        if e.statement.payload_type.endswith(".margin-call+proto")
+    ]
+    assert [c.call_amount.value for c in calls] == ["27600"]
+    policies = [
+        valuation_pb2.RiskPolicy.FromString(e.statement.payload)
+        for e in custodian_bundle.statements
+        if e.statement.payload_type.endswith(".risk-policy+proto")
+    ]
+    assert [(p.version, p.insurance_fund_balance.value) for p in policies] == [
+        (1, "1000000"),
+        (2, "440000"),
+    ]
+    tampered = verify_audit_bundle(load_audit_bundle(directory / "audit-exchange-tampered.json"))
+    assert not tampered.ok
+    assert [c.subject for c in tampered.checks if not c.ok] == ["attested_statement[0]"]
+    for name in ("custodian.log", "exchange.log", "custodian-1.sqlite", "exchange-1.sqlite"):
+        assert (directory / name).is_file(), name
+
+
+def test_demo_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("not the demo's")
+    done = _run_demo(tmp_path)
+    assert done.returncode == 1
+    assert "demo failed:" in done.stderr
+    assert "expected an empty directory" in done.stderr
+    assert "Traceback" not in done.stderr
+    # Nothing was started, and nothing of the user's was touched.
+    assert "serves on" not in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_a_failed_step_ends_with_one_message_and_stops_the_servers(tmp_path: Path) -> None:
+    # The same demo with a scenario the custodian must refuse: 9 BTC pledged of 8 held.
+    script = (
+        "import collateral_sync._demo_story as story\n"
+        "story.PLEDGES = (('BTC', '9'),)\n"
+        "from collateral_sync._demo import main\n"
+        "main()\n"
+    )
+    environment = dict(os.environ, COLLATERAL_SYNC_DEMO_DIR=str(tmp_path / "demo"))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=DEMO_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "demo failed: a server answered FAILED_PRECONDITION STATE_CONFLICT: pledge of 9 BTC "
+        "exceeds the 8 available (quantity - locked - pledged - accrued yield)"
+    ]
+    assert "Demo complete" not in done.stdout
+    pids = _server_pids(done.stdout)
+    assert len(pids) == 2
+    assert all(_gone(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_demo_stops_its_servers(tmp_path: Path, signum: signal.Signals) -> None:
+    environment = dict(os.environ, COLLATERAL_SYNC_DEMO_DIR=str(tmp_path / "demo"))
+    process = subprocess.Popen(
+        DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=False
+    )
+    assert process.stdout is not None
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        # Interrupt once both servers serve: the story is under way.
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while b"exchange-1 serves on" not in output:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, output.decode()
+                assert selector.select(remaining), output.decode()
+                chunk = os.read(process.stdout.fileno(), 4096)
+                assert chunk, output.decode()
+                output += chunk
+        process.send_signal(signum)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    text = (output + rest).decode()
+    assert process.returncode == 130, f"{text}\n{stderr.decode()}"
+    assert "demo interrupted; every server it started was stopped" in stderr.decode()
+    assert b"Traceback" not in stderr
+    pids = _server_pids(text)
+    assert len(pids) == 2
+    assert all(_gone(pid) for pid in pids)
