@@ -52,7 +52,13 @@ from decimal import Decimal
 import grpc.aio
 from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.clients import RegulatorClient
-from collateral_sync.errors import CollateralSyncError, MalformedError, RPCError, StateError
+from collateral_sync.errors import (
+    CollateralSyncError,
+    MalformedError,
+    RPCError,
+    StateError,
+    VerificationError,
+)
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.reconciliation import (
     PositionTree,
@@ -61,7 +67,12 @@ from collateral_sync.reconciliation import (
 )
 from collateral_sync.signing import sign_statement
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, LogHead
-from collateral_sync.transport import TlsConfig, plaintext_channel_for_testing, secure_channel
+from collateral_sync.transport import (
+    TlsConfig,
+    peer_party_id,
+    plaintext_channel_for_testing,
+    secure_channel,
+)
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
@@ -288,6 +299,7 @@ class PartyReconciliation:
         self._exchange_id = exchange_id
         self._holdings = holdings
         self._tls = tls
+        self._counterparty_id = counterparty_id
         self._logger = logger
         self._role = signer.role
         sending = (
@@ -478,6 +490,21 @@ class PartyReconciliation:
         self._remember(cutoff_id, tree)
         return tree
 
+    def check_reader(self, context: grpc.aio.ServicerContext) -> None:
+        """Only the regulator and the counterparty read a party's positions (PERMISSION_DENIED)."""
+        if self._tls is None:
+            return  # plaintext (tests only): no identities to tell apart
+        allowed = sorted(
+            p for p in (self._settings.regulator_id, self._counterparty_id) if p is not None
+        )
+        peer = peer_party_id(context) or ""
+        if peer not in allowed:
+            raise VerificationError(
+                f"reconciliation data is for {'|'.join(allowed) or 'nobody'}, not {peer!r}",
+                reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
+                metadata={"expected": "|".join(allowed), "actual": peer},
+            )
+
     def tree_nodes(
         self, request: reconciliation_service_pb2.GetPositionTreeNodesRequest
     ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
@@ -607,6 +634,7 @@ class ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServi
         request: reconciliation_service_pb2.GetReconciliationStatementRequest,
         context: grpc.aio.ServicerContext,
     ) -> reconciliation_service_pb2.GetReconciliationStatementResponse:
+        self._reconciliation.check_reader(context)
         return reconciliation_service_pb2.GetReconciliationStatementResponse(
             reconciliation_statement=self._reconciliation.statement(request.cutoff_id)
         )
@@ -616,4 +644,5 @@ class ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServi
         request: reconciliation_service_pb2.GetPositionTreeNodesRequest,
         context: grpc.aio.ServicerContext,
     ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
+        self._reconciliation.check_reader(context)
         return self._reconciliation.tree_nodes(request)

@@ -439,6 +439,35 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
             )
             assert unknown.code == grpc.StatusCode.NOT_FOUND
 
+            # Positions are for the regulator and the counterparty only.
+            async with parties.channel(trio.custodian.address, OTHER_EXCHANGE) as stranger:
+                outsider = ReconciliationClient(stranger)
+                for call in (
+                    outsider.get_reconciliation_statement(
+                        reconciliation_service_pb2.GetReconciliationStatementRequest(
+                            cutoff_id=cutoff_id
+                        )
+                    ),
+                    outsider.get_position_tree_nodes(
+                        reconciliation_service_pb2.GetPositionTreeNodesRequest(
+                            cutoff_id=cutoff_id,
+                            ranges=[reconciliation_service_pb2.LeafRange(start=0, end=1)],
+                        )
+                    ),
+                ):
+                    denied = await refused(call)
+                    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+                    assert denied.reason == _R.ERROR_REASON_KEY_ROLE_MISMATCH
+            async with parties.channel(trio.exchange.address, CUSTODIAN) as counterparty:
+                statement_of_exchange = await ReconciliationClient(
+                    counterparty
+                ).get_reconciliation_statement(
+                    reconciliation_service_pb2.GetReconciliationStatementRequest(
+                        cutoff_id=cutoff_id
+                    )
+                )
+                assert statement_of_exchange.reconciliation_statement == result.exchange_statement
+
             # Bad submissions: each refused with its status, nothing stored.
             before = regulator_rows(trio.regulator_db)
             assert len(before[0]) == 2
