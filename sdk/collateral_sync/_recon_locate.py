@@ -547,6 +547,8 @@ class _Locator:
 
 def _direct(response: object, name: str) -> _Response:
     if inspect.isawaitable(response):
+        if inspect.iscoroutine(response):
+            response.close()  # never to be awaited: say so now, not at garbage collection
         raise TypeError(f"{name}: locate_breaks_sync needs a source that answers directly")
     return response  # type: ignore[return-value]  # deliver() checks the type
 
