@@ -36,8 +36,12 @@ from collateral_sync.clients import (
 from collateral_sync.errors import RPCError
 from collateral_sync.keys import SigningKey
 from collateral_sync.merkle import empty_root
-from collateral_sync.reconciliation import PositionTree
+from collateral_sync.reconciliation import PositionTree, build_reconciliation_statement
+from collateral_sync.server import create_server
+from collateral_sync.server import start_server as start_grpc_server
+from collateral_sync.server import stop_server as stop_grpc_server
 from collateral_sync.signing import pae, sign_statement, verify_statement
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, LogHead
 from collateral_sync.v1 import (
     common_pb2,
     custodian_service_pb2,
@@ -47,6 +51,7 @@ from collateral_sync.v1 import (
     liquidation_pb2,
     reconciliation_pb2,
     reconciliation_service_pb2,
+    reconciliation_service_pb2_grpc,
     regulator_service_pb2,
     test_control_pb2,
 )
@@ -731,3 +736,135 @@ def test_the_conformance_kit_transport_cases_pass_against_the_regulator(
     assert any(
         line.startswith("PASS  MUST   transport/deadline-exceeded-honoured") for line in lines
     )
+
+
+class _FakeParty(reconciliation_service_pb2_grpc.ReconciliationServiceServicer):
+    """A party's ReconciliationService answered from a tree in the test process."""
+
+    def __init__(self, tree: PositionTree) -> None:
+        self.tree = tree
+        self.calls = 0
+
+    async def GetPositionTreeNodes(
+        self, request: Any, context: Any
+    ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
+        self.calls += 1
+        return self.tree.answer(request)
+
+
+def _position(account: str, asset: str, quantity: str) -> common_pb2.Position:
+    return common_pb2.Position(
+        account_id=account,
+        asset_id=asset,
+        quantity=amount_to_proto(quantity),
+        locked_quantity=amount_to_proto("0"),
+        pledged_quantity=amount_to_proto("0"),
+    )
+
+
+def test_an_unreachable_party_leaves_the_result_pending_until_it_answers(
+    reference_parties: Parties, start_server: Any, tmp_path: Path
+) -> None:
+    """Statements signed here; both parties' trees served in-process, the exchange's late."""
+    parties = reference_parties
+    trees = {
+        CUSTODIAN: PositionTree.build(
+            {f"acct-{n:03d}": [_position(f"acct-{n:03d}", "BTC", str(n))] for n in range(40)}
+        ),
+        EXCHANGE: PositionTree.build(
+            {
+                f"acct-{n:03d}": [_position(f"acct-{n:03d}", "BTC", str(n + (n == 17)))]
+                for n in range(40)
+            }
+        ),
+    }
+    exchange_port = free_port()
+
+    async def scenario() -> None:
+        custodian_fake = _FakeParty(trees[CUSTODIAN])
+        exchange_fake = _FakeParty(trees[EXCHANGE])
+        custodian_server = create_server(tls=parties.tls(CUSTODIAN), servicers=[custodian_fake])
+        custodian_port = await start_grpc_server(custodian_server, "127.0.0.1:0")
+        regulator = start_server(
+            "regulator",
+            parties.config(
+                REGULATOR,
+                "regulator",
+                tmp_path,
+                peers={
+                    CUSTODIAN: f"127.0.0.1:{custodian_port}",
+                    EXCHANGE: f"127.0.0.1:{exchange_port}",
+                },
+            ),
+            name="pending-regulator",
+        )
+        now = datetime.now(UTC)
+        cutoff = datetime.combine(now.date(), time(0), tzinfo=UTC)
+        cutoff_id = cutoff.strftime("%Y-%m-%dT%H:%M:%SZ")
+        heads = {
+            CUSTODIAN_TO_EXCHANGE: LogHead(3, bytes(range(32))),
+            EXCHANGE_TO_CUSTODIAN: LogHead(0, bytes(32)),
+        }
+        envelopes = {
+            party: sign_statement(
+                build_reconciliation_statement(
+                    trees[party], cutoff_time=cutoff, party_role=role, sync_log_heads=heads
+                ),
+                parties.keys[party],
+                audience=[REGULATOR],
+                sequence=1,
+                ttl=timedelta(days=1),
+                issued_at=now,
+            )
+            for party, role in (
+                (CUSTODIAN, common_pb2.PARTY_ROLE_CUSTODIAN),
+                (EXCHANGE, common_pb2.PARTY_ROLE_EXCHANGE),
+            )
+        }
+        try:
+            async with parties.channel(regulator.address, CUSTODIAN) as channel:
+                client = RegulatorClient(channel)
+                for party in (CUSTODIAN, EXCHANGE):
+                    response = await client.submit_reconciliation_statement(
+                        regulator_service_pb2.SubmitReconciliationStatementRequest(
+                            reconciliation_statement=envelopes[party]
+                        )
+                    )
+                    # The exchange cannot be asked: no result yet.
+                    assert not response.HasField("reconciliation_result"), party
+                request = regulator_service_pb2.GetReconciliationResultRequest(cutoff_id=cutoff_id)
+                pending = await refused(client.get_reconciliation_result(request))
+                assert pending.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert pending.reason == _R.ERROR_REASON_STATE_CONFLICT
+
+                exchange_server = create_server(
+                    tls=parties.tls(EXCHANGE), servicers=[exchange_fake]
+                )
+                await start_grpc_server(exchange_server, f"127.0.0.1:{exchange_port}")
+                try:
+                    async with asyncio.timeout(WAIT):
+                        while True:
+                            try:
+                                response = await client.get_reconciliation_result(request)
+                                break
+                            except RPCError as err:
+                                if err.reason != _R.ERROR_REASON_STATE_CONFLICT:
+                                    raise
+                                await asyncio.sleep(0.2)
+                finally:
+                    await stop_grpc_server(exchange_server, grace=None)
+            result = verified_result(parties, response.reconciliation_result)
+            assert result.outcome == _F.RECONCILIATION_OUTCOME_BREAKS
+            assert [(b.account_id, b.asset_id, b.field) for b in result.breaks] == [
+                ("acct-017", "BTC", _F.BREAK_FIELD_QUANTITY)
+            ]
+            assert result.breaks[0].custodian_value.value == "17"
+            assert result.breaks[0].exchange_value.value == "18"
+            # Located by descent, not a dump: a few calls for 40 accounts.
+            assert 0 < exchange_fake.calls <= 12
+            assert result.custodian_statement == envelopes[CUSTODIAN]
+            assert result.exchange_statement == envelopes[EXCHANGE]
+        finally:
+            await stop_grpc_server(custodian_server, grace=None)
+
+    run(scenario())
