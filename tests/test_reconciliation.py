@@ -569,6 +569,21 @@ def test_compare_reports_sync_heads_and_totals_that_disagree_with_equal_roots() 
         (b.account_id, b.asset_id, b.field, b.custodian_value.value, b.exchange_value.value)
         for b in comparison.breaks
     ] == [("", "", SYNC_HEAD, "7", "9"), ("", "BTC", LOCKED, "0.5", "7")]
+    # An asset total in one statement only: a break per field, the other side unset.
+    exchange.totals.add(
+        asset_id="ZZZ",
+        quantity=common_pb2.Decimal(value="3"),
+        locked_quantity=common_pb2.Decimal(value="0"),
+        pledged_quantity=common_pb2.Decimal(value="3"),
+    )
+    extra = compare_statements(custodian, exchange).breaks[2:]
+    assert [
+        (b.asset_id, b.field, b.HasField("custodian_value"), b.exchange_value.value) for b in extra
+    ] == [
+        ("ZZZ", QUANTITY, False, "3"),
+        ("ZZZ", LOCKED, False, "0"),
+        ("ZZZ", PLEDGED, False, "3"),
+    ]
 
 
 def test_compare_refuses_mismatched_cutoffs_roles_and_malformed_fields() -> None:
