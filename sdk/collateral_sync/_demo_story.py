@@ -678,7 +678,7 @@ class Story:
         )
         say.detail(
             f"{_status(state.status)}: {say.amount(agreed)} agreed and due, "
-            f"{say.amount(_d(state.call_amount) - agreed)} disputed (valuation)"
+            f"{say.amount(_d(state.call_amount) - agreed)} disputed"
         )
         return call.margin_call_id
 
