@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import grpc.aio
 from collateral_sync.clients import ReconciliationClient
@@ -45,7 +45,7 @@ from collateral_sync.errors import (
     VerificationError,
 )
 from collateral_sync.keys import role_name
-from collateral_sync.reconciliation import reconcile
+from collateral_sync.reconciliation import cutoff_id_of, reconcile
 from collateral_sync.signing import VerifiedStatement, sign_statement, verify_statement
 from collateral_sync.transport import plaintext_channel_for_testing, secure_channel
 from collateral_sync.v1 import (
@@ -239,7 +239,40 @@ class RegulatorRole:
                 reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 metadata={"expected": str(expected), "actual": verified.issuer},
             )
+        self._check_cutoff(statement)
         return verified
+
+    @staticmethod
+    def _check_cutoff(statement: reconciliation_pb2.ReconciliationStatement) -> None:
+        """The id names the stated time, and a view is stated only after its cut-off."""
+        if not statement.HasField("cutoff_time"):
+            raise MalformedError(
+                "cutoff_time: expected a timestamp, got none",
+                metadata={"field": "cutoff_time", "expected": "a timestamp", "actual": "absent"},
+            )
+        cutoff_time = statement.cutoff_time.ToDatetime(tzinfo=UTC)
+        expected_id = cutoff_id_of(cutoff_time.replace(microsecond=0))
+        if statement.cutoff_id != expected_id or cutoff_time.microsecond:
+            raise MalformedError(
+                f"cutoff_id: expected {expected_id!r} (from cutoff_time), got "
+                f"{statement.cutoff_id!r}",
+                metadata={
+                    "field": "cutoff_id",
+                    "expected": expected_id,
+                    "actual": statement.cutoff_id,
+                },
+            )
+        issued_at = statement.header.issued_at.ToDatetime(tzinfo=UTC)
+        if issued_at < cutoff_time:
+            raise MalformedError(
+                f"a view stated before its cut-off: expected issued_at >= {expected_id}, got "
+                f"{issued_at.isoformat()}",
+                metadata={
+                    "field": "header.issued_at",
+                    "expected": f">= {expected_id}",
+                    "actual": issued_at.isoformat(),
+                },
+            )
 
     async def submit(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
         """Verify and keep one party's statement; the result when it completes the pair."""

@@ -503,6 +503,18 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
             as_custodian = reconciliation_pb2.ReconciliationStatement()
             as_custodian.CopyFrom(statements[EXCHANGE])
             as_custodian.party_role = common_pb2.PARTY_ROLE_CUSTODIAN
+            wrong_id = reconciliation_pb2.ReconciliationStatement()
+            wrong_id.CopyFrom(changed)
+            wrong_id.cutoff_id = "2020-01-01T00:00:00Z"
+            too_early = reconciliation_pb2.ReconciliationStatement()
+            too_early.CopyFrom(changed)
+            too_early.cutoff_time.FromDatetime(
+                custodian_statement.header.issued_at.ToDatetime(tzinfo=UTC).replace(microsecond=0)
+                + timedelta(hours=12)
+            )
+            too_early.cutoff_id = too_early.cutoff_time.ToDatetime(tzinfo=UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
             other_exchange = reconciliation_pb2.ReconciliationStatement()
             other_exchange.CopyFrom(statements[EXCHANGE])
             cases = [
@@ -535,6 +547,18 @@ def test_matched_cutoff_then_bad_submissions_are_refused_without_state_change(
                     resign(changed, parties.keys[CUSTODIAN], sequence=901, audience=(EXCHANGE,)),
                     grpc.StatusCode.PERMISSION_DENIED,
                     _R.ERROR_REASON_AUDIENCE_MISMATCH,
+                ),
+                (
+                    "cut-off id not its time",
+                    resign(wrong_id, parties.keys[CUSTODIAN], sequence=903),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
+                ),
+                (
+                    "stated before the cut-off",
+                    resign(too_early, parties.keys[CUSTODIAN], sequence=904),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
                 ),
                 ("replay", original, grpc.StatusCode.ALREADY_EXISTS, _R.ERROR_REASON_REPLAYED),
                 (
