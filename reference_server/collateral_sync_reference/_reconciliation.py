@@ -8,7 +8,10 @@ and did not reject), and both sync-log heads — stores that snapshot, signs a
 ``ReconciliationStatement`` over it once, and submits it to the regulator.
 ``ReconciliationService`` answers from the stored snapshot only, so
 ``GetPositionTreeNodes`` keeps matching the signed root whatever happens
-after the cut-off.
+after the cut-off; it answers the regulator and the counterparty, nobody else
+(PERMISSION_DENIED). A test or the demo triggers a cut-off "now" by moving the
+test clocks past the next one (``TestControlService.AdvanceClock``): the
+statement is frozen before AdvanceClock answers, then submitted.
 
 Configuration (inside the role's section, every key optional)::
 

@@ -6,7 +6,9 @@ clock):
 - ``SubmitReconciliationStatement``: a ``reconciliation-statement`` issued by
   the custodian or the exchange this regulator reconciles, addressed to it,
   fresh, and never seen before (the durable replay guard: the same statement
-  again is REPLAYED); ``party_role`` must be the issuing key's role. One
+  again is REPLAYED); ``party_role`` must be the issuing key's role, the
+  ``cutoff_id`` must name the ``cutoff_time``, and the statement must be issued
+  at or after it (MALFORMED otherwise). One
   statement per party per cut-off: a different one for a cut-off already
   stated is EQUIVOCATION (ABORTED), and nothing is stored. The submission that
   completes a cut-off's pair compares the two statements and, when their
