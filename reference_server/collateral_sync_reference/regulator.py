@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, timedelta
 
 import grpc.aio
@@ -63,7 +64,7 @@ from collateral_sync_reference._config import ServerConfig
 from collateral_sync_reference._runner import ServerContext
 from collateral_sync_reference._test_control import TestControlBase
 
-__all__ = ["RegulatorRole", "create_role", "parse_settings"]
+__all__ = ["RegulatorRole", "RegulatorSettings", "create_role", "parse_settings"]
 
 _R = errors_pb2.ErrorReason
 _CUSTODIAN = common_pb2.PARTY_ROLE_CUSTODIAN
@@ -86,17 +87,25 @@ _SCHEMA = (
 )
 
 
-def parse_settings(config: ServerConfig) -> dict[str, object]:
+@dataclass(frozen=True, slots=True)
+class RegulatorSettings:
+    """The ``regulator`` section, read and checked (None: found from the registry)."""
+
+    custodian: str | None
+    exchange: str | None
+    result_ttl: timedelta
+
+
+def parse_settings(config: ServerConfig) -> RegulatorSettings:
     """Check the ``regulator`` section (before anything is opened)."""
     section = config.role_settings
-    settings: dict[str, object] = {
-        "custodian": section.string("custodian") if "custodian" in section else None,
-        "exchange": section.string("exchange") if "exchange" in section else None,
-        "result_ttl": section.seconds("result_ttl_seconds", 30 * 86_400),
-    }
-    for name in ("custodian", "exchange"):
-        party = settings[name]
-        if party is not None and config.peers.get(str(party)) is None:
+    settings = RegulatorSettings(
+        custodian=section.string("custodian") if "custodian" in section else None,
+        exchange=section.string("exchange") if "exchange" in section else None,
+        result_ttl=section.seconds("result_ttl_seconds", 30 * 86_400),
+    )
+    for name, party in (("custodian", settings.custodian), ("exchange", settings.exchange)):
+        if party is not None and config.peers.get(party) is None:
             raise section.error(
                 name, f"a party with an address in peers {sorted(config.peers)}", party
             )
@@ -147,12 +156,12 @@ class RegulatorRole:
         self.context = context
         self.logger = context.logger
         settings = context.settings
-        if not isinstance(settings, dict):
+        if not isinstance(settings, RegulatorSettings):
             settings = parse_settings(context.config)
-        self._result_ttl: timedelta = settings["result_ttl"]  # type: ignore[assignment]
+        self._result_ttl = settings.result_ttl
         self._parties = {
-            _CUSTODIAN: self._party(settings["custodian"], _CUSTODIAN),
-            _EXCHANGE: self._party(settings["exchange"], _EXCHANGE),
+            _CUSTODIAN: self._party(settings.custodian, _CUSTODIAN),
+            _EXCHANGE: self._party(settings.exchange, _EXCHANGE),
         }
         storage = context.storage
         storage.execute_schema(_SCHEMA)
@@ -164,9 +173,9 @@ class RegulatorRole:
         self._clients: dict[int, ReconciliationClient] = {}
         self._service = _RegulatorService(self)
 
-    def _party(self, configured: object, role: int) -> str:
+    def _party(self, configured: str | None, role: int) -> str:
         config = self.context.config
-        if isinstance(configured, str):
+        if configured is not None:
             return configured
         found = sorted(
             peer

@@ -892,3 +892,45 @@ def test_an_unreachable_party_leaves_the_result_pending_until_it_answers(
             await stop_grpc_server(custodian_server, grace=None)
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("role", "party", "settings", "message"),
+    [
+        ("regulator", REGULATOR, {"regulator": {"custodian": "nobody"}}, "regulator.custodian"),
+        ("regulator", REGULATOR, {"regulator": {"cut_offs": "12:00"}}, "unknown key"),
+        (
+            "custodian",
+            CUSTODIAN,
+            {"custodian": {"reconciliation": {"cutoffs_utc": "12:00,25:00"}}},
+            "custodian.reconciliation.cutoffs_utc",
+        ),
+        (
+            "custodian",
+            CUSTODIAN,
+            {"custodian": {"reconciliation": {"regulator": "nobody"}}},
+            "custodian.reconciliation.regulator",
+        ),
+    ],
+)
+def test_reconciliation_configuration_is_checked_before_start(
+    reference_parties: Parties,
+    start_server: Any,
+    tmp_path: Path,
+    role: str,
+    party: str,
+    settings: dict[str, Any],
+    message: str,
+) -> None:
+    config = reference_parties.config(
+        party,
+        role,
+        tmp_path,
+        peers={CUSTODIAN: "127.0.0.1:1", EXCHANGE: "127.0.0.1:2"}
+        if role == "regulator"
+        else {EXCHANGE: None, REGULATOR: "127.0.0.1:3"},
+        **settings,
+    )
+    with pytest.raises(RuntimeError, match=message):
+        start_server(role, config, name=f"bad-{role}-{len(message)}")
+    assert not (tmp_path / f"{party}.sqlite").exists()
