@@ -422,8 +422,8 @@ class PositionTree:
 
     Build it with :meth:`build`; read ``size``, ``root`` and ``totals`` for the
     statement; answer ``GetPositionTreeNodes`` with :meth:`answer`. Memory is
-    about the leaf bytes plus 64 bytes per account, never one Python object
-    per node.
+    the leaf bytes plus about 72 bytes an account (subtree hashes and leaf
+    offsets), never one Python object per node.
     """
 
     __slots__ = ("_bodies", "_levels", "_memo", "_offsets", "_size", "_totals")
