@@ -129,3 +129,10 @@ class TestControlBase(test_control_pb2_grpc.TestControlServiceServicer):
         self, request: test_control_pb2.AccrueYieldRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.AccrueYieldResponse:
         raise NotImplementedError("AccrueYield is served by the custodian")
+
+    async def RunSettlementCycle(
+        self,
+        request: test_control_pb2.RunSettlementCycleRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> test_control_pb2.RunSettlementCycleResponse:
+        raise NotImplementedError("RunSettlementCycle is served by the exchange")

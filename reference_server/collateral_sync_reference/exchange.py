@@ -21,7 +21,10 @@ the custodian's ``SyncPositions`` stream:
   a shortfall in the receipt goes to the insurance fund, then is ranked for
   auto-deleveraging, in a signed ``ShortfallAllocation`` (``GetShortfallAllocation``);
 - ``EmergencyReleaseService.CoSignEmergencyRelease``: co-signs a release of an
-  account it mirrors with no open exposure (``_exchange_emergency``).
+  account it mirrors with no open exposure (``_exchange_emergency``);
+- settlement cycles: nets each account's result since its last cycle into
+  settlement instructions and submits them to the custodian
+  (``_exchange_settlement``; ``TestControlService.RunSettlementCycle`` in test mode).
 - ``ReconciliationService``: at each cut-off the exchange freezes what it
   mirrors from the custodian's holdings statements, signs a reconciliation
   statement and submits it to the regulator (``_reconciliation``; its
@@ -81,6 +84,10 @@ from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSetti
 from collateral_sync_reference._exchange_emergency import exchange_release_policy
 from collateral_sync_reference._exchange_policy import build_policy_content
 from collateral_sync_reference._exchange_rpc import ExchangeServicer, ExchangeTestControl
+from collateral_sync_reference._exchange_settlement import (
+    ExchangeSettlement,
+    SettlingTestControl,
+)
 from collateral_sync_reference._exchange_submit import LiquidationSubmitter
 from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
 from collateral_sync_reference._reconciliation import (
@@ -234,16 +241,25 @@ class ExchangeRole:
             policy=exchange_release_policy(self.core),
             max_skew=context.config.max_skew,
         )
+        self.settlement = ExchangeSettlement(
+            storage,
+            self.core.store,
+            signer=context.signer,
+            custodian_id=settings.core.custodian_id,
+            clock=clock.now,
+        )
 
     def servicers(self) -> Sequence[object]:
         return [self._service, self._cosigner, self._reconciliation_service]
 
     def test_control(self) -> ExchangeTestControl:
-        return ExchangeTestControl(
+        return SettlingTestControl(
             self.core,
             self.context.test_clock,
             sessions=lambda: [self.session],
             on_clock_advanced=self.on_clock_advanced,
+            settlement=self.settlement,
+            custodian=lambda: self.client,
         )
 
     async def on_clock_advanced(self) -> None:

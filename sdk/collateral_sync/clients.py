@@ -515,6 +515,7 @@ class TestControlClient(_Client):
         "_advance_clock",
         "_deposit",
         "_get_sync_state",
+        "_run_settlement_cycle",
         "_run_valuation",
         "_set_exposure",
         "_set_price",
@@ -541,6 +542,19 @@ class TestControlClient(_Client):
         self._get_sync_state: _UnaryMethod[m.GetSyncStateRequest, m.GetSyncStateResponse] = (
             stub.GetSyncState
         )
+        self._run_settlement_cycle: _UnaryMethod[
+            m.RunSettlementCycleRequest, m.RunSettlementCycleResponse
+        ] = stub.RunSettlementCycle
+
+    async def run_settlement_cycle(
+        self,
+        request: test_control_pb2.RunSettlementCycleRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> test_control_pb2.RunSettlementCycleResponse:
+        """Exchange: net a settlement cycle now and submit it to the custodian."""
+        return await self._unary(self._run_settlement_cycle, request, timeout, metadata)
 
     async def set_exposure(
         self,

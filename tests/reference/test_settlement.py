@@ -27,7 +27,7 @@ from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import CustodianClient, TestControlClient
 from collateral_sync.errors import RPCError
 from collateral_sync.keys import SigningKey
-from collateral_sync.signing import sign_statement
+from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
     custodian_service_pb2,
@@ -399,5 +399,144 @@ def test_a_third_cycle_in_a_day_is_refused_and_changes_nothing(
                 parties, "st-cap", "30", now=tomorrow, cutoff_id="D3", cycle_of_day=1
             )
             assert (await submit(c, again)).status == STATUS.SETTLEMENT_STATUS_PENDING
+
+    run(scenario())
+
+
+def test_the_exchange_nets_a_cycle_and_the_custodian_executes_it(
+    start_server: StartServer, reference_parties: Parties, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The reference exchange's own cycle: results netted, signed, submitted, executed."""
+    parties = reference_parties
+    directory = tmp_path_factory.mktemp("exchange-settlement")
+    accounts = [
+        {"account_id": a, "client_id": CLIENT, "holdings": {"USDC": "100000"}}
+        for a in ("st-loss", "st-win")
+    ]
+    accounts.append({"account_id": HOUSE, "client_id": EXCHANGE, "holdings": {"USDC": "1000000"}})
+    server = start_server(
+        "custodian",
+        parties.config(
+            CUSTODIAN,
+            "custodian",
+            directory,
+            peers={EXCHANGE: None},
+            custodian={"accounts": accounts},
+        ),
+        name="netting-custodian",
+    )
+    exchange = start_server(
+        "exchange",
+        parties.config(
+            EXCHANGE,
+            "exchange",
+            directory,
+            peers={CUSTODIAN: server.address},
+            exchange={
+                "log_origin": f"{CUSTODIAN}/collateral-sync/attestations",
+                "prices": [{"asset_id": "USDC", "price": "1"}],
+                # A loss the client owes, a profit the exchange owes.
+                "profits": {"st-loss": "-1500", "st-win": "300"},
+            },
+        ),
+        name="netting-exchange",
+    )
+
+    async def scenario() -> None:
+        async with (
+            clients(parties, server) as c,
+            parties.channel(exchange.address, CUSTODIAN) as to_exchange,
+        ):
+            exchange_control = TestControlClient(to_exchange)
+            now = await advance(c.control, timedelta(0))
+            client = parties.keys[CLIENT]
+            for account_id in ("st-loss", "st-win"):
+                await c.custodian.pledge_collateral(
+                    custodian_service_pb2.PledgeCollateralRequest(
+                        pledge_instruction=sign(
+                            custodian_service_pb2.PledgeInstruction(
+                                account_id=account_id,
+                                exchange_id=EXCHANGE,
+                                asset_id="USDC",
+                                quantity=amount_to_proto("50000"),
+                            ),
+                            client,
+                            now=now,
+                        ),
+                        liquidation_path=sign(
+                            liquidation_pb2.LiquidationPath(
+                                account_id=account_id,
+                                exchange_id=EXCHANGE,
+                                proceeds_account_id=HOUSE,
+                                steps=[
+                                    liquidation_pb2.LiquidationStep(
+                                        asset_id="USDC",
+                                        venue="otc",
+                                        max_quantity=amount_to_proto("50000"),
+                                    )
+                                ],
+                            ),
+                            client,
+                            now=now,
+                            statement_id=f"p-{account_id}",
+                        ),
+                    )
+                )
+            # The exchange dials the custodian; until it has, a cycle cannot be delivered.
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        response = await exchange_control.run_settlement_cycle(
+                            test_control_pb2.RunSettlementCycleRequest(cutoff_id="cut-1")
+                        )
+                        break
+                    except RPCError as err:
+                        if err.reason_name != "STATE_CONFLICT":
+                            raise
+                        await asyncio.sleep(0.05)
+            instructions = {}
+            for envelope in response.settlement_instructions:
+                verified = verify_statement(
+                    envelope,
+                    parties.registry,
+                    expected_type=reconciliation_pb2.SettlementInstruction,
+                    audience=CUSTODIAN,
+                    now=now,
+                    max_skew=timedelta(hours=1),
+                )
+                assert verified.issuer == EXCHANGE
+                instructions[verified.message.account_id] = verified.message
+            assert {a: (m.net_amount.value, m.cycle_of_day) for a, m in instructions.items()} == {
+                "st-loss": ("1500", 1),
+                "st-win": ("-300", 1),
+            }
+            for message in instructions.values():
+                found = await settlement(c, message.settlement_id)
+                assert found.status == STATUS.SETTLEMENT_STATUS_PENDING
+            # The same cut-off again: the same instructions, delivered again, netted once.
+            again = await exchange_control.run_settlement_cycle(
+                test_control_pb2.RunSettlementCycleRequest(cutoff_id="cut-1")
+            )
+            assert list(again.settlement_instructions) == list(response.settlement_instructions)
+            await advance(c.control, WINDOW + timedelta(minutes=1))
+            for message in instructions.values():
+                found = await settlement(c, message.settlement_id)
+                assert found.status == STATUS.SETTLEMENT_STATUS_EXECUTED
+            assert await usdc(c, "st-loss") == ("98500", "48500")
+            assert await usdc(c, "st-win") == ("100300", "50000")
+            assert (await usdc(c, HOUSE))[0] == "1001200"
+            # Nothing changed since: the next cycle has nothing to settle...
+            second = await exchange_control.run_settlement_cycle(
+                test_control_pb2.RunSettlementCycleRequest(cutoff_id="cut-2")
+            )
+            assert list(second.settlement_instructions) == []
+            # ...and a third on the exchange's day is refused by the exchange itself.
+            await expect_refusal(
+                exchange_control.run_settlement_cycle(
+                    test_control_pb2.RunSettlementCycleRequest(cutoff_id="cut-3")
+                ),
+                CODE.RESOURCE_EXHAUSTED,
+                "LIMIT_EXCEEDED",
+            )
 
     run(scenario())

@@ -23,49 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from collateral_sync.v1 import common_pb2 as collateral__sync_dot_v1_dot_common__pb2
+from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
 from collateral_sync.v1 import position_sync_pb2 as collateral__sync_dot_v1_dot_position__sync__pb2
 from collateral_sync.v1 import valuation_pb2 as collateral__sync_dot_v1_dot_valuation__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%collateral_sync/v1/test_control.proto\x12\x12\x63ollateral_sync.v1\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a&collateral_sync/v1/position_sync.proto\x1a\"collateral_sync/v1/valuation.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x12SetExposureRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x08\x65xposure\x18\x02 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x15\n\x13SetExposureResponse\"@\n\x0fSetPriceRequest\x12-\n\x05quote\x18\x01 \x01(\x0b\x32\x1e.collateral_sync.v1.PriceQuote\"\x12\n\x10SetPriceResponse\"<\n\x13\x41\x64vanceClockRequest\x12%\n\x02\x62y\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x14\x41\x64vanceClockResponse\x12\'\n\x03now\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13RunValuationRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"}\n\x14RunValuationResponse\x12\x35\n\x10\x63ollateral_ratio\x18\x01 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x16\n\x0emargin_call_id\x18\x02 \x01(\t\x12\x16\n\x0eliquidation_id\x18\x03 \x01(\t\"e\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12-\n\x08quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x11\n\x0f\x44\x65positResponse\"\x14\n\x12\x41\x63\x63rueYieldRequest\"\'\n\x13\x41\x63\x63rueYieldResponse\x12\x10\n\x08\x61\x63\x63ounts\x18\x01 \x01(\r\"\x15\n\x13GetSyncStateRequest\"\xa6\x01\n\x12SyncDirectionState\x12\x34\n\tdirection\x18\x01 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x12\n\nentry_hash\x18\x03 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_sequence\x18\x04 \x01(\x04\x12\x15\n\rapplied_count\x18\x05 \x01(\x04\"R\n\x14GetSyncStateResponse\x12:\n\ndirections\x18\x01 \x03(\x0b\x32&.collateral_sync.v1.SyncDirectionState2\xa8\x05\n\x12TestControlService\x12^\n\x0bSetExposure\x12&.collateral_sync.v1.SetExposureRequest\x1a\'.collateral_sync.v1.SetExposureResponse\x12U\n\x08SetPrice\x12#.collateral_sync.v1.SetPriceRequest\x1a$.collateral_sync.v1.SetPriceResponse\x12\x61\n\x0c\x41\x64vanceClock\x12\'.collateral_sync.v1.AdvanceClockRequest\x1a(.collateral_sync.v1.AdvanceClockResponse\x12\x61\n\x0cRunValuation\x12\'.collateral_sync.v1.RunValuationRequest\x1a(.collateral_sync.v1.RunValuationResponse\x12R\n\x07\x44\x65posit\x12\".collateral_sync.v1.DepositRequest\x1a#.collateral_sync.v1.DepositResponse\x12^\n\x0b\x41\x63\x63rueYield\x12&.collateral_sync.v1.AccrueYieldRequest\x1a\'.collateral_sync.v1.AccrueYieldResponse\x12\x61\n\x0cGetSyncState\x12\'.collateral_sync.v1.GetSyncStateRequest\x1a(.collateral_sync.v1.GetSyncStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%collateral_sync/v1/test_control.proto\x12\x12\x63ollateral_sync.v1\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a!collateral_sync/v1/envelope.proto\x1a&collateral_sync/v1/position_sync.proto\x1a\"collateral_sync/v1/valuation.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x12SetExposureRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x08\x65xposure\x18\x02 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x15\n\x13SetExposureResponse\"@\n\x0fSetPriceRequest\x12-\n\x05quote\x18\x01 \x01(\x0b\x32\x1e.collateral_sync.v1.PriceQuote\"\x12\n\x10SetPriceResponse\"<\n\x13\x41\x64vanceClockRequest\x12%\n\x02\x62y\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x14\x41\x64vanceClockResponse\x12\'\n\x03now\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13RunValuationRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"}\n\x14RunValuationResponse\x12\x35\n\x10\x63ollateral_ratio\x18\x01 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x16\n\x0emargin_call_id\x18\x02 \x01(\t\x12\x16\n\x0eliquidation_id\x18\x03 \x01(\t\"e\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12-\n\x08quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\"\x11\n\x0f\x44\x65positResponse\"\x14\n\x12\x41\x63\x63rueYieldRequest\"\'\n\x13\x41\x63\x63rueYieldResponse\x12\x10\n\x08\x61\x63\x63ounts\x18\x01 \x01(\r\"\x15\n\x13GetSyncStateRequest\"\xa6\x01\n\x12SyncDirectionState\x12\x34\n\tdirection\x18\x01 \x01(\x0e\x32!.collateral_sync.v1.SyncDirection\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x12\n\nentry_hash\x18\x03 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_sequence\x18\x04 \x01(\x04\x12\x15\n\rapplied_count\x18\x05 \x01(\x04\"R\n\x14GetSyncStateResponse\x12:\n\ndirections\x18\x01 \x03(\x0b\x32&.collateral_sync.v1.SyncDirectionState\".\n\x19RunSettlementCycleRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\"[\n\x1aRunSettlementCycleResponse\x12=\n\x17settlement_instructions\x18\x01 \x03(\x0b\x32\x1c.collateral_sync.v1.Envelope2\x9d\x06\n\x12TestControlService\x12^\n\x0bSetExposure\x12&.collateral_sync.v1.SetExposureRequest\x1a\'.collateral_sync.v1.SetExposureResponse\x12U\n\x08SetPrice\x12#.collateral_sync.v1.SetPriceRequest\x1a$.collateral_sync.v1.SetPriceResponse\x12\x61\n\x0c\x41\x64vanceClock\x12\'.collateral_sync.v1.AdvanceClockRequest\x1a(.collateral_sync.v1.AdvanceClockResponse\x12\x61\n\x0cRunValuation\x12\'.collateral_sync.v1.RunValuationRequest\x1a(.collateral_sync.v1.RunValuationResponse\x12R\n\x07\x44\x65posit\x12\".collateral_sync.v1.DepositRequest\x1a#.collateral_sync.v1.DepositResponse\x12^\n\x0b\x41\x63\x63rueYield\x12&.collateral_sync.v1.AccrueYieldRequest\x1a\'.collateral_sync.v1.AccrueYieldResponse\x12\x61\n\x0cGetSyncState\x12\'.collateral_sync.v1.GetSyncStateRequest\x1a(.collateral_sync.v1.GetSyncStateResponse\x12s\n\x12RunSettlementCycle\x12-.collateral_sync.v1.RunSettlementCycleRequest\x1a..collateral_sync.v1.RunSettlementCycleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.test_control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SETEXPOSUREREQUEST']._serialized_start=235
-  _globals['_SETEXPOSUREREQUEST']._serialized_end=322
-  _globals['_SETEXPOSURERESPONSE']._serialized_start=324
-  _globals['_SETEXPOSURERESPONSE']._serialized_end=345
-  _globals['_SETPRICEREQUEST']._serialized_start=347
-  _globals['_SETPRICEREQUEST']._serialized_end=411
-  _globals['_SETPRICERESPONSE']._serialized_start=413
-  _globals['_SETPRICERESPONSE']._serialized_end=431
-  _globals['_ADVANCECLOCKREQUEST']._serialized_start=433
-  _globals['_ADVANCECLOCKREQUEST']._serialized_end=493
-  _globals['_ADVANCECLOCKRESPONSE']._serialized_start=495
-  _globals['_ADVANCECLOCKRESPONSE']._serialized_end=558
-  _globals['_RUNVALUATIONREQUEST']._serialized_start=560
-  _globals['_RUNVALUATIONREQUEST']._serialized_end=601
-  _globals['_RUNVALUATIONRESPONSE']._serialized_start=603
-  _globals['_RUNVALUATIONRESPONSE']._serialized_end=728
-  _globals['_DEPOSITREQUEST']._serialized_start=730
-  _globals['_DEPOSITREQUEST']._serialized_end=831
-  _globals['_DEPOSITRESPONSE']._serialized_start=833
-  _globals['_DEPOSITRESPONSE']._serialized_end=850
-  _globals['_ACCRUEYIELDREQUEST']._serialized_start=852
-  _globals['_ACCRUEYIELDREQUEST']._serialized_end=872
-  _globals['_ACCRUEYIELDRESPONSE']._serialized_start=874
-  _globals['_ACCRUEYIELDRESPONSE']._serialized_end=913
-  _globals['_GETSYNCSTATEREQUEST']._serialized_start=915
-  _globals['_GETSYNCSTATEREQUEST']._serialized_end=936
-  _globals['_SYNCDIRECTIONSTATE']._serialized_start=939
-  _globals['_SYNCDIRECTIONSTATE']._serialized_end=1105
-  _globals['_GETSYNCSTATERESPONSE']._serialized_start=1107
-  _globals['_GETSYNCSTATERESPONSE']._serialized_end=1189
-  _globals['_TESTCONTROLSERVICE']._serialized_start=1192
-  _globals['_TESTCONTROLSERVICE']._serialized_end=1872
+  _globals['_SETEXPOSUREREQUEST']._serialized_start=270
+  _globals['_SETEXPOSUREREQUEST']._serialized_end=357
+  _globals['_SETEXPOSURERESPONSE']._serialized_start=359
+  _globals['_SETEXPOSURERESPONSE']._serialized_end=380
+  _globals['_SETPRICEREQUEST']._serialized_start=382
+  _globals['_SETPRICEREQUEST']._serialized_end=446
+  _globals['_SETPRICERESPONSE']._serialized_start=448
+  _globals['_SETPRICERESPONSE']._serialized_end=466
+  _globals['_ADVANCECLOCKREQUEST']._serialized_start=468
+  _globals['_ADVANCECLOCKREQUEST']._serialized_end=528
+  _globals['_ADVANCECLOCKRESPONSE']._serialized_start=530
+  _globals['_ADVANCECLOCKRESPONSE']._serialized_end=593
+  _globals['_RUNVALUATIONREQUEST']._serialized_start=595
+  _globals['_RUNVALUATIONREQUEST']._serialized_end=636
+  _globals['_RUNVALUATIONRESPONSE']._serialized_start=638
+  _globals['_RUNVALUATIONRESPONSE']._serialized_end=763
+  _globals['_DEPOSITREQUEST']._serialized_start=765
+  _globals['_DEPOSITREQUEST']._serialized_end=866
+  _globals['_DEPOSITRESPONSE']._serialized_start=868
+  _globals['_DEPOSITRESPONSE']._serialized_end=885
+  _globals['_ACCRUEYIELDREQUEST']._serialized_start=887
+  _globals['_ACCRUEYIELDREQUEST']._serialized_end=907
+  _globals['_ACCRUEYIELDRESPONSE']._serialized_start=909
+  _globals['_ACCRUEYIELDRESPONSE']._serialized_end=948
+  _globals['_GETSYNCSTATEREQUEST']._serialized_start=950
+  _globals['_GETSYNCSTATEREQUEST']._serialized_end=971
+  _globals['_SYNCDIRECTIONSTATE']._serialized_start=974
+  _globals['_SYNCDIRECTIONSTATE']._serialized_end=1140
+  _globals['_GETSYNCSTATERESPONSE']._serialized_start=1142
+  _globals['_GETSYNCSTATERESPONSE']._serialized_end=1224
+  _globals['_RUNSETTLEMENTCYCLEREQUEST']._serialized_start=1226
+  _globals['_RUNSETTLEMENTCYCLEREQUEST']._serialized_end=1272
+  _globals['_RUNSETTLEMENTCYCLERESPONSE']._serialized_start=1274
+  _globals['_RUNSETTLEMENTCYCLERESPONSE']._serialized_end=1365
+  _globals['_TESTCONTROLSERVICE']._serialized_start=1368
+  _globals['_TESTCONTROLSERVICE']._serialized_end=2165
 # @@protoc_insertion_point(module_scope)

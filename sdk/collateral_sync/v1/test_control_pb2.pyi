@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collateral_sync.v1 import common_pb2 as _common_pb2
+from collateral_sync.v1 import envelope_pb2 as _envelope_pb2
 from collateral_sync.v1 import position_sync_pb2 as _position_sync_pb2
 from collateral_sync.v1 import valuation_pb2 as _valuation_pb2
 from collections import abc as _abc
@@ -359,3 +360,48 @@ class GetSyncStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSyncStateResponse: _TypeAlias = GetSyncStateResponse  # noqa: Y015
+
+@_typing.final
+class RunSettlementCycleRequest(_message.Message):
+    """Request for RunSettlementCycle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUTOFF_ID_FIELD_NUMBER: _builtins.int
+    cutoff_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        cutoff_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_id", b"cutoff_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSettlementCycleRequest: _TypeAlias = RunSettlementCycleRequest  # noqa: Y015
+
+@_typing.final
+class RunSettlementCycleResponse(_message.Message):
+    """Response of RunSettlementCycle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlement_instructions(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]:
+        """Envelopes of the cycle's SettlementInstructions, as submitted."""
+
+    def __init__(
+        self,
+        *,
+        settlement_instructions: _abc.Iterable[_envelope_pb2.Envelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_instructions", b"settlement_instructions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSettlementCycleResponse: _TypeAlias = RunSettlementCycleResponse  # noqa: Y015

@@ -73,6 +73,11 @@ class TestControlServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateResponse.FromString,
                 _registered_method=True)
+        self.RunSettlementCycle = channel.unary_unary(
+                '/collateral_sync.v1.TestControlService/RunSettlementCycle',
+                request_serializer=collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleResponse.FromString,
+                _registered_method=True)
 
 
 class TestControlServiceServicer:
@@ -131,6 +136,14 @@ class TestControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunSettlementCycle(self, request, context):
+        """Exchange: net a settlement cycle for cutoff_id now and submit its
+        instructions to the custodian (again, idempotently, for a known cutoff_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TestControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +181,11 @@ def add_TestControlServiceServicer_to_server(servicer, server):
                     servicer.GetSyncState,
                     request_deserializer=collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateResponse.SerializeToString,
+            ),
+            'RunSettlementCycle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSettlementCycle,
+                    request_deserializer=collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +381,33 @@ class TestControlService:
             '/collateral_sync.v1.TestControlService/GetSyncState',
             collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateRequest.SerializeToString,
             collateral__sync_dot_v1_dot_test__control__pb2.GetSyncStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSettlementCycle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.TestControlService/RunSettlementCycle',
+            collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_test__control__pb2.RunSettlementCycleResponse.FromString,
             options,
             channel_credentials,
             insecure,

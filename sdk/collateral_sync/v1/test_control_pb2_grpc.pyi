@@ -51,6 +51,10 @@ class TestControlServiceStub:
     """Custodian: run the daily yield accrual now."""
     GetSyncState: _grpc.UnaryUnaryMultiCallable[_test_control_pb2.GetSyncStateRequest, _test_control_pb2.GetSyncStateResponse]
     """Both: sync-log heads in both directions, for resume and reconciliation checks."""
+    RunSettlementCycle: _grpc.UnaryUnaryMultiCallable[_test_control_pb2.RunSettlementCycleRequest, _test_control_pb2.RunSettlementCycleResponse]
+    """Exchange: net a settlement cycle for cutoff_id now and submit its
+    instructions to the custodian (again, idempotently, for a known cutoff_id).
+    """
 
 @_typing.type_check_only
 class TestControlServiceAsyncStub(TestControlServiceStub):
@@ -75,6 +79,10 @@ class TestControlServiceAsyncStub(TestControlServiceStub):
     """Custodian: run the daily yield accrual now."""
     GetSyncState: _aio.UnaryUnaryMultiCallable[_test_control_pb2.GetSyncStateRequest, _test_control_pb2.GetSyncStateResponse]  # type: ignore[assignment]
     """Both: sync-log heads in both directions, for resume and reconciliation checks."""
+    RunSettlementCycle: _aio.UnaryUnaryMultiCallable[_test_control_pb2.RunSettlementCycleRequest, _test_control_pb2.RunSettlementCycleResponse]  # type: ignore[assignment]
+    """Exchange: net a settlement cycle for cutoff_id now and submit its
+    instructions to the custodian (again, idempotently, for a known cutoff_id).
+    """
 
 class TestControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """Puts a server under test into a given state. Served ONLY by servers started
@@ -138,5 +146,15 @@ class TestControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_test_control_pb2.GetSyncStateResponse, _abc.Awaitable[_test_control_pb2.GetSyncStateResponse]]:
         """Both: sync-log heads in both directions, for resume and reconciliation checks."""
+
+    @_abc_1.abstractmethod
+    def RunSettlementCycle(
+        self,
+        request: _test_control_pb2.RunSettlementCycleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_test_control_pb2.RunSettlementCycleResponse, _abc.Awaitable[_test_control_pb2.RunSettlementCycleResponse]]:
+        """Exchange: net a settlement cycle for cutoff_id now and submit its
+        instructions to the custodian (again, idempotently, for a known cutoff_id).
+        """
 
 def add_TestControlServiceServicer_to_server(servicer: TestControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
