@@ -11,13 +11,14 @@ from __future__ import annotations
 from datetime import UTC
 
 import grpc
-from collateral_sync.amounts import amount_from_proto, format_amount
+from collateral_sync.amounts import amount_from_proto, format_amount, parse_amount
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     common_pb2,
     errors_pb2,
     exchange_service_pb2,
     margin_pb2,
+    test_control_pb2,
     valuation_pb2,
 )
 from collateral_sync.valuation import credit_line_figures, value_collateral
@@ -226,6 +227,10 @@ async def respond_to_unknown_call(ctx: CaseContext) -> None:
 # ------------------------------------------------------------------ valuation arithmetic
 
 
+#: A price that makes any pledged quantity the kit can afford count for something.
+_HIGH_PRICE = "1000000000"
+
+
 def _row_positions(line: valuation_pb2.CreditLine) -> list[common_pb2.Position]:
     """The holdings the exchange says it valued: each row's eligible quantity, pledged in full."""
     return [
@@ -239,15 +244,7 @@ def _row_positions(line: valuation_pb2.CreditLine) -> list[common_pb2.Position]:
     ]
 
 
-@REGISTRY.case(
-    "exchange/credit-line-recomputes",
-    Level.MUST,
-    "the signed CreditLine's rows and figures equal the SDK's valuation under the signed policy "
-    "it names, its prices and its holdings (§7.2, rules 1 to 8)",
-    roles=_EXCHANGE,
-)
-async def credit_line_recomputes(ctx: CaseContext) -> None:
-    account = ctx.account()
+async def _credit_line(ctx: CaseContext, account: str) -> valuation_pb2.CreditLine:
     outcome = await ctx.rpc(
         ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
     )
@@ -270,6 +267,24 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
         expected="at least one PositionValuation row",
         got="none",
     )
+    return line
+
+
+async def _revalue_at(ctx: CaseContext, account: str, asset_id: str, price: str) -> None:
+    # The quote comes from the source the published policy names (§7.1 price_source).
+    source = (await latest_policy(ctx)).price_source
+    now = await ctx.server_now()
+    quote = valuation_pb2.PriceQuote(
+        asset_id=asset_id, price=common_pb2.Decimal(value=price), source=source
+    )
+    quote.observed_at.FromDatetime(now)
+    await ctx.control(ctx.test_control.set_price, test_control_pb2.SetPriceRequest(quote=quote))
+    await ctx.control(
+        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
+    )
+
+
+async def _check_figures(ctx: CaseContext, line: valuation_pb2.CreditLine) -> None:
     check(
         bool(line.attestations),
         "the credit line names no holdings statement it valued",
@@ -285,19 +300,17 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
     check_equal(
         "version of the policy the credit line names", line.risk_policy_version, policy.version
     )
-    valued_at = line.header.issued_at.ToDatetime(tzinfo=UTC)
     valuation = sdk_check(
         "the credit line's valuation inputs",
         value_collateral,
         policy,
         _row_positions(line),
         list(line.prices),
-        valued_at=valued_at,
+        valued_at=line.header.issued_at.ToDatetime(tzinfo=UTC),
     )
-    expected_rows = [describe(row) for row in valuation.rows()]
     check_equal(
         "the position valuations (haircuts, caps, rounding)",
-        expected_rows,
+        [describe(row) for row in valuation.rows()],
         [describe(row) for row in line.valuations],
     )
     exposure = sdk_check("the credit line's exposure", amount_from_proto, line.exposure)
@@ -308,3 +321,45 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
         "collateral_value", format_amount(figures.collateral_value), line.collateral_value.value
     )
     check_equal("credit_limit", format_amount(figures.credit_limit), line.credit_limit.value)
+
+
+@REGISTRY.case(
+    "exchange/credit-line-recomputes",
+    Level.MUST,
+    "the signed CreditLine's rows and figures equal the SDK's valuation under the signed policy "
+    "it names, its prices and its holdings (§7.2, rules 1 to 8); a zero valuation is first "
+    "raised with SetPrice",
+    roles=_EXCHANGE,
+)
+async def credit_line_recomputes(ctx: CaseContext) -> None:
+    account = ctx.account()
+    line = await _credit_line(ctx, account)
+    if parse_amount(line.collateral_value.value or "0") > 0:
+        await _check_figures(ctx, line)
+        return
+    # Zero hides every multiplication: price an asset that counts high enough to show.
+    counted = [
+        r
+        for r in line.valuations
+        if parse_amount(r.eligible_quantity.value or "0") > 0
+        and parse_amount(r.collateral_factor.value or "0") > 0
+    ]
+    if not counted:
+        await _check_figures(ctx, line)  # nothing the policy counts: zero is the right answer
+        return
+    row = counted[0]
+    before = next((q.price.value for q in line.prices if q.asset_id == row.asset_id), "")
+    await _revalue_at(ctx, account, row.asset_id, _HIGH_PRICE)
+    try:
+        line = await _credit_line(ctx, account)
+        check(
+            parse_amount(line.collateral_value.value or "0") > 0,
+            f"after SetPrice({row.asset_id}={_HIGH_PRICE}) and RunValuation the credit line is "
+            "still worth nothing",
+            expected="collateral_value > 0",
+            got=line.collateral_value.value,
+        )
+        await _check_figures(ctx, line)
+    finally:
+        if before:
+            await _revalue_at(ctx, account, row.asset_id, before)

@@ -1,0 +1,198 @@
+"""Deliberately broken reference servers, for faults a proxy cannot fake.
+
+A fault proxy (:mod:`.fault_proxy`) can only rewrite what crosses the wire;
+these faults live inside the server: it acts on a statement it should refuse,
+values collateral wrongly, or maps an error to the wrong status. The launcher
+applies one documented monkeypatch of a reference-server (or SDK server-side)
+function, then runs the ordinary server command line in the same process::
+
+    python tests/conformance/broken_servers.py FAULT serve custodian --config FILE ...
+
+The reference server's own files are untouched; each patch is a wrapper that
+breaks exactly one rule, so the conformance case written for that rule is
+the one that must catch it (tests/conformance/test_kit_broken_servers.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from decimal import Decimal
+from typing import Any
+
+import grpc
+from collateral_sync import errors
+from collateral_sync._cli import main as cli_main
+from collateral_sync.errors import VerificationError
+from collateral_sync.v1 import errors_pb2, valuation_pb2
+from collateral_sync_reference import _custodian_core as _custodian_module
+from collateral_sync_reference import _exchange_core as _exchange_module
+from collateral_sync_reference import _storage
+
+# Patched by name: what they import is their business, so they are typed loosely here.
+_custodian_core: Any = _custodian_module
+_exchange_core: Any = _exchange_module
+
+__all__ = ["FAULTS", "main"]
+
+
+def _lenient_verify(
+    module: Any, reason_name: str, relax: Callable[[Any, dict[str, Any]], None]
+) -> None:
+    """Wrap ``module.verify_statement``: a refusal for ``reason_name`` is retried, relaxed.
+
+    ``relax(header, kwargs)`` changes the verification arguments (the time,
+    the audience) so that the rule the reason stands for is no longer applied.
+    """
+    reason = errors_pb2.ErrorReason.Value(reason_name)
+    original = module.verify_statement
+
+    def verify_statement(envelope: Any, registry: Any, **kwargs: Any) -> Any:
+        try:
+            return original(envelope, registry, **kwargs)
+        except VerificationError as err:
+            if err.reason != reason:
+                raise
+            header = kwargs["expected_type"].FromString(envelope.payload).header
+            relax(header, kwargs)
+            return original(envelope, registry, **kwargs)
+
+    module.verify_statement = verify_statement
+
+
+def _at_issue(header: Any, kwargs: dict[str, Any]) -> None:
+    kwargs["now"] = header.issued_at.ToDatetime(tzinfo=UTC)
+
+
+def _to_anyone(header: Any, kwargs: dict[str, Any]) -> None:
+    kwargs["audience"] = header.audience[0] if header.audience else "*"
+
+
+def _exchange_ignores_expiry() -> None:
+    """RespondToMarginCall verifies an expired response as of its own issued_at."""
+    _lenient_verify(_exchange_core, "ERROR_REASON_STATEMENT_EXPIRED", _at_issue)
+
+
+def _exchange_ignores_audience() -> None:
+    """The exchange acts on statements addressed to another party, as if to it.
+
+    It still refuses '*' for a directed statement: the SDK applies that rule
+    whatever audience it is asked to check.
+    """
+    _lenient_verify(_exchange_core, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
+
+
+def _custodian_ignores_not_yet_valid() -> None:
+    """The custodian acts on statements issued in the future (no clock-skew bound)."""
+    _lenient_verify(_custodian_core, "ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
+
+
+def _custodian_accepts_replay() -> None:
+    """The replay guard never refuses: a statement sent twice is executed twice."""
+
+    def check(self: Any, issuer: str, payload_type: str, sequence: int) -> None:
+        return None
+
+    _storage.SqliteReplayGuard.check = check  # type: ignore[method-assign]
+
+
+def _exchange_ignores_not_yet_valid() -> None:
+    """RespondToMarginCall acts on a response issued in the future."""
+    _lenient_verify(_exchange_core, "ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
+
+
+def _exchange_miscomputes_haircut() -> None:
+    """The exchange counts every haircut a tenth too generously (factor * 1.1, at most 1)."""
+    original = _exchange_core.value_collateral
+
+    def value_collateral(policy: Any, positions: Any, prices: Any, **kwargs: Any) -> Any:
+        generous = valuation_pb2.RiskPolicy()
+        generous.CopyFrom(policy)
+        for haircut in generous.haircuts:
+            factor = min(Decimal(1), Decimal(haircut.collateral_factor.value) * Decimal("1.1"))
+            haircut.collateral_factor.value = format(factor.normalize(), "f")
+        return original(generous, positions, prices, **kwargs)
+
+    _exchange_core.value_collateral = value_collateral
+
+
+def _exchange_doubles_credit_limit() -> None:
+    """The exchange grants twice the credit the leverage cap allows."""
+    original = _exchange_core.credit_line_figures
+
+    def credit_line_figures(policy: Any, valuation: Any, exposure: Any) -> Any:
+        figures = original(policy, valuation, exposure)
+        return dataclasses.replace(figures, credit_limit=figures.credit_limit * 2)
+
+    _exchange_core.credit_line_figures = credit_line_figures
+
+
+def _wrong_status(reason_name: str, code_name: str) -> Callable[[], None]:
+    def patch() -> None:
+        """Answers one error reason with the wrong gRPC status code."""
+        table = dict(errors.STATUS_BY_REASON)
+        table[errors_pb2.ErrorReason.Value(reason_name)] = grpc.StatusCode[code_name]
+        errors.STATUS_BY_REASON = table
+
+    return patch
+
+
+def _drops_error_info() -> None:
+    """Errors carry a status code and message but no ErrorInfo (reason) in their details."""
+    original = errors.error_to_status
+
+    def error_to_status(error: errors.CollateralSyncError) -> Any:
+        status = original(error)
+        del status.details[:]
+        return status
+
+    errors.error_to_status = error_to_status
+
+
+def _drops_field_violations() -> None:
+    """Error details keep ErrorInfo but lose the BadRequest naming the offending field."""
+    original = errors.error_to_status
+
+    def error_to_status(error: errors.CollateralSyncError) -> Any:
+        error.field_violations = {}
+        return original(error)
+
+    errors.error_to_status = error_to_status
+
+
+#: Fault name -> the patch that introduces it.
+FAULTS: dict[str, Callable[[], None]] = {
+    "exchange-ignores-expiry": _exchange_ignores_expiry,
+    "exchange-ignores-audience": _exchange_ignores_audience,
+    "exchange-ignores-not-yet-valid": _exchange_ignores_not_yet_valid,
+    "exchange-miscomputes-haircut": _exchange_miscomputes_haircut,
+    "exchange-doubles-credit-limit": _exchange_doubles_credit_limit,
+    "exchange-drops-error-info": _drops_error_info,
+    "exchange-not-found-as-invalid-argument": _wrong_status(
+        "ERROR_REASON_NOT_FOUND", "INVALID_ARGUMENT"
+    ),
+    "custodian-ignores-not-yet-valid": _custodian_ignores_not_yet_valid,
+    "custodian-accepts-replay": _custodian_accepts_replay,
+    "custodian-not-found-as-failed-precondition": _wrong_status(
+        "ERROR_REASON_NOT_FOUND", "FAILED_PRECONDITION"
+    ),
+    "custodian-malformed-as-failed-precondition": _wrong_status(
+        "ERROR_REASON_MALFORMED", "FAILED_PRECONDITION"
+    ),
+    "custodian-drops-field-violations": _drops_field_violations,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in FAULTS:
+        sys.stderr.write(f"usage: broken_servers.py {{{'|'.join(FAULTS)}}} serve ROLE ...\n")
+        return 2
+    FAULTS[args[0]]()
+    return cli_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

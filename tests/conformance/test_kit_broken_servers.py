@@ -1,0 +1,297 @@
+"""Each broken reference server is caught by the cases meant for its fault, and by no others.
+
+:mod:`.broken_servers` starts a reference custodian or exchange with one rule
+broken inside the server. The kit runs the family of cases the rule belongs
+to plus its neighbours; the set of failed cases must be exactly the cases
+written for that rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from collateral_sync_conformance import main
+
+from .broken_servers import FAULTS
+from .broken_servers import main as launch_broken
+from .conftest import (
+    CUSTODIAN,
+    EXCHANGE,
+    KIT_ACCOUNT,
+    Parties,
+    ServerProcess,
+    StartServer,
+    custodian_config,
+    kit_argv,
+)
+from .test_kit_exchange import ORIGIN, _exchange_argv, _wait_until_known
+
+_LAUNCHER = Path(__file__).with_name("broken_servers.py")
+_REFERENCE = Path(__file__).resolve().parents[2] / "reference_server"
+KNOWN_FAILING = "transport/reflection-v1  # the reference serves reflection v1alpha only\n"
+
+
+@dataclass
+class BrokenServer(ServerProcess):
+    """A reference server started through the launcher with one fault patched in."""
+
+    fault: str = ""
+
+    def start(self) -> str:
+        command = [
+            sys.executable,
+            str(_LAUNCHER),
+            self.fault,
+            "serve",
+            self.role,
+            "--config",
+            str(self.config_path),
+            "--listen",
+            "127.0.0.1:0",
+            "--test-mode",
+        ]
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(_REFERENCE), *filter(None, [environment.get("PYTHONPATH")])]
+        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, env=environment
+            )
+        self.address = self._wait_listening()
+        return self.address
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Iterator[list[BrokenServer]]:
+    started: list[BrokenServer] = []
+    yield started
+    for server in started:
+        server.close()
+
+
+def _start(
+    started: list[BrokenServer], fault: str, role: str, config: dict[str, Any], directory: Path
+) -> BrokenServer:
+    config_path = directory / f"{role}.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    server = BrokenServer(
+        role=role, config_path=config_path, log_path=directory / f"{role}.log", fault=fault
+    )
+    started.append(server)
+    server.start()
+    return server
+
+
+def _failed(argv: list[str], reports: Path, capsys: pytest.CaptureFixture[str]) -> set[str]:
+    code = main([*argv, "--report-dir", str(reports)])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert code == 1, output
+    cases = json.loads((reports / "results.json").read_text("utf-8"))["cases"]
+    assert not any(c["verdict"] in ("error", "skipped") for c in cases), output
+    failed = {c["id"] for c in cases if c["verdict"] == "failed"}
+    for case in cases:
+        if case["id"] in failed:
+            assert case["failure"]["expected"], case
+            assert case["failure"]["got"], case
+    return failed
+
+
+def _globs(*patterns: str) -> list[str]:
+    return [item for pattern in patterns for item in ("--run", pattern)]
+
+
+def _targets(slug: str) -> set[str]:
+    return {
+        f"envelope/{target}/{slug}"
+        for target in ("pledge-collateral", "request-redemption", "submit-liquidation-instruction")
+    }
+
+
+CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    (
+        "custodian-ignores-not-yet-valid",
+        ["envelope/pledge-collateral/**", "envelope/request-redemption/**"],
+        {
+            "envelope/pledge-collateral/not-yet-valid-refused",
+            "envelope/request-redemption/not-yet-valid-refused",
+        },
+    ),
+    (
+        "custodian-accepts-replay",
+        ["envelope/pledge-collateral/**", "custodian/**"],
+        {
+            "envelope/pledge-collateral/replayed-refused",
+            "envelope/pledge-collateral/lower-sequence-refused",
+        },
+    ),
+    (
+        "custodian-not-found-as-failed-precondition",
+        ["attestation/**"],
+        {"attestation/holdings-statement-unknown-account"},
+    ),
+    (
+        "custodian-malformed-as-failed-precondition",
+        ["envelope/pledge-collateral/**", "attestation/holdings-statement-*"],
+        {
+            "envelope/pledge-collateral/malformed-payload-refused",
+            "envelope/pledge-collateral/missing-header-refused",
+            "envelope/pledge-collateral/zero-sequence-refused",
+            "envelope/pledge-collateral/expiry-before-issue-refused",
+            "envelope/pledge-collateral/no-signature-refused",
+            "envelope/pledge-collateral/short-signature-refused",
+            "envelope/pledge-collateral/malformed-key-id-refused",
+            "envelope/pledge-collateral/missing-amount-refused",
+            "attestation/holdings-statement-account-required",
+        },
+    ),
+    (
+        "custodian-drops-field-violations",
+        ["envelope/pledge-collateral/**"],
+        {"envelope/pledge-collateral/invalid-amount-refused"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "run", "caught_by"), CUSTODIAN_FAULTS, ids=[f for f, _, _ in CUSTODIAN_FAULTS]
+)
+def test_a_broken_custodian_is_caught_by_its_cases(
+    fault: str,
+    run: list[str],
+    caught_by: set[str],
+    reference_parties: Parties,
+    kit_files: dict[str, Path],
+    broken: list[BrokenServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = _start(
+        broken, fault, "custodian", custodian_config(reference_parties, tmp_path), tmp_path
+    )
+    known = tmp_path / "known-failing.txt"
+    known.write_text(KNOWN_FAILING, "utf-8")
+    argv = kit_argv(
+        kit_files,
+        server.address,
+        "--account",
+        KIT_ACCOUNT,
+        "--known-failing",
+        str(known),
+        *_globs(*run),
+    )
+    assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
+
+
+EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    (
+        "exchange-ignores-expiry",
+        ["envelope/respond-to-margin-call/**"],
+        {"envelope/respond-to-margin-call/expired-refused"},
+    ),
+    (
+        "exchange-ignores-audience",
+        ["envelope/respond-to-margin-call/**"],
+        # Addressed to anyone ('*') is a rule of its own, which this exchange still keeps.
+        {"envelope/respond-to-margin-call/wrong-audience-refused"},
+    ),
+    (
+        "exchange-ignores-not-yet-valid",
+        ["envelope/respond-to-margin-call/**"],
+        {"envelope/respond-to-margin-call/not-yet-valid-refused"},
+    ),
+    ("exchange-miscomputes-haircut", ["exchange/**"], {"exchange/credit-line-recomputes"}),
+    ("exchange-doubles-credit-limit", ["exchange/**"], {"exchange/credit-line-recomputes"}),
+    (
+        "exchange-drops-error-info",
+        ["exchange/**"],
+        {
+            "exchange/risk-policy-unknown-version-not-found",
+            "exchange/credit-line-unknown-account-not-found",
+            "exchange/margin-call-unknown-not-found",
+            "exchange/list-margin-calls-unknown-account-not-found",
+            "exchange/list-margin-calls-bad-page-token",
+            "exchange/respond-to-unknown-margin-call-not-found",
+        },
+    ),
+    (
+        "exchange-not-found-as-invalid-argument",
+        ["exchange/**"],
+        {
+            "exchange/risk-policy-unknown-version-not-found",
+            "exchange/credit-line-unknown-account-not-found",
+            "exchange/margin-call-unknown-not-found",
+            "exchange/list-margin-calls-unknown-account-not-found",
+            "exchange/respond-to-unknown-margin-call-not-found",
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "run", "caught_by"), EXCHANGE_FAULTS, ids=[f for f, _, _ in EXCHANGE_FAULTS]
+)
+def test_a_broken_exchange_is_caught_by_its_cases(
+    fault: str,
+    run: list[str],
+    caught_by: set[str],
+    start_server: StartServer,
+    reference_parties: Parties,
+    kit_files: dict[str, Path],
+    broken: list[BrokenServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A custodian of its own: a fresh exchange resuming from nothing is refused by a
+    # custodian that remembers what an earlier exchange of the same party acknowledged.
+    custodian = start_server(
+        "custodian",
+        custodian_config(reference_parties, tmp_path / "custodian"),
+        name=f"custodian-{fault}",
+    )
+    config = reference_parties.config(
+        EXCHANGE,
+        "exchange",
+        tmp_path,
+        peers={CUSTODIAN: custodian.address},
+        exchange={
+            "log_origin": ORIGIN,
+            "prices": [
+                {"asset_id": "BTC", "price": "60000"},
+                {"asset_id": "USDC", "price": "1"},
+                {"asset_id": "BENJI", "price": "1"},
+            ],
+        },
+    )
+    server = _start(broken, fault, "exchange", config, tmp_path)
+    # A pledge to the exchange at the custodian, so that the exchange knows the kit's account.
+    pledge = kit_argv(
+        kit_files, custodian.address, "--account", KIT_ACCOUNT, "--run", "custodian/pledge-accepted"
+    )
+    assert main(pledge) == 0
+    capsys.readouterr()
+    asyncio.run(_wait_until_known(reference_parties, server.address))
+    argv = _exchange_argv(
+        reference_parties, kit_files, server.address, "--account", KIT_ACCOUNT, *_globs(*run)
+    )
+    assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
+
+
+def test_every_broken_server_fault_is_tested() -> None:
+    tested = {f for f, _, _ in CUSTODIAN_FAULTS} | {f for f, _, _ in EXCHANGE_FAULTS}
+    assert tested == set(FAULTS)
+
+
+def test_an_unknown_fault_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch_broken(["no-such-fault", "serve", "custodian"]) == 2
+    assert "usage" in capsys.readouterr().err
