@@ -550,5 +550,12 @@ def test_regulator_and_custodian_release_only_after_the_wait(
             receipt = await execute(c.custodian, accepted)
             check_receipt(parties, receipt, accepted, account, after)
             await assert_released(c, account)
+            # The release is recorded durably: after a restart the same release answers with
+            # the same receipt, and nothing is executed again.
+            state = await state_of(c.custodian, account)
+            servers.custodian.extra_args = ("--listen", servers.custodian.address)
+            await asyncio.to_thread(servers.custodian.restart)
+            assert await execute(c.custodian, accepted) == receipt
+            assert await state_of(c.custodian, account) == state
 
     run(scenario())

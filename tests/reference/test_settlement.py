@@ -357,6 +357,36 @@ def test_a_dispute_after_the_deadline_is_refused(
     run(scenario())
 
 
+def test_a_pending_settlement_survives_a_restart(
+    custodian: ServerProcess, reference_parties: Parties
+) -> None:
+    parties = reference_parties
+
+    async def scenario() -> None:
+        async with clients(parties, custodian) as c:
+            now = await fresh_day(c.control)
+            envelope = instruction(parties, "st-late", "50", now=now, cutoff_id="R", cycle_of_day=1)
+            settlement_id = settlement_id_of(envelope)
+            await submit(c, envelope)
+            before = await usdc(c, "st-late")
+            custodian.extra_args = ("--listen", custodian.address)
+            await asyncio.to_thread(custodian.restart)
+            found = await settlement(c, settlement_id)
+            assert found.status == STATUS.SETTLEMENT_STATUS_PENDING
+            assert found.settlement_instruction == envelope
+            # The resubmission after the restart is answered from the record.
+            assert (await submit(c, envelope)).dispute_deadline == found.dispute_deadline
+            await advance(c.control, WINDOW + timedelta(minutes=1))
+            assert (await settlement(c, settlement_id)).status == STATUS.SETTLEMENT_STATUS_EXECUTED
+            quantity, pledged = before
+            assert await usdc(c, "st-late") == (
+                str(int(quantity) - 50),
+                str(int(pledged) - 50),
+            )
+
+    run(scenario())
+
+
 def test_a_third_cycle_in_a_day_is_refused_and_changes_nothing(
     custodian: ServerProcess, reference_parties: Parties
 ) -> None:
