@@ -121,6 +121,8 @@ _WIDE = Context(prec=200, rounding=ROUND_FLOOR)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN_PREFIX = "mc1:"  # noqa: S105 - a format tag, not a secret
+# A distinct tag so a margin-call token cannot page through liquidations.
+_LIQUIDATION_PAGE_TOKEN_PREFIX = "lq1:"  # noqa: S105 - a format tag, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -1559,6 +1561,45 @@ class ExchangeCore:
         token = _page_token(account_id, page[-1].seq) if more else ""
         return [self._fresh_state(row) for row in page], token
 
+    def list_liquidations(
+        self, account_id: str, page_size: int, page_token: str
+    ) -> tuple[list[liquidation_pb2.LiquidationRecord], str]:
+        """ListLiquidations: an account's liquidations, oldest first, paged.
+
+        Each record holds the instruction as sent and the custodian's receipt as
+        received (neither is re-signed: they are what the two parties acted on),
+        and the shortfall allocation as GetShortfallAllocation serves it.
+        """
+        after = _parse_page_token(
+            page_token,
+            account_id,
+            prefix=_LIQUIDATION_PAGE_TOKEN_PREFIX,
+            listing="ListLiquidations",
+        )
+        if self._store.account(account_id) is None:
+            raise StateError(
+                f"no account {account_id!r} at this exchange",
+                reason=_R.ERROR_REASON_NOT_FOUND,
+                metadata={"expected": "a known account id", "actual": account_id},
+            )
+        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+        rows = self._store.liquidations_of(account_id, after_seq=after, limit=size + 1)
+        page, more = rows[:size], len(rows) > size
+        token = (
+            _page_token(account_id, page[-1].seq, prefix=_LIQUIDATION_PAGE_TOKEN_PREFIX)
+            if more
+            else ""
+        )
+        records = []
+        for row in page:
+            record = liquidation_pb2.LiquidationRecord(liquidation_instruction=row.instruction)
+            if row.receipt is not None:
+                record.liquidation_receipt.CopyFrom(row.receipt)
+            if row.allocation is not None:
+                record.shortfall_allocation.CopyFrom(self.shortfall_allocation(row.liquidation_id))
+            records.append(record)
+        return records, token
+
 
 def _check_positions(statement: attestation_pb2.HoldingsStatement) -> None:
     """Positions a valuation can use: asset ids, canonical non-negative quantities (§7.2)."""
@@ -1598,26 +1639,32 @@ def _stale(
     return left <= (ttl // timedelta(microseconds=1)) * 1_000 // 2
 
 
-def _page_token(account_id: str, seq: int) -> str:
-    raw = f"{_PAGE_TOKEN_PREFIX}{seq}:{account_id}".encode()
+def _page_token(account_id: str, seq: int, *, prefix: str = _PAGE_TOKEN_PREFIX) -> str:
+    raw = f"{prefix}{seq}:{account_id}".encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
-def _parse_page_token(token: str, account_id: str) -> int:
+def _parse_page_token(
+    token: str,
+    account_id: str,
+    *,
+    prefix: str = _PAGE_TOKEN_PREFIX,
+    listing: str = "ListMarginCalls",
+) -> int:
     if not token:
         return 0
     try:
         raw = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-        prefix, seq_text, owner = (
-            raw[: len(_PAGE_TOKEN_PREFIX)],
-            *raw[len(_PAGE_TOKEN_PREFIX) :].split(":", 1),
+        tag, seq_text, owner = (
+            raw[: len(prefix)],
+            *raw[len(prefix) :].split(":", 1),
         )
         seq = int(seq_text)
     except (ValueError, UnicodeError):
-        seq, prefix, owner = -1, "", ""
-    if prefix != _PAGE_TOKEN_PREFIX or seq < 1 or owner != account_id:
+        seq, tag, owner = -1, "", ""
+    if tag != prefix or seq < 1 or owner != account_id:
         raise MalformedError(
-            "page_token: expected a token from a previous ListMarginCalls of this account",
+            f"page_token: expected a token from a previous {listing} of this account",
             metadata={
                 "field": "page_token",
                 "expected": "a token of this listing",

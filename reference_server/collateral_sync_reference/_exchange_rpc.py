@@ -109,6 +109,19 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             shortfall_allocation=self._core.shortfall_allocation(request.liquidation_id)
         )
 
+    async def ListLiquidations(
+        self,
+        request: exchange_service_pb2.ListLiquidationsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.ListLiquidationsResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        records, token = self._core.list_liquidations(
+            request.account_id, request.page_size, request.page_token
+        )
+        return exchange_service_pb2.ListLiquidationsResponse(
+            liquidations=records, next_page_token=token
+        )
+
 
 class ExchangeTestControl(TestControlBase):
     """TestControlService of the exchange: exposure, prices and valuation on demand."""

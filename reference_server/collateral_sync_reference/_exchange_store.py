@@ -695,11 +695,14 @@ class ExchangeStore:
         )
         return None if row is None else _liquidation_row(row)
 
-    def liquidations_of(self, account_id: str) -> list[LiquidationRow]:
+    def liquidations_of(
+        self, account_id: str, *, after_seq: int = 0, limit: int = -1
+    ) -> list[LiquidationRow]:
+        """Liquidations of an account in instruction order, from after ``after_seq``; ``limit`` -1: all."""
         rows = self._db.execute(
             f"SELECT {_LIQUIDATION_COLUMNS} FROM exchange_liquidations "  # noqa: S608
-            "WHERE account_id = ? ORDER BY seq",
-            (account_id,),
+            "WHERE account_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (account_id, after_seq, limit),
         ).fetchall()
         return [_liquidation_row(row) for row in rows]
 

@@ -316,6 +316,7 @@ class ExchangeClient(_Client):
         "_get_margin_call",
         "_get_risk_policy",
         "_get_shortfall_allocation",
+        "_list_liquidations",
         "_list_margin_calls",
         "_respond_to_margin_call",
     )
@@ -342,6 +343,9 @@ class ExchangeClient(_Client):
         self._get_shortfall_allocation: _UnaryMethod[
             m.GetShortfallAllocationRequest, m.GetShortfallAllocationResponse
         ] = stub.GetShortfallAllocation
+        self._list_liquidations: _UnaryMethod[
+            m.ListLiquidationsRequest, m.ListLiquidationsResponse
+        ] = stub.ListLiquidations
 
     async def get_risk_policy(
         self,
@@ -402,6 +406,16 @@ class ExchangeClient(_Client):
     ) -> exchange_service_pb2.GetShortfallAllocationResponse:
         """The signed allocation of a liquidation's shortfall."""
         return await self._unary(self._get_shortfall_allocation, request, timeout, metadata)
+
+    async def list_liquidations(
+        self,
+        request: exchange_service_pb2.ListLiquidationsRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> exchange_service_pb2.ListLiquidationsResponse:
+        """Liquidations of an account (instruction, receipt, allocation), one page."""
+        return await self._unary(self._list_liquidations, request, timeout, metadata)
 
 
 class RegulatorClient(_Client):

@@ -17,6 +17,7 @@ checkpoint) is read from its SQLite database, read-only, while it runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import sqlite3
@@ -1494,6 +1495,148 @@ def test_breach_of_the_liquidation_line_instructs_a_close_out(
     run(scenario())
 
 
+def test_liquidations_are_listed_in_pages_with_their_signed_records(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    async def breach(w: World, exposure: str) -> None:
+        await w.control.set_exposure(
+            test_control_pb2.SetExposureRequest(
+                account_id="acct-l", exposure=amount_to_proto(exposure)
+            )
+        )
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            prices=[
+                *EXAMPLE_PRICES[:2],
+                {"asset_id": "SPY-T", "price": "100"},
+                *EXAMPLE_PRICES[3:],
+            ],
+            risk_policy={**EXAMPLE_POLICY, "insurance_fund_balance": "1000000"},
+        ) as w:
+            fake = w.custodian
+            fake.attest("acct-l", EXAMPLE_POSITIONS, path=fake.path("acct-l", "path-l"))
+            await fake.wait_update(
+                "credit_line",
+                lambda c: c.account_id == "acct-l" and c.collateral_value.value != "0",
+            )
+            # 1668000 of collateral against 5200000: past the liquidation line. The
+            # custodian raises the whole amount the first time, 1000000 short the second.
+            await breach(w, "5200000")
+            await w.until_rows("SELECT 1 FROM exchange_liquidations WHERE status = 'executed'")
+            fake.proceeds = d("4200000")
+            await breach(w, "5200000")
+            await w.until_rows(
+                "SELECT 1 FROM exchange_liquidations WHERE status = 'executed' LIMIT 1 OFFSET 1"
+            )
+            ids = [
+                row[0]
+                for row in w.rows("SELECT liquidation_id FROM exchange_liquidations ORDER BY seq")
+            ]
+            assert len(ids) == 2
+
+            first = await w.exchange.list_liquidations(
+                exchange_service_pb2.ListLiquidationsRequest(account_id="acct-l", page_size=1)
+            )
+            [covered] = first.liquidations
+            assert first.next_page_token
+            rest = await w.exchange.list_liquidations(
+                exchange_service_pb2.ListLiquidationsRequest(
+                    account_id="acct-l", page_size=1, page_token=first.next_page_token
+                )
+            )
+            [short] = rest.liquidations
+            assert rest.next_page_token == ""
+            everything = await w.exchange.list_liquidations(
+                exchange_service_pb2.ListLiquidationsRequest(account_id="acct-l")
+            )
+            assert list(everything.liquidations) == [covered, short]
+
+            for record, liquidation_id, proceeds, shortfall in (
+                (covered, ids[0], "5200000", "0"),
+                (short, ids[1], "4200000", "1000000"),
+            ):
+                instruction = w.verified(
+                    record.liquidation_instruction, liquidation_pb2.LiquidationInstruction
+                )
+                assert (instruction.liquidation_id, instruction.liquidation_path_id) == (
+                    liquidation_id,
+                    "path-l",
+                )
+                receipt = verify_statement(
+                    record.liquidation_receipt,
+                    w.parties.registry,
+                    expected_type=liquidation_pb2.LiquidationReceipt,
+                    audience=EXCHANGE,
+                    now=fake.now(),
+                )
+                assert receipt.issuer == CUSTODIAN
+                assert receipt.message.liquidation_id == liquidation_id
+                assert [(f.asset_id, f.proceeds.value) for f in receipt.message.fills] == [
+                    ("BENJI", proceeds)
+                ]
+                assert (receipt.message.total_proceeds.value, receipt.message.shortfall.value) == (
+                    proceeds,
+                    shortfall,
+                )
+            # Proceeds covered the first: no allocation. The second's is the one served.
+            assert not covered.HasField("shortfall_allocation")
+            served = await w.exchange.get_shortfall_allocation(
+                exchange_service_pb2.GetShortfallAllocationRequest(liquidation_id=ids[1])
+            )
+            assert short.shortfall_allocation == served.shortfall_allocation
+            allocation = w.verified(short.shortfall_allocation, liquidation_pb2.ShortfallAllocation)
+            assert (allocation.shortfall.value, allocation.covered_by_insurance_fund.value) == (
+                "1000000",
+                "1000000",
+            )
+
+            # Bad reads fail as ListMarginCalls' do; a margin-call token (same shape,
+            # its own tag) is no liquidation token.
+            margin_call_token = base64.urlsafe_b64encode(b"mc1:1:acct-l").decode()
+            bad: list[tuple[exchange_service_pb2.ListLiquidationsRequest, grpc.StatusCode, int]] = [
+                (
+                    exchange_service_pb2.ListLiquidationsRequest(
+                        account_id="acct-l", page_token="not-a-token"
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
+                ),
+                (
+                    exchange_service_pb2.ListLiquidationsRequest(
+                        account_id="acct-l", page_token=margin_call_token
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
+                ),
+                (
+                    exchange_service_pb2.ListLiquidationsRequest(
+                        account_id="acct-other", page_token=first.next_page_token
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
+                ),
+                (
+                    exchange_service_pb2.ListLiquidationsRequest(account_id="acct-none"),
+                    grpc.StatusCode.NOT_FOUND,
+                    _R.ERROR_REASON_NOT_FOUND,
+                ),
+                (
+                    exchange_service_pb2.ListLiquidationsRequest(),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _R.ERROR_REASON_MALFORMED,
+                ),
+            ]
+            for request, code, reason in bad:
+                error = await refused(w.exchange.list_liquidations(request))
+                assert (error.code, error.reason) == (code, reason)
+
+    run(scenario())
+
+
 def test_set_price_and_exposure_refuse_bad_input(
     reference_parties: Parties, start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -1978,6 +2121,56 @@ def test_lifecycle_with_the_reference_custodian(
                 "700000",
                 "700000",
             )
+            # ListLiquidations gives a counterparty the whole signed record: the
+            # exchange's instruction, the custodian's receipt and the allocation.
+            listed = await ex.list_liquidations(
+                exchange_service_pb2.ListLiquidationsRequest(account_id="acct-1")
+            )
+            assert listed.next_page_token == ""
+            [record] = listed.liquidations
+            sent = verify_statement(
+                record.liquidation_instruction,
+                parties.registry,
+                expected_type=liquidation_pb2.LiquidationInstruction,
+                audience=CUSTODIAN,
+                now=now,
+            )
+            assert sent.issuer == EXCHANGE
+            assert (sent.message.liquidation_id, sent.message.account_id) == (
+                receipt.liquidation_id,
+                "acct-1",
+            )
+            assert sent.message.liquidation_path_id == "path-acct-1"
+            # The receipt is the custodian's, addressed to the exchange, as recorded.
+            signed_receipt = verify_statement(
+                record.liquidation_receipt,
+                parties.registry,
+                expected_type=liquidation_pb2.LiquidationReceipt,
+                audience=EXCHANGE,
+                now=now,
+            )
+            assert signed_receipt.issuer == CUSTODIAN
+            assert record.liquidation_receipt.SerializeToString() == receipt_bytes
+            listed_receipt = signed_receipt.message
+            [paid] = listed_receipt.yield_distributions
+            assert paid.asset_id == "BENJI"
+            assert Decimal(paid.quantity.value) > 0
+            assert [
+                (f.asset_id, f.quantity.value, f.price.value, f.proceeds.value)
+                for f in listed_receipt.fills
+            ] == [("BTC", "10", "5000", "50000"), ("USDC", "250000", "1", "250000")]
+            assert (listed_receipt.total_proceeds.value, listed_receipt.shortfall.value) == (
+                "300000",
+                "700000",
+            )
+            listed_allocation = verify_statement(
+                record.shortfall_allocation,
+                parties.registry,
+                expected_type=liquidation_pb2.ShortfallAllocation,
+                audience=CUSTODIAN,
+                now=now,
+            ).message
+            assert listed_allocation == allocation
             policy = await ex.get_risk_policy(exchange_service_pb2.GetRiskPolicyRequest())
             published = valuation_pb2.RiskPolicy.FromString(policy.risk_policy.payload)
             assert (published.version, published.insurance_fund_balance.value) == (2, "300000")

@@ -23,39 +23,44 @@ _sym_db = _symbol_database.Default()
 
 
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
+from collateral_sync.v1 import liquidation_pb2 as collateral__sync_dot_v1_dot_liquidation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)collateral_sync/v1/exchange_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\"\'\n\x14GetRiskPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"J\n\x15GetRiskPolicyResponse\x12\x31\n\x0brisk_policy\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"*\n\x14GetCreditLineRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"J\n\x15GetCreditLineResponse\x12\x31\n\x0b\x63redit_line\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\".\n\x14GetMarginCallRequest\x12\x16\n\x0emargin_call_id\x18\x01 \x01(\t\"P\n\x15GetMarginCallResponse\x12\x37\n\x11margin_call_state\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"S\n\x16ListMarginCallsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x17ListMarginCallsResponse\x12\x38\n\x12margin_call_states\x18\x01 \x03(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x1aRespondToMarginCallRequest\x12:\n\x14margin_call_response\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"V\n\x1bRespondToMarginCallResponse\x12\x37\n\x11margin_call_state\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"7\n\x1dGetShortfallAllocationRequest\x12\x16\n\x0eliquidation_id\x18\x01 \x01(\t\"\\\n\x1eGetShortfallAllocationResponse\x12:\n\x14shortfall_allocation\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope2\xa8\x05\n\x0f\x45xchangeService\x12\x64\n\rGetRiskPolicy\x12(.collateral_sync.v1.GetRiskPolicyRequest\x1a).collateral_sync.v1.GetRiskPolicyResponse\x12\x64\n\rGetCreditLine\x12(.collateral_sync.v1.GetCreditLineRequest\x1a).collateral_sync.v1.GetCreditLineResponse\x12\x64\n\rGetMarginCall\x12(.collateral_sync.v1.GetMarginCallRequest\x1a).collateral_sync.v1.GetMarginCallResponse\x12j\n\x0fListMarginCalls\x12*.collateral_sync.v1.ListMarginCallsRequest\x1a+.collateral_sync.v1.ListMarginCallsResponse\x12v\n\x13RespondToMarginCall\x12..collateral_sync.v1.RespondToMarginCallRequest\x1a/.collateral_sync.v1.RespondToMarginCallResponse\x12\x7f\n\x16GetShortfallAllocation\x12\x31.collateral_sync.v1.GetShortfallAllocationRequest\x1a\x32.collateral_sync.v1.GetShortfallAllocationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)collateral_sync/v1/exchange_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\x1a$collateral_sync/v1/liquidation.proto\"\'\n\x14GetRiskPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"J\n\x15GetRiskPolicyResponse\x12\x31\n\x0brisk_policy\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"*\n\x14GetCreditLineRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"J\n\x15GetCreditLineResponse\x12\x31\n\x0b\x63redit_line\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\".\n\x14GetMarginCallRequest\x12\x16\n\x0emargin_call_id\x18\x01 \x01(\t\"P\n\x15GetMarginCallResponse\x12\x37\n\x11margin_call_state\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"S\n\x16ListMarginCallsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x17ListMarginCallsResponse\x12\x38\n\x12margin_call_states\x18\x01 \x03(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x1aRespondToMarginCallRequest\x12:\n\x14margin_call_response\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"V\n\x1bRespondToMarginCallResponse\x12\x37\n\x11margin_call_state\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"7\n\x1dGetShortfallAllocationRequest\x12\x16\n\x0eliquidation_id\x18\x01 \x01(\t\"\\\n\x1eGetShortfallAllocationResponse\x12:\n\x14shortfall_allocation\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"T\n\x17ListLiquidationsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x18ListLiquidationsResponse\x12;\n\x0cliquidations\x18\x01 \x03(\x0b\x32%.collateral_sync.v1.LiquidationRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x97\x06\n\x0f\x45xchangeService\x12\x64\n\rGetRiskPolicy\x12(.collateral_sync.v1.GetRiskPolicyRequest\x1a).collateral_sync.v1.GetRiskPolicyResponse\x12\x64\n\rGetCreditLine\x12(.collateral_sync.v1.GetCreditLineRequest\x1a).collateral_sync.v1.GetCreditLineResponse\x12\x64\n\rGetMarginCall\x12(.collateral_sync.v1.GetMarginCallRequest\x1a).collateral_sync.v1.GetMarginCallResponse\x12j\n\x0fListMarginCalls\x12*.collateral_sync.v1.ListMarginCallsRequest\x1a+.collateral_sync.v1.ListMarginCallsResponse\x12v\n\x13RespondToMarginCall\x12..collateral_sync.v1.RespondToMarginCallRequest\x1a/.collateral_sync.v1.RespondToMarginCallResponse\x12\x7f\n\x16GetShortfallAllocation\x12\x31.collateral_sync.v1.GetShortfallAllocationRequest\x1a\x32.collateral_sync.v1.GetShortfallAllocationResponse\x12m\n\x10ListLiquidations\x12+.collateral_sync.v1.ListLiquidationsRequest\x1a,.collateral_sync.v1.ListLiquidationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.exchange_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETRISKPOLICYREQUEST']._serialized_start=100
-  _globals['_GETRISKPOLICYREQUEST']._serialized_end=139
-  _globals['_GETRISKPOLICYRESPONSE']._serialized_start=141
-  _globals['_GETRISKPOLICYRESPONSE']._serialized_end=215
-  _globals['_GETCREDITLINEREQUEST']._serialized_start=217
-  _globals['_GETCREDITLINEREQUEST']._serialized_end=259
-  _globals['_GETCREDITLINERESPONSE']._serialized_start=261
-  _globals['_GETCREDITLINERESPONSE']._serialized_end=335
-  _globals['_GETMARGINCALLREQUEST']._serialized_start=337
-  _globals['_GETMARGINCALLREQUEST']._serialized_end=383
-  _globals['_GETMARGINCALLRESPONSE']._serialized_start=385
-  _globals['_GETMARGINCALLRESPONSE']._serialized_end=465
-  _globals['_LISTMARGINCALLSREQUEST']._serialized_start=467
-  _globals['_LISTMARGINCALLSREQUEST']._serialized_end=550
-  _globals['_LISTMARGINCALLSRESPONSE']._serialized_start=552
-  _globals['_LISTMARGINCALLSRESPONSE']._serialized_end=660
-  _globals['_RESPONDTOMARGINCALLREQUEST']._serialized_start=662
-  _globals['_RESPONDTOMARGINCALLREQUEST']._serialized_end=750
-  _globals['_RESPONDTOMARGINCALLRESPONSE']._serialized_start=752
-  _globals['_RESPONDTOMARGINCALLRESPONSE']._serialized_end=838
-  _globals['_GETSHORTFALLALLOCATIONREQUEST']._serialized_start=840
-  _globals['_GETSHORTFALLALLOCATIONREQUEST']._serialized_end=895
-  _globals['_GETSHORTFALLALLOCATIONRESPONSE']._serialized_start=897
-  _globals['_GETSHORTFALLALLOCATIONRESPONSE']._serialized_end=989
-  _globals['_EXCHANGESERVICE']._serialized_start=992
-  _globals['_EXCHANGESERVICE']._serialized_end=1672
+  _globals['_GETRISKPOLICYREQUEST']._serialized_start=138
+  _globals['_GETRISKPOLICYREQUEST']._serialized_end=177
+  _globals['_GETRISKPOLICYRESPONSE']._serialized_start=179
+  _globals['_GETRISKPOLICYRESPONSE']._serialized_end=253
+  _globals['_GETCREDITLINEREQUEST']._serialized_start=255
+  _globals['_GETCREDITLINEREQUEST']._serialized_end=297
+  _globals['_GETCREDITLINERESPONSE']._serialized_start=299
+  _globals['_GETCREDITLINERESPONSE']._serialized_end=373
+  _globals['_GETMARGINCALLREQUEST']._serialized_start=375
+  _globals['_GETMARGINCALLREQUEST']._serialized_end=421
+  _globals['_GETMARGINCALLRESPONSE']._serialized_start=423
+  _globals['_GETMARGINCALLRESPONSE']._serialized_end=503
+  _globals['_LISTMARGINCALLSREQUEST']._serialized_start=505
+  _globals['_LISTMARGINCALLSREQUEST']._serialized_end=588
+  _globals['_LISTMARGINCALLSRESPONSE']._serialized_start=590
+  _globals['_LISTMARGINCALLSRESPONSE']._serialized_end=698
+  _globals['_RESPONDTOMARGINCALLREQUEST']._serialized_start=700
+  _globals['_RESPONDTOMARGINCALLREQUEST']._serialized_end=788
+  _globals['_RESPONDTOMARGINCALLRESPONSE']._serialized_start=790
+  _globals['_RESPONDTOMARGINCALLRESPONSE']._serialized_end=876
+  _globals['_GETSHORTFALLALLOCATIONREQUEST']._serialized_start=878
+  _globals['_GETSHORTFALLALLOCATIONREQUEST']._serialized_end=933
+  _globals['_GETSHORTFALLALLOCATIONRESPONSE']._serialized_start=935
+  _globals['_GETSHORTFALLALLOCATIONRESPONSE']._serialized_end=1027
+  _globals['_LISTLIQUIDATIONSREQUEST']._serialized_start=1029
+  _globals['_LISTLIQUIDATIONSREQUEST']._serialized_end=1113
+  _globals['_LISTLIQUIDATIONSRESPONSE']._serialized_start=1115
+  _globals['_LISTLIQUIDATIONSRESPONSE']._serialized_end=1227
+  _globals['_EXCHANGESERVICE']._serialized_start=1230
+  _globals['_EXCHANGESERVICE']._serialized_end=2021
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collateral_sync.v1 import envelope_pb2 as _envelope_pb2
+from collateral_sync.v1 import liquidation_pb2 as _liquidation_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -303,3 +304,59 @@ class GetShortfallAllocationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetShortfallAllocationResponse: _TypeAlias = GetShortfallAllocationResponse  # noqa: Y015
+
+@_typing.final
+class ListLiquidationsRequest(_message.Message):
+    """Request for ListLiquidations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    page_size: _builtins.int
+    """Maximum number returned; 0 means the server default (100)."""
+    page_token: _builtins.str
+    """From a previous response; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLiquidationsRequest: _TypeAlias = ListLiquidationsRequest  # noqa: Y015
+
+@_typing.final
+class ListLiquidationsResponse(_message.Message):
+    """Response of ListLiquidations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIQUIDATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def liquidations(self) -> _containers.RepeatedCompositeFieldContainer[_liquidation_pb2.LiquidationRecord]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        liquidations: _abc.Iterable[_liquidation_pb2.LiquidationRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["liquidations", b"liquidations", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLiquidationsResponse: _TypeAlias = ListLiquidationsResponse  # noqa: Y015

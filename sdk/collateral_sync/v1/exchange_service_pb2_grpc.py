@@ -65,6 +65,11 @@ class ExchangeServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.FromString,
                 _registered_method=True)
+        self.ListLiquidations = channel.unary_unary(
+                '/collateral_sync.v1.ExchangeService/ListLiquidations',
+                request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -114,6 +119,14 @@ class ExchangeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLiquidations(self, request, context):
+        """Liquidations of an account: the signed instruction, the custodian's
+        signed receipt and the signed shortfall allocation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExchangeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
                     servicer.GetShortfallAllocation,
                     request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.SerializeToString,
+            ),
+            'ListLiquidations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLiquidations,
+                    request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class ExchangeService:
             '/collateral_sync.v1.ExchangeService/GetShortfallAllocation',
             collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationRequest.SerializeToString,
             collateral__sync_dot_v1_dot_exchange__service__pb2.GetShortfallAllocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLiquidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.ExchangeService/ListLiquidations',
+            collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class ExchangeServiceStub:
     """The signed allocation of a liquidation's shortfall (insurance fund, then
     auto-deleveraging).
     """
+    ListLiquidations: _grpc.UnaryUnaryMultiCallable[_exchange_service_pb2.ListLiquidationsRequest, _exchange_service_pb2.ListLiquidationsResponse]
+    """Liquidations of an account: the signed instruction, the custodian's
+    signed receipt and the signed shortfall allocation.
+    """
 
 @_typing.type_check_only
 class ExchangeServiceAsyncStub(ExchangeServiceStub):
@@ -66,6 +70,10 @@ class ExchangeServiceAsyncStub(ExchangeServiceStub):
     GetShortfallAllocation: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.GetShortfallAllocationRequest, _exchange_service_pb2.GetShortfallAllocationResponse]  # type: ignore[assignment]
     """The signed allocation of a liquidation's shortfall (insurance fund, then
     auto-deleveraging).
+    """
+    ListLiquidations: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.ListLiquidationsRequest, _exchange_service_pb2.ListLiquidationsResponse]  # type: ignore[assignment]
+    """Liquidations of an account: the signed instruction, the custodian's
+    signed receipt and the signed shortfall allocation.
     """
 
 class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +127,16 @@ class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exchange_service_pb2.GetShortfallAllocationResponse, _abc.Awaitable[_exchange_service_pb2.GetShortfallAllocationResponse]]:
         """The signed allocation of a liquidation's shortfall (insurance fund, then
         auto-deleveraging).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLiquidations(
+        self,
+        request: _exchange_service_pb2.ListLiquidationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_exchange_service_pb2.ListLiquidationsResponse, _abc.Awaitable[_exchange_service_pb2.ListLiquidationsResponse]]:
+        """Liquidations of an account: the signed instruction, the custodian's
+        signed receipt and the signed shortfall allocation.
         """
 
 def add_ExchangeServiceServicer_to_server(servicer: ExchangeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

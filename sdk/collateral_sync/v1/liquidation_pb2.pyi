@@ -341,3 +341,41 @@ class AutoDeleveragingRank(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AutoDeleveragingRank: _TypeAlias = AutoDeleveragingRank  # noqa: Y015
+
+@_typing.final
+class LiquidationRecord(_message.Message):
+    """The signed documents of one liquidation, as the exchange holds them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIQUIDATION_INSTRUCTION_FIELD_NUMBER: _builtins.int
+    LIQUIDATION_RECEIPT_FIELD_NUMBER: _builtins.int
+    SHORTFALL_ALLOCATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def liquidation_instruction(self) -> _envelope_pb2.Envelope:
+        """Envelope of the LiquidationInstruction the exchange sent."""
+
+    @_builtins.property
+    def liquidation_receipt(self) -> _envelope_pb2.Envelope:
+        """Envelope of the custodian's LiquidationReceipt; unset until the
+        custodian has answered.
+        """
+
+    @_builtins.property
+    def shortfall_allocation(self) -> _envelope_pb2.Envelope:
+        """Envelope of the ShortfallAllocation; unset while none is signed."""
+
+    def __init__(
+        self,
+        *,
+        liquidation_instruction: _envelope_pb2.Envelope | None = ...,
+        liquidation_receipt: _envelope_pb2.Envelope | None = ...,
+        shortfall_allocation: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["liquidation_instruction", b"liquidation_instruction", "liquidation_receipt", b"liquidation_receipt", "shortfall_allocation", b"shortfall_allocation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["liquidation_instruction", b"liquidation_instruction", "liquidation_receipt", b"liquidation_receipt", "shortfall_allocation", b"shortfall_allocation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiquidationRecord: _TypeAlias = LiquidationRecord  # noqa: Y015
