@@ -47,7 +47,16 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties, ServerProcess, StartServer
+from .conftest import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    OTHER_EXCHANGE,
+    REGULATOR,
+    Parties,
+    ServerProcess,
+    StartServer,
+)
 
 _T = TypeVar("_T")
 
@@ -412,6 +421,9 @@ def test_bad_releases_are_refused_and_change_nothing(
                 CODE.PERMISSION_DENIED,
                 "KEY_ROLE_MISMATCH",
             )
+            # Another exchange's signature is a valid release key, but not this account's.
+            with_other_exchange = add_signature(single, parties.keys[OTHER_EXCHANGE])
+            await refused(with_other_exchange, CODE.PERMISSION_DENIED, "THRESHOLD_NOT_MET")
             # Expired: issued two hours ago for one hour.
             expired = add_signature(
                 release(parties, REGULATOR, account, "rel-expired", now=now - timedelta(hours=2)),
