@@ -26,7 +26,15 @@ from collateral_sync.keys import KeyRegistry
 from collateral_sync.merkle import verify_consistency_proof, verify_inclusion_proof
 from collateral_sync.signing import verify_statement, verify_threshold
 from collateral_sync.statements import message_class_of
-from collateral_sync.v1 import attestation_pb2, audit_pb2, common_pb2, emergency_pb2
+from collateral_sync.v1 import (
+    attestation_pb2,
+    audit_pb2,
+    common_pb2,
+    emergency_pb2,
+    margin_pb2,
+    reconciliation_pb2,
+)
+from collateral_sync.valuation import recompute_margin_call
 
 __all__ = [
     "AuditCheck",
@@ -205,11 +213,64 @@ def _verify_by_type(evidence: audit_pb2.Evidence, registry: KeyRegistry, audienc
         )
         parties = ", ".join(sorted(set(release.signer_party_ids)))
         return f"emergency release signed by {parties}"
+    if message_class is margin_pb2.MarginCall:
+        # A margin call is only as good as its arithmetic: recompute it from
+        # the signed policy, holdings and prices it carries.
+        check = recompute_margin_call(envelope, registry, audience=audience, now=now)
+        call = check.margin_call
+        return (
+            f"MarginCall {call.margin_call_id} recomputed from its signed inputs: "
+            f"ratio {check.collateral_ratio}, call amount {check.call_amount}"
+        )
     verified = verify_statement(
         envelope, registry, expected_type=message_class, audience=audience, now=now
     )
     name = message_class.DESCRIPTOR.name
+    if isinstance(verified.message, reconciliation_pb2.ReconciliationResult):
+        return _check_reconciliation_result(verified.message, registry)
     return f"{name} #{verified.header.sequence} signed by {verified.header.issuer}"
+
+
+def _check_reconciliation_result(
+    result: reconciliation_pb2.ReconciliationResult, registry: KeyRegistry
+) -> str:
+    """The two statements compared must verify, and the outcome must fit them."""
+    issued_at = result.header.issued_at.ToDatetime(tzinfo=UTC)
+    sides = []
+    for side, role in (
+        ("custodian_statement", common_pb2.PARTY_ROLE_CUSTODIAN),
+        ("exchange_statement", common_pb2.PARTY_ROLE_EXCHANGE),
+    ):
+        statement = verify_statement(
+            getattr(result, side),
+            registry,
+            expected_type=reconciliation_pb2.ReconciliationStatement,
+            audience=result.header.issuer,
+            now=issued_at,
+        ).message
+        if statement.party_role != role or statement.cutoff_id != result.cutoff_id:
+            raise MalformedError(
+                f"{side}: expected a {common_pb2.PartyRole.Name(role)} statement for cut-off "
+                f"{result.cutoff_id!r}, got {common_pb2.PartyRole.Name(statement.party_role)} "
+                f"for {statement.cutoff_id!r}"
+            )
+        sides.append(statement)
+    same_root = sides[0].positions_root == sides[1].positions_root
+    matched = result.outcome == reconciliation_pb2.RECONCILIATION_OUTCOME_MATCHED
+    if matched and (not same_root or result.breaks):
+        raise MalformedError(
+            "expected MATCHED only for equal position roots and no breaks, got "
+            f"{'equal' if same_root else 'different'} roots and {len(result.breaks)} breaks"
+        )
+    if not matched and not result.breaks:
+        raise MalformedError("expected the breaks of a BREAKS outcome, got none")
+    outcome = reconciliation_pb2.ReconciliationOutcome.Name(result.outcome).removeprefix(
+        "RECONCILIATION_OUTCOME_"
+    )
+    return (
+        f"ReconciliationResult {result.cutoff_id}: {outcome}, {len(result.breaks)} breaks, "
+        "both parties' statements verify"
+    )
 
 
 def _relied_at(evidence: audit_pb2.Evidence) -> datetime:
