@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from collateral_sync.audit import load_audit_bundle, verify_audit_bundle
-from collateral_sync.v1 import margin_pb2, valuation_pb2
+from collateral_sync.v1 import liquidation_pb2, margin_pb2, valuation_pb2
 
 DEMO = (sys.executable, "-m", "collateral_sync._demo")
 #: The brief asks for well under two minutes on the 2-core machine.
@@ -85,15 +85,26 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "margin call SATISFIED",
         "(YIELD_ACCRUAL)",
         "BENJI 100,000 -> 100,011.8 (+11.8)",
+        "exchange-1 signs LiquidationInstruction liq-",
         "(LIQUIDATION)",
-        "yield first: BENJI 11.8",
-        "proceeds 440,000",
+        "ListLiquidations: custodian-1's signed LiquidationReceipt, verified as exchange-1",
+        "yield first: BENJI 11.8 accrued, paid out to client-1 before any sale",
+        "USDC     80,000       1    80,000         otc-desk",
+        "BENJI   100,000       1   100,000  fund-redemption",
+        "BTC           8  20,000   160,000         otc-desk",
+        "TSLAx       400     250   100,000           broker",
+        "total proceeds 440,000; shortfall 1,000,000 - 440,000 = 560,000",
+        "ok      the receipt adds up",
         "insurance fund 1,000,000 -> 440,000",
-        "the insurance fund covers 560,000, 0 left for auto-deleveraging",
+        "ShortfallAllocation, signed by exchange-1: shortfall 560,000; the insurance fund "
+        "covers 560,000, 0 left for auto-deleveraging",
+        "ok      the allocation covers the receipt's shortfall",
         "CreditLine: exposure 0",
         "entries on both sides",
         "exchange exit code 0, custodian exit code 0",
+        "1 LiquidationReceipt signed by custodian-1",
         "$ collateral-sync verify audit-exchange.json",
+        "ok   statement[0]: LiquidationReceipt #",
         "$ collateral-sync verify audit-custodian.json",
         "$ collateral-sync verify audit-exchange-tampered.json",
         "FAIL attested_statement[0]",
@@ -127,7 +138,36 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
     custodian_bundle = load_audit_bundle(directory / "audit-custodian.json")
     assert verify_audit_bundle(custodian_bundle).ok
     kinds = {e.statement.payload_type.rsplit(".", 1)[-1] for e in custodian_bundle.statements}
-    assert {"margin-call+proto", "margin-call-state+proto", "credit-line+proto"} <= kinds
+    assert {
+        "margin-call+proto",
+        "margin-call-state+proto",
+        "credit-line+proto",
+        "liquidation-instruction+proto",
+        "shortfall-allocation+proto",
+    } <= kinds
+    # The custodian's receipt is addressed to the exchange: it is in the exchange's bundle.
+    [receipt_evidence] = exchange_bundle.statements
+    receipt = liquidation_pb2.LiquidationReceipt.FromString(receipt_evidence.statement.payload)
+    assert [(f.asset_id, f.proceeds.value) for f in receipt.fills] == [
+        ("USDC", "80000"),
+        ("BENJI", "100000"),
+        ("BTC", "160000"),
+        ("TSLAx", "100000"),
+    ]
+    assert (receipt.total_proceeds.value, receipt.shortfall.value) == ("440000", "560000")
+    [allocation] = [
+        liquidation_pb2.ShortfallAllocation.FromString(e.statement.payload)
+        for e in custodian_bundle.statements
+        if e.statement.payload_type.endswith(".shortfall-allocation+proto")
+    ]
+    assert allocation.liquidation_id == receipt.liquidation_id
+    assert (
+        allocation.covered_by_insurance_fund.value,
+        allocation.auto_deleveraging_amount.value,
+    ) == (
+        "560000",
+        "0",
+    )
     calls = [
         margin_pb2.MarginCall.FromString(e.statement.payload)
         for e in custodian_bundle.statements

@@ -180,6 +180,15 @@ def _audit(
         f"{len(for_exchange.checkpoints)} checkpoints with {len(for_exchange.consistency_proofs)} "
         f"consistency proofs, {len(for_exchange.attested_statements)} holdings statements with "
         "inclusion proofs"
+        + "".join(
+            f", {count} {name} signed by {CUSTODIAN}"
+            for name, count in sorted(
+                Counter(
+                    message_class_of(e.statement.payload_type).DESCRIPTOR.name
+                    for e in for_exchange.statements
+                ).items()
+            )
+        )
     )
     _verify(workdir, exchange_path, expect=0, show_all=True)
     custodian_path = workdir / "audit-custodian.json"

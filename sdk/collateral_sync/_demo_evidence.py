@@ -7,7 +7,8 @@ trusted (the log only grew), and the statement's inclusion proof. Everything
 that passed is kept, with the time it was relied on, and becomes two
 ``AuditBundle`` files: one per relying party, because a bundle verifies every
 statement for one audience — holdings statements are addressed to the
-exchange, margin calls and credit lines to the custodian.
+exchange (as is the custodian's liquidation receipt), margin calls, credit lines,
+the liquidation instruction and the shortfall allocation to the custodian.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Evidence:
         self._consistency: list[attestation_pb2.ConsistencyProof] = []
         self._attested: list[audit_pb2.Evidence] = []
         self._custodian_relied: list[audit_pb2.Evidence] = []
+        self._exchange_relied: list[audit_pb2.Evidence] = []
         self._kept: set[bytes] = set()
 
     async def prove_holdings(
@@ -153,8 +155,17 @@ class Evidence:
             audit_pb2.Evidence(statement=envelope, relied_at=_stamp(self._clock()))
         )
 
+    def relied_on_by_exchange(self, envelope: envelope_pb2.Envelope) -> None:
+        """Keep a statement addressed to the exchange that is no log leaf (liquidation receipt)."""
+        if envelope.payload in self._kept:
+            return
+        self._kept.add(envelope.payload)
+        self._exchange_relied.append(
+            audit_pb2.Evidence(statement=envelope, relied_at=_stamp(self._clock()))
+        )
+
     def exchange_bundle(self, verifier: str) -> audit_pb2.AuditBundle:
-        """Checkpoints, consistency proofs and the holdings statements, for the exchange."""
+        """Checkpoints, consistency proofs, holdings statements and receipts, for the exchange."""
         return audit_pb2.AuditBundle(
             registry=self._registry.to_proto(),
             verifier_party_id=verifier,
@@ -162,6 +173,7 @@ class Evidence:
             checkpoints=self._checkpoints,
             consistency_proofs=self._consistency,
             attested_statements=self._attested,
+            statements=self._exchange_relied,
         )
 
     def custodian_bundle(self, verifier: str) -> audit_pb2.AuditBundle:

@@ -8,8 +8,10 @@ The demo plays three parts, each through public interfaces only:
   the servers' clocks, through ``TestControlService`` (test mode);
 - an auditor: every statement it prints is verified with the SDK first
   (signature, key role, audience, freshness), every holdings statement is
-  proven in the custodian's log (:mod:`collateral_sync._demo_evidence`), and a
-  margin call is recomputed from its signed inputs.
+  proven in the custodian's log (:mod:`collateral_sync._demo_evidence`), a
+  margin call is recomputed from its signed inputs, and the liquidation is read
+  from its signed records (``ListLiquidations``): the custodian's receipt is
+  checked to add up and to agree with the holdings statements around it.
 
 It never reads a server's database. The figures below are the scenario's
 inputs (what the client holds and pledges, the prices, the exposure); every
@@ -225,6 +227,54 @@ def _positions(statement: attestation_pb2.HoldingsStatement) -> str:
 
 def _by_asset(statement: attestation_pb2.HoldingsStatement) -> dict[str, common_pb2.Position]:
     return {position.asset_id: position for position in statement.positions}
+
+
+def _check_receipt(
+    receipt: liquidation_pb2.LiquidationReceipt,
+    amount: Decimal,
+    before: attestation_pb2.HoldingsStatement,
+    after: attestation_pb2.HoldingsStatement,
+) -> None:
+    """The receipt's figures add up and match the holdings statements around it, or raise."""
+    fills = sum((_d(f.proceeds) for f in receipt.fills), Decimal(0))
+    expected = (fills, max(Decimal(0), amount - fills))
+    stated = (_d(receipt.total_proceeds), _d(receipt.shortfall))
+    if stated != expected:
+        raise StateError(
+            f"receipt: expected total proceeds and shortfall {format_amount(expected[0])}, "
+            f"{format_amount(expected[1])}; got {format_amount(stated[0])}, "
+            f"{format_amount(stated[1])}",
+            metadata={
+                "expected": f"{format_amount(expected[0])}, {format_amount(expected[1])}",
+                "actual": f"{format_amount(stated[0])}, {format_amount(stated[1])}",
+            },
+        )
+    old, new = _by_asset(before), _by_asset(after)
+    zero = common_pb2.Position()
+    held_sold: dict[str, Decimal] = {}
+    held_paid: dict[str, Decimal] = {}
+    for asset_id, was in old.items():
+        now = new.get(asset_id, zero)
+        sold = _d(was.pledged_quantity) - _d(now.pledged_quantity)
+        paid = _d(was.quantity) - _d(now.quantity) - sold
+        if sold:
+            held_sold[asset_id] = sold
+        if paid:
+            held_paid[asset_id] = paid
+    receipt_sold: dict[str, Decimal] = {}
+    for fill in receipt.fills:
+        receipt_sold[fill.asset_id] = receipt_sold.get(fill.asset_id, Decimal(0)) + _d(
+            fill.quantity
+        )
+    receipt_paid = {y.asset_id: _d(y.quantity) for y in receipt.yield_distributions}
+    if (receipt_sold, receipt_paid) != (held_sold, held_paid):
+        raise StateError(
+            "receipt: expected the sales and yield the holdings statements show, got others",
+            metadata={
+                "expected": f"sold {held_sold}, paid out {held_paid}",
+                "actual": f"sold {receipt_sold}, paid out {receipt_paid}",
+            },
+        )
 
 
 def _hashes(count: int) -> str:
@@ -814,39 +864,72 @@ class Story:
             return None
 
         after = await self._until(f"{CUSTODIAN} to execute a liquidation", liquidated)
+        record = await self._until(f"{EXCHANGE} to record the receipt", self._liquidation_record)
+        # The instruction is addressed to the custodian, the receipt to the exchange, the
+        # allocation to the custodian: each is verified as its addressee would.
+        instruction = self._open(
+            record.liquidation_instruction, liquidation_pb2.LiquidationInstruction, CUSTODIAN
+        )
+        receipt = self._open(
+            record.liquidation_receipt, liquidation_pb2.LiquidationReceipt, EXCHANGE
+        )
+        self.evidence.relied_on_by_custodian(record.liquidation_instruction)
+        self.evidence.relied_on_by_exchange(record.liquidation_receipt)
+        amount = _d(instruction.amount)
         say.step(
-            f"{EXCHANGE} instructs a close-out of the whole exposure along {PATH_ID}; {CUSTODIAN} "
-            f"executes it and attests epoch {after.statement.epoch} ({_reason(after.statement)}) "
-            f"at leaf {after.ref.leaf_index}"
+            f"{EXCHANGE} signs LiquidationInstruction {instruction.liquidation_id}: raise "
+            f"{say.amount(amount)} along {instruction.liquidation_path_id}; {CUSTODIAN} executes "
+            f"it and attests epoch {after.statement.epoch} ({_reason(after.statement)}) at leaf "
+            f"{after.ref.leaf_index}"
         )
         self._proven(await self.evidence.prove_holdings(after.envelope, after.ref), after.ref)
-        old, new = _by_asset(before.statement), _by_asset(after.statement)
-        rows = []
-        proceeds = Decimal(0)
-        for asset_id, _, _ in PATH_STEPS:
-            was = old.get(asset_id)
-            if was is None:
-                continue
-            now_pos = new.get(asset_id)
-            sold = _d(was.pledged_quantity) - (
-                Decimal(0) if now_pos is None else _d(now_pos.pledged_quantity)
+        if (receipt.liquidation_id, receipt.attestation.leaf_index) != (
+            instruction.liquidation_id,
+            after.ref.leaf_index,
+        ):
+            raise StateError(
+                f"the receipt should answer {instruction.liquidation_id} and cite leaf "
+                f"{after.ref.leaf_index}; it answers {receipt.liquidation_id} and cites leaf "
+                f"{receipt.attestation.leaf_index}",
+                metadata={
+                    "expected": f"{instruction.liquidation_id} @ {after.ref.leaf_index}",
+                    "actual": f"{receipt.liquidation_id} @ {receipt.attestation.leaf_index}",
+                },
             )
-            left = _d(was.quantity) - (Decimal(0) if now_pos is None else _d(now_pos.quantity))
-            paid_out = left - sold
-            if paid_out:
-                say.detail(
-                    f"yield first: {asset_id} {say.amount(paid_out)} accrued (never pledged) left "
-                    f"the account to {CLIENT}; only pledged quantity is sold"
-                )
-            if sold:
-                fill = sold * parse_amount(prices[asset_id])
-                proceeds += fill
-                rows.append(
-                    [asset_id, say.amount(sold), say.amount(prices[asset_id]), say.amount(fill)]
-                )
-        say.detail("sold along the path, in its order (pledged quantity before -> after):")
-        say.table(["asset", "sold", "price", "proceeds"], rows)
-        say.detail(f"proceeds {say.amount(proceeds)} at the scripted prices")
+        say.step(
+            f"ListLiquidations: {CUSTODIAN}'s signed LiquidationReceipt, verified as {EXCHANGE} "
+            f"verifies it; it cites the holdings statement at leaf {after.ref.leaf_index}"
+        )
+        for paid in receipt.yield_distributions:
+            say.detail(
+                f"yield first: {paid.asset_id} {say.amount(paid.quantity.value)} accrued, paid "
+                f"out to {CLIENT} before any sale"
+            )
+        say.detail("then the fills, along the path in its order:")
+        say.table(
+            ["asset", "quantity", "price", "proceeds", "venue"],
+            [
+                [
+                    f.asset_id,
+                    say.amount(f.quantity.value),
+                    say.amount(f.price.value),
+                    say.amount(f.proceeds.value),
+                    f.venue,
+                ]
+                for f in receipt.fills
+            ],
+        )
+        proceeds, shortfall = _d(receipt.total_proceeds), _d(receipt.shortfall)
+        say.detail(
+            f"total proceeds {say.amount(proceeds)}; shortfall {say.amount(amount)} - "
+            f"{say.amount(proceeds)} = {say.amount(shortfall)}"
+        )
+        _check_receipt(receipt, amount, before.statement, after.statement)
+        say.check(
+            "the receipt adds up (fills to total, amount - total to shortfall) and agrees with "
+            "the custodian's signed holdings before and after: the same quantities sold, the "
+            "same yield paid out"
+        )
 
         async def new_policy() -> valuation_pb2.RiskPolicy | None:
             envelope = (
@@ -860,29 +943,47 @@ class Story:
 
         policy = await self._until(f"{EXCHANGE} to draw on its insurance fund", new_policy)
         fund_after = _d(policy.insurance_fund_balance)
-        drawn = fund_before - fund_after
         say.step(
             f"{EXCHANGE} publishes risk policy v{policy.version}: insurance fund "
             f"{say.amount(fund_before)} -> {say.amount(fund_after)}"
         )
-        shortfall = exposure - proceeds
-        if fund_after > 0 and drawn != shortfall:
-            raise StateError(
-                f"the custodian's sales come to {format_amount(proceeds)}, a shortfall of "
-                f"{format_amount(shortfall)}, but the exchange drew {format_amount(drawn)} "
-                "from its insurance fund",
-                metadata={"expected": format_amount(shortfall), "actual": format_amount(drawn)},
-            )
-        say.detail(
-            f"shortfall waterfall: exposure {say.amount(exposure)} - proceeds "
-            f"{say.amount(proceeds)} = {say.amount(shortfall)}; the insurance fund covers "
-            f"{say.amount(drawn)}, {say.amount(shortfall - drawn)} left for auto-deleveraging"
+        allocation = self._open(
+            record.shortfall_allocation, liquidation_pb2.ShortfallAllocation, CUSTODIAN
         )
-        if fund_after > 0:
-            say.check(
-                "the custodian's signed holdings and the exchange's signed policy agree: sales "
-                "plus the insurance fund's draw equal the exposure closed out"
+        self.evidence.relied_on_by_custodian(record.shortfall_allocation)
+        covered = _d(allocation.covered_by_insurance_fund)
+        deleveraged = _d(allocation.auto_deleveraging_amount)
+        ranking = " > ".join(
+            f"{r.rank}. {r.account_id} ({say.amount(r.score.value)})" for r in allocation.ranking
+        )
+        say.step(
+            f"ShortfallAllocation, signed by {EXCHANGE}: shortfall "
+            f"{say.amount(allocation.shortfall.value)}; the insurance fund covers "
+            f"{say.amount(covered)}, {say.amount(deleveraged)} left for auto-deleveraging"
+            + (f" (ranking {ranking})" if ranking else "")
+        )
+        if (
+            allocation.liquidation_id != receipt.liquidation_id
+            or _d(allocation.shortfall) != shortfall
+            or covered != fund_before - fund_after
+            or _d(allocation.insurance_fund_balance_after) != fund_after
+        ):
+            raise StateError(
+                f"the allocation of {allocation.liquidation_id} (shortfall "
+                f"{allocation.shortfall.value}, fund {allocation.insurance_fund_balance_after.value} "
+                f"after) disagrees with the receipt of {receipt.liquidation_id} (shortfall "
+                f"{format_amount(shortfall)}) or the policy (fund {format_amount(fund_after)})",
+                metadata={
+                    "expected": f"{receipt.liquidation_id} {format_amount(shortfall)} "
+                    f"{format_amount(fund_after)}",
+                    "actual": f"{allocation.liquidation_id} {allocation.shortfall.value} "
+                    f"{allocation.insurance_fund_balance_after.value}",
+                },
             )
+        say.check(
+            "the allocation covers the receipt's shortfall, and its draw is the one the new "
+            "policy publishes"
+        )
         credit = await self._until(
             f"{EXCHANGE} to close the account out",
             self._credit_where(lambda c: _d(c.exposure) == 0 and _cites(c, after.ref.leaf_index)),
@@ -894,11 +995,22 @@ class Story:
             f"{_positions(after.statement)}"
         )
         say.detail("margin calls: " + (" · ".join(_status(s.status) for s in states) or "none"))
-        say.detail(
-            "the signed LiquidationReceipt is the exchange's alone (no RPC serves it in v1): the "
-            "sales above are the custodian's signed holdings before and after, at the scripted "
-            "prices, and the exchange's signed policy confirms their total"
+
+    async def _liquidation_record(self) -> liquidation_pb2.LiquidationRecord | None:
+        """The account's liquidation once its receipt (and any allocation) is recorded."""
+        listed = await self._c.exchange.list_liquidations(
+            exchange_service_pb2.ListLiquidationsRequest(account_id=ACCOUNT)
         )
+        for record in listed.liquidations:
+            if not record.HasField("liquidation_receipt"):
+                continue
+            receipt = liquidation_pb2.LiquidationReceipt.FromString(
+                record.liquidation_receipt.payload
+            )
+            # Parsed unverified only to know whether to wait; verified before any use.
+            if _d(receipt.shortfall) == 0 or record.HasField("shortfall_allocation"):
+                return record
+        return None
 
     async def _sync_heads(self) -> None:
         say.section("11. Both sides hold the same position-sync logs")
