@@ -115,6 +115,8 @@ class Session:
     log_origin: str | None = None
     #: False once the server answered UNIMPLEMENTED to the clock probe.
     clock_probe: bool = True
+    #: Head of the kit's exchange-to-custodian sync log as the custodian last said it.
+    sync_sent: int = 0
     _sequence: Iterator[int] = field(default_factory=lambda: iter(()), repr=False)
 
     @classmethod
