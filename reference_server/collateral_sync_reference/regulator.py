@@ -53,6 +53,7 @@ from collateral_sync.signing import VerifiedStatement, sign_statement, verify_st
 from collateral_sync.transport import plaintext_channel_for_testing, secure_channel
 from collateral_sync.v1 import (
     common_pb2,
+    emergency_pb2,
     envelope_pb2,
     errors_pb2,
     reconciliation_pb2,
@@ -61,6 +62,7 @@ from collateral_sync.v1 import (
 )
 
 from collateral_sync_reference._config import ServerConfig
+from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference._runner import ServerContext
 from collateral_sync_reference._test_control import TestControlBase
 
@@ -172,6 +174,24 @@ class RegulatorRole:
         self._channels: list[grpc.aio.Channel] = []
         self._clients: dict[int, ReconciliationClient] = {}
         self._service = _RegulatorService(self)
+        self._cosigner = EmergencyReleaseCoSigner(
+            signer=context.signer,
+            registry=context.registry,
+            clock=context.clock.now,
+            policy=self._cosign_policy,
+            max_skew=context.config.max_skew,
+        )
+
+    def _cosign_policy(self, verified: VerifiedStatement[emergency_pb2.EmergencyRelease]) -> None:
+        """The regulator co-signs releases for the exchange it oversees, and no other."""
+        exchange = self._parties[_EXCHANGE]
+        if verified.message.exchange_id != exchange:
+            raise StateError(
+                f"release for exchange {verified.message.exchange_id!r}: expected {exchange!r}, "
+                "the exchange this regulator oversees",
+                reason=_R.ERROR_REASON_STATE_CONFLICT,
+                metadata={"expected": exchange, "actual": verified.message.exchange_id},
+            )
 
     def _party(self, configured: str | None, role: int) -> str:
         config = self.context.config
@@ -192,7 +212,7 @@ class RegulatorRole:
         return found[0]
 
     def servicers(self) -> Sequence[object]:
-        return [self._service]
+        return [self._service, self._cosigner]
 
     def test_control(self) -> _RegulatorTestControl:
         return _RegulatorTestControl(self)

@@ -63,7 +63,7 @@ _T = TypeVar("_T")
 ORIGIN = f"{CUSTODIAN}/collateral-sync/attestations"
 CODE = grpc.StatusCode
 REASON = attestation_pb2.HoldingsChangeReason
-ACCOUNTS = ("er-reg-exch", "er-cust-exch", "er-dark", "er-refused", "er-exposed")
+ACCOUNTS = ("er-reg-exch", "er-cust-exch", "er-dark", "er-refused", "er-exposed", "er-regulator")
 PLEDGED = "400000"
 #: Regulator and custodian alone: the pilot's wait.
 WAIT = timedelta(hours=48)
@@ -569,5 +569,57 @@ def test_regulator_and_custodian_release_only_after_the_wait(
             await asyncio.to_thread(servers.custodian.restart)
             assert await execute(c.custodian, accepted) == receipt
             assert await state_of(c.custodian, account) == state
+
+    run(scenario())
+
+
+def test_regulator_server_cosigns_for_its_exchange_only(
+    servers: Servers,
+    reference_parties: Parties,
+    start_server: StartServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    parties = reference_parties
+    regulator = start_server(
+        "regulator",
+        parties.config(
+            REGULATOR,
+            "regulator",
+            tmp_path_factory.mktemp("emergency-regulator"),
+            peers={CUSTODIAN: servers.custodian.address, EXCHANGE: servers.exchange.address},
+        ),
+        name="emergency-regulator",
+    )
+
+    async def scenario() -> None:
+        async with (
+            clients(parties, servers) as c,
+            parties.channel(regulator.address, EXCHANGE) as to_regulator,
+        ):
+            regulator_cosigner = EmergencyReleaseClient(to_regulator)
+            # Earlier tests may have moved the custodian's clock days ahead; issue at the
+            # regulator's time with a TTL that covers both clocks.
+            now = await server_now(TestControlClient(to_regulator))
+            ttl = timedelta(days=30)
+            account = "er-regulator"
+            issued = release(parties, EXCHANGE, account, "rel-exch-reg", now=now, ttl=ttl)
+            signed = await cosign(regulator_cosigner, issued)
+            assert signer_parties(parties, signed) == [EXCHANGE, REGULATOR]
+            receipt = await execute(c.custodian, signed)
+            check_receipt(parties, receipt, signed, account, await server_now(c.custodian_control))
+            await assert_released(c, account)
+            # A release naming an exchange this regulator does not oversee is refused.
+            other = release(
+                parties,
+                EXCHANGE,
+                account,
+                "rel-other",
+                now=now,
+                ttl=ttl,
+                exchange_id=OTHER_EXCHANGE,
+            )
+            await expect_refusal(
+                cosign(regulator_cosigner, other), CODE.FAILED_PRECONDITION, "STATE_CONFLICT"
+            )
 
     run(scenario())
