@@ -93,6 +93,7 @@ class SyncStream:
     last_sent: position_sync_pb2.SyncFrame | None = None
     close_frame: position_sync_pb2.SyncClose | None = None
     frames: list[position_sync_pb2.SyncFrame] = field(default_factory=list)
+    _ended: StreamEnded | None = None
 
     @classmethod
     async def open(
@@ -115,14 +116,19 @@ class SyncStream:
             window=window,
         )
         stream = cls(ctx=ctx, call=call, hello=position_sync_pb2.SyncHello())
-        await stream.send(position_sync_pb2.SyncFrame(hello=hello))
-        first = await stream.next_frame()
-        check(
-            first is not None and first.WhichOneof("frame") == "hello",
-            "the custodian's first frame on SyncPositions must be its hello (§6.2)",
-            expected="a SyncFrame with hello",
-            got=describe(first) if first is not None else "nothing",
-        )
+        stream._start_reading()
+        try:
+            await stream.send(position_sync_pb2.SyncFrame(hello=hello))
+            first = await stream.next_frame()
+            check(
+                first is not None and first.WhichOneof("frame") == "hello",
+                "the custodian's first frame on SyncPositions must be its hello (§6.2)",
+                expected="a SyncFrame with hello",
+                got=describe(first) if first is not None else "nothing",
+            )
+        except BaseException:
+            await stream.close()
+            raise
         assert first is not None
         stream.hello = first.hello
         # Where the custodian stands in the kit's log, for the next hello and batch.
@@ -136,27 +142,47 @@ class SyncStream:
         )
         await self.call.write(custodian_service_pb2.SyncPositionsRequest(frame=frame))
 
+    def _start_reading(self) -> None:
+        # Reads run in a task of their own: cancelling a pending read (a timeout)
+        # would cancel the whole call.
+        self._queue: asyncio.Queue[position_sync_pb2.SyncFrame | StreamEnded] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read_all())
+
+    async def _read_all(self) -> None:
+        started = time.perf_counter()
+        while True:
+            try:
+                response = await self.call.read()
+            except grpc.RpcError as err:
+                outcome = outcome_from_error(
+                    _SYNC, self.last_sent, err, time.perf_counter() - started
+                )
+                await self._queue.put(StreamEnded(outcome, None))
+                return
+            if response is grpc.aio.EOF:
+                outcome = Outcome(
+                    rpc=_SYNC, request=self.last_sent, response=None, code=await self.call.code()
+                )
+                await self._queue.put(StreamEnded(outcome, None))
+                return
+            await self._queue.put(response.frame)
+
     async def next_frame(
         self, timeout: float = FRAME_TIMEOUT
     ) -> position_sync_pb2.SyncFrame | None:
         """The custodian's next frame; None on timeout; StreamEnded when the call ends."""
-        started = time.perf_counter()
+        if self._ended is not None:
+            raise self._ended
         try:
             async with asyncio.timeout(timeout):
-                response = await self.call.read()
+                item = await self._queue.get()
         except TimeoutError:
             return None
-        except grpc.RpcError as err:
-            outcome = outcome_from_error(_SYNC, self.last_sent, err, time.perf_counter() - started)
-            self.ctx.transcript.append(outcome)
-            raise StreamEnded(outcome, self.close_frame) from err
-        if response is grpc.aio.EOF:
-            outcome = Outcome(
-                rpc=_SYNC, request=self.last_sent, response=None, code=await self.call.code()
-            )
-            self.ctx.transcript.append(outcome)
-            raise StreamEnded(outcome, self.close_frame)
-        frame: position_sync_pb2.SyncFrame = response.frame
+        if isinstance(item, StreamEnded):
+            self._ended = StreamEnded(item.outcome, self.close_frame)
+            self.ctx.transcript.append(item.outcome)
+            raise self._ended
+        frame = item
         self.frames.append(frame)
         self.ctx.transcript.append(
             Outcome(rpc=f"{_SYNC} (read)", request=None, response=frame, code=grpc.StatusCode.OK)
@@ -217,6 +243,8 @@ class SyncStream:
 
     async def close(self) -> None:
         self.call.cancel()
+        self._reader.cancel()
+        await asyncio.wait({self._reader})
 
 
 async def verified_entries(
