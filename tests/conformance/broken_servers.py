@@ -23,10 +23,11 @@ from decimal import Decimal
 from typing import Any
 
 import grpc
-from collateral_sync import errors
+from collateral_sync import _sync_session, errors
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
-from collateral_sync.v1 import errors_pb2, valuation_pb2
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
+from collateral_sync.v1 import errors_pb2, position_sync_pb2, valuation_pb2
 from collateral_sync_reference import _custodian_core as _custodian_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
@@ -162,6 +163,65 @@ def _drops_field_violations() -> None:
     errors.error_to_status = error_to_status
 
 
+# -- the position-sync stream: the SDK's session class as the server runs it
+
+
+def _custodian_session(session: Any) -> bool:
+    return bool(session.log.sending_direction == CUSTODIAN_TO_EXCHANGE)
+
+
+def _custodian_ignores_window() -> None:
+    """The custodian sends as if the exchange's window were unlimited."""
+    original = _sync_session.SyncSession._accept_hello
+
+    def accept_hello(self: Any, frame: Any) -> None:
+        original(self, frame)
+        if _custodian_session(self):
+            self._peer_window = 2**31
+
+    _sync_session.SyncSession._accept_hello = accept_hello  # type: ignore[method-assign]
+
+
+def _custodian_misses_heartbeats() -> None:
+    """The custodian announces a 500 ms heartbeat interval but keeps its own (5 s)."""
+    original = _sync_session.SyncSession._own_hello
+
+    def own_hello(self: Any) -> Any:
+        frame = original(self)
+        if _custodian_session(self):
+            frame.hello.heartbeat_interval_ms = 500
+        return frame
+
+    _sync_session.SyncSession._own_hello = own_hello  # type: ignore[method-assign]
+
+
+def _custodian_replays_from_start() -> None:
+    """On a resume the custodian sends its whole log again, ignoring the exchange's received head."""
+    original = _sync_session.SyncSession._accept_hello
+
+    def accept_hello(self: Any, frame: Any) -> None:
+        original(self, frame)
+        if _custodian_session(self):
+            self._sent = 0
+            self._sent_hash = ZERO_HASH
+
+    _sync_session.SyncSession._accept_hello = accept_hello  # type: ignore[method-assign]
+
+
+def _custodian_misattests_sync_change() -> None:
+    """Holdings changes on the stream point at the wrong leaf of the attestation log."""
+    original = _custodian_core.Custodian._announce
+
+    def announce(self: Any, exchange: str, *updates: position_sync_pb2.PositionUpdate) -> None:
+        for update in updates:
+            if update.WhichOneof("update") == "holdings_change":
+                ref = update.holdings_change.attestation
+                ref.leaf_index = ref.leaf_index - 1 if ref.leaf_index else ref.leaf_index + 1
+        original(self, exchange, *updates)
+
+    _custodian_core.Custodian._announce = announce
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -182,6 +242,10 @@ FAULTS: dict[str, Callable[[], None]] = {
         "ERROR_REASON_MALFORMED", "FAILED_PRECONDITION"
     ),
     "custodian-drops-field-violations": _drops_field_violations,
+    "custodian-ignores-window": _custodian_ignores_window,
+    "custodian-misses-heartbeats": _custodian_misses_heartbeats,
+    "custodian-replays-from-start": _custodian_replays_from_start,
+    "custodian-misattests-sync-change": _custodian_misattests_sync_change,
 }
 
 

@@ -96,7 +96,6 @@ def _failed(argv: list[str], reports: Path, capsys: pytest.CaptureFixture[str]) 
     code = main([*argv, "--report-dir", str(reports)])
     captured = capsys.readouterr()
     output = captured.out + captured.err
-    assert code == 1, output
     cases = json.loads((reports / "results.json").read_text("utf-8"))["cases"]
     assert not any(c["verdict"] in ("error", "skipped") for c in cases), output
     failed = {c["id"] for c in cases if c["verdict"] == "failed"}
@@ -104,6 +103,9 @@ def _failed(argv: list[str], reports: Path, capsys: pytest.CaptureFixture[str]) 
         if case["id"] in failed:
             assert case["failure"]["expected"], case
             assert case["failure"]["got"], case
+    # Non-zero exactly when a MUST case failed.
+    must_failed = any(c["level"] == "MUST" and c["id"] in failed for c in cases)
+    assert code == (1 if must_failed else 0), output
     return failed
 
 
@@ -159,6 +161,14 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "custodian-drops-field-violations",
         ["envelope/pledge-collateral/**"],
         {"envelope/pledge-collateral/invalid-amount-refused"},
+    ),
+    ("custodian-ignores-window", ["sync/**"], {"sync/window-respected"}),
+    ("custodian-misses-heartbeats", ["sync/**"], {"sync/heartbeat-on-idle"}),
+    ("custodian-replays-from-start", ["sync/**"], {"sync/resume-after-disconnect"}),
+    (
+        "custodian-misattests-sync-change",
+        ["sync/**", "custodian/**"],
+        {"sync/holdings-change-attested"},
     ),
 ]
 
