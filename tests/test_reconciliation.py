@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import rfc9162_reference as ref
 from collateral_sync import reconciliation
+from collateral_sync._bench_recon import run_recon_benchmark
 from collateral_sync.amounts import parse_amount
 from collateral_sync.errors import (
     CollateralSyncError,
@@ -915,3 +916,14 @@ def test_public_names() -> None:
     )
     for name in reconciliation.__all__:
         assert getattr(reconciliation, name) is not None
+
+
+def test_bench_recon_runs_small_and_checks_what_it_located(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_recon_benchmark(scale=0.0005) == 0
+    out = capsys.readouterr().out
+    assert "500 accounts a party, 25 break sites" in out
+    assert "all located and as injected" in out
+    with pytest.raises(ValueError, match="scale"):
+        run_recon_benchmark(scale=0)
