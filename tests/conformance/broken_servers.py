@@ -130,6 +130,17 @@ def _exchange_doubles_credit_limit() -> None:
     _exchange_core.credit_line_figures = credit_line_figures
 
 
+def _exchange_overstates_margin_calls() -> None:
+    """The exchange calls for 10% more margin than its policy says is due."""
+    original = _exchange_core.margin_call_amount
+
+    def margin_call_amount(policy: Any, collateral_value: Any, exposure: Any) -> Any:
+        amount = original(policy, collateral_value, exposure)
+        return None if amount is None else (amount * Decimal("1.1")).quantize(amount)
+
+    _exchange_core.margin_call_amount = margin_call_amount
+
+
 def _wrong_status(reason_name: str, code_name: str) -> Callable[[], None]:
     def patch() -> None:
         """Answers one error reason with the wrong gRPC status code."""
@@ -230,6 +241,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-miscomputes-haircut": _exchange_miscomputes_haircut,
     "exchange-doubles-credit-limit": _exchange_doubles_credit_limit,
     "exchange-drops-error-info": _drops_error_info,
+    "exchange-overstates-margin-calls": _exchange_overstates_margin_calls,
     "exchange-not-found-as-invalid-argument": _wrong_status(
         "ERROR_REASON_NOT_FOUND", "INVALID_ARGUMENT"
     ),

@@ -220,8 +220,14 @@ EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["envelope/respond-to-margin-call/**"],
         {"envelope/respond-to-margin-call/not-yet-valid-refused"},
     ),
-    ("exchange-miscomputes-haircut", ["exchange/**"], {"exchange/credit-line-recomputes"}),
+    (
+        "exchange-miscomputes-haircut",
+        ["exchange/**"],
+        # Both figures value collateral: the credit line and the margin call's collateral value.
+        {"exchange/credit-line-recomputes", "exchange/margin-call-recomputes"},
+    ),
     ("exchange-doubles-credit-limit", ["exchange/**"], {"exchange/credit-line-recomputes"}),
+    ("exchange-overstates-margin-calls", ["exchange/**"], {"exchange/margin-call-recomputes"}),
     (
         "exchange-drops-error-info",
         ["exchange/**"],

@@ -9,6 +9,7 @@ error details.
 from __future__ import annotations
 
 from datetime import UTC
+from decimal import Decimal
 
 import grpc
 from collateral_sync.amounts import amount_from_proto, format_amount, parse_amount
@@ -21,10 +22,11 @@ from collateral_sync.v1 import (
     test_control_pb2,
     valuation_pb2,
 )
-from collateral_sync.valuation import credit_line_figures, value_collateral
+from collateral_sync.valuation import credit_line_figures, recompute_margin_call, value_collateral
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
+    CaseSkipped,
     check,
     check_equal,
     describe,
@@ -363,3 +365,134 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
     finally:
         if before:
             await _revalue_at(ctx, account, row.asset_id, before)
+
+
+# ------------------------------------------------------------------ margin calls
+
+
+async def _set_exposure(ctx: CaseContext, account: str, exposure: Decimal) -> str:
+    """SetExposure then RunValuation; returns the margin call the valuation issued, if any."""
+    await ctx.control(
+        ctx.test_control.set_exposure,
+        test_control_pb2.SetExposureRequest(
+            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
+        ),
+    )
+    valued = await ctx.control(
+        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
+    )
+    call_id: str = valued.margin_call_id
+    return call_id
+
+
+_MS = margin_pb2.MarginCallStatus
+_OPEN = {
+    _MS.MARGIN_CALL_STATUS_ISSUED,
+    _MS.MARGIN_CALL_STATUS_AGREED,
+    _MS.MARGIN_CALL_STATUS_PARTIALLY_AGREED,
+    _MS.MARGIN_CALL_STATUS_DISPUTED,
+}
+
+
+async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
+    """The account's margin calls by id, with their status."""
+    outcome = await ctx.rpc(
+        ctx.exchange.list_margin_calls,
+        exchange_service_pb2.ListMarginCallsRequest(account_id=account, page_size=1000),
+    )
+    response: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
+    states = [margin_pb2.MarginCallState.FromString(e.payload) for e in response.margin_call_states]
+    return {state.margin_call_id: state.status for state in states}
+
+
+@REGISTRY.case(
+    "exchange/margin-call-recomputes",
+    Level.MUST,
+    "an exposure that puts the collateral ratio between the liquidation line and maintenance "
+    "makes RunValuation issue a margin call whose figures the SDK recomputes from its signed "
+    "inputs (recompute_margin_call)",
+    roles=_EXCHANGE,
+)
+async def margin_call_recomputes(ctx: CaseContext) -> None:
+    account = ctx.account()
+    line = await _credit_line(ctx, account)
+    restore: tuple[str, str] | None = None
+    value = parse_amount(line.collateral_value.value or "0")
+    if value == 0:
+        counted = [
+            r
+            for r in line.valuations
+            if parse_amount(r.eligible_quantity.value or "0") > 0
+            and parse_amount(r.collateral_factor.value or "0") > 0
+        ]
+        if not counted:
+            raise CaseSkipped(f"account {account!r} holds nothing the exchange's policy counts")
+        asset = counted[0].asset_id
+        before = next((q.price.value for q in line.prices if q.asset_id == asset), "")
+        await _revalue_at(ctx, account, asset, _HIGH_PRICE)
+        if before:
+            restore = (asset, before)
+        line = await _credit_line(ctx, account)
+        value = parse_amount(line.collateral_value.value or "0")
+    try:
+        policy = await latest_policy(ctx)
+        maintenance = parse_amount(policy.maintenance_ratio.value)
+        liquidation = parse_amount(policy.liquidation_ratio.value)
+        # A ratio halfway between the two lines: a call is due, a liquidation is not.
+        exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
+        earlier = await _call_ids(ctx, account)
+        # SetExposure may revalue (and call) by itself; RunValuation then names no new call.
+        call_id = await _set_exposure(ctx, account, exposure)
+        if not call_id:
+            after = await _call_ids(ctx, account)
+            fresh = sorted(set(after) - set(earlier))
+            # A call still open (e.g. agreed by the custodian earlier) stands in for a new one.
+            still_open = sorted(i for i, status in after.items() if status in _OPEN)
+            call_id = fresh[0] if len(fresh) == 1 else (still_open[-1] if still_open else "")
+            new_call = len(fresh) == 1
+        else:
+            new_call = True
+        check(
+            bool(call_id),
+            "RunValuation at a collateral ratio below maintenance issued no margin call",
+            expected=f"a margin_call_id (collateral value {value}, exposure {exposure}, "
+            f"maintenance {maintenance}, liquidation {liquidation})",
+            got="none",
+        )
+        outcome = await ctx.rpc(
+            ctx.exchange.get_margin_call,
+            exchange_service_pb2.GetMarginCallRequest(margin_call_id=call_id),
+        )
+        response: exchange_service_pb2.GetMarginCallResponse = expect_ok(outcome)
+        now = await ctx.server_now()
+        state = sdk_check(
+            "the margin call state",
+            verify_statement,
+            response.margin_call_state,
+            ctx.registry,
+            expected_type=margin_pb2.MarginCallState,
+            audience=ctx.kit_party_id,
+            now=now,
+        )
+        check_equal("issuer of the margin call state", ctx.server_party_id, state.issuer)
+        check_equal("margin_call_id of the state", call_id, state.message.margin_call_id)
+        recomputed = sdk_check(
+            "the margin call, recomputed from its signed inputs",
+            recompute_margin_call,
+            state.message.margin_call,
+            ctx.registry,
+            audience=ctx.kit_party_id,
+            now=now,
+        )
+        check_equal("account of the margin call", account, recomputed.margin_call.account_id)
+        if new_call:
+            check_equal("exposure the call was computed on", exposure, recomputed.exposure)
+        check_equal(
+            "call amount of the state and of the signed call",
+            format_amount(recomputed.call_amount),
+            state.message.call_amount.value,
+        )
+    finally:
+        await _set_exposure(ctx, account, Decimal(0))
+        if restore is not None:
+            await _revalue_at(ctx, account, *restore)
