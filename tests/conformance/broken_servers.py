@@ -194,13 +194,13 @@ def _custodian_ignores_window() -> None:
 
 
 def _custodian_misses_heartbeats() -> None:
-    """The custodian announces a 500 ms heartbeat interval but keeps its own (5 s)."""
+    """The custodian announces a heartbeat interval a twentieth of the one it keeps."""
     original = _sync_session.SyncSession._own_hello
 
     def own_hello(self: Any) -> Any:
         frame = original(self)
         if _custodian_session(self):
-            frame.hello.heartbeat_interval_ms = 500
+            frame.hello.heartbeat_interval_ms = max(1, frame.hello.heartbeat_interval_ms // 20)
         return frame
 
     _sync_session.SyncSession._own_hello = own_hello  # type: ignore[method-assign]
