@@ -193,7 +193,7 @@ def describe(message: Any) -> Any:
         return message.ToJsonString()
     shown: dict[str, Any] = {}
     for fd, value in message.ListFields():
-        if _is_repeated(fd):
+        if _is_repeated(fd) and not _is_map(fd):
             shown[fd.name] = [_describe_value(fd, v) for v in value]
         else:
             shown[fd.name] = _describe_value(fd, value)
@@ -204,9 +204,18 @@ def _is_repeated(fd: FieldDescriptor) -> bool:
     return bool(fd.is_repeated)
 
 
+def _is_map(fd: FieldDescriptor) -> bool:
+    # A map is a repeated entry message on the wire, but a mapping in Python.
+    return bool(
+        fd.type == FieldDescriptor.TYPE_MESSAGE
+        and fd.message_type is not None
+        and fd.message_type.GetOptions().map_entry
+    )
+
+
 def _describe_value(fd: FieldDescriptor, value: Any) -> Any:
     if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
-        if fd.message_type.GetOptions().map_entry:
+        if _is_map(fd):
             return {str(k): describe(v) if isinstance(v, Message) else v for k, v in value.items()}
         if fd.message_type.full_name == "collateral_sync.v1.Decimal":
             return value.value

@@ -23,7 +23,8 @@ from decimal import Decimal
 from typing import Any
 
 import grpc
-from collateral_sync import _sync_session, errors
+from collateral_sync import _sync_log, errors
+from collateral_sync import _sync_session as _session_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
@@ -35,6 +36,7 @@ from collateral_sync_reference import _storage
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_core: Any = _custodian_module
 _exchange_core: Any = _exchange_module
+_sync_session: Any = _session_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -190,7 +192,7 @@ def _custodian_ignores_window() -> None:
         if _custodian_session(self):
             self._peer_window = 2**31
 
-    _sync_session.SyncSession._accept_hello = accept_hello  # type: ignore[method-assign]
+    _sync_session.SyncSession._accept_hello = accept_hello
 
 
 def _custodian_misses_heartbeats() -> None:
@@ -203,7 +205,7 @@ def _custodian_misses_heartbeats() -> None:
             frame.hello.heartbeat_interval_ms = max(1, frame.hello.heartbeat_interval_ms // 20)
         return frame
 
-    _sync_session.SyncSession._own_hello = own_hello  # type: ignore[method-assign]
+    _sync_session.SyncSession._own_hello = own_hello
 
 
 def _custodian_replays_from_start() -> None:
@@ -216,7 +218,7 @@ def _custodian_replays_from_start() -> None:
             self._sent = 0
             self._sent_hash = ZERO_HASH
 
-    _sync_session.SyncSession._accept_hello = accept_hello  # type: ignore[method-assign]
+    _sync_session.SyncSession._accept_hello = accept_hello
 
 
 def _custodian_misattests_sync_change() -> None:
@@ -231,6 +233,55 @@ def _custodian_misattests_sync_change() -> None:
         original(self, exchange, *updates)
 
     _custodian_core.Custodian._announce = announce
+
+
+def _custodian_forged_batch_as_malformed() -> None:
+    """A sync batch with a bad signature is refused, but as MALFORMED, not UNAUTHENTICATED."""
+    original = _sync_session.verify_sync_batch
+
+    def verify_sync_batch(envelope: Any, registry: Any, **kwargs: Any) -> Any:
+        try:
+            return original(envelope, registry, **kwargs)
+        except VerificationError as err:
+            if err.reason != errors_pb2.ERROR_REASON_SIGNATURE_INVALID:
+                raise
+            raise errors.MalformedError(err.message, metadata=err.metadata) from err
+
+    _sync_session.verify_sync_batch = verify_sync_batch
+
+
+def _custodian_refuses_old_batches() -> None:
+    """Any batch at or below the stored head is refused as a replay: duplicates are not acknowledged."""
+    original = _sync_log.SyncLog.accept_batch
+
+    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
+        head = self.received_head().sequence
+        if batch.direction != CUSTODIAN_TO_EXCHANGE and batch.first_sequence <= head:
+            raise VerificationError(
+                f"batch from {batch.first_sequence}, expected > {head}",
+                reason=errors_pb2.ERROR_REASON_REPLAYED,
+                metadata={"expected": f"> {head}", "actual": str(batch.first_sequence)},
+            )
+        return original(self, batch, apply, now=now)
+
+    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
+
+
+def _custodian_equivocation_as_gap() -> None:
+    """Equivocation is refused, but reported as a sequence gap (OUT_OF_RANGE)."""
+    original = _sync_log.SyncLog.accept_batch
+
+    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
+        try:
+            return original(self, batch, apply, now=now)
+        except errors.CollateralSyncError as err:
+            if err.reason != errors_pb2.ERROR_REASON_EQUIVOCATION:
+                raise
+            raise errors.CollateralSyncError(
+                err.message, reason=errors_pb2.ERROR_REASON_SEQUENCE_GAP, metadata=err.metadata
+            ) from err
+
+    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
 
 
 #: Fault name -> the patch that introduces it.
@@ -258,6 +309,9 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-misses-heartbeats": _custodian_misses_heartbeats,
     "custodian-replays-from-start": _custodian_replays_from_start,
     "custodian-misattests-sync-change": _custodian_misattests_sync_change,
+    "custodian-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
+    "custodian-refuses-old-batches": _custodian_refuses_old_batches,
+    "custodian-equivocation-as-gap": _custodian_equivocation_as_gap,
 }
 
 

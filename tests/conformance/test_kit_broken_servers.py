@@ -165,6 +165,14 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ("custodian-ignores-window", ["sync/**"], {"sync/window-respected"}),
     ("custodian-misses-heartbeats", ["sync/**"], {"sync/heartbeat-on-idle"}),
     ("custodian-replays-from-start", ["sync/**"], {"sync/resume-after-disconnect"}),
+    ("custodian-forged-batch-as-malformed", ["sync/**"], {"sync/forged-batch-refused"}),
+    (
+        "custodian-refuses-old-batches",
+        ["sync/**"],
+        # The equivocating batch is at the head too: refused, but for the wrong reason.
+        {"sync/duplicate-batch-acked-once", "sync/equivocation-refused"},
+    ),
+    ("custodian-equivocation-as-gap", ["sync/**"], {"sync/equivocation-refused"}),
     (
         "custodian-misattests-sync-change",
         ["sync/**", "custodian/**"],

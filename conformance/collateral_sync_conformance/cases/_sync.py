@@ -14,6 +14,7 @@ says it stands, so that reruns against one server stay consistent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,7 +141,9 @@ class SyncStream:
         self.ctx.transcript.append(
             Outcome(rpc=f"{_SYNC} (write)", request=frame, response=None, code=grpc.StatusCode.OK)
         )
-        await self.call.write(custodian_service_pb2.SyncPositionsRequest(frame=frame))
+        # A call that has ended refuses writes; the reading side reports how it ended.
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
+            await self.call.write(custodian_service_pb2.SyncPositionsRequest(frame=frame))
 
     def _start_reading(self) -> None:
         # Reads run in a task of their own: cancelling a pending read (a timeout)

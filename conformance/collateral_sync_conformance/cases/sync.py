@@ -298,9 +298,9 @@ async def _refused(
     if end is None:
         raise CaseFailure(
             "the custodian kept the stream open after a batch it must refuse",
-            sent=describe(batch),
+            sent=str(describe(batch)),
             expected=f"the stream ended with {code.name}",
-            got=describe(stream.frames[-3:]) if stream.frames else "no frame",
+            got=str([describe(f) for f in stream.frames[-3:]]) if stream.frames else "no frame",
         )
     expect_status(end.outcome, code, reason)
     after = await SyncStream.open(ctx)
