@@ -2,8 +2,9 @@
 
 The demo is judged from the outside: its exit code, the lines that tell the
 story, the files it leaves in ``COLLATERAL_SYNC_DEMO_DIR`` (the audit bundles
-verify in-process too, and their tampered copy does not), and that no server
-it started outlives it, whether it finishes, fails or is interrupted.
+verify in-process too, and tampered copies do not), and that none of the
+three servers it started outlives it, whether it finishes, fails or is
+interrupted.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from collateral_sync._demo_story import edit_quantity
 from collateral_sync.audit import load_audit_bundle, verify_audit_bundle
-from collateral_sync.v1 import liquidation_pb2, margin_pb2, valuation_pb2
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.v1 import (
+    audit_pb2,
+    emergency_pb2,
+    liquidation_pb2,
+    margin_pb2,
+    reconciliation_pb2,
+    valuation_pb2,
+)
 
 DEMO = (sys.executable, "-m", "collateral_sync._demo")
 #: The brief asks for well under two minutes on the 2-core machine.
@@ -57,7 +68,7 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
     assert "Traceback" not in done.stderr
     assert elapsed < DEMO_TIMEOUT
 
-    for number in range(1, 13):
+    for number in range(1, 17):
         assert f"\n== {number}. " in out, f"section {number} missing"
     # The story, in order: each step appears after the one before it.
     steps = [
@@ -65,13 +76,14 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "$ collateral-sync dev-certs --out pki",
         "custodian-1 serves on 127.0.0.1:",
         "exchange-1 serves on 127.0.0.1:",
+        "regulator-1 serves on 127.0.0.1:",
         "risk policy v1, signed by exchange-1",
         "client-1 signs its pre-authorised liquidation path path-acct-7-1",
         "client-1 pledges TSLAx 400 to exchange-1",
         "refused a pledge signed by a key that claims to be client-1",
         "UNAUTHENTICATED KEY_UNKNOWN",
         "FAILED_PRECONDITION STATE_CONFLICT",
-        "its signed CreditLine cites leaf 4 of tree size 5",
+        "its signed CreditLine cites leaf 6 of tree size 7",
         "first checkpoint, trusted on first use",
         "AUDIENCE_MISMATCH",
         "PROOF_INVALID",
@@ -101,11 +113,46 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "ok      the allocation covers the receipt's shortfall",
         "CreditLine: exposure 0",
         "entries on both sides",
-        "exchange exit code 0, custodian exit code 0",
+        # Reconciliation: matched, then the injected break located.
+        "client-1 pledges USDC 150,000 of its second account acct-8 to exchange-1",
+        "exchange-1 credits it: collateral value 142,500",
+        "signed by regulator-1 for everyone: MATCHED, 0 breaks",
+        "custodian-1's statement: 2 accounts, positions root ",
+        "ok      the result and both statements in it verify",
+        "off by 25 (a break in its books)",
+        "signed by regulator-1: BREAKS, 1 break",
+        "the statements alone differ in totals[USDC].pledged_quantity: 150000 vs 150025",
+        "acct-8    USDC  PLEDGED_QUANTITY      150,000     150,025",
+        "ok      the break is the one injected, located to its account, asset and field",
+        # Settlement: pending for its window, then executed.
+        "(RunSettlementCycle): 1 signed instruction sent to custodian-1",
+        "acct-8 USDC net 1,500 (the client owes), cycle 1 of the 2 the policy allows a day",
+        "custodian-1 holds it PENDING until its dispute deadline",
+        "USDC 1,500 moves from acct-8's pledge to exchange-1/settlement",
+        "(SETTLEMENT)",
+        "acct-8 now: USDC 248,500 (148,500 pledged)",
+        # Emergency release: the exchange dark, too early refused, then executed.
+        "exchange-1's process stops (exit code 0)",
+        "a call to exchange-1 now fails: UNAVAILABLE",
+        "regulator-1 signs EmergencyRelease release-acct-8-1",
+        "reason EXCHANGE_FAILURE",
+        "custodian-1 co-signs it (CoSignEmergencyRelease): signed by regulator-1 and custodian-1",
+        "refused executing it now: without exchange-1's signature the policy's 48 h 00 min wait",
+        "-> FAILED_PRECONDITION STATE_CONFLICT: the exchange has been unresponsive since",
+        "ok      acct-8's attested holdings are unchanged by the refusal",
+        "clocks move 48 h ",
+        "the same release, brought again: executed. EmergencyReleaseReceipt signed by custodian-1",
+        "(RELEASE) at leaf ",
+        "USDC 248,500, nothing pledged",
+        "regulator exit code 0, exchange exit code 0, custodian exit code 0",
         "1 LiquidationReceipt signed by custodian-1",
         "$ collateral-sync verify audit-exchange.json",
         "ok   statement[0]: LiquidationReceipt #",
         "$ collateral-sync verify audit-custodian.json",
+        "$ collateral-sync verify audit-regulator.json",
+        ": MATCHED, 0 breaks, both parties' statements verify",
+        ": BREAKS, 1 breaks, both parties' statements verify",
+        "ok   statement[2]: EmergencyReleaseReceipt #1 signed by custodian-1",
         "$ collateral-sync verify audit-exchange-tampered.json",
         "FAIL attested_statement[0]",
         "Demo complete in",
@@ -116,15 +163,15 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         assert found >= 0, f"{text!r} missing after position {position}:\n{out}"
         position = found
     verdicts = re.findall(r"(VERIFIED|REFUSED): (\d+) of (\d+) checks passed", out)
-    assert [v[0] for v in verdicts] == ["VERIFIED", "VERIFIED", "REFUSED"]
-    assert all(passed == total for _, passed, total in verdicts[:2])
-    assert int(verdicts[2][1]) == int(verdicts[2][2]) - 1
-    assert out.count("exit code 0\n") == 2
+    assert [v[0] for v in verdicts] == ["VERIFIED", "VERIFIED", "VERIFIED", "REFUSED"]
+    assert all(passed == total for _, passed, total in verdicts[:3])
+    assert int(verdicts[3][1]) == int(verdicts[3][2]) - 1
+    assert out.count("exit code 0\n") == 3
     assert out.count("exit code 1\n") == 1
 
     # No server outlives the demo.
     pids = _server_pids(out)
-    assert len(pids) == 2
+    assert len(pids) == 3
     assert all(_gone(pid) for pid in pids)
 
     # The kept files: the bundles check out here too, independently of the CLI.
@@ -186,8 +233,77 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
     tampered = verify_audit_bundle(load_audit_bundle(directory / "audit-exchange-tampered.json"))
     assert not tampered.ok
     assert [c.subject for c in tampered.checks if not c.ok] == ["attested_statement[0]"]
-    for name in ("custodian.log", "exchange.log", "custodian-1.sqlite", "exchange-1.sqlite"):
+    kinds = {e.statement.payload_type.rsplit(".", 1)[-1] for e in custodian_bundle.statements}
+    assert {"settlement-instruction+proto", "emergency-release+proto"} <= kinds
+    [instruction] = [
+        reconciliation_pb2.SettlementInstruction.FromString(e.statement.payload)
+        for e in custodian_bundle.statements
+        if e.statement.payload_type.endswith(".settlement-instruction+proto")
+    ]
+    assert (instruction.account_id, instruction.asset_id, instruction.net_amount.value) == (
+        "acct-8",
+        "USDC",
+        "1500",
+    )
+    _check_regulator_bundle(directory)
+    for name in (
+        "custodian.log",
+        "exchange.log",
+        "regulator.log",
+        "custodian-1.sqlite",
+        "exchange-1.sqlite",
+        "regulator-1.sqlite",
+    ):
         assert (directory / name).is_file(), name
+
+
+def _check_regulator_bundle(directory: Path) -> None:
+    """The regulator's bundle: both results and the release receipt, and tampering caught."""
+    bundle = load_audit_bundle(directory / "audit-regulator.json")
+    assert bundle.verifier_party_id == "regulator-1"
+    report = verify_audit_bundle(bundle)
+    assert report.ok, report.lines()
+    results = [
+        reconciliation_pb2.ReconciliationResult.FromString(e.statement.payload)
+        for e in bundle.statements
+        if e.statement.payload_type.endswith(".reconciliation-result+proto")
+    ]
+    outcome = reconciliation_pb2.ReconciliationOutcome
+    assert [r.outcome for r in results] == [
+        outcome.RECONCILIATION_OUTCOME_MATCHED,
+        outcome.RECONCILIATION_OUTCOME_BREAKS,
+    ]
+    assert results[0].cutoff_id < results[1].cutoff_id
+    assert [
+        (b.account_id, b.asset_id, b.field, b.custodian_value.value, b.exchange_value.value)
+        for b in results[1].breaks
+    ] == [("acct-8", "USDC", reconciliation_pb2.BREAK_FIELD_PLEDGED_QUANTITY, "150000", "150025")]
+    [receipt] = [
+        emergency_pb2.EmergencyReleaseReceipt.FromString(e.statement.payload)
+        for e in bundle.statements
+        if e.statement.payload_type.endswith(".emergency-release-receipt+proto")
+    ]
+    release = emergency_pb2.EmergencyRelease.FromString(receipt.release.payload)
+    assert (receipt.account_id, release.account_id, release.exchange_id) == (
+        "acct-8",
+        "acct-8",
+        "exchange-1",
+    )
+    assert release.reason == emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+    registry = KeyRegistry.from_proto(bundle.registry)
+    signers = [registry.get(s.key_id) for s in receipt.release.signatures]
+    assert [key.party_id for key in signers if key is not None] == ["regulator-1", "custodian-1"]
+    # Executed only once the wait had passed since the exchange went dark.
+    since = release.exchange_unresponsive_since.ToDatetime()
+    assert receipt.executed_at.ToDatetime() - since >= timedelta(hours=48)
+
+    # A break value edited in the signed result is caught.
+    tampered = audit_pb2.AuditBundle()
+    tampered.CopyFrom(bundle)
+    envelope = tampered.statements[1].statement
+    envelope.payload = edit_quantity(envelope.payload, "150025", "150026")
+    failed = [c.subject for c in verify_audit_bundle(tampered).checks if not c.ok]
+    assert failed == ["statement[1]"]
 
 
 def test_demo_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
@@ -226,7 +342,7 @@ def test_a_failed_step_ends_with_one_message_and_stops_the_servers(tmp_path: Pat
     ]
     assert "Demo complete" not in done.stdout
     pids = _server_pids(done.stdout)
-    assert len(pids) == 2
+    assert len(pids) == 3
     assert all(_gone(pid) for pid in pids)
 
 
@@ -240,10 +356,10 @@ def test_an_interrupted_demo_stops_its_servers(tmp_path: Path, signum: signal.Si
     output = b""
     deadline = time.monotonic() + 60
     try:
-        # Interrupt once both servers serve: the story is under way.
+        # Interrupt once the three servers serve: the story is under way.
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
-            while b"exchange-1 serves on" not in output:
+            while b"regulator-1 serves on" not in output:
                 remaining = deadline - time.monotonic()
                 assert remaining > 0, output.decode()
                 assert selector.select(remaining), output.decode()
@@ -261,5 +377,5 @@ def test_an_interrupted_demo_stops_its_servers(tmp_path: Path, signum: signal.Si
     assert "demo interrupted; every server it started was stopped" in stderr.decode()
     assert b"Traceback" not in stderr
     pids = _server_pids(text)
-    assert len(pids) == 2
+    assert len(pids) == 3
     assert all(_gone(pid) for pid in pids)

@@ -1,16 +1,20 @@
-"""``make demo``: the reference custodian and exchange as real processes, and their story told.
+"""``make demo``: the reference custodian, exchange and regulator as real processes, their story told.
 
 The demo sets everything up as an operator would — Ed25519 keys with
 ``collateral-sync keygen``, a development PKI with ``collateral-sync
-dev-certs``, one JSON configuration per server — then starts the custodian and
-the exchange as separate ``collateral-sync serve`` processes (test mode, SQLite
-on disk, loopback, mutual TLS between them and towards the demo). It walks the
-lifecycle through public interfaces only (:mod:`collateral_sync._demo_story`):
-pledge, attestation and proofs, credit, exposure, a margin call and its
-partial dispute, a top-up, daily yield, liquidation with yield first, the
-shortfall waterfall. It ends by exporting what each party relied on as audit
-bundles and checking them offline with ``collateral-sync verify``, once as
-exported (exit 0) and once tampered (exit 1).
+dev-certs``, one JSON configuration per server — then starts the custodian,
+the exchange and the regulator as separate ``collateral-sync serve``
+processes (test mode, SQLite on disk, loopback, mutual TLS between them and
+towards the demo). It walks the lifecycle through public interfaces only
+(:mod:`collateral_sync._demo_story`): pledge, attestation and proofs, credit,
+exposure, a margin call and its partial dispute, a top-up, daily yield,
+liquidation with yield first, the shortfall waterfall; then
+(:mod:`collateral_sync._demo_oversight`) a matched reconciliation, an
+injected break located to its account, a settlement cycle, and an emergency
+release by regulator and custodian once the exchange has gone dark. It ends
+by exporting what each party relied on as audit bundles and checking them
+offline with ``collateral-sync verify``, once as exported (exit 0) and once
+tampered (exit 1).
 
 It runs in a fresh temporary directory, or in ``COLLATERAL_SYNC_DEMO_DIR``
 (which must be empty or absent) to keep the keys, databases, logs and bundles.
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections import Counter
@@ -35,6 +40,7 @@ from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 from collateral_sync import _demo_text as say
+from collateral_sync._demo_oversight import OverseenStory, RegulatorConnections
 from collateral_sync._demo_servers import ServerProcess, Servers, run_cli, write_config
 from collateral_sync._demo_story import (
     CLIENT,
@@ -42,15 +48,23 @@ from collateral_sync._demo_story import (
     EXCHANGE,
     OPERATOR,
     PARTIES,
+    REGULATOR,
     YIELD_LEAD,
     Connections,
-    Story,
     custodian_config,
+    cutoffs_after,
     edit_quantity,
     exchange_config,
+    regulator_config,
 )
 from collateral_sync.audit import save_audit_bundle
-from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
+from collateral_sync.clients import (
+    CustodianClient,
+    EmergencyReleaseClient,
+    ExchangeClient,
+    RegulatorClient,
+    TestControlClient,
+)
 from collateral_sync.errors import CollateralSyncError, RPCError, StateError
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.statements import message_class_of
@@ -85,10 +99,24 @@ def _set_up(workdir: Path) -> KeyRegistry:
     registry = KeyRegistry.load(workdir / "keys" / "registry.json")
     for key in registry:
         say.detail(f"{key.party_id:<12} Ed25519 key {key.key_id[:16]}... in keys/registry.json")
-    parties = [CUSTODIAN, EXCHANGE, CLIENT, OPERATOR]
+    parties = [CUSTODIAN, EXCHANGE, REGULATOR, CLIENT, OPERATOR]
     _cli(["dev-certs", "--out", "pki", "--party", *parties], workdir)
     say.detail(f"a development CA and a certificate for each of {', '.join(parties)}")
     return registry
+
+
+def _reserve_address() -> tuple[socket.socket, str]:
+    """A loopback port held bound until the regulator takes it over.
+
+    The regulator's address goes into the other two files before it starts;
+    held, the port cannot be handed to them when they ask for any free one.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+_Bundles = tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle, audit_pb2.AuditBundle]
 
 
 def run(workdir: Path) -> None:
@@ -102,9 +130,15 @@ def run(workdir: Path) -> None:
     registry = _set_up(workdir)
     # Yield accrues a few minutes after the start: the demo then moves the clocks only that far.
     yield_time = (datetime.now(UTC) + YIELD_LEAD).time().replace(second=0, microsecond=0)
-    with Servers(workdir) as servers:
+    cutoffs = cutoffs_after(yield_time)
+    reserved, regulator_address = _reserve_address()
+    with reserved, Servers(workdir) as servers:
         custodian = servers.start(
-            "custodian", write_config(workdir / "custodian.json", custodian_config(yield_time))
+            "custodian",
+            write_config(
+                workdir / "custodian.json",
+                custodian_config(yield_time, regulator_address, cutoffs),
+            ),
         )
         say.step(
             f"{CUSTODIAN} serves on {custodian.address} (pid {custodian.pid}; SQLite "
@@ -112,14 +146,42 @@ def run(workdir: Path) -> None:
         )
         exchange = servers.start(
             "exchange",
-            write_config(workdir / "exchange.json", exchange_config(custodian.address)),
+            write_config(
+                workdir / "exchange.json",
+                exchange_config(custodian.address, regulator_address, cutoffs),
+            ),
         )
         say.step(
             f"{EXCHANGE} serves on {exchange.address} (pid {exchange.pid}) and dials "
             f"{CUSTODIAN}'s position-sync stream over mutual TLS"
         )
+        reserved.close()
+        regulator = servers.start(
+            "regulator",
+            write_config(
+                workdir / "regulator.json",
+                regulator_config(regulator_address, custodian.address, exchange.address),
+            ),
+        )
+        say.step(
+            f"{REGULATOR} serves on {regulator.address} (pid {regulator.pid}); at each "
+            f"reconciliation cut-off it receives both parties' statements and may ask each for "
+            "its position tree"
+        )
+
+        async def exchange_goes_dark() -> int | None:
+            return await asyncio.to_thread(exchange.stop)
+
+        addresses = (custodian.address, exchange.address, regulator.address)
         bundles = _INTERRUPT.run_async(
-            lambda: _run_story(workdir, registry, custodian.address, exchange.address, yield_time)
+            lambda: _run_story(
+                workdir,
+                registry,
+                addresses,
+                yield_time,
+                cutoffs=cutoffs,
+                exchange_goes_dark=exchange_goes_dark,
+            )
         )
         stopped = servers.stop_all()
     _audit(workdir, bundles, stopped)
@@ -128,10 +190,13 @@ def run(workdir: Path) -> None:
 async def _run_story(
     workdir: Path,
     registry: KeyRegistry,
-    custodian_address: str,
-    exchange_address: str,
+    addresses: tuple[str, str, str],
     yield_time: time,
-) -> tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle]:
+    *,
+    cutoffs: tuple[time, time],
+    exchange_goes_dark: Callable[[], Coroutine[Any, Any, int | None]],
+) -> _Bundles:
+    custodian_address, exchange_address, regulator_address = addresses
     pki = workdir / "pki"
 
     def tls(party_id: str) -> TlsConfig:
@@ -140,11 +205,14 @@ async def _run_story(
         )
 
     client_key = SigningKey.load(workdir / "keys" / f"{CLIENT}.key.json")
+    regulator_key = SigningKey.load(workdir / "keys" / f"{REGULATOR}.key.json")
     async with (
         secure_channel(custodian_address, tls(CLIENT)) as as_client_to_custodian,
         secure_channel(exchange_address, tls(CLIENT)) as as_client_to_exchange,
         secure_channel(custodian_address, tls(OPERATOR)) as as_operator_to_custodian,
         secure_channel(exchange_address, tls(OPERATOR)) as as_operator_to_exchange,
+        secure_channel(regulator_address, tls(OPERATOR)) as as_operator_to_regulator,
+        secure_channel(custodian_address, tls(REGULATOR)) as as_regulator_to_custodian,
     ):
         connections = Connections(
             custodian=CustodianClient(as_client_to_custodian, default_timeout=_RPC_TIMEOUT),
@@ -155,24 +223,57 @@ async def _run_story(
             exchange_control=TestControlClient(
                 as_operator_to_exchange, default_timeout=_RPC_TIMEOUT
             ),
+            regulator_control=TestControlClient(
+                as_operator_to_regulator, default_timeout=_RPC_TIMEOUT
+            ),
         )
-        story = Story(connections, registry, client_key, yield_time)
+        oversight = RegulatorConnections(
+            regulator=RegulatorClient(as_operator_to_regulator, default_timeout=_RPC_TIMEOUT),
+            custodian_as_regulator=CustodianClient(
+                as_regulator_to_custodian, default_timeout=_RPC_TIMEOUT
+            ),
+            custodian_cosigner=EmergencyReleaseClient(
+                as_regulator_to_custodian, default_timeout=_RPC_TIMEOUT
+            ),
+        )
+        story = OverseenStory(
+            connections,
+            oversight,
+            registry,
+            client_key,
+            yield_time,
+            regulator_key=regulator_key,
+            cutoffs=cutoffs,
+            exchange_goes_dark=exchange_goes_dark,
+        )
         await story.run()
-        return story.evidence.exchange_bundle(EXCHANGE), story.evidence.custodian_bundle(CUSTODIAN)
+        evidence = story.evidence
+        return (
+            evidence.exchange_bundle(EXCHANGE),
+            evidence.custodian_bundle(CUSTODIAN),
+            evidence.regulator_bundle(REGULATOR),
+        )
+
+
+def _kinds(bundle: audit_pb2.AuditBundle) -> str:
+    counted = Counter(
+        message_class_of(e.statement.payload_type).DESCRIPTOR.name for e in bundle.statements
+    )
+    return ", ".join(f"{count} {name}" for name, count in sorted(counted.items()))
 
 
 def _audit(
     workdir: Path,
-    bundles: tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle],
+    bundles: _Bundles,
     stopped: list[tuple[ServerProcess, int | None]],
 ) -> None:
-    say.section("12. Audit: what each party relied on, verified offline")
+    say.section("16. Audit: what each party relied on, verified offline")
     say.step(
         "the servers are stopped ("
         + ", ".join(f"{server.role} exit code {code}" for server, code in stopped)
         + "): nothing below uses the network"
     )
-    for_exchange, for_custodian = bundles
+    for_exchange, for_custodian, for_regulator = bundles
     exchange_path = workdir / "audit-exchange.json"
     save_audit_bundle(for_exchange, exchange_path)
     say.step(
@@ -193,14 +294,17 @@ def _audit(
     _verify(workdir, exchange_path, expect=0, show_all=True)
     custodian_path = workdir / "audit-custodian.json"
     save_audit_bundle(for_custodian, custodian_path)
-    kinds = Counter(
-        message_class_of(e.statement.payload_type).DESCRIPTOR.name for e in for_custodian.statements
-    )
     say.step(
-        f"{custodian_path.name}: what {CUSTODIAN} relied on, signed by {EXCHANGE}: "
-        + ", ".join(f"{count} {name}" for name, count in sorted(kinds.items()))
+        f"{custodian_path.name}: what {CUSTODIAN} relied on, signed by {EXCHANGE} (the "
+        f"release by {REGULATOR} and {CUSTODIAN}): {_kinds(for_custodian)}"
     )
     _verify(workdir, custodian_path, expect=0, show_all=False)
+    regulator_path = workdir / "audit-regulator.json"
+    save_audit_bundle(for_regulator, regulator_path)
+    say.step(
+        f"{regulator_path.name}: what {REGULATOR} published and received: {_kinds(for_regulator)}"
+    )
+    _verify(workdir, regulator_path, expect=0, show_all=True)
 
     tampered = audit_pb2.AuditBundle()
     tampered.CopyFrom(for_exchange)

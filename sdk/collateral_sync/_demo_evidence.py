@@ -9,6 +9,8 @@ that passed is kept, with the time it was relied on, and becomes two
 statement for one audience — holdings statements are addressed to the
 exchange (as is the custodian's liquidation receipt), margin calls, credit lines,
 the liquidation instruction and the shortfall allocation to the custodian.
+A third bundle is the regulator's: the reconciliation results it published
+and the receipt of the emergency release it drove.
 """
 
 from __future__ import annotations
@@ -69,12 +71,22 @@ class Evidence:
         self._attested: list[audit_pb2.Evidence] = []
         self._custodian_relied: list[audit_pb2.Evidence] = []
         self._exchange_relied: list[audit_pb2.Evidence] = []
+        self._regulator_relied: list[audit_pb2.Evidence] = []
         self._kept: set[bytes] = set()
 
     async def prove_holdings(
-        self, envelope: envelope_pb2.Envelope, ref: attestation_pb2.AttestationRef
+        self,
+        envelope: envelope_pb2.Envelope,
+        ref: attestation_pb2.AttestationRef,
+        *,
+        keep: bool = True,
     ) -> Proven:
-        """Prove a holdings statement is leaf ``ref.leaf_index`` of the log, or raise."""
+        """Prove a holdings statement is leaf ``ref.leaf_index`` of the log, or raise.
+
+        With ``keep=False`` it is proven all the same but not kept for the
+        exchange's bundle: a statement issued while the exchange was dark is
+        nothing the exchange relied on.
+        """
         now = self._clock()
         leaf = statement_leaf(envelope)
         if ref.log_origin != self._origin:
@@ -109,7 +121,8 @@ class Evidence:
                 metadata={"expected": f">= {previous_size}", "actual": str(checkpoint.tree_size)},
             )
         if previous is not None and checkpoint.tree_size == previous.tree_size:
-            self._monitor.advance(checkpoint, None)  # same size: the roots must agree
+            if keep:
+                self._monitor.advance(checkpoint, None)  # same size: the roots must agree
         else:
             proof = None
             if previous is not None:
@@ -122,11 +135,15 @@ class Evidence:
                     )
                 ).proof
                 verify_consistency_proof(proof, previous, checkpoint)
-                self._consistency.append(proof)
                 hashes = len(proof.consistency_path)
-            self._monitor.advance(checkpoint, proof)
-            self._trusted = checkpoint
-            self._checkpoints.append(audit_pb2.Evidence(statement=signed, relied_at=_stamp(now)))
+            if keep:
+                self._monitor.advance(checkpoint, proof)
+                self._trusted = checkpoint
+                self._checkpoints.append(
+                    audit_pb2.Evidence(statement=signed, relied_at=_stamp(now))
+                )
+                if proof is not None:
+                    self._consistency.append(proof)
 
         response = await self._custodian.get_inclusion_proof(
             custodian_service_pb2.GetInclusionProofRequest(
@@ -139,11 +156,12 @@ class Evidence:
                 metadata={"expected": leaf_hash(leaf).hex(), "actual": "another leaf"},
             )
         verify_inclusion_proof(response.proof, leaf, checkpoint)
-        self._attested.append(
-            audit_pb2.Evidence(
-                statement=envelope, relied_at=_stamp(now), inclusion_proof=response.proof
+        if keep:
+            self._attested.append(
+                audit_pb2.Evidence(
+                    statement=envelope, relied_at=_stamp(now), inclusion_proof=response.proof
+                )
             )
-        )
         return Proven(checkpoint, response.proof, previous_size, hashes)
 
     def relied_on_by_custodian(self, envelope: envelope_pb2.Envelope) -> None:
@@ -161,6 +179,15 @@ class Evidence:
             return
         self._kept.add(envelope.payload)
         self._exchange_relied.append(
+            audit_pb2.Evidence(statement=envelope, relied_at=_stamp(self._clock()))
+        )
+
+    def relied_on_by_regulator(self, envelope: envelope_pb2.Envelope) -> None:
+        """Keep a statement for the regulator's bundle (its results, a release receipt)."""
+        if envelope.payload in self._kept:
+            return
+        self._kept.add(envelope.payload)
+        self._regulator_relied.append(
             audit_pb2.Evidence(statement=envelope, relied_at=_stamp(self._clock()))
         )
 
@@ -183,4 +210,13 @@ class Evidence:
             verifier_party_id=verifier,
             log_origin=self._origin,
             statements=self._custodian_relied,
+        )
+
+    def regulator_bundle(self, verifier: str) -> audit_pb2.AuditBundle:
+        """The reconciliation results and the release receipt, for the regulator."""
+        return audit_pb2.AuditBundle(
+            registry=self._registry.to_proto(),
+            verifier_party_id=verifier,
+            log_origin=self._origin,
+            statements=self._regulator_relied,
         )

@@ -62,11 +62,15 @@ __all__ = [
     "EXCHANGE",
     "OPERATOR",
     "PARTIES",
+    "REGULATOR",
+    "SECOND_ACCOUNT",
     "Connections",
     "Story",
     "custodian_config",
+    "cutoffs_after",
     "edit_quantity",
     "exchange_config",
+    "regulator_config",
 ]
 
 _M = TypeVar("_M", bound=Message)
@@ -79,8 +83,9 @@ EXCHANGE = "exchange-1"
 CLIENT = "client-1"
 #: The demo's own TLS identity when it drives the servers' TestControlService.
 OPERATOR = "demo-operator"
+REGULATOR = "regulator-1"
 #: Party id -> role, for `collateral-sync keygen`.
-PARTIES = {CUSTODIAN: "custodian", EXCHANGE: "exchange", CLIENT: "client"}
+PARTIES = {CUSTODIAN: "custodian", EXCHANGE: "exchange", CLIENT: "client", REGULATOR: "regulator"}
 ACCOUNT = "acct-7"
 ORIGIN = f"{CUSTODIAN}/collateral-sync/attestations"
 PATH_ID = f"path-{ACCOUNT}-1"
@@ -106,6 +111,23 @@ MARGIN_CALL_ANSWERS = [
     {"kind": "PARTIALLY_AGREE", "agreed_fraction": "0.5", "dispute_reason": "VALUATION"},
     {"kind": "AGREE"},
 ]
+# The oversight acts: a second account of the client's, pledged after the liquidation.
+SECOND_ACCOUNT = "acct-8"
+SECOND_HOLDINGS = {"USDC": "250000"}
+SECOND_PLEDGE = ("USDC", "150000")
+#: The exchange's account at the custodian that settlements pay into and out of.
+HOUSE_ACCOUNT = f"{EXCHANGE}/settlement"
+HOUSE_HOLDINGS = {"USDC": "1000000"}
+#: The exchange's realised trading result per account (negative: the client lost).
+PROFITS = {SECOND_ACCOUNT: "-1500"}
+#: Test mode only: from the second cut-off on, the exchange's view of one position is off.
+BREAK = {
+    "account_id": SECOND_ACCOUNT,
+    "asset_id": "USDC",
+    "field": "pledged_quantity",
+    "delta": "25",
+    "after_cutoffs": 1,
+}
 #: The daily yield time is set this far after the start, so the clock jump stays short.
 YIELD_LEAD = timedelta(minutes=10)
 
@@ -140,29 +162,72 @@ def _party_files(party_id: str, role: str) -> dict[str, Any]:
     }
 
 
-def custodian_config(yield_time: time) -> dict[str, Any]:
+def cutoffs_after(yield_time: time) -> tuple[time, time]:
+    """Two cut-offs a day, 12 h apart, the first on the hour within an hour after the yield.
+
+    The lifecycle's clock jump (to the yield time) then never passes a cut-off,
+    so the first one the demo reaches is the first each party states.
+    """
+    first = (datetime.combine(datetime.now(UTC).date(), yield_time) + timedelta(hours=1)).replace(
+        minute=0
+    )
+    return first.time(), (first + timedelta(hours=12)).time()
+
+
+def _schedule(cutoffs: tuple[time, time]) -> str:
+    return ",".join(moment.strftime("%H:%M") for moment in sorted(cutoffs))
+
+
+def custodian_config(
+    yield_time: time, regulator_address: str, cutoffs: tuple[time, time]
+) -> dict[str, Any]:
     """The custodian's configuration file (paths relative to the demo directory)."""
     return {
         **_party_files(CUSTODIAN, "custodian"),
-        "peers": {EXCHANGE: None},
+        "peers": {EXCHANGE: None, REGULATOR: regulator_address},
         "custodian": {
             "log_origin": ORIGIN,
             "yield_time_utc": yield_time.strftime("%H:%M"),
-            "accounts": [{"account_id": ACCOUNT, "client_id": CLIENT, "holdings": HOLDINGS}],
+            "accounts": [
+                {"account_id": ACCOUNT, "client_id": CLIENT, "holdings": HOLDINGS},
+                {"account_id": SECOND_ACCOUNT, "client_id": CLIENT, "holdings": SECOND_HOLDINGS},
+                {"account_id": HOUSE_ACCOUNT, "client_id": EXCHANGE, "holdings": HOUSE_HOLDINGS},
+            ],
             "margin_call_responses": MARGIN_CALL_ANSWERS,
+            "reconciliation": {"cutoffs_utc": _schedule(cutoffs), "regulator": REGULATOR},
         },
     }
 
 
-def exchange_config(custodian_address: str) -> dict[str, Any]:
+def exchange_config(
+    custodian_address: str, regulator_address: str, cutoffs: tuple[time, time]
+) -> dict[str, Any]:
     """The exchange's configuration file: it dials the custodian at ``custodian_address``."""
     return {
         **_party_files(EXCHANGE, "exchange"),
-        "peers": {CUSTODIAN: custodian_address},
+        # Two peers have addresses: which one is the custodian is said explicitly.
+        "peers": {CUSTODIAN: custodian_address, REGULATOR: regulator_address},
         "exchange": {
+            "custodian": CUSTODIAN,
             "log_origin": ORIGIN,
             "prices": [{"asset_id": asset, "price": price} for asset, price in PRICES.items()],
+            "profits": PROFITS,
+            "reconciliation": {
+                "cutoffs_utc": _schedule(cutoffs),
+                "regulator": REGULATOR,
+                "test_perturbations": [BREAK],
+            },
         },
+    }
+
+
+def regulator_config(listen: str, custodian_address: str, exchange_address: str) -> dict[str, Any]:
+    """The regulator's configuration file: it asks both parties for their position trees."""
+    return {
+        **_party_files(REGULATOR, "regulator"),
+        # Fixed in advance: the custodian's and the exchange's files name it.
+        "listen": listen,
+        "peers": {CUSTODIAN: custodian_address, EXCHANGE: exchange_address},
     }
 
 
@@ -174,6 +239,7 @@ class Connections:
     exchange: ExchangeClient
     custodian_control: TestControlClient
     exchange_control: TestControlClient
+    regulator_control: TestControlClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +393,9 @@ class Story:
                 )
             await asyncio.sleep(_POLL)
 
-    async def _holdings_now(self) -> _Attested:
+    async def _holdings_now(self, account_id: str = ACCOUNT) -> _Attested:
         response = await self._c.custodian.get_holdings_statement(
-            custodian_service_pb2.GetHoldingsStatementRequest(account_id=ACCOUNT)
+            custodian_service_pb2.GetHoldingsStatementRequest(account_id=account_id)
         )
         statement = self._open(
             response.holdings_statement, attestation_pb2.HoldingsStatement, CLIENT
@@ -372,11 +438,17 @@ class Story:
         return states
 
     async def _pledge(
-        self, asset: str, quantity: str, *, signer: SigningKey | None = None
+        self,
+        asset: str,
+        quantity: str,
+        *,
+        signer: SigningKey | None = None,
+        account_id: str = ACCOUNT,
+        path: envelope_pb2.Envelope | None = None,
     ) -> _Attested:
         instruction = sign_statement(
             custodian_service_pb2.PledgeInstruction(
-                account_id=ACCOUNT,
+                account_id=account_id,
                 exchange_id=EXCHANGE,
                 asset_id=asset,
                 quantity=amount_to_proto(quantity),
@@ -389,7 +461,7 @@ class Story:
         )
         response = await self._c.custodian.pledge_collateral(
             custodian_service_pb2.PledgeCollateralRequest(
-                pledge_instruction=instruction, liquidation_path=self._path
+                pledge_instruction=instruction, liquidation_path=path or self._path
             )
         )
         statement = self._open(
@@ -781,13 +853,14 @@ class Story:
         # signs is dated ahead of the exchange's clock.
         by = duration_pb2.Duration()
         by.FromTimedelta(due - now + timedelta(seconds=1))
+        await self._c.regulator_control.advance_clock(test_control_pb2.AdvanceClockRequest(by=by))
         await self._c.exchange_control.advance_clock(test_control_pb2.AdvanceClockRequest(by=by))
         moved = await self._c.custodian_control.advance_clock(
             test_control_pb2.AdvanceClockRequest(by=by)
         )
         self._clock.learn(moved.now)
         say.step(
-            f"both servers' clocks move {round((due - now).total_seconds() / 60)} min forward to "
+            f"the three servers' clocks move {round((due - now).total_seconds() / 60)} min forward to "
             f"{due:%H:%M} UTC, the custodian's daily yield time"
         )
         before = self._holdings
@@ -1012,29 +1085,28 @@ class Story:
                 return record
         return None
 
-    async def _sync_heads(self) -> None:
-        say.section("11. Both sides hold the same position-sync logs")
-        direction = position_sync_pb2.SyncDirection
+    async def _agreed_heads(self) -> dict[int, tuple[int, bytes]] | None:
+        """Both servers' sync-log heads (sequence, entry hash) by direction, if they agree."""
 
         def heads(
             state: test_control_pb2.GetSyncStateResponse,
         ) -> dict[int, tuple[int, bytes]]:
             return {d.direction: (d.sequence, d.entry_hash) for d in state.directions}
 
-        async def agreed() -> dict[int, tuple[int, bytes]] | None:
-            ours = heads(
-                await self._c.custodian_control.get_sync_state(
-                    test_control_pb2.GetSyncStateRequest()
-                )
-            )
-            theirs = heads(
-                await self._c.exchange_control.get_sync_state(
-                    test_control_pb2.GetSyncStateRequest()
-                )
-            )
-            return ours if ours and ours == theirs else None
+        ours = heads(
+            await self._c.custodian_control.get_sync_state(test_control_pb2.GetSyncStateRequest())
+        )
+        theirs = heads(
+            await self._c.exchange_control.get_sync_state(test_control_pb2.GetSyncStateRequest())
+        )
+        return ours if ours and ours == theirs else None
 
-        found = await self._until("both servers to report the same sync-log heads", agreed)
+    async def _sync_heads(self) -> None:
+        say.section("11. Both sides hold the same position-sync logs")
+        direction = position_sync_pb2.SyncDirection
+        found = await self._until(
+            "both servers to report the same sync-log heads", self._agreed_heads
+        )
         for number, (sequence, entry_hash) in sorted(found.items()):
             name = direction.Name(number).removeprefix("SYNC_DIRECTION_").replace("_", " ").lower()  # type: ignore[arg-type]
             say.check(
