@@ -208,6 +208,19 @@ def _custodian_misses_heartbeats() -> None:
     _sync_session.SyncSession._own_hello = own_hello
 
 
+def _custodian_hello_names_another_party() -> None:
+    """The custodian's hello names a party other than itself."""
+    original = _sync_session.SyncSession._own_hello
+
+    def own_hello(self: Any) -> Any:
+        frame = original(self)
+        if _custodian_session(self):
+            frame.hello.party_id = f"not-{frame.hello.party_id}"
+        return frame
+
+    _sync_session.SyncSession._own_hello = own_hello
+
+
 def _custodian_replays_from_start() -> None:
     """On a resume the custodian sends its whole log again, ignoring the exchange's received head."""
     original = _sync_session.SyncSession._accept_hello
@@ -312,6 +325,13 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
     "custodian-refuses-old-batches": _custodian_refuses_old_batches,
     "custodian-equivocation-as-gap": _custodian_equivocation_as_gap,
+    "custodian-key-role-as-unauthenticated": _wrong_status(
+        "ERROR_REASON_KEY_ROLE_MISMATCH", "UNAUTHENTICATED"
+    ),
+    "custodian-sequence-gap-as-failed-precondition": _wrong_status(
+        "ERROR_REASON_SEQUENCE_GAP", "FAILED_PRECONDITION"
+    ),
+    "custodian-hello-names-another-party": _custodian_hello_names_another_party,
 }
 
 

@@ -173,6 +173,13 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"sync/duplicate-batch-acked-once", "sync/equivocation-refused"},
     ),
     ("custodian-equivocation-as-gap", ["sync/**"], {"sync/equivocation-refused"}),
+    ("custodian-key-role-as-unauthenticated", ["sync/**"], {"sync/wrong-role-batch-refused"}),
+    (
+        "custodian-sequence-gap-as-failed-precondition",
+        ["sync/**"],
+        {"sync/sequence-gap-refused"},
+    ),
+    ("custodian-hello-names-another-party", ["sync/**"], {"sync/hello-answered"}),
     (
         "custodian-misattests-sync-change",
         ["sync/**", "custodian/**"],
