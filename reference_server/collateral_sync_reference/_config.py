@@ -141,6 +141,13 @@ class ConfigSection:
             raise self.error(key, f"an integer in [{minimum}, {maximum}]", value)
         return value
 
+    def boolean(self, key: str, default: bool | _Missing = _MISSING) -> bool:
+        """A JSON ``true`` or ``false`` (never a string or a number)."""
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "true or false", value)
+        return value
+
     def seconds(self, key: str, default: float | _Missing = _MISSING) -> timedelta:
         """A positive duration given in seconds (integer or decimal)."""
         value = self._get(key, default)

@@ -284,6 +284,7 @@ class PartyReconciliation:
         tls: TlsConfig | None,
         test_mode: bool,
         logger: logging.Logger,
+        on_submitted: Callable[[str], None] | None = None,
     ) -> None:
         if settings.perturbations and not test_mode:
             raise MalformedError(
@@ -304,6 +305,7 @@ class PartyReconciliation:
         self._tls = tls
         self._counterparty_id = counterparty_id
         self._logger = logger
+        self._on_submitted = on_submitted
         self._role = signer.role
         sending = (
             CUSTODIAN_TO_EXCHANGE
@@ -600,7 +602,17 @@ class PartyReconciliation:
                     (cutoff_id,),
                 )
             self._logger.info("reconciliation statement for %s submitted", cutoff_id)
+            if self._on_submitted is not None:
+                self._on_submitted(cutoff_id)
         return done
+
+    def submitted_statements(self) -> list[tuple[str, envelope_pb2.Envelope]]:
+        """(cutoff_id, own signed statement) of every cut-off handed to the regulator, oldest first."""
+        rows = self._db.execute(
+            "SELECT cutoff_id, envelope FROM reconciliation_statements WHERE submitted = 1 "
+            "ORDER BY cutoff_us"
+        ).fetchall()
+        return [(cutoff_id, envelope_pb2.Envelope.FromString(data)) for cutoff_id, data in rows]
 
 
 def custodian_holdings(storage: SqliteStorage) -> list[envelope_pb2.Envelope]:

@@ -24,7 +24,10 @@ the custodian's ``SyncPositions`` stream:
   account it mirrors with no open exposure (``_exchange_emergency``);
 - settlement cycles: nets each account's result since its last cycle into
   settlement instructions and submits them to the custodian
-  (``_exchange_settlement``; ``TestControlService.RunSettlementCycle`` in test mode).
+  (``_exchange_settlement``; ``TestControlService.RunSettlementCycle`` in test mode);
+  with ``settlement.after_reconciliation`` (on by default when a regulator is
+  configured) a cut-off's cycle runs by itself once the regulator has
+  published the cut-off MATCHED, never on BREAKS.
 - ``ReconciliationService``: at each cut-off the exchange freezes what it
   mirrors from the custodian's holdings statements, signs a reconciliation
   statement and submits it to the regulator (``_reconciliation``; its
@@ -43,7 +46,8 @@ Configuration (the ``exchange`` section of the server's file; every key but
       "statement_ttl_seconds": 604800,
       "policy_ttl_seconds": 2592000,
       "instruction_ttl_seconds": 86400,
-      "sweep_interval_seconds": 1
+      "sweep_interval_seconds": 1,
+      "settlement": {"after_reconciliation": true, "result_wait_seconds": 600}
     }
 
 ``custodian`` defaults to the one peer with an address in ``peers`` (the
@@ -86,6 +90,7 @@ from collateral_sync_reference._exchange_policy import build_policy_content
 from collateral_sync_reference._exchange_rpc import ExchangeServicer, ExchangeTestControl
 from collateral_sync_reference._exchange_settlement import (
     ExchangeSettlement,
+    SettlementAfterReconciliation,
     SettlingTestControl,
 )
 from collateral_sync_reference._exchange_submit import LiquidationSubmitter
@@ -93,6 +98,7 @@ from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
 from collateral_sync_reference._reconciliation import (
     PartyReconciliation,
     ReconciliationServicer,
+    ReconciliationSettings,
     exchange_holdings,
     parse_reconciliation_settings,
 )
@@ -119,6 +125,10 @@ class ExchangeRoleSettings:
     price_source: str
     prices: tuple[PriceStep, ...]
     sweep_interval: timedelta
+    #: None: the default (on exactly when a regulator with an address is configured).
+    settle_after_reconciliation: bool | None = None
+    #: How long to wait for the regulator's result of a cut-off before giving it up.
+    result_wait: timedelta = timedelta(minutes=10)
 
 
 def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
@@ -151,6 +161,12 @@ def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
     for account_id in list(profit_section.keys()):
         profits[account_id] = profit_section.amount(account_id)
     profit_section.finish()
+    settlement = section.section("settlement")
+    after_reconciliation = (
+        settlement.boolean("after_reconciliation") if "after_reconciliation" in settlement else None
+    )
+    result_wait = settlement.seconds("result_wait_seconds", 600)
+    settlement.finish()
     settings = ExchangeRoleSettings(
         core=ExchangeSettings(
             party_id=config.party_id,
@@ -167,6 +183,8 @@ def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
         price_source=policy.price_source,
         prices=prices,
         sweep_interval=section.seconds("sweep_interval_seconds", 1),
+        settle_after_reconciliation=after_reconciliation,
+        result_wait=result_wait,
     )
     section.finish()
     return settings
@@ -232,6 +250,7 @@ class ExchangeRole:
             tls=context.tls,
             test_mode=context.test_mode,
             logger=self.logger,
+            on_submitted=self._statement_submitted,
         )
         self._reconciliation_service = ReconciliationServicer(self.reconciliation)
         self._cosigner = EmergencyReleaseCoSigner(
@@ -248,6 +267,43 @@ class ExchangeRole:
             custodian_id=settings.core.custodian_id,
             clock=clock.now,
         )
+        self.after_reconciliation = self._settle_after_reconciliation(reconciliation)
+
+    def _settle_after_reconciliation(
+        self, reconciliation: ReconciliationSettings
+    ) -> SettlementAfterReconciliation | None:
+        wanted = self.settings.settle_after_reconciliation
+        regulator_id = reconciliation.regulator_id
+        address = reconciliation.regulator_address
+        if regulator_id is None or address is None:
+            if wanted:
+                raise self.context.config.role_settings.section("settlement").error(
+                    "after_reconciliation",
+                    "false, or a regulator with an address in peers (reconciliation.regulator)",
+                    "true",
+                )
+            return None
+        if wanted is False:
+            return None
+        return SettlementAfterReconciliation(
+            self.settlement,
+            self.context.storage,
+            exchange_id=self.context.party_id,
+            regulator_id=regulator_id,
+            regulator_address=address,
+            registry=self.context.registry,
+            tls=self.context.tls,
+            statements=self.reconciliation.submitted_statements,
+            custodian=lambda: self.client,
+            clock=self.context.clock.now,
+            max_skew=self.context.config.max_skew,
+            result_wait=self.settings.result_wait,
+            logger=self.logger,
+        )
+
+    def _statement_submitted(self, cutoff_id: str) -> None:
+        if self.after_reconciliation is not None:
+            self.after_reconciliation.wake(cutoff_id)
 
     def servicers(self) -> Sequence[object]:
         return [self._service, self._cosigner, self._reconciliation_service]
@@ -293,8 +349,12 @@ class ExchangeRole:
             asyncio.create_task(self._sweep_forever(), name="exchange-sweep"),
         ]
         self.reconciliation.start()
+        if self.after_reconciliation is not None:
+            self.after_reconciliation.start()
 
     async def stop(self) -> None:
+        if self.after_reconciliation is not None:
+            await self.after_reconciliation.stop()
         await self.reconciliation.stop()
         for task in self._tasks:
             task.cancel()
