@@ -40,11 +40,12 @@ from collateral_sync.clients import (
     RegulatorClient,
     TestControlClient,
 )
-from collateral_sync.errors import RPCError
+from collateral_sync.errors import CollateralSyncError, RPCError
 from collateral_sync.keys import SigningKey
-from collateral_sync.signing import sign_statement, verify_statement
+from collateral_sync.signing import pae, sign_statement, verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
+    common_pb2,
     custodian_service_pb2,
     envelope_pb2,
     exchange_service_pb2,
@@ -53,6 +54,7 @@ from collateral_sync.v1 import (
     regulator_service_pb2,
     test_control_pb2,
 )
+from collateral_sync_reference._exchange_settlement import check_reconciliation_result
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
@@ -541,3 +543,161 @@ def test_the_settlement_section_is_checked_before_serving(
     )
     with pytest.raises(RuntimeError, match=message):
         start_server("exchange", config, name=f"bad-settlement-{len(message)}")
+
+
+# ------------------------------------------------------------------ the result check
+
+
+RESULT_TYPE = "application/vnd.collateral-sync.v1.reconciliation-result+proto"
+CUTOFF_ID = "2026-11-23T12:00:00Z"
+ISSUED = datetime(2026, 11, 23, 12, 0, 5, tzinfo=UTC)
+
+
+def _own_statement(parties: Parties, sequence: int = 1) -> envelope_pb2.Envelope:
+    statement = reconciliation_pb2.ReconciliationStatement(
+        cutoff_id=CUTOFF_ID, party_role=common_pb2.PARTY_ROLE_EXCHANGE, account_count=0
+    )
+    statement.cutoff_time.FromDatetime(ISSUED.replace(second=0))
+    return sign_statement(
+        statement,
+        parties.keys[EXCHANGE],
+        audience=[REGULATOR],
+        sequence=sequence,
+        ttl=timedelta(days=7),
+        issued_at=ISSUED,
+    )
+
+
+def _result(
+    parties: Parties,
+    own: envelope_pb2.Envelope,
+    *,
+    cutoff_id: str = CUTOFF_ID,
+    outcome: int = reconciliation_pb2.RECONCILIATION_OUTCOME_MATCHED,
+    breaks: int = 0,
+    audience: tuple[str, ...] = ("*",),
+) -> envelope_pb2.Envelope:
+    message = reconciliation_pb2.ReconciliationResult(
+        cutoff_id=cutoff_id,
+        outcome=outcome,  # type: ignore[arg-type]
+        breaks=[
+            reconciliation_pb2.ReconciliationBreak(
+                account_id=f"acct-{n}", field=reconciliation_pb2.BREAK_FIELD_MISSING
+            )
+            for n in range(breaks)
+        ],
+        exchange_statement=own,
+    )
+    return sign_statement(
+        message,
+        parties.keys[REGULATOR],
+        audience=list(audience),
+        sequence=1,
+        ttl=timedelta(days=30),
+        issued_at=ISSUED,
+    )
+
+
+def _check(
+    parties: Parties,
+    envelope: envelope_pb2.Envelope,
+    own: envelope_pb2.Envelope,
+    *,
+    regulator_id: str = REGULATOR,
+    now: datetime = ISSUED,
+) -> reconciliation_pb2.ReconciliationResult:
+    return check_reconciliation_result(
+        envelope,
+        registry=parties.registry,
+        exchange_id=EXCHANGE,
+        regulator_id=regulator_id,
+        cutoff_id=CUTOFF_ID,
+        own_statement=own,
+        now=now,
+        max_skew=timedelta(seconds=30),
+    )
+
+
+def test_the_result_check_accepts_the_regulators_result_for_our_statement(
+    reference_parties: Parties,
+) -> None:
+    own = _own_statement(reference_parties)
+    matched = _check(reference_parties, _result(reference_parties, own), own)
+    assert matched.outcome == reconciliation_pb2.RECONCILIATION_OUTCOME_MATCHED
+    broken = _check(
+        reference_parties,
+        _result(
+            reference_parties,
+            own,
+            outcome=reconciliation_pb2.RECONCILIATION_OUTCOME_BREAKS,
+            breaks=2,
+        ),
+        own,
+    )
+    assert [b.account_id for b in broken.breaks] == ["acct-0", "acct-1"]
+
+
+def _forged_signature(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+    forged = envelope_pb2.Envelope()
+    forged.CopyFrom(envelope)
+    signature = forged.signatures[0].sig
+    forged.signatures[0].sig = bytes([signature[0] ^ 1]) + signature[1:]
+    return forged
+
+
+def _signed_by_the_exchange(parties: Parties, envelope: envelope_pb2.Envelope) -> Any:
+    message = reconciliation_pb2.ReconciliationResult.FromString(envelope.payload)
+    message.header.issuer = EXCHANGE
+    payload = message.SerializeToString()
+    key = parties.keys[EXCHANGE]
+    return envelope_pb2.Envelope(
+        payload=payload,
+        payload_type=RESULT_TYPE,
+        signatures=[
+            envelope_pb2.Signature(key_id=key.key_id, sig=key.sign(pae(RESULT_TYPE, payload)))
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("forged signature", "SIGNATURE_INVALID"),
+        ("signed by the exchange", "KEY_ROLE_MISMATCH"),
+        ("another regulator expected", "KEY_ROLE_MISMATCH"),
+        ("addressed, not public", "AUDIENCE_MISMATCH"),
+        ("expired", "STATEMENT_EXPIRED"),
+        ("another cut-off", "STATE_CONFLICT"),
+        ("another statement of ours", "STATE_CONFLICT"),
+        ("matched with breaks", "MALFORMED"),
+        ("breaks without any", "MALFORMED"),
+    ],
+)
+def test_the_result_check_refuses(reference_parties: Parties, case: str, reason: str) -> None:
+    parties = reference_parties
+    own = _own_statement(parties)
+    regulator_id = REGULATOR
+    now = ISSUED
+    envelope = _result(parties, own)
+    if case == "forged signature":
+        envelope = _forged_signature(envelope)
+    elif case == "signed by the exchange":
+        envelope = _signed_by_the_exchange(parties, envelope)
+    elif case == "another regulator expected":
+        regulator_id = "regulator-2"
+    elif case == "addressed, not public":
+        envelope = _result(parties, own, audience=(EXCHANGE, CUSTODIAN))
+    elif case == "expired":
+        now = ISSUED + timedelta(days=31)
+    elif case == "another cut-off":
+        envelope = _result(parties, own, cutoff_id="2026-11-23T00:00:00Z")
+    elif case == "another statement of ours":
+        envelope = _result(parties, _own_statement(parties, sequence=2))
+    elif case == "matched with breaks":
+        envelope = _result(parties, own, breaks=1)
+    else:
+        envelope = _result(parties, own, outcome=reconciliation_pb2.RECONCILIATION_OUTCOME_BREAKS)
+    with pytest.raises(CollateralSyncError) as caught:
+        _check(parties, envelope, own, regulator_id=regulator_id, now=now)
+    assert caught.value.reason_name == reason, caught.value.message
+    assert {"expected", "actual"} <= set(caught.value.metadata), caught.value.metadata
