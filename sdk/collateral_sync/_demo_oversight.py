@@ -282,8 +282,9 @@ class OverseenStory(Story):
         say.section("12. Reconciliation at a cut-off: the regulator's signed result")
         first, second = sorted(self._cutoffs)
         say.step(
-            f"cut-offs twice a day at {first:%H:%M} and {second:%H:%M} UTC (custodian and "
-            f"exchange configuration); at each, both sign a ReconciliationStatement for {REGULATOR}"
+            f"cut-offs twice a day at {first:%H:%M} and {second:%H:%M} UTC (reconciliation."
+            "cutoffs_utc, set by the demo to follow its yield time); at each, custodian and "
+            f"exchange sign a ReconciliationStatement for {REGULATOR}"
         )
         asset, quantity = SECOND_PLEDGE
         path = sign_statement(
