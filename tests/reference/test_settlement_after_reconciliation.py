@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import socket
 import sqlite3
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -43,6 +44,7 @@ from collateral_sync.clients import (
 from collateral_sync.errors import CollateralSyncError, RPCError
 from collateral_sync.keys import SigningKey
 from collateral_sync.signing import pae, sign_statement, verify_statement
+from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
@@ -54,7 +56,16 @@ from collateral_sync.v1 import (
     regulator_service_pb2,
     test_control_pb2,
 )
-from collateral_sync_reference._exchange_settlement import check_reconciliation_result
+from collateral_sync_reference._config import ConfigSection
+from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSettings
+from collateral_sync_reference._exchange_policy import build_policy_content
+from collateral_sync_reference._exchange_settlement import (
+    ExchangeSettlement,
+    SettlementAfterReconciliation,
+    check_reconciliation_result,
+)
+from collateral_sync_reference._price_feed import ScriptedPriceFeed
+from collateral_sync_reference._storage import SqliteStorage
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
@@ -701,3 +712,128 @@ def test_the_result_check_refuses(reference_parties: Parties, case: str, reason:
         _check(parties, envelope, own, regulator_id=regulator_id, now=now)
     assert caught.value.reason_name == reason, caught.value.message
     assert {"expected", "actual"} <= set(caught.value.metadata), caught.value.metadata
+
+
+# ------------------------------------------------------------------ fetching, in process
+
+
+class _FakeRegulator:
+    """GetReconciliationResult answered from a script of errors, then a result."""
+
+    def __init__(self, answers: list[RPCError | envelope_pb2.Envelope]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def get_reconciliation_result(
+        self, request: regulator_service_pb2.GetReconciliationResultRequest
+    ) -> regulator_service_pb2.GetReconciliationResultResponse:
+        assert request.cutoff_id == CUTOFF_ID
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        if isinstance(answer, RPCError):
+            raise answer
+        return regulator_service_pb2.GetReconciliationResultResponse(reconciliation_result=answer)
+
+
+def _follower(
+    parties: Parties, tmp_path: Path, *, result_wait: timedelta
+) -> tuple[SettlementAfterReconciliation, SqliteStorage]:
+    storage = SqliteStorage(tmp_path / "exchange.sqlite")
+    policy = build_policy_content(ConfigSection({}, file=Path("exchange.json")))
+    core = ExchangeCore(
+        storage,
+        storage.sync_log(
+            party_id=EXCHANGE, peer_party_id=CUSTODIAN, sending_direction=EXCHANGE_TO_CUSTODIAN
+        ),
+        signer=parties.keys[EXCHANGE],
+        registry=parties.registry,
+        settings=ExchangeSettings(
+            party_id=EXCHANGE, custodian_id=CUSTODIAN, log_origin=ORIGIN, policy_content=policy
+        ),
+        prices=ScriptedPriceFeed(storage, name=policy.price_source),
+        clock=lambda: ISSUED,
+    )
+    core.start()
+    settlement = ExchangeSettlement(
+        storage,
+        core.store,
+        signer=parties.keys[EXCHANGE],
+        custodian_id=CUSTODIAN,
+        clock=lambda: ISSUED,
+    )
+    follower = SettlementAfterReconciliation(
+        settlement,
+        storage,
+        exchange_id=EXCHANGE,
+        regulator_id=REGULATOR,
+        regulator_address="127.0.0.1:1",
+        registry=parties.registry,
+        tls=None,
+        statements=list,
+        custodian=lambda: None,
+        clock=lambda: ISSUED,
+        max_skew=timedelta(seconds=30),
+        result_wait=result_wait,
+        logger=logging.getLogger("test-settlement-after-reconciliation"),
+    )
+    return follower, storage
+
+
+def _not_yet(code: grpc.StatusCode) -> RPCError:
+    return RPCError("not yet", status_code=code)
+
+
+def test_the_result_is_awaited_with_backoff_for_a_bounded_time(
+    reference_parties: Parties, tmp_path: Path
+) -> None:
+    parties = reference_parties
+    own = _own_statement(parties)
+    broken = _result(
+        parties, own, outcome=reconciliation_pb2.RECONCILIATION_OUTCOME_BREAKS, breaks=1
+    )
+    matched = _result(parties, own)
+
+    async def scenario() -> None:
+        # Not found, then a party not asked yet, then the regulator down: all "not yet".
+        follower, storage = _follower(parties, tmp_path / "a", result_wait=timedelta(seconds=5))
+        waiting = _FakeRegulator(
+            [
+                _not_yet(grpc.StatusCode.NOT_FOUND),
+                _not_yet(grpc.StatusCode.FAILED_PRECONDITION),
+                _not_yet(grpc.StatusCode.UNAVAILABLE),
+                broken,
+            ]
+        )
+        assert await follower.settle(cast(Any, waiting), CUTOFF_ID, own)
+        assert waiting.calls == 4
+        decision, why = follower.decision(CUTOFF_ID) or ("", "")
+        assert decision == "breaks"
+        assert "acct-0/-/MISSING" in why
+        assert storage.connection.execute(
+            "SELECT COUNT(*) FROM exchange_settlement_cycles"
+        ).fetchone() == (0,)
+
+        # Never there: given up after the wait, with the last answer, and retried meanwhile.
+        follower, _ = _follower(parties, tmp_path / "b", result_wait=timedelta(seconds=0.5))
+        never = _FakeRegulator([_not_yet(grpc.StatusCode.NOT_FOUND)])
+        assert await follower.settle(cast(Any, never), CUTOFF_ID, own)
+        assert 2 <= never.calls <= 6
+        decision, why = follower.decision(CUTOFF_ID) or ("", "")
+        assert decision == "no_result"
+        assert "no result within 0.5 s" in why
+
+        # A refusal that will not change is not retried.
+        follower, _ = _follower(parties, tmp_path / "c", result_wait=timedelta(seconds=5))
+        denied = _FakeRegulator([_not_yet(grpc.StatusCode.PERMISSION_DENIED)])
+        assert await follower.settle(cast(Any, denied), CUTOFF_ID, own)
+        assert denied.calls == 1
+        assert (follower.decision(CUTOFF_ID) or ("", ""))[0] == "no_result"
+
+        # Matched while the custodian is not connected: undecided, to be tried again.
+        follower, storage = _follower(parties, tmp_path / "d", result_wait=timedelta(seconds=5))
+        assert not await follower.settle(cast(Any, _FakeRegulator([matched])), CUTOFF_ID, own)
+        assert follower.decision(CUTOFF_ID) is None
+
+    for directory in "abcd":
+        (tmp_path / directory).mkdir()
+    run(scenario())
