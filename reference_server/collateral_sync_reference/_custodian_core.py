@@ -94,6 +94,8 @@ from collateral_sync_reference._custodian_store import (
     from_us,
     to_us,
 )
+from collateral_sync_reference._errors import conflict as _conflict
+from collateral_sync_reference._errors import required as _required
 from collateral_sync_reference._runner import ServerContext
 
 __all__ = ["Custodian"]
@@ -159,22 +161,6 @@ def _not_found(what: str, value: str, field: str) -> StateError:
         f"unknown {what} {value!r}",
         reason=_R.ERROR_REASON_NOT_FOUND,
         metadata={"field": field, "expected": f"a known {what}", "actual": value},
-    )
-
-
-def _conflict(message: str, field: str, expected: str, actual: str) -> StateError:
-    return StateError(
-        message,
-        reason=_R.ERROR_REASON_STATE_CONFLICT,
-        metadata={"field": field, "expected": expected, "actual": actual},
-    )
-
-
-def _required(field: str, what: str) -> MalformedError:
-    return MalformedError(
-        f"{field} is required: {what}",
-        metadata={"field": field, "expected": what, "actual": "absent"},
-        field_violations={field: "required"},
     )
 
 

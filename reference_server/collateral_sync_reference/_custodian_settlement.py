@@ -52,6 +52,8 @@ from collateral_sync.v1 import (
 from collateral_sync_reference._custodian_core import Custodian, _add, _Change, _sub
 from collateral_sync_reference._custodian_emergency import exchange_risk_policy
 from collateral_sync_reference._custodian_store import Account, from_us, to_us
+from collateral_sync_reference._errors import conflict as _conflict
+from collateral_sync_reference._errors import required as _required
 
 __all__ = [
     "PILOT_MAX_SETTLEMENT_CYCLES_PER_DAY",
@@ -102,22 +104,6 @@ class _Settlement:
     instruction: envelope_pb2.Envelope
     dispute: envelope_pb2.Envelope | None
     attestation: attestation_pb2.AttestationRef | None
-
-
-def _conflict(message: str, field: str, expected: str, actual: str) -> StateError:
-    return StateError(
-        message,
-        reason=_R.ERROR_REASON_STATE_CONFLICT,
-        metadata={"field": field, "expected": expected, "actual": actual},
-    )
-
-
-def _required(field: str, what: str) -> MalformedError:
-    return MalformedError(
-        f"{field} is required: {what}",
-        metadata={"field": field, "expected": what, "actual": "absent"},
-        field_violations={field: "required"},
-    )
 
 
 def settlement_account_id(exchange_id: str) -> str:

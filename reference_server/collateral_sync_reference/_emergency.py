@@ -34,6 +34,8 @@ from collateral_sync.v1 import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from collateral_sync_reference._errors import require_statement
+
 __all__ = [
     "RELEASE_ROLES",
     "EmergencyReleaseCoSigner",
@@ -146,16 +148,7 @@ class EmergencyReleaseCoSigner(emergency_release_service_pb2_grpc.EmergencyRelea
         request: emergency_release_service_pb2.CoSignEmergencyReleaseRequest,
         context: grpc.aio.ServicerContext,
     ) -> emergency_release_service_pb2.CoSignEmergencyReleaseResponse:
-        if not request.HasField("emergency_release"):
-            raise MalformedError(
-                "emergency_release is required",
-                metadata={
-                    "field": "emergency_release",
-                    "expected": "a signed EmergencyRelease",
-                    "actual": "absent",
-                },
-                field_violations={"emergency_release": "required"},
-            )
+        require_statement(request, "emergency_release", "a signed EmergencyRelease")
         return emergency_release_service_pb2.CoSignEmergencyReleaseResponse(
             emergency_release=self.cosign(request.emergency_release)
         )

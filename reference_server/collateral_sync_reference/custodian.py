@@ -50,7 +50,7 @@ from datetime import datetime
 
 import grpc
 import grpc.aio
-from collateral_sync.errors import CollateralSyncError, MalformedError, VerificationError
+from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.sync import SyncSession, serve_sync_stream
 from collateral_sync.transport import peer_party_id
 from collateral_sync.v1 import (
@@ -66,6 +66,7 @@ from collateral_sync_reference._custodian_core import Custodian
 from collateral_sync_reference._custodian_emergency import CustodianEmergencyRelease
 from collateral_sync_reference._custodian_settlement import CustodianSettlement
 from collateral_sync_reference._emergency import EmergencyReleaseCoSigner
+from collateral_sync_reference._errors import require_statement
 from collateral_sync_reference._reconciliation import (
     PartyReconciliation,
     ReconciliationServicer,
@@ -152,16 +153,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.SubmitLiquidationInstructionRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.SubmitLiquidationInstructionResponse:
-        if not request.HasField("liquidation_instruction"):
-            raise MalformedError(
-                "liquidation_instruction is required",
-                metadata={
-                    "field": "liquidation_instruction",
-                    "expected": "a signed LiquidationInstruction",
-                    "actual": "absent",
-                },
-                field_violations={"liquidation_instruction": "required"},
-            )
+        require_statement(request, "liquidation_instruction", "a signed LiquidationInstruction")
         # The exchange's instructions come over the exchange's own connection.
         tls_peer = None if self._role.plaintext else (peer_party_id(context) or "")
         receipt = self._custodian.liquidate(
@@ -204,16 +196,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.ExecuteEmergencyReleaseRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.ExecuteEmergencyReleaseResponse:
-        if not request.HasField("emergency_release"):
-            raise MalformedError(
-                "emergency_release is required",
-                metadata={
-                    "field": "emergency_release",
-                    "expected": "a signed EmergencyRelease",
-                    "actual": "absent",
-                },
-                field_violations={"emergency_release": "required"},
-            )
+        require_statement(request, "emergency_release", "a signed EmergencyRelease")
         # Any authenticated peer may bring the release: its signatures authorise it.
         receipt = self._role.emergency.execute(request.emergency_release)
         return custodian_service_pb2.ExecuteEmergencyReleaseResponse(
@@ -225,16 +208,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.SubmitSettlementInstructionRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
-        if not request.HasField("settlement_instruction"):
-            raise MalformedError(
-                "settlement_instruction is required",
-                metadata={
-                    "field": "settlement_instruction",
-                    "expected": "a signed SettlementInstruction",
-                    "actual": "absent",
-                },
-                field_violations={"settlement_instruction": "required"},
-            )
+        require_statement(request, "settlement_instruction", "a signed SettlementInstruction")
         response = self._role.settlement.submit(request.settlement_instruction)
         self._role.wake()
         return response
@@ -244,16 +218,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.DisputeSettlementRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.DisputeSettlementResponse:
-        if not request.HasField("settlement_dispute"):
-            raise MalformedError(
-                "settlement_dispute is required",
-                metadata={
-                    "field": "settlement_dispute",
-                    "expected": "a signed SettlementDispute",
-                    "actual": "absent",
-                },
-                field_violations={"settlement_dispute": "required"},
-            )
+        require_statement(request, "settlement_dispute", "a signed SettlementDispute")
         return self._role.settlement.dispute(request.settlement_dispute)
 
     async def GetSettlement(
