@@ -248,6 +248,28 @@ def _custodian_misattests_sync_change() -> None:
     _custodian_core.Custodian._announce = announce
 
 
+def _custodian_loses_last_entry_on_restart() -> None:
+    """At every start the custodian's log towards the exchange loses its last entry.
+
+    As if the entry had been acknowledged before it was durable: the exchange
+    never learns the change it carried (and the next change reuses its sequence).
+    """
+    original = _sync_log.SyncLog.__init__
+
+    def init(self: Any, connection: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, connection, *args, **kwargs)
+        if self.sending_direction == CUSTODIAN_TO_EXCHANGE:
+            head = self.sent_head().sequence
+            with connection:
+                connection.execute(
+                    "DELETE FROM sync_outgoing WHERE peer_party_id = ? AND direction = ? "
+                    "AND sequence = ?",
+                    (self.peer_party_id, self.sending_direction, head),
+                )
+
+    _sync_log.SyncLog.__init__ = init  # type: ignore[method-assign]
+
+
 def _custodian_forged_batch_as_malformed() -> None:
     """A sync batch with a bad signature is refused, but as MALFORMED, not UNAUTHENTICATED."""
     original = _sync_session.verify_sync_batch
@@ -323,6 +345,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-replays-from-start": _custodian_replays_from_start,
     "custodian-misattests-sync-change": _custodian_misattests_sync_change,
     "custodian-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
+    "custodian-loses-acknowledged-entry-on-restart": _custodian_loses_last_entry_on_restart,
     "custodian-refuses-old-batches": _custodian_refuses_old_batches,
     "custodian-equivocation-as-gap": _custodian_equivocation_as_gap,
     "custodian-key-role-as-unauthenticated": _wrong_status(

@@ -47,6 +47,8 @@ class BrokenServer(ServerProcess):
     fault: str = ""
 
     def start(self) -> str:
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()  # of the previous run, on a restart
         command = [
             sys.executable,
             str(_LAUNCHER),
@@ -324,8 +326,45 @@ def test_a_broken_exchange_is_caught_by_its_cases(
     assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
 
 
+@pytest.mark.parametrize("broken_server", [False, True], ids=["healthy", "broken"])
+def test_a_custodian_that_loses_an_acknowledged_entry_on_restart_is_caught(
+    broken_server: bool,
+    start_server: StartServer,
+    reference_parties: Parties,
+    kit_files: dict[str, Path],
+    broken: list[BrokenServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fault = "custodian-loses-acknowledged-entry-on-restart"
+    config = custodian_config(reference_parties, tmp_path)
+    server: ServerProcess
+    if broken_server:
+        server = _start(broken, fault, "custodian", config, tmp_path)
+    else:  # the same steps against the reference itself: the restart alone is no failure
+        server = start_server("custodian", config, name=f"custodian-healthy-{tmp_path.name}")
+    # A pledge and a deposit, streamed to the kit and acknowledged by it.
+    before = kit_argv(
+        kit_files,
+        server.address,
+        "--account",
+        KIT_ACCOUNT,
+        *_globs("custodian/pledge-accepted", "sync/holdings-change-attested"),
+    )
+    assert main(before) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    address = server.restart()
+    # Not holdings-change-attested: its own deposit would be the new latest change.
+    neighbours = _globs("sync/hello-answered", "sync/latest-*", "sync/resume-*")
+    argv = kit_argv(kit_files, address, "--account", KIT_ACCOUNT, *neighbours)
+    failed = _failed(argv, tmp_path / "reports", capsys)
+    expected = {"sync/latest-holdings-streamed"} if broken_server else set()
+    assert failed == expected, server.log_text()[-3000:]
+
+
 def test_every_broken_server_fault_is_tested() -> None:
     tested = {f for f, _, _ in CUSTODIAN_FAULTS} | {f for f, _, _ in EXCHANGE_FAULTS}
+    tested.add("custodian-loses-acknowledged-entry-on-restart")
     assert tested == set(FAULTS)
 
 

@@ -175,6 +175,40 @@ async def holdings_change_attested(ctx: CaseContext) -> None:
 
 
 @REGISTRY.case(
+    "sync/latest-holdings-streamed",
+    Level.MUST,
+    "SyncPositions: replayed from the start, the stream's last HoldingsChange of an account "
+    "pledged to the exchange is the account's latest holdings statement (no attested change "
+    "is lost, e.g. across a restart)",
+    roles=_CUSTODIAN,
+)
+async def latest_holdings_streamed(ctx: CaseContext) -> None:
+    account = ctx.account()
+    latest, _, _ = await holdings(ctx, account)
+    if latest.exchange_id != exchange_party(ctx):
+        await _change_holdings(ctx)  # a pledge to the kit's exchange
+        latest, _, _ = await holdings(ctx, account)
+    stream = await SyncStream.open(ctx)
+    try:
+        head = stream.hello.sent_sequence
+        entries = await stream.receive_until(head) if head else []
+    finally:
+        await stream.close()
+    streamed = [
+        verify_leaf(ctx, e.update.holdings_change.holdings_statement)
+        for e in entries
+        if e.update.WhichOneof("update") == "holdings_change"
+    ]
+    epochs = [s.epoch for s in streamed if s.account_id == account]
+    check(
+        bool(epochs) and epochs[-1] == latest.epoch,
+        f"the stream does not carry account {account!r}'s latest holdings statement",
+        expected=f"a last HoldingsChange of epoch {latest.epoch}",
+        got=f"epochs {epochs[-5:]}" if epochs else "no HoldingsChange of the account",
+    )
+
+
+@REGISTRY.case(
     "sync/resume-after-disconnect",
     Level.MUST,
     "SyncPositions: after a disconnect the custodian resumes from the exchange's received head: "
