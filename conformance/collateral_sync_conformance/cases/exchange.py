@@ -496,3 +496,53 @@ async def margin_call_recomputes(ctx: CaseContext) -> None:
         await _set_exposure(ctx, account, Decimal(0))
         if restore is not None:
             await _revalue_at(ctx, account, *restore)
+
+
+@REGISTRY.case(
+    "exchange/list-liquidations-unknown-account-not-found",
+    Level.MUST,
+    "ListLiquidations of an account the exchange does not know is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def list_liquidations_unknown(ctx: CaseContext) -> None:
+    outcome = await ctx.rpc(
+        ctx.exchange.list_liquidations,
+        exchange_service_pb2.ListLiquidationsRequest(
+            account_id=ctx.unique("conformance-no-such-account")
+        ),
+    )
+    expect_status(outcome, *_NOT_FOUND)
+
+
+@REGISTRY.case(
+    "exchange/list-liquidations-bad-page-token",
+    Level.MUST,
+    "ListLiquidations with a page token the exchange never issued is refused: INVALID_ARGUMENT MALFORMED",
+    roles=_EXCHANGE,
+)
+async def list_liquidations_bad_token(ctx: CaseContext) -> None:
+    account = ctx.account()  # a known account, so that only the token is wrong
+    outcome = await ctx.rpc(
+        ctx.exchange.list_liquidations,
+        exchange_service_pb2.ListLiquidationsRequest(
+            account_id=account,
+            page_token="conformance-not-a-token",  # noqa: S106 (not a secret)
+        ),
+    )
+    expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED)
+
+
+@REGISTRY.case(
+    "exchange/shortfall-allocation-unknown-not-found",
+    Level.MUST,
+    "GetShortfallAllocation of a liquidation that never happened is refused with NOT_FOUND",
+    roles=_EXCHANGE,
+)
+async def shortfall_allocation_unknown(ctx: CaseContext) -> None:
+    outcome = await ctx.rpc(
+        ctx.exchange.get_shortfall_allocation,
+        exchange_service_pb2.GetShortfallAllocationRequest(
+            liquidation_id=ctx.unique("conformance-no-liquidation")
+        ),
+    )
+    expect_status(outcome, *_NOT_FOUND)
