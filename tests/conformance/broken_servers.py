@@ -30,6 +30,7 @@ from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
 from collateral_sync.v1 import errors_pb2, position_sync_pb2, valuation_pb2
 from collateral_sync_reference import _custodian_core as _custodian_module
+from collateral_sync_reference import _custodian_emergency as _emergency_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
 
@@ -37,6 +38,7 @@ from collateral_sync_reference import _storage
 _custodian_core: Any = _custodian_module
 _exchange_core: Any = _exchange_module
 _sync_session: Any = _session_module
+_custodian_emergency: Any = _emergency_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -319,6 +321,22 @@ def _custodian_equivocation_as_gap() -> None:
     _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
 
 
+def _custodian_release_on_any_signature() -> None:
+    """An emergency release is executed on any one signature: the 2-of-3 threshold is not kept."""
+    original = _custodian_emergency.verify_threshold
+
+    def verify_threshold(envelope: Any, registry: Any, **kwargs: Any) -> Any:
+        kwargs["threshold"] = 1
+        return original(envelope, registry, **kwargs)
+
+    def counted_parties(self: Any, verified: Any, exchange_id: str) -> set[str]:
+        # The account's exchange counted as present: no wait, no count.
+        return {*verified.signer_party_ids, exchange_id}
+
+    _custodian_emergency.verify_threshold = verify_threshold
+    _custodian_emergency.CustodianEmergencyRelease._counted_parties = counted_parties
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -355,6 +373,7 @@ FAULTS: dict[str, Callable[[], None]] = {
         "ERROR_REASON_SEQUENCE_GAP", "FAILED_PRECONDITION"
     ),
     "custodian-hello-names-another-party": _custodian_hello_names_another_party,
+    "custodian-release-on-any-signature": _custodian_release_on_any_signature,
 }
 
 

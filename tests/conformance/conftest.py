@@ -58,6 +58,8 @@ def kit_files(reference_parties: Parties) -> dict[str, Path]:
         "registry": reference_parties.registry_path,
         "exchange_key": reference_parties.key_path(EXCHANGE),
         "client_key": reference_parties.key_path(CLIENT),
+        # Emergency releases need a second signer beside the exchange.
+        "regulator_key": reference_parties.key_path(REGULATOR),
     }
 
 
@@ -97,7 +99,7 @@ def custodian(
 
 
 def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
-    """``run`` arguments for a custodian at ``target``, the kit playing exchange and client."""
+    """``run`` arguments for a custodian at ``target``, the kit playing exchange, client and regulator."""
     return [
         "run",
         "--role",
@@ -116,6 +118,8 @@ def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
         str(files["exchange_key"]),
         "--kit-key",
         str(files["client_key"]),
+        "--kit-key",
+        str(files["regulator_key"]),
         "--no-colour",
         *extra,
     ]

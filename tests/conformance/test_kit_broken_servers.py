@@ -146,6 +146,15 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         },
     ),
     (
+        "custodian-release-on-any-signature",
+        ["emergency/**"],
+        {
+            "emergency/single-signature-refused",
+            "emergency/same-party-twice-refused",
+            "emergency/wrong-role-signer-refused",
+        },
+    ),
+    (
         "custodian-not-found-as-failed-precondition",
         ["attestation/**"],
         {"attestation/holdings-statement-unknown-account"},
@@ -261,6 +270,9 @@ EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "exchange/list-margin-calls-unknown-account-not-found",
             "exchange/list-margin-calls-bad-page-token",
             "exchange/respond-to-unknown-margin-call-not-found",
+            "exchange/list-liquidations-unknown-account-not-found",
+            "exchange/list-liquidations-bad-page-token",
+            "exchange/shortfall-allocation-unknown-not-found",
         },
     ),
     (
@@ -272,6 +284,8 @@ EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "exchange/margin-call-unknown-not-found",
             "exchange/list-margin-calls-unknown-account-not-found",
             "exchange/respond-to-unknown-margin-call-not-found",
+            "exchange/list-liquidations-unknown-account-not-found",
+            "exchange/shortfall-allocation-unknown-not-found",
         },
     ),
 ]

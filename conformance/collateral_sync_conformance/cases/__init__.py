@@ -1,10 +1,22 @@
 """The kit's cases, by family; importing this package registers them with ``REGISTRY``.
 
 Order of import is the order of a run: transport first (can we talk at all),
-then the attestation log, signed-statement refusals, role behaviour, and position sync.
+then the attestation log, signed-statement refusals, role behaviour, position sync, and emergency release
+(last: an executed release consumes the account's pledge).
 """
 
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
 
-__all__ = ["attestation", "custodian", "envelope", "exchange", "sync", "transport"]
+# Last: an executed release consumes the account's pledge.
+from collateral_sync_conformance.cases import emergency
+
+__all__ = [
+    "attestation",
+    "custodian",
+    "emergency",
+    "envelope",
+    "exchange",
+    "sync",
+    "transport",
+]

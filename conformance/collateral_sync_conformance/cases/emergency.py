@@ -1,0 +1,210 @@
+"""Emergency release at the custodian (docs/PROTOCOL.md §10): two of {regulator, custodian, exchange}.
+
+The kit signs as the regulator and as the exchange (``--kit-key`` of both
+roles; the exchange key's party is the account's exchange). Releases are of
+the kit's ``--account``, which must be pledged to the kit's exchange: each
+case makes sure of it with an ordinary pledge by the kit's client. The
+refusals change nothing (§12.3); the executed release consumes the pledge,
+so it runs last and leaves the account re-pledged for whatever follows.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+from collateral_sync.keys import SigningKey
+from collateral_sync.signing import verify_statement
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    custodian_service_pb2,
+    emergency_pb2,
+    envelope_pb2,
+    errors_pb2,
+)
+
+from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._expect import (
+    check,
+    check_equal,
+    expect_ok,
+    expect_status,
+    sdk_check,
+)
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._custodian import (
+    client_key,
+    custodian_state,
+    exchange_party,
+    expect_unchanged,
+    holdings,
+    liquidation_path,
+    plan_pledge,
+    pledge_instruction,
+)
+
+__all__: list[str] = []
+
+_CUSTODIAN = [Role.CUSTODIAN]
+_R = errors_pb2.ErrorReason
+_THRESHOLD = (grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_THRESHOLD_NOT_MET)
+
+
+async def _pledged_account(ctx: CaseContext) -> str:
+    """The kit's account, pledged to the kit's exchange (pledging a unit if it is not)."""
+    client_key(ctx)
+    account_id = ctx.account()
+    statement, _, _ = await holdings(ctx, account_id)
+    if statement.exchange_id == exchange_party(ctx) and any(
+        p.pledged_quantity.value not in ("", "0") for p in statement.positions
+    ):
+        return account_id
+    plan = await plan_pledge(ctx)
+    request = custodian_service_pb2.PledgeCollateralRequest(
+        pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+        liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+    )
+    expect_ok(await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral"))
+    return account_id
+
+
+def _signers(ctx: CaseContext) -> tuple[SigningKey, SigningKey]:
+    return ctx.key(common_pb2.PARTY_ROLE_REGULATOR), ctx.key(common_pb2.PARTY_ROLE_EXCHANGE)
+
+
+def _release(ctx: CaseContext, account_id: str) -> emergency_pb2.EmergencyRelease:
+    return emergency_pb2.EmergencyRelease(
+        release_id=ctx.unique("conformance-release"),
+        account_id=account_id,
+        exchange_id=exchange_party(ctx),
+        reason=emergency_pb2.EMERGENCY_RELEASE_REASON_REGULATORY_ORDER,
+    )
+
+
+async def _refused(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, code: grpc.StatusCode, reason: int
+) -> None:
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.execute_emergency_release,
+        custodian_service_pb2.ExecuteEmergencyReleaseRequest(emergency_release=envelope),
+        label="ExecuteEmergencyRelease",
+    )
+    expect_status(outcome, code, reason)
+    await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "emergency/single-signature-refused",
+    Level.MUST,
+    "a release signed by the regulator alone is refused: PERMISSION_DENIED THRESHOLD_NOT_MET",
+    roles=_CUSTODIAN,
+)
+async def single_signature(ctx: CaseContext) -> None:
+    regulator, _ = _signers(ctx)
+    account_id = await _pledged_account(ctx)
+    envelope = await ctx.sign(_release(ctx, account_id), regulator)
+    await _refused(ctx, envelope, *_THRESHOLD)
+
+
+@REGISTRY.case(
+    "emergency/same-party-twice-refused",
+    Level.MUST,
+    "the regulator's signature twice counts once: PERMISSION_DENIED THRESHOLD_NOT_MET",
+    roles=_CUSTODIAN,
+)
+async def same_party_twice(ctx: CaseContext) -> None:
+    regulator, _ = _signers(ctx)
+    account_id = await _pledged_account(ctx)
+    envelope = await ctx.sign(_release(ctx, account_id), regulator)
+    envelope.signatures.append(envelope.signatures[0])
+    await _refused(ctx, envelope, *_THRESHOLD)
+
+
+@REGISTRY.case(
+    "emergency/wrong-role-signer-refused",
+    Level.MUST,
+    "a client's signature is no release signature: regulator + client is refused, THRESHOLD_NOT_MET",
+    roles=_CUSTODIAN,
+)
+async def wrong_role_signer(ctx: CaseContext) -> None:
+    regulator, _ = _signers(ctx)
+    account_id = await _pledged_account(ctx)
+    envelope = await ctx.sign(_release(ctx, account_id), regulator, extra_signers=[client_key(ctx)])
+    await _refused(ctx, envelope, *_THRESHOLD)
+
+
+@REGISTRY.case(
+    "emergency/expired-refused",
+    Level.MUST,
+    "a regulator+exchange release past its expires_at is refused: FAILED_PRECONDITION STATEMENT_EXPIRED",
+    roles=_CUSTODIAN,
+)
+async def expired(ctx: CaseContext) -> None:
+    regulator, exchange = _signers(ctx)
+    account_id = await _pledged_account(ctx)
+    now = await ctx.server_now()
+    envelope = await ctx.sign(
+        _release(ctx, account_id),
+        regulator,
+        extra_signers=[exchange],
+        issued_at=now - timedelta(hours=2),
+        expires_at=now - timedelta(hours=1),
+    )
+    await _refused(
+        ctx, envelope, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATEMENT_EXPIRED
+    )
+
+
+@REGISTRY.case(
+    "emergency/two-of-three-executed",
+    Level.MUST,
+    "a regulator+exchange release is executed: a signed receipt, and the account pledges nothing after",
+    roles=_CUSTODIAN,
+)
+async def two_of_three_executed(ctx: CaseContext) -> None:
+    regulator, exchange = _signers(ctx)
+    account_id = await _pledged_account(ctx)
+    release = _release(ctx, account_id)
+    envelope = await ctx.sign(release, regulator, extra_signers=[exchange])
+    outcome = await ctx.rpc(
+        ctx.custodian.execute_emergency_release,
+        custodian_service_pb2.ExecuteEmergencyReleaseRequest(emergency_release=envelope),
+        label="ExecuteEmergencyRelease",
+    )
+    response: custodian_service_pb2.ExecuteEmergencyReleaseResponse = expect_ok(outcome)
+    now = await ctx.server_now()
+    # The receipt is for the release's parties: the kit reads it as the regulator.
+    receipt = sdk_check(
+        "the emergency release receipt",
+        verify_statement,
+        response.emergency_release_receipt,
+        ctx.registry,
+        expected_type=emergency_pb2.EmergencyReleaseReceipt,
+        audience=regulator.party_id,
+        now=now,
+    )
+    check_equal("issuer of the receipt", ctx.server_party_id, receipt.issuer)
+    check_equal("release_id of the receipt", release.release_id, receipt.message.release_id)
+    check_equal("account_id of the receipt", account_id, receipt.message.account_id)
+    check_equal(
+        "the release the receipt says was executed",
+        envelope.SerializeToString(),
+        receipt.message.release.SerializeToString(),
+    )
+    statement, _, _ = await holdings(ctx, account_id)
+    check_equal(
+        "reason of the holdings statement after the release",
+        attestation_pb2.HoldingsChangeReason.Name(attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE),
+        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
+    )
+    still = {p.asset_id: p.pledged_quantity.value for p in statement.positions}
+    check(
+        all(v in ("", "0") for v in still.values()),
+        "the account still pledges collateral after the release",
+        expected="pledged_quantity 0 for every asset",
+        got=still,
+    )
+    # Leave the account pledged again, as the cases after this one expect.
+    await _pledged_account(ctx)
