@@ -152,6 +152,8 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "emergency/single-signature-refused",
             "emergency/same-party-twice-refused",
             "emergency/wrong-role-signer-refused",
+            # It counts the account's exchange as present, so it never waits either.
+            "emergency/regulator-custodian-before-wait-refused",
         },
     ),
     (

@@ -14,18 +14,20 @@ from datetime import timedelta
 
 import grpc
 from collateral_sync.keys import SigningKey
-from collateral_sync.signing import verify_statement
+from collateral_sync.signing import verify_statement, verify_threshold
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
     custodian_service_pb2,
     emergency_pb2,
+    emergency_release_service_pb2,
     envelope_pb2,
     errors_pb2,
 )
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
+    Outcome,
     check,
     check_equal,
     expect_ok,
@@ -48,6 +50,11 @@ __all__: list[str] = []
 
 _CUSTODIAN = [Role.CUSTODIAN]
 _R = errors_pb2.ErrorReason
+_RELEASE_ROLES = (
+    common_pb2.PARTY_ROLE_REGULATOR,
+    common_pb2.PARTY_ROLE_CUSTODIAN,
+    common_pb2.PARTY_ROLE_EXCHANGE,
+)
 _THRESHOLD = (grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_THRESHOLD_NOT_MET)
 
 
@@ -155,6 +162,96 @@ async def expired(ctx: CaseContext) -> None:
     await _refused(
         ctx, envelope, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATEMENT_EXPIRED
     )
+
+
+async def _cosign(ctx: CaseContext, envelope: envelope_pb2.Envelope) -> Outcome:
+    return await ctx.rpc(
+        ctx.emergency_release.co_sign_emergency_release,
+        emergency_release_service_pb2.CoSignEmergencyReleaseRequest(emergency_release=envelope),
+        label="CoSignEmergencyRelease",
+    )
+
+
+async def _cosigned(
+    ctx: CaseContext, release: emergency_pb2.EmergencyRelease
+) -> tuple[envelope_pb2.Envelope, envelope_pb2.Envelope]:
+    """A regulator-issued release, and the same with the custodian's signature appended (§11.2)."""
+    regulator, _ = _signers(ctx)
+    issued = await ctx.sign(release, regulator)
+    response: emergency_release_service_pb2.CoSignEmergencyReleaseResponse = expect_ok(
+        await _cosign(ctx, issued)
+    )
+    return issued, response.emergency_release
+
+
+@REGISTRY.case(
+    "emergency/cosign-appends-signature",
+    Level.MUST,
+    "CoSignEmergencyRelease of a regulator's release returns it unchanged with the custodian's valid signature appended",
+    roles=_CUSTODIAN,
+)
+async def cosign_appends(ctx: CaseContext) -> None:
+    account_id = await _pledged_account(ctx)
+    before = await custodian_state(ctx)
+    issued, signed = await _cosigned(ctx, _release(ctx, account_id))
+    check_equal("payload of the co-signed release", issued.payload, signed.payload)
+    check_equal("payload_type of the co-signed release", issued.payload_type, signed.payload_type)
+    check_equal("number of signatures after co-signing", 2, len(signed.signatures))
+    check_equal(
+        "the issuer's signature after co-signing",
+        issued.signatures[0].SerializeToString(),
+        signed.signatures[0].SerializeToString(),
+    )
+    verified = sdk_check(
+        "the co-signed release (2 of regulator, custodian, exchange)",
+        verify_threshold,
+        signed,
+        ctx.registry,
+        expected_type=emergency_pb2.EmergencyRelease,
+        threshold=2,
+        roles=_RELEASE_ROLES,
+        audience=ctx.server_party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal(
+        "parties that signed the co-signed release",
+        sorted({_signers(ctx)[0].party_id, ctx.server_party_id}),
+        sorted(set(verified.signer_party_ids)),
+    )
+    # Co-signing is a signature, not an execution (§11.2: no state is recorded).
+    await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "emergency/cosign-twice-refused",
+    Level.MUST,
+    "CoSignEmergencyRelease of a release the custodian already signed is refused: FAILED_PRECONDITION STATE_CONFLICT",
+    roles=_CUSTODIAN,
+)
+async def cosign_twice(ctx: CaseContext) -> None:
+    account_id = await _pledged_account(ctx)
+    _, signed = await _cosigned(ctx, _release(ctx, account_id))
+    expect_status(
+        await _cosign(ctx, signed),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+
+
+@REGISTRY.case(
+    "emergency/regulator-custodian-before-wait-refused",
+    Level.MUST,
+    "regulator + custodian without the exchange, before emergency_release_wait has passed, is refused: FAILED_PRECONDITION STATE_CONFLICT",
+    roles=_CUSTODIAN,
+)
+async def regulator_custodian_before_wait(ctx: CaseContext) -> None:
+    account_id = await _pledged_account(ctx)
+    release = _release(ctx, account_id)
+    release.reason = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+    # Unresponsive since this instant: no positive wait can have passed.
+    release.exchange_unresponsive_since.FromDatetime(await ctx.server_now())
+    _, signed = await _cosigned(ctx, release)
+    await _refused(ctx, signed, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
 
 
 @REGISTRY.case(
