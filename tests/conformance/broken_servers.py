@@ -31,6 +31,7 @@ from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
 from collateral_sync.v1 import errors_pb2, position_sync_pb2, valuation_pb2
 from collateral_sync_reference import _custodian_core as _custodian_module
 from collateral_sync_reference import _custodian_emergency as _emergency_module
+from collateral_sync_reference import _custodian_settlement as _settlement_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
 
@@ -39,6 +40,7 @@ _custodian_core: Any = _custodian_module
 _exchange_core: Any = _exchange_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
+_custodian_settlement: Any = _settlement_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -337,6 +339,17 @@ def _custodian_release_on_any_signature() -> None:
     _custodian_emergency.CustodianEmergencyRelease._counted_parties = counted_parties
 
 
+def _custodian_no_cycle_cap() -> None:
+    """Settlement cycles are not capped per day: the policy's limit reads as a thousand."""
+    original = _custodian_settlement.CustodianSettlement._limits
+
+    def limits(self: Any, exchange_id: str) -> tuple[int, Any]:
+        _, window = original(self, exchange_id)
+        return 1000, window
+
+    _custodian_settlement.CustodianSettlement._limits = limits
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -374,6 +387,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     ),
     "custodian-hello-names-another-party": _custodian_hello_names_another_party,
     "custodian-release-on-any-signature": _custodian_release_on_any_signature,
+    "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
 }
 
 

@@ -85,6 +85,8 @@ def custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
                 {"account_id": account, "client_id": CLIENT, "holdings": holdings}
                 for account, holdings in KIT_ACCOUNTS.items()
             ]
+            # Where settlements land (PROTOCOL.md §10.6): the exchange's own account.
+            + [{"account_id": f"{EXCHANGE}/settlement", "client_id": EXCHANGE, "holdings": {}}]
         },
     )
 

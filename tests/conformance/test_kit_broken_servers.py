@@ -157,6 +157,11 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         },
     ),
     (
+        "custodian-no-settlement-cycle-cap",
+        ["settlement/**"],
+        {"settlement/third-cycle-refused"},
+    ),
+    (
         "custodian-not-found-as-failed-precondition",
         ["attestation/**"],
         {"attestation/holdings-statement-unknown-account"},

@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_at",
     "client_key",
     "custodian_state",
+    "ensure_pledged",
     "exchange_party",
     "expect_attested",
     "expect_unchanged",
@@ -476,3 +477,21 @@ def liquidation_path(plan: PledgePlan) -> liquidation_pb2.LiquidationPath:
         ],
         proceeds_account_id=f"{plan.exchange_id}-settlement",
     )
+
+
+async def ensure_pledged(ctx: CaseContext) -> str:
+    """The kit's account, pledged to the kit's exchange (pledging a unit if it is not)."""
+    client_key(ctx)
+    account_id = ctx.account()
+    statement, _, _ = await holdings(ctx, account_id)
+    if statement.exchange_id == exchange_party(ctx) and any(
+        p.pledged_quantity.value not in ("", "0") for p in statement.positions
+    ):
+        return account_id
+    plan = await plan_pledge(ctx)
+    request = custodian_service_pb2.PledgeCollateralRequest(
+        pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+        liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+    )
+    expect_ok(await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral"))
+    return account_id

@@ -38,12 +38,10 @@ from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._custodian import (
     client_key,
     custodian_state,
+    ensure_pledged,
     exchange_party,
     expect_unchanged,
     holdings,
-    liquidation_path,
-    plan_pledge,
-    pledge_instruction,
 )
 
 __all__: list[str] = []
@@ -56,24 +54,6 @@ _RELEASE_ROLES = (
     common_pb2.PARTY_ROLE_EXCHANGE,
 )
 _THRESHOLD = (grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_THRESHOLD_NOT_MET)
-
-
-async def _pledged_account(ctx: CaseContext) -> str:
-    """The kit's account, pledged to the kit's exchange (pledging a unit if it is not)."""
-    client_key(ctx)
-    account_id = ctx.account()
-    statement, _, _ = await holdings(ctx, account_id)
-    if statement.exchange_id == exchange_party(ctx) and any(
-        p.pledged_quantity.value not in ("", "0") for p in statement.positions
-    ):
-        return account_id
-    plan = await plan_pledge(ctx)
-    request = custodian_service_pb2.PledgeCollateralRequest(
-        pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
-        liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
-    )
-    expect_ok(await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral"))
-    return account_id
 
 
 def _signers(ctx: CaseContext) -> tuple[SigningKey, SigningKey]:
@@ -110,7 +90,7 @@ async def _refused(
 )
 async def single_signature(ctx: CaseContext) -> None:
     regulator, _ = _signers(ctx)
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     envelope = await ctx.sign(_release(ctx, account_id), regulator)
     await _refused(ctx, envelope, *_THRESHOLD)
 
@@ -123,7 +103,7 @@ async def single_signature(ctx: CaseContext) -> None:
 )
 async def same_party_twice(ctx: CaseContext) -> None:
     regulator, _ = _signers(ctx)
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     envelope = await ctx.sign(_release(ctx, account_id), regulator)
     envelope.signatures.append(envelope.signatures[0])
     await _refused(ctx, envelope, *_THRESHOLD)
@@ -137,7 +117,7 @@ async def same_party_twice(ctx: CaseContext) -> None:
 )
 async def wrong_role_signer(ctx: CaseContext) -> None:
     regulator, _ = _signers(ctx)
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     envelope = await ctx.sign(_release(ctx, account_id), regulator, extra_signers=[client_key(ctx)])
     await _refused(ctx, envelope, *_THRESHOLD)
 
@@ -150,7 +130,7 @@ async def wrong_role_signer(ctx: CaseContext) -> None:
 )
 async def expired(ctx: CaseContext) -> None:
     regulator, exchange = _signers(ctx)
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     now = await ctx.server_now()
     envelope = await ctx.sign(
         _release(ctx, account_id),
@@ -191,7 +171,7 @@ async def _cosigned(
     roles=_CUSTODIAN,
 )
 async def cosign_appends(ctx: CaseContext) -> None:
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     before = await custodian_state(ctx)
     issued, signed = await _cosigned(ctx, _release(ctx, account_id))
     check_equal("payload of the co-signed release", issued.payload, signed.payload)
@@ -229,7 +209,7 @@ async def cosign_appends(ctx: CaseContext) -> None:
     roles=_CUSTODIAN,
 )
 async def cosign_twice(ctx: CaseContext) -> None:
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     _, signed = await _cosigned(ctx, _release(ctx, account_id))
     expect_status(
         await _cosign(ctx, signed),
@@ -245,7 +225,7 @@ async def cosign_twice(ctx: CaseContext) -> None:
     roles=_CUSTODIAN,
 )
 async def regulator_custodian_before_wait(ctx: CaseContext) -> None:
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     release = _release(ctx, account_id)
     release.reason = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
     # Unresponsive since this instant: no positive wait can have passed.
@@ -262,7 +242,7 @@ async def regulator_custodian_before_wait(ctx: CaseContext) -> None:
 )
 async def two_of_three_executed(ctx: CaseContext) -> None:
     regulator, exchange = _signers(ctx)
-    account_id = await _pledged_account(ctx)
+    account_id = await ensure_pledged(ctx)
     release = _release(ctx, account_id)
     envelope = await ctx.sign(release, regulator, extra_signers=[exchange])
     outcome = await ctx.rpc(
@@ -304,4 +284,4 @@ async def two_of_three_executed(ctx: CaseContext) -> None:
         got=still,
     )
     # Leave the account pledged again, as the cases after this one expect.
-    await _pledged_account(ctx)
+    await ensure_pledged(ctx)

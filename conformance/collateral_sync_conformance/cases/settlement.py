@@ -1,0 +1,313 @@
+"""Settlement cycles at the custodian (docs/PROTOCOL.md §10.6): window, dispute, daily cap.
+
+The kit plays the exchange: it signs settlement instructions for the kit's
+``--account`` (pledged to the kit's exchange) paying a tiny amount out of the
+pledge into ``<exchange_id>/settlement``, which the custodian must hold. The
+daily cap counts cycles per UTC day, and the kit cannot know what an earlier
+run opened today, so each case first moves the server's clock to 01:00 of the
+next UTC day with TestControlService.AdvanceClock; without test control the
+cases are skipped. Instructions left pending execute when the clock passes
+their deadline, moving that tiny amount; nothing after these cases counts on it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import grpc
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.v1 import (
+    common_pb2,
+    custodian_service_pb2,
+    envelope_pb2,
+    errors_pb2,
+    reconciliation_pb2,
+    test_control_pb2,
+)
+from google.protobuf import duration_pb2
+
+from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._expect import (
+    CaseSkipped,
+    check,
+    check_equal,
+    expect_ok,
+    expect_status,
+)
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._custodian import (
+    PLEDGE_UNIT,
+    custodian_state,
+    ensure_pledged,
+    expect_unchanged,
+    holdings,
+)
+
+__all__: list[str] = []
+
+_CUSTODIAN = [Role.CUSTODIAN]
+_R = errors_pb2.ErrorReason
+_STATUS = reconciliation_pb2.SettlementStatus
+#: The pilot's dispute window (§7.1); the custodian may apply a longer one, never a shorter.
+_WINDOW = timedelta(hours=24)
+#: Far above any sane daily cap: the kit stops opening cycles here.
+_MAX_CYCLES_TRIED = 24
+_AMOUNT = format_amount(PLEDGE_UNIT / 10)
+
+
+async def _advance(ctx: CaseContext, by: timedelta) -> datetime:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(by)
+    response: test_control_pb2.AdvanceClockResponse = await ctx.control(
+        ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=duration)
+    )
+    if not response.HasField("now"):
+        raise CaseSkipped("AdvanceClock does not say the server's time")
+    return response.now.ToDatetime(tzinfo=UTC)
+
+
+async def _fresh_day(ctx: CaseContext) -> datetime:
+    """Move the server's clock to 01:00 UTC of the next day: no cycle opened on it yet."""
+    now = await _advance(ctx, timedelta(0))
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    return await _advance(ctx, midnight + timedelta(hours=1) - now)
+
+
+async def _pledged_asset(ctx: CaseContext) -> tuple[str, str]:
+    """(account, asset) with at least the settled amount pledged to the kit's exchange."""
+    account_id = await ensure_pledged(ctx)
+    statement, _, _ = await holdings(ctx, account_id)
+    for position in statement.positions:
+        if parse_amount(position.pledged_quantity.value or "0") >= Decimal(_AMOUNT):
+            return account_id, position.asset_id
+    raise CaseSkipped(f"account {account_id!r} pledges less than {_AMOUNT} of every asset")
+
+
+async def _instruction(
+    ctx: CaseContext,
+    account_id: str,
+    asset_id: str,
+    *,
+    cutoff_id: str,
+    cycle: int,
+    now: datetime,
+) -> envelope_pb2.Envelope:
+    message = reconciliation_pb2.SettlementInstruction(
+        settlement_id=ctx.unique("conformance-settlement"),
+        cutoff_id=cutoff_id,
+        account_id=account_id,
+        asset_id=asset_id,
+        cycle_of_day=cycle,
+    )
+    message.net_amount.value = _AMOUNT
+    message.dispute_deadline.FromDatetime(now + _WINDOW)
+    return await ctx.sign(message, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=now)
+
+
+async def _pledged(ctx: CaseContext, account_id: str, asset_id: str) -> str:
+    """The account's attested pledge of ``asset_id``: what an executed settlement lowers.
+
+    Not the whole statement nor the log: a server may re-attest as its clock
+    moves (yield accrues, statements expire), which is no settlement.
+    """
+    statement, _, _ = await holdings(ctx, account_id)
+    for position in statement.positions:
+        if position.asset_id == asset_id:
+            return position.pledged_quantity.value or "0"
+    return "0"
+
+
+def _settlement_id(envelope: envelope_pb2.Envelope) -> str:
+    return reconciliation_pb2.SettlementInstruction.FromString(envelope.payload).settlement_id
+
+
+async def _submit(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope
+) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
+    outcome = await ctx.rpc(
+        ctx.custodian.submit_settlement_instruction,
+        custodian_service_pb2.SubmitSettlementInstructionRequest(settlement_instruction=envelope),
+        label="SubmitSettlementInstruction",
+    )
+    response: custodian_service_pb2.SubmitSettlementInstructionResponse = expect_ok(outcome)
+    check_equal(
+        "status of a submitted instruction",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_PENDING),
+        _STATUS.Name(response.status),
+    )
+    return response
+
+
+async def _get(ctx: CaseContext, settlement_id: str) -> custodian_service_pb2.GetSettlementResponse:
+    outcome = await ctx.rpc(
+        ctx.custodian.get_settlement,
+        custodian_service_pb2.GetSettlementRequest(settlement_id=settlement_id),
+        label="GetSettlement",
+    )
+    response: custodian_service_pb2.GetSettlementResponse = expect_ok(outcome)
+    return response
+
+
+def _deadline(
+    response: custodian_service_pb2.GetSettlementResponse
+    | custodian_service_pb2.SubmitSettlementInstructionResponse,
+) -> datetime:
+    check(
+        response.HasField("dispute_deadline"),
+        "no dispute_deadline",
+        expected="the effective dispute deadline",
+        got="none",
+    )
+    deadline: datetime = response.dispute_deadline.ToDatetime(tzinfo=UTC)
+    return deadline
+
+
+@REGISTRY.case(
+    "settlement/instruction-pending-until-window",
+    Level.MUST,
+    "a settlement instruction stays PENDING, unexecuted, until its dispute deadline (no earlier than the one it names)",
+    roles=_CUSTODIAN,
+)
+async def pending_until_window(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    envelope = await _instruction(
+        ctx, account_id, asset_id, cutoff_id="conformance-cutoff-1", cycle=1, now=now
+    )
+    submitted = await _submit(ctx, envelope)
+    deadline = _deadline(submitted)
+    check(
+        deadline >= now + _WINDOW,
+        "the effective dispute deadline is earlier than the instruction's",
+        expected=f">= {(now + _WINDOW).isoformat()}",
+        got=deadline.isoformat(),
+    )
+    before = await _pledged(ctx, account_id, asset_id)
+    # Just short of the deadline: still pending, nothing moved.
+    await _advance(ctx, deadline - now - timedelta(minutes=1))
+    found = await _get(ctx, _settlement_id(envelope))
+    check_equal(
+        "status just before the dispute deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_PENDING),
+        _STATUS.Name(found.status),
+    )
+    check_equal("dispute_deadline of GetSettlement", deadline, _deadline(found))
+    check_equal(
+        "the instruction GetSettlement returns",
+        envelope.SerializeToString(),
+        found.settlement_instruction.SerializeToString(),
+    )
+    check(
+        not found.HasField("attestation"),
+        "a pending settlement has an attestation: it was executed",
+        expected="no attestation",
+        got=str(found.attestation),
+    )
+    check_equal(
+        f"pledged {asset_id} before the deadline", before, await _pledged(ctx, account_id, asset_id)
+    )
+
+
+@REGISTRY.case(
+    "settlement/dispute-within-window",
+    Level.MUST,
+    "a dispute within the window makes the instruction DISPUTED, and it is never executed",
+    roles=_CUSTODIAN,
+)
+async def dispute_within_window(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    envelope = await _instruction(
+        ctx, account_id, asset_id, cutoff_id="conformance-cutoff-1", cycle=1, now=now
+    )
+    deadline = _deadline(await _submit(ctx, envelope))
+    settlement_id = _settlement_id(envelope)
+    later = await _advance(ctx, timedelta(hours=1))
+    dispute = reconciliation_pb2.SettlementDispute(
+        settlement_id=settlement_id, reason="conformance: the netting does not match"
+    )
+    outcome = await ctx.rpc(
+        ctx.custodian.dispute_settlement,
+        custodian_service_pb2.DisputeSettlementRequest(
+            settlement_dispute=await ctx.sign(
+                dispute, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=later
+            )
+        ),
+        label="DisputeSettlement",
+    )
+    answer: custodian_service_pb2.DisputeSettlementResponse = expect_ok(outcome)
+    disputed = _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED)
+    check_equal("status DisputeSettlement answers", disputed, _STATUS.Name(answer.status))
+    before = await _pledged(ctx, account_id, asset_id)
+    # Well past the deadline: a disputed instruction stays unexecuted.
+    await _advance(ctx, deadline - later + timedelta(hours=1))
+    found = await _get(ctx, settlement_id)
+    check_equal("status after the deadline", disputed, _STATUS.Name(found.status))
+    check(
+        found.HasField("settlement_dispute"),
+        "GetSettlement of a disputed settlement has no dispute",
+        expected="the dispute as received",
+        got="none",
+    )
+    check(
+        not found.HasField("attestation"),
+        "a disputed settlement was executed",
+        expected="no attestation",
+        got=str(found.attestation),
+    )
+    check_equal(
+        f"pledged {asset_id} after the deadline of a disputed settlement",
+        before,
+        await _pledged(ctx, account_id, asset_id),
+    )
+
+
+@REGISTRY.case(
+    "settlement/third-cycle-refused",
+    Level.MUST,
+    "opening a cycle beyond max_settlement_cycles_per_day is refused: RESOURCE_EXHAUSTED LIMIT_EXCEEDED, nothing changed",
+    roles=_CUSTODIAN,
+)
+async def cycle_beyond_cap(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    # The cap is the exchange's policy's (2 in the pilot): open cycles until refused.
+    for cycle in range(1, _MAX_CYCLES_TRIED + 1):
+        envelope = await _instruction(
+            ctx, account_id, asset_id, cutoff_id=f"conformance-cutoff-{cycle}", cycle=cycle, now=now
+        )
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            ctx.custodian.submit_settlement_instruction,
+            custodian_service_pb2.SubmitSettlementInstructionRequest(
+                settlement_instruction=envelope
+            ),
+            label="SubmitSettlementInstruction",
+        )
+        if outcome.ok:
+            continue
+        check(
+            cycle > 1,
+            "the first cycle of a fresh day was refused",
+            expected="PENDING",
+            got=outcome.summary(),
+        )
+        expect_status(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, _R.ERROR_REASON_LIMIT_EXCEEDED)
+        expect_status(
+            await ctx.rpc(
+                ctx.custodian.get_settlement,
+                custodian_service_pb2.GetSettlementRequest(settlement_id=_settlement_id(envelope)),
+                label="GetSettlement",
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            _R.ERROR_REASON_NOT_FOUND,
+        )
+        await expect_unchanged(ctx, before)
+        return
+    check(
+        False,
+        "no daily cap on settlement cycles",
+        expected=f"LIMIT_EXCEEDED within {_MAX_CYCLES_TRIED} cycles of one day",
+        got=f"{_MAX_CYCLES_TRIED} cycles accepted",
+    )
