@@ -34,6 +34,7 @@ from collateral_sync_reference import _custodian_emergency as _emergency_module
 from collateral_sync_reference import _custodian_settlement as _settlement_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
+from collateral_sync_reference import regulator as _regulator_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_core: Any = _custodian_module
@@ -41,6 +42,7 @@ _exchange_core: Any = _exchange_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
+_regulator: Any = _regulator_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -350,6 +352,24 @@ def _custodian_no_cycle_cap() -> None:
     _custodian_settlement.CustodianSettlement._limits = limits
 
 
+def _regulator_ignores_audience() -> None:
+    """The regulator keeps reconciliation statements addressed to another party."""
+    _lenient_verify(_regulator, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
+
+
+def _regulator_ignores_sync_heads() -> None:
+    """The regulator compares positions and totals but not the sync log heads."""
+    original = _regulator.reconcile
+
+    async def reconcile(custodian: Any, exchange: Any, *args: Any) -> Any:
+        exchange = type(exchange).FromString(exchange.SerializeToString())
+        del exchange.sync_log_heads[:]
+        exchange.sync_log_heads.extend(custodian.sync_log_heads)
+        return await original(custodian, exchange, *args)
+
+    _regulator.reconcile = reconcile
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -388,6 +408,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-hello-names-another-party": _custodian_hello_names_another_party,
     "custodian-release-on-any-signature": _custodian_release_on_any_signature,
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
+    "regulator-ignores-audience": _regulator_ignores_audience,
+    "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
 }
 
 

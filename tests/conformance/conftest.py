@@ -43,6 +43,7 @@ __all__ = [
     "custodian_config",
     "kit_argv",
     "reference_parties",
+    "regulator_argv",
     "start_server",
 ]
 
@@ -125,3 +126,34 @@ def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
         "--no-colour",
         *extra,
     ]
+
+
+def regulator_argv(
+    parties: Parties,
+    target: str,
+    *extra: str,
+    keys: tuple[str, ...] = (CUSTODIAN, EXCHANGE, CLIENT),
+) -> list[str]:
+    """``run`` arguments for a regulator at ``target``, the kit signing as the ``keys`` parties."""
+    files = parties.pki.party(CUSTODIAN)
+    argv = [
+        "run",
+        "--role",
+        "regulator",
+        "--target",
+        target,
+        "--ca",
+        str(parties.pki.ca_cert),
+        "--cert",
+        str(files.cert),
+        "--key",
+        str(files.key),
+        "--registry",
+        str(parties.registry_path),
+        "--server-party",
+        REGULATOR,
+        "--no-colour",
+    ]
+    for party in keys:
+        argv += ["--kit-key", str(parties.key_path(party))]
+    return [*argv, *extra]

@@ -27,11 +27,13 @@ from .conftest import (
     CUSTODIAN,
     EXCHANGE,
     KIT_ACCOUNT,
+    REGULATOR,
     Parties,
     ServerProcess,
     StartServer,
     custodian_config,
     kit_argv,
+    regulator_argv,
 )
 from .test_kit_exchange import ORIGIN, _exchange_argv, _wait_until_known
 
@@ -384,7 +386,9 @@ def test_a_custodian_that_loses_an_acknowledged_entry_on_restart_is_caught(
 
 
 def test_every_broken_server_fault_is_tested() -> None:
-    tested = {f for f, _, _ in CUSTODIAN_FAULTS} | {f for f, _, _ in EXCHANGE_FAULTS}
+    tested = {
+        f for faults in (CUSTODIAN_FAULTS, EXCHANGE_FAULTS, REGULATOR_FAULTS) for f, _, _ in faults
+    }
     tested.add("custodian-loses-acknowledged-entry-on-restart")
     assert tested == set(FAULTS)
 
@@ -392,3 +396,32 @@ def test_every_broken_server_fault_is_tested() -> None:
 def test_an_unknown_fault_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert launch_broken(["no-such-fault", "serve", "custodian"]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    ("regulator-ignores-audience", ["regulator/**"], {"regulator/wrong-audience-refused"}),
+    ("regulator-ignores-sync-heads", ["regulator/**"], {"regulator/breaks-located"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "run", "caught_by"), REGULATOR_FAULTS, ids=[f for f, _, _ in REGULATOR_FAULTS]
+)
+def test_a_broken_regulator_is_caught_by_its_cases(
+    fault: str,
+    run: list[str],
+    caught_by: set[str],
+    reference_parties: Parties,
+    broken: list[BrokenServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = reference_parties.config(
+        REGULATOR,
+        "regulator",
+        tmp_path,
+        peers={CUSTODIAN: "127.0.0.1:1", EXCHANGE: "127.0.0.1:2"},
+    )
+    server = _start(broken, fault, "regulator", config, tmp_path)
+    argv = regulator_argv(reference_parties, server.address, *_globs(*run))
+    assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]

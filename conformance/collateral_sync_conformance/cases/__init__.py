@@ -8,7 +8,7 @@ then the attestation log, signed-statement refusals, role behaviour, position sy
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
 
-from collateral_sync_conformance.cases import settlement
+from collateral_sync_conformance.cases import regulator, settlement
 
 # Last: an executed release consumes the account's pledge.
 from collateral_sync_conformance.cases import emergency
@@ -19,6 +19,7 @@ __all__ = [
     "emergency",
     "envelope",
     "exchange",
+    "regulator",
     "settlement",
     "sync",
     "transport",
