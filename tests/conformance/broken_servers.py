@@ -28,7 +28,7 @@ from collateral_sync import _sync_session as _session_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
-from collateral_sync.v1 import errors_pb2, position_sync_pb2, valuation_pb2
+from collateral_sync.v1 import errors_pb2, position_sync_pb2, reconciliation_pb2, valuation_pb2
 from collateral_sync_reference import _custodian_core as _custodian_module
 from collateral_sync_reference import _custodian_emergency as _emergency_module
 from collateral_sync_reference import _custodian_settlement as _settlement_module
@@ -352,6 +352,27 @@ def _custodian_no_cycle_cap() -> None:
     _custodian_settlement.CustodianSettlement._limits = limits
 
 
+def _custodian_executes_disputed() -> None:
+    """Disputed settlements are executed too once their deadline passes."""
+    settlement = _custodian_settlement.CustodianSettlement
+    original = settlement.run_due
+
+    def run_due(self: Any) -> None:
+        original(self)
+        now = self._custodian._clock.now()
+        rows = self._db.execute(
+            "SELECT settlement_id FROM custodian_settlements "
+            "WHERE status = ? AND dispute_deadline_us <= ?",
+            (reconciliation_pb2.SETTLEMENT_STATUS_DISPUTED, _custodian_settlement.to_us(now)),
+        ).fetchall()
+        for (settlement_id,) in rows:
+            found = self._row(settlement_id)
+            if found is not None:
+                self._execute(found, now)
+
+    settlement.run_due = run_due
+
+
 def _regulator_ignores_audience() -> None:
     """The regulator keeps reconciliation statements addressed to another party."""
     _lenient_verify(_regulator, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
@@ -408,6 +429,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-hello-names-another-party": _custodian_hello_names_another_party,
     "custodian-release-on-any-signature": _custodian_release_on_any_signature,
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
+    "custodian-executes-disputed-settlement": _custodian_executes_disputed,
     "regulator-ignores-audience": _regulator_ignores_audience,
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
 }

@@ -164,6 +164,11 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"settlement/third-cycle-refused"},
     ),
     (
+        "custodian-executes-disputed-settlement",
+        ["settlement/**"],
+        {"settlement/dispute-within-window"},
+    ),
+    (
         "custodian-not-found-as-failed-precondition",
         ["attestation/**"],
         {"attestation/holdings-statement-unknown-account"},
