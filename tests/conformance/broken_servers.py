@@ -32,6 +32,7 @@ from collateral_sync.v1 import errors_pb2, position_sync_pb2, reconciliation_pb2
 from collateral_sync_reference import _custodian_core as _custodian_module
 from collateral_sync_reference import _custodian_emergency as _emergency_module
 from collateral_sync_reference import _custodian_settlement as _settlement_module
+from collateral_sync_reference import _emergency as _cosigner_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
 from collateral_sync_reference import regulator as _regulator_module
@@ -43,6 +44,7 @@ _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _regulator: Any = _regulator_module
+_cosigner: Any = _cosigner_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -373,6 +375,28 @@ def _custodian_executes_disputed() -> None:
     settlement.run_due = run_due
 
 
+def _cosigns_twice() -> None:
+    """The custodian co-signs a release it already signed: it forgets whose signatures are on it."""
+    original = _cosigner.check_release_signatures
+
+    def check_release_signatures(envelope: Any, registry: Any, issued_at: Any) -> list[str]:
+        original(envelope, registry, issued_at)
+        return []
+
+    def add_signature(envelope: Any, signer: Any, **_: Any) -> Any:
+        # The SDK's add_signature would refuse a second signature by the same key.
+        signed = type(envelope)()
+        signed.CopyFrom(envelope)
+        signed.signatures.add(
+            key_id=signer.key_id,
+            sig=signer.sign(_cosigner.pae(envelope.payload_type, envelope.payload)),
+        )
+        return signed
+
+    _cosigner.check_release_signatures = check_release_signatures
+    _cosigner.add_signature = add_signature
+
+
 def _regulator_ignores_audience() -> None:
     """The regulator keeps reconciliation statements addressed to another party."""
     _lenient_verify(_regulator, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
@@ -430,6 +454,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-release-on-any-signature": _custodian_release_on_any_signature,
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
+    "custodian-cosigns-twice": _cosigns_twice,
     "regulator-ignores-audience": _regulator_ignores_audience,
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
 }

@@ -164,6 +164,11 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"settlement/third-cycle-refused"},
     ),
     (
+        "custodian-cosigns-twice",
+        ["emergency/**"],
+        {"emergency/cosign-twice-refused"},
+    ),
+    (
         "custodian-executes-disputed-settlement",
         ["settlement/**"],
         {"settlement/dispute-within-window"},
