@@ -456,6 +456,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
     "custodian-cosigns-twice": _cosigns_twice,
     "regulator-ignores-audience": _regulator_ignores_audience,
+    # The same guard as the custodian's: the regulator then meets a replay as an equivocation.
+    "regulator-accepts-replay": _custodian_accepts_replay,
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
 }
 

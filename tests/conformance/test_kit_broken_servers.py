@@ -411,6 +411,7 @@ def test_an_unknown_fault_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ("regulator-ignores-audience", ["regulator/**"], {"regulator/wrong-audience-refused"}),
     ("regulator-ignores-sync-heads", ["regulator/**"], {"regulator/breaks-located"}),
+    ("regulator-accepts-replay", ["regulator/**"], {"regulator/replayed-statement-refused"}),
 ]
 
 
