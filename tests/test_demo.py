@@ -151,7 +151,7 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "$ collateral-sync verify audit-custodian.json",
         "$ collateral-sync verify audit-regulator.json",
         ": MATCHED, 0 breaks, both parties' statements verify",
-        ": BREAKS, 1 breaks, both parties' statements verify",
+        ": BREAKS, 1 break, both parties' statements verify",
         "ok   statement[2]: EmergencyReleaseReceipt #1 signed by custodian-1",
         "$ collateral-sync verify audit-exchange-tampered.json",
         "FAIL attested_statement[0]",

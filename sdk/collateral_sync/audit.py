@@ -268,7 +268,8 @@ def _check_reconciliation_result(
         "RECONCILIATION_OUTCOME_"
     )
     return (
-        f"ReconciliationResult {result.cutoff_id}: {outcome}, {len(result.breaks)} breaks, "
+        f"ReconciliationResult {result.cutoff_id}: {outcome}, {len(result.breaks)} "
+        f"{'break' if len(result.breaks) == 1 else 'breaks'}, "
         "both parties' statements verify"
     )
 
