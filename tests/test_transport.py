@@ -63,6 +63,7 @@ REGULATOR = "collateral_sync.v1.RegulatorService"
 TEST_CONTROL = "collateral_sync.v1.TestControlService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
 
 
@@ -548,13 +549,26 @@ def test_non_idempotent_calls_are_never_retried(pki: DevPki) -> None:
 
 
 async def _reflection_request(
-    channel: grpc.aio.Channel, request: reflection_pb2.ServerReflectionRequest
+    channel: grpc.aio.Channel,
+    request: reflection_pb2.ServerReflectionRequest,
+    *,
+    version: str = "v1alpha",
 ) -> reflection_pb2.ServerReflectionResponse:
     async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
         yield request
 
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(requests(), timeout=5)
+    if version == "v1alpha":
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            requests(), timeout=5
+        )
+    else:
+        # v1 messages are wire-identical to v1alpha; only the method path differs.
+        method = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        call = method(requests(), timeout=5)
     responses = [r async for r in call]
     assert len(responses) == 1
     response: reflection_pb2.ServerReflectionResponse = responses[0]
@@ -593,8 +607,19 @@ def test_health_and_reflection_list_the_added_services(pki: DevPki) -> None:
                 channel, reflection_pb2.ServerReflectionRequest(list_services="")
             )
             assert sorted(s.name for s in listed.list_services_response.service) == sorted(
-                [EXCHANGE, REGULATOR, HEALTH, REFLECTION]
+                [EXCHANGE, REGULATOR, HEALTH, REFLECTION, REFLECTION_V1]
             )
+            # Current tools (grpcurl) ask reflection v1: it answers the same.
+            listed_v1 = await _reflection_request(
+                channel, reflection_pb2.ServerReflectionRequest(list_services=""), version="v1"
+            )
+            assert listed_v1 == listed
+            described_v1 = await _reflection_request(
+                channel,
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=EXCHANGE),
+                version="v1",
+            )
+            assert described_v1.file_descriptor_response.file_descriptor_proto
             described = await _reflection_request(
                 channel,
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol=EXCHANGE),
@@ -633,7 +658,7 @@ def test_test_control_is_added_and_announced_like_any_other_service(pki: DevPki)
                 channel, reflection_pb2.ServerReflectionRequest(list_services="")
             )
             assert sorted(s.name for s in listed.list_services_response.service) == sorted(
-                [EXCHANGE, TEST_CONTROL, HEALTH, REFLECTION]
+                [EXCHANGE, TEST_CONTROL, HEALTH, REFLECTION, REFLECTION_V1]
             )
             described = await _reflection_request(
                 channel,

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from collateral_sync.errors import CollateralSyncError, to_grpc_status
 from collateral_sync.transport import (
@@ -194,15 +194,37 @@ async def start_server(server: grpc.aio.Server, address: str = "127.0.0.1:0") ->
         raise OSError(f"could not bind {address} (in use, or not a local address)") from err
     if not port:
         raise OSError(f"could not bind {address}")
-    reflection.enable_server_reflection(
-        (*state.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    _enable_reflection(server, (*state.services, health.SERVICE_NAME))
     for name in state.services:
         await state.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await state.health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     state.started = True
     return int(port)
+
+
+#: The current reflection service; grpcio-reflection ships only v1alpha.
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Serve reflection as v1alpha (older tools) and v1 (current tools, the spec's §13)."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE)
+    reflection.enable_server_reflection(names, server)
+    # v1 and v1alpha differ only in their proto package: the messages are the same
+    # on the wire, so the same servicer answers on the v1 path.
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
 
 
 async def stop_server(server: grpc.aio.Server, grace: float | None = None) -> None:

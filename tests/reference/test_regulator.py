@@ -741,9 +741,6 @@ def test_the_conformance_kit_transport_cases_pass_against_the_regulator(
             str(parties.registry_path),
             "--kit-key",
             str(parties.key_path(CUSTODIAN)),
-            # grpcio's reflection serves v1alpha only (as for the other servers).
-            "--skip",
-            "**/reflection-v1",
             "--report-dir",
             str(tmp_path / "reports"),
         ],
