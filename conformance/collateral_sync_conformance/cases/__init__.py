@@ -8,19 +8,18 @@ then the attestation log, signed-statement refusals, role behaviour, position sy
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
 
-from collateral_sync_conformance.cases import regulator, settlement
-from collateral_sync_conformance.cases import cosign
+from collateral_sync_conformance.cases import regulator, settlement, reconciliation
 
 # Last: an executed release consumes the account's pledge.
 from collateral_sync_conformance.cases import emergency
 
 __all__ = [
     "attestation",
-    "cosign",
     "custodian",
     "emergency",
     "envelope",
     "exchange",
+    "reconciliation",
     "regulator",
     "settlement",
     "sync",

@@ -1,0 +1,545 @@
+"""Reconciliation statements and position trees at the custodian and the exchange (docs/PROTOCOL.md §10.1-§10.4).
+
+Both parties serve ``ReconciliationService``: the signed statement of a
+cut-off, and the position-tree nodes and accounts a regulator descends to
+locate breaks. The kit asks as the regulator would and judges the answers on
+its own: the statement with the SDK's signature verifier, the tree by
+recomputing RFC 9162 hashes (``collateral_sync.merkle``) over position leaves
+it encodes itself from §10.3, so a server whose tree only agrees with its own
+encoder is caught.
+
+A statement exists only once its cut-off has passed, so the cases that need
+one move the server's clock just past the next cut-off with
+TestControlService.AdvanceClock (at most 12 hours each); without test control
+they are skipped. The kit cannot learn the server's schedule from the
+protocol, so it assumes the default one (00:00 and 12:00 UTC, §10.1). Against
+a custodian the kit first pledges its ``--account`` (when given) so that the
+frozen view holds an account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from itertools import pairwise
+from typing import Literal
+
+import grpc
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.errors import CollateralSyncError
+from collateral_sync.keys import role_name
+from collateral_sync.merkle import HASH_SIZE, empty_root, leaf_hash, node_hash
+from collateral_sync.signing import verify_statement
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
+from collateral_sync.v1 import (
+    common_pb2,
+    envelope_pb2,
+    errors_pb2,
+    reconciliation_pb2,
+    reconciliation_service_pb2,
+    test_control_pb2,
+)
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+
+from collateral_sync_conformance._context import CaseContext, party_role
+from collateral_sync_conformance._expect import (
+    CaseFailure,
+    CaseSkipped,
+    Outcome,
+    check,
+    check_equal,
+    describe,
+    expect_ok,
+    expect_status,
+    sdk_check,
+)
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._custodian import ensure_pledged, holdings
+
+__all__: list[str] = []
+
+_PARTIES = [Role.CUSTODIAN, Role.EXCHANGE]
+_R = errors_pb2.ErrorReason
+_ROLE = common_pb2.PartyRole
+_LeafRange = reconciliation_service_pb2.LeafRange
+#: The default schedule (§10.1): offsets from 00:00 UTC.
+_DEFAULT_CUTOFFS = (timedelta(0), timedelta(hours=12))
+#: Ranges and account indexes one GetPositionTreeNodes call may carry (§10.4).
+_MAX_PER_CALL = 4096
+#: The exchange states a cut-off once it holds a batch or heartbeat issued after it
+#: (§10.2): how long the kit waits through FAILED_PRECONDITION for that.
+_STATEMENT_WAIT = timedelta(seconds=5)
+_POLL_SECONDS = 0.1
+#: §10.3: 32 ASCII bytes and a zero byte.
+_POSITION_LEAF_PREFIX = b"collateral-sync/v1/position-leaf\x00"
+_U32 = struct.Struct(">I")
+_AMOUNTS: tuple[Literal["quantity", "locked_quantity", "pledged_quantity"], ...] = (
+    "quantity",
+    "locked_quantity",
+    "pledged_quantity",
+)
+#: Ill-formed cut-off ids (§10.1 wants RFC 3339 UTC with seconds and ``Z``).
+_MALFORMED_IDS = (
+    "",
+    "2026-11-23T12:00:00",
+    "2026-11-23 12:00:00Z",
+    "2026-11-23T12:00:00+00:00",
+    "noon",
+)
+
+
+def _cutoff_id(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _next_cutoff(after: datetime) -> datetime:
+    """The first cut-off of the default schedule strictly after ``after``."""
+    day = datetime.combine(after.astimezone(UTC).date(), datetime.min.time(), tzinfo=UTC)
+    candidates = sorted(
+        day + timedelta(days=days) + offset for days in (0, 1) for offset in _DEFAULT_CUTOFFS
+    )
+    return next(c for c in candidates if c > after)
+
+
+def _unreached_cutoff(now: datetime) -> datetime:
+    """A cut-off two days ahead of ``now``: no server can have stated it yet."""
+    return _next_cutoff(now + timedelta(days=2))
+
+
+# ------------------------------------------------------------------ a cut-off
+
+
+async def _advance(ctx: CaseContext, by: timedelta) -> datetime:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(by)
+    response: test_control_pb2.AdvanceClockResponse = await ctx.control(
+        ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=duration)
+    )
+    if not response.HasField("now"):
+        raise CaseSkipped("AdvanceClock does not say the server's time")
+    return response.now.ToDatetime(tzinfo=UTC)
+
+
+async def _pass_cutoff(ctx: CaseContext) -> datetime:
+    """Move the server's clock one second past its next cut-off; return that cut-off.
+
+    A custodian gets the kit's account pledged first, so that the view frozen
+    at the cut-off is not empty.
+    """
+    if ctx.role is Role.CUSTODIAN and ctx.config.account_id:
+        await ensure_pledged(ctx)
+    now = await _advance(ctx, timedelta(0))
+    cutoff = _next_cutoff(now)
+    await _advance(ctx, cutoff - now + timedelta(seconds=1))
+    return cutoff
+
+
+async def _ask_statement(ctx: CaseContext, cutoff_id: str) -> Outcome:
+    return await ctx.rpc(
+        ctx.reconciliation.get_reconciliation_statement,
+        reconciliation_service_pb2.GetReconciliationStatementRequest(cutoff_id=cutoff_id),
+        label="GetReconciliationStatement",
+    )
+
+
+async def _statement(
+    ctx: CaseContext, cutoff: datetime
+) -> tuple[envelope_pb2.Envelope, reconciliation_pb2.ReconciliationStatement]:
+    """The envelope the server returns for a passed cut-off, and its payload, parsed.
+
+    Waits a little through FAILED_PRECONDITION: an exchange may state the
+    cut-off only once a batch or heartbeat issued after it has arrived.
+    """
+    deadline = time.monotonic() + _STATEMENT_WAIT.total_seconds()
+    while True:
+        outcome = await _ask_statement(ctx, _cutoff_id(cutoff))
+        if outcome.code != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(_POLL_SECONDS)
+    response: reconciliation_service_pb2.GetReconciliationStatementResponse = expect_ok(outcome)
+    envelope = response.reconciliation_statement
+    try:
+        statement = reconciliation_pb2.ReconciliationStatement.FromString(envelope.payload)
+    except DecodeError as err:
+        raise CaseFailure(
+            "the reconciliation statement's payload does not parse",
+            expected="a serialised ReconciliationStatement",
+            got=describe(envelope),
+        ) from err
+    check_equal("cutoff_id of the statement", _cutoff_id(cutoff), statement.cutoff_id)
+    return envelope, statement
+
+
+async def _nodes(
+    ctx: CaseContext,
+    cutoff_id: str,
+    ranges: Sequence[tuple[int, int]] = (),
+    indexes: Sequence[int] = (),
+) -> Outcome:
+    return await ctx.rpc(
+        ctx.reconciliation.get_position_tree_nodes,
+        reconciliation_service_pb2.GetPositionTreeNodesRequest(
+            cutoff_id=cutoff_id,
+            ranges=[_LeafRange(start=start, end=end) for start, end in ranges],
+            account_leaf_indexes=list(indexes),
+        ),
+        label="GetPositionTreeNodes",
+    )
+
+
+async def _answered(
+    ctx: CaseContext,
+    cutoff_id: str,
+    ranges: Sequence[tuple[int, int]] = (),
+    indexes: Sequence[int] = (),
+) -> tuple[list[bytes], list[reconciliation_pb2.AccountPositions]]:
+    """Node hashes in the order of ``ranges`` and accounts in the order of ``indexes``."""
+    response: reconciliation_service_pb2.GetPositionTreeNodesResponse = expect_ok(
+        await _nodes(ctx, cutoff_id, ranges, indexes)
+    )
+    check_equal(
+        "nodes returned (start, end), in the order of the ranges asked",
+        list(ranges),
+        [(node.start, node.end) for node in response.nodes],
+    )
+    for node in response.nodes:
+        check_equal(f"hash length of node [{node.start}, {node.end})", HASH_SIZE, len(node.hash))
+    check_equal(
+        "number of accounts returned (one per account_leaf_index)",
+        len(indexes),
+        len(response.accounts),
+    )
+    return [node.hash for node in response.nodes], list(response.accounts)
+
+
+# ------------------------------------------------------------------ position tree, by the spec
+
+
+def _lp(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return _U32.pack(len(data)) + data
+
+
+def _canonical(value: common_pb2.Decimal, what: str) -> str:
+    try:
+        canonical = format_amount(parse_amount(value.value, field=what), field=what)
+    except CollateralSyncError as err:
+        raise CaseFailure(
+            f"{what} is not an amount: {err.message}", expected="canonical decimal text"
+        ) from err
+    check_equal(f"{what} (canonical text, §2.1)", canonical, value.value)
+    return canonical
+
+
+def _position_leaf(account: reconciliation_pb2.AccountPositions) -> bytes:
+    """The leaf bytes of an account as §10.3 defines them, from what the server sent."""
+    parts = [_POSITION_LEAF_PREFIX, _lp(account.account_id), _U32.pack(len(account.positions))]
+    assets = [p.asset_id.encode("utf-8") for p in account.positions]
+    check(
+        len(set(assets)) == len(assets),
+        f"account {account.account_id!r} lists an asset twice",
+        expected="each asset at most once (§10.3)",
+        got=[p.asset_id for p in account.positions],
+    )
+    for position in sorted(account.positions, key=lambda p: p.asset_id.encode("utf-8")):
+        parts.append(_lp(position.asset_id))
+        for name in _AMOUNTS:
+            what = f"accounts[{account.account_id}].{position.asset_id}.{name}"
+            check(position.HasField(name), f"{what} is absent", expected="a Decimal", got="none")
+            parts.append(_lp(_canonical(getattr(position, name), what)))
+    return b"".join(parts)
+
+
+def _tree_hash(leaf_hashes: Sequence[bytes]) -> bytes:
+    """RFC 9162 MTH over leaf hashes; ``H("")`` for none."""
+    if not leaf_hashes:
+        return empty_root()
+    if len(leaf_hashes) == 1:
+        return leaf_hashes[0]
+    split = 1 << ((len(leaf_hashes) - 1).bit_length() - 1)
+    return node_hash(_tree_hash(leaf_hashes[:split]), _tree_hash(leaf_hashes[split:]))
+
+
+def _probe_ranges(size: int) -> list[tuple[int, int]]:
+    """The whole tree, its RFC split, and ranges off the RFC alignment (§10.4: any range)."""
+    ranges = [(0, size)]
+    if size >= 2:
+        split = 1 << ((size - 1).bit_length() - 1)
+        ranges += [(0, split), (split, size), (1, size), (0, size - 1)]
+    if size >= 4:
+        ranges += [(1, size - 1), (size // 2 - 1, size // 2 + 1)]
+    return list(dict.fromkeys(ranges))
+
+
+def _chunks(count: int) -> list[range]:
+    return [range(i, min(i + _MAX_PER_CALL, count)) for i in range(0, count, _MAX_PER_CALL)]
+
+
+def _totals(
+    statement: reconciliation_pb2.ReconciliationStatement,
+) -> dict[str, tuple[Decimal, ...]]:
+    order = [t.asset_id.encode("utf-8") for t in statement.totals]
+    check(
+        all(a < b for a, b in pairwise(order)) and all(order),
+        "totals are not ordered bytewise by asset_id, each once",
+        expected="strictly increasing non-empty asset ids (§10.2)",
+        got=[t.asset_id for t in statement.totals],
+    )
+    return {
+        t.asset_id: tuple(
+            Decimal(_canonical(getattr(t, name), f"totals[{t.asset_id}].{name}"))
+            for name in _AMOUNTS
+        )
+        for t in statement.totals
+    }
+
+
+# ------------------------------------------------------------------ cases
+
+
+@REGISTRY.case(
+    "reconciliation/statement-signed-for-cutoff",
+    Level.MUST,
+    "the statement of a passed cut-off is signed by the server, addressed to a regulator, names that cut-off and the server's role, and is well formed",
+    roles=_PARTIES,
+)
+async def statement_signed(ctx: CaseContext) -> None:
+    cutoff = await _pass_cutoff(ctx)
+    envelope, statement = await _statement(ctx, cutoff)
+    regulators = sorted(
+        {k.party_id for k in ctx.registry if k.role == _ROLE.PARTY_ROLE_REGULATOR}
+        & set(statement.header.audience)
+    )
+    check(
+        bool(regulators),
+        "the statement is not addressed to a regulator",
+        expected="an audience naming a party with a registered regulator key (§10.2)",
+        got=list(statement.header.audience),
+    )
+    verified = sdk_check(
+        "the reconciliation statement",
+        verify_statement,
+        envelope,
+        ctx.registry,
+        expected_type=reconciliation_pb2.ReconciliationStatement,
+        audience=regulators[0],
+        now=await ctx.server_now(),
+    )
+    check_equal("issuer of the statement", ctx.server_party_id, verified.issuer)
+    check_equal(
+        "party_role of the statement",
+        role_name(party_role(ctx.role)),
+        role_name(statement.party_role),
+    )
+    check_equal("cutoff_time of the statement", cutoff, statement.cutoff_time.ToDatetime(UTC))
+    issued = statement.header.issued_at.ToDatetime(UTC)
+    check(
+        issued >= cutoff,
+        "the statement was issued before its cut-off",
+        expected=f">= {cutoff.isoformat()}",
+        got=issued.isoformat(),
+    )
+    check_equal(
+        "sync_log_heads directions (both, ordered by direction number)",
+        [CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN],
+        [head.direction for head in statement.sync_log_heads],
+    )
+    for head in statement.sync_log_heads:
+        check_equal(f"entry_hash length of head {head.direction}", HASH_SIZE, len(head.entry_hash))
+    check_equal("positions_root length", HASH_SIZE, len(statement.positions_root))
+    if statement.account_count == 0:
+        check_equal("positions_root of no accounts", empty_root(), statement.positions_root)
+    _totals(statement)
+
+
+@REGISTRY.case(
+    "reconciliation/statement-frozen",
+    Level.MUST,
+    "GetReconciliationStatement returns the same bytes on every call, and the tree keeps the signed root after the positions change",
+    roles=_PARTIES,
+)
+async def statement_frozen(ctx: CaseContext) -> None:
+    cutoff = await _pass_cutoff(ctx)
+    first, statement = await _statement(ctx, cutoff)
+    if ctx.role is Role.CUSTODIAN and ctx.config.account_id:
+        # After the cut-off the live view moves; the frozen one must not.
+        held, _, _ = await holdings(ctx, ctx.config.account_id)
+        if held.positions:
+            await ctx.control(
+                ctx.test_control.deposit,
+                test_control_pb2.DepositRequest(
+                    account_id=ctx.config.account_id,
+                    asset_id=held.positions[0].asset_id,
+                    quantity=common_pb2.Decimal(value="1"),
+                ),
+            )
+    await _advance(ctx, timedelta(minutes=1))
+    again, _ = await _statement(ctx, cutoff)
+    check(
+        first.SerializeToString() == again.SerializeToString(),
+        "the statement returned again differs from the first (§10.2: the same bytes thereafter)",
+        expected=describe(first),
+        got=describe(again),
+    )
+    if statement.account_count:
+        hashes, _ = await _answered(ctx, statement.cutoff_id, [(0, statement.account_count)])
+        check_equal(
+            "hash of [0, account_count) after the positions changed",
+            statement.positions_root.hex(),
+            hashes[0].hex(),
+        )
+
+
+@REGISTRY.case(
+    "reconciliation/tree-nodes-recompute-root",
+    Level.MUST,
+    "GetPositionTreeNodes: accounts encode (§10.3) to leaves whose RFC 9162 hashes, and any range's, recompute the signed positions_root; their positions sum to the totals",
+    roles=_PARTIES,
+)
+async def tree_nodes_recompute_root(ctx: CaseContext) -> None:
+    cutoff = await _pass_cutoff(ctx)
+    _, statement = await _statement(ctx, cutoff)
+    size = statement.account_count
+    if size == 0:
+        check_equal("positions_root of no accounts", empty_root(), statement.positions_root)
+        raise CaseSkipped("the server's view at the cut-off holds no account: no tree to read")
+    leaf_hashes: list[bytes] = []
+    accounts: list[reconciliation_pb2.AccountPositions] = []
+    for chunk in _chunks(size):
+        hashes, found = await _answered(
+            ctx, statement.cutoff_id, [(i, i + 1) for i in chunk], list(chunk)
+        )
+        leaf_hashes += hashes
+        accounts += found
+    ids = [a.account_id.encode("utf-8") for a in accounts]
+    check(
+        all(a < b for a, b in pairwise(ids)),
+        "accounts are not in bytewise account_id order, each once",
+        expected="strictly increasing account ids (§10.3)",
+        got=[a.account_id for a in accounts],
+    )
+    sums: dict[str, list[Decimal]] = {}
+    for index, (account, served) in enumerate(zip(accounts, leaf_hashes, strict=True)):
+        check_equal(
+            f"hash of leaf {index} ({account.account_id}) against its positions",
+            leaf_hash(_position_leaf(account)).hex(),
+            served.hex(),
+        )
+        for position in account.positions:
+            total = sums.setdefault(position.asset_id, [Decimal(0)] * len(_AMOUNTS))
+            for i, name in enumerate(_AMOUNTS):
+                total[i] += Decimal(getattr(position, name).value)
+    check_equal(
+        "RFC 9162 root of the served leaves against positions_root",
+        statement.positions_root.hex(),
+        _tree_hash(leaf_hashes).hex(),
+    )
+    probes = _probe_ranges(size)
+    hashes, _ = await _answered(ctx, statement.cutoff_id, probes)
+    for (start, end), served in zip(probes, hashes, strict=True):
+        check_equal(
+            f"hash of range [{start}, {end}) against its leaves",
+            _tree_hash(leaf_hashes[start:end]).hex(),
+            served.hex(),
+        )
+    check_equal(
+        "totals (quantity, locked, pledged) against the sums of the accounts' positions",
+        {asset: tuple(values) for asset, values in sorted(sums.items())},
+        _totals(statement),
+    )
+
+
+@REGISTRY.case(
+    "reconciliation/statement-before-cutoff-refused",
+    Level.MUST,
+    "GetReconciliationStatement for a cut-off not yet reached: FAILED_PRECONDITION STATE_CONFLICT",
+    roles=_PARTIES,
+)
+async def statement_before_cutoff(ctx: CaseContext) -> None:
+    upcoming = _unreached_cutoff(await ctx.server_now())
+    expect_status(
+        await _ask_statement(ctx, _cutoff_id(upcoming)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+
+
+@REGISTRY.case(
+    "reconciliation/malformed-cutoff-id-refused",
+    Level.MUST,
+    "GetReconciliationStatement with a cutoff_id that is not RFC 3339 UTC with Z: INVALID_ARGUMENT MALFORMED naming cutoff_id",
+    roles=_PARTIES,
+)
+async def malformed_cutoff_id(ctx: CaseContext) -> None:
+    for cutoff_id in _MALFORMED_IDS:
+        expect_status(
+            await _ask_statement(ctx, cutoff_id),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            _R.ERROR_REASON_MALFORMED,
+            field_violation="cutoff_id",
+        )
+
+
+@REGISTRY.case(
+    "reconciliation/tree-nodes-unknown-cutoff-not-found",
+    Level.MUST,
+    "GetPositionTreeNodes for a cut-off the server never stated: NOT_FOUND, no nodes",
+    roles=_PARTIES,
+)
+async def tree_nodes_unknown_cutoff(ctx: CaseContext) -> None:
+    upcoming = _cutoff_id(_unreached_cutoff(await ctx.server_now()))
+    expect_status(
+        await _nodes(ctx, upcoming, [(0, 1)], [0]),
+        grpc.StatusCode.NOT_FOUND,
+        _R.ERROR_REASON_NOT_FOUND,
+    )
+
+
+@REGISTRY.case(
+    "reconciliation/tree-nodes-range-out-of-range-refused",
+    Level.MUST,
+    "GetPositionTreeNodes with a range beyond account_count, empty or reversed, or a leaf index beyond it: OUT_OF_RANGE, the whole call",
+    roles=_PARTIES,
+)
+async def tree_nodes_out_of_range(ctx: CaseContext) -> None:
+    cutoff = await _pass_cutoff(ctx)
+    _, statement = await _statement(ctx, cutoff)
+    size = statement.account_count
+    valid = [(0, size)] if size else []
+    for ranges, indexes in (
+        ([*valid, (0, size + 1)], []),
+        ([(size, size + 1)], []),
+        ([*valid, (0, 0)], []),
+        ([(1, 0)], []),
+        (valid, [size]),
+    ):
+        expect_status(
+            await _nodes(ctx, statement.cutoff_id, ranges, indexes),
+            grpc.StatusCode.OUT_OF_RANGE,
+            _R.ERROR_REASON_OUT_OF_RANGE,
+        )
+
+
+@REGISTRY.case(
+    "reconciliation/tree-nodes-limit-exceeded",
+    Level.MUST,
+    "GetPositionTreeNodes answers 4096 ranges, and refuses 4097 ranges or account indexes: RESOURCE_EXHAUSTED LIMIT_EXCEEDED",
+    roles=_PARTIES,
+)
+async def tree_nodes_limit(ctx: CaseContext) -> None:
+    cutoff = await _pass_cutoff(ctx)
+    _, statement = await _statement(ctx, cutoff)
+    if statement.account_count == 0:
+        raise CaseSkipped("the server's view at the cut-off holds no account: no range to ask")
+    await _answered(ctx, statement.cutoff_id, [(0, 1)] * _MAX_PER_CALL)
+    for ranges, indexes in (([(0, 1)] * (_MAX_PER_CALL + 1), []), ([], [0] * (_MAX_PER_CALL + 1))):
+        expect_status(
+            await _nodes(ctx, statement.cutoff_id, ranges, indexes),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            _R.ERROR_REASON_LIMIT_EXCEEDED,
+        )
