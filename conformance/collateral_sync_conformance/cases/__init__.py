@@ -9,12 +9,14 @@ from collateral_sync_conformance.cases import transport  # noqa: I001 (run order
 from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
 
 from collateral_sync_conformance.cases import regulator, settlement, reconciliation
+from collateral_sync_conformance.cases import cosign
 
 # Last: an executed release consumes the account's pledge.
 from collateral_sync_conformance.cases import emergency
 
 __all__ = [
     "attestation",
+    "cosign",
     "custodian",
     "emergency",
     "envelope",
