@@ -118,6 +118,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--account", help="an account at the server owned by the kit's client key (custodian cases)"
     )
     run.add_argument("--log-origin", help="the custodian's attestation log origin, if known")
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="exchange runs: serve the custodian the exchange under test dials here "
+        "(TLS identity --cert/--key, signing as the custodian --kit-key)",
+    )
+    run.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="with --listen: where the kit keeps its custodian's logs across runs "
+        "(default .collateral-sync-kit/<server party>)",
+    )
     run.add_argument("--run", action="append", metavar="GLOB", help="run only matching cases")
     run.add_argument("--skip", action="append", metavar="GLOB", help="do not run matching cases")
     run.add_argument(
@@ -190,6 +202,10 @@ def _server_party(args: argparse.Namespace, role: Role, registry: KeyRegistry) -
 
 def _config(args: argparse.Namespace) -> KitConfig:
     role = Role(args.role)
+    if args.listen and role is not Role.EXCHANGE:
+        raise UsageError("--listen serves a custodian to an exchange: it needs --role exchange")
+    if args.state_dir and not args.listen:
+        raise UsageError("--state-dir is the state of the custodian --listen serves")
     try:
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
         registry = KeyRegistry.load(args.registry)
@@ -208,6 +224,8 @@ def _config(args: argparse.Namespace) -> KitConfig:
         account_id=args.account,
         log_origin=args.log_origin,
         rpc_timeout=args.rpc_timeout,
+        listen=args.listen,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
     )
 
 

@@ -10,12 +10,14 @@ RPC it makes and turns an UNIMPLEMENTED test-control call into *skipped*.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -31,10 +33,11 @@ from collateral_sync.clients import (
 from collateral_sync.errors import RPCError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.transport import TlsConfig, secure_channel
-from collateral_sync.v1 import common_pb2, envelope_pb2, test_control_pb2
+from collateral_sync.v1 import common_pb2, envelope_pb2, position_sync_pb2, test_control_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
+from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
 from collateral_sync_conformance._expect import (
     CaseFailure,
     CaseSkipped,
@@ -61,6 +64,11 @@ MAIN_SERVICE: dict[Role, str] = {
     Role.EXCHANGE: "collateral_sync.v1.ExchangeService",
     Role.REGULATOR: "collateral_sync.v1.RegulatorService",
 }
+
+#: How long the kit waits for an exchange under test to dial its custodian, and to credit.
+COUNTERPART_DIAL_TIMEOUT = 30.0
+#: What the account the kit opens at its own custodian holds (all pledged).
+DEFAULT_HOLDINGS = {"USDC": "250000", "BTC": "10"}
 
 #: Default lifetime of the statements the kit signs: long enough for a slow
 #: server, short enough that a replay test cannot be confused with expiry.
@@ -90,6 +98,10 @@ class KitConfig:
     log_origin: str | None = None
     #: Deadline of each RPC the kit makes, in seconds.
     rpc_timeout: float = 10.0
+    #: ``host:port`` where the kit serves the custodian an exchange under test dials.
+    listen: str | None = None
+    #: Where the kit keeps the logs of the custodian it serves, across runs.
+    state_dir: Path | None = None
 
     def key_for(self, role: int) -> SigningKey | None:
         """The kit's first key registered for ``role`` (a ``PartyRole``), if any."""
@@ -117,6 +129,10 @@ class Session:
     clock_probe: bool = True
     #: Head of the kit's exchange-to-custodian sync log as the custodian last said it.
     sync_sent: int = 0
+    #: The custodian the kit serves to an exchange under test (``--listen``), once started.
+    counterpart: KitCustodian | None = None
+    #: The account the kit opened at its own custodian when no ``--account`` was given.
+    account_id: str | None = None
     _sequence: Iterator[int] = field(default_factory=lambda: iter(()), repr=False)
 
     @classmethod
@@ -140,8 +156,67 @@ class Session:
             _sequence=itertools.count(time.time_ns() // 1000),
         )
 
+    async def start(self) -> list[str]:
+        """Serve the counterpart the server under test dials, if asked; returns run errors.
+
+        For an exchange under test with ``--listen``: the kit's custodian
+        starts, waits for the exchange to dial it, and (without ``--account``)
+        opens an account there for the cases that need one, credited once the
+        exchange has proven its holdings statement.
+        """
+        config = self.config
+        if config.listen is None or config.role is not Role.EXCHANGE:
+            return []
+        signer = config.key_for(common_pb2.PARTY_ROLE_CUSTODIAN)
+        if signer is None:
+            return ["--listen needs a --kit-key of the custodian role: the kit plays the custodian"]
+        kit = KitCustodian(
+            listen=config.listen,
+            state_dir=config.state_dir or Path(".collateral-sync-kit") / config.server_party_id,
+            tls=config.tls,
+            registry=config.registry,
+            signer=signer,
+            exchange_id=config.server_party_id,
+            log_origin=config.log_origin or f"{signer.party_id}/collateral-sync/attestations",
+            sequences=self.next_sequence,
+        )
+        try:
+            await kit.start()
+        except (RuntimeError, OSError) as err:
+            return [f"cannot serve the kit's custodian on {config.listen}: {err}"]
+        self.counterpart = kit
+        if not await kit.wait_connected(COUNTERPART_DIAL_TIMEOUT):
+            return [
+                f"the exchange did not dial the kit's custodian at {config.listen} within "
+                f"{COUNTERPART_DIAL_TIMEOUT:.0f} s: configure it to use that address and the "
+                f"log origin {kit.log.origin!r}"
+            ]
+        client = config.key_for(common_pb2.PARTY_ROLE_CLIENT)
+        if config.account_id is None and client is not None:
+            return await self._open_account(kit, client)
+        return []
+
+    async def _open_account(self, kit: KitCustodian, client: SigningKey) -> list[str]:
+        account = f"kit-{uuid.uuid4().hex[:12]}"
+        change, ref = kit.holdings_change(account, client, dict(DEFAULT_HOLDINGS), epoch=1)
+        kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COUNTERPART_DIAL_TIMEOUT
+        while loop.time() < deadline:
+            line = await credit_line_of(self.exchange, account, self.config.rpc_timeout)
+            if relies_on(line, ref):
+                self.account_id = account
+                return []
+            await asyncio.sleep(0.1)
+        return [
+            f"the exchange did not credit the kit's account {account!r} within "
+            f"{COUNTERPART_DIAL_TIMEOUT:.0f} s of a proven holdings statement"
+        ]
+
     async def close(self) -> None:
         await self.channel.close()
+        if self.counterpart is not None:
+            await self.counterpart.stop()
 
     def next_sequence(self) -> int:
         return next(self._sequence)
@@ -187,7 +262,10 @@ class CaseContext:
         return key
 
     def account(self) -> str:
-        """The account the kit may use (``--account``); skips the case if none was given."""
+        """The account the kit may use (``--account``, or the one it opened at its own
+        custodian); skips the case if there is none."""
+        if self.session.account_id:
+            return self.session.account_id
         if not self.config.account_id:
             raise CaseSkipped(
                 "needs --account: an account at the server owned by the kit's client key"
@@ -275,6 +353,16 @@ class CaseContext:
         return response
 
     @property
+    def counterpart(self) -> KitCustodian:
+        """The custodian the kit serves the exchange under test; skips the case without one."""
+        kit = self.session.counterpart
+        if kit is None:
+            raise CaseSkipped(
+                "needs --listen: the kit serves the custodian the exchange under test dials"
+            )
+        return kit
+
+    @property
     def test_control(self) -> TestControlClient:
         """The raw client; prefer :meth:`control`, which handles UNIMPLEMENTED."""
         return self.session.test_control
@@ -295,7 +383,10 @@ class CaseContext:
                 self.session.clock_probe = False
             else:
                 if response.HasField("now"):
-                    return response.now.ToDatetime(tzinfo=UTC)
+                    now = response.now.ToDatetime(tzinfo=UTC)
+                    if self.session.counterpart is not None:
+                        self.session.counterpart.follow(now)
+                    return now
                 self.session.clock_probe = False
         return datetime.now(UTC)
 

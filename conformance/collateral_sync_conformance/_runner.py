@@ -257,6 +257,7 @@ async def run_cases(
     results = []
     session = session_factory(config)
     try:
+        run_errors.extend(await session.start())
         for case in cases:
             outcome = _apply_known_failing(
                 await _run_one(case, session, case_timeout), known_failing

@@ -32,6 +32,9 @@ class FakeSession:
     def __init__(self) -> None:
         self.closed = False
 
+    async def start(self) -> list[str]:
+        return []
+
     async def close(self) -> None:
         self.closed = True
 
