@@ -28,11 +28,18 @@ from collateral_sync import _sync_session as _session_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
-from collateral_sync.v1 import errors_pb2, position_sync_pb2, reconciliation_pb2, valuation_pb2
+from collateral_sync.v1 import (
+    errors_pb2,
+    margin_pb2,
+    position_sync_pb2,
+    reconciliation_pb2,
+    valuation_pb2,
+)
 from collateral_sync_reference import _custodian_core as _custodian_module
 from collateral_sync_reference import _custodian_emergency as _emergency_module
 from collateral_sync_reference import _custodian_settlement as _settlement_module
 from collateral_sync_reference import _emergency as _cosigner_module
+from collateral_sync_reference import _exchange_attest as _attest_module
 from collateral_sync_reference import _exchange_core as _exchange_module
 from collateral_sync_reference import _storage
 from collateral_sync_reference import regulator as _regulator_module
@@ -40,6 +47,7 @@ from collateral_sync_reference import regulator as _regulator_module
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_core: Any = _custodian_module
 _exchange_core: Any = _exchange_module
+_exchange_attest: Any = _attest_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
@@ -415,6 +423,50 @@ def _regulator_ignores_sync_heads() -> None:
     _regulator.reconcile = reconcile
 
 
+# -- the exchange with a custodian that tells it things (the kit's own, --listen)
+
+
+def _exchange_credits_without_proving() -> None:
+    """Holdings statements are credited once their signature verifies: no inclusion proof."""
+
+    async def check(self: Any, row: Any, refresh_error: Any) -> None:
+        return None
+
+    _exchange_attest.AttestationChecker._check = check
+
+
+def _exchange_ignores_partial_agreement() -> None:
+    """A partially agreed call still needs the whole call amount to be satisfied."""
+    original = _exchange_core.amount_due
+    partial = margin_pb2.MARGIN_CALL_STATUS_PARTIALLY_AGREED
+
+    def amount_due(status: int, call_amount: Decimal, agreed_amount: Decimal) -> Decimal:
+        if status == partial:
+            return call_amount
+        return Decimal(original(status, call_amount, agreed_amount))
+
+    _exchange_core.amount_due = amount_due
+
+
+def _exchange_expires_disputed_calls() -> None:
+    """Disputed calls expire at their due_by like any open call (and lead to a liquidation)."""
+    _exchange_core.EXPIRING = frozenset(
+        {*_exchange_core.EXPIRING, margin_pb2.MARGIN_CALL_STATUS_DISPUTED}
+    )
+
+
+def _exchange_never_liquidates_expired_calls() -> None:
+    """An expired call is marked EXPIRED, but no liquidation is instructed for it."""
+    original = _exchange_core.ExchangeCore._instruct_liquidation
+
+    def instruct(self: Any, account_id: str, valued: Any, call: Any, now: Any) -> str:
+        if call is not None:
+            return ""
+        return str(original(self, account_id, valued, call, now))
+
+    _exchange_core.ExchangeCore._instruct_liquidation = instruct
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -455,6 +507,13 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
     "custodian-cosigns-twice": _cosigns_twice,
+    "exchange-credits-without-proving": _exchange_credits_without_proving,
+    "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
+    "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,
+    "exchange-never-liquidates-expired-calls": _exchange_never_liquidates_expired_calls,
+    # The custodian's patches of the SDK session apply to whichever party runs them.
+    "exchange-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
+    "exchange-equivocation-as-gap": _custodian_equivocation_as_gap,
     "regulator-ignores-audience": _regulator_ignores_audience,
     # The same guard as the custodian's: the regulator then meets a replay as an equivocation.
     "regulator-accepts-replay": _custodian_accepts_replay,

