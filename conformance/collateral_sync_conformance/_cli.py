@@ -122,8 +122,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--listen",
         metavar="HOST:PORT",
         help="exchange runs: serve the custodian the exchange under test dials here "
-        "(TLS identity --cert/--key, signing as the custodian --kit-key)",
+        "(TLS identity --cert/--key, signing as the custodian --kit-key); regulator runs: "
+        "serve the custodian's ReconciliationService here",
     )
+    run.add_argument(
+        "--listen-exchange",
+        metavar="HOST:PORT",
+        help="regulator runs: serve the exchange's ReconciliationService here",
+    )
+    run.add_argument(
+        "--exchange-cert", help="TLS certificate for --listen-exchange (default --cert)"
+    )
+    run.add_argument("--exchange-key", help="private key of --exchange-cert")
     run.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -202,12 +212,23 @@ def _server_party(args: argparse.Namespace, role: Role, registry: KeyRegistry) -
 
 def _config(args: argparse.Namespace) -> KitConfig:
     role = Role(args.role)
-    if args.listen and role is not Role.EXCHANGE:
-        raise UsageError("--listen serves a custodian to an exchange: it needs --role exchange")
+    if args.listen and role is Role.CUSTODIAN:
+        raise UsageError("--listen serves a custodian's counterparts: not for --role custodian")
+    if (args.listen_exchange or args.exchange_cert) and role is not Role.REGULATOR:
+        raise UsageError("--listen-exchange and --exchange-cert are for --role regulator")
+    if role is Role.REGULATOR and bool(args.listen) != bool(args.listen_exchange):
+        raise UsageError("a regulator run serves both parties: give --listen and --listen-exchange")
+    if bool(args.exchange_cert) != bool(args.exchange_key):
+        raise UsageError("--exchange-cert and --exchange-key go together")
     if args.state_dir and not args.listen:
         raise UsageError("--state-dir is the state of the custodian --listen serves")
     try:
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
+        exchange_tls = (
+            TlsConfig.from_files(args.ca, args.exchange_cert, args.exchange_key)
+            if args.exchange_cert
+            else None
+        )
         registry = KeyRegistry.load(args.registry)
         keys = tuple(SigningKey.load(path) for path in args.kit_key)
     except (OSError, CollateralSyncError, ValueError) as err:
@@ -226,6 +247,8 @@ def _config(args: argparse.Namespace) -> KitConfig:
         rpc_timeout=args.rpc_timeout,
         listen=args.listen,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        listen_exchange=args.listen_exchange,
+        exchange_tls=exchange_tls,
     )
 
 

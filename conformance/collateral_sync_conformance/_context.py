@@ -37,7 +37,12 @@ from collateral_sync.v1 import common_pb2, envelope_pb2, position_sync_pb2, test
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
+from collateral_sync_conformance._counterpart import (
+    KitCustodian,
+    KitReconciliationParty,
+    credit_line_of,
+    relies_on,
+)
 from collateral_sync_conformance._expect import (
     CaseFailure,
     CaseSkipped,
@@ -102,6 +107,10 @@ class KitConfig:
     listen: str | None = None
     #: Where the kit keeps the logs of the custodian it serves, across runs.
     state_dir: Path | None = None
+    #: Regulator runs: where the kit serves the exchange's ReconciliationService
+    #: (``listen`` then serves the custodian's), and the TLS identity it uses there.
+    listen_exchange: str | None = None
+    exchange_tls: TlsConfig | None = None
 
     def key_for(self, role: int) -> SigningKey | None:
         """The kit's first key registered for ``role`` (a ``PartyRole``), if any."""
@@ -133,6 +142,8 @@ class Session:
     counterpart: KitCustodian | None = None
     #: The account the kit opened at its own custodian when no ``--account`` was given.
     account_id: str | None = None
+    #: Regulator runs with ``--listen``: the parties' ReconciliationService the kit serves.
+    parties: dict[int, KitReconciliationParty] = field(default_factory=dict)
     _sequence: Iterator[int] = field(default_factory=lambda: iter(()), repr=False)
 
     @classmethod
@@ -165,6 +176,8 @@ class Session:
         exchange has proven its holdings statement.
         """
         config = self.config
+        if config.listen is not None and config.role is Role.REGULATOR:
+            return await self._serve_parties()
         if config.listen is None or config.role is not Role.EXCHANGE:
             return []
         signer = config.key_for(common_pb2.PARTY_ROLE_CUSTODIAN)
@@ -196,6 +209,30 @@ class Session:
             return await self._open_account(kit, client)
         return []
 
+    async def _serve_parties(self) -> list[str]:
+        """Serve the custodian's and the exchange's ReconciliationService to the regulator."""
+        config = self.config
+        served = {
+            common_pb2.PARTY_ROLE_CUSTODIAN: (config.listen, config.tls),
+            common_pb2.PARTY_ROLE_EXCHANGE: (
+                config.listen_exchange,
+                config.exchange_tls or config.tls,
+            ),
+        }
+        for role, (address, tls) in served.items():
+            key = config.key_for(role)
+            if address is None or key is None:
+                return ["--listen needs --listen-exchange and --kit-keys of both parties"]
+            party = KitReconciliationParty(
+                listen=address, tls=tls, party_id=key.party_id, regulator_id=config.server_party_id
+            )
+            try:
+                await party.start()
+            except (RuntimeError, OSError) as err:
+                return [f"cannot serve {key.party_id}'s ReconciliationService on {address}: {err}"]
+            self.parties[role] = party
+        return []
+
     async def _open_account(self, kit: KitCustodian, client: SigningKey) -> list[str]:
         account = f"kit-{uuid.uuid4().hex[:12]}"
         change, ref = kit.holdings_change(account, client, dict(DEFAULT_HOLDINGS), epoch=1)
@@ -217,6 +254,8 @@ class Session:
         await self.channel.close()
         if self.counterpart is not None:
             await self.counterpart.stop()
+        for party in self.parties.values():
+            await party.stop()
 
     def next_sequence(self) -> int:
         return next(self._sequence)
@@ -361,6 +400,16 @@ class CaseContext:
                 "needs --listen: the kit serves the custodian the exchange under test dials"
             )
         return kit
+
+    def reconciliation_party(self, role: int) -> KitReconciliationParty:
+        """The party's ReconciliationService the kit serves the regulator under test."""
+        party = self.session.parties.get(role)
+        if party is None:
+            raise CaseSkipped(
+                "needs --listen and --listen-exchange: the kit serves the parties' position "
+                "trees the regulator descends"
+            )
+        return party
 
     @property
     def test_control(self) -> TestControlClient:

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -46,6 +46,7 @@ from collateral_sync.clients import ExchangeClient
 from collateral_sync.errors import CollateralSyncError, RPCError, StateError, to_grpc_status
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.merkle import leaf_hash
+from collateral_sync.reconciliation import PositionTree
 from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.sync import (
     CUSTODIAN_TO_EXCHANGE,
@@ -66,11 +67,20 @@ from collateral_sync.v1 import (
     liquidation_pb2,
     margin_pb2,
     position_sync_pb2,
+    reconciliation_service_pb2,
+    reconciliation_service_pb2_grpc,
     valuation_pb2,
 )
 from google.protobuf.message import Message
 
-__all__ = ["KitCustodian", "RawStream", "ReceivedUpdate", "credit_line_of", "relies_on"]
+__all__ = [
+    "KitCustodian",
+    "KitReconciliationParty",
+    "RawStream",
+    "ReceivedUpdate",
+    "credit_line_of",
+    "relies_on",
+]
 
 _R = errors_pb2.ErrorReason
 _LOGGER = logging.getLogger("collateral_sync_conformance.counterpart")
@@ -654,3 +664,103 @@ async def credit_line_of(
 def relies_on(line: valuation_pb2.CreditLine | None, ref: attestation_pb2.AttestationRef) -> bool:
     """Whether ``line`` relies on the statement ``ref`` points at."""
     return line is not None and any(a.leaf_hash == ref.leaf_hash for a in line.attestations)
+
+
+class KitReconciliationParty:
+    """One party's ReconciliationService the kit serves to a regulator under test.
+
+    A regulator locates breaks by descending both parties' position trees
+    (§10.4) at the addresses in its own configuration. For ``--role regulator
+    --listen ... --listen-exchange ...`` the kit serves the custodian's and the
+    exchange's trees there, one server each, so that the regulator's descent
+    can be judged by the breaks it publishes and by what it asked.
+    """
+
+    def __init__(self, *, listen: str, tls: TlsConfig, party_id: str, regulator_id: str) -> None:
+        self.listen = listen
+        self.party_id = party_id
+        self.regulator_id = regulator_id
+        self._tls = tls
+        self.trees: dict[str, PositionTree] = {}
+        self.statements: dict[str, envelope_pb2.Envelope] = {}
+        #: Per cut-off: how many ranges and account indexes the regulator asked for.
+        self.asked: dict[str, list[int]] = {}
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        reconciliation_service_pb2_grpc.add_ReconciliationServiceServicer_to_server(
+            _ReconciliationServicer(self), server
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(self._tls.private_key, self._tls.cert_chain)],
+            root_certificates=self._tls.ca_cert,
+            require_client_auth=True,
+        )
+        server.add_secure_port(self.listen, credentials)
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None
+
+    def publish(self, cutoff_id: str, tree: PositionTree, statement: envelope_pb2.Envelope) -> None:
+        """Serve ``tree`` (and its signed statement) for ``cutoff_id``."""
+        self.trees[cutoff_id] = tree
+        self.statements[cutoff_id] = statement
+        self.asked[cutoff_id] = [0, 0]
+
+
+class _ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServiceServicer):
+    def __init__(self, party: KitReconciliationParty) -> None:
+        self._party = party
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, err: CollateralSyncError
+    ) -> NoReturn:
+        await context.abort_with_status(to_grpc_status(err))
+        raise AssertionError("unreachable: abort raises")
+
+    def _unknown(self, cutoff_id: str) -> StateError:
+        return StateError(
+            f"the conformance kit states no cut-off {cutoff_id!r} for {self._party.party_id}",
+            reason=_R.ERROR_REASON_NOT_FOUND,
+            metadata={"expected": "a cut-off the kit stated", "actual": cutoff_id},
+        )
+
+    async def GetReconciliationStatement(
+        self,
+        request: reconciliation_service_pb2.GetReconciliationStatementRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reconciliation_service_pb2.GetReconciliationStatementResponse:
+        try:
+            check_peer_party(context, self._party.regulator_id)
+            statement = self._party.statements.get(request.cutoff_id)
+            if statement is None:
+                raise self._unknown(request.cutoff_id)
+        except CollateralSyncError as err:
+            await self._refuse(context, err)
+        return reconciliation_service_pb2.GetReconciliationStatementResponse(
+            reconciliation_statement=statement
+        )
+
+    async def GetPositionTreeNodes(
+        self,
+        request: reconciliation_service_pb2.GetPositionTreeNodesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
+        party = self._party
+        try:
+            check_peer_party(context, party.regulator_id)
+            tree = party.trees.get(request.cutoff_id)
+            if tree is None:
+                raise self._unknown(request.cutoff_id)
+            response = tree.answer(request)
+        except CollateralSyncError as err:
+            await self._refuse(context, err)
+        asked = party.asked[request.cutoff_id]
+        asked[0] += len(request.ranges)
+        asked[1] += len(request.account_leaf_indexes)
+        return response

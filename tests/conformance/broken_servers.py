@@ -33,6 +33,7 @@ from collateral_sync.v1 import (
     margin_pb2,
     position_sync_pb2,
     reconciliation_pb2,
+    reconciliation_service_pb2,
     valuation_pb2,
 )
 from collateral_sync_reference import _custodian_core as _custodian_module
@@ -423,6 +424,40 @@ def _regulator_ignores_sync_heads() -> None:
     _regulator.reconcile = reconcile
 
 
+def _regulator_drops_one_sided_accounts() -> None:
+    """The regulator's result leaves out accounts and assets present on one side only."""
+    original = _regulator.reconcile
+
+    async def reconcile(custodian: Any, exchange: Any, *args: Any, **kwargs: Any) -> Any:
+        found = await original(custodian, exchange, *args, **kwargs)
+        kept = tuple(b for b in found.breaks if b.field != reconciliation_pb2.BREAK_FIELD_MISSING)
+        return dataclasses.replace(found, breaks=kept)
+
+    _regulator.reconcile = reconcile
+
+
+def _regulator_reads_every_account() -> None:
+    """Before descending, the regulator reads every account of both trees (right, but O(n))."""
+    original = _regulator.reconcile
+    request_type = reconciliation_service_pb2.GetPositionTreeNodesRequest
+
+    async def read_all(source: Any, statement: Any) -> None:
+        count = statement.account_count
+        for start in range(0, count, 4096):
+            indexes = range(start, min(count, start + 4096))
+            await source(request_type(cutoff_id=statement.cutoff_id, account_leaf_indexes=indexes))
+
+    async def reconcile(
+        custodian: Any, exchange: Any, custodian_nodes: Any, exchange_nodes: Any, **kwargs: Any
+    ) -> Any:
+        if custodian.positions_root != exchange.positions_root:
+            await read_all(custodian_nodes, custodian)
+            await read_all(exchange_nodes, exchange)
+        return await original(custodian, exchange, custodian_nodes, exchange_nodes, **kwargs)
+
+    _regulator.reconcile = reconcile
+
+
 # -- the exchange with a custodian that tells it things (the kit's own, --listen)
 
 
@@ -518,6 +553,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     # The same guard as the custodian's: the regulator then meets a replay as an equivocation.
     "regulator-accepts-replay": _custodian_accepts_replay,
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
+    "regulator-drops-one-sided-accounts": _regulator_drops_one_sided_accounts,
+    "regulator-reads-every-account": _regulator_reads_every_account,
 }
 
 

@@ -486,6 +486,12 @@ REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ("regulator-ignores-audience", ["regulator/**"], {"regulator/wrong-audience-refused"}),
     ("regulator-ignores-sync-heads", ["regulator/**"], {"regulator/breaks-located"}),
     ("regulator-accepts-replay", ["regulator/**"], {"regulator/replayed-statement-refused"}),
+    (
+        "regulator-drops-one-sided-accounts",
+        ["regulator/**"],
+        {"regulator/breaks-located-in-trees"},
+    ),
+    ("regulator-reads-every-account", ["regulator/**"], {"regulator/descent-reads-few-accounts"}),
 ]
 
 
@@ -501,12 +507,17 @@ def test_a_broken_regulator_is_caught_by_its_cases(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = reference_parties.config(
-        REGULATOR,
-        "regulator",
-        tmp_path,
-        peers={CUSTODIAN: "127.0.0.1:1", EXCHANGE: "127.0.0.1:2"},
-    )
+    # The kit serves both parties' position trees where the regulator dials them.
+    listen = {CUSTODIAN: f"127.0.0.1:{free_port()}", EXCHANGE: f"127.0.0.1:{free_port()}"}
+    config = reference_parties.config(REGULATOR, "regulator", tmp_path, peers=dict(listen))
     server = _start(broken, fault, "regulator", config, tmp_path)
-    argv = regulator_argv(reference_parties, server.address, *_globs(*run))
+    argv = regulator_argv(
+        reference_parties,
+        server.address,
+        "--listen",
+        listen[CUSTODIAN],
+        "--listen-exchange",
+        listen[EXCHANGE],
+        *_globs(*run),
+    )
     assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]

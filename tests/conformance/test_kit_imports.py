@@ -26,6 +26,7 @@ ALLOWED_SDK_MODULES = {
     "collateral_sync.errors",
     "collateral_sync.keys",
     "collateral_sync.merkle",
+    "collateral_sync.reconciliation",
     "collateral_sync.signing",
     "collateral_sync.statements",
     "collateral_sync.sync",

@@ -2,8 +2,9 @@
 
 The regulator is a real process over mutual TLS; the kit signs statements with
 the custodian's and the exchange's keys (and a client key for the wrong-role
-case). The parties' addresses in the regulator's configuration lead nowhere:
-the kit's statements never need the regulator to descend position trees.
+case). The parties' addresses in the regulator's configuration are where the kit
+serves their ReconciliationService (--listen, --listen-exchange), for the
+cases in which the regulator descends position trees.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from .conftest import (
     StartServer,
     regulator_argv,
 )
+from .test_kit_counterpart import free_port
+
+#: Where the kit serves the parties' ReconciliationService, which the regulator dials.
+LISTEN = {CUSTODIAN: f"127.0.0.1:{free_port()}", EXCHANGE: f"127.0.0.1:{free_port()}"}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +38,12 @@ def regulator(
     start_server: StartServer, reference_parties: Parties, tmp_path_factory: pytest.TempPathFactory
 ) -> ServerProcess:
     directory = tmp_path_factory.mktemp("kit-regulator")
-    config = reference_parties.config(
-        REGULATOR,
-        "regulator",
-        directory,
-        peers={CUSTODIAN: "127.0.0.1:1", EXCHANGE: "127.0.0.1:2"},
-    )
+    config = reference_parties.config(REGULATOR, "regulator", directory, peers=dict(LISTEN))
     return start_server("regulator", config, name="kit-regulator-conformance")
+
+
+def listening(*extra: str) -> list[str]:
+    return ["--listen", LISTEN[CUSTODIAN], "--listen-exchange", LISTEN[EXCHANGE], *extra]
 
 
 def _results(directory: Path) -> dict[str, Any]:
@@ -53,7 +57,10 @@ def test_reference_regulator_passes_every_must_case(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(regulator_argv(reference_parties, regulator.address, "--report-dir", str(tmp_path)))
+    argv = regulator_argv(
+        reference_parties, regulator.address, *listening("--report-dir", str(tmp_path))
+    )
+    code = main(argv)
     out = capsys.readouterr().out
     document = _results(tmp_path)
     not_passed = [

@@ -8,7 +8,8 @@ then the attestation log, signed-statement refusals, role behaviour, position sy
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
 
-from collateral_sync_conformance.cases import regulator, settlement, reconciliation
+from collateral_sync_conformance.cases import regulator, regulator_descent
+from collateral_sync_conformance.cases import settlement, reconciliation
 from collateral_sync_conformance.cases import cosign
 
 # Last: an executed release consumes the account's pledge.
@@ -29,6 +30,7 @@ __all__ = [
     "exchange_lifecycle",
     "reconciliation",
     "regulator",
+    "regulator_descent",
     "settlement",
     "sync",
     "sync_exchange",

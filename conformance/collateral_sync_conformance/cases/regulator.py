@@ -6,12 +6,11 @@ exchange. Every case states a cut-off of its own — a whole second picked at
 random in the past three years, so that no two cases and no two runs share
 one — because a regulator keeps one statement per party per cut-off for ever.
 
-The kit's statements describe an empty view (no accounts, root ``H("")``) or
+The statements here describe an empty view (no accounts, root ``H("")``) or
 differ only in what the regulator can compare without asking the parties for
-their position trees (asset totals, sync log heads): descending the trees
-needs ``GetPositionTreeNodes`` of the parties at the addresses in the
-regulator's own configuration, which the kit cannot point at itself (see
-docs/CONFORMANCE.md).
+their position trees (asset totals, sync log heads). Breaks inside the trees,
+which the regulator finds by descending them through the parties'
+``GetPositionTreeNodes``, are the cases of :mod:`.regulator_descent`.
 """
 
 from __future__ import annotations
