@@ -1,0 +1,221 @@
+"""Reference custodians that attest, prove, release or settle wrongly while refusing nothing.
+
+Each patch breaks exactly one rule of the custodian's positive behaviour
+(docs/PROTOCOL.md §5 checkpoints and proofs, Appendix A redemptions and yield,
+§10 emergency release, §10.6 settlement), so that the case written for that
+rule is the one that must catch it (tests/conformance/test_kit_broken_custodians.py).
+Most of these faults change what the custodian *signs*, which a fault proxy
+cannot fake. Like :mod:`.broken_servers`, whose machinery is reused, it runs
+the ordinary server command line in the same process::
+
+    python tests/conformance/broken_custodians.py FAULT serve custodian --config FILE ...
+
+The faults live apart from :data:`.broken_servers.FAULTS` because that table is
+required to be tested, fault for fault, by test_kit_broken_servers.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from collateral_sync._cli import main as cli_main
+from collateral_sync.errors import StateError
+from collateral_sync.keys import SigningKey
+from collateral_sync.v1 import attestation_pb2, errors_pb2, reconciliation_pb2
+from collateral_sync_reference import _custodian_core as _custodian_module
+from collateral_sync_reference import _custodian_emergency as _emergency_module
+from collateral_sync_reference import _custodian_settlement as _settlement_module
+from collateral_sync_reference import _emergency as _cosigner_module
+
+# Patched by name: what they import is their business, so they are typed loosely here.
+_custodian_core: Any = _custodian_module
+_custodian_emergency: Any = _emergency_module
+_custodian_settlement: Any = _settlement_module
+_cosigner: Any = _cosigner_module
+
+__all__ = ["FAULTS", "main"]
+
+_REASON = attestation_pb2.HoldingsChangeReason
+
+
+def _signs_checkpoints_with_unregistered_key() -> None:
+    """Checkpoints are signed with a new custodian key that is in no registry (a rotation half done)."""
+    original = _custodian_core.Custodian._sign_checkpoint
+    rotated: dict[str, SigningKey] = {}
+
+    def sign_checkpoint(self: Any, size: int, now: datetime) -> Any:
+        own = self._signer
+        if own.party_id not in rotated:
+            rotated[own.party_id] = SigningKey.generate(own.party_id, own.role)
+        self._signer = rotated[own.party_id]
+        try:
+            return original(self, size, now)
+        finally:
+            self._signer = own
+
+    _custodian_core.Custodian._sign_checkpoint = sign_checkpoint
+
+
+def _refuses_checkpoint_at_log_size() -> None:
+    """GetCheckpoint(tree_size=n) refuses n equal to the log's size as beyond it (>= for >)."""
+    original = _custodian_core.Custodian.checkpoint
+
+    def checkpoint(self: Any, tree_size: int) -> Any:
+        size = self._log.size
+        if tree_size and tree_size >= size:
+            raise StateError(
+                f"tree size {tree_size} is beyond the log of {size} leaves",
+                reason=errors_pb2.ERROR_REASON_OUT_OF_RANGE,
+                metadata={"field": "tree_size", "expected": f"< {size}", "actual": str(tree_size)},
+            )
+        return original(self, tree_size)
+
+    _custodian_core.Custodian.checkpoint = checkpoint
+
+
+def _alternates_checkpoint_origin() -> None:
+    """Every other checkpoint names another log origin, as two signers configured apart would."""
+    original = _custodian_core.sign_statement
+    signed = [0]
+
+    def sign_statement(message: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(message, attestation_pb2.Checkpoint):
+            signed[0] += 1
+            if signed[0] % 2 == 0:
+                renamed = attestation_pb2.Checkpoint()
+                renamed.CopyFrom(message)
+                renamed.origin = f"{message.origin}/replica-b"
+                message = renamed
+        return original(message, *args, **kwargs)
+
+    _custodian_core.sign_statement = sign_statement
+
+
+def _same_size_proof_not_empty() -> None:
+    """A consistency proof between equal sizes carries the tree's root (RFC 9162 SUBPROOF, b=false)."""
+    original = _custodian_core.Custodian.consistency_proof
+
+    def consistency_proof(self: Any, first_tree_size: int, second_tree_size: int) -> Any:
+        proof = original(self, first_tree_size, second_tree_size)
+        if proof.first_tree_size == proof.second_tree_size and not proof.consistency_path:
+            proof.consistency_path.append(self._log.root(proof.second_tree_size))
+        return proof
+
+    _custodian_core.Custodian.consistency_proof = consistency_proof
+
+
+def _rewrite_changes(rewrite: Callable[[Any, Any], Any]) -> None:
+    """Wrap ``Custodian._attest``: ``rewrite(custodian, change)`` may alter each change first."""
+    original = _custodian_core.Custodian._attest
+
+    def attest(self: Any, changes: Sequence[Any], now: datetime) -> Any:
+        return original(self, [rewrite(self, change) for change in changes], now)
+
+    _custodian_core.Custodian._attest = attest
+
+
+def _redemption_locks_nothing() -> None:
+    """A redemption is attested as REDEMPTION_LOCK, but the account is saved with its old locks."""
+
+    def unlock(custodian: Any, change: Any) -> Any:
+        if change.reason == _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK:
+            stored = custodian._store.account(change.account.account_id)
+            for asset_id, holding in change.account.holdings.items():
+                before = stored.holdings.get(asset_id) if stored is not None else None
+                holding.locked = before.locked if before is not None else Decimal(0)
+        return change
+
+    _rewrite_changes(unlock)
+
+
+def _yield_attested_as_deposit() -> None:
+    """Accrued yield is attested with reason DEPOSIT (the fund's payment), not YIELD_ACCRUAL."""
+
+    def as_deposit(custodian: Any, change: Any) -> Any:
+        if change.reason == _REASON.HOLDINGS_CHANGE_REASON_YIELD_ACCRUAL:
+            return dataclasses.replace(change, reason=_REASON.HOLDINGS_CHANGE_REASON_DEPOSIT)
+        return change
+
+    _rewrite_changes(as_deposit)
+
+
+def _cosignature_put_first() -> None:
+    """The co-signer puts its own signature before the issuer's instead of appending it."""
+    cosigner = _cosigner.EmergencyReleaseCoSigner
+    original = cosigner.cosign
+
+    def cosign(self: Any, envelope: Any) -> Any:
+        signed = original(self, envelope)
+        *others, own = [type(s).FromString(s.SerializeToString()) for s in signed.signatures]
+        del signed.signatures[:]
+        signed.signatures.extend([own, *others])
+        return signed
+
+    cosigner.cosign = cosign
+
+
+def _release_attested_as_liquidation() -> None:
+    """An executed emergency release is attested with reason LIQUIDATION, not RELEASE."""
+    original = _custodian_emergency._Change
+
+    def change(account: Any, reason: int, *args: Any, **kwargs: Any) -> Any:
+        if reason == _REASON.HOLDINGS_CHANGE_REASON_RELEASE:
+            reason = _REASON.HOLDINGS_CHANGE_REASON_LIQUIDATION
+        return original(account, reason, *args, **kwargs)
+
+    _custodian_emergency._Change = change
+
+
+def _settles_whole_day_early() -> None:
+    """A daily batch executes every pending settlement whose deadline falls on today's UTC date."""
+    settlement = _custodian_settlement.CustodianSettlement
+    original = settlement.run_due
+    to_us = _custodian_settlement.to_us
+
+    def run_due(self: Any) -> None:
+        original(self)
+        now = self._custodian._clock.now().astimezone(UTC)
+        end_of_day = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
+        rows = self._db.execute(
+            "SELECT settlement_id FROM custodian_settlements "
+            "WHERE status = ? AND dispute_deadline_us < ? ORDER BY dispute_deadline_us",
+            (reconciliation_pb2.SETTLEMENT_STATUS_PENDING, to_us(end_of_day)),
+        ).fetchall()
+        for (settlement_id,) in rows:
+            found = self._row(settlement_id)
+            if found is not None:
+                self._execute(found, now)
+
+    settlement.run_due = run_due
+
+
+#: Fault name -> the patch that introduces it.
+FAULTS: dict[str, Callable[[], None]] = {
+    "custodian-signs-checkpoints-with-unregistered-key": _signs_checkpoints_with_unregistered_key,
+    "custodian-refuses-checkpoint-at-log-size": _refuses_checkpoint_at_log_size,
+    "custodian-alternates-checkpoint-origin": _alternates_checkpoint_origin,
+    "custodian-same-size-proof-not-empty": _same_size_proof_not_empty,
+    "custodian-redemption-locks-nothing": _redemption_locks_nothing,
+    "custodian-yield-attested-as-deposit": _yield_attested_as_deposit,
+    "custodian-cosignature-put-first": _cosignature_put_first,
+    "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,
+    "custodian-settles-whole-day-early": _settles_whole_day_early,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in FAULTS:
+        sys.stderr.write(f"usage: broken_custodians.py {{{'|'.join(FAULTS)}}} serve ROLE ...\n")
+        return 2
+    FAULTS[args[0]]()
+    return cli_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
