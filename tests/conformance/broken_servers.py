@@ -27,7 +27,7 @@ from collateral_sync import _sync_log, errors
 from collateral_sync import _sync_session as _session_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
 from collateral_sync.v1 import (
     errors_pb2,
     margin_pb2,
@@ -502,6 +502,179 @@ def _exchange_never_liquidates_expired_calls() -> None:
     _exchange_core.ExchangeCore._instruct_liquidation = instruct
 
 
+def _exchange_policy_versions_off_by_one() -> None:
+    """GetRiskPolicy(version=v) looks up version v + 1 (0 still means the policy in force)."""
+    original = _exchange_core.ExchangeCore.risk_policy
+
+    def risk_policy(self: Any, version: int) -> Any:
+        return original(self, version + 1 if version else 0)
+
+    _exchange_core.ExchangeCore.risk_policy = risk_policy
+
+
+def _exchange_policy_signature_broken() -> None:
+    """GetRiskPolicy serves the policy with its signature bytes damaged (signed, then changed)."""
+    original = _exchange_core.ExchangeCore.risk_policy
+
+    def risk_policy(self: Any, version: int) -> Any:
+        envelope = type(original(self, version))()
+        envelope.CopyFrom(original(self, version))
+        signature = bytearray(envelope.signatures[0].sig)
+        signature[0] ^= 0x01
+        envelope.signatures[0].sig = bytes(signature)
+        return envelope
+
+    _exchange_core.ExchangeCore.risk_policy = risk_policy
+
+
+def _exchange_lists_calls_not_states() -> None:
+    """ListMarginCalls answers each call's signed MarginCall instead of its MarginCallState."""
+    original = _exchange_core.ExchangeCore.list_margin_calls
+
+    def list_margin_calls(self: Any, account_id: str, page_size: int, page_token: str) -> Any:
+        states, token = original(self, account_id, page_size, page_token)
+        calls = [margin_pb2.MarginCallState.FromString(e.payload).margin_call for e in states]
+        return calls, token
+
+    _exchange_core.ExchangeCore.list_margin_calls = list_margin_calls
+
+
+def _exchange_session(session: Any) -> bool:
+    return bool(session.log.sending_direction == EXCHANGE_TO_CUSTODIAN)
+
+
+def _exchange_sync_error_as(reason_name: str, into: Callable[[Any], Exception]) -> None:
+    """The exchange refuses a custodian batch for ``reason_name``, but reports ``into(err)``."""
+    reason = errors_pb2.ErrorReason.Value(reason_name)
+    original_verify = _sync_session.verify_sync_batch
+    original_accept = _sync_log.SyncLog.accept_batch
+
+    def verify_sync_batch(envelope: Any, registry: Any, **kwargs: Any) -> Any:
+        try:
+            return original_verify(envelope, registry, **kwargs)
+        except errors.CollateralSyncError as err:
+            if err.reason != reason or kwargs.get("direction") != CUSTODIAN_TO_EXCHANGE:
+                raise
+            raise into(err) from err
+
+    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
+        try:
+            return original_accept(self, batch, apply, now=now)
+        except errors.CollateralSyncError as err:
+            if err.reason != reason or batch.direction != CUSTODIAN_TO_EXCHANGE:
+                raise
+            raise into(err) from err
+
+    _sync_session.verify_sync_batch = verify_sync_batch
+    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
+
+
+def _exchange_gap_as_malformed() -> None:
+    """A sequence gap in the custodian's log is refused, but as MALFORMED."""
+    _exchange_sync_error_as(
+        "ERROR_REASON_SEQUENCE_GAP", lambda err: errors.MalformedError(err.message)
+    )
+
+
+def _exchange_key_role_as_signature_invalid() -> None:
+    """A batch signed by a non-custodian key is refused, but as SIGNATURE_INVALID."""
+    _exchange_sync_error_as(
+        "ERROR_REASON_KEY_ROLE_MISMATCH",
+        lambda err: VerificationError(
+            err.message, reason=errors_pb2.ERROR_REASON_SIGNATURE_INVALID
+        ),
+    )
+
+
+def _exchange_hello_names_another_party() -> None:
+    """The exchange's hello names a party other than itself (so no custodian accepts it)."""
+    original = _sync_session.SyncSession._own_hello
+
+    def own_hello(self: Any) -> Any:
+        frame = original(self)
+        if _exchange_session(self):
+            frame.hello.party_id = f"not-{frame.hello.party_id}"
+        return frame
+
+    _sync_session.SyncSession._own_hello = own_hello
+
+
+def _exchange_under_reports_received_head() -> None:
+    """The exchange's hello claims one entry less of the custodian's log than it stored."""
+    original = _sync_session.SyncSession._own_hello
+
+    def own_hello(self: Any) -> Any:
+        frame = original(self)
+        hello = frame.hello
+        if _exchange_session(self) and hello.received_sequence > 0:
+            previous = hello.received_sequence - 1
+            entry = self.log.received_entry(previous) if previous else None
+            hello.received_sequence = previous
+            hello.received_entry_hash = ZERO_HASH if entry is None else entry.entry_hash
+        return frame
+
+    _sync_session.SyncSession._own_hello = own_hello
+
+
+def _exchange_refuses_old_batches() -> None:
+    """The exchange refuses any custodian batch starting at or below its head: no duplicates."""
+    original = _sync_log.SyncLog.accept_batch
+
+    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
+        head = self.received_head().sequence
+        if batch.direction == CUSTODIAN_TO_EXCHANGE and batch.first_sequence <= head:
+            raise VerificationError(
+                f"batch from {batch.first_sequence}, expected > {head}",
+                reason=errors_pb2.ERROR_REASON_REPLAYED,
+                metadata={"expected": f"> {head}", "actual": str(batch.first_sequence)},
+            )
+        return original(self, batch, apply, now=now)
+
+    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
+
+
+def _regulator_results_on_first_statement() -> None:
+    """The regulator answers a first statement with something in reconciliation_result."""
+    original = _regulator.RegulatorRole.submit
+
+    async def submit(self: Any, envelope: Any) -> Any:
+        result = await original(self, envelope)
+        return envelope if result is None else result
+
+    _regulator.RegulatorRole.submit = submit
+
+
+def _regulator_flags_agreeing_views() -> None:
+    """The regulator reports a break in every non-empty cut-off, even when both views agree."""
+    original = _regulator.reconcile
+
+    async def reconcile(custodian: Any, exchange: Any, *args: Any, **kwargs: Any) -> Any:
+        found = await original(custodian, exchange, *args, **kwargs)
+        if found.breaks or custodian.account_count == 0:
+            return found
+        spurious = reconciliation_pb2.ReconciliationBreak(
+            account_id="", asset_id="", field=reconciliation_pb2.BREAK_FIELD_QUANTITY
+        )
+        return dataclasses.replace(found, breaks=(spurious,))
+
+    _regulator.reconcile = reconcile
+
+
+def _regulator_result_not_public() -> None:
+    """Reconciliation results are addressed to the custodian only, not to everyone."""
+    original = _regulator.sign_statement
+
+    def sign_statement(message: Any, signer: Any, **kwargs: Any) -> Any:
+        if isinstance(message, reconciliation_pb2.ReconciliationResult):
+            custodian = reconciliation_pb2.ReconciliationStatement.FromString(
+                message.custodian_statement.payload
+            )
+            kwargs["audience"] = [custodian.header.issuer]
+        return original(message, signer, **kwargs)
+
+    _regulator.sign_statement = sign_statement
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -555,6 +728,17 @@ FAULTS: dict[str, Callable[[], None]] = {
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
     "regulator-drops-one-sided-accounts": _regulator_drops_one_sided_accounts,
     "regulator-reads-every-account": _regulator_reads_every_account,
+    "regulator-results-on-first-statement": _regulator_results_on_first_statement,
+    "regulator-flags-agreeing-views": _regulator_flags_agreeing_views,
+    "regulator-result-not-public": _regulator_result_not_public,
+    "exchange-policy-versions-off-by-one": _exchange_policy_versions_off_by_one,
+    "exchange-policy-signature-broken": _exchange_policy_signature_broken,
+    "exchange-lists-calls-not-states": _exchange_lists_calls_not_states,
+    "exchange-gap-as-malformed": _exchange_gap_as_malformed,
+    "exchange-key-role-as-signature-invalid": _exchange_key_role_as_signature_invalid,
+    "exchange-hello-names-another-party": _exchange_hello_names_another_party,
+    "exchange-under-reports-received-head": _exchange_under_reports_received_head,
+    "exchange-refuses-old-batches": _exchange_refuses_old_batches,
 }
 
 

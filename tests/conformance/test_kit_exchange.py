@@ -154,6 +154,14 @@ def test_reference_exchange_passes_every_must_case(
     assert document["role"] == "exchange"
 
 
+#: What an exchange that acts on forged margin-call responses fails.
+FORGED_RESPONSE_CASES = {
+    "envelope/respond-to-margin-call/forged-signature-refused",
+    "envelope/respond-to-margin-call/tampered-payload-refused",
+    "envelope/respond-to-margin-call/unknown-key-refused",
+}
+
+
 def test_an_exchange_that_accepts_forged_responses_is_caught(
     exchange: ServerProcess,
     reference_parties: Parties,
@@ -192,8 +200,4 @@ def test_an_exchange_that_accepts_forged_responses_is_caught(
         proxy.stop()
     capsys.readouterr()
     cases = json.loads((tmp_path / "results.json").read_text("utf-8"))["cases"]
-    assert {c["id"] for c in cases if c["verdict"] == "failed"} == {
-        "envelope/respond-to-margin-call/forged-signature-refused",
-        "envelope/respond-to-margin-call/tampered-payload-refused",
-        "envelope/respond-to-margin-call/unknown-key-refused",
-    }
+    assert {c["id"] for c in cases if c["verdict"] == "failed"} == FORGED_RESPONSE_CASES
