@@ -59,8 +59,11 @@ def _outcome_line(run: RunResult) -> str:
     reasons = []
     if failed:
         reasons.append(f"{len(failed)} MUST case(s) failed")
-    if stale or run.run_errors:
-        reasons.append(f"{len(stale) + len(run.run_errors)} stale known-failing entr(y/ies)")
+    if stale:
+        reasons.append(f"{len(stale)} known-failing case(s) passed: the list is stale")
+    if run.run_errors:
+        # A known-failing entry matching no case, or a counterpart the kit could not serve.
+        reasons.append(f"{len(run.run_errors)} run error(s)")
     return "RESULT: FAIL (" + "; ".join(reasons) + ")"
 
 
@@ -118,7 +121,7 @@ class TerminalReporter:
             row = counts[level]
             self._write(f"{level.value:<8}" + "".join(f"{row[v]:>18}" for v in verdicts))
         for error in run.run_errors:
-            self._write(f"known-failing: {error}")
+            self._write(f"run error: {error}")
         for result in run.results:
             if result.stale:
                 self._write(f"known-failing: {result.case.id}: {result.message}")
@@ -252,7 +255,7 @@ def junit_tree(run: RunResult) -> ET.ElementTree[ET.Element]:
         element = ET.SubElement(
             suite,
             "testcase",
-            classname=f"{run.role.value}.known-failing",
+            classname=f"{run.role.value}.run",
             name=error_text,
             time="0",
         )
