@@ -644,6 +644,9 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         stream.start()
         wanted.set_result(stream)
         await stream._done.wait()
+        # End the call with a status the exchange resumes after (§6.7), rather than
+        # leaving it to notice a half-closed stream.
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the conformance kit ends this call")
 
 
 async def credit_line_of(

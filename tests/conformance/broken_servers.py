@@ -599,6 +599,18 @@ def _exchange_hello_names_another_party() -> None:
     _sync_session.SyncSession._own_hello = own_hello
 
 
+def _exchange_ignores_window() -> None:
+    """The exchange sends as if the custodian's window were unlimited."""
+    original = _sync_session.SyncSession._accept_hello
+
+    def accept_hello(self: Any, frame: Any) -> None:
+        original(self, frame)
+        if _exchange_session(self):
+            self._peer_window = 2**31
+
+    _sync_session.SyncSession._accept_hello = accept_hello
+
+
 def _exchange_under_reports_received_head() -> None:
     """The exchange's hello claims one entry less of the custodian's log than it stored."""
     original = _sync_session.SyncSession._own_hello
@@ -738,6 +750,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-key-role-as-signature-invalid": _exchange_key_role_as_signature_invalid,
     "exchange-hello-names-another-party": _exchange_hello_names_another_party,
     "exchange-under-reports-received-head": _exchange_under_reports_received_head,
+    "exchange-ignores-window": _exchange_ignores_window,
     "exchange-refuses-old-batches": _exchange_refuses_old_batches,
 }
 

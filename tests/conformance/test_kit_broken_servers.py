@@ -457,6 +457,11 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"sync/exchange/batch-acked-and-resumed"},
     ),
     (
+        "exchange-ignores-window",
+        ["sync/exchange/window-respected"],
+        {"sync/exchange/window-respected"},
+    ),
+    (
         "exchange-refuses-old-batches",
         ["sync/exchange/duplicate-entries-skipped", "sync/exchange/batch-acked-and-resumed"],
         {"sync/exchange/duplicate-entries-skipped"},

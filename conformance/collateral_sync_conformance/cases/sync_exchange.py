@@ -14,15 +14,29 @@ history it has seen fork (§6.5), so nothing can follow it in a run.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH, entry_hash
+from collateral_sync.sync import (
+    CUSTODIAN_TO_EXCHANGE,
+    EXCHANGE_TO_CUSTODIAN,
+    ZERO_HASH,
+    entry_hash,
+    verify_sync_batch,
+)
 from collateral_sync.v1 import common_pb2, envelope_pb2, errors_pb2, position_sync_pb2
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._counterpart import KitCustodian, RawStream
-from collateral_sync_conformance._expect import CaseFailure, check, check_equal, describe
+from collateral_sync_conformance._expect import (
+    CaseFailure,
+    CaseSkipped,
+    check,
+    check_equal,
+    describe,
+    sdk_check,
+)
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 
 __all__: list[str] = []
@@ -33,12 +47,20 @@ _R = errors_pb2.ErrorReason
 _REDIAL_TIMEOUT = 20.0
 #: How long the kit waits for a frame it expects.
 _FRAME_TIMEOUT = 5.0
+#: How often the kit promises (and sends) a frame on a raw stream.
+_HEARTBEAT_SECONDS = 1.0
 #: The window the kit declares on raw streams.
 _WINDOW = 64
+#: How long the exchange may take to prove and credit an account (and say so on the stream).
+_CREDIT_TIMEOUT = 20.0
+#: How long the kit watches for a batch the window does not allow.
+_QUIET = 1.0
 
 
 @asynccontextmanager
-async def _stream(ctx: CaseContext, kit: KitCustodian) -> AsyncIterator[RawStream]:
+async def _stream(
+    ctx: CaseContext, kit: KitCustodian, *, window: int = _WINDOW
+) -> AsyncIterator[RawStream]:
     """The exchange's next call, its hello checked and the kit's hello sent."""
     await ctx.server_now()  # batches are signed on the exchange's clock
     async with kit.raw_stream(_REDIAL_TIMEOUT) as stream:
@@ -66,12 +88,26 @@ async def _stream(ctx: CaseContext, kit: KitCustodian) -> AsyncIterator[RawStrea
                     received_sequence=received.sequence,
                     received_entry_hash=received.entry_hash,
                     sent_sequence=sent.sequence,
-                    window=_WINDOW,
-                    heartbeat_interval_ms=1000,
+                    window=window,
+                    heartbeat_interval_ms=int(_HEARTBEAT_SECONDS * 1000),
                 )
             )
         )
-        yield stream
+        # The exchange holds the stream dead after three of the kit's heartbeat
+        # intervals of silence (§6.7): keep it alive while the case reads.
+        beating = asyncio.create_task(_heartbeats(kit, stream))
+        try:
+            yield stream
+        finally:
+            beating.cancel()
+
+
+async def _heartbeats(kit: KitCustodian, stream: RawStream) -> None:
+    while True:
+        await asyncio.sleep(_HEARTBEAT_SECONDS)
+        beat = position_sync_pb2.SyncHeartbeat(sent_sequence=kit.sync_log.sent_head().sequence)
+        beat.sent_at.FromDatetime(kit.now())
+        await stream.send(position_sync_pb2.SyncFrame(heartbeat=beat))
 
 
 def _batch(
@@ -207,22 +243,12 @@ async def hello_valid(ctx: CaseContext) -> None:
 async def batch_acked_and_resumed(ctx: CaseContext) -> None:
     kit = ctx.counterpart
     async with _stream(ctx, kit) as stream:
-        start = stream.hello.received_sequence
         for _ in range(3):
             _logged(kit, _fresh_update(ctx, kit))
-        head = kit.sync_log.sent_head()
         # Everything after what the exchange holds: the three new entries, and any
         # the session had not yet had acknowledged.
-        entries = [kit.sync_log.outgoing_entry(s) for s in range(start + 1, head.sequence + 1)]
-        envelope, hashes = _batch(
-            kit,
-            start + 1,
-            stream.hello.received_entry_hash,
-            [e.update for e in entries if e is not None],
-        )
-        check_equal("kit's own chain", head.entry_hash.hex(), hashes[-1].hex())
-        await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
-        await _expect_ack(stream, head.sequence, head.entry_hash)
+        await _send_from_held(kit, stream)
+    head = kit.sync_log.sent_head()
     await _head_unchanged(ctx, kit, head.sequence, head.entry_hash)
 
 
@@ -254,6 +280,77 @@ async def duplicate_entries_skipped(ctx: CaseContext) -> None:
         check_equal("kit's own chain", new_hash.hex(), hashes[-1].hex())
         await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
         await _expect_ack(stream, sequence, new_hash)
+
+
+@REGISTRY.case(
+    "sync/exchange/window-respected",
+    Level.SHOULD,
+    "the exchange never has more of its entries unacknowledged than the window the custodian "
+    "declared (here 1) (§6.6)",
+    roles=_EXCHANGE,
+)
+async def window_respected(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    async with _stream(ctx, kit, window=1) as stream:
+        # Two fresh accounts for the exchange to credit: each credit is an entry of its
+        # log to the custodian (a CreditLine), after anything not yet acknowledged.
+        for _ in range(2):
+            _logged(kit, _fresh_update(ctx, kit))
+        # Its ack is not waited for: reading up to it would pass over its batches.
+        await _send_from_held(kit, stream, expect_ack=False)
+        seen = 0
+        while seen < 2:
+            frame = await stream.frame_of(("batch",), _CREDIT_TIMEOUT)
+            if frame is None:
+                if seen == 0:
+                    kinds = [f.WhichOneof("frame") for f in stream.frames]
+                    raise CaseSkipped(
+                        f"the exchange sent the custodian nothing to pace within "
+                        f"{_CREDIT_TIMEOUT:.0f} s of two new accounts (frames: {kinds})"
+                    )
+                break
+            verified = sdk_check(
+                "a sync batch from the exchange",
+                verify_sync_batch,
+                frame.batch,
+                kit.registry,
+                receiver_party_id=kit.party_id,
+                sender_party_id=kit.exchange_id,
+                direction=EXCHANGE_TO_CUSTODIAN,
+                now=kit.now(),
+                max_entries=2**32 - 1,
+            )
+            check(
+                len(verified.updates) <= 1,
+                "a batch larger than the custodian's window",
+                expected="at most 1 entry",
+                got=len(verified.updates),
+            )
+            extra = await stream.frame_of(("batch",), _QUIET)
+            check(
+                extra is None,
+                "a second batch before the first was acknowledged (window 1)",
+                expected="no batch until the ack",
+                got=describe(extra) if extra is not None else "",
+            )
+            seen += 1
+            ack = position_sync_pb2.SyncAck(
+                sequence=verified.last_sequence, entry_hash=verified.last_entry_hash
+            )
+            await stream.send(position_sync_pb2.SyncFrame(ack=ack))
+
+
+async def _send_from_held(kit: KitCustodian, stream: RawStream, *, expect_ack: bool = True) -> None:
+    """Send the kit's log from the exchange's received head to its end (and expect the ack)."""
+    held = stream.hello.received_sequence
+    head = kit.sync_log.sent_head()
+    entries = [kit.sync_log.outgoing_entry(s) for s in range(held + 1, head.sequence + 1)]
+    envelope, _ = _batch(
+        kit, held + 1, stream.hello.received_entry_hash, [e.update for e in entries if e]
+    )
+    await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+    if expect_ack:
+        await _expect_ack(stream, head.sequence, head.entry_hash)
 
 
 @REGISTRY.case(
