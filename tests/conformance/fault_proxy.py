@@ -97,6 +97,8 @@ class Fault:
     #: (method, response bytes) -> replacement response bytes.
     on_response: Callable[[str, bytes], bytes | None] | None = None
     require_client_auth: bool = True
+    #: The status a method the proxy does not know is answered with (the server: UNIMPLEMENTED).
+    unknown_method: grpc.StatusCode | None = None
 
 
 class _Status(grpc.Status):  # type: ignore[misc]
@@ -130,6 +132,14 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
                     method, self._upstream.stream_stream(method)(requests), context
                 )
             )
+        code = self._fault.unknown_method
+        if code is not None:
+
+            def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+                context.abort(code, f"{method}: no such method")
+                raise AssertionError("unreachable")
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
         return None  # UNIMPLEMENTED, as the server would answer
 
     def _timeout(self, context: grpc.ServicerContext) -> float | None:
@@ -157,7 +167,11 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self, method: str, call: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         try:
-            yield from call
+            for response in call:
+                changed = None
+                if self._fault.on_response is not None:
+                    changed = self._fault.on_response(method, response)
+                yield response if changed is None else changed
         except grpc.RpcError as err:
             replacement = self._refusal(method, err)
             if isinstance(replacement, bytes):

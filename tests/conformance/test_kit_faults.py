@@ -18,6 +18,8 @@ import pytest
 from collateral_sync.transport import TlsConfig
 from collateral_sync.v1 import custodian_service_pb2
 from collateral_sync_conformance import main
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from .conftest import CUSTODIAN, EXCHANGE, Parties, ServerProcess, kit_argv
 from .fault_proxy import Fault, FaultProxy, Refusal
@@ -81,6 +83,35 @@ def _targets(slug: str) -> set[str]:
         f"envelope/{target}/{slug}"
         for target in ("pledge-collateral", "request-redemption", "submit-liquidation-instruction")
     }
+
+
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _not_serving(called: str, response: bytes) -> bytes | None:
+    if called != _HEALTH_CHECK:
+        return None
+    return health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.NOT_SERVING
+    ).SerializeToString()
+
+
+def _knows_every_service(called: str, refusal: Refusal) -> bytes | None:
+    if called == _HEALTH_CHECK and refusal.code == grpc.StatusCode.NOT_FOUND:
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING
+        ).SerializeToString()
+    return None
+
+
+def _lists_no_services(called: str, response: bytes) -> bytes | None:
+    if not called.startswith("/grpc.reflection."):
+        return None
+    message = reflection_pb2.ServerReflectionResponse.FromString(response)
+    if not message.HasField("list_services_response"):
+        return None
+    del message.list_services_response.service[:]
+    return message.SerializeToString()
 
 
 FAULTS: list[tuple[Fault, list[str], set[str]]] = [
@@ -150,6 +181,30 @@ FAULTS: list[tuple[Fault, list[str], set[str]]] = [
         {"attestation/consistency-proof-verifies", "custodian/deposit-attested"},
     ),
     (
+        Fault("reports itself NOT_SERVING", on_response=_not_serving),
+        ["transport/**"],
+        {"transport/health-serving"},
+    ),
+    (
+        Fault("reports unknown services SERVING", on_refusal=_knows_every_service),
+        ["transport/**"],
+        {"transport/health-unknown-service-not-found"},
+    ),
+    (
+        Fault("reflection lists no services", on_response=_lists_no_services),
+        ["transport/**"],
+        {
+            "transport/reflection-lists-services",
+            "transport/reflection-v1",
+            "transport/reflection-v1alpha",
+        },
+    ),
+    (
+        Fault("answers unknown methods INTERNAL", unknown_method=grpc.StatusCode.INTERNAL),
+        ["transport/**"],
+        {"transport/unknown-method-unimplemented"},
+    ),
+    (
         Fault("accepts clients without a certificate", require_client_auth=False),
         ["transport/**"],
         {"transport/mtls-required", "transport/untrusted-client-certificate-refused"},
@@ -208,7 +263,9 @@ def test_the_fault_is_caught_by_its_cases(
     assert failed == caught_by, output
     assert not any(c["verdict"] == "error" for c in cases), output
     assert not any(c["verdict"] == "skipped" for c in cases), output
-    assert code == 1
+    # Non-zero exactly when a MUST case is among those caught.
+    must = any(c["level"] == "MUST" for c in cases if c["id"] in caught_by)
+    assert code == (1 if must else 0), output
     for case in cases:
         if case["id"] in caught_by:
             assert case["failure"]["expected"], case
