@@ -325,8 +325,7 @@ class ExchangeCore:
             for account_id, profit in sorted(self._settings.profits.items()):
                 self._store.set_profit(account_id, profit)
             self._prices.tick(now)
-            for account_id in self._store.account_ids():
-                self._revalue(account_id, now)
+            self._revalue_each(self._store.account_ids(), now)
 
     # -- risk policy --
 
@@ -751,7 +750,7 @@ class ExchangeCore:
                 if current is None or row.epoch > current.epoch:
                     self._store.set_credited_holdings(row.account_id, holdings_id)
                     touched.add(row.account_id)
-            return [self._revalue(account_id, now) for account_id in sorted(touched)]
+            return self._revalue_each(sorted(touched), now)
 
     def trust_checkpoint(
         self, origin: str, envelope: envelope_pb2.Envelope, tree_size: int
@@ -819,6 +818,27 @@ class ExchangeCore:
             exposure=exposure,
             ratio=figures.collateral_ratio,
         )
+
+    def _revalue_each(self, account_ids: Iterable[str], now: datetime) -> list[Revaluation]:
+        """Revalue accounts one by one: one that cannot be revalued stops none of the others.
+
+        Acting on a valuation signs statements that rest on the account's latest
+        attested holdings, verified as evidence when issued (PROTOCOL.md §8.2 step 2).
+        If they no longer verify (the custodian let the attestation expire), no margin
+        call or liquidation instruction anyone could check can be issued: the account's
+        part of the transaction is undone, the reason logged, and the account stays as
+        it was until the custodian attests it again. The others are revalued as usual.
+        """
+        done = []
+        for account_id in account_ids:
+            try:
+                with self._storage.savepoint():
+                    done.append(self._revalue(account_id, now))
+            except CollateralSyncError as err:
+                self._logger.warning(
+                    "account %s not revalued: %s: %s", account_id, err.reason_name, err.message
+                )
+        return done
 
     def _revalue(self, account_id: str, now: datetime) -> Revaluation:
         """Revalue one account inside the open transaction, and act on what it shows."""
@@ -1127,7 +1147,7 @@ class ExchangeCore:
         )
         self._replay.record(verified)
         # A top-up attested before the answer may already cover the part now due.
-        self._revalue(call.account_id, now)
+        self._revalue_each([call.account_id], now)
         updated = self._store.margin_call(call.margin_call_id)
         assert updated is not None
         return updated.state_envelope
@@ -1271,7 +1291,8 @@ class ExchangeCore:
             format_amount(total),
             format_amount(shortfall),
         )
-        self._revalue(liquidation.account_id, now)
+        # The receipt stands even if the account cannot be revalued now.
+        self._revalue_each([liquidation.account_id], now)
 
     def _allocate_shortfall(
         self, liquidation_id: str, liquidated_account: str, shortfall: Decimal, now: datetime
@@ -1487,7 +1508,7 @@ class ExchangeCore:
         changed = self._prices.tick(now)
         accounts = set(self._store.account_ids()) if everything or changed else set()
         accounts.update(call.account_id for call in self._store.margin_calls_in(BLOCKING))
-        return [self._revalue(account_id, now) for account_id in sorted(accounts)]
+        return self._revalue_each(sorted(accounts), now)
 
     # -- reads --
 

@@ -166,6 +166,20 @@ class SqliteStorage:
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the open transaction that is undone alone if it raises (it may nest)."""
+        self._require_transaction("savepoint")
+        connection = self._connection
+        connection.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            connection.execute("ROLLBACK TO SAVEPOINT part")
+            connection.execute("RELEASE SAVEPOINT part")
+            raise
+        connection.execute("RELEASE SAVEPOINT part")
+
     def _require_transaction(self, what: str) -> None:
         if not self._connection.in_transaction:
             raise RuntimeError(f"{what} must run inside a storage transaction")

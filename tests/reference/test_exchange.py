@@ -2185,3 +2185,54 @@ def test_lifecycle_with_the_reference_custodian(
 
 async def _is(value: Coroutine[Any, Any, _T], predicate: Callable[[_T], bool]) -> bool:
     return predicate(await value)
+
+
+def test_an_account_whose_attested_holdings_expired_does_not_stop_the_others(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """A margin call cannot rest on an expired holdings statement (§8.2 step 2). The account
+    whose attestation lapsed gets no call, and says why in the log; every other account is
+    still revalued when prices move."""
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            prices=EXAMPLE_PRICES,
+            risk_policy=EXAMPLE_POLICY,
+        ) as w:
+            fake = w.custodian
+            for account in ("acct-lapsed", "acct-other"):
+                fake.attest(account, EXAMPLE_POSITIONS)
+                await fake.wait_update(
+                    "credit_line",
+                    lambda c, a=account: c.account_id == a and c.collateral_value.value != "0",
+                )
+            # Just above maintenance (0.5): the price fall below calls it.
+            value = d((await w.credit_line("acct-lapsed")).collateral_value.value)
+            await w.control.set_exposure(
+                test_control_pb2.SetExposureRequest(
+                    account_id="acct-lapsed",
+                    exposure=amount_to_proto(
+                        format_amount((value / d("0.51")).quantize(d("0.01")))
+                    ),
+                )
+            )
+            # The custodian's statements live 30 days; it re-attests nothing meanwhile.
+            await w.advance(timedelta(days=31))
+            await w.control.set_price(
+                test_control_pb2.SetPriceRequest(
+                    quote=valuation_pb2.PriceQuote(asset_id="SPY-T", price=amount_to_proto("450"))
+                )
+            )
+            line = await w.credit_line("acct-other")
+            assert {q.asset_id: q.price.value for q in line.prices}["SPY-T"] == "450"
+            calls = await w.exchange.list_margin_calls(
+                exchange_service_pb2.ListMarginCallsRequest(account_id="acct-lapsed")
+            )
+            assert list(calls.margin_call_states) == []
+            log = w.server.log_text()
+            assert "account acct-lapsed not revalued: STATEMENT_EXPIRED" in log
+
+    run(scenario())
