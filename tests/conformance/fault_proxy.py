@@ -99,6 +99,9 @@ class Fault:
     require_client_auth: bool = True
     #: The status a method the proxy does not know is answered with (the server: UNIMPLEMENTED).
     unknown_method: grpc.StatusCode | None = None
+    #: Once a client has abandoned a call (its deadline passed first), answer every later
+    #: call UNAVAILABLE: a server whose workers are held by calls nobody waits for.
+    wedged_by_abandoned_calls: bool = False
 
 
 class _Status(grpc.Status):  # type: ignore[misc]
@@ -112,6 +115,22 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, upstream: grpc.Channel, fault: Fault) -> None:
         self._upstream = upstream
         self._fault = fault
+        self._wedged = False
+
+    def _check_wedged(self, context: grpc.ServicerContext) -> None:
+        if self._wedged:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no worker free: held by abandoned calls")
+
+    def _note_abandoned(self, context: grpc.ServicerContext) -> None:
+        """A call its client will not wait for: gone, or arrived with under 0.1 s to live.
+
+        (A call arriving with a few milliseconds left is one the client abandons; the
+        wedged server holds a worker for it whether or not it could have answered.)
+        """
+        remaining = context.time_remaining()
+        doomed = not context.is_active() or (remaining is not None and remaining < 0.1)
+        if self._fault.wedged_by_abandoned_calls and doomed:
+            self._wedged = True
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method: str = details.method
@@ -147,16 +166,20 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return remaining
 
     def _unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._check_wedged(context)
+        self._note_abandoned(context)
         try:
             response: bytes = self._upstream.unary_unary(method)(
                 request, timeout=self._timeout(context)
             )
         except grpc.RpcError as err:
+            self._note_abandoned(context)
             replacement = self._refusal(method, err)
             if isinstance(replacement, bytes):
                 return replacement
             context.abort_with_status(_Status(replacement))
             raise AssertionError("unreachable") from err
+        self._note_abandoned(context)
         if self._fault.on_response is not None:
             changed = self._fault.on_response(method, response)
             if changed is not None:

@@ -76,10 +76,6 @@ NOT_YET_SHOWN = {
         "failing it takes a server that also answers plaintext on its TLS port (sniffing the "
         "first byte, as some servers do); no fault fakes one yet"
     ),
-    "transport/deadline-exceeded-honoured": (
-        "the client enforces its deadline itself; failing it takes a server that stops serving "
-        "after an abandoned call, which no fault fakes yet"
-    ),
 }
 
 

@@ -205,6 +205,11 @@ FAULTS: list[tuple[Fault, list[str], set[str]]] = [
         {"transport/unknown-method-unimplemented"},
     ),
     (
+        Fault("is wedged by abandoned calls", wedged_by_abandoned_calls=True),
+        ["transport/**"],
+        {"transport/deadline-exceeded-honoured"},
+    ),
+    (
         Fault("accepts clients without a certificate", require_client_auth=False),
         ["transport/**"],
         {"transport/mtls-required", "transport/untrusted-client-certificate-refused"},
