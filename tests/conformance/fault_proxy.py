@@ -14,6 +14,9 @@ client can run in the test's own thread.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -99,6 +102,9 @@ class Fault:
     require_client_auth: bool = True
     #: The status a method the proxy does not know is answered with (the server: UNIMPLEMENTED).
     unknown_method: grpc.StatusCode | None = None
+    #: Also answer plaintext gRPC on the same port (telling the two apart by the first
+    #: byte, as some servers do), forwarding it like any other call.
+    answers_plaintext: bool = False
     #: Once a client has abandoned a call (its deadline passed first), answer every later
     #: call UNAVAILABLE: a server whose workers are held by calls nobody waits for.
     wedged_by_abandoned_calls: bool = False
@@ -238,11 +244,72 @@ class FaultProxy:
             require_client_auth=fault.require_client_auth,
         )
         self._port = self._server.add_secure_port("127.0.0.1:0", credentials)
+        self._sniffer: _Sniffer | None = None
+        if fault.answers_plaintext:
+            plaintext = self._server.add_insecure_port("127.0.0.1:0")
+            self._sniffer = _Sniffer(tls_port=self._port, plaintext_port=plaintext)
 
     def start(self) -> str:
         self._server.start()
+        if self._sniffer is not None:
+            return f"127.0.0.1:{self._sniffer.start()}"
         return f"127.0.0.1:{self._port}"
 
     def stop(self) -> None:
+        if self._sniffer is not None:
+            self._sniffer.stop()
         self._server.stop(grace=None)
         self._channel.close()
+
+
+#: The first byte of a TLS connection: a handshake record.
+_TLS_HANDSHAKE = 0x16
+
+
+class _Sniffer:
+    """One TCP port in front of two: TLS connections to one, anything else to the other."""
+
+    def __init__(self, *, tls_port: int, plaintext_port: int) -> None:
+        self._ports = (tls_port, plaintext_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._closed = threading.Event()
+
+    def start(self) -> int:
+        threading.Thread(target=self._accept, daemon=True).start()
+        port: int = self._listener.getsockname()[1]
+        return port
+
+    def stop(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._route, args=(client,), daemon=True).start()
+
+    def _route(self, client: socket.socket) -> None:
+        with client:
+            first = client.recv(1, socket.MSG_PEEK)
+            if not first:
+                return
+            port = self._ports[0] if first[0] == _TLS_HANDSHAKE else self._ports[1]
+            with socket.create_connection(("127.0.0.1", port)) as server:
+                back = threading.Thread(target=_pipe, args=(server, client), daemon=True)
+                back.start()
+                _pipe(client, server)
+                back.join()
+
+
+def _pipe(source: socket.socket, target: socket.socket) -> None:
+    """Copy bytes until ``source`` ends, then end ``target``'s writing side."""
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        target.shutdown(socket.SHUT_WR)

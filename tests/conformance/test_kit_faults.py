@@ -205,6 +205,11 @@ FAULTS: list[tuple[Fault, list[str], set[str]]] = [
         {"transport/unknown-method-unimplemented"},
     ),
     (
+        Fault("also answers plaintext on its TLS port", answers_plaintext=True),
+        ["transport/**"],
+        {"transport/plaintext-refused"},
+    ),
+    (
         Fault("is wedged by abandoned calls", wedged_by_abandoned_calls=True),
         ["transport/**"],
         {"transport/deadline-exceeded-honoured"},
