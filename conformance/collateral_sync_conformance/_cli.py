@@ -267,6 +267,18 @@ async def _reachable(config: KitConfig) -> str | None:
     return None
 
 
+def _served(config: KitConfig) -> dict[str, str]:
+    """What the kit serves the server under test to dial, for the run's header."""
+    if config.listen is None:
+        return {}
+    if config.role is Role.REGULATOR:
+        return {
+            "kit serves": f"custodian's ReconciliationService at {config.listen}, "
+            f"exchange's at {config.listen_exchange}"
+        }
+    return {"kit serves": f"custodian at {config.listen}"}
+
+
 def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     config = _config(args)
     role_cases = registry.for_role(config.role)
@@ -294,6 +306,7 @@ def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
             "target": config.target,
             "server": config.server_party_id,
             "kit party": config.tls.party_id,
+            **_served(config),
         },
         chosen,
     )

@@ -113,4 +113,5 @@ def test_reference_exchange_passes_every_must_case_against_the_kit_custodian(
     ]
     assert not_passed == [], out + server.log_text()[-3000:]
     assert code == 0, out
+    assert f"custodian at {listen}" in out  # the header says what the kit serves
     assert {c["id"] for c in cases} == {c.id for c in REGISTRY.for_role(Role.EXCHANGE)}
