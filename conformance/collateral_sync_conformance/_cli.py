@@ -83,6 +83,8 @@ def _positive(text: str) -> float:
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
+        # No abbreviations: '--list' must never be taken for '--listen', nor the reverse.
+        allow_abbrev=False,
         description=(
             f"The collateral-sync conformance kit {__version__} ({PROTOCOL_VERSION}): run cases "
             "against a custodian, exchange or regulator server and report which pass."
@@ -91,7 +93,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     roles = [r.value for r in Role]
 
-    run = sub.add_parser("run", help="run the cases against a server")
+    run = sub.add_parser("run", help="run the cases against a server", allow_abbrev=False)
     run.add_argument("--role", required=True, choices=roles, help="role of the server under test")
     run.add_argument("--target", required=True, help="host:port of the server under test")
     run.add_argument(
@@ -156,7 +158,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument("--no-colour", action="store_true", help="plain terminal output")
 
-    listing = sub.add_parser("list", help="list the cases with id, level and description")
+    listing = sub.add_parser(
+        "list", help="list the cases with id, level and description", allow_abbrev=False
+    )
     listing.add_argument("--role", choices=roles, help="only the cases of this role")
     listing.add_argument("--run", action="append", metavar="GLOB", help="only matching cases")
     listing.add_argument("--skip", action="append", metavar="GLOB", help="leave out matching cases")
@@ -327,11 +331,45 @@ def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     return result.exit_code
 
 
+#: The options of ``run`` that ``--list`` keeps (they choose cases); the others it drops.
+_CHOOSING = frozenset({"--role", "--run", "--skip"})
+#: The options of ``run`` that take no value.
+_FLAGS = frozenset({"--no-colour", "--list"})
+
+
+def _as_listing(argv: Sequence[str]) -> list[str] | None:
+    """``--list``, alone or among a run's options: list the cases that run would choose.
+
+    ``conformance --list [--role R] ...`` is ``conformance list ...``; ``conformance run
+    ... --list`` lists the cases the same run would run (its ``--role``, ``--run`` and
+    ``--skip``), without contacting any server.
+    """
+    if "--list" not in argv or not argv or argv[0] not in ("--list", "run"):
+        return None
+    listing = ["list"]
+    tokens = iter(argv[1:] if argv[0] == "run" else argv)
+    for token in tokens:
+        name, has_value, _ = token.partition("=")
+        if name in _FLAGS:
+            continue
+        if name in _CHOOSING:
+            listing.append(token)
+            if not has_value:
+                listing.append(next(tokens, ""))
+        elif name.startswith("--") and not has_value:
+            next(tokens, None)  # another run option: its value goes with it
+        elif not name.startswith("--"):
+            listing.append(token)  # let the list parser refuse what it does not know
+    return listing
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = _PROG) -> int:
     """Entry point; returns the exit code."""
     parser = _parser(prog)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    arguments = _as_listing(arguments) or arguments
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exit_:  # argparse reports usage errors itself (exit 2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     registry = _load_cases()

@@ -172,3 +172,33 @@ def test_the_sdk_cli_hands_conformance_to_the_kit(capsys: pytest.CaptureFixture[
     assert sdk_cli.main(["conformance", "--help"]) == 0
     assert "run" in capsys.readouterr().out
     assert sdk_cli.main(["conformance", "list", "--run", "nothing/**"]) == 2
+
+
+def test_dash_dash_list_is_the_list_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--role", "regulator", "--skip", "emergency/**"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["--list", "--role", "regulator", "--skip", "emergency/**"]) == 0
+    assert capsys.readouterr().out == listed
+    assert "regulator/breaks-located" in listed
+    assert "emergency/" not in listed
+
+
+def test_run_with_list_lists_what_the_run_would_choose_without_a_server(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["run", "--role", "exchange", "--target", "127.0.0.1:9", "--ca", "no-such.pem"]
+    argv += ["--cert", "c.pem", "--key", "k.pem", "--registry", "r.json", "--kit-key", "x.json"]
+    argv += ["--listen", "127.0.0.1:9", "--run", "sync/**", "--no-colour", "--list"]
+    assert main(argv) == 0  # no file is read and nothing is dialled
+    lines = capsys.readouterr().out.splitlines()
+    chosen = [c.id for c in REGISTRY.for_role(Role.EXCHANGE) if c.id.startswith("sync/")]
+    assert [line.split()[0] for line in lines[:-1]] == chosen
+    assert lines[-1].startswith(f"{len(chosen)} cases")
+
+
+def test_options_are_never_abbreviated(capsys: pytest.CaptureFixture[str]) -> None:
+    # '--lis' could be --list or --listen: no prefix is ever taken for an option.
+    assert main(["list", "--rol", "exchange"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --rol exchange" in err
+    assert "Traceback" not in err
