@@ -386,6 +386,7 @@ def test_public_api_is_pinned() -> None:
             "SyncLog",
             "SyncSession",
             "VerifiedSyncBatch",
+            "WalCheckpointer",
             "dial_sync_stream",
             "entry_hash",
             "serve_sync_stream",

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from collateral_sync.errors import VerificationError
 from collateral_sync.signing import ReplayGuard, VerifiedStatement
-from collateral_sync.sync import SyncLog
+from collateral_sync.sync import SyncLog, WalCheckpointer
 from collateral_sync.v1 import errors_pb2
 
 __all__ = [
@@ -108,6 +108,9 @@ class SqliteStorage:
         except BaseException:
             self._connection.close()
             raise
+        # WAL checkpoints sync the database file: in a background thread, not in
+        # whichever commit (say, the one acknowledging a margin call) crosses the limit.
+        self._checkpointer = WalCheckpointer(self._connection).start()
 
     def _configure(self) -> None:
         mode = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -236,6 +239,7 @@ class SqliteStorage:
         return log
 
     def close(self) -> None:
+        self._checkpointer.stop()
         self._connection.close()
 
 

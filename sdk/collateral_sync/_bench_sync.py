@@ -81,6 +81,7 @@ from collateral_sync.sync import (
     EXCHANGE_TO_CUSTODIAN,
     SyncLog,
     SyncSession,
+    WalCheckpointer,
     dial_sync_stream,
     serve_sync_stream,
 )
@@ -339,6 +340,9 @@ class _Custodian:
             peer_party_id=_EXCHANGE,
             sending_direction=CUSTODIAN_TO_EXCHANGE,
         )
+        # As the reference servers' storage does: WAL checkpoints off the commit path
+        # (a daemon thread, gone with this process).
+        self.checkpointer = WalCheckpointer(self.connection).start()
         self.session = SyncSession(self.log, self.key, registry, apply=self._apply)
         # The changes to announce exist before the clock starts; appending them
         # (variant check, hash chain, SQLite) is timed. Kept as bytes: 200,000
@@ -773,6 +777,7 @@ class _Exchange:
             peer_party_id=_CUSTODIAN,
             sending_direction=EXCHANGE_TO_CUSTODIAN,
         )
+        self.checkpointer = WalCheckpointer(self.connection).start()
         self.session = SyncSession(self.log, self.key, self.registry, apply=self._apply)
         self.policy = _risk_policy(now)
         self.policy_envelope = sign_statement(
@@ -962,6 +967,7 @@ class _Exchange:
         return time.perf_counter() - begin, prepared - begin
 
     def close(self) -> None:
+        self.checkpointer.stop()
         self.connection.close()
 
 

@@ -33,6 +33,8 @@ Durability: the log puts the database in WAL mode with ``synchronous=NORMAL``
 by default, which keeps every committed (so every acknowledged) entry across
 a process crash such as SIGKILL, but not necessarily across power loss; pass
 ``synchronous="FULL"`` to :class:`SyncLog` for that, at one fsync per commit.
+A :class:`WalCheckpointer` moves SQLite's WAL checkpoints (which sync the
+database file) out of the commits, so that no batch's acknowledgement waits for one.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from collateral_sync._sync_session import (
     dial_sync_stream,
     serve_sync_stream,
 )
+from collateral_sync._wal import WalCheckpointer
 
 __all__ = [
     "CUSTODIAN_TO_EXCHANGE",
@@ -81,6 +84,7 @@ __all__ = [
     "SyncLog",
     "SyncSession",
     "VerifiedSyncBatch",
+    "WalCheckpointer",
     "dial_sync_stream",
     "entry_hash",
     "serve_sync_stream",
