@@ -13,7 +13,7 @@ file's directory)::
       "tls": {"ca": "pki/ca.pem", "cert": "pki/custodian-1.pem", "key": "pki/custodian-1.key"},
       "peers": {"exchange-1": "127.0.0.1:7442"},
       "max_skew_seconds": 30,
-      "sync": {"window": 8000, "batch_size": 1000, "heartbeat_interval_ms": 5000},
+      "sync": {"window": 8000, "batch_size": 250, "heartbeat_interval_ms": 5000},
       "custodian": {...}
     }
 
@@ -40,6 +40,7 @@ from typing import Any, Final
 
 from collateral_sync.amounts import Amount, parse_amount
 from collateral_sync.errors import CollateralSyncError, MalformedError
+from collateral_sync.sync import DEFAULT_BATCH_SIZE
 
 __all__ = [
     "DEFAULT_LISTEN_HOST",
@@ -333,7 +334,9 @@ def load_config(
     sync_section = top.section("sync")
     sync = SyncSettings(
         window=sync_section.integer("window", 8000, minimum=1, maximum=2**32 - 1),
-        batch_size=sync_section.integer("batch_size", 1000, minimum=1, maximum=100_000),
+        batch_size=sync_section.integer(
+            "batch_size", DEFAULT_BATCH_SIZE, minimum=1, maximum=100_000
+        ),
         heartbeat_interval=timedelta(
             milliseconds=sync_section.integer(
                 "heartbeat_interval_ms", 5000, minimum=1, maximum=2**32 - 1

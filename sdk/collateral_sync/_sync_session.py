@@ -43,7 +43,11 @@ from collateral_sync.v1 import custodian_service_pb2, errors_pb2, position_sync_
 _R = errors_pb2.ErrorReason
 
 DEFAULT_WINDOW = 8_000
-DEFAULT_BATCH_SIZE = 1_000
+#: Entries per signed batch. The receiver stores and applies a batch in one go on
+#: its event loop, and an acknowledgement queued behind it waits that long: at
+#: 1,000 the loaded margin-call p99 of 'collateral-sync bench sync' was 25.7 ms, at
+#: 250 13.2 ms, for the same throughput (86k updates/s both, one signature per batch).
+DEFAULT_BATCH_SIZE = 250
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 #: A peer silent for this many of its heartbeat intervals is considered gone.
 LIVENESS_INTERVALS = 3
