@@ -200,16 +200,23 @@ def _custodian_session(session: Any) -> bool:
     return bool(session.log.sending_direction == CUSTODIAN_TO_EXCHANGE)
 
 
-def _custodian_ignores_window() -> None:
-    """The custodian sends as if the exchange's window were unlimited."""
-    original = _sync_session.SyncSession._accept_hello
+def _exchange_session(session: Any) -> bool:
+    return bool(session.log.sending_direction == EXCHANGE_TO_CUSTODIAN)
 
-    def accept_hello(self: Any, frame: Any) -> None:
-        original(self, frame)
-        if _custodian_session(self):
-            self._peer_window = 2**31
 
-    _sync_session.SyncSession._accept_hello = accept_hello
+def _ignores_window(is_side: Callable[[Any], bool]) -> Callable[[], None]:
+    def patch() -> None:
+        """The party sends as if its peer's window were unlimited."""
+        original = _sync_session.SyncSession._accept_hello
+
+        def accept_hello(self: Any, frame: Any) -> None:
+            original(self, frame)
+            if is_side(self):
+                self._peer_window = 2**31
+
+        _sync_session.SyncSession._accept_hello = accept_hello
+
+    return patch
 
 
 def _custodian_misses_heartbeats() -> None:
@@ -225,17 +232,20 @@ def _custodian_misses_heartbeats() -> None:
     _sync_session.SyncSession._own_hello = own_hello
 
 
-def _custodian_hello_names_another_party() -> None:
-    """The custodian's hello names a party other than itself."""
-    original = _sync_session.SyncSession._own_hello
+def _hello_names_another_party(is_side: Callable[[Any], bool]) -> Callable[[], None]:
+    def patch() -> None:
+        """The party's hello names a party other than itself."""
+        original = _sync_session.SyncSession._own_hello
 
-    def own_hello(self: Any) -> Any:
-        frame = original(self)
-        if _custodian_session(self):
-            frame.hello.party_id = f"not-{frame.hello.party_id}"
-        return frame
+        def own_hello(self: Any) -> Any:
+            frame = original(self)
+            if is_side(self):
+                frame.hello.party_id = f"not-{frame.hello.party_id}"
+            return frame
 
-    _sync_session.SyncSession._own_hello = own_hello
+        _sync_session.SyncSession._own_hello = own_hello
+
+    return patch
 
 
 def _custodian_replays_from_start() -> None:
@@ -302,21 +312,24 @@ def _custodian_forged_batch_as_malformed() -> None:
     _sync_session.verify_sync_batch = verify_sync_batch
 
 
-def _custodian_refuses_old_batches() -> None:
-    """Any batch at or below the stored head is refused as a replay: duplicates are not acknowledged."""
-    original = _sync_log.SyncLog.accept_batch
+def _refuses_old_batches(receiving: int) -> Callable[[], None]:
+    def patch() -> None:
+        """Any batch at or below the stored head is refused as a replay: no duplicates acked."""
+        original = _sync_log.SyncLog.accept_batch
 
-    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
-        head = self.received_head().sequence
-        if batch.direction != CUSTODIAN_TO_EXCHANGE and batch.first_sequence <= head:
-            raise VerificationError(
-                f"batch from {batch.first_sequence}, expected > {head}",
-                reason=errors_pb2.ERROR_REASON_REPLAYED,
-                metadata={"expected": f"> {head}", "actual": str(batch.first_sequence)},
-            )
-        return original(self, batch, apply, now=now)
+        def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
+            head = self.received_head().sequence
+            if batch.direction == receiving and batch.first_sequence <= head:
+                raise VerificationError(
+                    f"batch from {batch.first_sequence}, expected > {head}",
+                    reason=errors_pb2.ERROR_REASON_REPLAYED,
+                    metadata={"expected": f"> {head}", "actual": str(batch.first_sequence)},
+                )
+            return original(self, batch, apply, now=now)
 
-    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
+        _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
+
+    return patch
 
 
 def _custodian_equivocation_as_gap() -> None:
@@ -539,10 +552,6 @@ def _exchange_lists_calls_not_states() -> None:
     _exchange_core.ExchangeCore.list_margin_calls = list_margin_calls
 
 
-def _exchange_session(session: Any) -> bool:
-    return bool(session.log.sending_direction == EXCHANGE_TO_CUSTODIAN)
-
-
 def _exchange_sync_error_as(reason_name: str, into: Callable[[Any], Exception]) -> None:
     """The exchange refuses a custodian batch for ``reason_name``, but reports ``into(err)``."""
     reason = errors_pb2.ErrorReason.Value(reason_name)
@@ -586,31 +595,6 @@ def _exchange_key_role_as_signature_invalid() -> None:
     )
 
 
-def _exchange_hello_names_another_party() -> None:
-    """The exchange's hello names a party other than itself (so no custodian accepts it)."""
-    original = _sync_session.SyncSession._own_hello
-
-    def own_hello(self: Any) -> Any:
-        frame = original(self)
-        if _exchange_session(self):
-            frame.hello.party_id = f"not-{frame.hello.party_id}"
-        return frame
-
-    _sync_session.SyncSession._own_hello = own_hello
-
-
-def _exchange_ignores_window() -> None:
-    """The exchange sends as if the custodian's window were unlimited."""
-    original = _sync_session.SyncSession._accept_hello
-
-    def accept_hello(self: Any, frame: Any) -> None:
-        original(self, frame)
-        if _exchange_session(self):
-            self._peer_window = 2**31
-
-    _sync_session.SyncSession._accept_hello = accept_hello
-
-
 def _exchange_under_reports_received_head() -> None:
     """The exchange's hello claims one entry less of the custodian's log than it stored."""
     original = _sync_session.SyncSession._own_hello
@@ -626,23 +610,6 @@ def _exchange_under_reports_received_head() -> None:
         return frame
 
     _sync_session.SyncSession._own_hello = own_hello
-
-
-def _exchange_refuses_old_batches() -> None:
-    """The exchange refuses any custodian batch starting at or below its head: no duplicates."""
-    original = _sync_log.SyncLog.accept_batch
-
-    def accept_batch(self: Any, batch: Any, apply: Any, *, now: Any) -> Any:
-        head = self.received_head().sequence
-        if batch.direction == CUSTODIAN_TO_EXCHANGE and batch.first_sequence <= head:
-            raise VerificationError(
-                f"batch from {batch.first_sequence}, expected > {head}",
-                reason=errors_pb2.ERROR_REASON_REPLAYED,
-                metadata={"expected": f"> {head}", "actual": str(batch.first_sequence)},
-            )
-        return original(self, batch, apply, now=now)
-
-    _sync_log.SyncLog.accept_batch = accept_batch  # type: ignore[method-assign]
 
 
 def _regulator_results_on_first_statement() -> None:
@@ -708,13 +675,14 @@ FAULTS: dict[str, Callable[[], None]] = {
         "ERROR_REASON_MALFORMED", "FAILED_PRECONDITION"
     ),
     "custodian-drops-field-violations": _drops_field_violations,
-    "custodian-ignores-window": _custodian_ignores_window,
+    "custodian-ignores-window": _ignores_window(_custodian_session),
     "custodian-misses-heartbeats": _custodian_misses_heartbeats,
     "custodian-replays-from-start": _custodian_replays_from_start,
     "custodian-misattests-sync-change": _custodian_misattests_sync_change,
     "custodian-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
     "custodian-loses-acknowledged-entry-on-restart": _custodian_loses_last_entry_on_restart,
-    "custodian-refuses-old-batches": _custodian_refuses_old_batches,
+    # The custodian receives the exchange's log (direction 2), and the reverse.
+    "custodian-refuses-old-batches": _refuses_old_batches(EXCHANGE_TO_CUSTODIAN),
     "custodian-equivocation-as-gap": _custodian_equivocation_as_gap,
     "custodian-key-role-as-unauthenticated": _wrong_status(
         "ERROR_REASON_KEY_ROLE_MISMATCH", "UNAUTHENTICATED"
@@ -722,7 +690,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-sequence-gap-as-failed-precondition": _wrong_status(
         "ERROR_REASON_SEQUENCE_GAP", "FAILED_PRECONDITION"
     ),
-    "custodian-hello-names-another-party": _custodian_hello_names_another_party,
+    "custodian-hello-names-another-party": _hello_names_another_party(_custodian_session),
     "custodian-release-on-any-signature": _custodian_release_on_any_signature,
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
@@ -748,10 +716,10 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-lists-calls-not-states": _exchange_lists_calls_not_states,
     "exchange-gap-as-malformed": _exchange_gap_as_malformed,
     "exchange-key-role-as-signature-invalid": _exchange_key_role_as_signature_invalid,
-    "exchange-hello-names-another-party": _exchange_hello_names_another_party,
+    "exchange-hello-names-another-party": _hello_names_another_party(_exchange_session),
     "exchange-under-reports-received-head": _exchange_under_reports_received_head,
-    "exchange-ignores-window": _exchange_ignores_window,
-    "exchange-refuses-old-batches": _exchange_refuses_old_batches,
+    "exchange-ignores-window": _ignores_window(_exchange_session),
+    "exchange-refuses-old-batches": _refuses_old_batches(CUSTODIAN_TO_EXCHANGE),
 }
 
 

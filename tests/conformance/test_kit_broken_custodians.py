@@ -11,11 +11,7 @@ expected one, each failure saying what was expected and what came.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,36 +22,12 @@ from .conftest import KIT_ACCOUNT, Parties, custodian_config, kit_argv
 from .test_kit_broken_servers import KNOWN_FAILING, BrokenServer, _failed, _globs
 
 _LAUNCHER = Path(__file__).with_name("broken_custodians.py")
-_REFERENCE = Path(__file__).resolve().parents[2] / "reference_server"
 
 
-@dataclass
 class BrokenCustodian(BrokenServer):
     """A reference custodian started through :mod:`.broken_custodians` with one fault patched in."""
 
-    def start(self) -> str:
-        command = [
-            sys.executable,
-            str(_LAUNCHER),
-            self.fault,
-            "serve",
-            self.role,
-            "--config",
-            str(self.config_path),
-            "--listen",
-            "127.0.0.1:0",
-            "--test-mode",
-        ]
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(_REFERENCE), *filter(None, [environment.get("PYTHONPATH")])]
-        )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=log, env=environment
-            )
-        self.address = self._wait_listening()
-        return self.address
+    launcher = _LAUNCHER
 
 
 @pytest.fixture

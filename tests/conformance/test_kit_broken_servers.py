@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from collateral_sync_conformance import main
@@ -46,16 +46,18 @@ KNOWN_FAILING = "# the reference servers pass every case; nothing is known to fa
 
 @dataclass
 class BrokenServer(ServerProcess):
-    """A reference server started through the launcher with one fault patched in."""
+    """A reference server started through a launcher with one fault patched in."""
 
     fault: str = ""
+    #: The script that patches the fault in and runs the server (see broken_servers.py).
+    launcher: ClassVar[Path] = _LAUNCHER
 
     def start(self) -> str:
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()  # of the previous run, on a restart
         command = [
             sys.executable,
-            str(_LAUNCHER),
+            str(self.launcher),
             self.fault,
             "serve",
             self.role,

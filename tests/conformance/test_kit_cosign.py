@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +35,10 @@ from .conftest import (
     kit_argv,
     regulator_argv,
 )
+from .test_kit_broken_servers import BrokenServer
 from .test_kit_exchange import ORIGIN, _exchange_argv, _wait_until_known
 
 _LAUNCHER = Path(__file__).with_name("broken_cosigners.py")
-_REFERENCE = Path(__file__).resolve().parents[2] / "reference_server"
 _COSIGN = ["--run", "emergency/cosign/**"]
 
 #: The cases run against a regulator that expect a refusal with a collateral-sync ErrorInfo.
@@ -60,35 +56,10 @@ _REFUSALS = {
 }
 
 
-@dataclass
-class BrokenCoSigner(ServerProcess):
+class BrokenCoSigner(BrokenServer):
     """A reference server started through :mod:`.broken_cosigners` with one fault patched in."""
 
-    fault: str = ""
-
-    def start(self) -> str:
-        command = [
-            sys.executable,
-            str(_LAUNCHER),
-            self.fault,
-            "serve",
-            self.role,
-            "--config",
-            str(self.config_path),
-            "--listen",
-            "127.0.0.1:0",
-            "--test-mode",
-        ]
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(_REFERENCE), *filter(None, [environment.get("PYTHONPATH")])]
-        )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=log, env=environment
-            )
-        self.address = self._wait_listening()
-        return self.address
+    launcher = _LAUNCHER
 
 
 @pytest.fixture
