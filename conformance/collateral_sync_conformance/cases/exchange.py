@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import grpc
 from collateral_sync.amounts import amount_from_proto, format_amount, parse_amount
-from collateral_sync.signing import verify_statement
+from collateral_sync.signing import VerifiedStatement, verify_statement
 from collateral_sync.v1 import (
     common_pb2,
     errors_pb2,
@@ -360,15 +360,17 @@ _OPEN = {
 }
 
 
-async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
-    """The account's margin calls by id, with their status."""
+async def _listed_states(
+    ctx: CaseContext, account: str, page_size: int = 1000
+) -> list[VerifiedStatement[margin_pb2.MarginCallState]]:
+    """ListMarginCalls of ``account``: every state verified by the SDK before use."""
     outcome = await ctx.rpc(
         ctx.exchange.list_margin_calls,
-        exchange_service_pb2.ListMarginCallsRequest(account_id=account, page_size=1000),
+        exchange_service_pb2.ListMarginCallsRequest(account_id=account, page_size=page_size),
     )
     response: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
     now = await ctx.server_now()
-    states = [
+    return [
         sdk_check(
             "a listed margin call state",
             verify_statement,
@@ -377,9 +379,14 @@ async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
             expected_type=margin_pb2.MarginCallState,
             audience=ctx.kit_party_id,
             now=now,
-        ).message
+        )
         for envelope in response.margin_call_states
     ]
+
+
+async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
+    """The account's margin calls by id, with their status."""
+    states = [verified.message for verified in await _listed_states(ctx, account)]
     return {state.margin_call_id: state.status for state in states}
 
 
@@ -485,26 +492,12 @@ async def margin_call_recomputes(ctx: CaseContext) -> None:
 )
 async def list_margin_calls_known(ctx: CaseContext) -> None:
     account = ctx.account()
-    outcome = await ctx.rpc(
-        ctx.exchange.list_margin_calls,
-        exchange_service_pb2.ListMarginCallsRequest(account_id=account),
-    )
-    response: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
-    if not response.margin_call_states:
+    states = await _listed_states(ctx, account, page_size=0)
+    if not states:
         # An empty list proves nothing about the states; this case runs after
         # exchange/margin-call-recomputes, which leaves a call of the account behind.
         raise CaseSkipped(f"account {account!r} has no margin call to check")
-    now = await ctx.server_now()
-    for envelope in response.margin_call_states:
-        state = sdk_check(
-            "a listed margin call state",
-            verify_statement,
-            envelope,
-            ctx.registry,
-            expected_type=margin_pb2.MarginCallState,
-            audience=ctx.kit_party_id,
-            now=now,
-        )
+    for state in states:
         check_equal("issuer of a listed margin call state", ctx.server_party_id, state.issuer)
         call = margin_pb2.MarginCall.FromString(state.message.margin_call.payload)
         check_equal("account of a listed margin call", account, call.account_id)
