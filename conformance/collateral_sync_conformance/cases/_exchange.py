@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import check, check_equal, expect_ok, sdk_check
 
-__all__ = ["exchange_state", "latest_policy", "verified_policy"]
+__all__ = ["exchange_state", "latest_policy", "signed_credit_line", "verified_policy"]
 
 
 def _verify_public(
@@ -121,3 +121,30 @@ async def exchange_state(ctx: CaseContext) -> str:
         else:
             parts.append(f"credit line {credit.code.name}")
     return " ".join(parts)
+
+
+async def signed_credit_line(ctx: CaseContext, account: str) -> valuation_pb2.CreditLine:
+    """GetCreditLine of ``account``: signed by the exchange, of that account, valuing something."""
+    outcome = await ctx.rpc(
+        ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
+    )
+    response: exchange_service_pb2.GetCreditLineResponse = expect_ok(outcome)
+    verified = sdk_check(
+        "the credit line",
+        verify_statement,
+        response.credit_line,
+        ctx.registry,
+        expected_type=valuation_pb2.CreditLine,
+        audience=ctx.kit_party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal("credit line issuer", ctx.server_party_id, verified.issuer)
+    line: valuation_pb2.CreditLine = verified.message
+    check_equal("credit line account_id", account, line.account_id)
+    check(
+        bool(line.valuations),
+        "the credit line of an account with pledged collateral values no position",
+        expected="at least one PositionValuation row",
+        got="none",
+    )
+    return line

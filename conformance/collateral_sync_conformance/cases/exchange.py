@@ -38,6 +38,7 @@ from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._exchange import (
     exchange_state,
     latest_policy,
+    signed_credit_line,
     verified_policy,
 )
 
@@ -212,32 +213,6 @@ def _row_positions(line: valuation_pb2.CreditLine) -> list[common_pb2.Position]:
     ]
 
 
-async def _credit_line(ctx: CaseContext, account: str) -> valuation_pb2.CreditLine:
-    outcome = await ctx.rpc(
-        ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
-    )
-    response: exchange_service_pb2.GetCreditLineResponse = expect_ok(outcome)
-    verified = sdk_check(
-        "the credit line",
-        verify_statement,
-        response.credit_line,
-        ctx.registry,
-        expected_type=valuation_pb2.CreditLine,
-        audience=ctx.kit_party_id,
-        now=await ctx.server_now(),
-    )
-    check_equal("credit line issuer", ctx.server_party_id, verified.issuer)
-    line: valuation_pb2.CreditLine = verified.message
-    check_equal("credit line account_id", account, line.account_id)
-    check(
-        bool(line.valuations),
-        "the credit line of an account with pledged collateral values no position",
-        expected="at least one PositionValuation row",
-        got="none",
-    )
-    return line
-
-
 async def _revalue_at(ctx: CaseContext, account: str, asset_id: str, price: str) -> None:
     # The quote comes from the source the published policy names (§7.1 price_source).
     source = (await latest_policy(ctx)).price_source
@@ -301,7 +276,7 @@ async def _check_figures(ctx: CaseContext, line: valuation_pb2.CreditLine) -> No
 )
 async def credit_line_recomputes(ctx: CaseContext) -> None:
     account = ctx.account()
-    line = await _credit_line(ctx, account)
+    line = await signed_credit_line(ctx, account)
     if parse_amount(line.collateral_value.value or "0") > 0:
         await _check_figures(ctx, line)
         return
@@ -319,7 +294,7 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
     before = next((q.price.value for q in line.prices if q.asset_id == row.asset_id), "")
     await _revalue_at(ctx, account, row.asset_id, _HIGH_PRICE)
     try:
-        line = await _credit_line(ctx, account)
+        line = await signed_credit_line(ctx, account)
         check(
             parse_amount(line.collateral_value.value or "0") > 0,
             f"after SetPrice({row.asset_id}={_HIGH_PRICE}) and RunValuation the credit line is "
@@ -400,7 +375,7 @@ async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
 )
 async def margin_call_recomputes(ctx: CaseContext) -> None:
     account = ctx.account()
-    line = await _credit_line(ctx, account)
+    line = await signed_credit_line(ctx, account)
     restore: tuple[str, str] | None = None
     value = parse_amount(line.collateral_value.value or "0")
     if value == 0:
@@ -417,7 +392,7 @@ async def margin_call_recomputes(ctx: CaseContext) -> None:
         await _revalue_at(ctx, account, asset, _HIGH_PRICE)
         if before:
             restore = (asset, before)
-        line = await _credit_line(ctx, account)
+        line = await signed_credit_line(ctx, account)
         value = parse_amount(line.collateral_value.value or "0")
     try:
         policy = await latest_policy(ctx)

@@ -56,7 +56,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._exchange import latest_policy
+from collateral_sync_conformance.cases._exchange import latest_policy, signed_credit_line
 
 __all__: list[str] = []
 
@@ -148,21 +148,8 @@ async def credited_once_proven(ctx: CaseContext) -> None:
         expected=f"GetInclusionProof(leaf_index={ref.leaf_index})",
         got=f"inclusion proofs asked for leaves {asked}",
     )
-    outcome = await ctx.rpc(
-        ctx.exchange.get_credit_line, exchange_service_pb2.GetCreditLineRequest(account_id=account)
-    )
-    response: exchange_service_pb2.GetCreditLineResponse = expect_ok(outcome)
-    line = sdk_check(
-        "the credit line",
-        verify_statement,
-        response.credit_line,
-        ctx.registry,
-        expected_type=valuation_pb2.CreditLine,
-        audience=ctx.kit_party_id,
-        now=await ctx.server_now(),
-    )
-    check_equal("issuer of the credit line", ctx.server_party_id, line.issuer)
-    named = [(a.log_origin, a.leaf_index, a.leaf_hash.hex()) for a in line.message.attestations]
+    line = await signed_credit_line(ctx, account)
+    named = [(a.log_origin, a.leaf_index, a.leaf_hash.hex()) for a in line.attestations]
     check(
         (ref.log_origin, ref.leaf_index, ref.leaf_hash.hex()) in named,
         "the credit line does not name the attested statement it relies on",
