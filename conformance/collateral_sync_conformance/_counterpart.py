@@ -18,9 +18,9 @@ integrator points the exchange under test at the kit's ``--listen`` address
 
 Every other custodian RPC answers UNIMPLEMENTED. What the exchange sends on the
 stream is verified (the embedded statements with the SDK) and kept in memory
-for the cases; a statement that does not verify refuses its batch, as §6.5
-requires of any custodian, and is recorded as a violation the running case
-reports.
+for the cases; a statement that does not verify, or is not the exchange's own,
+refuses its batch, as §6.5 requires of any custodian, and fails the case that
+is waiting for what the exchange sends (:meth:`KitCustodian.wait_for`).
 
 The logs live in ``state_dir`` and outlive a run: the exchange remembers how
 far it has received the kit's log, so the next run against the same exchange
@@ -43,7 +43,13 @@ import grpc
 import grpc.aio
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.clients import ExchangeClient
-from collateral_sync.errors import CollateralSyncError, RPCError, StateError, to_grpc_status
+from collateral_sync.errors import (
+    CollateralSyncError,
+    RPCError,
+    StateError,
+    VerificationError,
+    to_grpc_status,
+)
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.merkle import leaf_hash
 from collateral_sync.reconciliation import PositionTree
@@ -72,6 +78,8 @@ from collateral_sync.v1 import (
     valuation_pb2,
 )
 from google.protobuf.message import Message
+
+from collateral_sync_conformance._expect import CaseFailure
 
 __all__ = [
     "KitCustodian",
@@ -226,6 +234,7 @@ class KitCustodian:
         self.consistency_requests: list[tuple[int, int]] = []
         #: What the exchange did wrong, for the running case to report.
         self.violations: list[str] = []
+        self._reported = 0
         #: While set, GetCheckpoint / proofs answer from this log instead (a fork).
         self.fork: AttestationLog | None = None
         self._changed = asyncio.Condition()
@@ -408,20 +417,31 @@ class KitCustodian:
                     now=self.now(),
                 )
             except CollateralSyncError as err:
-                self.violations.append(
+                self._violation(
                     f"entry {sequence} ({variant}) of the exchange's sync log does not verify: "
                     f"{err.reason_name}: {err.message}"
                 )
                 raise
             if verified.issuer != self.exchange_id:
-                self.violations.append(
+                # §6.5: a statement on the stream must be the peer's own; the batch fails.
+                message = (
                     f"entry {sequence} ({variant}) is issued by {verified.issuer!r}, "
                     f"not the exchange {self.exchange_id!r}"
+                )
+                self._violation(message)
+                raise VerificationError(
+                    message,
+                    reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
+                    metadata={"expected": self.exchange_id, "actual": verified.issuer},
                 )
             received.append(ReceivedUpdate(sequence, str(variant), envelope, verified.message))
         self.received.extend(received)
         if received:
             asyncio.get_running_loop().call_soon(self._wake)
+
+    def _violation(self, text: str) -> None:
+        self.violations.append(text)
+        asyncio.get_running_loop().call_soon(self._wake)
 
     def _wake(self) -> None:
         async def notify() -> None:
@@ -435,17 +455,31 @@ class KitCustodian:
         self._wake()
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
-        """Wait until ``predicate()`` is truthy (re-checked as the exchange sends); None on timeout."""
+        """Wait until ``predicate()`` is truthy (re-checked as the exchange sends); None on timeout.
+
+        A statement the exchange sent that did not verify, and no wait has reported
+        yet, fails the case that waits: it is what the exchange did instead of what
+        the case waits for.
+        """
         try:
             async with asyncio.timeout(timeout), self._changed:
                 while not (found := predicate()):
+                    self._report_violations()
                     await self._changed.wait()
                 return found
         except TimeoutError:
+            self._report_violations()
             return predicate() or None
 
-    def connected(self) -> bool:
-        return self.session.connected
+    def _report_violations(self) -> None:
+        unreported = self.violations[self._reported :]
+        if unreported:
+            self._reported = len(self.violations)
+            raise CaseFailure(
+                "the exchange sent the custodian a statement that does not verify (§6.5)",
+                expected="statements issued by the exchange that verify",
+                got="; ".join(unreported),
+            )
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once the exchange has dialled and the handshake is done."""
