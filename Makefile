@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
-SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance)
+SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
 .PHONY: setup gen gen-check lint typecheck test test-fast demo bench clean
 
@@ -43,7 +43,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m collateral_sync._demo
+	$(PY) -m collateral_sync_reference.demo
 
 bench: $(STAMP)
 	$(VENV)/bin/collateral-sync bench sdk

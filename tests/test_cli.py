@@ -8,8 +8,9 @@ import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import collateral_sync_benchmarks as _bench
 import pytest
-from collateral_sync import _bench, _cli
+from collateral_sync import _cli
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.audit import load_audit_bundle, save_audit_bundle, verify_audit_bundle

@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from collateral_sync._demo_story import edit_quantity
 from collateral_sync.audit import load_audit_bundle, verify_audit_bundle
 from collateral_sync.keys import KeyRegistry
 from collateral_sync.v1 import (
@@ -31,8 +30,9 @@ from collateral_sync.v1 import (
     reconciliation_pb2,
     valuation_pb2,
 )
+from collateral_sync_reference.demo.story import edit_quantity
 
-DEMO = (sys.executable, "-m", "collateral_sync._demo")
+DEMO = (sys.executable, "-m", "collateral_sync_reference.demo")
 #: The brief asks for well under two minutes on the 2-core machine.
 DEMO_TIMEOUT = 120.0
 
@@ -321,9 +321,9 @@ def test_demo_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
 def test_a_failed_step_ends_with_one_message_and_stops_the_servers(tmp_path: Path) -> None:
     # The same demo with a scenario the custodian must refuse: 9 BTC pledged of 8 held.
     script = (
-        "import collateral_sync._demo_story as story\n"
+        "import collateral_sync_reference.demo.story as story\n"
         "story.PLEDGES = (('BTC', '9'),)\n"
-        "from collateral_sync._demo import main\n"
+        "from collateral_sync_reference.demo.run import main\n"
         "main()\n"
     )
     environment = dict(os.environ, COLLATERAL_SYNC_DEMO_DIR=str(tmp_path / "demo"))

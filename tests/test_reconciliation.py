@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import rfc9162_reference as ref
 from collateral_sync import reconciliation
-from collateral_sync._bench_recon import run_recon_benchmark
 from collateral_sync.amounts import parse_amount
 from collateral_sync.errors import (
     CollateralSyncError,
@@ -53,6 +52,7 @@ from collateral_sync.v1 import (
     reconciliation_pb2,
     reconciliation_service_pb2,
 )
+from collateral_sync_benchmarks.reconciliation import run_recon_benchmark
 from pymerkle import InmemoryTree
 
 R = errors_pb2.ErrorReason

@@ -81,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise _UsageError(
             "the reference servers (package collateral_sync_reference) are not installed"
         ) from err
-    from collateral_sync_reference._config import check_address
+    from collateral_sync_reference.common.config import check_address
 
     if args.listen is not None:
         try:
@@ -114,7 +114,7 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from collateral_sync._bench import run_benchmarks
+    from collateral_sync_benchmarks import run_benchmarks
 
     return run_benchmarks(args.suite, scale=args.scale)
 

@@ -1,6 +1,6 @@
 """Reference exchanges and regulators that co-sign emergency releases they should refuse.
 
-The co-signer (``collateral_sync_reference._emergency``) is shared by the
+The co-signer (``collateral_sync_reference.common.emergency``) is shared by the
 custodian, the exchange and the regulator; each patch here breaks exactly one
 rule of docs/PROTOCOL.md §11.2 in it (or in a role's policy), so that the
 ``emergency/cosign/`` case written for that rule is the one that must catch it
@@ -24,9 +24,9 @@ from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.signing import VerifiedStatement
 from collateral_sync.v1 import emergency_pb2, envelope_pb2, errors_pb2
-from collateral_sync_reference import _emergency as _cosigner_module
-from collateral_sync_reference import exchange as _exchange_module
-from collateral_sync_reference import regulator as _regulator_module
+from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.exchange import role as _exchange_module
+from collateral_sync_reference.regulator import role as _regulator_module
 
 try:
     from . import broken_servers as _broken

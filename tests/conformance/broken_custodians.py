@@ -27,10 +27,10 @@ from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import StateError
 from collateral_sync.keys import SigningKey
 from collateral_sync.v1 import attestation_pb2, errors_pb2, reconciliation_pb2
-from collateral_sync_reference import _custodian_core as _custodian_module
-from collateral_sync_reference import _custodian_emergency as _emergency_module
-from collateral_sync_reference import _custodian_settlement as _settlement_module
-from collateral_sync_reference import _emergency as _cosigner_module
+from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.custodian import core as _custodian_module
+from collateral_sync_reference.custodian import emergency as _emergency_module
+from collateral_sync_reference.custodian import settlement as _settlement_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_core: Any = _custodian_module

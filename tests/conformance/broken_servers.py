@@ -23,11 +23,12 @@ from decimal import Decimal
 from typing import Any
 
 import grpc
-from collateral_sync import _sync_log, errors
-from collateral_sync import _sync_session as _session_module
+from collateral_sync import errors
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
+from collateral_sync.sync import _log as _sync_log
+from collateral_sync.sync import _session as _session_module
 from collateral_sync.v1 import (
     errors_pb2,
     margin_pb2,
@@ -36,14 +37,14 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2,
     valuation_pb2,
 )
-from collateral_sync_reference import _custodian_core as _custodian_module
-from collateral_sync_reference import _custodian_emergency as _emergency_module
-from collateral_sync_reference import _custodian_settlement as _settlement_module
-from collateral_sync_reference import _emergency as _cosigner_module
-from collateral_sync_reference import _exchange_attest as _attest_module
-from collateral_sync_reference import _exchange_core as _exchange_module
-from collateral_sync_reference import _storage
-from collateral_sync_reference import regulator as _regulator_module
+from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.common import storage as _storage
+from collateral_sync_reference.custodian import core as _custodian_module
+from collateral_sync_reference.custodian import emergency as _emergency_module
+from collateral_sync_reference.custodian import settlement as _settlement_module
+from collateral_sync_reference.exchange import attestation as _attest_module
+from collateral_sync_reference.exchange import core as _exchange_module
+from collateral_sync_reference.regulator import role as _regulator_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_core: Any = _custodian_module

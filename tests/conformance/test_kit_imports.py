@@ -86,9 +86,9 @@ def test_the_kit_imports_only_the_public_protocol_and_sdk_client_side() -> None:
     ("source", "expected"),
     [
         ("import collateral_sync_reference\n", "reference servers"),
-        ("from collateral_sync_reference._runner import serve_main\n", "reference servers"),
+        ("from collateral_sync_reference.common.runner import serve_main\n", "reference servers"),
         ("from collateral_sync.server import create_server\n", "not the SDK's public client side"),
-        ("from collateral_sync._sync_log import SyncLog\n", "not the SDK's public client side"),
+        ("from collateral_sync.sync._log import SyncLog\n", "not the SDK's public client side"),
         ("from collateral_sync.keys import _to_timestamp\n", "private names"),
         ("def f():\n    import collateral_sync_reference.custodian\n", "reference servers"),
         ("from collateral_sync.v1 import envelope_pb2\nimport grpc\n", None),

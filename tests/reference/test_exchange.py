@@ -67,11 +67,11 @@ from collateral_sync.valuation import (
     recompute_margin_call,
     value_collateral,
 )
-from collateral_sync_reference._config import ConfigSection
-from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSettings
-from collateral_sync_reference._exchange_policy import build_policy_content
-from collateral_sync_reference._price_feed import PriceStep, ScriptedPriceFeed
-from collateral_sync_reference._storage import SqliteStorage
+from collateral_sync_reference.common.config import ConfigSection
+from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
+from collateral_sync_reference.exchange.policy import build_policy_content
+from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from google.protobuf import duration_pb2
 
 from .conftest import (

@@ -56,16 +56,16 @@ from collateral_sync.v1 import (
     regulator_service_pb2,
     test_control_pb2,
 )
-from collateral_sync_reference._config import ConfigSection
-from collateral_sync_reference._exchange_core import ExchangeCore, ExchangeSettings
-from collateral_sync_reference._exchange_policy import build_policy_content
-from collateral_sync_reference._exchange_settlement import (
+from collateral_sync_reference.common.config import ConfigSection
+from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
+from collateral_sync_reference.exchange.policy import build_policy_content
+from collateral_sync_reference.exchange.price_feed import ScriptedPriceFeed
+from collateral_sync_reference.exchange.settlement import (
     ExchangeSettlement,
     SettlementAfterReconciliation,
     check_reconciliation_result,
 )
-from collateral_sync_reference._price_feed import ScriptedPriceFeed
-from collateral_sync_reference._storage import SqliteStorage
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 

@@ -1,0 +1,5 @@
+"""``python -m collateral_sync_reference.demo``."""
+
+from collateral_sync_reference.demo.run import main
+
+main()

@@ -1,0 +1,170 @@
+"""gRPC faces of the reference exchange: ExchangeService, and TestControlService in test mode.
+
+The servicers only translate: request fields in, signed statements out.
+Every rule lives in :class:`~collateral_sync_reference.exchange.core.ExchangeCore`;
+every failure is a :class:`~collateral_sync.errors.CollateralSyncError`
+that the SDK's error-mapping interceptor turns into the status and details
+the protocol names, and a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc.aio
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.errors import MalformedError
+from collateral_sync.sync import SyncSession
+from collateral_sync.v1 import (
+    common_pb2,
+    exchange_service_pb2,
+    exchange_service_pb2_grpc,
+    test_control_pb2,
+)
+
+from collateral_sync_reference.common.clock import TestClock
+from collateral_sync_reference.common.test_control import TestControlBase
+from collateral_sync_reference.exchange.core import ExchangeCore
+
+__all__ = ["ExchangeServicer", "ExchangeTestControl"]
+
+
+def _required(present: bool, field: str, expected: str) -> None:
+    if not present:
+        raise MalformedError(
+            f"{field}: expected {expected}, got nothing",
+            metadata={"field": field, "expected": expected, "actual": "absent"},
+            field_violations={field: "required"},
+        )
+
+
+class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
+    """ExchangeService over an :class:`ExchangeCore`."""
+
+    def __init__(self, core: ExchangeCore) -> None:
+        self._core = core
+
+    async def GetRiskPolicy(
+        self,
+        request: exchange_service_pb2.GetRiskPolicyRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.GetRiskPolicyResponse:
+        return exchange_service_pb2.GetRiskPolicyResponse(
+            risk_policy=self._core.risk_policy(request.version)
+        )
+
+    async def GetCreditLine(
+        self,
+        request: exchange_service_pb2.GetCreditLineRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.GetCreditLineResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        return exchange_service_pb2.GetCreditLineResponse(
+            credit_line=self._core.credit_line(request.account_id)
+        )
+
+    async def GetMarginCall(
+        self,
+        request: exchange_service_pb2.GetMarginCallRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.GetMarginCallResponse:
+        _required(bool(request.margin_call_id), "margin_call_id", "a margin call id")
+        return exchange_service_pb2.GetMarginCallResponse(
+            margin_call_state=self._core.margin_call_state(request.margin_call_id)
+        )
+
+    async def ListMarginCalls(
+        self,
+        request: exchange_service_pb2.ListMarginCallsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.ListMarginCallsResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        states, token = self._core.list_margin_calls(
+            request.account_id, request.page_size, request.page_token
+        )
+        return exchange_service_pb2.ListMarginCallsResponse(
+            margin_call_states=states, next_page_token=token
+        )
+
+    async def RespondToMarginCall(
+        self,
+        request: exchange_service_pb2.RespondToMarginCallRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.RespondToMarginCallResponse:
+        _required(
+            request.HasField("margin_call_response"),
+            "margin_call_response",
+            "an Envelope of a MarginCallResponse",
+        )
+        state = self._core.respond_to_margin_call(request.margin_call_response)
+        return exchange_service_pb2.RespondToMarginCallResponse(margin_call_state=state)
+
+    async def GetShortfallAllocation(
+        self,
+        request: exchange_service_pb2.GetShortfallAllocationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.GetShortfallAllocationResponse:
+        _required(bool(request.liquidation_id), "liquidation_id", "a liquidation id")
+        return exchange_service_pb2.GetShortfallAllocationResponse(
+            shortfall_allocation=self._core.shortfall_allocation(request.liquidation_id)
+        )
+
+    async def ListLiquidations(
+        self,
+        request: exchange_service_pb2.ListLiquidationsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.ListLiquidationsResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        records, token = self._core.list_liquidations(
+            request.account_id, request.page_size, request.page_token
+        )
+        return exchange_service_pb2.ListLiquidationsResponse(
+            liquidations=records, next_page_token=token
+        )
+
+
+class ExchangeTestControl(TestControlBase):
+    """TestControlService of the exchange: exposure, prices and valuation on demand."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        core: ExchangeCore,
+        clock: TestClock | None,
+        *,
+        sessions: Callable[[], Sequence[SyncSession]],
+        on_clock_advanced: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(clock, sessions=sessions, on_clock_advanced=on_clock_advanced)
+        self._core = core
+
+    async def SetExposure(
+        self, request: test_control_pb2.SetExposureRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.SetExposureResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        _required(request.HasField("exposure"), "exposure", "a Decimal")
+        exposure = parse_amount(request.exposure.value, field="exposure")
+        self._core.set_exposure(request.account_id, exposure)
+        return test_control_pb2.SetExposureResponse()
+
+    async def SetPrice(
+        self, request: test_control_pb2.SetPriceRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.SetPriceResponse:
+        _required(request.HasField("quote"), "quote", "a PriceQuote")
+        self._core.set_price(request.quote)
+        return test_control_pb2.SetPriceResponse()
+
+    async def RunValuation(
+        self, request: test_control_pb2.RunValuationRequest, context: grpc.aio.ServicerContext
+    ) -> test_control_pb2.RunValuationResponse:
+        _required(bool(request.account_id), "account_id", "an account id")
+        result = self._core.run_valuation(request.account_id)
+        response = test_control_pb2.RunValuationResponse(
+            margin_call_id=result.margin_call_id, liquidation_id=result.liquidation_id
+        )
+        if result.collateral_ratio is not None:
+            response.collateral_ratio.CopyFrom(
+                common_pb2.Decimal(value=format_amount(result.collateral_ratio))
+            )
+        return response
