@@ -24,14 +24,12 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
+from collateral_sync_conformance.cases._checkpoints import (
     checkpoint_at,
-    grow_log,
-    holdings,
     latest_checkpoint,
-    log_size_at_least,
     verify_leaf,
 )
+from collateral_sync_conformance.cases._kit_account import grow_log, holdings, log_size_at_least
 
 __all__: list[str] = []
 

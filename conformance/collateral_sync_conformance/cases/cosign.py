@@ -51,7 +51,7 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._forge import corrupt_signature, seal, unknown_field
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._exchange import exchange_state
+from collateral_sync_conformance.cases._snapshots import exchange_state
 
 __all__: list[str] = []
 

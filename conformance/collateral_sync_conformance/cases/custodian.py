@@ -30,18 +30,16 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
+from collateral_sync_conformance.cases._checkpoints import expect_attested, latest_checkpoint
+from collateral_sync_conformance.cases._kit_account import (
     PledgePlan,
     client_key,
-    custodian_state,
-    expect_attested,
-    expect_unchanged,
     holdings,
-    latest_checkpoint,
     liquidation_path,
     plan_pledge,
     pledge_instruction,
 )
+from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
 

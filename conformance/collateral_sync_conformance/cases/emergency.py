@@ -35,14 +35,13 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
+from collateral_sync_conformance.cases._kit_account import (
     client_key,
-    custodian_state,
     ensure_pledged,
     exchange_party,
-    expect_unchanged,
     holdings,
 )
+from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
 

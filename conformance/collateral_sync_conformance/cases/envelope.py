@@ -43,14 +43,16 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._forge import corrupt_signature, seal, unknown_field
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
-    custodian_state,
-    expect_unchanged,
+from collateral_sync_conformance.cases._kit_account import (
     liquidation_path,
     plan_pledge,
     pledge_instruction,
 )
-from collateral_sync_conformance.cases._exchange import exchange_state
+from collateral_sync_conformance.cases._snapshots import (
+    custodian_state,
+    exchange_state,
+    expect_unchanged,
+)
 
 __all__: list[str] = []
 

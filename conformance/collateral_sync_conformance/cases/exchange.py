@@ -35,12 +35,12 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._exchange import (
-    exchange_state,
+from collateral_sync_conformance.cases._published import (
     latest_policy,
     signed_credit_line,
     verified_policy,
 )
+from collateral_sync_conformance.cases._snapshots import exchange_state
 
 __all__: list[str] = []
 

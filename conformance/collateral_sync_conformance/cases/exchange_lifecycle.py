@@ -56,7 +56,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._exchange import latest_policy, signed_credit_line
+from collateral_sync_conformance.cases._published import latest_policy, signed_credit_line
 
 __all__: list[str] = []
 

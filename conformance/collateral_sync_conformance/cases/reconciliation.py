@@ -59,7 +59,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import ensure_pledged, holdings
+from collateral_sync_conformance.cases._kit_account import ensure_pledged, holdings
 
 __all__: list[str] = []
 

@@ -36,13 +36,8 @@ from collateral_sync_conformance._expect import (
     expect_status,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
-    PLEDGE_UNIT,
-    custodian_state,
-    ensure_pledged,
-    expect_unchanged,
-    holdings,
-)
+from collateral_sync_conformance.cases._kit_account import PLEDGE_UNIT, ensure_pledged, holdings
+from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
 

@@ -33,17 +33,19 @@ from collateral_sync_conformance._expect import (
     expect_status,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._custodian import (
-    exchange_party,
+from collateral_sync_conformance.cases._checkpoints import (
     expect_attested,
-    holdings,
     latest_checkpoint,
+    verify_leaf,
+)
+from collateral_sync_conformance.cases._kit_account import (
+    exchange_party,
+    holdings,
     liquidation_path,
     plan_pledge,
     pledge_instruction,
-    verify_leaf,
 )
-from collateral_sync_conformance.cases._sync import (
+from collateral_sync_conformance.cases._raw_stream import (
     KIT_WINDOW,
     SyncStream,
     check_ack,

@@ -46,7 +46,7 @@ from collateral_sync_conformance._expect import (
     outcome_from_error,
     sdk_check,
 )
-from collateral_sync_conformance.cases._custodian import exchange_party
+from collateral_sync_conformance.cases._kit_account import exchange_party
 
 __all__ = [
     "KIT_WINDOW",

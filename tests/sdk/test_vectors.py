@@ -54,7 +54,7 @@ from collateral_sync.v1 import (
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "vectors"
 PROTOCOL_MD = ROOT / "docs" / "PROTOCOL.md"
 

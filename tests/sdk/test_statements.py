@@ -30,7 +30,7 @@ from collateral_sync.v1 import (
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-PROTO_DIR = Path(__file__).resolve().parents[1] / "proto" / "collateral_sync" / "v1"
+PROTO_DIR = Path(__file__).resolve().parents[2] / "proto" / "collateral_sync" / "v1"
 PREFIX = "application/vnd.collateral-sync.v1."
 C = common_pb2.PARTY_ROLE_CUSTODIAN
 E = common_pb2.PARTY_ROLE_EXCHANGE

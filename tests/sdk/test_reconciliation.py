@@ -52,7 +52,6 @@ from collateral_sync.v1 import (
     reconciliation_pb2,
     reconciliation_service_pb2,
 )
-from collateral_sync_benchmarks.reconciliation import run_recon_benchmark
 from pymerkle import InmemoryTree
 
 R = errors_pb2.ErrorReason
@@ -916,14 +915,3 @@ def test_public_names() -> None:
     )
     for name in reconciliation.__all__:
         assert getattr(reconciliation, name) is not None
-
-
-def test_bench_recon_runs_small_and_checks_what_it_located(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert run_recon_benchmark(scale=0.0005) == 0
-    out = capsys.readouterr().out
-    assert "500 accounts a party, 25 break sites" in out
-    assert "all located and as injected" in out
-    with pytest.raises(ValueError, match="scale"):
-        run_recon_benchmark(scale=0)
