@@ -39,20 +39,18 @@ database file) out of the commits, so that no batch's acknowledgement waits for 
 
 from __future__ import annotations
 
-from collateral_sync.sync._log import (
+from collateral_sync.sync._batch import (
     CUSTODIAN_TO_EXCHANGE,
     ENTRY_HASH_DOMAIN,
     EXCHANGE_TO_CUSTODIAN,
-    MAX_UPDATE_BYTES,
     ZERO_HASH,
-    ApplyUpdates,
     EquivocationEvidence,
     LogHead,
-    SyncLog,
     VerifiedSyncBatch,
     entry_hash,
     verify_sync_batch,
 )
+from collateral_sync.sync._log import MAX_UPDATE_BYTES, ApplyUpdates, SyncLog
 from collateral_sync.sync._session import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BATCH_TTL,

@@ -27,16 +27,15 @@ from collateral_sync.errors import (
 )
 from collateral_sync.keys import KeyRegistry, SigningKey, _to_timestamp, role_name
 from collateral_sync.signing import DEFAULT_MAX_SKEW, sign_statement
-from collateral_sync.sync._log import (
+from collateral_sync.sync._batch import (
     _SENDER_ROLE,
     HASH_SIZE,
-    ApplyUpdates,
     LogHead,
-    SyncLog,
     _equivocation_error,
     direction_name,
     verify_sync_batch,
 )
+from collateral_sync.sync._log import ApplyUpdates, SyncLog
 from collateral_sync.transport import check_peer_party
 from collateral_sync.v1 import custodian_service_pb2, errors_pb2, position_sync_pb2
 
