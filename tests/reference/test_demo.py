@@ -30,7 +30,7 @@ from collateral_sync.v1 import (
     reconciliation_pb2,
     valuation_pb2,
 )
-from collateral_sync_reference.demo.story import edit_quantity
+from collateral_sync_reference.demo.facts import edit_quantity
 
 DEMO = (sys.executable, "-m", "collateral_sync_reference.demo")
 #: The brief asks for well under two minutes on the 2-core machine.
@@ -319,10 +319,11 @@ def test_demo_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
 
 
 def test_a_failed_step_ends_with_one_message_and_stops_the_servers(tmp_path: Path) -> None:
-    # The same demo with a scenario the custodian must refuse: 9 BTC pledged of 8 held.
+    # The same demo with a scenario the custodian must refuse: 9 BTC pledged of 8 held
+    # (patched in the module whose act pledges them).
     script = (
-        "import collateral_sync_reference.demo.story as story\n"
-        "story.PLEDGES = (('BTC', '9'),)\n"
+        "import collateral_sync_reference.demo.onboarding as onboarding\n"
+        "onboarding.PLEDGES = (('BTC', '9'),)\n"
         "from collateral_sync_reference.demo.run import main\n"
         "main()\n"
     )

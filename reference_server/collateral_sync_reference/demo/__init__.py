@@ -3,9 +3,11 @@
 Run as ``python -m collateral_sync_reference.demo``. It starts a custodian, an
 exchange and a regulator as separate processes over mutual TLS, drives them
 as a client and an auditor would, and says at each step what was proven.
-``run`` drives the story; ``story``, ``oversight`` and ``evidence`` are its
-chapters and the proofs it keeps; ``servers`` starts and stops the processes;
-``text`` is how it speaks.
+``run`` drives the story; ``scenario`` holds its inputs and ``configs`` the
+servers' files; ``story`` (over ``stage``, with the chapters ``onboarding``,
+``proofs``, ``margin`` and ``liquidation``) and ``oversight`` are its acts,
+``evidence`` the proofs it keeps and ``facts`` how it reads statements;
+``servers`` starts and stops the processes; ``text`` is how it speaks.
 """
 
 from __future__ import annotations

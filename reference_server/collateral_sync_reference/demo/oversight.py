@@ -58,7 +58,8 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 
 from collateral_sync_reference.demo import text as say
-from collateral_sync_reference.demo.story import (
+from collateral_sync_reference.demo.facts import positions_text, reason_name
+from collateral_sync_reference.demo.scenario import (
     BREAK,
     CLIENT,
     CUSTODIAN,
@@ -68,11 +69,9 @@ from collateral_sync_reference.demo.story import (
     REGULATOR,
     SECOND_ACCOUNT,
     SECOND_PLEDGE,
-    Connections,
-    Story,
-    _positions,
-    _reason,
 )
+from collateral_sync_reference.demo.stage import Connections
+from collateral_sync_reference.demo.story import Story
 
 __all__ = ["OverseenStory", "RegulatorConnections"]
 
@@ -309,7 +308,7 @@ class OverseenStory(Story):
         say.step(
             f"{CLIENT} pledges {asset} {say.amount(quantity)} of its second account "
             f"{SECOND_ACCOUNT} to {EXCHANGE}: epoch {attested.statement.epoch} "
-            f"({_reason(attested.statement)}) at leaf {attested.ref.leaf_index}"
+            f"({reason_name(attested.statement)}) at leaf {attested.ref.leaf_index}"
         )
         self._proven(
             await self.evidence.prove_holdings(attested.envelope, attested.ref), attested.ref
@@ -483,10 +482,10 @@ class OverseenStory(Story):
         ):
             raise StateError(
                 f"expected the SETTLEMENT statement at leaf {done.attestation.leaf_index}, got "
-                f"{_reason(after.statement)} at leaf {after.ref.leaf_index}",
+                f"{reason_name(after.statement)} at leaf {after.ref.leaf_index}",
                 metadata={
                     "expected": f"SETTLEMENT @ {done.attestation.leaf_index}",
-                    "actual": f"{_reason(after.statement)} @ {after.ref.leaf_index}",
+                    "actual": f"{reason_name(after.statement)} @ {after.ref.leaf_index}",
                 },
             )
         say.step(
@@ -497,11 +496,11 @@ class OverseenStory(Story):
                 if not net.startswith("-")
                 else f"from {HOUSE_ACCOUNT} to {SECOND_ACCOUNT}"
             )
-            + f"; epoch {after.statement.epoch} ({_reason(after.statement)}) at leaf "
+            + f"; epoch {after.statement.epoch} ({reason_name(after.statement)}) at leaf "
             f"{after.ref.leaf_index}"
         )
-        say.detail(f"{SECOND_ACCOUNT} was: {_positions(before.statement)}")
-        say.detail(f"{SECOND_ACCOUNT} now: {_positions(after.statement)}")
+        say.detail(f"{SECOND_ACCOUNT} was: {positions_text(before.statement)}")
+        say.detail(f"{SECOND_ACCOUNT} now: {positions_text(after.statement)}")
         self._proven(await self.evidence.prove_holdings(after.envelope, after.ref), after.ref)
 
     async def _emergency_release(self) -> None:
@@ -540,7 +539,7 @@ class OverseenStory(Story):
         )
         say.step(
             f"{REGULATOR} signs EmergencyRelease {release.release_id}: unfreeze what "
-            f"{SECOND_ACCOUNT} has pledged to {EXCHANGE} ({_positions(held.statement)}); "
+            f"{SECOND_ACCOUNT} has pledged to {EXCHANGE} ({positions_text(held.statement)}); "
             f"reason EXCHANGE_FAILURE, unresponsive since {since:%H:%M} UTC"
         )
         cosigned = (
@@ -608,12 +607,12 @@ class OverseenStory(Story):
         after = await self._holdings_now(SECOND_ACCOUNT)
         if after.statement.reason != _REASON.HOLDINGS_CHANGE_REASON_RELEASE:
             raise StateError(
-                f"expected a RELEASE statement after the release, got {_reason(after.statement)}",
-                metadata={"expected": "RELEASE", "actual": _reason(after.statement)},
+                f"expected a RELEASE statement after the release, got {reason_name(after.statement)}",
+                metadata={"expected": "RELEASE", "actual": reason_name(after.statement)},
             )
         say.step(
-            f"{CUSTODIAN} attests epoch {after.statement.epoch} ({_reason(after.statement)}) at "
-            f"leaf {after.ref.leaf_index}: {_positions(after.statement)}, nothing pledged"
+            f"{CUSTODIAN} attests epoch {after.statement.epoch} ({reason_name(after.statement)}) at "
+            f"leaf {after.ref.leaf_index}: {positions_text(after.statement)}, nothing pledged"
         )
         self._proven(
             await self.evidence.prove_holdings(after.envelope, after.ref, keep=False), after.ref

@@ -54,9 +54,15 @@ from collateral_sync.transport import TlsConfig, secure_channel
 from collateral_sync.v1 import audit_pb2
 
 from collateral_sync_reference.demo import text as say
+from collateral_sync_reference.demo.configs import (
+    custodian_config,
+    cutoffs_after,
+    exchange_config,
+    regulator_config,
+)
+from collateral_sync_reference.demo.facts import edit_quantity
 from collateral_sync_reference.demo.oversight import OverseenStory, RegulatorConnections
-from collateral_sync_reference.demo.servers import ServerProcess, Servers, run_cli, write_config
-from collateral_sync_reference.demo.story import (
+from collateral_sync_reference.demo.scenario import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
@@ -64,13 +70,9 @@ from collateral_sync_reference.demo.story import (
     PARTIES,
     REGULATOR,
     YIELD_LEAD,
-    Connections,
-    custodian_config,
-    cutoffs_after,
-    edit_quantity,
-    exchange_config,
-    regulator_config,
 )
+from collateral_sync_reference.demo.servers import ServerProcess, Servers, run_cli, write_config
+from collateral_sync_reference.demo.stage import Connections
 
 __all__ = ["main", "run"]
 
