@@ -9,7 +9,7 @@ Everything is deterministic: fixed 32-byte Ed25519 seeds (Ed25519 signatures
 are deterministic), fixed timestamps, fixed statement ids, deterministic
 protobuf serialisation. Expected outcomes are written here by hand from the
 specification, never read back from the SDK's verifiers, so that the vectors
-test the SDK rather than mirror it (tests/test_vectors.py checks both the SDK
+test the SDK rather than mirror it (tests/sdk/test_vectors.py checks both the SDK
 and an independent verifier against them, and that the committed files equal
 what this script generates).
 

@@ -72,7 +72,7 @@ def _row(name: str, cls: type[Message], *roles: int, public: bool = False) -> St
     )
 
 
-#: Every statement type of collateral_sync.v1. tests/test_statements.py checks
+#: Every statement type of collateral_sync.v1. tests/sdk/test_statements.py checks
 #: that it covers every message with a StatementHeader, and the proto comments.
 STATEMENT_TYPES: tuple[StatementType, ...] = (
     _row("holdings-statement", attestation_pb2.HoldingsStatement, _CUSTODIAN),

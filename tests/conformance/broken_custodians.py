@@ -28,12 +28,14 @@ from collateral_sync.errors import StateError
 from collateral_sync.keys import SigningKey
 from collateral_sync.v1 import attestation_pb2, errors_pb2, reconciliation_pb2
 from collateral_sync_reference.common import emergency as _cosigner_module
-from collateral_sync_reference.custodian import core as _custodian_module
+from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
+from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
-_custodian_core: Any = _custodian_module
+_custodian_attestation: Any = _attestation_module
+_custodian_ledger: Any = _ledger_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _cosigner: Any = _cosigner_module
@@ -45,25 +47,26 @@ _REASON = attestation_pb2.HoldingsChangeReason
 
 def _signs_checkpoints_with_unregistered_key() -> None:
     """Checkpoints are signed with a new custodian key that is in no registry (a rotation half done)."""
-    original = _custodian_core.Custodian._sign_checkpoint
+    original = _custodian_attestation.Attestation._sign_checkpoint
     rotated: dict[str, SigningKey] = {}
 
     def sign_checkpoint(self: Any, size: int, now: datetime) -> Any:
-        own = self._signer
+        ledger = self._ledger
+        own = ledger.signer
         if own.party_id not in rotated:
             rotated[own.party_id] = SigningKey.generate(own.party_id, own.role)
-        self._signer = rotated[own.party_id]
+        ledger.signer = rotated[own.party_id]
         try:
             return original(self, size, now)
         finally:
-            self._signer = own
+            ledger.signer = own
 
-    _custodian_core.Custodian._sign_checkpoint = sign_checkpoint
+    _custodian_attestation.Attestation._sign_checkpoint = sign_checkpoint
 
 
 def _refuses_checkpoint_at_log_size() -> None:
     """GetCheckpoint(tree_size=n) refuses n equal to the log's size as beyond it (>= for >)."""
-    original = _custodian_core.Custodian.checkpoint
+    original = _custodian_attestation.Attestation.checkpoint
 
     def checkpoint(self: Any, tree_size: int) -> Any:
         size = self._log.size
@@ -75,12 +78,12 @@ def _refuses_checkpoint_at_log_size() -> None:
             )
         return original(self, tree_size)
 
-    _custodian_core.Custodian.checkpoint = checkpoint
+    _custodian_attestation.Attestation.checkpoint = checkpoint
 
 
 def _alternates_checkpoint_origin() -> None:
     """Every other checkpoint names another log origin, as two signers configured apart would."""
-    original = _custodian_core.sign_statement
+    original = _custodian_attestation.sign_statement
     signed = [0]
 
     def sign_statement(message: Any, *args: Any, **kwargs: Any) -> Any:
@@ -93,12 +96,12 @@ def _alternates_checkpoint_origin() -> None:
                 message = renamed
         return original(message, *args, **kwargs)
 
-    _custodian_core.sign_statement = sign_statement
+    _custodian_attestation.sign_statement = sign_statement
 
 
 def _same_size_proof_not_empty() -> None:
     """A consistency proof between equal sizes carries the tree's root (RFC 9162 SUBPROOF, b=false)."""
-    original = _custodian_core.Custodian.consistency_proof
+    original = _custodian_attestation.Attestation.consistency_proof
 
     def consistency_proof(self: Any, first_tree_size: int, second_tree_size: int) -> Any:
         proof = original(self, first_tree_size, second_tree_size)
@@ -106,25 +109,25 @@ def _same_size_proof_not_empty() -> None:
             proof.consistency_path.append(self._log.root(proof.second_tree_size))
         return proof
 
-    _custodian_core.Custodian.consistency_proof = consistency_proof
+    _custodian_attestation.Attestation.consistency_proof = consistency_proof
 
 
 def _rewrite_changes(rewrite: Callable[[Any, Any], Any]) -> None:
-    """Wrap ``Custodian._attest``: ``rewrite(custodian, change)`` may alter each change first."""
-    original = _custodian_core.Custodian._attest
+    """Wrap ``Ledger._attest``: ``rewrite(ledger, change)`` may alter each change first."""
+    original = _custodian_ledger.Ledger._attest
 
     def attest(self: Any, changes: Sequence[Any], now: datetime) -> Any:
         return original(self, [rewrite(self, change) for change in changes], now)
 
-    _custodian_core.Custodian._attest = attest
+    _custodian_ledger.Ledger._attest = attest
 
 
 def _redemption_locks_nothing() -> None:
     """A redemption is attested as REDEMPTION_LOCK, but the account is saved with its old locks."""
 
-    def unlock(custodian: Any, change: Any) -> Any:
+    def unlock(ledger: Any, change: Any) -> Any:
         if change.reason == _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK:
-            stored = custodian._store.account(change.account.account_id)
+            stored = ledger.store.account(change.account.account_id)
             for asset_id, holding in change.account.holdings.items():
                 before = stored.holdings.get(asset_id) if stored is not None else None
                 holding.locked = before.locked if before is not None else Decimal(0)
@@ -136,7 +139,7 @@ def _redemption_locks_nothing() -> None:
 def _yield_attested_as_deposit() -> None:
     """Accrued yield is attested with reason DEPOSIT (the fund's payment), not YIELD_ACCRUAL."""
 
-    def as_deposit(custodian: Any, change: Any) -> Any:
+    def as_deposit(ledger: Any, change: Any) -> Any:
         if change.reason == _REASON.HOLDINGS_CHANGE_REASON_YIELD_ACCRUAL:
             return dataclasses.replace(change, reason=_REASON.HOLDINGS_CHANGE_REASON_DEPOSIT)
         return change
@@ -179,7 +182,7 @@ def _settles_whole_day_early() -> None:
 
     def run_due(self: Any) -> None:
         original(self)
-        now = self._custodian._clock.now().astimezone(UTC)
+        now = self._ledger.clock.now().astimezone(UTC)
         end_of_day = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
         rows = self._db.execute(
             "SELECT settlement_id FROM custodian_settlements "

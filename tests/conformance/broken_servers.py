@@ -39,16 +39,28 @@ from collateral_sync.v1 import (
 )
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import storage as _storage
-from collateral_sync_reference.custodian import core as _custodian_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
+from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
-from collateral_sync_reference.exchange import core as _exchange_module
+from collateral_sync_reference.exchange import custodian_statements as _statements_module
+from collateral_sync_reference.exchange import holdings as _holdings_module
+from collateral_sync_reference.exchange import liquidations as _liquidation_module
+from collateral_sync_reference.exchange import margin_calls as _margin_calls_module
+from collateral_sync_reference.exchange import revaluation as _revaluation_module
+from collateral_sync_reference.exchange import risk_policy as _risk_policy_module
+from collateral_sync_reference.exchange import valuation as _valuation_module
 from collateral_sync_reference.regulator import role as _regulator_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
-_custodian_core: Any = _custodian_module
-_exchange_core: Any = _exchange_module
+_custodian_ledger: Any = _ledger_module
+_exchange_statements: Any = _statements_module
+_exchange_holdings: Any = _holdings_module
+_exchange_valuation: Any = _valuation_module
+_exchange_margin_calls: Any = _margin_calls_module
+_exchange_liquidation: Any = _liquidation_module
+_exchange_revaluation: Any = _revaluation_module
+_exchange_risk_policy: Any = _risk_policy_module
 _exchange_attest: Any = _attest_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
@@ -91,9 +103,20 @@ def _to_anyone(header: Any, kwargs: dict[str, Any]) -> None:
     kwargs["audience"] = header.audience[0] if header.audience else "*"
 
 
+def _exchange_lenient_verify(
+    reason_name: str, relax: Callable[[Any, dict[str, Any]], None]
+) -> None:
+    """:func:`_lenient_verify` wherever the exchange verifies statements it receives.
+
+    The custodian's own statements, and the liquidation path a pledge relays.
+    """
+    for module in (_exchange_statements, _exchange_holdings):
+        _lenient_verify(module, reason_name, relax)
+
+
 def _exchange_ignores_expiry() -> None:
     """RespondToMarginCall verifies an expired response as of its own issued_at."""
-    _lenient_verify(_exchange_core, "ERROR_REASON_STATEMENT_EXPIRED", _at_issue)
+    _exchange_lenient_verify("ERROR_REASON_STATEMENT_EXPIRED", _at_issue)
 
 
 def _exchange_ignores_audience() -> None:
@@ -102,12 +125,12 @@ def _exchange_ignores_audience() -> None:
     It still refuses '*' for a directed statement: the SDK applies that rule
     whatever audience it is asked to check.
     """
-    _lenient_verify(_exchange_core, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
+    _exchange_lenient_verify("ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
 
 
 def _custodian_ignores_not_yet_valid() -> None:
     """The custodian acts on statements issued in the future (no clock-skew bound)."""
-    _lenient_verify(_custodian_core, "ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
+    _lenient_verify(_custodian_ledger, "ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
 
 
 def _custodian_accepts_replay() -> None:
@@ -121,12 +144,12 @@ def _custodian_accepts_replay() -> None:
 
 def _exchange_ignores_not_yet_valid() -> None:
     """RespondToMarginCall acts on a response issued in the future."""
-    _lenient_verify(_exchange_core, "ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
+    _exchange_lenient_verify("ERROR_REASON_STATEMENT_NOT_YET_VALID", _at_issue)
 
 
 def _exchange_miscomputes_haircut() -> None:
     """The exchange counts every haircut a tenth too generously (factor * 1.1, at most 1)."""
-    original = _exchange_core.value_collateral
+    original = _exchange_valuation.value_collateral
 
     def value_collateral(policy: Any, positions: Any, prices: Any, **kwargs: Any) -> Any:
         generous = valuation_pb2.RiskPolicy()
@@ -136,29 +159,31 @@ def _exchange_miscomputes_haircut() -> None:
             haircut.collateral_factor.value = format(factor.normalize(), "f")
         return original(generous, positions, prices, **kwargs)
 
-    _exchange_core.value_collateral = value_collateral
+    # Valuing an account, and measuring top-ups against a margin call.
+    _exchange_valuation.value_collateral = value_collateral
+    _exchange_margin_calls.value_collateral = value_collateral
 
 
 def _exchange_doubles_credit_limit() -> None:
     """The exchange grants twice the credit the leverage cap allows."""
-    original = _exchange_core.credit_line_figures
+    original = _exchange_valuation.credit_line_figures
 
     def credit_line_figures(policy: Any, valuation: Any, exposure: Any) -> Any:
         figures = original(policy, valuation, exposure)
         return dataclasses.replace(figures, credit_limit=figures.credit_limit * 2)
 
-    _exchange_core.credit_line_figures = credit_line_figures
+    _exchange_valuation.credit_line_figures = credit_line_figures
 
 
 def _exchange_overstates_margin_calls() -> None:
     """The exchange calls for 10% more margin than its policy says is due."""
-    original = _exchange_core.margin_call_amount
+    original = _exchange_margin_calls.margin_call_amount
 
     def margin_call_amount(policy: Any, collateral_value: Any, exposure: Any) -> Any:
         amount = original(policy, collateral_value, exposure)
         return None if amount is None else (amount * Decimal("1.1")).quantize(amount)
 
-    _exchange_core.margin_call_amount = margin_call_amount
+    _exchange_margin_calls.margin_call_amount = margin_call_amount
 
 
 def _wrong_status(reason_name: str, code_name: str) -> Callable[[], None]:
@@ -264,7 +289,7 @@ def _custodian_replays_from_start() -> None:
 
 def _custodian_misattests_sync_change() -> None:
     """Holdings changes on the stream point at the wrong leaf of the attestation log."""
-    original = _custodian_core.Custodian._announce
+    original = _custodian_ledger.Ledger._announce
 
     def announce(self: Any, exchange: str, *updates: position_sync_pb2.PositionUpdate) -> None:
         for update in updates:
@@ -273,7 +298,7 @@ def _custodian_misattests_sync_change() -> None:
                 ref.leaf_index = ref.leaf_index - 1 if ref.leaf_index else ref.leaf_index + 1
         original(self, exchange, *updates)
 
-    _custodian_core.Custodian._announce = announce
+    _custodian_ledger.Ledger._announce = announce
 
 
 def _custodian_loses_last_entry_on_restart() -> None:
@@ -384,7 +409,7 @@ def _custodian_executes_disputed() -> None:
 
     def run_due(self: Any) -> None:
         original(self)
-        now = self._custodian._clock.now()
+        now = self._ledger.clock.now()
         rows = self._db.execute(
             "SELECT settlement_id FROM custodian_settlements "
             "WHERE status = ? AND dispute_deadline_us <= ?",
@@ -486,7 +511,7 @@ def _exchange_credits_without_proving() -> None:
 
 def _exchange_ignores_partial_agreement() -> None:
     """A partially agreed call still needs the whole call amount to be satisfied."""
-    original = _exchange_core.amount_due
+    original = _exchange_margin_calls.amount_due
     partial = margin_pb2.MARGIN_CALL_STATUS_PARTIALLY_AGREED
 
     def amount_due(status: int, call_amount: Decimal, agreed_amount: Decimal) -> Decimal:
@@ -494,41 +519,41 @@ def _exchange_ignores_partial_agreement() -> None:
             return call_amount
         return Decimal(original(status, call_amount, agreed_amount))
 
-    _exchange_core.amount_due = amount_due
+    _exchange_margin_calls.amount_due = amount_due
 
 
 def _exchange_expires_disputed_calls() -> None:
     """Disputed calls expire at their due_by like any open call (and lead to a liquidation)."""
-    _exchange_core.EXPIRING = frozenset(
-        {*_exchange_core.EXPIRING, margin_pb2.MARGIN_CALL_STATUS_DISPUTED}
+    _exchange_revaluation.EXPIRING = frozenset(
+        {*_exchange_revaluation.EXPIRING, margin_pb2.MARGIN_CALL_STATUS_DISPUTED}
     )
 
 
 def _exchange_never_liquidates_expired_calls() -> None:
     """An expired call is marked EXPIRED, but no liquidation is instructed for it."""
-    original = _exchange_core.ExchangeCore._instruct_liquidation
+    original = _exchange_liquidation.Liquidations.instruct
 
     def instruct(self: Any, account_id: str, valued: Any, call: Any, now: Any) -> str:
         if call is not None:
             return ""
         return str(original(self, account_id, valued, call, now))
 
-    _exchange_core.ExchangeCore._instruct_liquidation = instruct
+    _exchange_liquidation.Liquidations.instruct = instruct
 
 
 def _exchange_policy_versions_off_by_one() -> None:
     """GetRiskPolicy(version=v) looks up version v + 1 (0 still means the policy in force)."""
-    original = _exchange_core.ExchangeCore.risk_policy
+    original = _exchange_risk_policy.RiskPolicies.risk_policy
 
     def risk_policy(self: Any, version: int) -> Any:
         return original(self, version + 1 if version else 0)
 
-    _exchange_core.ExchangeCore.risk_policy = risk_policy
+    _exchange_risk_policy.RiskPolicies.risk_policy = risk_policy
 
 
 def _exchange_policy_signature_broken() -> None:
     """GetRiskPolicy serves the policy with its signature bytes damaged (signed, then changed)."""
-    original = _exchange_core.ExchangeCore.risk_policy
+    original = _exchange_risk_policy.RiskPolicies.risk_policy
 
     def risk_policy(self: Any, version: int) -> Any:
         envelope = type(original(self, version))()
@@ -538,19 +563,19 @@ def _exchange_policy_signature_broken() -> None:
         envelope.signatures[0].sig = bytes(signature)
         return envelope
 
-    _exchange_core.ExchangeCore.risk_policy = risk_policy
+    _exchange_risk_policy.RiskPolicies.risk_policy = risk_policy
 
 
 def _exchange_lists_calls_not_states() -> None:
     """ListMarginCalls answers each call's signed MarginCall instead of its MarginCallState."""
-    original = _exchange_core.ExchangeCore.list_margin_calls
+    original = _exchange_margin_calls.MarginCalls.list_margin_calls
 
     def list_margin_calls(self: Any, account_id: str, page_size: int, page_token: str) -> Any:
         states, token = original(self, account_id, page_size, page_token)
         calls = [margin_pb2.MarginCallState.FromString(e.payload).margin_call for e in states]
         return calls, token
 
-    _exchange_core.ExchangeCore.list_margin_calls = list_margin_calls
+    _exchange_margin_calls.MarginCalls.list_margin_calls = list_margin_calls
 
 
 def _exchange_sync_error_as(reason_name: str, into: Callable[[Any], Exception]) -> None:

@@ -70,7 +70,7 @@ from collateral_sync.valuation import (
 from collateral_sync_reference.common.config import ConfigSection
 from collateral_sync_reference.common.storage import SqliteStorage
 from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
-from collateral_sync_reference.exchange.policy import build_policy_content
+from collateral_sync_reference.exchange.policy_content import build_policy_content
 from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from google.protobuf import duration_pb2
 
@@ -739,7 +739,7 @@ def test_the_liquidation_path_comes_with_the_pledge_and_a_false_one_fails_its_ba
 
     def recorded() -> tuple[str | None, int]:
         held = storage.connection.execute("SELECT COUNT(*) FROM exchange_holdings").fetchone()
-        return core.store.liquidation_path("acct-p"), int(held[0])
+        return core.store.liquidations.path("acct-p"), int(held[0])
 
     try:
         assert recorded() == (None, 0)

@@ -59,7 +59,7 @@ from collateral_sync.v1 import (
 from collateral_sync_reference.common.config import ConfigSection
 from collateral_sync_reference.common.storage import SqliteStorage
 from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
-from collateral_sync_reference.exchange.policy import build_policy_content
+from collateral_sync_reference.exchange.policy_content import build_policy_content
 from collateral_sync_reference.exchange.price_feed import ScriptedPriceFeed
 from collateral_sync_reference.exchange.settlement import (
     ExchangeSettlement,

@@ -48,7 +48,7 @@ from collateral_sync.v1 import (
 )
 
 from collateral_sync_reference.common.emergency import RELEASE_ROLES, ReleasePolicy
-from collateral_sync_reference.custodian.core import Custodian, _Change
+from collateral_sync_reference.custodian.ledger import Ledger, _Change
 from collateral_sync_reference.custodian.store import to_us
 
 __all__ = [
@@ -75,9 +75,9 @@ _SCHEMA = (
 )
 
 
-def exchange_risk_policy(custodian: Custodian, exchange_id: str) -> valuation_pb2.RiskPolicy | None:
+def exchange_risk_policy(ledger: Ledger, exchange_id: str) -> valuation_pb2.RiskPolicy | None:
     """The latest risk policy ``exchange_id`` sent on the sync stream (verified on receipt)."""
-    rows = custodian._storage.connection.execute(
+    rows = ledger.storage.connection.execute(
         "SELECT envelope FROM custodian_risk_policies ORDER BY version DESC"
     ).fetchall()
     for (data,) in rows:
@@ -91,10 +91,10 @@ def exchange_risk_policy(custodian: Custodian, exchange_id: str) -> valuation_pb
 class CustodianEmergencyRelease:
     """Co-signing policy and ExecuteEmergencyRelease of one reference custodian."""
 
-    def __init__(self, custodian: Custodian) -> None:
-        self._custodian = custodian
-        custodian._storage.execute_schema(_SCHEMA)
-        self._db = custodian._storage.connection
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        ledger.storage.execute_schema(_SCHEMA)
+        self._db = ledger.storage.connection
 
     # ------------------------------------------------------------------ co-signing
 
@@ -105,7 +105,7 @@ class CustodianEmergencyRelease:
     def _agree(self, verified: VerifiedStatement[emergency_pb2.EmergencyRelease]) -> None:
         """The custodian co-signs releases of accounts it holds, naming their exchange."""
         release = verified.message
-        account = self._custodian._account(release.account_id, "account_id")
+        account = self._ledger._account(release.account_id, "account_id")
         self._check_exchange(account.exchange_id, release)
 
     @staticmethod
@@ -123,7 +123,7 @@ class CustodianEmergencyRelease:
             )
 
     def emergency_release_wait(self, exchange_id: str) -> timedelta:
-        policy = exchange_risk_policy(self._custodian, exchange_id)
+        policy = exchange_risk_policy(self._ledger, exchange_id)
         if policy is None or not policy.HasField("emergency_release_wait"):
             return PILOT_EMERGENCY_RELEASE_WAIT
         return policy.emergency_release_wait.ToTimedelta()
@@ -132,17 +132,17 @@ class CustodianEmergencyRelease:
 
     def execute(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
         """Verify ``envelope`` (an EmergencyRelease) and execute it; returns the receipt."""
-        custodian = self._custodian
-        now = custodian._clock.now()
+        ledger = self._ledger
+        now = ledger.clock.now()
         verified = verify_threshold(
             envelope,
-            custodian._registry,
+            ledger.registry,
             expected_type=emergency_pb2.EmergencyRelease,
             threshold=2,
             roles=RELEASE_ROLES,
-            audience=custodian._party_id,
+            audience=ledger.party_id,
             now=now,
-            max_skew=custodian._max_skew,
+            max_skew=ledger.max_skew,
         )
         release = verified.message
         if not release.release_id:
@@ -151,7 +151,7 @@ class CustodianEmergencyRelease:
                 metadata={"field": "release_id", "expected": "a release id", "actual": ""},
                 field_violations={"release_id": "required"},
             )
-        account = custodian._account(release.account_id, "account_id")
+        account = ledger._account(release.account_id, "account_id")
         self._check_exchange(account.exchange_id, release)
         parties = self._counted_parties(verified, release.exchange_id)
         if release.exchange_id not in parties:
@@ -174,15 +174,15 @@ class CustodianEmergencyRelease:
                     "actual": release.release_id,
                 },
             )
-        custodian._guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
 
-        with custodian._storage.transaction():
+        with ledger.storage.transaction():
             released = sorted(
                 asset_id for asset_id, holding in account.holdings.items() if holding.pledged > 0
             )
             for asset_id in released:
                 account.holdings[asset_id].pledged = _ZERO
-            [(_, ref)] = custodian._attest(
+            [(_, ref)] = ledger._attest(
                 [_Change(account, attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE)], now
             )
             receipt = emergency_pb2.EmergencyReleaseReceipt(
@@ -191,15 +191,14 @@ class CustodianEmergencyRelease:
             receipt.executed_at.FromDatetime(now)
             # Everyone the release was addressed to or signed by, and the account's client.
             audience = sorted(
-                {*verified.header.audience, *parties, account.client_id}
-                - {custodian._party_id, "*"}
+                {*verified.header.audience, *parties, account.client_id} - {ledger.party_id, "*"}
             )
             signed = sign_statement(
                 receipt,
-                custodian._signer,
+                ledger.signer,
                 audience=audience,
-                sequence=custodian._storage.next_sequence(_RECEIPT_TYPE),
-                ttl=custodian._settings.statement_ttl,
+                sequence=ledger.storage.next_sequence(_RECEIPT_TYPE),
+                ttl=ledger.settings.statement_ttl,
                 issued_at=now,
             )
             self._db.execute(
@@ -212,8 +211,8 @@ class CustodianEmergencyRelease:
                     to_us(now),
                 ),
             )
-            custodian._guard.record(verified)
-            custodian._announce(
+            ledger.guard.record(verified)
+            ledger._announce(
                 account.exchange_id,
                 *(
                     position_sync_pb2.PositionUpdate(
@@ -233,15 +232,15 @@ class CustodianEmergencyRelease:
         self, verified: VerifiedStatement[emergency_pb2.EmergencyRelease], exchange_id: str
     ) -> set[str]:
         """The signers that count for this release: a regulator, us, the account's exchange."""
-        custodian = self._custodian
-        registry = custodian._registry
+        ledger = self._ledger
+        registry = ledger.registry
         counted: set[str] = set()
         for kid, party in zip(verified.signer_key_ids, verified.signer_party_ids, strict=True):
             key = registry.get(kid)
             role = key.role if key is not None else common_pb2.PARTY_ROLE_UNSPECIFIED
             if (
                 role == common_pb2.PARTY_ROLE_REGULATOR
-                or (role == common_pb2.PARTY_ROLE_CUSTODIAN and party == custodian._party_id)
+                or (role == common_pb2.PARTY_ROLE_CUSTODIAN and party == ledger.party_id)
                 or (role == common_pb2.PARTY_ROLE_EXCHANGE and party == exchange_id)
             ):
                 counted.add(party)
@@ -249,7 +248,7 @@ class CustodianEmergencyRelease:
             signers = ",".join(verified.signer_party_ids)
             raise VerificationError(
                 f"the release counts {len(counted)} of the parties it needs (a regulator, "
-                f"{custodian._party_id!r}, {exchange_id!r}); signed by [{signers}]",
+                f"{ledger.party_id!r}, {exchange_id!r}); signed by [{signers}]",
                 reason=_R.ERROR_REASON_THRESHOLD_NOT_MET,
                 metadata={"expected": "2", "actual": str(len(counted))},
             )

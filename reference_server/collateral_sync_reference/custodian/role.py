@@ -23,8 +23,8 @@ Serves ``CustodianService`` (and ``TestControlService`` in test mode):
 
 Yield accrues daily on fund tokens at the configured UTC time; every change of
 holdings is a signed holdings statement appended to the attestation log and
-announced to the account's exchange. The behaviour lives in
-``core``; this module wires it to gRPC.
+announced to the account's exchange. The behaviour lives in one module per
+responsibility, assembled by ``core``; this module wires it to gRPC.
 
 ``ExecuteEmergencyRelease`` executes a release signed by two of regulator,
 custodian and the account's exchange (``emergency``); the custodian
@@ -87,13 +87,17 @@ _MIN_SLEEP = 0.05
 class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
     def __init__(self, role: CustodianRole) -> None:
         self._role = role
-        self._custodian = role.custodian
+        custodian = role.custodian
+        self._attestation = custodian.attestation
+        self._pledges = custodian.pledges
+        self._redemptions = custodian.redemptions
+        self._liquidations = custodian.liquidations
 
     async def GetCheckpoint(
         self, request: custodian_service_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> custodian_service_pb2.GetCheckpointResponse:
         return custodian_service_pb2.GetCheckpointResponse(
-            checkpoint=self._custodian.checkpoint(request.tree_size)
+            checkpoint=self._attestation.checkpoint(request.tree_size)
         )
 
     async def GetInclusionProof(
@@ -101,7 +105,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetInclusionProofRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetInclusionProofResponse:
-        envelope, proof = self._custodian.inclusion_proof(request.leaf_index, request.tree_size)
+        envelope, proof = self._attestation.inclusion_proof(request.leaf_index, request.tree_size)
         return custodian_service_pb2.GetInclusionProofResponse(
             holdings_statement=envelope, proof=proof
         )
@@ -112,7 +116,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetConsistencyProofResponse:
         return custodian_service_pb2.GetConsistencyProofResponse(
-            proof=self._custodian.consistency_proof(
+            proof=self._attestation.consistency_proof(
                 request.first_tree_size, request.second_tree_size
             )
         )
@@ -122,7 +126,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetHoldingsStatementRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetHoldingsStatementResponse:
-        envelope, ref = self._custodian.holdings_statement(request.account_id)
+        envelope, ref = self._attestation.holdings_statement(request.account_id)
         return custodian_service_pb2.GetHoldingsStatementResponse(
             holdings_statement=envelope, attestation=ref
         )
@@ -133,7 +137,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.PledgeCollateralResponse:
         # Client statements authenticate themselves: any authenticated peer may relay them.
-        envelope, ref = self._custodian.pledge(request)
+        envelope, ref = self._pledges.pledge(request)
         return custodian_service_pb2.PledgeCollateralResponse(
             holdings_statement=envelope, attestation=ref
         )
@@ -143,7 +147,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.RequestRedemptionRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.RequestRedemptionResponse:
-        envelope, ref = self._custodian.redeem(request)
+        envelope, ref = self._redemptions.redeem(request)
         return custodian_service_pb2.RequestRedemptionResponse(
             holdings_statement=envelope, attestation=ref
         )
@@ -156,7 +160,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         require_statement(request, "liquidation_instruction", "a signed LiquidationInstruction")
         # The exchange's instructions come over the exchange's own connection.
         tls_peer = None if self._role.plaintext else (peer_party_id(context) or "")
-        receipt = self._custodian.liquidate(
+        receipt = self._liquidations.liquidate(
             request.liquidation_instruction, now=self._role.now(), tls_peer=tls_peer
         )
         return custodian_service_pb2.SubmitLiquidationInstructionResponse(
@@ -243,14 +247,14 @@ class _CustodianTestControl(TestControlBase):
     async def Deposit(
         self, request: test_control_pb2.DepositRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.DepositResponse:
-        self._role.custodian.deposit(request)
+        self._role.custodian.yield_accrual.deposit(request)
         return test_control_pb2.DepositResponse()
 
     async def AccrueYield(
         self, request: test_control_pb2.AccrueYieldRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.AccrueYieldResponse:
         # Runs now, beside the daily schedule (which it does not move).
-        accounts = self._role.custodian.accrue_yield(self._role.now())
+        accounts = self._role.custodian.yield_accrual.accrue_yield(self._role.now())
         return test_control_pb2.AccrueYieldResponse(accounts=accounts)
 
 
@@ -278,8 +282,8 @@ class CustodianRole:
             logger=self.logger,
         )
         self._reconciliation_service = ReconciliationServicer(self.reconciliation)
-        self.emergency = CustodianEmergencyRelease(self.custodian)
-        self.settlement = CustodianSettlement(self.custodian)
+        self.emergency = CustodianEmergencyRelease(self.custodian.ledger)
+        self.settlement = CustodianSettlement(self.custodian.ledger)
         self._service = _CustodianService(self)
         self._cosigner = EmergencyReleaseCoSigner(
             signer=context.signer,

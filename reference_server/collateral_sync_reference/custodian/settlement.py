@@ -51,8 +51,8 @@ from collateral_sync.v1 import (
 
 from collateral_sync_reference.common.errors import conflict as _conflict
 from collateral_sync_reference.common.errors import required as _required
-from collateral_sync_reference.custodian.core import Custodian, _add, _Change, _sub
 from collateral_sync_reference.custodian.emergency import exchange_risk_policy
+from collateral_sync_reference.custodian.ledger import Ledger, _add, _Change, _sub
 from collateral_sync_reference.custodian.store import Account, from_us, to_us
 
 __all__ = [
@@ -114,15 +114,15 @@ def settlement_account_id(exchange_id: str) -> str:
 class CustodianSettlement:
     """SubmitSettlementInstruction, DisputeSettlement, GetSettlement and their execution."""
 
-    def __init__(self, custodian: Custodian) -> None:
-        self._custodian = custodian
-        custodian._storage.execute_schema(_SCHEMA)
-        self._db = custodian._storage.connection
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        ledger.storage.execute_schema(_SCHEMA)
+        self._db = ledger.storage.connection
 
     # ------------------------------------------------------------------ policy
 
     def _limits(self, exchange_id: str) -> tuple[int, timedelta]:
-        policy = exchange_risk_policy(self._custodian, exchange_id)
+        policy = exchange_risk_policy(self._ledger, exchange_id)
         if policy is None:
             return PILOT_MAX_SETTLEMENT_CYCLES_PER_DAY, PILOT_SETTLEMENT_DISPUTE_WINDOW
         window = (
@@ -189,13 +189,13 @@ class CustodianSettlement:
     def submit(
         self, envelope: envelope_pb2.Envelope
     ) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
-        custodian = self._custodian
-        now = custodian._clock.now()
-        verified = custodian._verify(envelope, reconciliation_pb2.SettlementInstruction, now)
+        ledger = self._ledger
+        now = ledger.clock.now()
+        verified = ledger._verify(envelope, reconciliation_pb2.SettlementInstruction, now)
         instruction = verified.message
         exchange_id = verified.issuer
-        if exchange_id not in custodian.exchanges:
-            expected = "|".join(custodian.exchanges) or "a configured exchange"
+        if exchange_id not in ledger.exchanges:
+            expected = "|".join(ledger.exchanges) or "a configured exchange"
             raise VerificationError(
                 f"settlement instructions come from the exchanges this custodian serves "
                 f"({expected}), not {exchange_id!r}",
@@ -215,7 +215,7 @@ class CustodianSettlement:
                 metadata={"field": "net_amount", "expected": "!= 0", "actual": "0"},
                 field_violations={"net_amount": "must not be 0"},
             )
-        account = custodian._account(instruction.account_id, "account_id")
+        account = ledger._account(instruction.account_id, "account_id")
         if account.exchange_id != exchange_id:
             raise _conflict(
                 f"account {account.account_id!r} is pledged to "
@@ -224,8 +224,8 @@ class CustodianSettlement:
                 exchange_id,
                 account.exchange_id,
             )
-        house = custodian._account(settlement_account_id(exchange_id), "account_id")
-        custodian._asset(instruction.asset_id, "asset_id")
+        house = ledger._account(settlement_account_id(exchange_id), "account_id")
+        ledger._asset(instruction.asset_id, "asset_id")
 
         existing = self._row(instruction.settlement_id)
         if existing is not None:
@@ -237,7 +237,7 @@ class CustodianSettlement:
                     instruction.settlement_id,
                 )
             return self._answer(existing.status, existing.dispute_deadline)
-        custodian._guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
 
         max_cycles, window = self._limits(exchange_id)
         # The cycle's day is the instruction's (PROTOCOL.md §10.6), fresh within max_skew.
@@ -283,7 +283,7 @@ class CustodianSettlement:
             )
         self._check_funds(account, house, instruction.asset_id, net)
         deadline = max(now + window, instruction.dispute_deadline.ToDatetime(tzinfo=UTC))
-        with custodian._storage.transaction():
+        with ledger.storage.transaction():
             self._db.execute(
                 "INSERT INTO custodian_settlements (settlement_id, exchange_id, day, cutoff_id, "
                 "cycle_of_day, account_id, asset_id, net_amount, status, dispute_deadline_us, "
@@ -303,7 +303,7 @@ class CustodianSettlement:
                     envelope.SerializeToString(),
                 ),
             )
-            custodian._guard.record(verified)
+            ledger.guard.record(verified)
         return self._answer(_S.SETTLEMENT_STATUS_PENDING, deadline)
 
     @staticmethod
@@ -341,9 +341,9 @@ class CustodianSettlement:
     def dispute(
         self, envelope: envelope_pb2.Envelope
     ) -> custodian_service_pb2.DisputeSettlementResponse:
-        custodian = self._custodian
-        now = custodian._clock.now()
-        verified = custodian._verify(envelope, reconciliation_pb2.SettlementDispute, now)
+        ledger = self._ledger
+        now = ledger.clock.now()
+        verified = ledger._verify(envelope, reconciliation_pb2.SettlementDispute, now)
         dispute = verified.message
         if not dispute.settlement_id:
             raise _required("settlement_id", "a settlement id")
@@ -352,13 +352,13 @@ class CustodianSettlement:
             self.get(dispute.settlement_id)  # raises NOT_FOUND
             raise AssertionError  # pragma: no cover
         # Either side of this settlement: us, or the exchange that instructed it.
-        if verified.issuer not in (custodian._party_id, found.exchange_id):
+        if verified.issuer not in (ledger.party_id, found.exchange_id):
             raise VerificationError(
-                f"settlement {found.settlement_id!r} is between {custodian._party_id!r} and "
+                f"settlement {found.settlement_id!r} is between {ledger.party_id!r} and "
                 f"{found.exchange_id!r}; {verified.issuer!r} may not dispute it",
                 reason=_R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 metadata={
-                    "expected": f"{custodian._party_id}|{found.exchange_id}",
+                    "expected": f"{ledger.party_id}|{found.exchange_id}",
                     "actual": verified.issuer,
                 },
             )
@@ -377,13 +377,13 @@ class CustodianSettlement:
                 f"a PENDING settlement before {found.dispute_deadline.isoformat()}",
                 f"{_S.Name(_S.ValueType(found.status))} at {now.isoformat()}",
             )
-        custodian._guard.check(verified.issuer, verified.payload_type, verified.sequence)
-        with custodian._storage.transaction():
+        ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        with ledger.storage.transaction():
             self._db.execute(
                 "UPDATE custodian_settlements SET status = ?, dispute = ? WHERE settlement_id = ?",
                 (_S.SETTLEMENT_STATUS_DISPUTED, envelope.SerializeToString(), found.settlement_id),
             )
-            custodian._guard.record(verified)
+            ledger.guard.record(verified)
         return custodian_service_pb2.DisputeSettlementResponse(status=_S.SETTLEMENT_STATUS_DISPUTED)
 
     # ------------------------------------------------------------------ execution
@@ -397,7 +397,7 @@ class CustodianSettlement:
 
     def run_due(self) -> None:
         """Execute every pending settlement whose dispute window has passed."""
-        now = self._custodian._clock.now()
+        now = self._ledger.clock.now()
         due = [
             settlement_id
             for (settlement_id,) in self._db.execute(
@@ -412,9 +412,9 @@ class CustodianSettlement:
                 self._execute(found, now)
 
     def _execute(self, settlement: _Settlement, now: datetime) -> None:
-        custodian = self._custodian
-        client = custodian._account(settlement.account_id, "account_id")
-        house = custodian._account(settlement_account_id(settlement.exchange_id), "account_id")
+        ledger = self._ledger
+        client = ledger._account(settlement.account_id, "account_id")
+        house = ledger._account(settlement_account_id(settlement.exchange_id), "account_id")
         net = settlement.net_amount
         asset_id = settlement.asset_id
         try:
@@ -422,13 +422,13 @@ class CustodianSettlement:
         except StateError as err:
             # Never a partial move: the custodian disputes what it can no longer pay.
             _LOGGER.warning("settlement %s not executed: %s", settlement.settlement_id, err.message)
-            with custodian._storage.transaction():
+            with ledger.storage.transaction():
                 self._db.execute(
                     "UPDATE custodian_settlements SET status = ? WHERE settlement_id = ?",
                     (_S.SETTLEMENT_STATUS_DISPUTED, settlement.settlement_id),
                 )
             return
-        with custodian._storage.transaction():
+        with ledger.storage.transaction():
             own = client.holding(asset_id)
             exchange = house.holding(asset_id)
             if net > 0:
@@ -438,11 +438,11 @@ class CustodianSettlement:
             else:
                 exchange.quantity = _sub(exchange.quantity, -net)
                 own.quantity = _add(own.quantity, -net)
-            [(_, ref), _] = custodian._attest(
+            [(_, ref), _] = ledger._attest(
                 [_Change(client, _SETTLEMENT), _Change(house, _SETTLEMENT)], now
             )
             if net > 0:
-                custodian._announce(
+                ledger._announce(
                     client.exchange_id,
                     position_sync_pb2.PositionUpdate(
                         pledge_change=position_sync_pb2.PledgeChange(

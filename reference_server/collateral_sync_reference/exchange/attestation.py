@@ -44,7 +44,7 @@ from collateral_sync.merkle import leaf_hash, verify_inclusion_proof
 from collateral_sync.signing import DEFAULT_MAX_SKEW
 from collateral_sync.v1 import attestation_pb2, custodian_service_pb2, envelope_pb2, errors_pb2
 
-from collateral_sync_reference.exchange.core import ExchangeCore
+from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.store import HoldingsRow
 
 __all__ = ["TRANSIENT_CODES", "AttestationChecker"]
@@ -74,7 +74,7 @@ class AttestationChecker:
 
     def __init__(
         self,
-        core: ExchangeCore,
+        holdings: AttestedHoldings,
         client: CustodianClient,
         *,
         origin: str,
@@ -86,7 +86,7 @@ class AttestationChecker:
         max_retry_interval: float = 2.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        self._core = core
+        self._holdings = holdings
         self._client = client
         self._origin = origin
         self._custodian_id = custodian_id
@@ -99,11 +99,11 @@ class AttestationChecker:
         self._monitor = CheckpointMonitor()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        stored = core.store.trusted_checkpoint(origin)
+        stored = holdings.trusted_checkpoint(origin)
         if stored is not None:
             # Verified when it was accepted; the signature and origin still hold.
             self._monitor.advance(attestation_pb2.Checkpoint.FromString(stored.payload), None)
-        core.add_holdings_listener(self.wake)
+        holdings.add_listener(self.wake)
 
     def wake(self) -> None:
         """Something may be pending: check soon."""
@@ -149,7 +149,7 @@ class AttestationChecker:
 
     async def check_pending(self) -> bool:
         """Decide every pending statement that can be decided now; True if some must wait."""
-        rows = self._core.pending_holdings()
+        rows = self._holdings.pending_holdings()
         if not rows:
             return False
         newest: dict[str, HoldingsRow] = {}
@@ -204,7 +204,7 @@ class AttestationChecker:
             if row.account_id in decided_accounts and row.id != newest[row.account_id].id
         ]
         if credited or rejected or superseded:
-            self._core.settle_holdings(credited, rejected, superseded)
+            self._holdings.settle_holdings(credited, rejected, superseded)
         return waiting
 
     async def _check(self, row: HoldingsRow, refresh_error: CollateralSyncError | None) -> None:
@@ -281,7 +281,7 @@ class AttestationChecker:
             self._keep_evidence(err, envelope, proof)
             raise
         if held is None or checkpoint.tree_size > held.tree_size:
-            self._core.trust_checkpoint(self._origin, envelope, checkpoint.tree_size)
+            self._holdings.trust_checkpoint(self._origin, envelope, checkpoint.tree_size)
 
     def _keep_evidence(
         self,
@@ -290,7 +290,7 @@ class AttestationChecker:
         proof: attestation_pb2.ConsistencyProof | None,
     ) -> None:
         self._logger.error("custodian checkpoint refused: %s", error.message)
-        self._core.keep_checkpoint_evidence(
+        self._holdings.keep_checkpoint_evidence(
             self._origin,
             reason=error.reason_name,
             detail=error.message,

@@ -37,7 +37,7 @@ def exchange_release_policy(core: ExchangeCore) -> ReleasePolicy:
                     "actual": release.exchange_id,
                 },
             )
-        account = core.store.account(release.account_id)
+        account = core.store.accounts.get(release.account_id)
         if account is None:
             raise StateError(
                 f"unknown account {release.account_id!r}",

@@ -5,8 +5,9 @@ that called for it (status ``instructed``). :class:`LiquidationSubmitter`
 then sends it with ``SubmitLiquidationInstruction`` and acts on the answer:
 
 - a receipt: verified and recorded (proceeds, shortfall waterfall, exposure)
-  through :meth:`ExchangeCore.accept_receipt`; the custodian also sends the
-  receipt on the sync stream, and whichever copy arrives second is no news;
+  through :meth:`.liquidation.Liquidations.accept_receipt`; the custodian also
+  sends the receipt on the sync stream, and whichever copy arrives second is
+  no news;
 - a refusal (PATH_NOT_AUTHORISED, STATE_CONFLICT, a proof the custodian does
   not accept...): recorded on the liquidation with its reason, for operators;
 - a transport failure, or an instruction from our future (the custodian's
@@ -29,7 +30,7 @@ from collateral_sync.errors import CollateralSyncError, RPCError
 from collateral_sync.v1 import custodian_service_pb2, errors_pb2
 
 from collateral_sync_reference.exchange.attestation import TRANSIENT_CODES
-from collateral_sync_reference.exchange.core import ExchangeCore
+from collateral_sync_reference.exchange.liquidations import Liquidations
 
 __all__ = ["LiquidationSubmitter"]
 
@@ -42,20 +43,20 @@ class LiquidationSubmitter:
 
     def __init__(
         self,
-        core: ExchangeCore,
+        liquidations: Liquidations,
         client: CustodianClient,
         *,
         retry_interval: float = 0.2,
         max_retry_interval: float = 10.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        self._core = core
+        self._liquidations = liquidations
         self._client = client
         self._retry_interval = retry_interval
         self._max_retry_interval = max_retry_interval
         self._logger = logger or logging.getLogger("collateral_sync_reference.exchange")
         self._wake = asyncio.Event()
-        core.add_liquidation_listener(self._wake.set)
+        liquidations.add_listener(self._wake.set)
 
     async def run(self) -> None:
         """Deliver whatever is pending, whenever woken, until cancelled."""
@@ -80,7 +81,7 @@ class LiquidationSubmitter:
 
     async def submit_pending(self) -> bool:
         """Send every pending instruction once; False if one must be retried later."""
-        for liquidation in self._core.pending_liquidations():
+        for liquidation in self._liquidations.pending_liquidations():
             request = custodian_service_pb2.SubmitLiquidationInstructionRequest(
                 liquidation_instruction=liquidation.instruction
             )
@@ -92,7 +93,7 @@ class LiquidationSubmitter:
                         "liquidation %s not delivered yet: %s", liquidation.liquidation_id, err
                     )
                     return False
-                self._core.refuse_liquidation(liquidation.liquidation_id, err)
+                self._liquidations.refuse_liquidation(liquidation.liquidation_id, err)
                 continue
             except (OSError, TimeoutError) as err:
                 self._logger.info(
@@ -100,9 +101,9 @@ class LiquidationSubmitter:
                 )
                 return False
             try:
-                self._core.accept_receipt(
+                self._liquidations.accept_receipt(
                     response.liquidation_receipt, liquidation_id=liquidation.liquidation_id
                 )
             except CollateralSyncError as err:
-                self._core.refuse_liquidation(liquidation.liquidation_id, err)
+                self._liquidations.refuse_liquidation(liquidation.liquidation_id, err)
         return True

@@ -57,7 +57,9 @@ configured: the custodian announces it with the holdings change of each pledge
 (``HoldingsChange.liquidation_path``), and the exchange's instructions name the
 latest one it verified.
 
-The domain lives in ``core``; this module reads the configuration and
+The rules live in one module per responsibility (``holdings``, ``risk_policy``,
+``valuation``, ``credit_lines``, ``margin_calls``, ``liquidations``,
+``revaluation``), assembled by ``core``; this module reads the configuration and
 runs the background tasks: the sync stream (re-dialled with exponential backoff
 and jitter, resumed from the durable heads), the attestation checker, the
 liquidation submitter, and a sweep for time-driven work (scripted prices that
@@ -95,7 +97,7 @@ from collateral_sync_reference.exchange.attestation import AttestationChecker
 from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
 from collateral_sync_reference.exchange.emergency import exchange_release_policy
 from collateral_sync_reference.exchange.instruction_delivery import LiquidationSubmitter
-from collateral_sync_reference.exchange.policy import build_policy_content
+from collateral_sync_reference.exchange.policy_content import build_policy_content
 from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from collateral_sync_reference.exchange.servicers import ExchangeServicer, ExchangeTestControl
 from collateral_sync_reference.exchange.settlement import (
@@ -322,7 +324,7 @@ class ExchangeRole:
         # The cut-off is frozen before the sweep appends what the new time brings.
         self.reconciliation.run_due()
         # Every price may have turned stale and every cure period ended: all accounts.
-        self.core.sweep(everything=True)
+        self.core.revaluer.sweep(everything=True)
 
     async def start(self) -> None:
         address = self.settings.custodian_address
@@ -332,7 +334,7 @@ class ExchangeRole:
         )
         self.client = CustodianClient(self._channel)
         self.checker = AttestationChecker(
-            self.core,
+            self.core.holdings,
             self.client,
             origin=self.settings.core.log_origin,
             custodian_id=self.settings.core.custodian_id,
@@ -341,7 +343,9 @@ class ExchangeRole:
             max_skew=self.context.config.max_skew,
             logger=self.logger,
         )
-        self.submitter = LiquidationSubmitter(self.core, self.client, logger=self.logger)
+        self.submitter = LiquidationSubmitter(
+            self.core.liquidations, self.client, logger=self.logger
+        )
         self._tasks = [
             asyncio.create_task(self._dial_forever(self.client), name="exchange-sync"),
             asyncio.create_task(self.checker.run(), name="exchange-attestations"),
@@ -403,7 +407,7 @@ class ExchangeRole:
             self._sweep_now.clear()
             count += 1
             try:
-                self.core.sweep(everything=count % _FULL_SWEEP_EVERY == 0)
+                self.core.revaluer.sweep(everything=count % _FULL_SWEEP_EVERY == 0)
             except CollateralSyncError as err:
                 self.logger.exception("sweep failed: %s: %s", err.reason_name, err.message)
 

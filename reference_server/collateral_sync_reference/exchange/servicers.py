@@ -1,7 +1,7 @@
 """gRPC faces of the reference exchange: ExchangeService, and TestControlService in test mode.
 
 The servicers only translate: request fields in, signed statements out.
-Every rule lives in :class:`~collateral_sync_reference.exchange.core.ExchangeCore`;
+Every rule lives in a part of :class:`~collateral_sync_reference.exchange.core.ExchangeCore`;
 every failure is a :class:`~collateral_sync.errors.CollateralSyncError`
 that the SDK's error-mapping interceptor turns into the status and details
 the protocol names, and a refused request changes nothing.
@@ -50,7 +50,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.GetRiskPolicyResponse:
         return exchange_service_pb2.GetRiskPolicyResponse(
-            risk_policy=self._core.risk_policy(request.version)
+            risk_policy=self._core.policies.risk_policy(request.version)
         )
 
     async def GetCreditLine(
@@ -60,7 +60,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
     ) -> exchange_service_pb2.GetCreditLineResponse:
         _required(bool(request.account_id), "account_id", "an account id")
         return exchange_service_pb2.GetCreditLineResponse(
-            credit_line=self._core.credit_line(request.account_id)
+            credit_line=self._core.credit_lines.credit_line(request.account_id)
         )
 
     async def GetMarginCall(
@@ -70,7 +70,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
     ) -> exchange_service_pb2.GetMarginCallResponse:
         _required(bool(request.margin_call_id), "margin_call_id", "a margin call id")
         return exchange_service_pb2.GetMarginCallResponse(
-            margin_call_state=self._core.margin_call_state(request.margin_call_id)
+            margin_call_state=self._core.margin_calls.margin_call_state(request.margin_call_id)
         )
 
     async def ListMarginCalls(
@@ -79,7 +79,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.ListMarginCallsResponse:
         _required(bool(request.account_id), "account_id", "an account id")
-        states, token = self._core.list_margin_calls(
+        states, token = self._core.margin_calls.list_margin_calls(
             request.account_id, request.page_size, request.page_token
         )
         return exchange_service_pb2.ListMarginCallsResponse(
@@ -96,7 +96,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             "margin_call_response",
             "an Envelope of a MarginCallResponse",
         )
-        state = self._core.respond_to_margin_call(request.margin_call_response)
+        state = self._core.margin_calls.respond_to_margin_call(request.margin_call_response)
         return exchange_service_pb2.RespondToMarginCallResponse(margin_call_state=state)
 
     async def GetShortfallAllocation(
@@ -106,7 +106,9 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
     ) -> exchange_service_pb2.GetShortfallAllocationResponse:
         _required(bool(request.liquidation_id), "liquidation_id", "a liquidation id")
         return exchange_service_pb2.GetShortfallAllocationResponse(
-            shortfall_allocation=self._core.shortfall_allocation(request.liquidation_id)
+            shortfall_allocation=self._core.liquidations.shortfall_allocation(
+                request.liquidation_id
+            )
         )
 
     async def ListLiquidations(
@@ -115,7 +117,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.ListLiquidationsResponse:
         _required(bool(request.account_id), "account_id", "an account id")
-        records, token = self._core.list_liquidations(
+        records, token = self._core.liquidations.list_liquidations(
             request.account_id, request.page_size, request.page_token
         )
         return exchange_service_pb2.ListLiquidationsResponse(
@@ -145,21 +147,21 @@ class ExchangeTestControl(TestControlBase):
         _required(bool(request.account_id), "account_id", "an account id")
         _required(request.HasField("exposure"), "exposure", "a Decimal")
         exposure = parse_amount(request.exposure.value, field="exposure")
-        self._core.set_exposure(request.account_id, exposure)
+        self._core.revaluer.set_exposure(request.account_id, exposure)
         return test_control_pb2.SetExposureResponse()
 
     async def SetPrice(
         self, request: test_control_pb2.SetPriceRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.SetPriceResponse:
         _required(request.HasField("quote"), "quote", "a PriceQuote")
-        self._core.set_price(request.quote)
+        self._core.revaluer.set_price(request.quote)
         return test_control_pb2.SetPriceResponse()
 
     async def RunValuation(
         self, request: test_control_pb2.RunValuationRequest, context: grpc.aio.ServicerContext
     ) -> test_control_pb2.RunValuationResponse:
         _required(bool(request.account_id), "account_id", "an account id")
-        result = self._core.run_valuation(request.account_id)
+        result = self._core.revaluer.run_valuation(request.account_id)
         response = test_control_pb2.RunValuationResponse(
             margin_call_id=result.margin_call_id, liquidation_id=result.liquidation_id
         )

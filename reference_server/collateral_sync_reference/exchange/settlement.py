@@ -148,7 +148,7 @@ class ExchangeSettlement:
         self._clock = clock
 
     def _policy(self) -> valuation_pb2.RiskPolicy:
-        latest = self._store.latest_policy()
+        latest = self._store.policies.latest()
         if latest is None:  # pragma: no cover - the policy is published at start
             raise StateError(
                 "no risk policy in force",
@@ -210,8 +210,8 @@ class ExchangeSettlement:
                 "INSERT INTO exchange_settlement_cycles VALUES (?, ?, ?)",
                 (cutoff_id, day, cycles + 1),
             )
-            for account_id in self._store.account_ids():
-                account = self._store.account(account_id)
+            for account_id in self._store.accounts.ids():
+                account = self._store.accounts.get(account_id)
                 if account is None:  # pragma: no cover - listed ids exist
                     continue
                 change = account.profit - settled.get(account_id, Decimal(0))

@@ -66,7 +66,7 @@ _FIELDS: tuple[_AmountField, ...] = ("quantity", "locked_quantity", "pledged_qua
 _SHORT_LENGTH = tuple("\0\0\0" + chr(n) for n in range(128))
 # A non-negative canonical amount (amounts.py's grammar without the sign),
 # matched without a Python call per amount; the slow path uses parse_amount.
-# tests/test_reconciliation.py pins their agreement.
+# tests/sdk/test_reconciliation.py pins their agreement.
 _CANONICAL = re.compile(r"(?:0|[1-9][0-9]{0,59})(?:\.[0-9]{0,17}[1-9])?")
 _NOT_ZERO = "0".__ne__
 # Accounts handled per step of the build.

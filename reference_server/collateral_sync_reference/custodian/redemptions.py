@@ -1,0 +1,133 @@
+"""Redemptions: a client's assets are locked on request, then leave the account at settlement.
+
+``RequestRedemption`` locks the quantity (no longer free to pledge or to
+redeem again) until the configured lock time (24 h by default) has passed;
+the scheduler then settles it (:meth:`Custodian.run_due`): the quantity
+leaves the account, and the pledge and the undistributed yield shrink to what
+the account still holds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from collateral_sync.amounts import amount_to_proto, format_amount
+from collateral_sync.v1 import (
+    attestation_pb2,
+    custodian_service_pb2,
+    envelope_pb2,
+    position_sync_pb2,
+)
+
+from collateral_sync_reference.common.errors import conflict as _conflict
+from collateral_sync_reference.common.errors import required as _required
+from collateral_sync_reference.custodian.ledger import (
+    _REASON,
+    _ZERO,
+    Ledger,
+    _add,
+    _Change,
+    _positive_amount,
+    _sub,
+)
+from collateral_sync_reference.custodian.store import Redemption
+
+__all__ = ["Redemptions"]
+
+
+class Redemptions:
+    """RequestRedemption, and the settlement of each redemption when its lock ends."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def redeem(
+        self, request: custodian_service_pb2.RequestRedemptionRequest
+    ) -> tuple[envelope_pb2.Envelope, attestation_pb2.AttestationRef]:
+        """Lock a client's assets until settlement (RequestRedemption)."""
+        ledger = self._ledger
+        now = ledger.clock.now()
+        if not request.HasField("redemption_request"):
+            raise _required("redemption_request", "a signed RedemptionRequest")
+        verified = ledger._verify(
+            request.redemption_request, custodian_service_pb2.RedemptionRequest, now
+        )
+        ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        redemption = verified.message
+        if not redemption.redemption_id:
+            raise _required("redemption_request.redemption_id", "a redemption id")
+        account = ledger._account(redemption.account_id, "redemption_request.account_id")
+        ledger._require_client(account, verified)
+        asset_id = ledger._asset(redemption.asset_id, "redemption_request.asset_id")
+        quantity = _positive_amount(redemption, "quantity", "redemption_request.quantity")
+        if ledger.store.redemption(redemption.redemption_id) is not None:
+            raise _conflict(
+                f"redemption {redemption.redemption_id!r} already exists",
+                "redemption_request.redemption_id",
+                "a new redemption id",
+                redemption.redemption_id,
+            )
+        holding = account.holding(asset_id)
+        unlocked = _sub(holding.quantity, holding.locked)
+        if quantity > unlocked:
+            raise _conflict(
+                f"redemption of {format_amount(quantity)} {asset_id} exceeds the "
+                f"{format_amount(unlocked)} not yet locked",
+                "redemption_request.quantity",
+                f"<= {format_amount(unlocked)}",
+                format_amount(quantity),
+            )
+        with ledger.storage.transaction():
+            holding.locked = _add(holding.locked, quantity)
+            ledger.store.add_redemption(
+                Redemption(
+                    redemption.redemption_id,
+                    account.account_id,
+                    asset_id,
+                    quantity,
+                    now + ledger.settings.redemption_lock,
+                ),
+                verified.payload,
+            )
+            ledger.guard.record(verified)
+            [(envelope, ref)] = ledger._attest(
+                [_Change(account, _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK)], now
+            )
+        return envelope, ref
+
+    def _settle(self, redemption: Redemption, now: datetime) -> None:
+        """Release a redemption's lock and let the quantity leave the account."""
+        ledger = self._ledger
+        with ledger.storage.transaction():
+            account = ledger.store.account(redemption.account_id)
+            if account is None:  # pragma: no cover - accounts are never deleted
+                raise RuntimeError(f"redemption {redemption.redemption_id} of a missing account")
+            holding = account.holding(redemption.asset_id)
+            holding.quantity = _sub(holding.quantity, redemption.quantity)
+            holding.locked = _sub(holding.locked, redemption.quantity)
+            pledged_before = holding.pledged
+            # What left the account can be neither pledged nor owed as yield any more.
+            holding.pledged = min(holding.pledged, _sub(holding.quantity, holding.locked))
+            holding.accrued_yield = max(
+                _ZERO,
+                min(
+                    holding.accrued_yield,
+                    _sub(_sub(holding.quantity, holding.locked), holding.pledged),
+                ),
+            )
+            ledger.store.mark_settled(redemption.redemption_id)
+            [(_, ref)] = ledger._attest(
+                [_Change(account, _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED)], now
+            )
+            if account.exchange_id and holding.pledged != pledged_before:
+                ledger._announce(
+                    account.exchange_id,
+                    position_sync_pb2.PositionUpdate(
+                        pledge_change=position_sync_pb2.PledgeChange(
+                            account_id=account.account_id,
+                            asset_id=redemption.asset_id,
+                            pledged_quantity=amount_to_proto(holding.pledged),
+                            attestation=ref,
+                        )
+                    ),
+                )
