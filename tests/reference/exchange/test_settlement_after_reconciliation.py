@@ -69,7 +69,7 @@ from collateral_sync_reference.exchange.settlement import (
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties, ServerProcess, StartServer
+from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties, ServerProcess, StartServer
 
 _T = TypeVar("_T")
 STATUS = reconciliation_pb2.SettlementStatus

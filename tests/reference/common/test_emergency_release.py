@@ -47,7 +47,7 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from .conftest import (
+from ..conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,

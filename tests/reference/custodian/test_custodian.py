@@ -49,7 +49,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from .conftest import (
+from ..conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,

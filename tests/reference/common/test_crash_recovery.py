@@ -49,7 +49,7 @@ from collateral_sync.v1 import (
 )
 from google.protobuf import duration_pb2
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
+from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
 
 _T = TypeVar("_T")
 

@@ -39,7 +39,7 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
+from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
 
 _T = TypeVar("_T")
 

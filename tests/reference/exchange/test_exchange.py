@@ -74,7 +74,7 @@ from collateral_sync_reference.exchange.policy_content import build_policy_conte
 from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from google.protobuf import duration_pb2
 
-from .conftest import (
+from ..conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,

@@ -57,7 +57,15 @@ from collateral_sync.v1 import (
 )
 from google.protobuf import duration_pb2
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, OTHER_EXCHANGE, REGULATOR, Parties, ServerProcess
+from ..conftest import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    OTHER_EXCHANGE,
+    REGULATOR,
+    Parties,
+    ServerProcess,
+)
 
 _T = TypeVar("_T")
 _R = errors_pb2.ErrorReason
@@ -711,7 +719,7 @@ def test_the_conformance_kit_transport_cases_pass_against_the_regulator(
         name="kit-regulator",
     )
     files = parties.pki.party(CUSTODIAN)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         [
