@@ -31,11 +31,13 @@ from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
+from collateral_sync_reference.custodian import redemptions as _redemptions_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_attestation: Any = _attestation_module
 _custodian_ledger: Any = _ledger_module
+_custodian_redemptions: Any = _redemptions_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _cosigner: Any = _cosigner_module
@@ -136,6 +138,18 @@ def _redemption_locks_nothing() -> None:
     _rewrite_changes(unlock)
 
 
+def _redeems_pledged() -> None:
+    """The double spend: a redemption may lock pledged quantity (bound quantity - locked)."""
+    _custodian_redemptions._redeemable = lambda holding: holding.quantity - holding.locked
+
+
+def _redemption_bound_exclusive() -> None:
+    """Redeeming exactly quantity - locked - pledged is refused (the bound taken as exclusive)."""
+    original = _custodian_redemptions._redeemable
+    quantum = Decimal("0.000000000000000001")
+    _custodian_redemptions._redeemable = lambda holding: original(holding) - quantum
+
+
 def _yield_attested_as_deposit() -> None:
     """Accrued yield is attested with reason DEPOSIT (the fund's payment), not YIELD_ACCRUAL."""
 
@@ -204,6 +218,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-alternates-checkpoint-origin": _alternates_checkpoint_origin,
     "custodian-same-size-proof-not-empty": _same_size_proof_not_empty,
     "custodian-redemption-locks-nothing": _redemption_locks_nothing,
+    "custodian-redeems-pledged": _redeems_pledged,
+    "custodian-redemption-bound-exclusive": _redemption_bound_exclusive,
     "custodian-yield-attested-as-deposit": _yield_attested_as_deposit,
     "custodian-cosignature-put-first": _cosignature_put_first,
     "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,

@@ -74,7 +74,21 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["attestation/**"],
         {"attestation/consistency-same-size-empty"},
     ),
-    ("custodian-redemption-locks-nothing", ["custodian/**"], {"custodian/redemption-locks"}),
+    (
+        "custodian-redemption-locks-nothing",
+        ["custodian/**"],
+        {"custodian/redemption-locks", "custodian/redemption-up-to-redeemable-accepted"},
+    ),
+    (
+        "custodian-redeems-pledged",
+        ["custodian/**"],
+        {"custodian/redemption-of-pledged-refused", "custodian/redemption-up-to-redeemable-accepted"},
+    ),
+    (
+        "custodian-redemption-bound-exclusive",
+        ["custodian/**"],
+        {"custodian/redemption-up-to-redeemable-accepted"},
+    ),
     ("custodian-yield-attested-as-deposit", ["custodian/**"], {"custodian/yield-accrual-attested"}),
     ("custodian-cosignature-put-first", ["emergency/**"], {"emergency/cosign-appends-signature"}),
     (

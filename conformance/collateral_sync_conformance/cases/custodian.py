@@ -1,9 +1,11 @@
-"""Custodian behaviour beyond the envelope (docs/PROTOCOL.md Appendix A, §5.5, §9.1).
+"""Custodian behaviour beyond the envelope (docs/PROTOCOL.md Appendix A, §5.5, §5.8, §9.1).
 
 A correct pledge must be accepted, attested (a new holdings statement in the
 log, reachable by an inclusion proof from a checkpoint that extends the one
 before), and change exactly what it says; pledges the custodian cannot honour
-are refused with the prescribed reason and change nothing.
+are refused with the prescribed reason and change nothing. Conservation
+(§5.8) is checked on both sides of each bound, with uneven amounts: pledged
+quantity is never redeemable, and exactly what is redeemable is.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from collateral_sync.v1 import (
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
+    CaseFailure,
     CaseSkipped,
     check,
     check_equal,
+    describe,
     expect_ok,
     expect_status,
     sdk_check,
@@ -34,6 +38,7 @@ from collateral_sync_conformance.cases._checkpoints import expect_attested, late
 from collateral_sync_conformance.cases._kit_account import (
     PledgePlan,
     client_key,
+    ensure_pledged,
     holdings,
     liquidation_path,
     plan_pledge,
@@ -283,22 +288,113 @@ async def redemption_locks(ctx: CaseContext) -> None:
     await expect_attested(ctx, response.holdings_statement, response.attestation, since=before)
 
 
+#: The smallest positive amount (§2.1): a bound checked one quantum too loosely fails.
+_QUANTUM = "0.000000000000000001"
+
+
+async def _pledged_position(ctx: CaseContext) -> tuple[PledgePlan, str, str, str]:
+    """The kit's pledged account and an asset with pledged quantity: (plan, Q, L, P)."""
+    account_id = await ensure_pledged(ctx)
+    statement, _, _ = await holdings(ctx, account_id)
+    for position in statement.positions:
+        if parse_amount(position.pledged_quantity.value or "0") > 0:
+            plan = PledgePlan(
+                client=client_key(ctx),
+                account_id=account_id,
+                exchange_id=statement.exchange_id,
+                asset_id=position.asset_id,
+                quantity="0",
+                free=parse_amount("0"),
+                pledged=parse_amount(position.pledged_quantity.value),
+            )
+            return (plan, *_position(statement, position.asset_id))
+    raise CaseFailure(
+        f"account {account_id!r} was pledged, yet its holdings statement shows no pledged quantity",
+        expected="a position with pledged_quantity > 0",
+        got=describe(statement),
+    )
+
+
+def _redeemable(quantity: str, locked: str, pledged: str) -> str:
+    return format_amount(parse_amount(quantity) - parse_amount(locked) - parse_amount(pledged))
+
+
 @REGISTRY.case(
-    "custodian/redemption-exceeding-unlocked-refused",
+    "custodian/redemption-of-pledged-refused",
     Level.MUST,
-    "a redemption above quantity - locked is refused: FAILED_PRECONDITION STATE_CONFLICT",
+    "only quantity - locked - pledged is redeemable: a redemption reaching into the pledge, "
+    "even by one quantum, is refused FAILED_PRECONDITION STATE_CONFLICT and changes nothing (§5.8)",
     roles=_CUSTODIAN,
 )
-async def redemption_exceeding(ctx: CaseContext) -> None:
-    plan = await plan_pledge(ctx)
+async def redemption_of_pledged(ctx: CaseContext) -> None:
+    plan, quantity, locked, pledged = await _pledged_position(ctx)
+    redeemable = _redeemable(quantity, locked, pledged)
+    unlocked = format_amount(parse_amount(quantity) - parse_amount(locked))
+    for too_much in (unlocked, _plus(redeemable, _QUANTUM)):
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            ctx.custodian.request_redemption,
+            await _redemption(ctx, plan, too_much),
+            label=f"RequestRedemption of {too_much} (redeemable {redeemable})",
+        )
+        expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+        await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "custodian/redemption-up-to-redeemable-accepted",
+    Level.MUST,
+    "redemptions up to exactly quantity - locked - pledged are accepted, each locking exactly "
+    "its quantity and leaving the pledge as it was; one quantum more is then refused (§5.8)",
+    roles=_CUSTODIAN,
+)
+async def redemption_up_to_redeemable(ctx: CaseContext) -> None:
+    plan, _, _, _ = await _pledged_position(ctx)
+    # Everything redeemable gets locked: test control must be able to give the
+    # account room again, or the cases after this one would find none.
+    await ctx.control(
+        ctx.test_control.deposit,
+        test_control_pb2.DepositRequest(
+            account_id=plan.account_id,
+            asset_id=plan.asset_id,
+            quantity=amount_to_proto("0.123456789"),
+        ),
+    )
     statement, _, _ = await holdings(ctx, plan.account_id)
-    quantity, locked, _ = _position(statement, plan.asset_id)
-    too_much = format_amount(parse_amount(quantity) - parse_amount(locked) + parse_amount("1"))
+    quantity, locked, pledged = _position(statement, plan.asset_id)
+    redeemable = parse_amount(_redeemable(quantity, locked, pledged))
+    # Two uneven locks that add up to the bound exactly.
+    first = format_amount(
+        (redeemable / 3).quantize(parse_amount("0.000000001"), rounding="ROUND_DOWN")
+    )
+    second = format_amount(redeemable - parse_amount(first))
+    for part in (first, second):
+        if parse_amount(part) <= 0:
+            continue
+        outcome = await ctx.rpc(
+            ctx.custodian.request_redemption,
+            await _redemption(ctx, plan, part),
+            label=f"RequestRedemption of {part}",
+        )
+        response: custodian_service_pb2.RequestRedemptionResponse = expect_ok(outcome)
+        after = await _verified_response_statement(
+            ctx,
+            response.holdings_statement,
+            plan.account_id,
+            "the statement RequestRedemption returned",
+        )
+        _check_change(
+            statement,
+            after,
+            (_REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK,),
+            {plan.asset_id: (quantity, _plus(locked, part), pledged)},
+        )
+        statement, locked = after, _plus(locked, part)
     before = await custodian_state(ctx)
     outcome = await ctx.rpc(
         ctx.custodian.request_redemption,
-        await _redemption(ctx, plan, too_much),
-        label="RequestRedemption",
+        await _redemption(ctx, plan, _QUANTUM),
+        label="RequestRedemption of one quantum past the bound",
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
     await expect_unchanged(ctx, before)

@@ -95,11 +95,14 @@ def _round_up(value: Decimal, places: int = 18) -> Decimal:
     )
 
 
+def _redeemable(holding: Holding) -> Decimal:
+    """What a redemption may lock: neither locked nor pledged (docs/PROTOCOL.md §5.8)."""
+    return _sub(_sub(holding.quantity, holding.locked), holding.pledged)
+
+
 def _free(holding: Holding) -> Decimal:
-    """What may still be pledged: neither locked, pledged nor undistributed yield."""
-    return _sub(
-        _sub(_sub(holding.quantity, holding.locked), holding.pledged), holding.accrued_yield
-    )
+    """What may still be pledged: neither locked, pledged nor undistributed yield (§5.8)."""
+    return _sub(_redeemable(holding), holding.accrued_yield)
 
 
 def _not_found(what: str, value: str, field: str) -> StateError:

@@ -2,9 +2,10 @@
 
 ``RequestRedemption`` locks the quantity (no longer free to pledge or to
 redeem again) until the configured lock time (24 h by default) has passed;
-the scheduler then settles it (:meth:`Custodian.run_due`): the quantity
-leaves the account, and the pledge and the undistributed yield shrink to what
-the account still holds.
+only what is neither locked nor pledged can be redeemed (docs/PROTOCOL.md
+§5.8). The scheduler then settles it (:meth:`Custodian.run_due`): the
+quantity leaves the account, and the undistributed yield shrinks to what the
+account still holds unpledged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collateral_sync_reference.custodian.ledger import (
     _add,
     _Change,
     _positive_amount,
+    _redeemable,
     _sub,
 )
 from collateral_sync_reference.custodian.store import Redemption
@@ -68,13 +70,15 @@ class Redemptions:
                 redemption.redemption_id,
             )
         holding = account.holding(asset_id)
-        unlocked = _sub(holding.quantity, holding.locked)
-        if quantity > unlocked:
+        # Pledged quantity is the exchange's collateral: redeeming it would let
+        # the client take what the exchange still credits (docs/PROTOCOL.md §5.8).
+        redeemable = _redeemable(holding)
+        if quantity > redeemable:
             raise _conflict(
                 f"redemption of {format_amount(quantity)} {asset_id} exceeds the "
-                f"{format_amount(unlocked)} not yet locked",
+                f"{format_amount(redeemable)} redeemable (quantity - locked - pledged)",
                 "redemption_request.quantity",
-                f"<= {format_amount(unlocked)}",
+                f"<= {format_amount(redeemable)}",
                 format_amount(quantity),
             )
         with ledger.storage.transaction():
@@ -106,7 +110,8 @@ class Redemptions:
             holding.quantity = _sub(holding.quantity, redemption.quantity)
             holding.locked = _sub(holding.locked, redemption.quantity)
             pledged_before = holding.pledged
-            # What left the account can be neither pledged nor owed as yield any more.
+            # A lock never covers pledged quantity (§5.8), so the pledge cannot
+            # shrink here; the bound stays for a database written before that rule.
             holding.pledged = min(holding.pledged, _sub(holding.quantity, holding.locked))
             holding.accrued_yield = max(
                 _ZERO,

@@ -74,6 +74,7 @@ ACCOUNTS: dict[str, tuple[str, dict[str, str]]] = {
     "acct-read": (CLIENT, {"USDC": "1000", "BTC": "1"}),
     "acct-pledge": (CLIENT, {"BTC": "10", "USDC": "250000", "BENJI": "1000000"}),
     "acct-redeem": (CLIENT, {"USDC": "5000", "SPYx": "20"}),
+    "acct-double-spend": (CLIENT, {"USDC": "1000000"}),
     "acct-yield": (CLIENT, {"BENJI": "1000000", "USDC": "10"}),
     "acct-liquidate": (CLIENT, {"BTC": "10", "USDC": "100000", "BENJI": "500000"}),
     "acct-path": (CLIENT, {"USDC": "100000"}),
@@ -503,6 +504,95 @@ def test_pledge_is_attested_announced_and_provably_appended(
 
 
 # ------------------------------------------------------------------ redemption and yield
+
+
+def test_pledged_quantity_cannot_be_redeemed(
+    custodian: ServerProcess, reference_parties: Parties
+) -> None:
+    """The double spend of issue 11: 1,000,000 held, 400,000 pledged, 1,000,000 redeemed.
+
+    Only quantity - locked - pledged is redeemable (docs/PROTOCOL.md §5.8), on
+    both sides of the bound, and after the lock settles the pledge is intact.
+    """
+    parties = reference_parties
+    account = "acct-double-spend"
+
+    def redemption(redemption_id: str, quantity: str, now: datetime) -> Any:
+        message = custodian_service_pb2.RedemptionRequest(
+            redemption_id=redemption_id,
+            account_id=account,
+            asset_id="USDC",
+            quantity=amount_to_proto(quantity),
+        )
+        return custodian_service_pb2.RequestRedemptionRequest(
+            redemption_request=sign(parties, CLIENT, message, now=now)
+        )
+
+    async def scenario() -> None:
+        async with parties.channel(custodian.address, CLIENT) as channel:
+            client, control = CustodianClient(channel), TestControlClient(channel)
+            now = await server_now(control)
+            path = path_envelope(
+                parties,
+                account,
+                [("USDC", "otc-desk", "400000")],
+                now=now,
+                path_id="path-double-spend",
+            )
+            await client.pledge_collateral(
+                pledge_request(parties, account, "USDC", "400000", now=now, path=path)
+            )
+            before = await state_of(client, account)
+            for redemption_id, quantity in (
+                ("double-spend-all", "1000000"),
+                # One quantum above the bound: a check against quantity - locked passes it.
+                ("double-spend-quantum", "600000.000000000000000001"),
+            ):
+                error = await expect_refusal(
+                    client.request_redemption(redemption(redemption_id, quantity, now)),
+                    CODE.FAILED_PRECONDITION,
+                    "STATE_CONFLICT",
+                )
+                assert error.metadata["expected"] == "<= 600000"
+                assert error.metadata["actual"] == quantity
+                assert await state_of(client, account) == before
+
+            # Exactly the bound is accepted, in two uneven locks.
+            first = await client.request_redemption(
+                redemption("double-spend-part-1", "123456.789", now)
+            )
+            assert positions(holdings(first.holdings_statement))["USDC"] == (
+                "1000000",
+                "123456.789",
+                "400000",
+            )
+            second = await client.request_redemption(
+                redemption("double-spend-part-2", "476543.211", now)
+            )
+            assert positions(holdings(second.holdings_statement))["USDC"] == (
+                "1000000",
+                "600000",
+                "400000",
+            )
+            # Nothing is left to redeem, not even a quantum.
+            await expect_refusal(
+                client.request_redemption(
+                    redemption("double-spend-rest", "0.000000000000000001", now)
+                ),
+                CODE.FAILED_PRECONDITION,
+                "STATE_CONFLICT",
+            )
+
+            await advance(control, timedelta(hours=24, seconds=1))
+            settled = await client.get_holdings_statement(
+                custodian_service_pb2.GetHoldingsStatementRequest(account_id=account)
+            )
+            statement = holdings(settled.holdings_statement)
+            assert statement.reason == REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED
+            # What the exchange credits is still held.
+            assert positions(statement)["USDC"] == ("400000", "0", "400000")
+
+    run(scenario())
 
 
 def test_redemption_locks_until_the_lock_period_then_settles(
