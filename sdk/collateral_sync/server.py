@@ -37,7 +37,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from collateral_sync.errors import CollateralSyncError, to_grpc_status
+from collateral_sync.errors import CollateralSyncError, MalformedError, to_grpc_status
 from collateral_sync.transport import (
     MAX_MESSAGE_BYTES,
     SERVICE_MODULES,
@@ -274,6 +274,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     - :class:`~collateral_sync.errors.CollateralSyncError`: its status code
       (from the reason table) with ErrorInfo and BadRequest details.
+    - request bytes that do not parse as the method's request message:
+      INVALID_ARGUMENT ``MALFORMED`` with details, before the servicer runs (a
+      deserializer that raised would leave gRPC to answer UNKNOWN, say nothing).
     - ``NotImplementedError``: UNIMPLEMENTED (what generated base classes raise).
     - anything else: INTERNAL with a generic message and an incident id; the
       traceback is logged here and never sent to the peer.
@@ -303,7 +306,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _never_raising(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
@@ -312,24 +315,78 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, method), **serializers
+            _unary_response(handler.stream_unary, method, streaming=True), **serializers
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             _stream_response(handler.unary_stream, method), **serializers
         )
     return grpc.stream_stream_rpc_method_handler(
-        _stream_response(handler.stream_stream, method), **serializers
+        _stream_response(handler.stream_stream, method, streaming=True), **serializers
     )
+
+
+class _Undecodable:
+    """Request bytes that did not parse: stands in for the message, to be refused."""
+
+    __slots__ = ("message_name", "reason", "size")
+
+    def __init__(self, message_name: str, size: int, reason: str) -> None:
+        self.message_name = message_name
+        self.size = size
+        self.reason = reason
+
+    def refusal(self) -> MalformedError:
+        return MalformedError(
+            f"request bytes do not parse as {self.message_name}: {self.reason}",
+            metadata={
+                "field": "request",
+                "expected": f"a serialized {self.message_name}",
+                "actual": f"{self.size} undecodable bytes",
+            },
+        )
+
+
+def _never_raising(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning :class:`_Undecodable` instead of raising."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    message_name = getattr(descriptor, "full_name", "the request message")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as err:  # noqa: BLE001 — DecodeError, or anything a parser raises
+            return _Undecodable(message_name, len(data), str(err) or type(err).__name__)
+
+    return parse
+
+
+def _checked(request: Any, *, streaming: bool) -> Any:
+    """The request, or each request of a stream, refused if it did not parse."""
+    if not streaming:
+        if isinstance(request, _Undecodable):
+            raise request.refusal()
+        return request
+
+    async def frames() -> AsyncIterator[Any]:
+        async for item in request:
+            if isinstance(item, _Undecodable):
+                raise item.refusal()
+            yield item
+
+    return frames()
 
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-def _unary_response(behavior: _Behavior, method: str) -> _Behavior:
+def _unary_response(behavior: _Behavior, method: str, *, streaming: bool = False) -> _Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            result = behavior(request, context)
+            result = behavior(_checked(request, streaming=streaming), context)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as err:  # noqa: BLE001 — mapped, never re-raised raw
@@ -339,12 +396,12 @@ def _unary_response(behavior: _Behavior, method: str) -> _Behavior:
     return call
 
 
-def _stream_response(behavior: _Behavior, method: str) -> _Behavior:
+def _stream_response(behavior: _Behavior, method: str, *, streaming: bool = False) -> _Behavior:
     # Servicers may stream by yielding (sync or async generator) or by
     # awaiting context.write() in a coroutine; one async generator covers all.
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            result = behavior(request, context)
+            result = behavior(_checked(request, streaming=streaming), context)
             if inspect.isawaitable(result):
                 result = await result
             if result is None:

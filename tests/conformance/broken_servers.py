@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 from collateral_sync import errors
+from collateral_sync import server as _server_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
@@ -194,6 +195,12 @@ def _wrong_status(reason_name: str, code_name: str) -> Callable[[], None]:
         errors.STATUS_BY_REASON = table
 
     return patch
+
+
+def _undecodable_request_unknown() -> None:
+    """Request bytes that do not parse reach gRPC's deserializer raw: UNKNOWN, no details."""
+    server: Any = _server_module
+    server._never_raising = lambda deserializer: deserializer
 
 
 def _drops_error_info() -> None:
@@ -721,6 +728,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-no-settlement-cycle-cap": _custodian_no_cycle_cap,
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
     "custodian-cosigns-twice": _cosigns_twice,
+    "undecodable-request-unknown": _undecodable_request_unknown,
     "exchange-credits-without-proving": _exchange_credits_without_proving,
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,

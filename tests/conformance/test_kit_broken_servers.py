@@ -135,6 +135,7 @@ def _targets(slug: str) -> set[str]:
 
 
 CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    ("undecodable-request-unknown", ["request/**"], {"request/undecodable-refused"}),
     (
         "custodian-ignores-not-yet-valid",
         ["envelope/pledge-collateral/**", "envelope/request-redemption/**"],

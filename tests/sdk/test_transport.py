@@ -19,7 +19,7 @@ import pytest
 from collateral_sync import v1 as v1_package
 from collateral_sync.clients import ExchangeClient
 from collateral_sync.dev_ca import DevPki, create_dev_pki
-from collateral_sync.errors import MalformedError, RPCError
+from collateral_sync.errors import MalformedError, RPCError, error_from_rpc_error
 from collateral_sync.server import (
     add_servicer,
     create_server,
@@ -44,6 +44,8 @@ from collateral_sync.transport import (
     service_config_json,
 )
 from collateral_sync.v1 import (
+    custodian_service_pb2,
+    custodian_service_pb2_grpc,
     envelope_pb2,
     errors_pb2,
     exchange_service_pb2,
@@ -730,5 +732,78 @@ def test_stop_server_reports_not_serving_to_watchers(pki: DevPki) -> None:
             # Ending the last call lets the graceful stop finish before its grace.
             watch.cancel()
             await stopping
+
+    run(scenario())
+
+
+class _EchoStream(custodian_service_pb2_grpc.CustodianServiceServicer):
+    """SyncPositions that answers each frame it can read: to see refusals mid-stream."""
+
+    async def SyncPositions(  # type: ignore[override]
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[custodian_service_pb2.SyncPositionsResponse]:
+        async for request in request_iterator:
+            yield custodian_service_pb2.SyncPositionsResponse(frame=request.frame)
+
+
+# Field 1, length-delimited, claims 5 bytes and has 2: no protobuf parser accepts it.
+UNDECODABLE = b"\x0a\x05ab"
+
+
+def test_undecodable_request_bytes_get_invalid_argument_with_details(pki: DevPki) -> None:
+    # Left to gRPC, a deserializer that raises answers UNKNOWN with no details.
+    async def scenario() -> None:
+        server = create_server(tls=tls(pki, "exchange-1"), servicers=[FlakyExchange()])
+        async with (
+            serve(server) as port,
+            secure_channel(f"localhost:{port}", tls(pki, "custodian-1")) as channel,
+        ):
+            method = channel.unary_unary(
+                "/collateral_sync.v1.ExchangeService/GetCreditLine",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                await method(UNDECODABLE, timeout=5)
+            error = error_from_rpc_error(caught.value)
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.reason_name == "MALFORMED"
+            assert error.metadata == {
+                "field": "request",
+                "expected": "a serialized collateral_sync.v1.GetCreditLineRequest",
+                "actual": "4 undecodable bytes",
+            }
+            # The server still serves well-formed calls.
+            response = await ExchangeClient(channel).get_credit_line(
+                exchange_service_pb2.GetCreditLineRequest()
+            )
+            assert response.credit_line.payload_type == "custodian-1"
+
+    run(scenario())
+
+
+def test_an_undecodable_frame_ends_a_stream_with_invalid_argument(pki: DevPki) -> None:
+    async def scenario() -> None:
+        server = create_server(tls=tls(pki, "custodian-1"), servicers=[_EchoStream()])
+        async with (
+            serve(server) as port,
+            secure_channel(f"localhost:{port}", tls(pki, "exchange-1")) as channel,
+        ):
+            call = channel.stream_stream(
+                "/collateral_sync.v1.CustodianService/SyncPositions",
+                request_serializer=None,
+                response_deserializer=custodian_service_pb2.SyncPositionsResponse.FromString,
+            )(timeout=5)
+            good = custodian_service_pb2.SyncPositionsRequest().SerializeToString()
+            await call.write(good)
+            assert isinstance(await call.read(), custodian_service_pb2.SyncPositionsResponse)
+            await call.write(UNDECODABLE)
+            with pytest.raises(grpc.RpcError) as caught:
+                await call.read()
+            error = error_from_rpc_error(caught.value)
+            assert (error.code, error.reason_name) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED")
+            assert error.metadata["expected"] == (
+                "a serialized collateral_sync.v1.SyncPositionsRequest"
+            )
 
     run(scenario())
