@@ -34,9 +34,11 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from collateral_sync._integers import check_integers
 from collateral_sync.errors import CollateralSyncError, MalformedError, to_grpc_status
 from collateral_sync.transport import (
     MAX_MESSAGE_BYTES,
@@ -275,8 +277,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     - :class:`~collateral_sync.errors.CollateralSyncError`: its status code
       (from the reason table) with ErrorInfo and BadRequest details.
     - request bytes that do not parse as the method's request message:
-      INVALID_ARGUMENT ``MALFORMED`` with details, before the servicer runs (a
-      deserializer that raised would leave gRPC to answer UNKNOWN, say nothing).
+      INVALID_ARGUMENT ``MALFORMED``; an integer above 2^63 - 1 in it:
+      OUT_OF_RANGE; both with details and before the servicer runs (a
+      deserializer that raised would leave gRPC to answer UNKNOWN; an overflow
+      would reach storage and come back as INTERNAL).
     - ``NotImplementedError``: UNIMPLEMENTED (what generated base classes raise).
     - anything else: INTERNAL with a generic message and an incident id; the
       traceback is logged here and never sent to the peer.
@@ -365,19 +369,23 @@ def _never_raising(deserializer: Callable[[bytes], Any] | None) -> Callable[[byt
 
 
 def _checked(request: Any, *, streaming: bool) -> Any:
-    """The request, or each request of a stream, refused if it did not parse."""
+    """The request, or each request of a stream, refused if it did not parse or overflows."""
     if not streaming:
-        if isinstance(request, _Undecodable):
-            raise request.refusal()
-        return request
+        return _parsed(request)
 
     async def frames() -> AsyncIterator[Any]:
         async for item in request:
-            if isinstance(item, _Undecodable):
-                raise item.refusal()
-            yield item
+            yield _parsed(item)
 
     return frames()
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.refusal()
+    if isinstance(request, Message):
+        check_integers(request)
+    return request
 
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]

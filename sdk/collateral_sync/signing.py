@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from collateral_sync._integers import check_integers
 from collateral_sync.errors import (
     CollateralSyncError,
     MalformedError,
@@ -501,6 +502,8 @@ def _parse(row: StatementType, payload: bytes) -> Any:
             metadata={"expected": expected, "actual": actual},
             field_violations={field: f"must be {expected}"},
         )
+    # Last in stage c: no integer above 2^63 - 1 may reach anyone's storage (§2.4).
+    check_integers(message)
     return message
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from collateral_sync import errors
 from collateral_sync import server as _server_module
+from collateral_sync import signing as _signing_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
@@ -201,6 +202,14 @@ def _undecodable_request_unknown() -> None:
     """Request bytes that do not parse reach gRPC's deserializer raw: UNKNOWN, no details."""
     server: Any = _server_module
     server._never_raising = lambda deserializer: deserializer
+
+
+def _integer_overflow_unchecked() -> None:
+    """Integers above 2^63 - 1 go unchecked into storage, where they overflow (INTERNAL)."""
+    server: Any = _server_module
+    signing: Any = _signing_module
+    server.check_integers = lambda message, prefix="": None
+    signing.check_integers = lambda message, prefix="": None
 
 
 def _drops_error_info() -> None:
@@ -729,6 +738,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-executes-disputed-settlement": _custodian_executes_disputed,
     "custodian-cosigns-twice": _cosigns_twice,
     "undecodable-request-unknown": _undecodable_request_unknown,
+    "integer-overflow-unchecked": _integer_overflow_unchecked,
     "exchange-credits-without-proving": _exchange_credits_without_proving,
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,

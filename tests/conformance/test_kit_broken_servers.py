@@ -260,6 +260,7 @@ def test_a_broken_custodian_is_caught_by_its_cases(
 
 
 EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    ("integer-overflow-unchecked", ["request/**"], {"request/integer-above-2-63-refused"}),
     (
         "exchange-ignores-expiry",
         ["envelope/respond-to-margin-call/**"],

@@ -899,3 +899,44 @@ def test_add_signature_refuses_the_same_key_or_party(parties: Parties) -> None:
     add_signature(envelope, other_custodian_key)  # no registry: co-signer parties unknown
     with pytest.raises(StateError, match="party 'custodian-1'"):
         add_signature(envelope, other_custodian_key, registry=parties.registry)
+
+
+def test_an_integer_above_2_63_is_malformed_in_stage_c(parties: Parties) -> None:
+    # A uint64 the proto allows but no party's storage holds (docs/PROTOCOL.md §2.4).
+    verified = verify_statement(
+        _issue(parties.custodian, sequence=2**63 - 1),
+        parties.registry,
+        expected_type=attestation_pb2.HoldingsStatement,
+        audience="exchange-1",
+        now=T0,
+    )
+    assert verified.sequence == 2**63 - 1
+    for sequence in (2**63, 2**64 - 1):
+        with pytest.raises(MalformedError) as caught:
+            verify_statement(
+                _issue(parties.custodian, sequence=sequence),
+                parties.registry,
+                expected_type=attestation_pb2.HoldingsStatement,
+                audience="exchange-1",
+                now=T0,
+            )
+        assert caught.value.reason == errors_pb2.ERROR_REASON_OUT_OF_RANGE
+        assert caught.value.metadata == {
+            "field": "header.sequence",
+            "expected": "<= 9223372036854775807",
+            "actual": str(sequence),
+        }
+    # Any field of the statement, not only its header.
+    statement = _holdings()
+    statement.epoch = 2**64 - 1
+    envelope = sign_statement(
+        statement, parties.custodian, audience=("exchange-1",), sequence=1, ttl=TTL, issued_at=T0
+    )
+    with pytest.raises(MalformedError, match="epoch"):
+        verify_statement(
+            envelope,
+            parties.registry,
+            expected_type=attestation_pb2.HoldingsStatement,
+            audience="exchange-1",
+            now=T0,
+        )

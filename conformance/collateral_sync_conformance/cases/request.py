@@ -1,21 +1,28 @@
-"""Requests that are not messages (docs/PROTOCOL.md §12): refused with details, never a crash.
+"""Requests a server cannot take as they are (docs/PROTOCOL.md §2.4, §12): refused, with details.
 
 A request whose bytes do not parse as the method's request message is
 refused with INVALID_ARGUMENT ``MALFORMED`` and the ErrorInfo metadata
 ``expected``/``actual`` (§12.2) — not UNKNOWN or INTERNAL, which is what a
 gRPC server answers when its generated deserializer raises and nothing
-catches it — and it changes nothing (§12.3).
+catches it. An integer above 2^63 - 1, in a request or inside a signed
+statement, is OUT_OF_RANGE — not the INTERNAL of an overflow in storage.
+Neither changes anything (§12.3).
 """
 
 from __future__ import annotations
 
 import grpc
-from collateral_sync.v1 import errors_pb2
+from collateral_sync.v1 import custodian_service_pb2, errors_pb2, exchange_service_pb2
 from google.protobuf import descriptor_pool, wrappers_pb2
 
 from collateral_sync_conformance._context import MAIN_SERVICE, CaseContext
 from collateral_sync_conformance._expect import CaseFailure, expect_status
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._kit_account import (
+    liquidation_path,
+    plan_pledge,
+    pledge_instruction,
+)
 from collateral_sync_conformance.cases._snapshots import custodian_state, exchange_state
 
 __all__: list[str] = []
@@ -64,10 +71,48 @@ async def undecodable_refused(ctx: CaseContext) -> None:
             label=f"{path.rsplit('/', 1)[1]} with {len(UNDECODABLE)} undecodable bytes",
         )
         expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_MALFORMED)
+    await _expect_unchanged(ctx, before, "requests refused as undecodable")
+
+
+async def _expect_unchanged(ctx: CaseContext, before: str, what: str) -> None:
     after = await _snapshot(ctx)
     if after != before:
-        raise CaseFailure(
-            "requests that were refused as undecodable changed the server's state",
-            expected=before,
-            got=after,
-        )
+        raise CaseFailure(f"{what} changed the server's state", expected=before, got=after)
+
+
+#: Just above the largest protocol integer, and the largest uint64.
+_TOO_LARGE = (2**63, 2**64 - 1)
+
+
+@REGISTRY.case(
+    "request/integer-above-2-63-refused",
+    Level.MUST,
+    "an integer above 2^63 - 1 is OUT_OF_RANGE with expected/actual and changes nothing: "
+    "GetRiskPolicy's version at an exchange, a signed pledge's sequence at a custodian (§2.4)",
+    roles=[Role.CUSTODIAN, Role.EXCHANGE],
+)
+async def integer_above_2_63_refused(ctx: CaseContext) -> None:
+    # Planned first: planning may deposit, which must not count as a change.
+    plan = await plan_pledge(ctx) if ctx.role == Role.CUSTODIAN else None
+    before = await _snapshot(ctx)
+    for number in _TOO_LARGE:
+        if plan is None:
+            outcome = await ctx.rpc(
+                ctx.exchange.get_risk_policy,
+                exchange_service_pb2.GetRiskPolicyRequest(version=number),
+                label=f"GetRiskPolicy(version={number})",
+            )
+        else:
+            request = custodian_service_pb2.PledgeCollateralRequest(
+                pledge_instruction=await ctx.sign(
+                    pledge_instruction(plan), plan.client, sequence=number
+                ),
+                liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+            )
+            outcome = await ctx.rpc(
+                ctx.custodian.pledge_collateral,
+                request,
+                label=f"PledgeCollateral with pledge_instruction.header.sequence={number}",
+            )
+        expect_status(outcome, grpc.StatusCode.OUT_OF_RANGE, errors_pb2.ERROR_REASON_OUT_OF_RANGE)
+    await _expect_unchanged(ctx, before, "requests refused as out of range")
