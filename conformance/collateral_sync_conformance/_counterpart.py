@@ -132,6 +132,9 @@ class RawStream:
     frames: list[position_sync_pb2.SyncFrame] = field(default_factory=list)
     _queue: asyncio.Queue[position_sync_pb2.SyncFrame | None] = field(default_factory=asyncio.Queue)
     _reader: asyncio.Task[None] | None = None
+    # A case's frames and its heartbeat task share the call: gRPC allows one
+    # write at a time (a second gives GRPC_CALL_ERROR_TOO_MANY_OPERATIONS).
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_all())
@@ -145,8 +148,9 @@ class RawStream:
         await self._queue.put(None)
 
     async def send(self, frame: position_sync_pb2.SyncFrame) -> None:
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
-            await self._context.write(custodian_service_pb2.SyncPositionsResponse(frame=frame))
+        async with self._writing:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
+                await self._context.write(custodian_service_pb2.SyncPositionsResponse(frame=frame))
 
     async def next_frame(self, timeout: float) -> position_sync_pb2.SyncFrame | None:
         """The exchange's next frame; None on timeout or once it has ended the call."""
