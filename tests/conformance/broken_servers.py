@@ -42,6 +42,7 @@ from collateral_sync.v1 import (
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import storage as _storage
 from collateral_sync_reference.custodian import emergency as _emergency_module
+from collateral_sync_reference.custodian import exchange_stream as _exchange_stream_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
@@ -56,6 +57,7 @@ from collateral_sync_reference.regulator import role as _regulator_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_ledger: Any = _ledger_module
+_custodian_exchange_stream: Any = _exchange_stream_module
 _exchange_statements: Any = _statements_module
 _exchange_holdings: Any = _holdings_module
 _exchange_valuation: Any = _valuation_module
@@ -210,6 +212,21 @@ def _integer_overflow_unchecked() -> None:
     signing: Any = _signing_module
     server.check_integers = lambda message, prefix="": None
     signing.check_integers = lambda message, prefix="": None
+
+
+def _custodian_rejects_forged_inner_statement() -> None:
+    """A risk policy on the stream that does not verify is recorded as rejected, its batch acked."""
+    stream = _custodian_exchange_stream.ExchangeStream
+    original = stream._on_risk_policy
+
+    def on_risk_policy(self: Any, exchange: str, sequence: int, envelope: Any, now: Any) -> None:
+        try:
+            original(self, exchange, sequence, envelope, now)
+        except VerificationError as err:
+            with self._or_rejected(exchange, sequence, "risk_policy", envelope, now):
+                raise err from None
+
+    stream._on_risk_policy = on_risk_policy
 
 
 def _drops_error_info() -> None:
@@ -739,6 +756,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-cosigns-twice": _cosigns_twice,
     "undecodable-request-unknown": _undecodable_request_unknown,
     "integer-overflow-unchecked": _integer_overflow_unchecked,
+    "custodian-rejects-forged-inner-statement": _custodian_rejects_forged_inner_statement,
     "exchange-credits-without-proving": _exchange_credits_without_proving,
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,

@@ -428,6 +428,27 @@ async def wrong_role_batch(ctx: CaseContext) -> None:
 
 
 @REGISTRY.case(
+    "sync/invalid-inner-statement-refused",
+    Level.MUST,
+    "SyncPositions: a validly signed batch whose second update carries a statement with a "
+    "forged signature is refused whole: UNAUTHENTICATED SIGNATURE_INVALID, not even its valid "
+    "first entry stored (§6.5 step 5)",
+    roles=_CUSTODIAN,
+)
+async def invalid_inner_statement(ctx: CaseContext) -> None:
+    signer = ctx.key(_EXCHANGE_ROLE)
+    stream = await SyncStream.open(ctx)
+    n, prev = stream.hello.received_sequence, stream.hello.received_entry_hash
+    forged = position_sync_pb2.PositionUpdate.FromString(await kit_update(ctx, signer))
+    signature = bytearray(forged.risk_policy.signatures[0].sig)
+    signature[0] ^= 0x01
+    forged.risk_policy.signatures[0].sig = bytes(signature)
+    updates = [await kit_update(ctx, signer), forged.SerializeToString()]
+    batch, _ = await kit_batch(ctx, signer, n + 1, prev, updates)
+    await _refused(ctx, stream, batch, _C.UNAUTHENTICATED, _R.ERROR_REASON_SIGNATURE_INVALID)
+
+
+@REGISTRY.case(
     "sync/equivocation-refused",
     Level.MUST,
     "SyncPositions: a different entry at a sequence the custodian acknowledged is refused: "
