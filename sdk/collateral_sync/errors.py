@@ -13,7 +13,9 @@ and, for field-level problems, a ``google.rpc.BadRequest``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import any_pb2
@@ -30,11 +32,14 @@ __all__ = [
     "ProofError",
     "RPCError",
     "StateError",
+    "StorageError",
     "VerificationError",
     "error_from_rpc_error",
     "error_from_status",
     "error_to_status",
     "reason_name",
+    "sqlite_refusal",
+    "sqlite_refusals",
     "to_grpc_status",
 ]
 
@@ -69,6 +74,8 @@ STATUS_BY_REASON: Mapping[int, grpc.StatusCode] = {
     _R.ERROR_REASON_STATE_CONFLICT: _C.FAILED_PRECONDITION,
     _R.ERROR_REASON_LIMIT_EXCEEDED: _C.RESOURCE_EXHAUSTED,
     _R.ERROR_REASON_PATH_NOT_AUTHORISED: _C.PERMISSION_DENIED,
+    _R.ERROR_REASON_STORAGE_FULL: _C.RESOURCE_EXHAUSTED,
+    _R.ERROR_REASON_STORAGE_UNAVAILABLE: _C.UNAVAILABLE,
 }
 
 _PREFIX = "ERROR_REASON_"
@@ -138,6 +145,70 @@ class StateError(CollateralSyncError):
     """The operation does not fit the current state (unknown id, conflict, limit)."""
 
     default_reason = _R.ERROR_REASON_STATE_CONFLICT
+
+
+class StorageError(CollateralSyncError):
+    """Our own storage refused a write (full, read-only, failing); nothing was written."""
+
+    default_reason = _R.ERROR_REASON_STORAGE_UNAVAILABLE
+
+
+# SQLite primary result codes (the low byte of an extended code) a caller can do nothing
+# about but wait: https://www.sqlite.org/rescode.html
+_SQLITE_FULL = 13
+_SQLITE_UNAVAILABLE = {
+    5: "SQLITE_BUSY",
+    6: "SQLITE_LOCKED",
+    8: "SQLITE_READONLY",
+    10: "SQLITE_IOERR",
+    14: "SQLITE_CANTOPEN",
+}
+
+
+def sqlite_refusal(err: sqlite3.Error) -> StorageError | None:
+    """What a SQLite error means to the caller of the write it broke, if not a bug.
+
+    A full disk is STORAGE_FULL (RESOURCE_EXHAUSTED); a database that cannot
+    be written now (read-only, locked, an I/O error) is STORAGE_UNAVAILABLE
+    (UNAVAILABLE). Anything else is a bug, left to surface as INTERNAL.
+    The caller must have rolled the transaction back: the error promises that
+    nothing was written.
+    """
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    primary = code & 0xFF
+    name = getattr(err, "sqlite_errorname", str(code))
+    if primary == _SQLITE_FULL:
+        return StorageError(
+            "storage is full: nothing was written",
+            reason=_R.ERROR_REASON_STORAGE_FULL,
+            metadata={"expected": "room to write", "actual": name},
+        )
+    if primary in _SQLITE_UNAVAILABLE:
+        return StorageError(
+            f"storage cannot be written now ({name}): nothing was written; retry later",
+            metadata={"expected": "writable storage", "actual": name},
+        )
+    return None
+
+
+@contextmanager
+def sqlite_refusals(connection: sqlite3.Connection) -> Iterator[None]:
+    """Around a write transaction: on any error roll back, and raise :func:`sqlite_refusal`'s error.
+
+    ``with sqlite_refusals(conn): conn.execute("BEGIN IMMEDIATE"); ...; conn.commit()``
+    — a failed commit is rolled back too, so nothing is half written.
+    """
+    try:
+        yield
+    except BaseException as err:
+        if connection.in_transaction:
+            connection.rollback()
+        refusal = sqlite_refusal(err) if isinstance(err, sqlite3.Error) else None
+        if refusal is not None:
+            raise refusal from err
+        raise
 
 
 class RPCError(CollateralSyncError):

@@ -28,10 +28,12 @@ from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import CustodianClient
 from collateral_sync.dev_ca import DevPki, create_dev_pki
 from collateral_sync.errors import (
+    STATUS_BY_REASON,
     CollateralSyncError,
     MalformedError,
     RPCError,
     StateError,
+    StorageError,
     VerificationError,
     error_from_rpc_error,
 )
@@ -495,6 +497,37 @@ def test_append_refuses_misuse_and_bad_updates_without_writing(
         nested = log.transaction()
         with pytest.raises(RuntimeError, match="open transaction"):
             nested.__enter__()
+
+
+def test_a_full_or_read_only_database_refuses_the_append_and_writes_nothing(
+    make_party: Callable[..., Party],
+) -> None:
+    custodian = make_party(CUSTODIAN)
+    log, connection = custodian.log, custodian.connection
+    head = custodian.append(2)
+    big = [update_for(CUSTODIAN_TO_EXCHANGE, 3 + i).SerializeToString() * 50 for i in range(50)]
+    # SQLite's own limit on the file's pages: the database cannot grow by one more.
+    (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    connection.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageError) as full, log.transaction():
+        log.append(big)
+    assert full.value.reason == _R.ERROR_REASON_STORAGE_FULL
+    assert STATUS_BY_REASON[full.value.reason] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not connection.in_transaction
+    assert log.sent_head() == head
+
+    connection.execute(f"PRAGMA max_page_count = {pages * 1000}")
+    connection.execute("PRAGMA query_only = ON")
+    with pytest.raises(StorageError) as read_only, log.transaction():
+        log.append([update_for(CUSTODIAN_TO_EXCHANGE, 3)])
+    assert read_only.value.reason == _R.ERROR_REASON_STORAGE_UNAVAILABLE
+    assert STATUS_BY_REASON[read_only.value.reason] == grpc.StatusCode.UNAVAILABLE
+    assert read_only.value.metadata["actual"] == "SQLITE_READONLY"
+    assert log.sent_head() == head
+
+    # Writable again: the log goes on from where it stood.
+    connection.execute("PRAGMA query_only = OFF")
+    assert custodian.append(1).sequence == head.sequence + 1
 
 
 def test_log_sets_wal_and_the_requested_synchronous_level(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from collateral_sync.errors import VerificationError
+from collateral_sync.errors import VerificationError, sqlite_refusals
 from collateral_sync.signing import ReplayGuard, VerifiedStatement
 from collateral_sync.sync import SyncLog, WalCheckpointer
 from collateral_sync.v1 import errors_pb2
@@ -158,13 +158,12 @@ class SqliteStorage:
         connection = self._connection
         if connection.in_transaction:
             raise RuntimeError("a transaction is already open on this storage")
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        # A full or read-only database refuses the request (nothing is written),
+        # rather than failing it as INTERNAL.
+        with sqlite_refusals(connection):
+            connection.execute("BEGIN IMMEDIATE")
             yield
-        except BaseException:
-            connection.rollback()
-            raise
-        connection.commit()
+            connection.commit()
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from collateral_sync.errors import CollateralSyncError, VerificationError
+from collateral_sync.errors import CollateralSyncError, VerificationError, sqlite_refusals
 from collateral_sync.signing import MAX_PAYLOAD_BYTES
 from collateral_sync.sync._batch import (
     _PREFIX,
@@ -256,13 +256,10 @@ class SyncLog:
                 "the connection already has an open transaction; the sync log writes "
                 "between the caller's transactions"
             )
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_refusals(connection):
+            connection.execute("BEGIN IMMEDIATE")
             yield
-        except BaseException:
-            connection.rollback()
-            raise
-        connection.commit()
+            connection.commit()
 
     # -- our outgoing log --
 

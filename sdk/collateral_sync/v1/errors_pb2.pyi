@@ -69,6 +69,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A policy limit (e.g. settlement cycles per day). RESOURCE_EXHAUSTED."""
     ERROR_REASON_PATH_NOT_AUTHORISED: _ErrorReason.ValueType  # 43
     """Liquidation along a path the client did not pre-authorise. PERMISSION_DENIED."""
+    ERROR_REASON_STORAGE_FULL: _ErrorReason.ValueType  # 50
+    """The party's own storage is full: nothing of the request was written. RESOURCE_EXHAUSTED."""
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 51
+    """The party's own storage cannot be written now (read-only, failing): nothing of the
+    request was written; the caller may retry later. UNAVAILABLE.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reason carried in google.rpc.ErrorInfo.reason (as the
@@ -123,4 +129,10 @@ ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 42
 """A policy limit (e.g. settlement cycles per day). RESOURCE_EXHAUSTED."""
 ERROR_REASON_PATH_NOT_AUTHORISED: ErrorReason.ValueType  # 43
 """Liquidation along a path the client did not pre-authorise. PERMISSION_DENIED."""
+ERROR_REASON_STORAGE_FULL: ErrorReason.ValueType  # 50
+"""The party's own storage is full: nothing of the request was written. RESOURCE_EXHAUSTED."""
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 51
+"""The party's own storage cannot be written now (read-only, failing): nothing of the
+request was written; the caller may retry later. UNAVAILABLE.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
