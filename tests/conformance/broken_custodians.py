@@ -2,8 +2,9 @@
 
 Each patch breaks exactly one rule of the custodian's positive behaviour
 (docs/PROTOCOL.md §5 checkpoints and proofs, Appendix A redemptions and yield,
-§10 emergency release, §10.6 settlement), so that the case written for that
-rule is the one that must catch it (tests/conformance/test_kit_broken_custodians.py).
+§9 liquidation, §10 emergency release, §10.6 settlement), so that the case
+written for that rule is the one that must catch it
+(tests/conformance/test_kit_broken_custodians.py).
 Most of these faults change what the custodian *signs*, which a fault proxy
 cannot fake. Like :mod:`.broken_servers`, whose machinery is reused, it runs
 the ordinary server command line in the same process::
@@ -26,17 +27,20 @@ from typing import Any
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import StateError
 from collateral_sync.keys import SigningKey
-from collateral_sync.v1 import attestation_pb2, errors_pb2, reconciliation_pb2
+from collateral_sync.signing import sign_statement
+from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
+from collateral_sync_reference.custodian import liquidations as _liquidations_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_attestation: Any = _attestation_module
 _custodian_ledger: Any = _ledger_module
+_custodian_liquidations: Any = _liquidations_module
 _custodian_redemptions: Any = _redemptions_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
@@ -211,6 +215,90 @@ def _settles_whole_day_early() -> None:
     settlement.run_due = run_due
 
 
+def _rewrite_steps(rewrite: Callable[[list[Any]], list[Any]]) -> None:
+    """Wrap ``Liquidations._execute``: it sells along ``rewrite(steps)`` instead of the path."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._execute
+
+    def execute(self: Any, account: Any, verified: Any, *, steps: Any, **kwargs: Any) -> Any:
+        return original(self, account, verified, steps=rewrite(list(steps)), **kwargs)
+
+    liquidations._execute = execute
+
+
+def _sells_past_step_maximum() -> None:
+    """Each step sells up to the whole pledge of its asset: its max_quantity is ignored."""
+
+    def uncapped(steps: list[Any]) -> list[Any]:
+        widened = []
+        for step in steps:
+            copy = liquidation_pb2.LiquidationStep()
+            copy.CopyFrom(step)
+            copy.max_quantity.value = "1000000000000"
+            widened.append(copy)
+        return widened
+
+    _rewrite_steps(uncapped)
+
+
+def _sells_steps_out_of_order() -> None:
+    """The path's steps are sold last first."""
+    _rewrite_steps(lambda steps: steps[::-1])
+
+
+def _rounds_proceeds_up() -> None:
+    """A fill's proceeds are quantity x price rounded up (in the seller's favour), not down."""
+    _custodian_liquidations._round_down = _custodian_liquidations._round_up
+
+
+def _skips_yield_distribution() -> None:
+    """Accrued yield is forgotten at a liquidation: kept in quantity, never paid out first."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._execute
+
+    def execute(self: Any, account: Any, *args: Any, **kwargs: Any) -> Any:
+        for holding in account.holdings.values():
+            holding.accrued_yield = Decimal(0)
+        return original(self, account, *args, **kwargs)
+
+    liquidations._execute = execute
+
+
+def _re_signs_repeated_receipt() -> None:
+    """A repeat of an executed instruction gets its receipt signed anew (a new header), not the same one."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._check_instruction
+
+    def check_instruction(self: Any, envelope: Any, now: datetime, **kwargs: Any) -> Any:
+        verified, receipt = original(self, envelope, now, **kwargs)
+        if receipt is not None:
+            message = liquidation_pb2.LiquidationReceipt.FromString(receipt.payload)
+            ledger = self._ledger
+            receipt = sign_statement(
+                message,
+                ledger.signer,
+                audience=list(message.header.audience),
+                sequence=message.header.sequence,
+                ttl=ledger.settings.statement_ttl,
+                issued_at=now,
+            )
+        return verified, receipt
+
+    liquidations._check_instruction = check_instruction
+
+
+def _liquidates_off_path() -> None:
+    """Any path id is taken for the account's path in force: the instruction's id is not checked."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._authorised_path
+
+    def authorised_path(self: Any, account: Any, verified: Any) -> Any:
+        paths = self._ledger.store.paths_for(account.account_id, verified.issuer)
+        return paths[-1] if paths else original(self, account, verified)
+
+    liquidations._authorised_path = authorised_path
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "custodian-signs-checkpoints-with-unregistered-key": _signs_checkpoints_with_unregistered_key,
@@ -224,6 +312,12 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-cosignature-put-first": _cosignature_put_first,
     "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,
     "custodian-settles-whole-day-early": _settles_whole_day_early,
+    "custodian-sells-past-step-maximum": _sells_past_step_maximum,
+    "custodian-sells-steps-out-of-order": _sells_steps_out_of_order,
+    "custodian-rounds-proceeds-up": _rounds_proceeds_up,
+    "custodian-skips-yield-distribution": _skips_yield_distribution,
+    "custodian-re-signs-repeated-receipt": _re_signs_repeated_receipt,
+    "custodian-liquidates-off-path": _liquidates_off_path,
 }
 
 

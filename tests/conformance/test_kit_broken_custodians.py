@@ -1,8 +1,8 @@
 """Each custodian of :mod:`.broken_custodians` is caught by the cases meant for its fault, and no others.
 
 The faults break what a custodian does when it says yes: the checkpoints it
-signs, the proofs it serves, what a redemption, a yield accrual, a co-signature,
-an emergency release or a settlement instruction changes. The kit runs the
+signs, the proofs it serves, what a redemption, a yield accrual, a liquidation,
+a co-signature, an emergency release or a settlement instruction changes. The kit runs the
 case written for the rule with its neighbours (cases of the same family the
 fault must leave passing); the set of failed cases must be exactly the
 expected one, each failure saying what was expected and what came.
@@ -44,6 +44,13 @@ _NO_CHECKPOINT = [
     "attestation/holdings-statement-account-required",
 ]
 
+#: The cases that execute a liquidation (the fourth is refused before anything is sold).
+_EXECUTING = {
+    "liquidation/executed-along-path",
+    "liquidation/yield-paid-first",
+    "liquidation/repeat-returns-same-receipt",
+}
+
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         # Every case that reads a checkpoint fails; only this one is run among them.
@@ -82,7 +89,10 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "custodian-redeems-pledged",
         ["custodian/**"],
-        {"custodian/redemption-of-pledged-refused", "custodian/redemption-up-to-redeemable-accepted"},
+        {
+            "custodian/redemption-of-pledged-refused",
+            "custodian/redemption-up-to-redeemable-accepted",
+        },
     ),
     (
         "custodian-redemption-bound-exclusive",
@@ -90,6 +100,17 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"custodian/redemption-up-to-redeemable-accepted"},
     ),
     ("custodian-yield-attested-as-deposit", ["custodian/**"], {"custodian/yield-accrual-attested"}),
+    # Every case that executes a liquidation checks its receipt in full; the refusal does not.
+    ("custodian-sells-past-step-maximum", ["liquidation/**"], _EXECUTING),
+    ("custodian-sells-steps-out-of-order", ["liquidation/**"], _EXECUTING),
+    ("custodian-rounds-proceeds-up", ["liquidation/**"], _EXECUTING),
+    ("custodian-skips-yield-distribution", ["liquidation/**"], {"liquidation/yield-paid-first"}),
+    (
+        "custodian-re-signs-repeated-receipt",
+        ["liquidation/**"],
+        {"liquidation/repeat-returns-same-receipt"},
+    ),
+    ("custodian-liquidates-off-path", ["liquidation/**"], {"liquidation/off-path-refused"}),
     ("custodian-cosignature-put-first", ["emergency/**"], {"emergency/cosign-appends-signature"}),
     (
         "custodian-release-attested-as-liquidation",

@@ -1,13 +1,17 @@
 """The kit's cases, by family; importing this package registers them with ``REGISTRY``.
 
 Order of import is the order of a run: transport first (can we talk at all),
-then requests that are not messages, the attestation log, signed-statement refusals, role behaviour, position sync, settlement, and emergency release
-(last: an executed release consumes the account's pledge).
+then requests that are not messages, the attestation log, signed-statement refusals, role behaviour,
+liquidation (before position sync, whose equivocation case may leave a custodian wary of the kit's
+exchange), position sync, settlement, and emergency release (last: an executed release consumes the
+account's pledge).
 """
 
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import request
-from collateral_sync_conformance.cases import attestation, envelope, custodian, sync, exchange
+from collateral_sync_conformance.cases import attestation, envelope, custodian
+from collateral_sync_conformance.cases import liquidation
+from collateral_sync_conformance.cases import sync, exchange
 
 from collateral_sync_conformance.cases import regulator, regulator_descent
 from collateral_sync_conformance.cases import settlement, reconciliation
@@ -29,6 +33,7 @@ __all__ = [
     "envelope",
     "exchange",
     "exchange_lifecycle",
+    "liquidation",
     "reconciliation",
     "regulator",
     "regulator_descent",
