@@ -229,6 +229,12 @@ def _custodian_rejects_forged_inner_statement() -> None:
     stream._on_risk_policy = on_risk_policy
 
 
+def _custodian_waits_forever_for_hello() -> None:
+    """A stream that never says hello is held open (and a dead peer noticed late)."""
+    session: Any = _session_module
+    session.LIVENESS_INTERVALS = 1_000
+
+
 def _drops_error_info() -> None:
     """Errors carry a status code and message but no ErrorInfo (reason) in their details."""
     original = errors.error_to_status
@@ -757,6 +763,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "undecodable-request-unknown": _undecodable_request_unknown,
     "integer-overflow-unchecked": _integer_overflow_unchecked,
     "custodian-rejects-forged-inner-statement": _custodian_rejects_forged_inner_statement,
+    "custodian-waits-forever-for-hello": _custodian_waits_forever_for_hello,
     "exchange-credits-without-proving": _exchange_credits_without_proving,
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,

@@ -208,6 +208,11 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ("custodian-replays-from-start", _SYNC_RECEIVE, {"sync/resume-after-disconnect"}),
     ("custodian-forged-batch-as-malformed", _SYNC_REFUSALS, {"sync/forged-batch-refused"}),
     (
+        "custodian-waits-forever-for-hello",
+        ["sync/hello-answered", "sync/silent-stream-closed"],
+        {"sync/silent-stream-closed"},
+    ),
+    (
         "custodian-rejects-forged-inner-statement",
         _SYNC_REFUSALS,
         {"sync/invalid-inner-statement-refused"},

@@ -11,6 +11,9 @@ run last: a custodian may hold an equivocating peer at arm's length.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
@@ -345,6 +348,51 @@ async def _refused(
         "the custodian's received head of the kit's log after the refusal",
         stored,
         after.hello.received_sequence,
+    )
+
+
+#: What the kit allows past the deadline: scheduling and the call's teardown.
+_DEADLINE_SLACK = 2.0
+
+
+@REGISTRY.case(
+    "sync/silent-stream-closed",
+    Level.MUST,
+    "SyncPositions: a stream on which no hello arrives is closed within three of the "
+    "custodian's heartbeat intervals, and the custodian says nothing on it first (§6.2)",
+    roles=_CUSTODIAN,
+)
+async def silent_stream_closed(ctx: CaseContext) -> None:
+    probe = await SyncStream.open(ctx)  # to learn the custodian's interval
+    await probe.close()
+    interval = (probe.hello.heartbeat_interval_ms or 5000) / 1000
+    limit = 3 * interval + _DEADLINE_SLACK
+    call = ctx.custodian.sync_positions(timeout=limit + ctx.config.rpc_timeout)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(limit):
+            first = await call.read()
+    except TimeoutError:
+        raise CaseFailure(
+            "the custodian kept a stream open on which no hello ever arrived",
+            expected=f"the stream closed within {3 * interval:g} s (3 heartbeat intervals)",
+            got=f"still open after {limit:g} s",
+        ) from None
+    except grpc.RpcError:
+        return  # closed with a status: what §6.2 asks
+    finally:
+        call.cancel()
+    check(
+        first is grpc.aio.EOF,
+        "the custodian sent a frame before the exchange's hello (§6.2 step 1)",
+        expected="nothing, then the end of the stream",
+        got=describe(first),
+    )
+    check(
+        time.monotonic() - started <= limit,
+        "the silent stream was not closed in time",
+        expected=f"<= {limit:g} s",
+        got=f"{time.monotonic() - started:.1f} s",
     )
 
 
