@@ -51,4 +51,4 @@ bench: $(STAMP)
 	$(VENV)/bin/collateral-sync bench recon
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

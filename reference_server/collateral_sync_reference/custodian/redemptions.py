@@ -83,6 +83,9 @@ class Redemptions:
             )
         with ledger.storage.transaction():
             holding.locked = _add(holding.locked, quantity)
+            # A lock may take unpaid yield (it is the client's), and then that yield
+            # is no longer owed: a liquidation must not pay it out again (§5.8).
+            holding.accrued_yield = min(holding.accrued_yield, _redeemable(holding))
             ledger.store.add_redemption(
                 Redemption(
                     redemption.redemption_id,
