@@ -418,6 +418,20 @@ class CaseContext:
 
     # -- time and statements --
 
+    async def advance_clock(self, by: timedelta) -> datetime:
+        """Move the server's clock forward by ``by`` (test control); returns its new time.
+
+        Skips the case when the server offers no ``AdvanceClock`` or does not say its time.
+        """
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(by)
+        response: test_control_pb2.AdvanceClockResponse = await self.control(
+            self.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=duration)
+        )
+        if not response.HasField("now"):
+            raise CaseSkipped("AdvanceClock does not say the server's time")
+        return response.now.ToDatetime(tzinfo=UTC)
+
     async def server_now(self) -> datetime:
         """The server's current time.
 

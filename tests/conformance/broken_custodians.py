@@ -36,6 +36,7 @@ from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import liquidations as _liquidations_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
+from collateral_sync_reference.custodian import store as _store_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_attestation: Any = _attestation_module
@@ -44,6 +45,7 @@ _custodian_liquidations: Any = _liquidations_module
 _custodian_redemptions: Any = _redemptions_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
+_custodian_store: Any = _store_module
 _cosigner: Any = _cosigner_module
 
 __all__ = ["FAULTS", "main"]
@@ -152,6 +154,22 @@ def _redemption_bound_exclusive() -> None:
     original = _custodian_redemptions._redeemable
     quantum = Decimal("0.000000000000000001")
     _custodian_redemptions._redeemable = lambda holding: original(holding) - quantum
+
+
+def _settles_redemptions_early() -> None:
+    """Redemption locks settle an hour before the settles_at the custodian announced."""
+    store = _custodian_store.SqliteCustodianStore
+    original = store.due_redemptions
+
+    def due_redemptions(self: Any, now: datetime) -> Any:
+        return original(self, now + timedelta(hours=1))
+
+    store.due_redemptions = due_redemptions
+
+
+def _never_settles_redemptions() -> None:
+    """Redemption locks hold for ever: nothing ever falls due."""
+    _custodian_store.SqliteCustodianStore.due_redemptions = lambda self, now: []
 
 
 def _yield_attested_as_deposit() -> None:
@@ -308,6 +326,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-redemption-locks-nothing": _redemption_locks_nothing,
     "custodian-redeems-pledged": _redeems_pledged,
     "custodian-redemption-bound-exclusive": _redemption_bound_exclusive,
+    "custodian-settles-redemptions-early": _settles_redemptions_early,
+    "custodian-never-settles-redemptions": _never_settles_redemptions,
     "custodian-yield-attested-as-deposit": _yield_attested_as_deposit,
     "custodian-cosignature-put-first": _cosignature_put_first,
     "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,

@@ -95,6 +95,16 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         },
     ),
     (
+        "custodian-settles-redemptions-early",
+        ["custodian/redemption-settles-at-its-time"],
+        {"custodian/redemption-settles-at-its-time"},
+    ),
+    (
+        "custodian-never-settles-redemptions",
+        ["custodian/redemption-settles-at-its-time"],
+        {"custodian/redemption-settles-at-its-time"},
+    ),
+    (
         "custodian-redemption-bound-exclusive",
         ["custodian/**"],
         {"custodian/redemption-up-to-redeemable-accepted"},

@@ -10,6 +10,8 @@ quantity is never redeemable, and exactly what is redeemable is.
 
 from __future__ import annotations
 
+from datetime import UTC, timedelta
+
 import grpc
 from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
 from collateral_sync.signing import verify_statement
@@ -52,6 +54,7 @@ _CUSTODIAN = [Role.CUSTODIAN]
 _R = errors_pb2.ErrorReason
 _C = grpc.StatusCode
 _REASON = attestation_pb2.HoldingsChangeReason
+_SECOND = timedelta(seconds=1)
 
 
 async def _pledge(
@@ -253,6 +256,76 @@ async def _redemption(
     )
     return custodian_service_pb2.RequestRedemptionRequest(
         redemption_request=await ctx.sign(message, plan.client)
+    )
+
+
+@REGISTRY.case(
+    "custodian/redemption-settles-at-its-time",
+    Level.MUST,
+    "a redemption lock holds until the settles_at RequestRedemption answered — still locked one "
+    "second before, settled (REDEMPTION_SETTLED: quantity and locked down by exactly the "
+    "amount, the pledge untouched) one second after (§5.8)",
+    roles=_CUSTODIAN,
+)
+async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
+    # First of the redemption cases: no earlier lock of this run settles in its window.
+    plan = await plan_pledge(ctx)
+    amount = _plus(plan.quantity, "0.000000000123456789")
+    now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    outcome = await ctx.rpc(
+        ctx.custodian.request_redemption,
+        await _redemption(ctx, plan, amount),
+        label=f"RequestRedemption of {amount}",
+    )
+    response: custodian_service_pb2.RequestRedemptionResponse = expect_ok(outcome)
+    check(
+        response.HasField("settles_at"),
+        "RequestRedemption did not say when the lock ends",
+        expected="settles_at set (Appendix A)",
+        got="unset",
+    )
+    settles_at = response.settles_at.ToDatetime(tzinfo=UTC)
+    check(
+        settles_at > now,
+        "the lock ends no later than it began",
+        expected=f"settles_at after {now.isoformat()}",
+        got=settles_at.isoformat(),
+    )
+    locked_statement = await _verified_response_statement(
+        ctx,
+        response.holdings_statement,
+        plan.account_id,
+        "the statement RequestRedemption returned",
+    )
+    _, locked, pledged = _position(locked_statement, plan.asset_id)
+
+    await ctx.advance_clock(settles_at - await ctx.advance_clock(timedelta(0)) - _SECOND)
+    before, _, _ = await holdings(ctx, plan.account_id)
+    _, still_locked, still_pledged = _position(before, plan.asset_id)
+    check_equal(
+        f"locked {plan.asset_id} one second before settles_at (the lock must hold)",
+        locked,
+        still_locked,
+    )
+    check_equal(f"pledged {plan.asset_id} before settles_at", pledged, still_pledged)
+
+    await ctx.advance_clock(2 * _SECOND)
+    after, _, _ = await holdings(ctx, plan.account_id)
+    check(
+        after.reason == _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED,
+        "the latest holdings statement one second after settles_at is not the settlement",
+        expected="reason REDEMPTION_SETTLED",
+        got=_REASON.Name(after.reason),
+    )
+    before_quantity, _, _ = _position(before, plan.asset_id)
+    check_equal(
+        f"(quantity, locked, pledged) of {plan.asset_id} after settlement",
+        (
+            format_amount(parse_amount(before_quantity) - parse_amount(amount)),
+            format_amount(parse_amount(locked) - parse_amount(amount)),
+            pledged,
+        ),
+        _position(after, plan.asset_id),
     )
 
 

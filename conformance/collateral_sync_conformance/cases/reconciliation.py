@@ -43,7 +43,6 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2,
     test_control_pb2,
 )
-from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from collateral_sync_conformance._context import CaseContext, party_role
@@ -114,16 +113,6 @@ def _unreached_cutoff(now: datetime) -> datetime:
 # ------------------------------------------------------------------ a cut-off
 
 
-async def _advance(ctx: CaseContext, by: timedelta) -> datetime:
-    duration = duration_pb2.Duration()
-    duration.FromTimedelta(by)
-    response: test_control_pb2.AdvanceClockResponse = await ctx.control(
-        ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=duration)
-    )
-    if not response.HasField("now"):
-        raise CaseSkipped("AdvanceClock does not say the server's time")
-    return response.now.ToDatetime(tzinfo=UTC)
-
 
 async def _pass_cutoff(ctx: CaseContext) -> datetime:
     """Move the server's clock one second past its next cut-off; return that cut-off.
@@ -133,9 +122,9 @@ async def _pass_cutoff(ctx: CaseContext) -> datetime:
     """
     if ctx.role is Role.CUSTODIAN and ctx.config.account_id:
         await ensure_pledged(ctx)
-    now = await _advance(ctx, timedelta(0))
+    now = await ctx.advance_clock(timedelta(0))
     cutoff = _next_cutoff(now)
-    await _advance(ctx, cutoff - now + timedelta(seconds=1))
+    await ctx.advance_clock(cutoff - now + timedelta(seconds=1))
     return cutoff
 
 
@@ -378,7 +367,7 @@ async def statement_frozen(ctx: CaseContext) -> None:
                     quantity=common_pb2.Decimal(value="1"),
                 ),
             )
-    await _advance(ctx, timedelta(minutes=1))
+    await ctx.advance_clock(timedelta(minutes=1))
     again, _ = await _statement(ctx, cutoff)
     check(
         first.SerializeToString() == again.SerializeToString(),

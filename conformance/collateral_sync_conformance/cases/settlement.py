@@ -23,9 +23,7 @@ from collateral_sync.v1 import (
     envelope_pb2,
     errors_pb2,
     reconciliation_pb2,
-    test_control_pb2,
 )
-from google.protobuf import duration_pb2
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
@@ -51,22 +49,12 @@ _MAX_CYCLES_TRIED = 24
 _AMOUNT = format_amount(PLEDGE_UNIT / 10)
 
 
-async def _advance(ctx: CaseContext, by: timedelta) -> datetime:
-    duration = duration_pb2.Duration()
-    duration.FromTimedelta(by)
-    response: test_control_pb2.AdvanceClockResponse = await ctx.control(
-        ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=duration)
-    )
-    if not response.HasField("now"):
-        raise CaseSkipped("AdvanceClock does not say the server's time")
-    return response.now.ToDatetime(tzinfo=UTC)
-
 
 async def _fresh_day(ctx: CaseContext) -> datetime:
     """Move the server's clock to 01:00 UTC of the next day: no cycle opened on it yet."""
-    now = await _advance(ctx, timedelta(0))
+    now = await ctx.advance_clock(timedelta(0))
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
-    return await _advance(ctx, midnight + timedelta(hours=1) - now)
+    return await ctx.advance_clock(midnight + timedelta(hours=1) - now)
 
 
 async def _pledged_asset(ctx: CaseContext) -> tuple[str, str]:
@@ -180,7 +168,7 @@ async def pending_until_window(ctx: CaseContext) -> None:
     )
     before = await _pledged(ctx, account_id, asset_id)
     # Just short of the deadline: still pending, nothing moved.
-    await _advance(ctx, deadline - now - timedelta(minutes=1))
+    await ctx.advance_clock(deadline - now - timedelta(minutes=1))
     found = await _get(ctx, _settlement_id(envelope))
     check_equal(
         "status just before the dispute deadline",
@@ -218,7 +206,7 @@ async def dispute_within_window(ctx: CaseContext) -> None:
     )
     deadline = _deadline(await _submit(ctx, envelope))
     settlement_id = _settlement_id(envelope)
-    later = await _advance(ctx, timedelta(hours=1))
+    later = await ctx.advance_clock(timedelta(hours=1))
     dispute = reconciliation_pb2.SettlementDispute(
         settlement_id=settlement_id, reason="conformance: the netting does not match"
     )
@@ -236,7 +224,7 @@ async def dispute_within_window(ctx: CaseContext) -> None:
     check_equal("status DisputeSettlement answers", disputed, _STATUS.Name(answer.status))
     before = await _pledged(ctx, account_id, asset_id)
     # Well past the deadline: a disputed instruction stays unexecuted.
-    await _advance(ctx, deadline - later + timedelta(hours=1))
+    await ctx.advance_clock(deadline - later + timedelta(hours=1))
     found = await _get(ctx, settlement_id)
     check_equal("status after the deadline", disputed, _STATUS.Name(found.status))
     check(

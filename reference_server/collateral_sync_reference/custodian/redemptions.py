@@ -13,10 +13,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from collateral_sync.amounts import amount_to_proto, format_amount
+from collateral_sync.keys import _to_timestamp
 from collateral_sync.v1 import (
-    attestation_pb2,
     custodian_service_pb2,
-    envelope_pb2,
     position_sync_pb2,
 )
 
@@ -45,7 +44,7 @@ class Redemptions:
 
     def redeem(
         self, request: custodian_service_pb2.RequestRedemptionRequest
-    ) -> tuple[envelope_pb2.Envelope, attestation_pb2.AttestationRef]:
+    ) -> custodian_service_pb2.RequestRedemptionResponse:
         """Lock a client's assets until settlement (RequestRedemption)."""
         ledger = self._ledger
         now = ledger.clock.now()
@@ -81,6 +80,7 @@ class Redemptions:
                 f"<= {format_amount(redeemable)}",
                 format_amount(quantity),
             )
+        settles_at = now + ledger.settings.redemption_lock
         with ledger.storage.transaction():
             holding.locked = _add(holding.locked, quantity)
             # A lock may take unpaid yield (it is the client's), and then that yield
@@ -92,7 +92,7 @@ class Redemptions:
                     account.account_id,
                     asset_id,
                     quantity,
-                    now + ledger.settings.redemption_lock,
+                    settles_at,
                 ),
                 verified.payload,
             )
@@ -100,7 +100,11 @@ class Redemptions:
             [(envelope, ref)] = ledger._attest(
                 [_Change(account, _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK)], now
             )
-        return envelope, ref
+        response = custodian_service_pb2.RequestRedemptionResponse(
+            holdings_statement=envelope, attestation=ref
+        )
+        response.settles_at.CopyFrom(_to_timestamp(settles_at))
+        return response
 
     def _settle(self, redemption: Redemption, now: datetime) -> None:
         """Release a redemption's lock and let the quantity leave the account."""

@@ -147,10 +147,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.RequestRedemptionRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.RequestRedemptionResponse:
-        envelope, ref = self._redemptions.redeem(request)
-        return custodian_service_pb2.RequestRedemptionResponse(
-            holdings_statement=envelope, attestation=ref
-        )
+        return self._redemptions.redeem(request)
 
     async def SubmitLiquidationInstruction(
         self,

@@ -376,19 +376,27 @@ class RequestRedemptionResponse(_message.Message):
 
     HOLDINGS_STATEMENT_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
+    SETTLES_AT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def holdings_statement(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
     def attestation(self) -> _attestation_pb2.AttestationRef: ...
+    @_builtins.property
+    def settles_at(self) -> _timestamp_pb2.Timestamp:
+        """When the lock ends: at this time (custodian's clock) the quantity leaves the
+        account (REDEMPTION_SETTLED); before it, the lock holds.
+        """
+
     def __init__(
         self,
         *,
         holdings_statement: _envelope_pb2.Envelope | None = ...,
         attestation: _attestation_pb2.AttestationRef | None = ...,
+        settles_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement", "settles_at", b"settles_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "holdings_statement", b"holdings_statement", "settles_at", b"settles_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
