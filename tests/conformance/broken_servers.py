@@ -489,6 +489,48 @@ def _regulator_ignores_audience() -> None:
     _lenient_verify(_regulator, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone)
 
 
+def _regulator_accepts_any_party() -> None:
+    """The regulator keeps statements of any registered custodian or exchange, overseen or not."""
+    role = _regulator.RegulatorRole
+    original = role._verify
+
+    def verify(self: Any, envelope: Any) -> Any:
+        try:
+            return original(self, envelope)
+        except VerificationError as err:
+            if "this regulator reconciles" not in err.message:
+                raise
+        statement = reconciliation_pb2.ReconciliationStatement.FromString(envelope.payload)
+        overseen = self._parties
+        self._parties = {**overseen, statement.party_role: statement.header.issuer}
+        try:
+            return original(self, envelope)
+        finally:
+            self._parties = overseen
+
+    role._verify = verify
+
+
+def _regulator_check_cutoff(field: str) -> Callable[[], None]:
+    def patch() -> None:
+        """The regulator does not hold a statement to one rule of its cut-off."""
+        role = _regulator.RegulatorRole
+        original = role._check_cutoff
+
+        def check_cutoff(statement: Any) -> None:
+            lenient = type(statement).FromString(statement.SerializeToString())
+            stated = lenient.cutoff_time.ToDatetime(tzinfo=UTC)
+            if field == "cutoff_id":
+                lenient.cutoff_id = stated.strftime("%Y-%m-%dT%H:%M:%SZ")
+            else:
+                lenient.header.issued_at.CopyFrom(lenient.cutoff_time)
+            original(lenient)
+
+        role._check_cutoff = staticmethod(check_cutoff)
+
+    return patch
+
+
 def _regulator_ignores_sync_heads() -> None:
     """The regulator compares positions and totals but not the sync log heads."""
     original = _regulator.reconcile
@@ -775,6 +817,9 @@ FAULTS: dict[str, Callable[[], None]] = {
     # The same guard as the custodian's: the regulator then meets a replay as an equivocation.
     "regulator-accepts-replay": _custodian_accepts_replay,
     "regulator-ignores-sync-heads": _regulator_ignores_sync_heads,
+    "regulator-accepts-any-party": _regulator_accepts_any_party,
+    "regulator-ignores-cutoff-id": _regulator_check_cutoff("cutoff_id"),
+    "regulator-accepts-views-before-cutoff": _regulator_check_cutoff("issued_at"),
     "regulator-drops-one-sided-accounts": _regulator_drops_one_sided_accounts,
     "regulator-reads-every-account": _regulator_reads_every_account,
     "regulator-results-on-first-statement": _regulator_results_on_first_statement,

@@ -22,6 +22,7 @@ from reference.conftest import (  # noqa: E402 (needs the paths above)
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
+    OTHER_EXCHANGE,
     REGULATOR,
     Parties,
     ServerProcess,
@@ -134,7 +135,8 @@ def regulator_argv(
     parties: Parties,
     target: str,
     *extra: str,
-    keys: tuple[str, ...] = (CUSTODIAN, EXCHANGE, CLIENT),
+    # The last: an exchange the regulator does not oversee (regulator/unoverseen-party-refused).
+    keys: tuple[str, ...] = (CUSTODIAN, EXCHANGE, CLIENT, OTHER_EXCHANGE),
 ) -> list[str]:
     """``run`` arguments for a regulator at ``target``, the kit signing as the ``keys`` parties."""
     files = parties.pki.party(CUSTODIAN)

@@ -558,6 +558,13 @@ def test_an_unknown_fault_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ("regulator-ignores-audience", ["regulator/**"], {"regulator/wrong-audience-refused"}),
     ("regulator-ignores-sync-heads", ["regulator/**"], {"regulator/breaks-located"}),
+    ("regulator-accepts-any-party", ["regulator/**"], {"regulator/unoverseen-party-refused"}),
+    ("regulator-ignores-cutoff-id", ["regulator/**"], {"regulator/cutoff-id-mismatch-refused"}),
+    (
+        "regulator-accepts-views-before-cutoff",
+        ["regulator/**"],
+        {"regulator/statement-before-cutoff-refused"},
+    ),
     ("regulator-accepts-replay", ["regulator/**"], {"regulator/replayed-statement-refused"}),
     (
         "regulator-drops-one-sided-accounts",
@@ -570,6 +577,8 @@ REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["regulator/**"],
         # Every case that submits one statement and expects no result yet.
         {
+            "regulator/cutoff-id-mismatch-refused",
+            "regulator/statement-before-cutoff-refused",
             "regulator/statement-accepted",
             "regulator/matched-result-signed",
             "regulator/breaks-located",

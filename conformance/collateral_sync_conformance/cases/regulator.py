@@ -34,6 +34,7 @@ from collateral_sync.v1 import (
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
+    CaseSkipped,
     Outcome,
     check,
     check_equal,
@@ -56,6 +57,8 @@ _EXCHANGE_ROLE = common_pb2.PARTY_ROLE_EXCHANGE
 #: The root of an empty position tree (§10.3).
 _EMPTY_ROOT = hashlib.sha256(b"").digest()
 _THREE_YEARS = 3 * 365 * 24 * 3600
+#: How many recent whole-second cut-offs a case may try before giving up.
+_RECENT_CUTOFFS = 30
 
 
 async def _cutoff(ctx: CaseContext) -> datetime:
@@ -359,6 +362,92 @@ async def replayed_statement(ctx: CaseContext) -> None:
     expect_status(
         await _submit(ctx, envelope), grpc.StatusCode.ALREADY_EXISTS, _R.ERROR_REASON_REPLAYED
     )
+
+
+@REGISTRY.case(
+    "regulator/cutoff-id-mismatch-refused",
+    Level.MUST,
+    "a statement whose cutoff_id names another second than its cutoff_time is refused "
+    "(INVALID_ARGUMENT MALFORMED) and not kept (§10.2)",
+    roles=_REGULATOR,
+)
+async def cutoff_id_mismatch(ctx: CaseContext) -> None:
+    cutoff = await _cutoff(ctx)
+    statement = _statement(_CUSTODIAN_ROLE, cutoff)
+    statement.cutoff_id = (cutoff - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    expect_status(
+        await _submit(ctx, await ctx.sign(statement, _party(ctx, _CUSTODIAN_ROLE))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        _R.ERROR_REASON_MALFORMED,
+    )
+    _expect_no_result(
+        await _submit(ctx, await _signed(ctx, _CUSTODIAN_ROLE, cutoff)),
+        "a consistent statement after an inconsistent one",
+    )
+
+
+@REGISTRY.case(
+    "regulator/statement-before-cutoff-refused",
+    Level.MUST,
+    "a view stated before its own cut-off (issued_at < cutoff_time) is refused (INVALID_ARGUMENT "
+    "MALFORMED) and not kept; one issued at the cut-off itself is accepted (§10.2)",
+    roles=_REGULATOR,
+)
+async def statement_before_cutoff(ctx: CaseContext) -> None:
+    # Cut-offs of the last seconds: the kit's keys are valid then. A cut-off an earlier
+    # run already stated (runs a second apart) is met as EQUIVOCATION; the next one back is tried.
+    now = (await ctx.server_now()).replace(microsecond=0)
+    for back in range(1, _RECENT_CUTOFFS + 1):
+        cutoff = now - timedelta(seconds=back)
+        early = await ctx.sign(
+            _statement(_CUSTODIAN_ROLE, cutoff),
+            _party(ctx, _CUSTODIAN_ROLE),
+            issued_at=cutoff - timedelta(seconds=1),
+        )
+        expect_status(
+            await _submit(ctx, early), grpc.StatusCode.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED
+        )
+        # The other side of the rule: a statement issued at the cut-off itself is a view of it.
+        at_cutoff = await ctx.sign(
+            _statement(_CUSTODIAN_ROLE, cutoff), _party(ctx, _CUSTODIAN_ROLE), issued_at=cutoff
+        )
+        outcome = await _submit(ctx, at_cutoff)
+        if outcome.code == grpc.StatusCode.ABORTED:
+            continue
+        _expect_no_result(outcome, "a statement issued at its cut-off")
+        return
+    raise CaseSkipped(f"the last {_RECENT_CUTOFFS} cut-offs were all stated by earlier runs")
+
+
+@REGISTRY.case(
+    "regulator/unoverseen-party-refused",
+    Level.MUST,
+    "a statement from a registered exchange or custodian the regulator does not oversee is "
+    "refused (PERMISSION_DENIED KEY_ROLE_MISMATCH) and not kept (§10.2)",
+    roles=_REGULATOR,
+)
+async def unoverseen_party(ctx: CaseContext) -> None:
+    overseen = {_party(ctx, role).party_id for role in (_CUSTODIAN_ROLE, _EXCHANGE_ROLE)}
+    stranger = next(
+        (
+            key
+            for key in ctx.config.kit_keys
+            if key.role in (_CUSTODIAN_ROLE, _EXCHANGE_ROLE) and key.party_id not in overseen
+        ),
+        None,
+    )
+    if stranger is None:
+        raise CaseSkipped(
+            "needs a --kit-key of a custodian or exchange party other than the pair the "
+            "regulator oversees (the kit's first custodian and exchange keys)"
+        )
+    cutoff = await _cutoff(ctx)
+    expect_status(
+        await _submit(ctx, await ctx.sign(_statement(stranger.role, cutoff), stranger)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        _R.ERROR_REASON_KEY_ROLE_MISMATCH,
+    )
+    expect_status(await _get(ctx, cutoff), grpc.StatusCode.NOT_FOUND, _R.ERROR_REASON_NOT_FOUND)
 
 
 @REGISTRY.case(
