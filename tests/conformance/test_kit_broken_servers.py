@@ -135,7 +135,11 @@ def _targets(slug: str) -> set[str]:
 
 
 CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
-    ("undecodable-request-unknown", ["request/**"], {"request/undecodable-refused"}),
+    (
+        "undecodable-request-unknown",
+        ["request/**"],
+        {"request/undecodable-refused", "request/undecodable-stream-message-refused"},
+    ),
     (
         "custodian-ignores-not-yet-valid",
         ["envelope/pledge-collateral/**", "envelope/request-redemption/**"],

@@ -11,12 +11,16 @@ Neither changes anything (§12.3).
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 from collateral_sync.v1 import custodian_service_pb2, errors_pb2, exchange_service_pb2
 from google.protobuf import descriptor_pool, wrappers_pb2
+from google.protobuf.message import DecodeError
 
 from collateral_sync_conformance._context import MAIN_SERVICE, CaseContext
-from collateral_sync_conformance._expect import CaseFailure, expect_status
+from collateral_sync_conformance._expect import CaseFailure, expect_status, outcome_from_error
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._kit_account import (
     liquidation_path,
@@ -116,3 +120,57 @@ async def integer_above_2_63_refused(ctx: CaseContext) -> None:
             )
         expect_status(outcome, grpc.StatusCode.OUT_OF_RANGE, errors_pb2.ERROR_REASON_OUT_OF_RANGE)
     await _expect_unchanged(ctx, before, "requests refused as out of range")
+
+
+@REGISTRY.case(
+    "request/undecodable-stream-message-refused",
+    Level.MUST,
+    "SyncPositions: a first message whose bytes do not parse ends the stream with "
+    "INVALID_ARGUMENT MALFORMED and expected/actual, never UNKNOWN or INTERNAL, and nothing "
+    "changes (§12.3)",
+    roles=[Role.CUSTODIAN],
+)
+async def undecodable_stream_message_refused(ctx: CaseContext) -> None:
+    before = await _snapshot(ctx)
+    path = f"/{MAIN_SERVICE[ctx.role]}/SyncPositions"
+    call = ctx.channel.stream_stream(path, request_serializer=None, response_deserializer=None)(
+        timeout=ctx.config.rpc_timeout
+    )
+    started = time.perf_counter()
+    label = f"SyncPositions with {len(UNDECODABLE)} undecodable bytes"
+    try:
+        await call.write(UNDECODABLE)
+        async with asyncio.timeout(ctx.config.rpc_timeout):
+            first = await call.read()
+            # A SyncClose saying why may come first (§6.7a); the status is what counts.
+            while first is not grpc.aio.EOF and _is_close(first):
+                first = await call.read()
+    except grpc.RpcError as err:
+        outcome = outcome_from_error(
+            label, wrappers_pb2.BytesValue(value=UNDECODABLE), err, time.perf_counter() - started
+        )
+    except TimeoutError:
+        raise CaseFailure(
+            "the custodian kept the stream open after a message that does not parse",
+            expected="the stream ended with INVALID_ARGUMENT MALFORMED",
+            got=f"no answer within {ctx.config.rpc_timeout:g} s",
+        ) from None
+    else:
+        raise CaseFailure(
+            "the custodian answered a message that does not parse",
+            expected="the stream ended with INVALID_ARGUMENT MALFORMED",
+            got="end of stream" if first is grpc.aio.EOF else f"{len(first)} bytes",
+        )
+    finally:
+        call.cancel()
+    ctx.transcript.append(outcome)
+    expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_MALFORMED)
+    await _expect_unchanged(ctx, before, "a stream message refused as undecodable")
+
+
+def _is_close(data: bytes) -> bool:
+    try:
+        response = custodian_service_pb2.SyncPositionsResponse.FromString(data)
+    except DecodeError:
+        return False
+    return response.frame.WhichOneof("frame") == "close"
