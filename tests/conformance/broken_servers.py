@@ -229,6 +229,18 @@ def _custodian_rejects_forged_inner_statement() -> None:
     stream._on_risk_policy = on_risk_policy
 
 
+def _custodian_accepts_third_party_statements() -> None:
+    """Statements on the exchange's stream are acted on whoever of the registry issued them."""
+
+    def from_peer(self: Any, exchange: str, envelope: Any, expected_type: Any, now: Any) -> Any:
+        ledger = self._ledger
+        verified = ledger._verify(envelope, expected_type, now, on_stream=True)
+        ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
+        return verified
+
+    _custodian_exchange_stream.ExchangeStream._from_peer = from_peer
+
+
 def _custodian_waits_forever_for_hello() -> None:
     """A stream that never says hello is held open (and a dead peer noticed late)."""
     session: Any = _session_module
@@ -806,6 +818,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "integer-overflow-unchecked": _integer_overflow_unchecked,
     "custodian-rejects-forged-inner-statement": _custodian_rejects_forged_inner_statement,
     "custodian-waits-forever-for-hello": _custodian_waits_forever_for_hello,
+    "custodian-accepts-third-party-statements": _custodian_accepts_third_party_statements,
     "exchange-credits-without-proving": _exchange_credits_without_proving,
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,

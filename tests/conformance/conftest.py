@@ -62,6 +62,8 @@ def kit_files(reference_parties: Parties) -> dict[str, Path]:
         "client_key": reference_parties.key_path(CLIENT),
         # Emergency releases need a second signer beside the exchange.
         "regulator_key": reference_parties.key_path(REGULATOR),
+        # A registered exchange that is not the stream's peer (sync/third-party-*).
+        "other_exchange_key": reference_parties.key_path(OTHER_EXCHANGE),
     }
 
 
@@ -126,6 +128,8 @@ def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
         str(files["client_key"]),
         "--kit-key",
         str(files["regulator_key"]),
+        "--kit-key",
+        str(files["other_exchange_key"]),
         "--no-colour",
         *extra,
     ]

@@ -217,9 +217,15 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"sync/silent-stream-closed"},
     ),
     (
+        "custodian-accepts-third-party-statements",
+        _SYNC_REFUSALS,
+        {"sync/third-party-inner-statement-refused"},
+    ),
+    (
         "custodian-rejects-forged-inner-statement",
         _SYNC_REFUSALS,
-        {"sync/invalid-inner-statement-refused"},
+        # It files any inner statement that does not verify as a business refusal.
+        {"sync/invalid-inner-statement-refused", "sync/third-party-inner-statement-refused"},
     ),
     (
         "custodian-refuses-old-batches",
@@ -228,7 +234,11 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"sync/duplicate-batch-acked-once", "sync/equivocation-refused"},
     ),
     ("custodian-equivocation-as-gap", _SYNC_REFUSALS, {"sync/equivocation-refused"}),
-    ("custodian-key-role-as-unauthenticated", _SYNC_REFUSALS, {"sync/wrong-role-batch-refused"}),
+    (
+        "custodian-key-role-as-unauthenticated",
+        _SYNC_REFUSALS,
+        {"sync/wrong-role-batch-refused", "sync/third-party-inner-statement-refused"},
+    ),
     (
         "custodian-sequence-gap-as-failed-precondition",
         _SYNC_REFUSALS,

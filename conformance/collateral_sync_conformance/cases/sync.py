@@ -29,6 +29,7 @@ from collateral_sync.v1 import (
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
     CaseFailure,
+    CaseSkipped,
     check,
     check_equal,
     describe,
@@ -494,6 +495,33 @@ async def invalid_inner_statement(ctx: CaseContext) -> None:
     updates = [await kit_update(ctx, signer), forged.SerializeToString()]
     batch, _ = await kit_batch(ctx, signer, n + 1, prev, updates)
     await _refused(ctx, stream, batch, _C.UNAUTHENTICATED, _R.ERROR_REASON_SIGNATURE_INVALID)
+
+
+@REGISTRY.case(
+    "sync/third-party-inner-statement-refused",
+    Level.MUST,
+    "SyncPositions: a batch from the exchange carrying a statement validly signed by another "
+    "registered exchange is refused whole: PERMISSION_DENIED KEY_ROLE_MISMATCH, nothing stored "
+    "(§6.5: the issuer of a statement an update carries must be the peer)",
+    roles=_CUSTODIAN,
+)
+async def third_party_inner_statement(ctx: CaseContext) -> None:
+    signer = ctx.key(_EXCHANGE_ROLE)
+    other = next(
+        (
+            key
+            for key in ctx.config.kit_keys
+            if key.role == _EXCHANGE_ROLE and key.party_id != signer.party_id
+        ),
+        None,
+    )
+    if other is None:
+        raise CaseSkipped("needs a --kit-key of a second exchange party, registered at the server")
+    stream = await SyncStream.open(ctx)
+    n, prev = stream.hello.received_sequence, stream.hello.received_entry_hash
+    updates = [await kit_update(ctx, signer), await kit_update(ctx, other)]
+    batch, _ = await kit_batch(ctx, signer, n + 1, prev, updates)
+    await _refused(ctx, stream, batch, _C.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH)
 
 
 @REGISTRY.case(
