@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import decimal
 import itertools
-import json
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -58,7 +56,7 @@ from typing import Any
 
 from collateral_sync.amounts import amount_from_proto, amount_to_proto, format_amount
 from collateral_sync.errors import CollateralSyncError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import SigningKey
 from collateral_sync.signing import sign_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -70,10 +68,9 @@ from collateral_sync.v1 import (
     valuation_pb2,
 )
 from collateral_sync_reference.common.clock import TestClock
-from collateral_sync_reference.common.config import load_config
-from collateral_sync_reference.common.runner import ServerContext
-from collateral_sync_reference.common.storage import SqliteStorage, open_storage
+from collateral_sync_reference.common.storage import SqliteStorage
 from collateral_sync_reference.custodian import parse_settings
+from collateral_sync_reference.custodian.config import CustodianSettings
 from collateral_sync_reference.custodian.core import Custodian
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
@@ -88,11 +85,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from .._inprocess import server_context, write_keys
 from ..conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
-    KEYS_VALID_FROM,
     OTHER_CLIENT,
     OTHER_EXCHANGE,
 )
@@ -287,26 +284,19 @@ class CustodianConservation(RuleBasedStateMachine):
     def start_custodian(self, holdings: dict[Key, int]) -> None:
         """Keys, a key registry and a configuration file, then the custodian as the runner builds it."""
         directory = self.directory
-        (directory / "keys").mkdir()
-        registry = KeyRegistry()
-        parties = {
-            CUSTODIAN: common_pb2.PARTY_ROLE_CUSTODIAN,
-            **dict.fromkeys(EXCHANGES, common_pb2.PARTY_ROLE_EXCHANGE),
-            **dict.fromkeys(sorted(set(ACCOUNTS.values())), common_pb2.PARTY_ROLE_CLIENT),
-        }
-        for party_id, role in parties.items():
-            key = SigningKey.generate(party_id, role)
-            key.save(directory / "keys" / f"{party_id}.key.json")
-            registry.add(key.party_key(valid_from=KEYS_VALID_FROM))
-            self.keys[party_id] = key
-        registry.save(directory / "keys" / "registry.json")
+        self.keys = write_keys(
+            directory,
+            {
+                CUSTODIAN: common_pb2.PARTY_ROLE_CUSTODIAN,
+                **dict.fromkeys(EXCHANGES, common_pb2.PARTY_ROLE_EXCHANGE),
+                **dict.fromkeys(sorted(set(ACCOUNTS.values())), common_pb2.PARTY_ROLE_CLIENT),
+            },
+        )
         initial = {key: _micro(units) for key, units in holdings.items()}
         document: dict[str, Any] = {
             "party_id": CUSTODIAN,
             "role": "custodian",
             "storage": {"path": f"{CUSTODIAN}.sqlite"},
-            "signing_key": f"keys/{CUSTODIAN}.key.json",
-            "key_registry": "keys/registry.json",
             "peers": dict.fromkeys(EXCHANGES),
             "custodian": {
                 "yield_time_utc": "08:00",
@@ -332,29 +322,13 @@ class CustodianConservation(RuleBasedStateMachine):
                 ],
             },
         }
-        config_path = directory / "custodian.json"
-        config_path.write_text(json.dumps(document), encoding="utf-8")
-
-        # What common/runner.py does before it serves, minus gRPC and TLS.
-        config = load_config(config_path, role="custodian")
-        role_settings = parse_settings(config)
-        self.storage = storage = open_storage(
-            config.storage.engine, config.storage.path, synchronous=config.storage.synchronous
+        server = server_context(
+            directory, document, role="custodian", parse_settings=parse_settings, start=START
         )
-        self.clock = TestClock(storage, base=lambda: START)
-        context = ServerContext(
-            config=config,
-            settings=role_settings,
-            storage=storage,
-            clock=self.clock,
-            signer=SigningKey.load(config.signing_key),
-            registry=KeyRegistry.load(config.key_registry),
-            tls=None,
-            test_mode=True,
-            logger=logging.getLogger("collateral_sync_reference.custodian"),
-            _shutdown=_refuse_shutdown,
-        )
-        self.custodian = Custodian(context, role_settings)
+        self.storage, self.clock = server.storage, server.clock
+        role_settings = server.context.settings
+        assert isinstance(role_settings, CustodianSettings)
+        self.custodian = Custodian(server.context, role_settings)
         # As the role's start does: the first look at the clock fixes the yield schedule.
         self.custodian.run_due()
 
@@ -929,10 +903,6 @@ def _check_conservation(observed: Observed, when: str) -> None:
 
 def _path_id(envelope: envelope_pb2.Envelope) -> str:
     return liquidation_pb2.LiquidationPath.FromString(envelope.payload).header.statement_id
-
-
-def _refuse_shutdown(code: int, reason: str) -> None:
-    raise AssertionError(f"the custodian asked to stop ({code}): {reason}")
 
 
 def test_holdings_are_conserved_under_any_sequence_of_operations() -> None:
