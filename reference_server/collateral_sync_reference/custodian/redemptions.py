@@ -3,27 +3,25 @@
 ``RequestRedemption`` locks the quantity (no longer free to pledge or to
 redeem again) until the configured lock time (24 h by default) has passed;
 only what is neither locked nor pledged can be redeemed (docs/PROTOCOL.md
-§5.8). The scheduler then settles it (:meth:`Custodian.run_due`): the
-quantity leaves the account, and the undistributed yield shrinks to what the
-account still holds unpledged.
+§5.8), and yield the lock takes is no longer owed. The scheduler then settles
+it at its ``settles_at`` (:meth:`Custodian.run_due`): the quantity leaves the
+account; the pledge and the yield still owed stay as they were.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from collateral_sync.amounts import amount_to_proto, format_amount
+from collateral_sync.amounts import format_amount
 from collateral_sync.keys import _to_timestamp
 from collateral_sync.v1 import (
     custodian_service_pb2,
-    position_sync_pb2,
 )
 
 from collateral_sync_reference.common.errors import conflict as _conflict
 from collateral_sync_reference.common.errors import required as _required
 from collateral_sync_reference.custodian.ledger import (
     _REASON,
-    _ZERO,
     Ledger,
     _add,
     _Change,
@@ -116,30 +114,9 @@ class Redemptions:
             holding = account.holding(redemption.asset_id)
             holding.quantity = _sub(holding.quantity, redemption.quantity)
             holding.locked = _sub(holding.locked, redemption.quantity)
-            pledged_before = holding.pledged
-            # A lock never covers pledged quantity (§5.8), so the pledge cannot
-            # shrink here; the bound stays for a database written before that rule.
-            holding.pledged = min(holding.pledged, _sub(holding.quantity, holding.locked))
-            holding.accrued_yield = max(
-                _ZERO,
-                min(
-                    holding.accrued_yield,
-                    _sub(_sub(holding.quantity, holding.locked), holding.pledged),
-                ),
-            )
+            # Neither the pledge nor the yield owed can shrink here: the lock took
+            # neither (§5.8), so the account still holds both.
             ledger.store.mark_settled(redemption.redemption_id)
-            [(_, ref)] = ledger._attest(
+            ledger._attest(
                 [_Change(account, _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED)], now
             )
-            if account.exchange_id and holding.pledged != pledged_before:
-                ledger._announce(
-                    account.exchange_id,
-                    position_sync_pb2.PositionUpdate(
-                        pledge_change=position_sync_pb2.PledgeChange(
-                            account_id=account.account_id,
-                            asset_id=redemption.asset_id,
-                            pledged_quantity=amount_to_proto(holding.pledged),
-                            attestation=ref,
-                        )
-                    ),
-                )
