@@ -11,11 +11,13 @@ and a registry on disk, one configuration file, read by the role's own
 
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,55 @@ from collateral_sync_reference.common.clock import TestClock
 from collateral_sync_reference.common.config import ServerConfig, load_config
 from collateral_sync_reference.common.runner import ServerContext
 from collateral_sync_reference.common.storage import SqliteStorage, open_storage
+from hypothesis import settings
 
-from .conftest import KEYS_VALID_FROM
+from .conftest import CLIENT, EXCHANGE, KEYS_VALID_FROM, OTHER_CLIENT, OTHER_EXCHANGE
 
-__all__ = ["REGISTRY", "InProcessServer", "server_context", "write_keys"]
+__all__ = [
+    "ACCOUNTS",
+    "EXACT",
+    "EXCHANGES",
+    "PATH_ORDER",
+    "REGISTRY",
+    "SETTINGS",
+    "SIGNED_TTL",
+    "START",
+    "InProcessServer",
+    "micro",
+    "server_context",
+    "write_keys",
+]
+
+# --- the world both stateful tests of conservation play in
+
+#: Two exchanges at one custodian: the one a test watches, and another.
+EXCHANGES = (EXCHANGE, OTHER_EXCHANGE)
+#: Account -> the client whose key must sign its pledges and redemptions.
+ACCOUNTS: Mapping[str, str] = {"acct-a": CLIENT, "acct-b": CLIENT, "acct-c": OTHER_CLIENT}
+#: The order of the liquidation path's steps.
+PATH_ORDER = ("USDC", "BTC", "BENJI")
+#: The test clock stands still between steps: real time never leaks into an example.
+START = datetime(2030, 1, 1, tzinfo=UTC)
+SIGNED_TTL = timedelta(hours=1)
+#: Reproducible in CI: derandomized, no example database; each example under a second.
+SETTINGS = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+)
+#: Exact model arithmetic, as the ledger's: nothing is rounded unless asked.
+EXACT = decimal.Context(
+    prec=200, traps=[decimal.InvalidOperation, decimal.Inexact, decimal.Overflow]
+)
+_MICRO = Decimal("0.000001")
+
+
+def micro(units: int) -> Decimal:
+    """``units`` millionths: the grain of the amounts the tests draw."""
+    return EXACT.multiply(Decimal(units), _MICRO)
+
 
 #: Where :func:`write_keys` puts the registry, relative to the directory.
 REGISTRY = "keys/registry.json"

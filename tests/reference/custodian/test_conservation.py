@@ -49,7 +49,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ from collateral_sync_reference.custodian.config import CustodianSettings
 from collateral_sync_reference.custodian.core import Custodian
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
-from hypothesis import event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -85,68 +85,49 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from .._inprocess import server_context, write_keys
-from ..conftest import (
-    CLIENT,
-    CUSTODIAN,
-    EXCHANGE,
-    OTHER_CLIENT,
-    OTHER_EXCHANGE,
+from .._inprocess import (
+    ACCOUNTS,
+    EXACT,
+    EXCHANGES,
+    PATH_ORDER,
+    SETTINGS,
+    SIGNED_TTL,
+    START,
+    micro,
+    server_context,
+    write_keys,
 )
+from ..conftest import CUSTODIAN
 
 REASON = attestation_pb2.HoldingsChangeReason
 _CLASS = common_pb2.AssetClass
 
-EXCHANGES = (EXCHANGE, OTHER_EXCHANGE)
-#: Account -> the client whose key must sign its pledges and redemptions.
-ACCOUNTS: Mapping[str, str] = {"acct-a": CLIENT, "acct-b": CLIENT, "acct-c": OTHER_CLIENT}
 #: Asset -> (class, daily yield rate or None).
 ASSETS: Mapping[str, tuple[common_pb2.AssetClass.ValueType, Decimal | None]] = {
     "USDC": (_CLASS.ASSET_CLASS_STABLECOIN, None),
     "BTC": (_CLASS.ASSET_CLASS_CRYPTO, None),
     "BENJI": (_CLASS.ASSET_CLASS_TOKENIZED_MMF, Decimal("0.000118")),
 }
-#: The order of the liquidation path's steps, and the prices a liquidation is executed at.
-PATH_ORDER = ("USDC", "BTC", "BENJI")
+#: The prices a liquidation is executed at.
 PRICES = {"USDC": "1", "BTC": "64000.5", "BENJI": "1.0123"}
 
-#: The test clock stands still between steps: real time never leaks into an example.
-START = datetime(2030, 1, 1, tzinfo=UTC)
 YIELD_TIME = timedelta(hours=8)  # "08:00"
 REDEMPTION_LOCK = timedelta(hours=6)
 STATEMENT_TTL = timedelta(days=365)
-SIGNED_TTL = timedelta(hours=1)
 #: A path in force is sent again with each top-up, so it must outlive the example.
 PATH_TTL = timedelta(days=365)
 
-_MICRO = Decimal("0.000001")
 _ZERO = Decimal(0)
-# Exact model arithmetic, as the ledger's: nothing is rounded unless asked.
-_EXACT = decimal.Context(
-    prec=200, traps=[decimal.InvalidOperation, decimal.Inexact, decimal.Overflow]
-)
 _ROUNDING = decimal.Context(prec=200, traps=[decimal.InvalidOperation, decimal.Overflow])
 _YIELD_QUANTUM = Decimal("1e-18")
 
-SETTINGS = settings(
-    max_examples=100,
-    stateful_step_count=30,
-    deadline=None,
-    derandomize=True,
-    database=None,
-)
-
 
 def _plus(a: Decimal, b: Decimal) -> Decimal:
-    return _EXACT.add(a, b)
+    return EXACT.add(a, b)
 
 
 def _minus(a: Decimal, b: Decimal) -> Decimal:
-    return _EXACT.subtract(a, b)
-
-
-def _micro(units: int) -> Decimal:
-    return _EXACT.multiply(Decimal(units), _MICRO)
+    return EXACT.subtract(a, b)
 
 
 def _daily_yield(quantity: Decimal, rate: Decimal) -> Decimal:
@@ -238,7 +219,7 @@ def _draw_amount(data: st.DataObject, bound: Decimal, label: str) -> Decimal:
     ]
     kind = data.draw(st.sampled_from(kinds), label=f"{label} (bound {format_amount(bound)})")
     if kind == "within":
-        return _micro(data.draw(st.integers(1, whole_units), label=f"{label} in micro-units"))
+        return micro(data.draw(st.integers(1, whole_units), label=f"{label} in micro-units"))
     if kind == "bound":
         return bound
     # (whole_units + n) micro-units > bound for every n >= 1; half the time n is small, so
@@ -247,7 +228,7 @@ def _draw_amount(data: st.DataObject, bound: Decimal, label: str) -> Decimal:
         st.one_of(st.integers(1, 1000), st.integers(1, 10**9)),
         label=f"{label}: micro-units beyond the bound",
     )
-    return _micro(whole_units + beyond)
+    return micro(whole_units + beyond)
 
 
 class CustodianConservation(RuleBasedStateMachine):
@@ -292,7 +273,7 @@ class CustodianConservation(RuleBasedStateMachine):
                 **dict.fromkeys(sorted(set(ACCOUNTS.values())), common_pb2.PARTY_ROLE_CLIENT),
             },
         )
-        initial = {key: _micro(units) for key, units in holdings.items()}
+        initial = {key: micro(units) for key, units in holdings.items()}
         document: dict[str, Any] = {
             "party_id": CUSTODIAN,
             "role": "custodian",
@@ -352,7 +333,7 @@ class CustodianConservation(RuleBasedStateMachine):
         units=st.integers(1, 10**9),
     )
     def deposit(self, account: str, asset: str, units: int) -> None:
-        amount = _micro(units)
+        amount = micro(units)
         before = self.model[account, asset]
         expected = self._with(
             {(account, asset): replace(before, quantity=_plus(before.quantity, amount))}
@@ -418,7 +399,7 @@ class CustodianConservation(RuleBasedStateMachine):
         before = self.model[account, asset]
         # Within what is free, so that the second exchange is the only reason to refuse.
         whole_units = int(before.pledgeable.scaleb(6))
-        amount = _micro(data.draw(st.integers(1, max(1, whole_units)), label="micro-units"))
+        amount = micro(data.draw(st.integers(1, max(1, whole_units)), label="micro-units"))
         request = self._pledge_request(account, other, asset, amount)
         self._refused(
             "pledge to a second exchange",
@@ -515,7 +496,7 @@ class CustodianConservation(RuleBasedStateMachine):
         pledged = sorted(a for a, e in self.exchange_of.items() if e)
         account = data.draw(st.sampled_from(pledged), label="pledged account")
         exchange = self.exchange_of[account]
-        amount = _micro(data.draw(st.integers(1, 10**15), label="value to raise, micro-units"))
+        amount = micro(data.draw(st.integers(1, 10**15), label="value to raise, micro-units"))
         instruction = self._liquidation_instruction(account, exchange, amount)
         self._operate(
             "liquidation",

@@ -123,7 +123,7 @@ from collateral_sync_reference.exchange.instruction_delivery import LiquidationS
 from collateral_sync_reference.exchange.price_feed import ScriptedPriceFeed
 from collateral_sync_reference.exchange.role import ExchangeRoleSettings, parse_exchange_settings
 from google.protobuf.message import Message
-from hypothesis import event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -134,15 +134,23 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from .._inprocess import InProcessServer, server_context, write_keys
-from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, OTHER_CLIENT, OTHER_EXCHANGE
+from .._inprocess import (
+    ACCOUNTS,
+    EXACT,
+    EXCHANGES,
+    PATH_ORDER,
+    SETTINGS,
+    SIGNED_TTL,
+    START,
+    InProcessServer,
+    micro,
+    server_context,
+    write_keys,
+)
+from ..conftest import CUSTODIAN, EXCHANGE, OTHER_EXCHANGE
 
 _CLASS = common_pb2.AssetClass
 
-#: The exchange under test, and another the custodian serves (its stream is never read).
-EXCHANGES = (EXCHANGE, OTHER_EXCHANGE)
-#: Account -> the client whose key must sign its pledges and redemptions.
-ACCOUNTS: Mapping[str, str] = {"acct-a": CLIENT, "acct-b": CLIENT, "acct-c": OTHER_CLIENT}
 #: Asset -> (class name, daily yield rate or None).
 ASSETS: Mapping[str, tuple[str, Decimal | None]] = {
     "USDC": ("STABLECOIN", None),
@@ -164,10 +172,7 @@ OPENING_PRICES: Mapping[str, Decimal] = {
     "BENJI": Decimal("1.0123"),
 }
 ORIGIN = f"{CUSTODIAN}/collateral-sync/attestations"
-PATH_ORDER = ("USDC", "BTC", "BENJI")
 
-START = datetime(2030, 1, 1, tzinfo=UTC)
-SIGNED_TTL = timedelta(hours=1)
 #: Statements and paths outlive an example (at most ~40 days of test clock).
 LONG_TTL = timedelta(days=365)
 #: Where each account's opening pledges go, if anywhere ("": no pledge at the start).
@@ -178,23 +183,7 @@ RATIOS = (Decimal("0.9"), Decimal("0.45"), Decimal("0.3"), Decimal("0.05"))
 BATCH_ENTRIES = 7
 
 _T = TypeVar("_T")
-_MICRO = Decimal("0.000001")
 _ZERO = Decimal(0)
-_EXACT = decimal.Context(
-    prec=200, traps=[decimal.InvalidOperation, decimal.Inexact, decimal.Overflow]
-)
-
-SETTINGS = settings(
-    max_examples=100,
-    stateful_step_count=30,
-    deadline=None,
-    derandomize=True,
-    database=None,
-)
-
-
-def _micro(units: int) -> Decimal:
-    return _EXACT.multiply(Decimal(units), _MICRO)
 
 
 def _draw_within(data: st.DataObject, bound: Decimal, label: str) -> Decimal | None:
@@ -204,7 +193,7 @@ def _draw_within(data: st.DataObject, bound: Decimal, label: str) -> Decimal | N
     whole_units = int(bound.scaleb(6))
     if whole_units < 1 or data.draw(st.booleans(), label=f"{label}: all of {bound}"):
         return bound
-    return _micro(data.draw(st.integers(1, whole_units), label=f"{label} in micro-units"))
+    return micro(data.draw(st.integers(1, whole_units), label=f"{label} in micro-units"))
 
 
 class _InProcessCustodian:
@@ -394,7 +383,7 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
                         "account_id": account,
                         "client_id": client,
                         "holdings": {
-                            asset: format_amount(_micro(holdings[account, asset]))
+                            asset: format_amount(micro(holdings[account, asset]))
                             for asset in ASSETS
                         },
                     }
@@ -483,7 +472,7 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
     def deposit(self, account: str, asset: str, units: int) -> None:
         self._custodian.yield_accrual.deposit(
             test_control_pb2.DepositRequest(
-                account_id=account, asset_id=asset, quantity=amount_to_proto(_micro(units))
+                account_id=account, asset_id=asset, quantity=amount_to_proto(micro(units))
             )
         )
 
@@ -551,7 +540,7 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
         units=st.one_of(st.integers(0, 10**7), st.integers(0, 10**11)),
     )
     def set_price(self, asset: str, units: int) -> None:
-        price = _micro(units)
+        price = micro(units)
         self._core.revaluer.set_price(
             valuation_pb2.PriceQuote(asset_id=asset, price=amount_to_proto(price))
         )
@@ -576,10 +565,10 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
         if kind == "none":
             exposure = _ZERO
         elif kind == "any":
-            exposure = _micro(data.draw(st.integers(1, 10**15), label="micro-units"))
+            exposure = micro(data.draw(st.integers(1, 10**15), label="micro-units"))
         else:
             ratio = data.draw(st.sampled_from(RATIOS), label="target collateral ratio")
-            exposure = (value / ratio).quantize(_MICRO, rounding=decimal.ROUND_CEILING)
+            exposure = (value / ratio).quantize(micro(1), rounding=decimal.ROUND_CEILING)
         revaluation = self._core.revaluer.set_exposure(account, exposure)
         if self._exchange_of(account) == OTHER_EXCHANGE:
             event("exposure: account pledged to another exchange")
@@ -817,13 +806,13 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
                 f"{format_amount(quantity - locked)}"
             )
         for asset_id, (_, pledged, _) in held.items():
-            value = _EXACT.multiply(
-                _EXACT.multiply(pledged, self.prices[asset_id]), FACTORS[asset_id]
+            value = EXACT.multiply(
+                EXACT.multiply(pledged, self.prices[asset_id]), FACTORS[asset_id]
             )
-            bound = _EXACT.add(bound, value)
-        assert stated[1] <= _EXACT.multiply(LEVERAGE_CAP, bound), (
+            bound = EXACT.add(bound, value)
+        assert stated[1] <= EXACT.multiply(LEVERAGE_CAP, bound), (
             f"{where}: limit {format_amount(stated[1])} exceeds leverage cap x pledged value "
-            f"{format_amount(_EXACT.multiply(LEVERAGE_CAP, bound))}"
+            f"{format_amount(EXACT.multiply(LEVERAGE_CAP, bound))}"
         )
         if counted and stated[1] > 0:
             event("credit granted on proven pledges")
