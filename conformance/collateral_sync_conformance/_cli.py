@@ -114,6 +114,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="a signing key file of a party the kit plays (e.g. the exchange and a client when "
         "testing a custodian); repeatable",
     )
+    run.add_argument(
+        "--identity",
+        action="append",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        default=[],
+        help="a further TLS identity (certificate and key, PEM, from the same CA) the kit calls "
+        "as in the access/ cases: a second client, another exchange, a regulator, and a "
+        "stranger whose party is not in the registry; repeatable",
+    )
     run.add_argument("--server-party", help="party id of the server (default: from --registry)")
     run.add_argument("--server-name", help="name to check in the server certificate (TLS)")
     run.add_argument(
@@ -233,6 +243,7 @@ def _config(args: argparse.Namespace) -> KitConfig:
             if args.exchange_cert
             else None
         )
+        identities = tuple(TlsConfig.from_files(args.ca, cert, key) for cert, key in args.identity)
         registry = KeyRegistry.load(args.registry)
         keys = tuple(SigningKey.load(path) for path in args.kit_key)
     except (OSError, CollateralSyncError, ValueError) as err:
@@ -253,6 +264,7 @@ def _config(args: argparse.Namespace) -> KitConfig:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         listen_exchange=args.listen_exchange,
         exchange_tls=exchange_tls,
+        identities=identities,
     )
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "MAIN_SERVICE",
     "CaseContext",
     "KitConfig",
+    "PartyClients",
     "Session",
     "party_role",
 ]
@@ -111,6 +112,9 @@ class KitConfig:
     #: (``listen`` then serves the custodian's), and the TLS identity it uses there.
     listen_exchange: str | None = None
     exchange_tls: TlsConfig | None = None
+    #: Further TLS identities the kit may call as (``--identity``): a second client,
+    #: another exchange, a regulator, a stranger whose party is not in the registry.
+    identities: tuple[TlsConfig, ...] = ()
 
     def key_for(self, role: int) -> SigningKey | None:
         """The kit's first key registered for ``role`` (a ``PartyRole``), if any."""
@@ -118,6 +122,29 @@ class KitConfig:
             if key.role == role:
                 return key
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class PartyClients:
+    """The clients of one TLS identity of the kit: calls made as ``party_id``."""
+
+    party_id: str
+    custodian: CustodianClient
+    exchange: ExchangeClient
+    regulator: RegulatorClient
+    reconciliation: ReconciliationClient
+    emergency_release: EmergencyReleaseClient
+
+    @classmethod
+    def over(cls, party_id: str, channel: grpc.aio.Channel, timeout: float) -> PartyClients:
+        return cls(
+            party_id=party_id,
+            custodian=CustodianClient(channel, default_timeout=timeout),
+            exchange=ExchangeClient(channel, default_timeout=timeout),
+            regulator=RegulatorClient(channel, default_timeout=timeout),
+            reconciliation=ReconciliationClient(channel, default_timeout=timeout),
+            emergency_release=EmergencyReleaseClient(channel, default_timeout=timeout),
+        )
 
 
 @dataclass(slots=True)
@@ -144,6 +171,10 @@ class Session:
     account_id: str | None = None
     #: Regulator runs with ``--listen``: the parties' ReconciliationService the kit serves.
     parties: dict[int, KitReconciliationParty] = field(default_factory=dict)
+    #: Channels of the further identities, opened on first use, by party id.
+    _identities: dict[str, tuple[grpc.aio.Channel, PartyClients]] = field(
+        default_factory=dict, repr=False
+    )
     _sequence: Iterator[int] = field(default_factory=lambda: iter(()), repr=False)
 
     @classmethod
@@ -250,8 +281,29 @@ class Session:
             f"{COUNTERPART_DIAL_TIMEOUT:.0f} s of a proven holdings statement"
         ]
 
+    def clients_as(self, party_id: str) -> PartyClients | None:
+        """Clients calling as ``party_id`` (the main identity or an ``--identity``), if the kit has it."""
+        config = self.config
+        timeout = config.rpc_timeout
+        if party_id == config.tls.party_id:
+            return PartyClients.over(party_id, self.channel, timeout)
+        opened = self._identities.get(party_id)
+        if opened is not None:
+            return opened[1]
+        for tls in config.identities:
+            if tls.party_id == party_id:
+                channel = secure_channel(
+                    config.target, tls, server_name_override=config.server_name_override
+                )
+                clients = PartyClients.over(party_id, channel, timeout)
+                self._identities[party_id] = (channel, clients)
+                return clients
+        return None
+
     async def close(self) -> None:
         await self.channel.close()
+        for channel, _ in self._identities.values():
+            await channel.close()
         if self.counterpart is not None:
             await self.counterpart.stop()
         for party in self.parties.values():
@@ -318,6 +370,56 @@ class CaseContext:
 
     def next_sequence(self) -> int:
         return self.session.next_sequence()
+
+    # -- identities --
+
+    @property
+    def identity_parties(self) -> list[str]:
+        """The party ids the kit can call as: its main certificate's first, then ``--identity``."""
+        return [self.config.tls.party_id, *(tls.party_id for tls in self.config.identities)]
+
+    def as_party(self, party_id: str) -> PartyClients:
+        """Clients calling as ``party_id``; skips the case if the kit has no certificate of it."""
+        clients = self.session.clients_as(party_id)
+        if clients is None:
+            raise CaseSkipped(f"needs --identity: a certificate of {party_id!r}")
+        return clients
+
+    @property
+    def owner(self) -> PartyClients:
+        """Calls as the owner of the kit's account (the party of its client key) when the kit
+        has that party's certificate, else as its main identity (PROTOCOL.md §4.5)."""
+        key = self.config.key_for(common_pb2.PARTY_ROLE_CLIENT)
+        clients = None if key is None else self.session.clients_as(key.party_id)
+        return clients or self.as_party(self.kit_party_id)
+
+    @property
+    def auditor(self) -> PartyClients:
+        """Calls as a regulator, who may read every account (PROTOCOL.md §4.5), when the kit has
+        one's certificate, else as its main identity."""
+        for party in self.identity_parties:
+            if any(k.role == common_pb2.PARTY_ROLE_REGULATOR for k in self.registry.keys_for(party)):
+                return self.as_party(party)
+        return self.as_party(self.kit_party_id)
+
+    def as_role(self, role: int, *, besides: Sequence[str] = ()) -> PartyClients:
+        """Clients of a registered party of ``role`` other than ``besides``; skips without one."""
+        for party in self.identity_parties:
+            if party in besides:
+                continue
+            if any(k.role == role for k in self.registry.keys_for(party)):
+                return self.as_party(party)
+        others = f" besides {', '.join(besides)}" if besides else ""
+        raise CaseSkipped(f"needs --identity: a certificate of a {role_name(role)} party{others}")
+
+    def as_stranger(self) -> PartyClients:
+        """Clients of a certificate from the CA whose party is not in the registry; skips without one."""
+        for party in self.identity_parties:
+            if not self.registry.keys_for(party):
+                return self.as_party(party)
+        raise CaseSkipped(
+            "needs --identity: a certificate from the same CA whose party is not in the registry"
+        )
 
     # -- clients --
 

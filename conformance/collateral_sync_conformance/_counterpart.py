@@ -690,13 +690,18 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
 async def credit_line_of(
     exchange: ExchangeClient, account_id: str, timeout: float
 ) -> valuation_pb2.CreditLine | None:
-    """The exchange's current credit line of ``account_id``, or None if it has none."""
+    """The exchange's current credit line of ``account_id``, or None if it has none.
+
+    Before the exchange has the account's holdings statement it does not know
+    the caller for one of the account's parties: PERMISSION_DENIED means "not
+    yet" then, as NOT_FOUND does (PROTOCOL.md §4.5).
+    """
     try:
         response = await exchange.get_credit_line(
             exchange_service_pb2.GetCreditLineRequest(account_id=account_id), timeout=timeout
         )
     except RPCError as err:
-        if err.code == grpc.StatusCode.NOT_FOUND:
+        if err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
             return None
         raise
     return valuation_pb2.CreditLine.FromString(response.credit_line.payload)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from collateral_sync.transport import TlsConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 for _path in (ROOT / "conformance", ROOT / "reference_server"):
@@ -22,8 +23,10 @@ from reference.conftest import (  # noqa: E402 (needs the paths above)
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
+    OTHER_CLIENT,
     OTHER_EXCHANGE,
     REGULATOR,
+    STRANGER,
     Parties,
     ServerProcess,
     StartServer,
@@ -35,6 +38,7 @@ __all__ = [
     "CLIENT",
     "CUSTODIAN",
     "EXCHANGE",
+    "FURTHER_IDENTITIES",
     "KIT_ACCOUNT",
     "REGULATOR",
     "Parties",
@@ -42,7 +46,10 @@ __all__ = [
     "StartServer",
     "custodian",
     "custodian_config",
+    "further_tls",
+    "identity_argv",
     "kit_argv",
+    "parties_identity_argv",
     "reference_parties",
     "regulator_argv",
     "start_server",
@@ -64,7 +71,40 @@ def kit_files(reference_parties: Parties) -> dict[str, Path]:
         "regulator_key": reference_parties.key_path(REGULATOR),
         # A registered exchange that is not the stream's peer (sync/third-party-*).
         "other_exchange_key": reference_parties.key_path(OTHER_EXCHANGE),
+        # Further TLS identities (access/ cases): the account's client, another client,
+        # another exchange, the regulator, and a stranger from the same CA.
+        **{
+            f"identity:{party}": reference_parties.pki.party(party).cert
+            for party in (CLIENT, OTHER_CLIENT, OTHER_EXCHANGE, REGULATOR, STRANGER)
+        },
     }
+
+
+def identity_argv(files: dict[str, Path]) -> list[str]:
+    """``--identity CERT KEY`` for each further identity in ``files``."""
+    argv: list[str] = []
+    for name, cert in files.items():
+        if name.startswith("identity:"):
+            argv += ["--identity", str(cert), str(cert.with_suffix(".key"))]
+    return argv
+
+
+def parties_identity_argv(parties: Parties, *party_ids: str) -> list[str]:
+    """``--identity CERT KEY`` for each of ``party_ids`` (default: every test party but the server's)."""
+    argv: list[str] = []
+    for party in party_ids:
+        files = parties.pki.party(party)
+        argv += ["--identity", str(files.cert), str(files.key)]
+    return argv
+
+
+#: The further identities of exchange and regulator runs (access/ cases).
+FURTHER_IDENTITIES = (CLIENT, OTHER_CLIENT, OTHER_EXCHANGE, REGULATOR, STRANGER)
+
+
+def further_tls(parties: Parties) -> list[TlsConfig]:
+    """The TLS material of :data:`FURTHER_IDENTITIES` (a fault proxy passes them through)."""
+    return [TlsConfig.from_dev_pki(parties.pki, party) for party in FURTHER_IDENTITIES]
 
 
 #: Accounts of the reference custodian the kit is run against; the kit uses KIT_ACCOUNT.
@@ -130,6 +170,7 @@ def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
         str(files["regulator_key"]),
         "--kit-key",
         str(files["other_exchange_key"]),
+        *identity_argv(files),
         "--no-colour",
         *extra,
     ]
@@ -164,4 +205,5 @@ def regulator_argv(
     ]
     for party in keys:
         argv += ["--kit-key", str(parties.key_path(party))]
+    argv += parties_identity_argv(parties, STRANGER)
     return [*argv, *extra]

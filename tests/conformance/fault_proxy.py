@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -118,10 +118,19 @@ class _Status(grpc.Status):  # type: ignore[misc]
 
 
 class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
-    def __init__(self, upstream: grpc.Channel, fault: Fault) -> None:
-        self._upstream = upstream
+    def __init__(
+        self, upstream: grpc.Channel, fault: Fault, as_party: Mapping[str, grpc.Channel]
+    ) -> None:
+        self._default = upstream
+        self._as_party = as_party
         self._fault = fault
         self._wedged = False
+
+    def _upstream(self, context: grpc.ServicerContext) -> grpc.Channel:
+        """The upstream channel of the caller's identity, so the server sees who calls (§4.5)."""
+        names = context.auth_context().get("x509_common_name", ())
+        party = names[0].decode() if len(names) == 1 else ""
+        return self._as_party.get(party, self._default)
 
     def _check_wedged(self, context: grpc.ServicerContext) -> None:
         if self._wedged:
@@ -148,13 +157,13 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if kind == "server_stream":
             return grpc.unary_stream_rpc_method_handler(
                 lambda request, context: self._stream(
-                    method, self._upstream.unary_stream(method)(request), context
+                    method, self._upstream(context).unary_stream(method)(request), context
                 )
             )
         if kind == "bidi":
             return grpc.stream_stream_rpc_method_handler(
                 lambda requests, context: self._stream(
-                    method, self._upstream.stream_stream(method)(requests), context
+                    method, self._upstream(context).stream_stream(method)(requests), context
                 )
             )
         code = self._fault.unknown_method
@@ -175,7 +184,7 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._check_wedged(context)
         self._note_abandoned(context)
         try:
-            response: bytes = self._upstream.unary_unary(method)(
+            response: bytes = self._upstream(context).unary_unary(method)(
                 request, timeout=self._timeout(context)
             )
         except grpc.RpcError as err:
@@ -231,11 +240,18 @@ class FaultProxy:
         client_tls: TlsConfig,
         server_tls: TlsConfig,
         fault: Fault,
+        identities: Sequence[TlsConfig] = (),
     ) -> None:
+        """``identities``: further client identities, passed through as themselves (else
+        every call reaches the server as ``client_tls``)."""
         self._channel = grpc.secure_channel(upstream, channel_credentials(client_tls), _OPTIONS)
+        self._channels = {
+            tls.party_id: grpc.secure_channel(upstream, channel_credentials(tls), _OPTIONS)
+            for tls in identities
+        }
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
-            handlers=[_Handler(self._channel, fault)],
+            handlers=[_Handler(self._channel, fault, self._channels)],
             options=[*_OPTIONS, ("grpc.so_reuseport", 0)],
         )
         credentials = grpc.ssl_server_credentials(
@@ -260,6 +276,8 @@ class FaultProxy:
             self._sniffer.stop()
         self._server.stop(grace=None)
         self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
 
 #: The first byte of a TLS connection: a handshake record.

@@ -22,7 +22,17 @@ from collateral_sync_conformance._expect import CaseFailure
 from collateral_sync_conformance._forge import make_header, seal
 from collateral_sync_conformance._registry import REGISTRY, Role
 
-from .conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties, ServerProcess, StartServer
+from .conftest import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    FURTHER_IDENTITIES,
+    REGULATOR,
+    Parties,
+    ServerProcess,
+    StartServer,
+    parties_identity_argv,
+)
 
 ORIGIN = f"{CUSTODIAN}/collateral-sync/attestations"
 
@@ -77,6 +87,7 @@ def counterpart_argv(
         str(parties.key_path(CUSTODIAN)),
         "--kit-key",
         str(parties.key_path(CLIENT)),
+        *parties_identity_argv(parties, *FURTHER_IDENTITIES),
         "--listen",
         listen,
         "--state-dir",

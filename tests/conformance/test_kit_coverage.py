@@ -44,6 +44,7 @@ from .conftest import (
     REGULATOR,
     Parties,
     ServerProcess,
+    further_tls,
     kit_argv,
     regulator_argv,
 )
@@ -132,6 +133,7 @@ def _proxy(
         client_tls=TlsConfig.from_dev_pki(parties.pki, client),
         server_tls=TlsConfig.from_dev_pki(parties.pki, server),
         fault=REFUSES_NOTHING,
+        identities=further_tls(parties),
     )
     proxies.append(proxy)
     return proxy.start()

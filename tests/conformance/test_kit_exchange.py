@@ -21,12 +21,15 @@ from .conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
+    FURTHER_IDENTITIES,
     KIT_ACCOUNT,
     REGULATOR,
     Parties,
     ServerProcess,
     StartServer,
+    further_tls,
     kit_argv,
+    parties_identity_argv,
 )
 from .fault_proxy import Fault, FaultProxy, Refusal
 
@@ -71,6 +74,8 @@ def exchange(
 async def _wait_until_known(parties: Parties, address: str) -> None:
     """The exchange learns the account from the sync stream; poll until it has."""
     deadline = time.monotonic() + KNOWN_AT_EXCHANGE_TIMEOUT
+    # As the custodian: until the exchange holds the account's statement the custodian is
+    # not yet one of the account's parties, so PERMISSION_DENIED means "not yet" too (§4.5).
     async with parties.channel(address, CUSTODIAN) as channel:
         client = ExchangeClient(channel)
         while True:
@@ -79,7 +84,8 @@ async def _wait_until_known(parties: Parties, address: str) -> None:
                     exchange_service_pb2.ListMarginCallsRequest(account_id=KIT_ACCOUNT)
                 )
             except RPCError as err:
-                if err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                not_yet = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+                if err.code not in not_yet or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
             else:
@@ -108,6 +114,7 @@ def _exchange_argv(parties: Parties, files: dict[str, Path], target: str, *extra
         str(parties.key_path(CUSTODIAN)),
         "--kit-key",
         str(parties.key_path(CLIENT)),
+        *parties_identity_argv(parties, *FURTHER_IDENTITIES),
         "--no-colour",
         *extra,
     ]
@@ -178,6 +185,7 @@ def test_an_exchange_that_accepts_forged_responses_is_caught(
         client_tls=TlsConfig.from_dev_pki(reference_parties.pki, CUSTODIAN),
         server_tls=TlsConfig.from_dev_pki(reference_parties.pki, EXCHANGE),
         fault=Fault("accepts forged margin-call responses", on_refusal=accept_forged),
+        identities=further_tls(reference_parties),
     )
     address = proxy.start()
     try:

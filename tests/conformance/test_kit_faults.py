@@ -21,7 +21,7 @@ from collateral_sync_conformance import main
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from .conftest import CUSTODIAN, EXCHANGE, Parties, ServerProcess, kit_argv
+from .conftest import CUSTODIAN, EXCHANGE, Parties, ServerProcess, further_tls, kit_argv
 from .fault_proxy import Fault, FaultProxy, Refusal
 
 _PLEDGE = "/collateral_sync.v1.CustodianService/PledgeCollateral"
@@ -247,6 +247,7 @@ def test_the_fault_is_caught_by_its_cases(
         client_tls=TlsConfig.from_dev_pki(reference_parties.pki, EXCHANGE),
         server_tls=TlsConfig.from_dev_pki(reference_parties.pki, CUSTODIAN),
         fault=fault,
+        identities=further_tls(reference_parties),
     )
     proxy_for.append(proxy)
     address = proxy.start()

@@ -51,6 +51,7 @@ from .conftest import (
     ServerProcess,
     StartServer,
     custodian_config,
+    further_tls,
     kit_argv,
 )
 from .fault_proxy import Fault, FaultProxy, Refusal
@@ -153,7 +154,9 @@ async def _until_mirrored(parties: Parties, address: str) -> None:
                         exchange_service_pb2.ListMarginCallsRequest(account_id=account)
                     )
                 except RPCError as err:
-                    if err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    # Not yet known, so the custodian is not yet its reader (§4.5) either.
+                    not_yet = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+                    if err.code not in not_yet or time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.05)
                 else:
@@ -339,6 +342,7 @@ def proxy(custodian: ServerProcess, reference_parties: Parties) -> Iterator[Call
             client_tls=TlsConfig.from_dev_pki(reference_parties.pki, EXCHANGE),
             server_tls=TlsConfig.from_dev_pki(reference_parties.pki, CUSTODIAN),
             fault=fault,
+            identities=further_tls(reference_parties),
         )
         started.append(running)
         return running.start()

@@ -50,6 +50,8 @@ OTHER_EXCHANGE = "exchange-2"
 REGULATOR = "regulator-1"
 CLIENT = "client-1"
 OTHER_CLIENT = "client-2"
+#: A certificate from the same CA whose party is not in the key registry (PROTOCOL.md §4.5).
+STRANGER = "stranger-1"
 
 _ROLES = {
     CUSTODIAN: common_pb2.PARTY_ROLE_CUSTODIAN,
@@ -122,6 +124,7 @@ def reference_parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
             str(directory / "pki"),
             "--party",
             *_ROLES,
+            STRANGER,
         ],
         capture_output=True,
         text=True,
@@ -137,7 +140,7 @@ def reference_parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
             party: PartyFiles(
                 party, directory / "pki" / f"{party}.pem", directory / "pki" / f"{party}.key"
             )
-            for party in _ROLES
+            for party in (*_ROLES, STRANGER)
         },
     )
     assert all(files.cert.is_file() and files.key.is_file() for files in pki.parties.values())

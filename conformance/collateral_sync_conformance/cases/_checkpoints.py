@@ -155,7 +155,7 @@ async def expect_attested(
     )
     included_in = await checkpoint_at(ctx, ref.tree_size)
     outcome = await ctx.rpc(
-        ctx.custodian.get_inclusion_proof,
+        ctx.owner.custodian.get_inclusion_proof,
         custodian_service_pb2.GetInclusionProofRequest(
             leaf_index=ref.leaf_index, tree_size=ref.tree_size
         ),

@@ -70,7 +70,7 @@ async def holdings(
 ]:
     """The account's latest holdings statement, verified as addressed to the kit's client."""
     outcome = await ctx.rpc(
-        ctx.custodian.get_holdings_statement,
+        ctx.owner.custodian.get_holdings_statement,
         custodian_service_pb2.GetHoldingsStatementRequest(account_id=account_id),
     )
     response: custodian_service_pb2.GetHoldingsStatementResponse = expect_ok(outcome)

@@ -50,7 +50,7 @@ async def custodian_state(ctx: CaseContext) -> CustodianState:
     holdings_text = "(no --account)"
     if ctx.config.account_id:
         read = await ctx.rpc(
-            ctx.custodian.get_holdings_statement,
+            ctx.owner.custodian.get_holdings_statement,
             custodian_service_pb2.GetHoldingsStatementRequest(account_id=ctx.config.account_id),
         )
         if read.ok:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 from collateral_sync.attestation import CheckpointMonitor, statement_leaf
 from collateral_sync.merkle import leaf_hash, verify_consistency_proof, verify_inclusion_proof
-from collateral_sync.v1 import attestation_pb2, custodian_service_pb2, errors_pb2
+from collateral_sync.v1 import attestation_pb2, common_pb2, custodian_service_pb2, errors_pb2
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
@@ -90,8 +90,9 @@ async def checkpoint_origin_stable(ctx: CaseContext) -> None:
 async def _inclusion(
     ctx: CaseContext, index: int, checkpoint: attestation_pb2.Checkpoint, *, tree_size: int
 ) -> attestation_pb2.HoldingsStatement:
+    # Leaves of any account: read as a regulator, who may read every leaf (§4.5).
     outcome = await ctx.rpc(
-        ctx.custodian.get_inclusion_proof,
+        ctx.auditor.custodian.get_inclusion_proof,
         custodian_service_pb2.GetInclusionProofRequest(leaf_index=index, tree_size=tree_size),
     )
     response: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
@@ -316,12 +317,14 @@ async def tree_size_beyond_log(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "attestation/holdings-statement-unknown-account",
     Level.MUST,
-    "GetHoldingsStatement of an account the custodian does not hold is refused with NOT_FOUND",
+    "a regulator asking for the holdings statement of an account the custodian does not hold "
+    "gets NOT_FOUND (any other caller gets PERMISSION_DENIED: access/ cases)",
     roles=_CUSTODIAN,
 )
 async def holdings_unknown_account(ctx: CaseContext) -> None:
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.custodian.get_holdings_statement,
+        regulator.custodian.get_holdings_statement,
         custodian_service_pb2.GetHoldingsStatementRequest(
             account_id=ctx.unique("conformance-no-such-account")
         ),
@@ -373,7 +376,7 @@ async def holdings_attested(ctx: CaseContext) -> None:
     # The reference names the first checkpoint that includes the leaf: one was signed there.
     first = await checkpoint_at(ctx, ref.tree_size)
     outcome = await ctx.rpc(
-        ctx.custodian.get_inclusion_proof,
+        ctx.owner.custodian.get_inclusion_proof,
         custodian_service_pb2.GetInclusionProofRequest(
             leaf_index=ref.leaf_index, tree_size=ref.tree_size
         ),

@@ -105,12 +105,14 @@ async def risk_policy_unknown_version(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/credit-line-unknown-account-not-found",
     Level.MUST,
-    "GetCreditLine of an account the exchange does not know is refused with NOT_FOUND",
+    "a regulator's GetCreditLine of an account the exchange does not know is refused with NOT_FOUND",
     roles=_EXCHANGE,
 )
 async def credit_line_unknown(ctx: CaseContext) -> None:
+    # Only a regulator, who may read every account, learns that one does not exist (§4.5).
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.exchange.get_credit_line,
+        regulator.exchange.get_credit_line,
         exchange_service_pb2.GetCreditLineRequest(
             account_id=ctx.unique("conformance-no-such-account")
         ),
@@ -121,12 +123,14 @@ async def credit_line_unknown(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/margin-call-unknown-not-found",
     Level.MUST,
-    "GetMarginCall of a call that does not exist is refused with NOT_FOUND",
+    "a regulator's GetMarginCall of a call that does not exist is refused with NOT_FOUND",
     roles=_EXCHANGE,
 )
 async def margin_call_unknown(ctx: CaseContext) -> None:
+    # Only a regulator, who may read every account, learns that one does not exist (§4.5).
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.exchange.get_margin_call,
+        regulator.exchange.get_margin_call,
         exchange_service_pb2.GetMarginCallRequest(margin_call_id=ctx.unique("conformance-no-call")),
     )
     expect_status(outcome, *_NOT_FOUND)
@@ -135,12 +139,14 @@ async def margin_call_unknown(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/list-margin-calls-unknown-account-not-found",
     Level.MUST,
-    "ListMarginCalls of an account the exchange does not know is refused with NOT_FOUND",
+    "a regulator's ListMarginCalls of an account the exchange does not know is refused with NOT_FOUND",
     roles=_EXCHANGE,
 )
 async def list_margin_calls_unknown(ctx: CaseContext) -> None:
+    # Only a regulator, who may read every account, learns that one does not exist (§4.5).
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.exchange.list_margin_calls,
+        regulator.exchange.list_margin_calls,
         exchange_service_pb2.ListMarginCallsRequest(
             account_id=ctx.unique("conformance-no-such-account")
         ),
@@ -486,12 +492,14 @@ async def list_margin_calls_known(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/list-liquidations-unknown-account-not-found",
     Level.MUST,
-    "ListLiquidations of an account the exchange does not know is refused with NOT_FOUND",
+    "a regulator's ListLiquidations of an account the exchange does not know is refused with NOT_FOUND",
     roles=_EXCHANGE,
 )
 async def list_liquidations_unknown(ctx: CaseContext) -> None:
+    # Only a regulator, who may read every account, learns that one does not exist (§4.5).
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.exchange.list_liquidations,
+        regulator.exchange.list_liquidations,
         exchange_service_pb2.ListLiquidationsRequest(
             account_id=ctx.unique("conformance-no-such-account")
         ),
@@ -520,12 +528,14 @@ async def list_liquidations_bad_token(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/shortfall-allocation-unknown-not-found",
     Level.MUST,
-    "GetShortfallAllocation of a liquidation that never happened is refused with NOT_FOUND",
+    "a regulator's GetShortfallAllocation of a liquidation that never happened is refused with NOT_FOUND",
     roles=_EXCHANGE,
 )
 async def shortfall_allocation_unknown(ctx: CaseContext) -> None:
+    # Only a regulator, who may read every account, learns that one does not exist (§4.5).
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
     outcome = await ctx.rpc(
-        ctx.exchange.get_shortfall_allocation,
+        regulator.exchange.get_shortfall_allocation,
         exchange_service_pb2.GetShortfallAllocationRequest(
             liquidation_id=ctx.unique("conformance-no-liquidation")
         ),
