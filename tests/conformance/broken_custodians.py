@@ -29,12 +29,14 @@ from collateral_sync.errors import StateError
 from collateral_sync.keys import SigningKey
 from collateral_sync.signing import sign_statement
 from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
+from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import liquidations as _liquidations_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
+from collateral_sync_reference.custodian import role as _role_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.custodian import store as _store_module
 
@@ -47,6 +49,8 @@ _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _custodian_store: Any = _store_module
 _cosigner: Any = _cosigner_module
+_access: Any = _access_module
+_custodian_role: Any = _role_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -317,6 +321,71 @@ def _liquidates_off_path() -> None:
     liquidations._authorised_path = authorised_path
 
 
+def _reads_for_any_registered_party() -> None:
+    """Any registered party reads any account: the audience of the data is not checked."""
+
+    def require_reader(caller: Any, readers: Any, *, field: str) -> None:
+        return None
+
+    _custodian_role.require_reader = require_reader
+
+
+def _serves_strangers() -> None:
+    """No access control at all: any certificate from the CA reads any account (the v1 bug)."""
+    _reads_for_any_registered_party()
+    _access.AccessInterceptor._check = lambda self, context: None
+
+
+def _unknown_account_not_found_to_all() -> None:
+    """An account that does not exist is NOT_FOUND to anyone: existence leaks to other parties."""
+    original = _access.require_reader
+
+    def require_reader(caller: Any, readers: Any, *, field: str) -> None:
+        if readers is not None:
+            original(caller, readers, field=field)
+
+    _custodian_role.require_reader = require_reader
+
+
+def _refusal_names_the_parties() -> None:
+    """A refused read says who may read the account, naming its client and exchange."""
+    original = _access.require_reader
+
+    def require_reader(caller: Any, readers: Any, *, field: str) -> None:
+        try:
+            original(caller, readers, field=field)
+        except _access.VerificationError as err:
+            err.metadata["expected"] = "|".join(sorted(readers or ()))
+            raise
+
+    _custodian_role.require_reader = require_reader
+
+
+def _refuses_public_data_to_strangers() -> None:
+    """Checkpoints and consistency proofs are refused to a certificate the registry lacks."""
+    _access.PUBLIC_METHODS = frozenset()
+
+
+def _regulator_reads_nothing() -> None:
+    """A regulator is treated like any other party: it reads no account it is not named on."""
+    _access.Caller.reads_everything = property(lambda self: not self.checked)
+
+
+def _account_hidden_from_its_exchange() -> None:
+    """Only the account's client reads its holdings: the exchange it is pledged to is refused."""
+    attestation = _custodian_attestation.Attestation
+    original = attestation.readers_of_account
+
+    def readers_of_account(self: Any, account_id: str) -> Any:
+        readers = original(self, account_id)
+        if readers is None:
+            return None
+        account = self._ledger.store.account(account_id)
+        return frozenset({account.client_id}) if account is not None else readers
+
+    attestation.readers_of_account = readers_of_account
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "custodian-signs-checkpoints-with-unregistered-key": _signs_checkpoints_with_unregistered_key,
@@ -338,6 +407,13 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-skips-yield-distribution": _skips_yield_distribution,
     "custodian-re-signs-repeated-receipt": _re_signs_repeated_receipt,
     "custodian-liquidates-off-path": _liquidates_off_path,
+    "custodian-reads-for-any-registered-party": _reads_for_any_registered_party,
+    "custodian-serves-strangers": _serves_strangers,
+    "custodian-unknown-account-not-found-to-all": _unknown_account_not_found_to_all,
+    "custodian-refusal-names-the-parties": _refusal_names_the_parties,
+    "custodian-regulator-reads-nothing": _regulator_reads_nothing,
+    "custodian-refuses-public-data-to-strangers": _refuses_public_data_to_strangers,
+    "custodian-account-hidden-from-its-exchange": _account_hidden_from_its_exchange,
 }
 
 

@@ -39,6 +39,8 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2,
     valuation_pb2,
 )
+from collateral_sync.v1.attestation_pb2 import HoldingsStatement
+from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import storage as _storage
 from collateral_sync_reference.custodian import emergency as _emergency_module
@@ -52,6 +54,7 @@ from collateral_sync_reference.exchange import liquidations as _liquidation_modu
 from collateral_sync_reference.exchange import margin_calls as _margin_calls_module
 from collateral_sync_reference.exchange import revaluation as _revaluation_module
 from collateral_sync_reference.exchange import risk_policy as _risk_policy_module
+from collateral_sync_reference.exchange import servicers as _servicers_module
 from collateral_sync_reference.exchange import valuation as _valuation_module
 from collateral_sync_reference.regulator import role as _regulator_module
 
@@ -71,6 +74,8 @@ _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _regulator: Any = _regulator_module
 _cosigner: Any = _cosigner_module
+_access: Any = _access_module
+_exchange_servicers: Any = _servicers_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -590,6 +595,49 @@ def _regulator_reads_every_account() -> None:
     _regulator.reconcile = reconcile
 
 
+# -- who may read what at the exchange (PROTOCOL.md §4.5)
+
+
+def _exchange_reads_for_any_registered_party() -> None:
+    """Any registered party reads any account's credit line, margin calls and liquidations."""
+    _exchange_servicers.require_reader = lambda caller, readers, *, field: None
+
+
+def _exchange_serves_strangers() -> None:
+    """No access control at all: any certificate from the CA reads any account (the v1 bug)."""
+    _exchange_reads_for_any_registered_party()
+    _access.AccessInterceptor._check = lambda self, context: None
+
+
+def _exchange_unknown_account_not_found_to_all() -> None:
+    """An account the exchange does not know is NOT_FOUND to anyone: existence leaks."""
+    original = _access.require_reader
+
+    def require_reader(caller: Any, readers: Any, *, field: str) -> None:
+        if readers is not None:
+            original(caller, readers, field=field)
+
+    _exchange_servicers.require_reader = require_reader
+
+
+def _exchange_account_hidden_from_its_client() -> None:
+    """Only the custodian reads an account's data at the exchange: its own client is refused."""
+    holdings = _exchange_holdings.AttestedHoldings
+
+    def readers_of_account(self: Any, account_id: str) -> Any:
+        latest = self._store.holdings.latest(account_id)
+        if latest is None:
+            return None
+        return frozenset({HoldingsStatement.FromString(latest.envelope.payload).header.issuer})
+
+    holdings.readers_of_account = readers_of_account
+
+
+def _exchange_regulator_reads_nothing() -> None:
+    """A regulator is treated like any other party: it reads no account it is not named on."""
+    _access.Caller.reads_everything = property(lambda self: not self.checked)
+
+
 # -- the exchange with a custodian that tells it things (the kit's own, --listen)
 
 
@@ -841,6 +889,11 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-policy-versions-off-by-one": _exchange_policy_versions_off_by_one,
     "exchange-policy-signature-broken": _exchange_policy_signature_broken,
     "exchange-lists-calls-not-states": _exchange_lists_calls_not_states,
+    "exchange-reads-for-any-registered-party": _exchange_reads_for_any_registered_party,
+    "exchange-serves-strangers": _exchange_serves_strangers,
+    "exchange-unknown-account-not-found-to-all": _exchange_unknown_account_not_found_to_all,
+    "exchange-account-hidden-from-its-client": _exchange_account_hidden_from_its_client,
+    "exchange-regulator-reads-nothing": _exchange_regulator_reads_nothing,
     "exchange-gap-as-malformed": _exchange_gap_as_malformed,
     "exchange-key-role-as-signature-invalid": _exchange_key_role_as_signature_invalid,
     "exchange-hello-names-another-party": _hello_names_another_party(_exchange_session),

@@ -132,6 +132,46 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["settlement/**"],
         {"settlement/instruction-pending-until-window"},
     ),
+    (
+        "custodian-reads-for-any-registered-party",
+        ["access/**"],
+        {"access/custodian/account-read-by-others-refused"},
+    ),
+    (
+        "custodian-serves-strangers",
+        ["access/**"],
+        {"access/custodian/stranger-refused", "access/custodian/account-read-by-others-refused"},
+    ),
+    (
+        "custodian-unknown-account-not-found-to-all",
+        ["access/**"],
+        {"access/custodian/account-read-by-others-refused"},
+    ),
+    (
+        "custodian-refusal-names-the-parties",
+        ["access/**"],
+        {"access/custodian/account-read-by-others-refused"},
+    ),
+    (
+        # The kit reads leaves of every account as a regulator, and asks it for a missing one.
+        "custodian-regulator-reads-nothing",
+        ["access/**", "attestation/**"],
+        {
+            "access/custodian/account-read-by-its-parties",
+            "attestation/holdings-statement-unknown-account",
+            "attestation/inclusion-proof-verifies",
+        },
+    ),
+    (
+        "custodian-refuses-public-data-to-strangers",
+        ["access/**"],
+        {"access/custodian/stranger-reads-public-data"},
+    ),
+    (
+        "custodian-account-hidden-from-its-exchange",
+        ["access/**"],
+        {"access/custodian/account-read-by-its-parties"},
+    ),
 ]
 
 

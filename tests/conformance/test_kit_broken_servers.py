@@ -331,6 +331,39 @@ EXCHANGE_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ),
     ("exchange-overstates-margin-calls", ["exchange/**"], {"exchange/margin-call-recomputes"}),
     (
+        "exchange-reads-for-any-registered-party",
+        ["access/**"],
+        {"access/exchange/account-read-by-others-refused"},
+    ),
+    (
+        "exchange-serves-strangers",
+        ["access/**"],
+        {"access/exchange/stranger-refused", "access/exchange/account-read-by-others-refused"},
+    ),
+    (
+        "exchange-unknown-account-not-found-to-all",
+        ["access/**"],
+        {"access/exchange/account-read-by-others-refused"},
+    ),
+    (
+        "exchange-account-hidden-from-its-client",
+        ["access/**"],
+        {"access/exchange/account-read-by-its-parties"},
+    ),
+    (
+        "exchange-regulator-reads-nothing",
+        ["access/**", "exchange/*-unknown-*"],
+        {
+            "access/exchange/account-read-by-its-parties",
+            "access/exchange/account-read-by-others-refused",
+            "exchange/credit-line-unknown-account-not-found",
+            "exchange/margin-call-unknown-not-found",
+            "exchange/list-margin-calls-unknown-account-not-found",
+            "exchange/list-liquidations-unknown-account-not-found",
+            "exchange/shortfall-allocation-unknown-not-found",
+        },
+    ),
+    (
         "exchange-drops-error-info",
         ["exchange/**"],
         {

@@ -10,6 +10,7 @@ account's pledge).
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import request
 from collateral_sync_conformance.cases import attestation, envelope, custodian
+from collateral_sync_conformance.cases import access
 from collateral_sync_conformance.cases import liquidation
 from collateral_sync_conformance.cases import sync, exchange
 
@@ -26,6 +27,7 @@ from collateral_sync_conformance.cases import emergency
 from collateral_sync_conformance.cases import exchange_lifecycle, sync_exchange
 
 __all__ = [
+    "access",
     "attestation",
     "cosign",
     "custodian",

@@ -46,6 +46,7 @@ from collateral_sync.server import add_servicer, create_server, start_server, st
 from collateral_sync.transport import TlsConfig, peer_party_id
 from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 
+from collateral_sync_reference.common.access import AccessInterceptor
 from collateral_sync_reference.common.clock import Clock, SystemClock, TestClock
 from collateral_sync_reference.common.config import ServerConfig, load_config
 from collateral_sync_reference.common.storage import SqliteStorage, open_storage
@@ -272,7 +273,11 @@ async def _serve(
         tls=tls,
         plaintext_for_testing=tls is None,
         servicers=role.servicers(),
-        interceptors=[_RequestErrorLog(context.logger)],
+        # The log sees refusals of access too; access runs before the servicer.
+        interceptors=[
+            _RequestErrorLog(context.logger),
+            AccessInterceptor(context.registry, plaintext=tls is None),
+        ],
     )
     if test_mode:
         # Added like the protocol services: the interceptors map its errors,

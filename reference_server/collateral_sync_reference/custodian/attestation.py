@@ -284,6 +284,26 @@ class Attestation:
         return stored.envelope, stored.attestation
 
 
+    # ------------------------------------------------------------------ who may read
+
+    def readers_of_leaf(self, leaf_index: int) -> frozenset[str] | None:
+        """The audience of the holdings statement at ``leaf_index`` (None: no such leaf)."""
+        stored = self._ledger.store.statement(leaf_index)
+        return None if stored is None else _audience(stored.envelope)
+
+    def readers_of_account(self, account_id: str) -> frozenset[str] | None:
+        """The audience of the account's latest holdings statement (None: no such account)."""
+        if not account_id:
+            raise _required("account_id", "an account id")
+        stored = self._ledger.store.latest_statement(account_id)
+        return None if stored is None else _audience(stored.envelope)
+
+
+def _audience(envelope: envelope_pb2.Envelope) -> frozenset[str]:
+    # Our own statement, signed by us: parsing it trusts nothing new.
+    return frozenset(attestation_pb2.HoldingsStatement.FromString(envelope.payload).header.audience)
+
+
 def _split_pae(leaf: bytes) -> tuple[str, bytes]:
     """(payload_type, payload) of a leaf ``PAE(payload_type, payload)`` we wrote ourselves."""
     magic, type_length, rest = leaf.split(b" ", 2)

@@ -60,6 +60,7 @@ from collateral_sync.v1 import (
     test_control_pb2,
 )
 
+from collateral_sync_reference.common.access import Caller, caller_of, require_reader
 from collateral_sync_reference.common.config import ServerConfig
 from collateral_sync_reference.common.emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference.common.errors import require_statement
@@ -105,7 +106,13 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetInclusionProofRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetInclusionProofResponse:
+        # OUT_OF_RANGE first: it tells a caller only the log's size, which checkpoints publish.
         envelope, proof = self._attestation.inclusion_proof(request.leaf_index, request.tree_size)
+        require_reader(
+            self._role.caller(context),
+            self._attestation.readers_of_leaf(request.leaf_index),
+            field="leaf_index",
+        )
         return custodian_service_pb2.GetInclusionProofResponse(
             holdings_statement=envelope, proof=proof
         )
@@ -126,6 +133,11 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetHoldingsStatementRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetHoldingsStatementResponse:
+        require_reader(
+            self._role.caller(context),
+            self._attestation.readers_of_account(request.account_id),
+            field="account_id",
+        )
         envelope, ref = self._attestation.holdings_statement(request.account_id)
         return custodian_service_pb2.GetHoldingsStatementResponse(
             holdings_statement=envelope, attestation=ref
@@ -136,7 +148,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.PledgeCollateralRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.PledgeCollateralResponse:
-        # Client statements authenticate themselves: any authenticated peer may relay them.
+        # Client statements authenticate themselves: any registered party may relay them.
         envelope, ref = self._pledges.pledge(request)
         return custodian_service_pb2.PledgeCollateralResponse(
             holdings_statement=envelope, attestation=ref
@@ -198,7 +210,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.ExecuteEmergencyReleaseResponse:
         require_statement(request, "emergency_release", "a signed EmergencyRelease")
-        # Any authenticated peer may bring the release: its signatures authorise it.
+        # Any registered party may bring the release: its signatures authorise it.
         receipt = self._role.emergency.execute(request.emergency_release)
         return custodian_service_pb2.ExecuteEmergencyReleaseResponse(
             emergency_release_receipt=receipt
@@ -227,7 +239,13 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetSettlementRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetSettlementResponse:
-        return self._role.settlement.get(request.settlement_id)
+        settlement = self._role.settlement
+        require_reader(
+            self._role.caller(context),
+            settlement.readers(request.settlement_id),
+            field="settlement_id",
+        )
+        return settlement.get(request.settlement_id)
 
 
 class _CustodianTestControl(TestControlBase):
@@ -298,6 +316,10 @@ class CustodianRole:
 
     def now(self) -> datetime:
         return self.context.clock.now()
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who is calling, as the key registry knows them (PROTOCOL.md §4.5)."""
+        return caller_of(context, self.context.registry, plaintext=self.plaintext)
 
     def session_for(self, context: grpc.aio.ServicerContext) -> SyncSession:
         """The sync session of the exchange on the other end of the call."""

@@ -159,6 +159,19 @@ class CustodianSettlement:
             else attestation_pb2.AttestationRef.FromString(bytes(row[10])),
         )
 
+    def readers(self, settlement_id: str) -> frozenset[str] | None:
+        """Who may read a settlement (PROTOCOL.md §4.5): its exchange and its account's parties."""
+        if not settlement_id:
+            raise _required("settlement_id", "a settlement id")
+        found = self._row(settlement_id)
+        if found is None:
+            return None
+        parties = {found.exchange_id}
+        account = self._ledger.store.account(found.account_id)
+        if account is not None:
+            parties |= {account.client_id, account.exchange_id} - {""}
+        return frozenset(parties)
+
     def get(self, settlement_id: str) -> custodian_service_pb2.GetSettlementResponse:
         if not settlement_id:
             raise _required("settlement_id", "a settlement id")

@@ -350,7 +350,8 @@ class OverseenStory(Story):
                     exchange_service_pb2.GetCreditLineRequest(account_id=SECOND_ACCOUNT)
                 )
             except RPCError as err:
-                if err.code == grpc.StatusCode.NOT_FOUND:
+                # Not yet known to the exchange, so not yet the client's to read (§4.5).
+                if err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                     return None
                 raise
             credit = self._open(response.credit_line, valuation_pb2.CreditLine, CUSTODIAN)

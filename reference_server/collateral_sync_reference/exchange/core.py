@@ -125,9 +125,14 @@ class ExchangeCore:
         self.holdings = AttestedHoldings(context, statements)
         self.valuer = Valuer(context, self.policies, self.holdings)
         self.credit_lines = CreditLines(context)
-        self.margin_calls = MarginCalls(context, statements, self.valuer)
+        self.margin_calls = MarginCalls(context, statements, self.valuer, holdings=self.holdings)
         self.liquidations = Liquidations(
-            context, statements, self.policies, self.valuer, self.margin_calls
+            context,
+            statements,
+            self.policies,
+            self.valuer,
+            self.margin_calls,
+            holdings=self.holdings,
         )
         self.revaluer = Revaluer(
             context, self.valuer, self.credit_lines, self.margin_calls, self.liquidations

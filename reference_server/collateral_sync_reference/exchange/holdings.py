@@ -294,6 +294,22 @@ class AttestedHoldings:
                 at_ns=to_ns(now),
             )
 
+    # -- who may read (PROTOCOL.md §4.5) --
+
+    def readers_of_account(self, account_id: str) -> frozenset[str] | None:
+        """The account's parties as its latest holdings statement names them (None: none received).
+
+        The statement's issuer (the custodian) and audience (the client and
+        this exchange): the custodian says who the account's parties are. Any
+        statement stored passed its signature and audience checks on receipt,
+        so its header is trusted whether or not it was credited since.
+        """
+        latest = self._store.holdings.latest(account_id)
+        if latest is None:
+            return None
+        header = attestation_pb2.HoldingsStatement.FromString(latest.envelope.payload).header
+        return frozenset({header.issuer, *header.audience})
+
     def credited_holdings(self, account_id: str) -> HoldingsRow | None:
         """The account's credited holdings statement, if any."""
         account = self._store.accounts.get(account_id)

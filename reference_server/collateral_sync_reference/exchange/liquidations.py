@@ -42,6 +42,7 @@ from collateral_sync_reference.exchange.context import (
     wire_decimal,
 )
 from collateral_sync_reference.exchange.custodian_statements import CustodianStatements
+from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.margin import TERMINAL
 from collateral_sync_reference.exchange.margin_calls import MarginCalls
 from collateral_sync_reference.exchange.paging import Listing, rows_per_page
@@ -70,12 +71,15 @@ class Liquidations:
         policies: RiskPolicies,
         valuer: Valuer,
         margin_calls: MarginCalls,
+        *,
+        holdings: AttestedHoldings,
     ) -> None:
         self._context = context
         self._statements = statements
         self._policies = policies
         self._valuer = valuer
         self._margin_calls = margin_calls
+        self._holdings = holdings
         self._store = context.store
         self._settings = context.settings
         self._listeners: list[Callable[[], None]] = []
@@ -353,6 +357,13 @@ class Liquidations:
                 liquidation_id, reason=error.reason_name, detail=error.message, at_ns=to_ns(now)
             )
         self._context.logger.error("liquidation %s refused: %s", liquidation_id, error.message)
+
+    def readers_of_liquidation(self, liquidation_id: str) -> frozenset[str] | None:
+        """Who may read a liquidation (PROTOCOL.md §4.5): its account's parties (None: no such one)."""
+        liquidation = self._store.liquidations.get(liquidation_id)
+        if liquidation is None:
+            return None
+        return self._holdings.readers_of_account(liquidation.account_id)
 
     def shortfall_allocation(self, liquidation_id: str) -> envelope_pb2.Envelope:
         """GetShortfallAllocation: the signed allocation of a liquidation's shortfall.

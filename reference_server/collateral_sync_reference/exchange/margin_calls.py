@@ -38,6 +38,7 @@ from collateral_sync_reference.exchange.context import (
     wire_decimal,
 )
 from collateral_sync_reference.exchange.custodian_statements import CustodianStatements
+from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.margin import (
     amount_due,
     check_response_shape,
@@ -66,10 +67,13 @@ class MarginCalls:
         context: ExchangeContext,
         statements: CustodianStatements,
         valuer: Valuer,
+        *,
+        holdings: AttestedHoldings,
     ) -> None:
         self._context = context
         self._statements = statements
         self._valuer = valuer
+        self._holdings = holdings
         self._store = context.store
         self._settings = context.settings
 
@@ -278,6 +282,11 @@ class MarginCalls:
         updated = self._store.margin_calls.get(call.margin_call_id)
         assert updated is not None
         return updated.state_envelope
+
+    def readers_of_call(self, margin_call_id: str) -> frozenset[str] | None:
+        """Who may read a call (PROTOCOL.md §4.5): its account's parties (None: no such call)."""
+        call = self._store.margin_calls.get(margin_call_id)
+        return None if call is None else self._holdings.readers_of_account(call.account_id)
 
     def margin_call_state(self, margin_call_id: str) -> envelope_pb2.Envelope:
         """GetMarginCall: the call's latest state, re-signed if less than half its life is left."""

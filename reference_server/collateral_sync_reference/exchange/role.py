@@ -83,6 +83,7 @@ from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncSession, dial_sync_s
 from collateral_sync.transport import plaintext_channel_for_testing, secure_channel
 from collateral_sync.v1 import errors_pb2
 
+from collateral_sync_reference.common.access import Caller, caller_of
 from collateral_sync_reference.common.config import ServerConfig
 from collateral_sync_reference.common.emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference.common.reconciliation import (
@@ -240,7 +241,7 @@ class ExchangeRole:
         self.client: CustodianClient | None = None
         self.checker: AttestationChecker | None = None
         self.submitter: LiquidationSubmitter | None = None
-        self._service = ExchangeServicer(self.core)
+        self._service = ExchangeServicer(self.core, self.caller)
         self.reconciliation = PartyReconciliation(
             storage=storage,
             signer=context.signer,
@@ -270,6 +271,10 @@ class ExchangeRole:
             clock=clock.now,
         )
         self.after_reconciliation = self._settle_after_reconciliation(reconciliation)
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who is calling, as the key registry knows them (PROTOCOL.md §4.5)."""
+        return caller_of(context, self.context.registry, plaintext=self.context.plaintext)
 
     def _settle_after_reconciliation(
         self, reconciliation: ReconciliationSettings

@@ -1,7 +1,10 @@
 """gRPC faces of the reference exchange: ExchangeService, and TestControlService in test mode.
 
 The servicers only translate: request fields in, signed statements out.
-Every rule lives in a part of :class:`~collateral_sync_reference.exchange.core.ExchangeCore`;
+Every rule lives in a part of :class:`~collateral_sync_reference.exchange.core.ExchangeCore`,
+who may read the part's data included: its ``readers_of_...``, which a
+servicer checks with :func:`~collateral_sync_reference.common.access.require_reader`
+after the required fields and before the lookup (PROTOCOL.md §4.5);
 every failure is a :class:`~collateral_sync.errors.CollateralSyncError`
 that the SDK's error-mapping interceptor turns into the status and details
 the protocol names, and a refused request changes nothing.
@@ -22,6 +25,7 @@ from collateral_sync.v1 import (
     test_control_pb2,
 )
 
+from collateral_sync_reference.common.access import Caller, require_reader
 from collateral_sync_reference.common.clock import TestClock
 from collateral_sync_reference.common.test_control import TestControlBase
 from collateral_sync_reference.exchange.core import ExchangeCore
@@ -39,10 +43,26 @@ def _required(present: bool, field: str, expected: str) -> None:
 
 
 class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
-    """ExchangeService over an :class:`ExchangeCore`."""
+    """ExchangeService over an :class:`ExchangeCore`.
 
-    def __init__(self, core: ExchangeCore) -> None:
+    ``caller`` says who is calling (the role knows the registry and whether
+    the server runs without TLS).
+    """
+
+    def __init__(
+        self, core: ExchangeCore, caller: Callable[[grpc.aio.ServicerContext], Caller]
+    ) -> None:
         self._core = core
+        self._caller = caller
+
+    def _require_account_reader(self, context: grpc.aio.ServicerContext, account_id: str) -> None:
+        """An account's data: its parties and a regulator may read it (PROTOCOL.md §4.5)."""
+        _required(bool(account_id), "account_id", "an account id")
+        require_reader(
+            self._caller(context),
+            self._core.holdings.readers_of_account(account_id),
+            field="account_id",
+        )
 
     async def GetRiskPolicy(
         self,
@@ -58,7 +78,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         request: exchange_service_pb2.GetCreditLineRequest,
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.GetCreditLineResponse:
-        _required(bool(request.account_id), "account_id", "an account id")
+        self._require_account_reader(context, request.account_id)
         return exchange_service_pb2.GetCreditLineResponse(
             credit_line=self._core.credit_lines.credit_line(request.account_id)
         )
@@ -69,6 +89,11 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.GetMarginCallResponse:
         _required(bool(request.margin_call_id), "margin_call_id", "a margin call id")
+        require_reader(
+            self._caller(context),
+            self._core.margin_calls.readers_of_call(request.margin_call_id),
+            field="margin_call_id",
+        )
         return exchange_service_pb2.GetMarginCallResponse(
             margin_call_state=self._core.margin_calls.margin_call_state(request.margin_call_id)
         )
@@ -78,7 +103,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         request: exchange_service_pb2.ListMarginCallsRequest,
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.ListMarginCallsResponse:
-        _required(bool(request.account_id), "account_id", "an account id")
+        self._require_account_reader(context, request.account_id)
         states, token = self._core.margin_calls.list_margin_calls(
             request.account_id, request.page_size, request.page_token
         )
@@ -91,6 +116,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         request: exchange_service_pb2.RespondToMarginCallRequest,
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.RespondToMarginCallResponse:
+        # The response authenticates itself: any registered party may relay it.
         _required(
             request.HasField("margin_call_response"),
             "margin_call_response",
@@ -105,6 +131,11 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.GetShortfallAllocationResponse:
         _required(bool(request.liquidation_id), "liquidation_id", "a liquidation id")
+        require_reader(
+            self._caller(context),
+            self._core.liquidations.readers_of_liquidation(request.liquidation_id),
+            field="liquidation_id",
+        )
         return exchange_service_pb2.GetShortfallAllocationResponse(
             shortfall_allocation=self._core.liquidations.shortfall_allocation(
                 request.liquidation_id
@@ -116,7 +147,7 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
         request: exchange_service_pb2.ListLiquidationsRequest,
         context: grpc.aio.ServicerContext,
     ) -> exchange_service_pb2.ListLiquidationsResponse:
-        _required(bool(request.account_id), "account_id", "an account id")
+        self._require_account_reader(context, request.account_id)
         records, token = self._core.liquidations.list_liquidations(
             request.account_id, request.page_size, request.page_token
         )

@@ -56,6 +56,7 @@ from ..conftest import (
     OTHER_CLIENT,
     OTHER_EXCHANGE,
     REFERENCE_PATH,
+    REGULATOR,
     Parties,
     ServerProcess,
     StartServer,
@@ -1212,12 +1213,13 @@ def test_bad_reads_get_their_statuses(custodian: ServerProcess, reference_partie
                     CODE.OUT_OF_RANGE,
                     "OUT_OF_RANGE",
                 ),
+                # Not the exchange's to know whether it exists (PROTOCOL.md §4.5).
                 (
                     client.get_holdings_statement(
                         request.GetHoldingsStatementRequest(account_id="acct-nobody")
                     ),
-                    CODE.NOT_FOUND,
-                    "NOT_FOUND",
+                    CODE.PERMISSION_DENIED,
+                    "KEY_ROLE_MISMATCH",
                 ),
                 (
                     client.get_holdings_statement(request.GetHoldingsStatementRequest()),
@@ -1249,9 +1251,21 @@ def test_bad_reads_get_their_statuses(custodian: ServerProcess, reference_partie
                 await expect_refusal(empty, CODE.INVALID_ARGUMENT, "MALFORMED")
             await expect_refusal(
                 client.get_settlement(request.GetSettlementRequest(settlement_id="none")),
-                CODE.NOT_FOUND,
-                "NOT_FOUND",
+                CODE.PERMISSION_DENIED,
+                "KEY_ROLE_MISMATCH",
             )
+        # Only a regulator, who may read every account and settlement, learns what does not
+        # exist (PROTOCOL.md §4.5).
+        async with reference_parties.channel(custodian.address, REGULATOR) as channel:
+            auditor = CustodianClient(channel)
+            request = custodian_service_pb2
+            for call in (
+                auditor.get_holdings_statement(
+                    request.GetHoldingsStatementRequest(account_id="acct-nobody")
+                ),
+                auditor.get_settlement(request.GetSettlementRequest(settlement_id="none")),
+            ):
+                await expect_refusal(call, CODE.NOT_FOUND, "NOT_FOUND")
 
     run(scenario())
 
@@ -1804,7 +1818,8 @@ def test_state_survives_a_restart(
     server = start_server("custodian", config, name=f"custodian-restart-{how}")
 
     async def record() -> tuple[dict[str, bytes], bytes, datetime, envelope_pb2.Envelope]:
-        async with parties.channel(server.address, CLIENT) as channel:
+        # The regulator reads both clients' accounts (PROTOCOL.md §4.5) and relays the pledge.
+        async with parties.channel(server.address, REGULATOR) as channel:
             client, control = CustodianClient(channel), TestControlClient(channel)
             now = await advance(control, timedelta(hours=5))
             path = path_envelope(
@@ -1836,7 +1851,8 @@ def test_state_survives_a_restart(
     server.start()
 
     async def check() -> None:
-        async with parties.channel(server.address, CLIENT) as channel:
+        # The regulator reads both clients' accounts (PROTOCOL.md §4.5) and relays the pledge.
+        async with parties.channel(server.address, REGULATOR) as channel:
             client, control = CustodianClient(channel), TestControlClient(channel)
             now = await server_now(control)
             assert now >= clock_before  # the test clock kept its offset

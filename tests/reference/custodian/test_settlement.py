@@ -419,8 +419,12 @@ def test_a_third_cycle_in_a_day_is_refused_and_changes_nothing(
                 submit(c, third), CODE.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"
             )
             assert error.metadata["actual"] == "3"
+            # Not recorded: the exchange that issued it would read it, and is told only
+            # what any non-regulator is told of a settlement that does not exist (§4.5).
             await expect_refusal(
-                settlement(c, settlement_id_of(third)), CODE.NOT_FOUND, "NOT_FOUND"
+                settlement(c, settlement_id_of(third)),
+                CODE.PERMISSION_DENIED,
+                "KEY_ROLE_MISMATCH",
             )
             assert await state_of(c, "st-cap", HOUSE) == before
             # Refused for the day, not for ever: the next day opens new cycles.

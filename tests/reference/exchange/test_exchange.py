@@ -1478,9 +1478,11 @@ def test_breach_of_the_liquidation_line_instructs_a_close_out(
                     exchange_service_pb2.GetShortfallAllocationRequest(liquidation_id="liq-nope")
                 )
             )
-            assert (unknown.code, unknown.metadata["actual"]) == (
-                grpc.StatusCode.NOT_FOUND,
-                "liq-nope",
+            # The custodian is no regulator: what does not exist is refused as not its (§4.5).
+            assert (unknown.code, unknown.reason, unknown.metadata["field"]) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                _R.ERROR_REASON_KEY_ROLE_MISMATCH,
+                "liquidation_id",
             )
             empty = await refused(
                 w.exchange.get_shortfall_allocation(
@@ -1612,17 +1614,19 @@ def test_liquidations_are_listed_in_pages_with_their_signed_records(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     _R.ERROR_REASON_MALFORMED,
                 ),
+                # Accounts the exchange does not know: the custodian, no regulator, is
+                # refused before the token is looked at, as for one not its (§4.5).
                 (
                     exchange_service_pb2.ListLiquidationsRequest(
                         account_id="acct-other", page_token=first.next_page_token
                     ),
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    _R.ERROR_REASON_MALFORMED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    _R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 ),
                 (
                     exchange_service_pb2.ListLiquidationsRequest(account_id="acct-none"),
-                    grpc.StatusCode.NOT_FOUND,
-                    _R.ERROR_REASON_NOT_FOUND,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    _R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 ),
                 (
                     exchange_service_pb2.ListLiquidationsRequest(),
@@ -1776,28 +1780,30 @@ def test_calls_are_withdrawn_when_prices_recover_and_listed_in_pages(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     _R.ERROR_REASON_MALFORMED,
                 ),
+                # What the exchange does not know: the custodian, no regulator, is
+                # refused before the token is looked at, as for what is not its (§4.5).
                 (
                     w.exchange.list_margin_calls(
                         exchange_service_pb2.ListMarginCallsRequest(
                             account_id="acct-other", page_token=page.next_page_token
                         )
                     ),
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    _R.ERROR_REASON_MALFORMED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    _R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 ),
                 (
                     w.exchange.list_margin_calls(
                         exchange_service_pb2.ListMarginCallsRequest(account_id="acct-none")
                     ),
-                    grpc.StatusCode.NOT_FOUND,
-                    _R.ERROR_REASON_NOT_FOUND,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    _R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 ),
                 (
                     w.exchange.get_margin_call(
                         exchange_service_pb2.GetMarginCallRequest(margin_call_id="mc-none")
                     ),
-                    grpc.StatusCode.NOT_FOUND,
-                    _R.ERROR_REASON_NOT_FOUND,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    _R.ERROR_REASON_KEY_ROLE_MISMATCH,
                 ),
                 (
                     w.exchange.get_margin_call(exchange_service_pb2.GetMarginCallRequest()),

@@ -341,6 +341,7 @@ async def usdc(custodian: CustodianClient, account_id: str) -> tuple[str, str]:
 
 
 async def not_found(call: Coroutine[Any, Any, Any]) -> None:
+    """The call (made as the regulator, who may read every settlement, §4.5) is NOT_FOUND."""
     with pytest.raises(RPCError) as caught:
         await call
     assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value.message
@@ -439,10 +440,12 @@ def test_matched_cutoffs_settle_breaks_and_the_cap_do_not(
     async def next_day() -> None:
         async with (
             parties.channel(trio.custodian.address, EXCHANGE) as to_custodian,
+            parties.channel(trio.custodian.address, REGULATOR) as audit_custodian,
             parties.channel(trio.exchange.address, CUSTODIAN) as to_exchange,
             parties.channel(trio.regulator.address, CUSTODIAN) as to_regulator,
         ):
             custodian = CustodianClient(to_custodian)
+            auditor = CustodianClient(audit_custodian)
             custodian_control = TestControlClient(to_custodian)
             exchange_control = TestControlClient(to_exchange)
             controls = [TestControlClient(to_regulator), custodian_control, exchange_control]
@@ -465,7 +468,7 @@ def test_matched_cutoffs_settle_breaks_and_the_cap_do_not(
             assert "resolved" in why
             assert len(cycles(db)) == 2
             assert instructions(db) == kept["instructions_rows"]
-            await not_found(settlement(custodian, f"{fourth}/sa-loss"))
+            await not_found(settlement(auditor, f"{fourth}/sa-loss"))
             assert await usdc(custodian, "sa-loss") == ("98500", "48500")
 
     run(next_day())
@@ -481,10 +484,12 @@ def test_switched_off_a_matched_cutoff_waits_for_a_cycle_run_by_hand(
     async def scenario() -> None:
         async with (
             parties.channel(trio.custodian.address, EXCHANGE) as to_custodian,
+            parties.channel(trio.custodian.address, REGULATOR) as audit_custodian,
             parties.channel(trio.exchange.address, CUSTODIAN) as to_exchange,
             parties.channel(trio.regulator.address, CUSTODIAN) as to_regulator,
         ):
             custodian = CustodianClient(to_custodian)
+            auditor = CustodianClient(audit_custodian)
             custodian_control = TestControlClient(to_custodian)
             exchange_control = TestControlClient(to_exchange)
             controls = [TestControlClient(to_regulator), custodian_control, exchange_control]
@@ -516,7 +521,7 @@ def test_switched_off_a_matched_cutoff_waits_for_a_cycle_run_by_hand(
             assert result.exchange_statement.payload
             assert exchange_rows(db, "SELECT * FROM exchange_settlement_after_reconciliation") == []
             assert cycles(db) == []
-            await not_found(settlement(custodian, f"{cutoff_id}/sa-loss"))
+            await not_found(settlement(auditor, f"{cutoff_id}/sa-loss"))
             ran = await exchange_control.run_settlement_cycle(
                 test_control_pb2.RunSettlementCycleRequest(cutoff_id=cutoff_id)
             )

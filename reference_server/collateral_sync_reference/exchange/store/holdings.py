@@ -174,6 +174,15 @@ class HoldingsTable(Tables):
         ).fetchall()
         return [_row(row) for row in rows]
 
+    def latest(self, account_id: str) -> HoldingsRow | None:
+        """The account's holdings statement of the highest epoch received (any status)."""
+        row = self._one(
+            f"SELECT {_COLUMNS} FROM exchange_holdings "  # noqa: S608
+            "WHERE account_id = ? ORDER BY epoch DESC, id DESC LIMIT 1",
+            (account_id,),
+        )
+        return None if row is None else _row(row)
+
     def max_epoch(self, account_id: str) -> int:
         """Highest epoch received for an account (any status); 0 if none."""
         row = self._one(
