@@ -61,6 +61,8 @@ _ROLE = common_pb2.PartyRole
 _CUSTODIAN = [Role.CUSTODIAN]
 _EXCHANGE = [Role.EXCHANGE]
 _REGULATOR = [Role.REGULATOR]
+#: How long the kit listens on a sync stream it may not open before it says hello.
+_REFUSAL_GRACE = 2.0
 
 
 def _expect_denied(outcome: Outcome, *, field: str, hidden: Sequence[str] = ()) -> None:
@@ -306,12 +308,16 @@ async def custodian_sync_by_client(ctx: CaseContext) -> None:
         window=KIT_WINDOW,
     )
     started = time.perf_counter()
-    # A custodian may refuse before it reads the hello; the write then fails with a
-    # client-side status, and the read below reports the one the custodian sent.
-    with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-        await call.write(position_sync_pb2.SyncFrame(hello=hello))
+    # §6.2: the refusal comes "before any frame is exchanged", so listen first. Writing
+    # into a stream the server has already ended races its status (gRPC may report
+    # INTERNAL instead); only a server still waiting after a moment gets the hello.
+    reading = asyncio.ensure_future(call.read())
+    await asyncio.wait({reading}, timeout=_REFUSAL_GRACE)
+    if not reading.done():
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await call.write(position_sync_pb2.SyncFrame(hello=hello))
     try:
-        first = await call.read()
+        first = await reading
     except grpc.RpcError as err:
         outcome = outcome_from_error(
             f"SyncPositions as {who.party_id}", hello, err, time.perf_counter() - started

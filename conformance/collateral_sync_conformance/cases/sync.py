@@ -224,7 +224,9 @@ async def latest_holdings_streamed(ctx: CaseContext) -> None:
 async def resume_after_disconnect(ctx: CaseContext) -> None:
     first = await _stream_with_entries(ctx, 2)
     try:
-        head = first.hello.sent_sequence
+        # Unacknowledged, the custodian sends at most the kit's window: a log that earlier
+        # runs grew beyond it is read up to the window, not to its head.
+        head = min(first.hello.sent_sequence, KIT_WINDOW)
         seen = await first.receive_until(head, ack=False)
     finally:
         await first.close()
@@ -299,7 +301,8 @@ async def window_respected(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "sync/heartbeat-on-idle",
     Level.SHOULD,
-    "SyncPositions: an idle custodian sends a heartbeat within its announced interval",
+    "SyncPositions: an idle custodian sends a heartbeat within its announced interval (the kit "
+    "waits three intervals, for scheduling delays)",
     roles=_CUSTODIAN,
 )
 async def heartbeat_on_idle(ctx: CaseContext) -> None:
@@ -309,11 +312,14 @@ async def heartbeat_on_idle(ctx: CaseContext) -> None:
         if head:
             await stream.receive_until(head)
         interval = (stream.hello.heartbeat_interval_ms or 5000) / 1000
-        frame = await stream.frame_of(("heartbeat",), timeout=interval * 1.5 + 0.5)
+        # Three intervals, not one: a loaded machine delays a timer, and a margin in
+        # proportion still tells a custodian that keeps, say, 20 times its announced
+        # interval (a fixed slack of seconds would not).
+        frame = await stream.frame_of(("heartbeat",), timeout=interval * 3)
         check(
             frame is not None,
             "no heartbeat from an idle custodian",
-            expected=f"a heartbeat within {interval}s",
+            expected=f"a heartbeat within {3 * interval:g}s (three announced intervals)",
             got="silence",
         )
     finally:

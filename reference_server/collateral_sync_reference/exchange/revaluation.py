@@ -134,11 +134,16 @@ class Revaluer:
         ]
 
         # 3. Recovery: a call nobody has agreed to is withdrawn once the ratio is back.
+        #    With no exposure left (no ratio) there is nothing to secure: an agreed call
+        #    is withdrawn too, rather than expire into a liquidation for a closed position.
         if ratio is None or ratio >= maintenance:
+            withdrawable = (
+                BLOCKING | WITHDRAWABLE_ON_RECOVERY if ratio is None else (WITHDRAWABLE_ON_RECOVERY)
+            )
             for call in calls:
-                if call.status in WITHDRAWABLE_ON_RECOVERY:
+                if call.status in withdrawable:
                     self._margin_calls.set_status(call, _S.MARGIN_CALL_STATUS_WITHDRAWN, now)
-            calls = [c for c in calls if c.status not in WITHDRAWABLE_ON_RECOVERY]
+            calls = [c for c in calls if c.status not in withdrawable]
 
         if not in_flight and ratio is not None and valued.holdings is not None:
             if ratio < liquidation_line:

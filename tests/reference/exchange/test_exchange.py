@@ -529,9 +529,11 @@ async def world(
     parties: Parties,
     start_server_fixture: StartServer,
     directory: Path,
+    *,
+    custodian_type: type[FakeCustodian] = FakeCustodian,
     **exchange_settings: Any,
 ) -> AsyncIterator[World]:
-    custodian = FakeCustodian(directory, parties)
+    custodian = custodian_type(directory, parties)
     server = create_server(tls=parties.tls(CUSTODIAN), servicers=[custodian])
     port = await start_server(server, "127.0.0.1:0")
     settings = {"log_origin": ORIGIN, **exchange_settings}
@@ -964,6 +966,48 @@ def test_holdings_under_a_checkpoint_inconsistent_with_the_trusted_one_are_not_c
 
 
 # --- valuation, credit and margin calls -----------------------------------------------------------
+
+
+def test_an_agreed_call_is_withdrawn_when_no_exposure_is_left(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """Nothing to secure: an agreed call must not expire into a liquidation of a closed position."""
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            prices=EXAMPLE_PRICES,
+            risk_policy=EXAMPLE_POLICY,
+        ) as w:
+            w.custodian.attest("acct-w", EXAMPLE_POSITIONS)
+            await w.custodian.wait_update(
+                "credit_line",
+                lambda c: c.account_id == "acct-w" and c.collateral_value.value != "0",
+            )
+            exposure = test_control_pb2.SetExposureRequest
+            await w.control.set_exposure(
+                exposure(account_id="acct-w", exposure=amount_to_proto("5200000"))
+            )
+            call = margin_pb2.MarginCall.FromString(
+                (await w.custodian.wait_update("margin_call")).payload
+            )
+            agreed = await w.respond(
+                w.custodian.respond(
+                    call.margin_call_id, _K.MARGIN_CALL_RESPONSE_KIND_AGREE, "94800"
+                )
+            )
+            assert agreed.status == _S.MARGIN_CALL_STATUS_AGREED
+            # Prices recovering alone would leave an agreed call standing; no exposure does not.
+            await w.control.set_exposure(
+                exposure(account_id="acct-w", exposure=amount_to_proto("0"))
+            )
+            await w.control.run_valuation(test_control_pb2.RunValuationRequest(account_id="acct-w"))
+            state = await w.state(call.margin_call_id)
+            assert state.status == _S.MARGIN_CALL_STATUS_WITHDRAWN
+
+    run(scenario())
 
 
 def test_credit_line_margin_call_partial_agreement_and_top_up(
