@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Everything they need (virtual environment, Python packages, buf) is set up here.
+# Everything they need (virtual environment, Python packages, buf; as root, Debian's chromium
+# for the HTML report's browser test) is set up here.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
 SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
-.PHONY: setup gen gen-check lint typecheck test test-fast demo bench mutation clean
+.PHONY: setup setup-chromium gen gen-check lint typecheck test test-fast demo bench mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,21 @@ $(BUF): package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
-setup: $(STAMP) $(BUF)
+setup: $(STAMP) $(BUF) setup-chromium
+
+## setup-chromium: Debian's chromium, for the HTML report's browser test
+## (tests/conformance/test_kit_report_browser.py). Installed with apt-get when
+## missing and we are root; otherwise says what to do (the test fails without it).
+setup-chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "setup: installing Debian's chromium for the report's browser test: apt-get install -y chromium"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
+	else \
+		echo "setup: /usr/bin/chromium is missing; as root run: apt-get install -y chromium" \
+			"(tests/conformance/test_kit_report_browser.py fails without it)"; \
+	fi
 
 ## gen: regenerate Python code and .pyi stubs from proto/
 gen: $(STAMP)

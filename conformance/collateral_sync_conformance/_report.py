@@ -1,13 +1,11 @@
 """Reports of a run: live terminal progress, ``results.json``, JUnit XML and one HTML page.
 
-Every report names the protocol version and the kit version. The HTML page is
-self-contained (inline CSS, no scripts, no external resources) so that it can
-be mailed or attached to a CI run as one file.
+Every report names the protocol version and the kit version; each leads with
+``RunResult.outcome_line``. The HTML page is rendered in ``_report_html``.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from collateral_sync_conformance._registry import Case, Level
+from collateral_sync_conformance._report_html import render_html, write_html
 from collateral_sync_conformance._runner import CaseResult, RunResult, Verdict
 
 __all__ = [
@@ -49,22 +48,6 @@ _COLOUR = {
     Verdict.EXPECTED_FAILURE: "36",
     Verdict.ERROR: "35",
 }
-
-
-def _outcome_line(run: RunResult) -> str:
-    failed = run.failed_must()
-    stale = [r for r in run.results if r.stale]
-    if run.exit_code == 0:
-        return "RESULT: PASS (every MUST case passed)"
-    reasons = []
-    if failed:
-        reasons.append(f"{len(failed)} MUST case(s) failed")
-    if stale:
-        reasons.append(f"{len(stale)} known-failing case(s) passed: the list is stale")
-    if run.run_errors:
-        # A known-failing entry matching no case, or a counterpart the kit could not serve.
-        reasons.append(f"{len(run.run_errors)} run error(s)")
-    return "RESULT: FAIL (" + "; ".join(reasons) + ")"
 
 
 # ------------------------------------------------------------------ terminal
@@ -125,7 +108,7 @@ class TerminalReporter:
         for result in run.results:
             if result.stale:
                 self._write(f"known-failing: {result.case.id}: {result.message}")
-        self._write(_outcome_line(run))
+        self._write(run.outcome_line())
 
 
 # ------------------------------------------------------------------ JSON
@@ -269,103 +252,13 @@ def write_junit(run: RunResult, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ HTML
-
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem;color:#1b1f24;background:#fff}
-h1{font-size:1.5rem;margin:0 0 .25rem}
-.meta{color:#555;margin-bottom:1.25rem}
-.meta code{background:#f2f4f7;padding:0 .3em;border-radius:3px}
-.result{font-size:1.1rem;font-weight:600;padding:.6rem .9rem;border-radius:6px;margin:1rem 0}
-.result.pass{background:#e6f4ea;color:#1e6b34}.result.fail{background:#fdecea;color:#a1261b}
-table{border-collapse:collapse;width:100%;margin-bottom:1.5rem}
-th,td{text-align:left;padding:.35rem .6rem;border-bottom:1px solid #e3e6ea;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.verdict{font-weight:700;font-size:.8rem;padding:.1rem .45rem;border-radius:4px;white-space:nowrap}
-.v-passed{background:#e6f4ea;color:#1e6b34}.v-failed{background:#fdecea;color:#a1261b}
-.v-skipped{background:#fff4d6;color:#7a5600}.v-expected-failure{background:#e3f2f7;color:#185f73}
-.v-error{background:#f6e6f7;color:#7a1f80}
-.level{font-size:.8rem;font-weight:600;color:#444}
-.id{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
-details{margin:.3rem 0 .2rem}
-summary{cursor:pointer;color:#333}
-pre{background:#f6f8fa;border:1px solid #e3e6ea;border-radius:4px;padding:.5rem;overflow:auto;max-height:28rem;white-space:pre-wrap;word-break:break-word;margin:.25rem 0}
-.label{font-weight:600;margin-top:.4rem}
-.errors li{color:#a1261b}
-"""
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _html_case(result: CaseResult) -> str:
-    case = result.case
-    verdict = result.verdict.value
-    cells = (
-        f'<td><span class="verdict v-{verdict}">{_esc(verdict)}</span></td>'
-        f'<td class="level">{_esc(case.level.value)}</td>'
-        f'<td><span class="id">{_esc(case.id)}</span><br>{_esc(case.description)}'
-    )
-    if result.verdict is not Verdict.PASSED:
-        opened = " open" if result.counts_as_failure else ""
-        body = [f"<pre>{_esc(result.message)}</pre>"]
-        for name in ("sent", "expected", "got"):
-            text = getattr(result, name)
-            if text:
-                body.append(f'<div class="label">{name}</div><pre>{_esc(text)}</pre>')
-        cells += f"<details{opened}><summary>details</summary>{''.join(body)}</details>"
-    cells += f'</td><td class="num">{result.duration:.3f}&nbsp;s</td>'
-    return f"<tr>{cells}</tr>"
-
-
-def render_html(run: RunResult) -> str:
-    """The self-contained report page."""
-    counts = run.counts()
-    head_cells = "".join(f'<th class="num">{_esc(v.value)}</th>' for v in Verdict)
-    rows = "".join(
-        f"<tr><th>{_esc(level.value)}</th>"
-        + "".join(f'<td class="num">{counts[level][v]}</td>' for v in Verdict)
-        + "</tr>"
-        for level in Level
-    )
-    errors = ""
-    if run.run_errors:
-        items = "".join(f"<li>{_esc(e)}</li>" for e in run.run_errors)
-        errors = f'<h2>Run errors</h2><ul class="errors">{items}</ul>'
-    outcome_class = "pass" if run.exit_code == 0 else "fail"
-    cases = "".join(_html_case(r) for r in run.results)
-    title = f"collateral-sync conformance: {run.role.value} at {run.target}"
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_esc(title)}</h1>"
-        '<div class="meta">'
-        f"protocol <code>{_esc(run.protocol_version)}</code> · "
-        f"kit <code>{_esc(run.kit_version)}</code> · "
-        f"role <code>{_esc(run.role.value)}</code> · "
-        f"target <code>{_esc(run.target)}</code> · "
-        f"started {_esc(run.started_at.strftime('%Y-%m-%d %H:%M:%S %Z'))} · "
-        f"{len(run.results)} cases in {run.duration:.2f} s"
-        + (
-            f" · known-failing list <code>{_esc(run.known_failing_file)}</code>"
-            if run.known_failing_file
-            else ""
-        )
-        + "</div>"
-        f'<div class="result {outcome_class}">{_esc(_outcome_line(run))}</div>'
-        f"<table><thead><tr><th>level</th>{head_cells}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{errors}"
-        "<table><thead><tr><th>verdict</th><th>level</th><th>case</th>"
-        f'<th class="num">time</th></tr></thead><tbody>{cases}</tbody></table>'
-        "</body></html>\n"
-    )
-
-
-def write_html(run: RunResult, path: Path) -> None:
-    path.write_text(render_html(run), encoding="utf-8")
+#
+# The page leads with what failed: the verdict, then the failures and errors,
+# each linking to its row; then the counts per level; then every case, with a
+# filter. Everything is in the HTML itself and readable with scripts disabled;
+# the one inline script only adds the filter (and lifts it when a link points
+# at a row it hides). A Content-Security-Policy lets that script (by its hash)
+# and inline styles run, and nothing else: no fetches, no other scripts.
 
 
 def write_reports(run: RunResult, directory: Path) -> list[Path]:

@@ -147,6 +147,22 @@ class RunResult:
     def failed_must(self) -> list[CaseResult]:
         return [r for r in self.results if r.case.level is Level.MUST and r.counts_as_failure]
 
+    def outcome_line(self) -> str:
+        """``RESULT: PASS (...)`` or ``RESULT: FAIL (why)``: the line every report leads with."""
+        failed = self.failed_must()
+        stale = [r for r in self.results if r.stale]
+        if self.exit_code == 0:
+            return "RESULT: PASS (every MUST case passed)"
+        reasons = []
+        if failed:
+            reasons.append(f"{len(failed)} MUST case(s) failed")
+        if stale:
+            reasons.append(f"{len(stale)} known-failing case(s) passed: the list is stale")
+        if self.run_errors:
+            # A known-failing entry matching no case, or a counterpart the kit could not serve.
+            reasons.append(f"{len(self.run_errors)} run error(s)")
+        return "RESULT: FAIL (" + "; ".join(reasons) + ")"
+
     @property
     def exit_code(self) -> int:
         stale = any(r.stale for r in self.results)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import io
 import json
 import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from pathlib import Path
 
 import collateral_sync
@@ -170,16 +174,64 @@ def test_junit_xml_parses_and_counts_like_the_run(run: RunResult, tmp_path: Path
     assert stale[0].find("failure") is not None
 
 
+class _Page(HTMLParser):
+    """The page's elements (tag, attributes) in document order, and its script's text."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, {k: v or "" for k, v in attrs}))
+        if tag == "script":
+            self._in_script = True
+            self.scripts.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script:
+            self.scripts[-1] += data
+
+    def ids(self) -> list[str]:
+        return [a["id"] for _, a in self.elements if "id" in a]
+
+    def index(self, element_id: str) -> int:
+        return next(i for i, (_, a) in enumerate(self.elements) if a.get("id") == element_id)
+
+
 def test_html_is_one_self_contained_page(run: RunResult, tmp_path: Path) -> None:
     write_reports(run, tmp_path)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page == render_html(run)
     assert page.startswith("<!DOCTYPE html>")
-    # Nothing fetched from anywhere: no URLs, scripts, links, imports or external sources.
+    # Nothing fetched from anywhere: no URLs, links, imports or external sources.
     assert not re.search(r"https?://", page)
-    for marker in ("<script", "<link", "src=", "href=", "@import", "url("):
+    for marker in ("<link", "src=", "@import", "url(", "<img", "<iframe"):
         assert marker not in page.lower(), marker
     assert "<style>" in page
+    parsed = _Page(page)
+    # One inline script, allowed by its hash in the page's Content-Security-Policy; nothing else.
+    [script] = parsed.scripts
+    assert [a for t, a in parsed.elements if t == "script"] == [{}]
+    [csp] = [
+        a["content"] for t, a in parsed.elements if a.get("http-equiv") == "Content-Security-Policy"
+    ]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp
+    assert "default-src 'none'" in csp
+    # Every link is an anchor on the page itself.
+    hrefs = [a["href"] for t, a in parsed.elements if t == "a"]
+    ids = parsed.ids()
+    assert len(ids) == len(set(ids))
+    assert hrefs
+    assert all(h.startswith("#") and h[1:] in ids for h in hrefs), hrefs
     # Content is escaped, never interpreted.
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert collateral_sync.PROTOCOL_VERSION in page
@@ -190,6 +242,62 @@ def test_html_is_one_self_contained_page(run: RunResult, tmp_path: Path) -> None
     assert "UNAUTHENTICATED with ErrorInfo reason SIGNATURE_INVALID" in page
     assert "RESULT: FAIL" in page
     assert "z/gone" in page
+
+
+def test_html_leads_with_the_verdict_and_the_failures(run: RunResult) -> None:
+    page = render_html(run)
+    parsed = _Page(page)
+    # The verdict, then the failures and errors, then the table of every case.
+    assert parsed.index("verdict") < parsed.index("failures") < parsed.index("cases")
+    assert re.search(r'<span class="word">FAIL</span><span class="exit">exit code 1</span>', page)
+    for count in ("6 cases", "1 passed", "2 failed", "1 skipped", "1 expected-failure", "1 error"):
+        assert f">{count}</li>" in page, count
+    assert "target <code>127.0.0.1:7441</code>" in page
+    assert "role <code>custodian</code>" in page
+    # The failure list links the failed and erred cases, MUST before SHOULD.
+    failures = page[page.index('<section id="failures">') : page.index("</section>")]
+    linked = re.findall(r'href="#case-([^"]+)"', failures)
+    assert linked == [
+        "envelope/pledge-collateral/forged-signature-refused",
+        "custodian/pledge-accepted",
+        "transport/reflection-v1",
+    ]
+    assert "PledgeCollateral: expected a refusal with UNAUTHENTICATED" in failures
+    assert "z/gone" in failures
+    # Every case is a row with an anchor and what the filter needs.
+    rows = [a for t, a in parsed.elements if t == "tr" and "data-verdict" in a]
+    assert [r["id"] for r in rows] == [f"case-{r.case.id}" for r in run.results]
+    assert [(r["data-verdict"], r["data-level"], r["data-family"]) for r in rows] == [
+        (r.verdict.value, r.case.level.value, r.case.id.split("/")[0]) for r in run.results
+    ]
+    # Without scripts every row shows and the filter controls stay hidden.
+    assert not any("hidden" in r for r in rows)
+    [form] = [a for t, a in parsed.elements if t == "form"]
+    assert form == {"id": "filters", "hidden": ""}
+
+
+def test_html_folds_long_payloads_and_escapes_server_text(run: RunResult) -> None:
+    hostile = '<script>document.title="owned"</script><img src=x onerror=alert(1)>"\'&'
+    run.results[1].got = "\n".join(f"line {i} {hostile}" for i in range(200))
+    run.results[1].message = f"refused {hostile}"
+    page = render_html(run)
+    row = page[page.index('id="case-envelope/') : page.index("</tr>", page.index('id="case-env'))]
+    assert "<details open><summary>expected" in row
+    assert '<details><summary>got <span class="size">(200 lines,' in row
+    assert "owned" in page
+    assert "<script>document" not in page
+    assert "<img" not in page
+    assert html.escape(hostile, quote=True) in page
+    assert page.count("<script") == 1
+
+
+def test_html_says_plainly_when_nothing_failed(run: RunResult) -> None:
+    run.results = [r for r in run.results if not r.counts_as_failure]
+    run.run_errors = []
+    page = render_html(run)
+    assert "Failures and errors (0)" in page
+    assert "None: no case failed and the kit raised no error." in page
+    assert '<span class="word">PASS</span><span class="exit">exit code 0</span>' in page
 
 
 def test_terminal_progress_and_summary(run: RunResult) -> None:
