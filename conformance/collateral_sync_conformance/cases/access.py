@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN
 from collateral_sync.v1 import (
+    attestation_pb2,
     common_pb2,
     custodian_service_pb2,
     errors_pb2,
@@ -99,6 +100,36 @@ async def _call(
 
 # ---------------------------------------------------------------------------- custodian
 
+_Read = tuple[Callable[..., Awaitable[Any]], Message, str, str]
+
+
+def _custodian_reads(
+    who: PartyClients, account_id: str, ref: attestation_pb2.AttestationRef, settlement_id: str
+) -> list[_Read]:
+    """The custodian's restricted reads of one account, as ``who``: (method, request, name, field)."""
+    return [
+        (
+            who.custodian.get_holdings_statement,
+            custodian_service_pb2.GetHoldingsStatementRequest(account_id=account_id),
+            "GetHoldingsStatement",
+            "account_id",
+        ),
+        (
+            who.custodian.get_inclusion_proof,
+            custodian_service_pb2.GetInclusionProofRequest(
+                leaf_index=ref.leaf_index, tree_size=ref.tree_size
+            ),
+            "GetInclusionProof",
+            "leaf_index",
+        ),
+        (
+            who.custodian.get_settlement,
+            custodian_service_pb2.GetSettlementRequest(settlement_id=settlement_id),
+            "GetSettlement",
+            "settlement_id",
+        ),
+    ]
+
 
 @REGISTRY.case(
     "access/custodian/stranger-reads-public-data",
@@ -145,26 +176,9 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
     account = await ensure_pledged(ctx)
     _, _, ref = await holdings(ctx, account)
     before = await custodian_state(ctx)
-    reads: list[tuple[Callable[..., Awaitable[Any]], Message, str]] = [
-        (
-            stranger.custodian.get_holdings_statement,
-            custodian_service_pb2.GetHoldingsStatementRequest(account_id=account),
-            "GetHoldingsStatement",
-        ),
-        (
-            stranger.custodian.get_inclusion_proof,
-            custodian_service_pb2.GetInclusionProofRequest(
-                leaf_index=ref.leaf_index, tree_size=ref.tree_size
-            ),
-            "GetInclusionProof",
-        ),
-        (
-            stranger.custodian.get_settlement,
-            custodian_service_pb2.GetSettlementRequest(settlement_id=ctx.unique("settlement")),
-            "GetSettlement",
-        ),
-    ]
-    for method, request, name in reads:
+    for method, request, name, _ in _custodian_reads(
+        stranger, account, ref, ctx.unique("settlement")
+    ):
         _expect_denied(
             await _call(ctx, stranger, method, request, name),
             field="caller",
@@ -206,32 +220,15 @@ async def custodian_parties_read(ctx: CaseContext) -> None:
         ctx.as_role(_ROLE.PARTY_ROLE_REGULATOR),
     ]
     for who in readers:
-        read = expect_ok(
-            await _call(
-                ctx,
-                who,
-                who.custodian.get_holdings_statement,
-                custodian_service_pb2.GetHoldingsStatementRequest(account_id=account),
-                "GetHoldingsStatement",
-            )
-        )
+        (holdings_read, proof_read, _) = _custodian_reads(who, account, ref, "")
+        read = expect_ok(await _call(ctx, who, *holdings_read[:3]))
         check(
             read.holdings_statement.payload == envelope.payload,
             f"{who.party_id} was served another statement than the account's latest",
             expected="the same statement for every party",
             got=f"payload of {len(read.holdings_statement.payload)} bytes",
         )
-        expect_ok(
-            await _call(
-                ctx,
-                who,
-                who.custodian.get_inclusion_proof,
-                custodian_service_pb2.GetInclusionProofRequest(
-                    leaf_index=ref.leaf_index, tree_size=ref.tree_size
-                ),
-                "GetInclusionProof",
-            )
-        )
+        expect_ok(await _call(ctx, who, *proof_read[:3]))
 
 
 async def _others(ctx: CaseContext) -> list[PartyClients]:
@@ -253,43 +250,13 @@ async def custodian_others_refused(ctx: CaseContext) -> None:
     account = await ensure_pledged(ctx)
     _, _, ref = await holdings(ctx, account)
     hidden = [client_key(ctx).party_id, exchange_party(ctx)]
+    missing = ctx.unique("conformance-no-such-account")
     for who in await _others(ctx):
-        for account_id in (account, ctx.unique("conformance-no-such-account")):
-            _expect_denied(
-                await _call(
-                    ctx,
-                    who,
-                    who.custodian.get_holdings_statement,
-                    custodian_service_pb2.GetHoldingsStatementRequest(account_id=account_id),
-                    "GetHoldingsStatement",
-                ),
-                field="account_id",
-                hidden=hidden,
-            )
-        _expect_denied(
-            await _call(
-                ctx,
-                who,
-                who.custodian.get_inclusion_proof,
-                custodian_service_pb2.GetInclusionProofRequest(
-                    leaf_index=ref.leaf_index, tree_size=ref.tree_size
-                ),
-                "GetInclusionProof",
-            ),
-            field="leaf_index",
-            hidden=hidden,
-        )
-        _expect_denied(
-            await _call(
-                ctx,
-                who,
-                who.custodian.get_settlement,
-                custodian_service_pb2.GetSettlementRequest(settlement_id=ctx.unique("settlement")),
-                "GetSettlement",
-            ),
-            field="settlement_id",
-            hidden=hidden,
-        )
+        reads = _custodian_reads(who, account, ref, ctx.unique("settlement"))
+        # The very same refusal for an account that does not exist.
+        reads += _custodian_reads(who, missing, ref, ctx.unique("settlement"))[:1]
+        for method, request, name, field in reads:
+            _expect_denied(await _call(ctx, who, method, request, name), field=field, hidden=hidden)
 
 
 @REGISTRY.case(
