@@ -2,8 +2,9 @@
 
 Exit codes: 0 every MUST case passed (and the known-failing list is current);
 1 a MUST case failed or erred, or the known-failing list is stale; 2 a usage
-error (bad arguments, unreadable files, a target that cannot be reached),
-reported on one line of stderr without a traceback.
+error (bad arguments, unreadable files, a target that cannot be reached or,
+with ``--wait``, does not report SERVING in time), reported on one line of
+stderr naming the option or target at fault, without a traceback.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import grpc
 import grpc.aio
 from collateral_sync import PROTOCOL_VERSION, __version__
+from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_pem
 from collateral_sync.errors import CollateralSyncError
 from collateral_sync.keys import KeyRegistry, SigningKey
-from collateral_sync.transport import TlsConfig, secure_channel
+from collateral_sync.transport import TlsConfig, grpc_core_log_held, secure_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collateral_sync_conformance._context import KitConfig, party_role
@@ -46,8 +51,18 @@ __all__ = ["main"]
 _PROG = "collateral-sync conformance"
 
 
+_T = TypeVar("_T")
+
+
 class UsageError(Exception):
     """A problem with the command line or its input files (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _load_cases() -> Registry:
@@ -80,8 +95,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from err
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         # No abbreviations: '--list' must never be taken for '--listen', nor the reverse.
         allow_abbrev=False,
@@ -166,6 +191,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument(
         "--rpc-timeout", type=_positive, default=10.0, help="deadline of each RPC, seconds (10)"
     )
+    run.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the server to report SERVING on gRPC health before the "
+        "first case (0, the default: check once that it answers)",
+    )
     run.add_argument("--no-colour", action="store_true", help="plain terminal output")
 
     listing = sub.add_parser(
@@ -236,19 +269,25 @@ def _config(args: argparse.Namespace) -> KitConfig:
         raise UsageError("--exchange-cert and --exchange-key go together")
     if args.state_dir and not args.listen:
         raise UsageError("--state-dir is the state of the custodian --listen serves")
-    try:
-        tls = TlsConfig.from_files(args.ca, args.cert, args.key)
-        exchange_tls = (
-            TlsConfig.from_files(args.ca, args.exchange_cert, args.exchange_key)
-            if args.exchange_cert
-            else None
+    tls = _tls(("--ca", args.ca), ("--cert", args.cert), ("--key", args.key))
+    exchange_tls = (
+        _tls(
+            ("--ca", args.ca),
+            ("--exchange-cert", args.exchange_cert),
+            ("--exchange-key", args.exchange_key),
         )
-        identities = tuple(TlsConfig.from_files(args.ca, cert, key) for cert, key in args.identity)
-        registry = KeyRegistry.load(args.registry)
-        keys = tuple(SigningKey.load(path) for path in args.kit_key)
-    except (OSError, CollateralSyncError, ValueError) as err:
-        message = err.message if isinstance(err, CollateralSyncError) else str(err)
-        raise UsageError(message) from err
+        if args.exchange_cert
+        else None
+    )
+    identities = tuple(
+        _tls(("--ca", args.ca), ("--identity", cert), ("--identity", key))
+        for cert, key in args.identity
+    )
+    registry = _input_file("--registry", args.registry, KeyRegistry.load)
+    keys = tuple(_input_file("--kit-key", path, SigningKey.load) for path in args.kit_key)
+    for option, value in (("--state-dir", args.state_dir), ("--report-dir", args.report_dir)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise UsageError(f"{option} {value} is not a directory; {option} wants a directory")
     return KitConfig(
         role=role,
         target=args.target,
@@ -268,19 +307,143 @@ def _config(args: argparse.Namespace) -> KitConfig:
     )
 
 
-async def _reachable(config: KitConfig) -> str | None:
-    """None if the target answers a health check over mutual TLS, else why not."""
+def _input_file(option: str, path: str, load: Callable[[str], _T]) -> _T:
+    """``load(path)``; a problem is a UsageError naming ``option`` and ``path``."""
+    try:
+        return load(path)
+    except OSError as err:
+        if isinstance(err, IsADirectoryError):
+            raise UsageError(f"{option} {path} is a directory; {option} wants a file") from err
+        raise UsageError(f"{option} {path}: {err.strerror or err}") from err
+    except (CollateralSyncError, ValueError) as err:
+        message = err.message if isinstance(err, CollateralSyncError) else str(err)
+        shown = message if path in message else f"{path}: {message}"
+        raise UsageError(f"{option}: {shown}") from err
+
+
+def _read_certificates(path: str) -> bytes:
+    data = Path(path).read_bytes()
+    load_certificate_chain_pem(data)
+    return data
+
+
+def _read_private_key(path: str) -> bytes:
+    data = Path(path).read_bytes()
+    load_private_key_pem(data)
+    return data
+
+
+def _tls(ca: tuple[str, str], cert: tuple[str, str], key: tuple[str, str]) -> TlsConfig:
+    """A TLS identity from (option, path) pairs; each file is checked on its own."""
+    material = (
+        _input_file(*ca, _read_certificates),
+        _input_file(*cert, _read_certificates),
+        _input_file(*key, _read_private_key),
+    )
+    try:
+        return TlsConfig(*material)
+    except CollateralSyncError as err:
+        raise UsageError(f"{key[0]} {key[1]}: {err.message} ({cert[0]} {cert[1]})") from err
+
+
+#: Health states a probe of the target can end in.
+_READY, _NOT_SERVING, _UNREACHABLE = "ready", "not serving", "unreachable"
+#: Seconds between two probes while ``--wait`` waits.
+_POLL_INTERVAL = 0.25
+
+
+def _why_unreachable(err: grpc.aio.AioRpcError, config: KitConfig, ca: str, timeout: float) -> str:
+    """What an UNAVAILABLE or DEADLINE_EXCEEDED health check says, and the likely fix."""
+    if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"no answer within {timeout:g} s (DEADLINE_EXCEEDED): something accepts "
+            "connections there but does not answer gRPC"
+        )
+    details = err.details() or ""
+    low = details.lower()
+    if "connection refused" in low:
+        return "connection refused: nothing listens there (check --target; is the server up?)"
+    if any(
+        words in low
+        for words in ("dns resolution failed", "errors resolving", "name or service not known")
+    ):
+        return "the host name does not resolve (check --target)"
+    if "hostname verification" in low or "peer name" in low:
+        name = config.server_name_override or config.target.rpartition(":")[0]
+        return (
+            f"TLS handshake failed: the server's certificate does not name {name!r} "
+            "(give --server-name with a name it holds)"
+        )
+    if "wrong_version_number" in low:
+        return "TLS handshake failed: the server does not speak TLS (a plaintext server?)"
+    verify = re.search(r"certificate_verify_failed:\s*([^:]+)", details, re.IGNORECASE)
+    if verify is not None:
+        return (
+            f"TLS handshake failed: the server's certificate does not verify against --ca {ca} "
+            f"({verify.group(1).strip()}); likely a wrong CA, or the server presents a "
+            "certificate of another CA"
+        )
+    if "socket closed" in low or "connection reset" in low or "end of file" in low:
+        return (
+            "TLS handshake failed: the server closed the connection; likely it does not trust "
+            "the kit's certificate (--cert from another CA than the server's)"
+        )
+    if any(word in low for word in ("handshake", "ssl", "tls", "tsi_", "certificate")):
+        return f"TLS handshake failed (wrong CA or certificate?): {details}"
+    return f"{err.code().name}: {details}"
+
+
+async def _probe(config: KitConfig, ca: str, timeout: float) -> tuple[str, str]:
+    """One health check over mutual TLS: (state, what was seen)."""
     async with secure_channel(
         config.target, config.tls, server_name_override=config.server_name_override
     ) as channel:
         try:
-            await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=config.rpc_timeout
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.aio.AioRpcError as err:
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return f"{err.code().name}: {err.details()}"
-    return None
+                return _UNREACHABLE, _why_unreachable(err, config, ca, timeout)
+            # It answers, if not with a health status: the transport/ cases judge that.
+            return _READY, f"health answered {err.code().name}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    if response.status == health_pb2.HealthCheckResponse.SERVING:
+        return _READY, status
+    return _NOT_SERVING, f"health reports {status}"
+
+
+#: The start of a gRPC core log line: severity, date, time, thread, file:line].
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def _await_ready(
+    config: KitConfig, ca: str, wait: float, say: Callable[[str], None] = _say
+) -> None:
+    """Check the target once (``wait`` 0) or wait until it reports SERVING; UsageError if not.
+
+    A single check only needs an answer (as before ``--wait``); waiting needs SERVING,
+    or an answer that is not a health status at all, which waiting would not change.
+    """
+    who = f"{config.server_party_id} at {config.target}"
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        remaining = deadline - time.monotonic()
+        timeout = min(config.rpc_timeout, max(remaining, 1.0)) if wait else config.rpc_timeout
+        state, seen = await _probe(config, ca, timeout)
+        if state == _READY or (state == _NOT_SERVING and wait == 0):
+            return
+        if wait == 0:
+            raise UsageError(f"cannot reach {who} over mutual TLS: {seen}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UsageError(f"{who} did not report SERVING within {wait:g} s; last seen: {seen}")
+        if not announced:
+            say(f"waiting up to {wait:g} s for {who} to report SERVING...")
+            announced = True
+        await asyncio.sleep(min(_POLL_INTERVAL, remaining))
 
 
 def _served(config: KitConfig) -> dict[str, str]:
@@ -303,16 +466,11 @@ def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     chosen = select_cases(role_cases, config.role, run=run, skip=skip)
     known = None
     if args.known_failing:
-        try:
-            known = KnownFailing.load(args.known_failing)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"--known-failing: {err}") from err
-    problem = asyncio.run(_reachable(config))
-    if problem is not None:
-        raise UsageError(
-            f"cannot reach {config.target} over mutual TLS ({problem}); "
-            "check --target, --ca, --cert, --key and --server-name"
-        )
+        known = _input_file("--known-failing", args.known_failing, KnownFailing.load)
+    # Handshake failures are explained in one line of the kit's own; core's lines go.
+    with grpc_core_log_held() as held:
+        held.drop_core_log = True
+        asyncio.run(_await_ready(config, args.ca, args.wait, held.say))
     reporter = TerminalReporter(colour=False if args.no_colour else None)
     reporter.start(
         {

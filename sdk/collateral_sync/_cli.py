@@ -2,17 +2,21 @@
 
 Exit codes: 0 success; 1 verification refused (the evidence is bad); 2 usage
 error or unusable input (missing file, malformed bundle). Errors are printed
-as one line on stderr, never as a traceback.
+as one line on stderr naming the thing at fault (option, file, config key) and,
+where there is one, the fix; never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 from collateral_sync._version import __version__
 from collateral_sync.errors import CollateralSyncError, VerificationError
@@ -34,19 +38,83 @@ class _UsageError(Exception):
     """A problem with the command line or its input files (exit 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _what_is(path: Path) -> str:
+    """What ``path`` is, for a message: 'a directory', 'a character device', 'missing'..."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _directory(option: str, path: Path, holds: str) -> None:
+    """Make ``path`` a directory for ``option`` (created if absent) or say why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise _UsageError(
+            f"{option} {path} is {_what_is(path)}; {option} wants a directory ({holds})"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(
+            f"{option} {path}: cannot create the directory ({err.strerror or err})"
+        ) from err
+
+
+def _check_party_file_name(party: str) -> None:
+    # The party id names the key file: it must stay inside --out and be a name.
+    if not party or party in (".", "..") or any(c in party for c in ("/", "\\", "\0")):
+        raise _UsageError(
+            f"--party {party!r}: a party id names its key file, so it cannot be empty, "
+            "'.' or '..', nor contain '/', '\\' or NUL"
+        )
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from collateral_sync.keys import KeyRegistry, SigningKey
 
+    # Every argument and input file is checked before anything is written.
+    _check_party_file_name(args.party)
+    valid_from = (
+        _parse_time(args.valid_from, "--valid-from") if args.valid_from else datetime.now(UTC)
+    )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    registry_path = Path(args.registry) if args.registry else out / "registry.json"
+    registry_what = "--registry" if args.registry else "registry (in --out)"
+    if registry_path.exists() and not registry_path.is_file():
+        raise _UsageError(
+            f"{registry_what} {registry_path} is {_what_is(registry_path)}; "
+            "it must be the key registry JSON file (created if absent)"
+        )
+    try:
+        registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
+    except CollateralSyncError as err:
+        raise _UsageError(f"{registry_what}: {err.message}") from err
+    _directory("--out", out, f"it gets {args.party}.key.json")
     key_path = out / f"{args.party}.key.json"
     if key_path.exists() and not args.force:
         raise _UsageError(f"{key_path} exists; pass --force to overwrite it")
     key = SigningKey.generate(args.party, _ROLES[args.role])
     key.save(key_path)
-    registry_path = Path(args.registry) if args.registry else out / "registry.json"
-    registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
-    valid_from = _parse_time(args.valid_from) if args.valid_from else datetime.now(UTC)
     registry.add(key.party_key(valid_from=valid_from))
     registry.save(registry_path)
     print(f"key id     {key.key_id}")
@@ -61,9 +129,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        raise _UsageError(f"{path}: no such file")
+        what = _what_is(path)
+        found = "no such file" if what == "missing" else f"is {what}"
+        raise _UsageError(f"{path}: {found}; verify expects a file holding {_BUNDLE_FORMATS}")
     bundle = load_audit_bundle(path)
-    report = verify_audit_bundle(bundle)
+    try:
+        report = verify_audit_bundle(bundle)
+    except CollateralSyncError as err:
+        if isinstance(err, VerificationError):
+            raise
+        raise _UsageError(f"{path}: not a usable audit bundle: {err.message}") from err
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -97,16 +172,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_dev_certs(args: argparse.Namespace) -> int:
-    from collateral_sync.dev_ca import DEFAULT_HOSTS, create_dev_pki
+#: What ``verify`` reads, for its messages.
+_BUNDLE_FORMATS = "an AuditBundle (binary protobuf, or proto3 JSON if named *.json)"
 
-    pki = create_dev_pki(
-        args.out,
-        parties=args.party,
-        hosts=args.host or DEFAULT_HOSTS,
-        valid_days=args.valid_days,
-        overwrite=args.force,
-    )
+#: Which option each field of create_dev_pki's MalformedError comes from.
+_DEV_CERTS_OPTIONS = {"parties": "--party", "hosts": "--host", "valid_days": "--valid-days"}
+
+
+def _cmd_dev_certs(args: argparse.Namespace) -> int:
+    from collateral_sync.dev_ca import DEFAULT_HOSTS, create_dev_pki, pki_layout
+    from collateral_sync.errors import MalformedError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(
+            f"--out {out} is {_what_is(out)}; --out wants a directory for the PEM files"
+        )
+    try:
+        layout = pki_layout(out, args.party)
+    except MalformedError as err:
+        raise _UsageError(f"--party: {err.message}") from err
+    existing = [path for path in layout.files() if path.exists()]
+    if existing and not args.force:
+        raise _UsageError(
+            f"--out {out} already holds {', '.join(p.name for p in existing)}; pass --force "
+            "to replace them (certificates issued by a replaced CA stop verifying)"
+        )
+    try:
+        pki = create_dev_pki(
+            out,
+            parties=args.party,
+            hosts=args.host or DEFAULT_HOSTS,
+            valid_days=args.valid_days,
+            overwrite=args.force,
+        )
+    except MalformedError as err:
+        options = [_DEV_CERTS_OPTIONS.get(name, name) for name in err.field_violations]
+        raise _UsageError(f"{'/'.join(options) or 'dev-certs'}: {err.message}") from err
+    except OSError as err:
+        raise _UsageError(f"--out {out}: cannot write the PKI ({_os_error(err)})") from err
     print(f"CA         {pki.ca_cert} (key {pki.ca_key}, mode 0600)")
     for files in pki.parties.values():
         print(f"party      {files.party_id}: {files.cert} (key {files.key}, mode 0600)")
@@ -131,20 +235,40 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return conformance_main(args.args, prog="collateral-sync conformance")
 
 
-def _parse_time(text: str) -> datetime:
+def _parse_time(text: str, option: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError as err:
         raise _UsageError(
-            f"expected an ISO 8601 time such as 2026-01-01T00:00:00Z, got {text!r}"
+            f"{option}: expected an ISO 8601 time such as 2026-01-01T00:00:00Z, got {text!r}"
         ) from err
     if value.tzinfo is None:
-        raise _UsageError(f"expected a time with a zone (e.g. ...Z), got {text!r}")
+        raise _UsageError(f"{option}: expected a time with a zone (e.g. ...Z), got {text!r}")
+    return value
+
+
+def _positive_days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days >= 1, got {text!r}")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="collateral-sync",
         description=(
             "Open protocol for mirrored collateral: keys, offline verification, benchmarks, "
@@ -207,8 +331,12 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help="DNS name or IP the certificates are valid for (default: localhost, 127.0.0.1, ::1)",
     )
-    dev_certs.add_argument("--valid-days", type=int, default=30, help="certificate lifetime")
-    dev_certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    dev_certs.add_argument(
+        "--valid-days", type=_positive_days, default=30, help="certificate lifetime in days (30)"
+    )
+    dev_certs.add_argument(
+        "--force", action="store_true", help="replace the files of an earlier dev-certs in --out"
+    )
     dev_certs.set_defaults(func=_cmd_dev_certs)
 
     bench = sub.add_parser("bench", help="run benchmarks with baselines measured in the same run")
@@ -223,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     bench.add_argument(
-        "--scale", type=float, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
+        "--scale", type=_scale, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
     )
     bench.set_defaults(func=_cmd_bench)
 
@@ -254,9 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collateral-sync: error: {err.reason_name}: {err.message}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        print(f"collateral-sync: error: {err}", file=sys.stderr)
+        print(f"collateral-sync: error: {_os_error(err)}", file=sys.stderr)
         return EXIT_USAGE
     return code
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError without its '[Errno N]' prefix: 'PATH: No such file or directory'."""
+    if err.filename is not None and err.strerror:
+        return f"{os.fsdecode(err.filename)}: {err.strerror}"
+    return str(err.strerror or err)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ __all__ = [
     "load_certificate_chain_pem",
     "load_certificate_pem",
     "load_private_key_pem",
+    "pki_layout",
 ]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -83,20 +84,19 @@ class DevPki:
         """The files of ``party_id``; KeyError if it was not issued."""
         return self.parties[party_id]
 
+    def files(self) -> list[Path]:
+        """Every file of the PKI: the CA's certificate and key, then each party's."""
+        paths = [self.ca_cert, self.ca_key]
+        for files in self.parties.values():
+            paths += [files.cert, files.key]
+        return paths
 
-def create_dev_pki(
-    directory: str | os.PathLike[str],
-    *,
-    parties: Sequence[str],
-    hosts: Sequence[str] = DEFAULT_HOSTS,
-    valid_days: int = DEFAULT_VALID_DAYS,
-    overwrite: bool = False,
-    now: datetime | None = None,
-) -> DevPki:
-    """Create a CA and one leaf certificate per party under ``directory``.
 
-    Refuses (FileExistsError) to replace existing files unless ``overwrite``:
-    silently replacing a CA would orphan every certificate issued from it.
+def pki_layout(directory: str | os.PathLike[str], parties: Sequence[str]) -> DevPki:
+    """Where :func:`create_dev_pki` writes the PKI of ``parties`` under ``directory``.
+
+    Writes nothing. MalformedError if ``parties`` is empty, repeats an id, or holds one that
+    cannot be a file name (or is the CA's).
     """
     if not parties:
         raise MalformedError(
@@ -118,6 +118,32 @@ def create_dev_pki(
             metadata={"expected": "distinct party ids", "actual": ",".join(parties)},
             field_violations={"parties": "duplicate party id"},
         )
+    root = Path(directory)
+    return DevPki(
+        directory=root,
+        ca_cert=root / f"{_CA_NAME}.pem",
+        ca_key=root / f"{_CA_NAME}.key",
+        parties=MappingProxyType(
+            {p: PartyFiles(p, root / f"{p}.pem", root / f"{p}.key") for p in parties}
+        ),
+    )
+
+
+def create_dev_pki(
+    directory: str | os.PathLike[str],
+    *,
+    parties: Sequence[str],
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    valid_days: int = DEFAULT_VALID_DAYS,
+    overwrite: bool = False,
+    now: datetime | None = None,
+) -> DevPki:
+    """Create a CA and one leaf certificate per party under ``directory``.
+
+    Refuses (FileExistsError) to replace existing files unless ``overwrite``:
+    silently replacing a CA would orphan every certificate issued from it.
+    """
+    pki = pki_layout(directory, parties)
     if not hosts:
         raise MalformedError(
             "expected at least one host, got none",
@@ -140,24 +166,12 @@ def create_dev_pki(
     not_before = issued_at - _BACKDATE
     not_after = issued_at + timedelta(days=valid_days)
 
-    root = Path(directory)
-    pki = DevPki(
-        directory=root,
-        ca_cert=root / f"{_CA_NAME}.pem",
-        ca_key=root / f"{_CA_NAME}.key",
-        parties=MappingProxyType(
-            {p: PartyFiles(p, root / f"{p}.pem", root / f"{p}.key") for p in parties}
-        ),
-    )
-    targets = [pki.ca_cert, pki.ca_key]
-    for files in pki.parties.values():
-        targets += [files.cert, files.key]
     if not overwrite:
         # Check everything first so that a refusal leaves no half-written PKI.
-        for path in targets:
+        for path in pki.files():
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    root.mkdir(parents=True, exist_ok=True)
+    pki.directory.mkdir(parents=True, exist_ok=True)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _CA_COMMON_NAME)])

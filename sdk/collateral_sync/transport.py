@@ -18,10 +18,14 @@ is safe: it only resends calls that never reached the server application.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -51,11 +55,13 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "SERVICE_MODULES",
     "ChannelOption",
+    "HeldStderr",
     "RetryPolicy",
     "TlsConfig",
     "channel_credentials",
     "channel_options",
     "check_peer_party",
+    "grpc_core_log_held",
     "idempotent_methods",
     "peer_party_id",
     "plaintext_channel_for_testing",
@@ -368,3 +374,65 @@ def _duration(seconds: float) -> str:
 def _check_message_bytes(value: int) -> None:
     if not 1024 <= value <= 2**31 - 1:
         raise ValueError(f"expected 1024 <= max_message_bytes <= 2**31-1, got {value}")
+
+
+#: The start of a gRPC core log line: severity, date, time, thread, file:line].
+_CORE_LOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^\s\]]+:\d+\]")
+
+
+@dataclass(slots=True)
+class HeldStderr:
+    """What :func:`grpc_core_log_held` yields: a way to speak now, and a choice for later."""
+
+    #: Drop gRPC core's own log lines from what was held (the caller reports the
+    #: problem itself); everything else is written out again either way.
+    drop_core_log: bool = False
+    _fd: int | None = None
+
+    def say(self, text: str) -> None:
+        """Write one line to the real stderr at once, while the rest is held."""
+        if self._fd is None:
+            print(text, file=sys.stderr, flush=True)
+            return
+        sys.stderr.flush()
+        os.write(self._fd, f"{text}\n".encode())
+
+
+@contextlib.contextmanager
+def grpc_core_log_held() -> Iterator[HeldStderr]:
+    """Hold back what is written to file descriptor 2 meanwhile, where gRPC core logs.
+
+    gRPC core's log (a failed bind, a failed TLS handshake) cannot be silenced
+    once grpc is imported, and a CLI that explains the failure in one line of
+    its own should not print core's line first. On leaving, the held output is
+    written out again, less core's lines if ``drop_core_log`` was set.
+    """
+    held = HeldStderr()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to hold back
+        yield held
+        return
+    try:
+        on_fd_2 = sys.stderr.fileno() == 2
+    except (OSError, ValueError, AttributeError):  # replaced, e.g. by a test's capture
+        on_fd_2 = False
+    held._fd = saved if on_fd_2 else None
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held._fd = None
+            buffer.seek(0)
+            text = buffer.read().decode(errors="replace")
+            if held.drop_core_log:
+                lines = text.splitlines(keepends=True)
+                text = "".join(line for line in lines if not _CORE_LOG.search(line))
+            if text:
+                sys.stderr.write(text)
+                sys.stderr.flush()

@@ -18,7 +18,9 @@ file's directory)::
     }
 
 ``party_id``, ``role``, ``signing_key`` and ``key_registry`` are required;
-``tls`` is required unless the server runs with ``--plaintext-for-testing``.
+``tls`` is required unless the server runs with ``--plaintext-for-testing``
+(and a server refuses to start with a ``tls.cert`` that has expired or is not
+yet valid: see :mod:`~collateral_sync_reference.common.runner`).
 ``peers`` maps each counterparty's party id to its address (``null`` for a
 peer that dials us). The object named after the role holds the role's own
 settings; its module reads it through :class:`ConfigSection`. Unknown keys are
@@ -267,9 +269,19 @@ def load_config(
             f"config {file}: no such file",
             metadata={"expected": "a readable file", "actual": "missing"},
         ) from err
-    except (OSError, UnicodeDecodeError) as err:
+    except IsADirectoryError as err:
         raise MalformedError(
-            f"config {file}: cannot read it ({err})",
+            f"config {file}: is a directory; --config wants the server's JSON configuration file",
+            metadata={"expected": "a readable file", "actual": "a directory"},
+        ) from err
+    except UnicodeDecodeError as err:
+        raise MalformedError(
+            f"config {file}: not UTF-8 text (byte {err.start}); expected a JSON object",
+            metadata={"expected": "a readable UTF-8 file", "actual": type(err).__name__},
+        ) from err
+    except OSError as err:
+        raise MalformedError(
+            f"config {file}: cannot read it ({err.strerror or err})",
             metadata={"expected": "a readable UTF-8 file", "actual": type(err).__name__},
         ) from err
     try:

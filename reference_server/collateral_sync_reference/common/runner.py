@@ -12,6 +12,14 @@ machine-readable line on stdout once it is serving::
 or SIGINT stops the server gracefully: background work first, then in-flight
 calls get a grace period, then the storage is closed.
 
+Every problem found before serving is one error naming the configuration key
+and file at fault: a missing or unreadable file, a signing key of another
+party or role, a TLS key that does not match its certificate, an address
+already in use. A server whose own TLS certificate (``tls.cert``, or every
+certificate of ``tls.ca``) has expired or is not yet valid refuses to start
+(exit 2, naming the file and its notAfter/notBefore) rather than serve a
+certificate every peer would refuse.
+
 Roles
 -----
 :data:`ROLE_MODULES` names the module of each role. A role module provides
@@ -29,26 +37,32 @@ mode serves ``TestControlService`` (usually a subclass of
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import inspect
 import logging
 import signal
+import socket
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
+from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_pem
 from collateral_sync.errors import CollateralSyncError, MalformedError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.server import add_servicer, create_server, start_server, stop_server
-from collateral_sync.transport import TlsConfig, peer_party_id
+from collateral_sync.transport import TlsConfig, grpc_core_log_held, peer_party_id
 from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 
 from collateral_sync_reference.common.access import AccessInterceptor
 from collateral_sync_reference.common.clock import Clock, SystemClock, TestClock
-from collateral_sync_reference.common.config import ServerConfig, load_config
+from collateral_sync_reference.common.config import ServerConfig, TlsFiles, load_config
 from collateral_sync_reference.common.storage import SqliteStorage, open_storage
 
 __all__ = [
@@ -80,6 +94,8 @@ _PARTY_ROLES: Mapping[str, int] = {
 SHUTDOWN_GRACE = 2.0
 
 _LOGGER = logging.getLogger("collateral_sync_reference")
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -175,7 +191,9 @@ def serve_main(
     # The role's own section is checked before anything is opened or created.
     parse_settings = getattr(module, "parse_settings", None)
     settings = parse_settings(config) if callable(parse_settings) else None
-    signer = SigningKey.load(config.signing_key)
+    signer = _config_file(
+        config, "signing_key", config.signing_key, "a signing key file", SigningKey.load
+    )
     expected_role = _PARTY_ROLES.get(role)
     if signer.party_id != config.party_id or (
         expected_role is not None and signer.role != expected_role
@@ -183,14 +201,17 @@ def serve_main(
         expected = f"{config.party_id}/{role_name(expected_role or 0)}"
         actual = f"{signer.party_id}/{role_name(signer.role)}"
         raise MalformedError(
-            f"signing key {config.signing_key}: expected a key of {expected}, got {actual}",
+            f"config {config.file}: signing_key: {config.signing_key}: expected a key of "
+            f"{expected}, got {actual}",
             metadata={"field": "signing_key", "expected": expected, "actual": actual},
         )
-    registry = KeyRegistry.load(config.key_registry)
+    registry = _config_file(
+        config, "key_registry", config.key_registry, "a key registry file", KeyRegistry.load
+    )
     if signer.key_id not in registry:
         raise MalformedError(
-            f"key registry {config.key_registry} does not hold this server's own key "
-            f"{signer.key_id}",
+            f"config {config.file}: key_registry: {config.key_registry} does not hold this "
+            f"server's own key {signer.key_id} (add it with collateral-sync keygen --registry)",
             metadata={"field": "key_registry", "expected": signer.key_id, "actual": "absent"},
         )
     tls: TlsConfig | None = None
@@ -203,16 +224,15 @@ def serve_main(
                 "--plaintext-for-testing is given",
                 metadata={"field": "tls", "expected": "an object", "actual": "absent"},
             )
-        tls = TlsConfig.from_files(config.tls.ca, config.tls.cert, config.tls.key)
+        tls = _load_tls(config, config.tls)
         if tls.party_id != config.party_id:
             raise MalformedError(
-                f"TLS certificate {config.tls.cert}: CN {tls.party_id!r}, expected the "
-                f"party id {config.party_id!r}",
+                f"config {config.file}: tls.cert: {config.tls.cert}: CN {tls.party_id!r}, "
+                f"expected the party id {config.party_id!r}",
                 metadata={"field": "tls.cert", "expected": config.party_id, "actual": tls.party_id},
             )
-    storage = open_storage(
-        config.storage.engine, config.storage.path, synchronous=config.storage.synchronous
-    )
+        _check_validity(config, config.tls, tls, datetime.now(UTC))
+    storage = _open_storage(config)
     try:
         clock: Clock = TestClock(storage) if test_mode else SystemClock()
         return asyncio.run(
@@ -231,6 +251,167 @@ def serve_main(
         )
     finally:
         storage.close()
+
+
+def _config_file(
+    config: ServerConfig, key: str, path: Path, what: str, load: Callable[[Path], _T]
+) -> _T:
+    """``load(path)`` for the file under ``key``; any problem names the key and the path."""
+    where = f"config {config.file}: {key}"
+    if not path.exists():
+        raise MalformedError(
+            f"{where}: {path}: no such file (paths in a config are relative to its directory)",
+            metadata={"field": key, "expected": what, "actual": "missing"},
+        )
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise MalformedError(
+            f"{where}: {path} is {kind}, expected {what}",
+            metadata={"field": key, "expected": what, "actual": kind},
+        )
+    try:
+        return load(path)
+    except OSError as err:
+        raise MalformedError(
+            f"{where}: cannot read {path} ({err.strerror or err})",
+            metadata={"field": key, "expected": f"a readable file: {what}", "actual": str(err)},
+        ) from err
+    except (CollateralSyncError, ValueError) as err:
+        message = err.message if isinstance(err, CollateralSyncError) else str(err)
+        shown = message if str(path) in message else f"{path}: {message}"
+        raise MalformedError(
+            f"{where}: {shown}",
+            metadata={"field": key, "expected": what, "actual": message[:200]},
+        ) from err
+
+
+def _pem_certificates(path: Path) -> bytes:
+    data = path.read_bytes()
+    load_certificate_chain_pem(data)
+    return data
+
+
+def _pem_private_key(path: Path) -> bytes:
+    data = path.read_bytes()
+    load_private_key_pem(data)
+    return data
+
+
+def _load_tls(config: ServerConfig, files: TlsFiles) -> TlsConfig:
+    """The server's TLS material, each file checked on its own so that errors name it."""
+    ca = _config_file(config, "tls.ca", files.ca, "the CA certificate (PEM)", _pem_certificates)
+    cert = _config_file(
+        config, "tls.cert", files.cert, "this server's certificate (PEM)", _pem_certificates
+    )
+    key = _config_file(
+        config, "tls.key", files.key, "the private key (PEM) of tls.cert", _pem_private_key
+    )
+    try:
+        return TlsConfig(ca, cert, key)
+    except MalformedError as err:
+        raise MalformedError(
+            f"config {config.file}: tls.key: {files.key} is not the private key of tls.cert "
+            f"{files.cert}",
+            metadata={"field": "tls.key", "expected": "the key of tls.cert", "actual": "another"},
+        ) from err
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _check_validity(config: ServerConfig, files: TlsFiles, tls: TlsConfig, now: datetime) -> None:
+    """Refuse to serve a certificate every peer would refuse: expired, or not yet valid.
+
+    Every certificate of ``tls.cert`` (the chain the server presents) must be valid now;
+    of ``tls.ca``, at least one (a bundle may keep an old CA beside the current one).
+    """
+
+    def problem(cert: Any) -> str | None:
+        if now >= cert.not_valid_after_utc:
+            return (
+                f"expired at {_utc(cert.not_valid_after_utc)} (notAfter; now {_utc(now)}); "
+                "issue a new one (development: collateral-sync dev-certs --force)"
+            )
+        if now < cert.not_valid_before_utc:
+            return (
+                f"is not valid before {_utc(cert.not_valid_before_utc)} (notBefore; now "
+                f"{_utc(now)}); check this machine's clock, or wait"
+            )
+        return None
+
+    for cert in load_certificate_chain_pem(tls.cert_chain):
+        found = problem(cert)
+        if found is not None:
+            subject = cert.subject.rfc4514_string()
+            raise MalformedError(
+                f"config {config.file}: tls.cert: the certificate {files.cert} ({subject}) {found}",
+                metadata={"field": "tls.cert", "expected": "a valid certificate", "actual": found},
+            )
+    cas = load_certificate_chain_pem(tls.ca_cert)
+    problems = [problem(cert) for cert in cas]
+    if all(found is not None for found in problems):
+        raise MalformedError(
+            f"config {config.file}: tls.ca: the CA certificate {files.ca} {problems[0]}",
+            metadata={"field": "tls.ca", "expected": "a valid CA", "actual": str(problems[0])},
+        )
+
+
+def _open_storage(config: ServerConfig) -> SqliteStorage:
+    path = config.storage.path
+    where = f"config {config.file}: storage.path: {path}"
+    if path.exists() and not path.is_file():
+        raise MalformedError(
+            f"{where} is {'a directory' if path.is_dir() else 'not a regular file'}, expected "
+            "the SQLite database file (created if absent)",
+            metadata={"field": "storage.path", "expected": "a file", "actual": "not a file"},
+        )
+    try:
+        return open_storage(config.storage.engine, path, synchronous=config.storage.synchronous)
+    except (OSError, sqlite3.Error) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise MalformedError(
+            f"{where}: cannot open the database ({detail})",
+            metadata={"field": "storage.path", "expected": "an SQLite database", "actual": detail},
+        ) from err
+
+
+def _bind_problem(listen: str) -> str:
+    """Why ``listen`` could not be bound, found by trying it with a plain socket."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    fix = "stop it, or choose another port (--listen, or listen in the config)"
+    try:
+        addresses = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as err:
+        return f"cannot listen on {listen}: cannot resolve {host!r} ({err})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return (
+                        f"cannot listen on {listen}: the address is already in use (another "
+                        f"process listens there); {fix}"
+                    )
+                if err.errno == errno.EADDRNOTAVAIL:
+                    return (
+                        f"cannot listen on {listen}: {host} is not an address of this machine "
+                        "(--listen, or listen in the config)"
+                    )
+                return f"cannot listen on {listen}: {err.strerror or err}"
+    return f"cannot listen on {listen} (in use, or not a local address)"
+
+
+async def _bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind and start ``server``; a failure is one clean line, without gRPC's own log."""
+    with grpc_core_log_held() as held:
+        try:
+            return await start_server(server, listen)
+        except OSError as err:
+            held.drop_core_log = True
+            raise OSError(_bind_problem(listen)) from err
 
 
 async def _serve(
@@ -283,7 +464,7 @@ async def _serve(
         # Added like the protocol services: the interceptors map its errors,
         # and health and reflection list it (only a test-mode server has it).
         add_servicer(server, role.test_control())
-    port = await start_server(server, listen)
+    port = await _bind(server, listen)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
