@@ -7,7 +7,7 @@ kit run fails (some MUST case fails, or the server does not start), and
 *survives* when every MUST case still passes. The score is killed / total.
 
 Mutants are made in a fresh clone of ``HEAD`` in a temporary directory, so the
-working tree is never touched; the clone's ``reference_server`` and
+working tree is never touched; the clone's ``sdk``, ``reference_server`` and
 ``conformance`` come first on ``PYTHONPATH``, ahead of the editable install.
 
     python scripts/mutation.py [--family custodian|exchange] [--keep DIR]
@@ -63,7 +63,11 @@ _EXCLUDED_OPERATORS = [
 
 def _config(modules: list[str], tests: str, clone: Path) -> str:
     python = sys.executable
-    path = os.pathsep.join([str(clone / "reference_server"), str(clone / "conformance")])
+    # The clone's own packages, ahead of the editable install: the mutants, and an SDK
+    # and kit nobody edits while the run lasts.
+    path = os.pathsep.join(
+        str(clone / package) for package in ("sdk", "reference_server", "conformance")
+    )
     # Not a shell: cosmic-ray splits the command and runs it in the clone.
     command = f"env PYTHONPATH={path} {python} -m pytest -x -q -p no:cacheprovider {tests}"
     excluded = ", ".join(json.dumps(pattern) for pattern in _EXCLUDED_OPERATORS)
