@@ -103,6 +103,10 @@ ROTATION_TIME = KEYS_VALID_FROM
 REVOCATION_TIME = datetime(2026, 3, 1, tzinfo=UTC)
 
 
+#: The order L of the Ed25519 base point (RFC 8032 §5.1).
+_GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
 def _seed(start: int) -> bytes:
     return bytes(range(start, start + 32))
 
@@ -267,10 +271,174 @@ def _keys_file() -> dict[str, Any]:
         "description": (
             "Ed25519 (RFC 8032) keys from 32-byte seeds. key_id is the lowercase hex "
             "SHA-256 of the 32-byte raw public key; signature_hex is the deterministic "
-            "Ed25519 signature of message_hex."
+            "Ed25519 signature of message_hex. registries[] are key registry files "
+            "(§4.1, §4.3): a loader must accept each valid one with exactly its key_ids, "
+            "and refuse each invalid one (a local refusal, with no wire status)."
         ),
         "vectors": vectors,
+        "registries": _registry_files(),
     }
+
+
+#: The proto3 JSON names of PartyKey's fields (§4.3), and their original snake_case names.
+_CAMEL = ("partyId", "role", "publicKey", "keyId", "validFrom", "validUntil", "revokedAt")
+_SNAKE = ("party_id", "role", "public_key", "key_id", "valid_from", "valid_until", "revoked_at")
+
+
+def _registry_entry(
+    seed: bytes,
+    party: str,
+    role: str,
+    *,
+    names: Sequence[str] = _CAMEL,
+    public_key: bytes | None = None,
+    key_id: str | None = None,
+    valid_from: str | None = "2026-01-01T00:00:00Z",
+    valid_until: str | None = None,
+    revoked_at: str | None = None,
+) -> dict[str, Any]:
+    """One PartyKey as a registry file holds it, written by hand (not by the SDK)."""
+    public = bytes(nacl.signing.SigningKey(seed).verify_key) if public_key is None else public_key
+    values: list[Any] = [
+        party,
+        role,
+        base64.b64encode(public).decode("ascii"),
+        hashlib.sha256(public).hexdigest() if key_id is None else key_id,
+        valid_from,
+        valid_until,
+        revoked_at,
+    ]
+    return {name: value for name, value in zip(names, values, strict=True) if value is not None}
+
+
+def _registry_files() -> list[dict[str, Any]]:
+    """Registry files a loader must accept, and ones it must refuse (§4.1, §4.3)."""
+    custodian_seed, exchange_seed = bytes(range(32)), _seed(32)
+
+    def custodian(**changes: Any) -> dict[str, Any]:
+        return _registry_entry(custodian_seed, CUSTODIAN_ID, "PARTY_ROLE_CUSTODIAN", **changes)
+
+    def exchange(**changes: Any) -> dict[str, Any]:
+        return _registry_entry(
+            exchange_seed,
+            EXCHANGE_ID,
+            "PARTY_ROLE_EXCHANGE",
+            valid_until="2027-01-01T00:00:00Z",
+            revoked_at="2026-06-01T00:00:00Z",
+            **changes,
+        )
+
+    both = [
+        hashlib.sha256(bytes(nacl.signing.SigningKey(s).verify_key)).hexdigest()
+        for s in (custodian_seed, exchange_seed)
+    ]
+    # A 31-byte key whose key_id is its own hash: only its length is wrong.
+    short = bytes(nacl.signing.SigningKey(custodian_seed).verify_key)[:31]
+
+    def valid(vector_id: str, description: str, keys: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": vector_id,
+            "clause": "§4.3",
+            "description": description,
+            "registry": {"keys": keys},
+            "expected": {"valid": True, "key_ids": both},
+        }
+
+    def invalid(
+        vector_id: str, clause: str, description: str, keys: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {
+            "id": vector_id,
+            "clause": clause,
+            "description": description,
+            "registry": {"keys": keys},
+            "expected": {"valid": False},
+        }
+
+    return [
+        valid(
+            "camel-case",
+            "Two keys with lowerCamelCase field names, as the proto3 JSON mapping writes them.",
+            [custodian(), exchange()],
+        ),
+        valid(
+            "snake-case",
+            "The same two keys with the original snake_case field names: parsers MUST accept "
+            "them too.",
+            [custodian(names=_SNAKE), exchange(names=_SNAKE)],
+        ),
+        valid(
+            "mixed-case",
+            "The same two keys, one entry in each naming.",
+            [custodian(names=_SNAKE), exchange()],
+        ),
+        invalid(
+            "empty-party-id",
+            "§4.1",
+            "An entry with an empty partyId.",
+            [custodian(), exchange() | {"partyId": ""}],
+        ),
+        invalid(
+            "role-unspecified",
+            "§4.1",
+            "An entry whose role is PARTY_ROLE_UNSPECIFIED.",
+            [custodian(), exchange() | {"role": "PARTY_ROLE_UNSPECIFIED"}],
+        ),
+        invalid(
+            "role-unknown",
+            "§4.1",
+            "An entry whose role is a number PartyRole does not define (99).",
+            [custodian(), exchange() | {"role": 99}],
+        ),
+        invalid(
+            "public-key-31-bytes",
+            "§4.1",
+            "A public key of 31 bytes (its keyId is the hash of those 31 bytes).",
+            [custodian(public_key=short), exchange()],
+        ),
+        invalid(
+            "key-id-mismatch",
+            "§4.1",
+            "An entry whose keyId is the exchange key's, not the hash of its own public key.",
+            [custodian(key_id=both[1])],
+        ),
+        invalid(
+            "valid-from-unset",
+            "§4.1",
+            "An entry without validFrom.",
+            [custodian(valid_from=None), exchange()],
+        ),
+        invalid(
+            "valid-from-before-year-1",
+            "§4.1",
+            "A validFrom before 0001-01-01T00:00:00Z, outside the Timestamp range.",
+            [custodian(valid_from="0000-12-31T00:00:00Z"), exchange()],
+        ),
+        invalid(
+            "valid-until-equals-valid-from",
+            "§4.1",
+            "validUntil equal to validFrom: a window with no instant in it.",
+            [custodian(valid_until="2026-01-01T00:00:00Z"), exchange()],
+        ),
+        invalid(
+            "valid-until-before-valid-from",
+            "§4.1",
+            "validUntil before validFrom.",
+            [custodian(valid_until="2025-12-31T23:59:59Z"), exchange()],
+        ),
+        invalid(
+            "duplicate-key-id",
+            "§4.1",
+            "The same key registered twice: one entry per key id.",
+            [custodian(), exchange(), custodian()],
+        ),
+        invalid(
+            "unknown-field",
+            "§4.3",
+            "An entry with a misspelt field name (partyID): unknown fields are refused.",
+            [custodian(), {"partyID" if k == "partyId" else k: v for k, v in exchange().items()}],
+        ),
+    ]
 
 
 # --- file 2: PAE ------------------------------------------------------------------
@@ -502,6 +670,20 @@ def _statement_cases(keys: dict[str, _Key], checkpoint_root: bytes) -> list[_Sta
     )
     no_header = _raw_envelope(b"", holdings_type, [custodian])
     garbage = _raw_envelope(b"\xff\xff\xff", holdings_type, [custodian])
+    # The same bytes under a signature that does not verify: refused before parsing (§3.6).
+    garbage_forged = _copy(garbage)
+    forged_sig = bytearray(garbage_forged.signatures[0].sig)
+    forged_sig[5] ^= 0x01  # a bit of R: S < L still holds
+    garbage_forged.signatures[0].sig = bytes(forged_sig)
+    # S replaced by S + L (L the group order): the Ed25519 equation still holds (§3.3).
+    malleated = _copy(holdings)
+    scalar = int.from_bytes(malleated.signatures[0].sig[32:], "little") + _GROUP_ORDER
+    malleated.signatures[0].sig = malleated.signatures[0].sig[:32] + scalar.to_bytes(32, "little")
+    # Issued in the exchange's name, signed by regulator and custodian only (§3.7 step 4).
+    exchange_named = envelope_pb2.StatementHeader()
+    exchange_named.CopyFrom(release_header)
+    exchange_named.issuer = EXCHANGE_ID
+    release_not_by_issuer = _statement_envelope(_release(), exchange_named, [regulator, custodian])
     # The skew boundary: expired 20 s before NOW, inside the 30 s skew.
     in_skew = sign_statement(
         _holdings(),
@@ -719,6 +901,24 @@ def _statement_cases(keys: dict[str, _Key], checkpoint_root: bytes) -> list[_Sta
             EXCHANGE_ID,
         ),
         _StatementCase(
+            "holdings-statement/unparseable-payload-bad-signature",
+            "The unparseable bytes again, under a signature that does not verify: stage b "
+            "refuses them before stage c could parse them.",
+            holdings_type,
+            garbage_forged,
+            _status("SIGNATURE_INVALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
+            "holdings-statement/signature-scalar-not-reduced",
+            "The valid statement's signature with S replaced by S + L: S must be below the "
+            "group order L (RFC 8032 §5.1.7).",
+            holdings_type,
+            malleated,
+            _status("SIGNATURE_INVALID"),
+            EXCHANGE_ID,
+        ),
+        _StatementCase(
             "holdings-statement/no-header",
             "Validly signed empty payload: a message without a header.",
             holdings_type,
@@ -748,6 +948,16 @@ def _statement_cases(keys: dict[str, _Key], checkpoint_root: bytes) -> list[_Sta
             release_type,
             _statement_envelope(_release(), release_header, [regulator]),
             _status("THRESHOLD_NOT_MET"),
+            CUSTODIAN_ID,
+            threshold=2,
+        ),
+        _StatementCase(
+            "emergency-release/issuer-not-a-signer",
+            "Issued by the exchange, signed by regulator and custodian: two parties count, but "
+            "the issuer is not one of them.",
+            release_type,
+            release_not_by_issuer,
+            _status("KEY_ROLE_MISMATCH"),
             CUSTODIAN_ID,
             threshold=2,
         ),

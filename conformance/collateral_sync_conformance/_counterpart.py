@@ -241,6 +241,9 @@ class KitCustodian:
         self._reported = 0
         #: While set, GetCheckpoint / proofs answer from this log instead (a fork).
         self.fork: AttestationLog | None = None
+        #: The sequence and signed batch with which a case contradicted the kit's own
+        #: log towards the exchange (this run), once one has.
+        self.equivocation: tuple[int, envelope_pb2.Envelope] | None = None
         self._changed = asyncio.Condition()
         self._raw_wanted: asyncio.Future[RawStream] | None = None
         self._kick: asyncio.Event | None = None
@@ -327,16 +330,19 @@ class KitCustodian:
         epoch: int,
         reason: int = attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE,
         attest: bool = True,
+        pledged_to: str | None = None,
     ) -> tuple[position_sync_pb2.HoldingsChange, attestation_pb2.AttestationRef]:
         """A signed holdings statement of ``account_id`` (all of it pledged to the exchange).
 
         Attested in the log unless ``attest`` is False (then its reference
         names the next leaf, which holds something else or nothing). A pledge
         or top-up carries the client's pre-authorised liquidation path (§9.1).
+        ``pledged_to`` names another exchange the holdings are pledged to; the
+        statement is still addressed to the exchange the kit serves.
         """
         statement = attestation_pb2.HoldingsStatement(
             account_id=account_id,
-            exchange_id=self.exchange_id,
+            exchange_id=self.exchange_id if pledged_to is None else pledged_to,
             epoch=epoch,
             reason=reason,  # type: ignore[arg-type]
             positions=[
@@ -810,3 +816,15 @@ class _ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServ
         asked[0] += len(request.ranges)
         asked[1] += len(request.account_leaf_indexes)
         return response
+
+    async def ListEquivocationEvidence(
+        self,
+        request: reconciliation_service_pb2.ListEquivocationEvidenceRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reconciliation_service_pb2.ListEquivocationEvidenceResponse:
+        """The kit's parties catch nobody equivocating: an empty list, to the regulator only."""
+        try:
+            check_peer_party(context, self._party.regulator_id)
+        except CollateralSyncError as err:
+            await self._refuse(context, err)
+        return reconciliation_service_pb2.ListEquivocationEvidenceResponse()

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 from collateral_sync.errors import ERROR_DOMAIN, STATUS_BY_REASON, CollateralSyncError, RPCError
+from collateral_sync.signing import VerifiedStatement
 from collateral_sync.statements import message_class_of
 from collateral_sync.v1 import envelope_pb2, errors_pb2
 from google.protobuf import timestamp_pb2
@@ -366,12 +367,35 @@ def check_equal(what: str, expected: Any, actual: Any) -> None:
 
 
 def sdk_check(what: str, verify: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """Run one of the SDK's independent verifiers; its refusal fails the case."""
+    """Run one of the SDK's independent verifiers; its refusal fails the case.
+
+    A statement it verified must also carry a ``statement_id``: issuers MUST set
+    one (PROTOCOL.md §3.4), though verifiers do not check it, so the SDK does not.
+    """
     try:
-        return verify(*args, **kwargs)
+        result = verify(*args, **kwargs)
     except CollateralSyncError as err:
         raise CaseFailure(
             f"{what} does not verify: {err.reason_name}: {err.message}",
             expected=_text(err.metadata.get("expected", "a value that verifies")),
             got=_text(err.metadata.get("actual", err.message)),
         ) from err
+    _require_statement_ids(what, result)
+    return result
+
+
+def _require_statement_ids(what: str, result: Any) -> None:
+    """Fail if a statement in a verifier's result has no ``header.statement_id`` (§3.4).
+
+    Verifiers return a verified statement, a tuple holding one (with the audience
+    it verified for), or a verified sync batch (its ``statement``).
+    """
+    for item in result if isinstance(result, tuple) else (result,):
+        statement = getattr(item, "statement", item)
+        if isinstance(statement, VerifiedStatement) and not statement.header.statement_id:
+            raise CaseFailure(
+                f"{what} ({statement.payload_type}, issued by {statement.issuer!r}, sequence "
+                f"{statement.sequence}) has no header.statement_id: issuers MUST set it (§3.4)",
+                expected="a non-empty statement_id",
+                got="''",
+            )

@@ -21,8 +21,10 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 __all__ = [
+    "GROUP_ORDER",
     "corrupt_signature",
     "make_header",
+    "malleate_signature",
     "seal",
     "timestamp",
     "unknown_field",
@@ -87,6 +89,26 @@ def corrupt_signature(envelope: envelope_pb2.Envelope, index: int = 0) -> envelo
     # A bit in R (the first half), so the S < L check of RFC 8032 cannot be what rejects it.
     sig[5] ^= 0x01
     copy.signatures[index].sig = bytes(sig)
+    return copy
+
+
+#: The order L of the Ed25519 base point (RFC 8032 §5.1): a signature's scalar S must be below it.
+GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
+def malleate_signature(envelope: envelope_pb2.Envelope, index: int = 0) -> envelope_pb2.Envelope:
+    """A copy with signature ``index``'s scalar S replaced by S + L.
+
+    The equation of Ed25519 holds for S + L exactly as for S, so a verifier that
+    reduces S modulo L, or does not check S < L, accepts the copy; RFC 8032
+    §5.1.7 step 1 (PROTOCOL.md §3.3) rejects it. S < L, so S + L < 2^253 still
+    fits the 32 bytes.
+    """
+    copy = envelope_pb2.Envelope()
+    copy.CopyFrom(envelope)
+    sig = copy.signatures[index].sig
+    scalar = int.from_bytes(sig[32:], "little") + GROUP_ORDER
+    copy.signatures[index].sig = sig[:32] + scalar.to_bytes(32, "little")
     return copy
 
 

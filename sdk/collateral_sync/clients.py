@@ -458,7 +458,11 @@ class RegulatorClient(_Client):
 class ReconciliationClient(_Client):
     """Client of ``ReconciliationService`` (served by custodian and exchange)."""
 
-    __slots__ = ("_get_position_tree_nodes", "_get_reconciliation_statement")
+    __slots__ = (
+        "_get_position_tree_nodes",
+        "_get_reconciliation_statement",
+        "_list_equivocation_evidence",
+    )
 
     def __init__(self, channel: grpc.aio.Channel, *, default_timeout: float = DEFAULT_TIMEOUT):
         super().__init__(channel, default_timeout=default_timeout)
@@ -470,6 +474,9 @@ class ReconciliationClient(_Client):
         self._get_position_tree_nodes: _UnaryMethod[
             m.GetPositionTreeNodesRequest, m.GetPositionTreeNodesResponse
         ] = stub.GetPositionTreeNodes
+        self._list_equivocation_evidence: _UnaryMethod[
+            m.ListEquivocationEvidenceRequest, m.ListEquivocationEvidenceResponse
+        ] = stub.ListEquivocationEvidence
 
     async def get_reconciliation_statement(
         self,
@@ -490,6 +497,16 @@ class ReconciliationClient(_Client):
     ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
         """Position-tree node hashes, and account positions for leaf ranges."""
         return await self._unary(self._get_position_tree_nodes, request, timeout, metadata)
+
+    async def list_equivocation_evidence(
+        self,
+        request: reconciliation_service_pb2.ListEquivocationEvidenceRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> reconciliation_service_pb2.ListEquivocationEvidenceResponse:
+        """One page of the equivocation evidence the party keeps (regulators only, §10.7)."""
+        return await self._unary(self._list_equivocation_evidence, request, timeout, metadata)
 
 
 class EmergencyReleaseClient(_Client):

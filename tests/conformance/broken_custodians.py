@@ -2,9 +2,12 @@
 
 Each patch breaks exactly one rule of the custodian's positive behaviour
 (docs/PROTOCOL.md §5 checkpoints and proofs, Appendix A redemptions and yield,
-§9 liquidation, §10 emergency release, §10.6 settlement), so that the case
-written for that rule is the one that must catch it
-(tests/conformance/test_kit_broken_custodians.py).
+§9 liquidation, §10.2 the view frozen at a cut-off, §10.6 settlement, §11
+emergency release), so that the case written for that rule is the one that
+must catch it (tests/conformance/test_kit_broken_custodians.py). Some move a
+deadline by a second's worth or more — settling a minute late, a window or a
+wait counted from the wrong time — which only a case that looks one second
+either side of the deadline sees.
 Most of these faults change what the custodian *signs*, which a fault proxy
 cannot fake. Like :mod:`.broken_servers`, whose machinery is reused, it runs
 the ordinary server command line in the same process::
@@ -17,7 +20,9 @@ required to be tested, fault for fault, by test_kit_broken_servers.py.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import decimal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, time, timedelta
@@ -27,23 +32,28 @@ from typing import Any
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import StateError
 from collateral_sync.keys import SigningKey
-from collateral_sync.signing import sign_statement
+from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.common import reconciliation as _reconciliation_module
 from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import liquidations as _liquidations_module
+from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
 from collateral_sync_reference.custodian import role as _role_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.custodian import store as _store_module
+from collateral_sync_reference.custodian.store import margin_calls as _margin_call_store_module
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_attestation: Any = _attestation_module
 _custodian_ledger: Any = _ledger_module
 _custodian_liquidations: Any = _liquidations_module
+_custodian_pledges: Any = _pledges_module
+_custodian_margin_call_store: Any = _margin_call_store_module
 _custodian_redemptions: Any = _redemptions_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
@@ -51,6 +61,7 @@ _custodian_store: Any = _store_module
 _cosigner: Any = _cosigner_module
 _access: Any = _access_module
 _custodian_role: Any = _role_module
+_party_reconciliation: Any = _reconciliation_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -237,6 +248,113 @@ def _settles_whole_day_early() -> None:
     settlement.run_due = run_due
 
 
+#: How late custodian-settles-a-minute-late executes a settlement.
+_A_MINUTE = timedelta(minutes=1)
+
+
+def _settles_a_minute_late() -> None:
+    """Settlements execute a minute after their dispute deadline, not when it passes.
+
+    Disputes are still refused from the deadline on: only execution is late.
+    """
+    settlement = _custodian_settlement.CustodianSettlement
+    to_us = _custodian_settlement.to_us
+    original_next_due = settlement.next_due
+
+    def run_due(self: Any) -> None:
+        now = self._ledger.clock.now()
+        rows = self._db.execute(
+            "SELECT settlement_id FROM custodian_settlements "
+            "WHERE status = ? AND dispute_deadline_us <= ? ORDER BY dispute_deadline_us",
+            (reconciliation_pb2.SETTLEMENT_STATUS_PENDING, to_us(now - _A_MINUTE)),
+        ).fetchall()
+        for (settlement_id,) in rows:
+            found = self._row(settlement_id)
+            if found is not None:
+                self._execute(found, now)
+
+    def next_due(self: Any) -> datetime | None:
+        due = original_next_due(self)
+        return None if due is None else due + _A_MINUTE
+
+    settlement.run_due = run_due
+    settlement.next_due = next_due
+
+
+def _dispute_window_from_instruction() -> None:
+    """The dispute window ends at the instruction's own dispute_deadline: receipt plus the
+    policy's window is not counted, so a late delivery shortens it (§10.6)."""
+    settlement = _custodian_settlement.CustodianSettlement
+    original = settlement._limits
+
+    def limits(self: Any, exchange_id: str) -> tuple[int, timedelta]:
+        cycles, _ = original(self, exchange_id)
+        return cycles, timedelta(0)
+
+    settlement._limits = limits
+
+
+def _release_wait_from_issued_at() -> None:
+    """Regulator + custodian wait emergency_release_wait from the release's issued_at, not from
+    exchange_unresponsive_since."""
+    release_part = _custodian_emergency.CustodianEmergencyRelease
+    original = release_part._check_wait
+
+    def check_wait(self: Any, release: Any, now: datetime) -> None:
+        counted = type(release)()
+        counted.CopyFrom(release)
+        if counted.HasField("exchange_unresponsive_since"):
+            counted.exchange_unresponsive_since.CopyFrom(release.header.issued_at)
+        original(self, counted, now)
+
+    release_part._check_wait = check_wait
+
+
+def _release_wait_is_dispute_window() -> None:
+    """Regulator + custodian wait the exchange's settlement_dispute_window (24 h in the pilot)
+    instead of its emergency_release_wait (48 h)."""
+
+    def emergency_release_wait(self: Any, exchange_id: str) -> timedelta:
+        policy = _custodian_emergency.exchange_risk_policy(self._ledger, exchange_id)
+        window: timedelta = _custodian_settlement.PILOT_SETTLEMENT_DISPUTE_WINDOW
+        if policy is not None and policy.HasField("settlement_dispute_window"):
+            window = policy.settlement_dispute_window.ToTimedelta()
+        return window
+
+    _custodian_emergency.CustodianEmergencyRelease.emergency_release_wait = emergency_release_wait
+
+
+def _states_view_when_asked() -> None:
+    """A cut-off's view is built when its statement is first asked for, from the holdings as they
+    are then, not frozen at the cut-off (§10.2: the latest statements issued at or before it)."""
+    reconciliation = _party_reconciliation.PartyReconciliation
+    original_view = reconciliation._view
+
+    def run_due(self: Any) -> list[str]:
+        return []  # nothing frozen as the clock passes a cut-off
+
+    def view(self: Any, cutoff: datetime) -> Any:
+        return original_view(self, self._clock.now())
+
+    reconciliation.run_due = run_due
+    reconciliation._view = view
+
+
+def _states_cutoff_a_minute_early() -> None:
+    """GetReconciliationStatement builds and serves a cut-off's statement from a minute before
+    the cut-off, instead of refusing it until then (STATE_CONFLICT)."""
+    reconciliation = _party_reconciliation.PartyReconciliation
+    original = reconciliation.statement
+
+    def statement(self: Any, cutoff_id: str) -> Any:
+        cutoff = _party_reconciliation.parse_cutoff_id(cutoff_id, self._settings.cutoffs)
+        if cutoff > self._clock.now() + _A_MINUTE:
+            return original(self, cutoff_id)
+        return self._ensure(cutoff)
+
+    reconciliation.statement = statement
+
+
 def _rewrite_steps(rewrite: Callable[[list[Any]], list[Any]]) -> None:
     """Wrap ``Liquidations._execute``: it sells along ``rewrite(steps)`` instead of the path."""
     liquidations = _custodian_liquidations.Liquidations
@@ -386,6 +504,223 @@ def _account_hidden_from_its_exchange() -> None:
     attestation.readers_of_account = readers_of_account
 
 
+def _leaves_statement_id_empty() -> None:
+    """Every statement the custodian signs has an empty header.statement_id (§3.4: issuers
+    MUST set one; verifiers do not check it, so every signature still verifies)."""
+    original = sign_statement
+
+    def without_id(message: Any, signer: Any, **kwargs: Any) -> Any:
+        kwargs["statement_id"] = ""
+        return original(message, signer, **kwargs)
+
+    # Wherever it was imported by name (the SDK's checkpoints and sync batches included).
+    for module in list(sys.modules.values()):
+        if vars(module).get("sign_statement") is original:
+            module.sign_statement = without_id  # type: ignore[attr-defined]
+
+
+def _multiplies_at_28_digits() -> None:
+    """A liquidation's proceeds are multiplied in a default decimal context (28 significant
+    digits), then rounded down to 18 fraction digits: too little precision (§2.3)."""
+    _custodian_liquidations._ROUNDING = decimal.Context(prec=28)
+
+
+def _takes_instructions_from_any_caller() -> None:
+    """SubmitLiquidationInstruction executes an exchange's instruction whoever sends it: the
+    caller is not compared with the instruction's issuer (§4.5)."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations.liquidate
+
+    def liquidate(self: Any, envelope: Any, *, now: datetime, tls_peer: Any = None) -> Any:
+        return original(self, envelope, now=now, tls_peer=None)
+
+    liquidations.liquidate = liquidate
+
+
+def _judges_stream_instructions_at_receipt() -> None:
+    """An instruction that came on the stream must still be fresh when it is received, by its
+    own expires_at, as if it came by RPC (§3.6.1: the batch's freshness is what counts)."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._liquidate_verified
+
+    def liquidate_verified(self: Any, verified: Any, now: datetime, *, on_stream: bool) -> Any:
+        if on_stream:
+            ledger = self._ledger
+            verify_statement(
+                verified.envelope,
+                ledger.registry,
+                expected_type=liquidation_pb2.LiquidationInstruction,
+                audience=ledger.party_id,
+                now=now,
+                max_skew=ledger.max_skew,
+            )
+        return original(self, verified, now, on_stream=on_stream)
+
+    liquidations._liquidate_verified = liquidate_verified
+
+
+def _rewrite_margin_calls(rewrite: Callable[[Any], Any]) -> None:
+    """Wrap the custodian's margin-call lookup: it finds ``rewrite(record)`` instead."""
+    tables = _custodian_margin_call_store.MarginCallTables
+    original = tables.margin_call
+
+    def margin_call(self: Any, margin_call_id: str) -> Any:
+        record = original(self, margin_call_id)
+        return None if record is None else rewrite(record)
+
+    tables.margin_call = margin_call
+
+
+def _liquidates_on_disputed_calls() -> None:
+    """A margin call it disputed is taken for one never answered: it expires at its due_by."""
+    _rewrite_margin_calls(lambda record: dataclasses.replace(record, response_kind=0))
+
+
+def _liquidates_before_due_by() -> None:
+    """A named margin call is taken to have expired whenever the instruction was issued."""
+    _rewrite_margin_calls(
+        lambda record: dataclasses.replace(record, due_by=datetime(1970, 1, 1, tzinfo=UTC))
+    )
+
+
+def _takes_other_accounts_calls() -> None:
+    """A named margin call is looked up by its id alone, whatever account it is for: the
+    instruction then fails its recomputation (PROOF_INVALID), not the look-up (NOT_FOUND)."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._expired_margin_call
+
+    def expired_margin_call(self: Any, account: Any, verified: Any) -> Any:
+        record = self._ledger.store.margin_call(verified.message.margin_call_id)
+        if record is not None and record.account_id != account.account_id:
+            account = dataclasses.replace(account, account_id=record.account_id)
+        return original(self, account, verified)
+
+    liquidations._expired_margin_call = expired_margin_call
+
+
+class _NothingSoldYet(Decimal):
+    """A zero quantity that does not count as nothing: ``quantity <= 0`` says no."""
+
+    def __le__(self, other: Any) -> bool:
+        return False if other == 0 else Decimal.__le__(self, other)
+
+
+def _records_empty_fills() -> None:
+    """A step of which nothing can be sold (nothing of its asset pledged) still gets a fill,
+    of quantity 0: the sale's test ``quantity <= 0`` acts as ``quantity < 0``."""
+
+    def least(*args: Any, **kwargs: Any) -> Any:
+        found = builtins.min(*args, **kwargs)
+        return _NothingSoldYet(found) if isinstance(found, Decimal) and found == 0 else found
+
+    _custodian_liquidations.min = least
+
+
+def _skips_steps_priced_at_most_one() -> None:
+    """A step whose asset is priced at 1 or less is passed over, like an unpriced one."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._execute
+
+    def execute(
+        self: Any, account: Any, verified: Any, *, steps: Any, prices: Any, **kwargs: Any
+    ) -> Any:
+        kept = [step for step in steps if prices.get(step.asset_id, Decimal(0)) > 1]
+        return original(self, account, verified, steps=kept, prices=prices, **kwargs)
+
+    liquidations._execute = execute
+
+
+def _sells_whole_steps() -> None:
+    """Each step is sold in full (up to its maximum and the pledge) until the amount is
+    raised: the step that reaches it sells more than it needs."""
+    _custodian_liquidations._round_up = lambda value, places=18: Decimal("1e30")
+
+
+def _path_checked_without(name: str) -> None:
+    """Wrap ``Pledges._check_path``: the path's ``name`` is taken to be the pledge's."""
+    pledges = _custodian_pledges.Pledges
+    original = pledges._check_path
+
+    def check_path(self: Any, path: Any, instruction: Any) -> Any:
+        message = liquidation_pb2.LiquidationPath()
+        message.CopyFrom(path.message)
+        setattr(message, name, getattr(instruction, name))
+        return original(self, dataclasses.replace(path, message=message), instruction)
+
+    pledges._check_path = check_path
+
+
+def _reuses_path_id() -> None:
+    """A path whose statement_id is recorded already is taken for the recorded one, whatever
+    it says: a top-up cannot tell the path in force from another under its id."""
+    pledges = _custodian_pledges.Pledges
+    original = pledges._check_path
+
+    def check_path(self: Any, path: Any, instruction: Any) -> Any:
+        if self._ledger.store.path(path.header.statement_id) is not None:
+            return False
+        return original(self, path, instruction)
+
+    pledges._check_path = check_path
+
+
+def _pledges_to_two_exchanges() -> None:
+    """An account pledged to one exchange may be pledged to another it serves (§5.8 ignored):
+    the account is taken as pledged to whichever exchange the instruction names."""
+    pledges = _custodian_pledges.Pledges
+    original = pledges.pledge
+
+    def pledge(self: Any, request: Any) -> Any:
+        ledger = self._ledger
+        instruction = _custodian_pledges.custodian_service_pb2.PledgeInstruction()
+        instruction.ParseFromString(request.pledge_instruction.payload)
+        account_of = ledger._account
+
+        def account(account_id: str, field: str) -> Any:
+            found = account_of(account_id, field)
+            if found.exchange_id and instruction.exchange_id in ledger.exchanges:
+                found.exchange_id = instruction.exchange_id
+            return found
+
+        ledger._account = account
+        try:
+            return original(self, request)
+        finally:
+            del ledger._account
+
+    pledges.pledge = pledge
+
+
+def _pledge_bound_exclusive() -> None:
+    """Pledging exactly quantity - locked - pledged - accrued yield is refused (bound exclusive)."""
+    original = _custodian_pledges._free
+    quantum = Decimal("0.000000000000000001")
+    _custodian_pledges._free = lambda holding: original(holding) - quantum
+
+
+def _top_up_attested_as_pledge() -> None:
+    """A further pledge to the account's exchange is attested with reason PLEDGE, not TOP_UP."""
+
+    def as_pledge(ledger: Any, change: Any) -> Any:
+        if change.reason == _REASON.HOLDINGS_CHANGE_REASON_TOP_UP:
+            return dataclasses.replace(change, reason=_REASON.HOLDINGS_CHANGE_REASON_PLEDGE)
+        return change
+
+    _rewrite_changes(as_pledge)
+
+
+def _checks_no_step_amounts() -> None:
+    """A liquidation path's steps are recorded without their max_quantity being checked."""
+    original = _custodian_pledges._positive_amount
+
+    def positive_amount(parent: Any, name: str, field: str) -> Any:
+        if field.startswith("liquidation_path.steps"):
+            return Decimal(1)
+        return original(parent, name, field)
+
+    _custodian_pledges._positive_amount = positive_amount
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "custodian-signs-checkpoints-with-unregistered-key": _signs_checkpoints_with_unregistered_key,
@@ -401,6 +736,12 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-cosignature-put-first": _cosignature_put_first,
     "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,
     "custodian-settles-whole-day-early": _settles_whole_day_early,
+    "custodian-settles-a-minute-late": _settles_a_minute_late,
+    "custodian-dispute-window-from-instruction": _dispute_window_from_instruction,
+    "custodian-release-wait-from-issued-at": _release_wait_from_issued_at,
+    "custodian-release-wait-is-dispute-window": _release_wait_is_dispute_window,
+    "custodian-states-view-when-asked": _states_view_when_asked,
+    "custodian-states-cutoff-a-minute-early": _states_cutoff_a_minute_early,
     "custodian-sells-past-step-maximum": _sells_past_step_maximum,
     "custodian-sells-steps-out-of-order": _sells_steps_out_of_order,
     "custodian-rounds-proceeds-up": _rounds_proceeds_up,
@@ -414,6 +755,23 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-regulator-reads-nothing": _regulator_reads_nothing,
     "custodian-refuses-public-data-to-strangers": _refuses_public_data_to_strangers,
     "custodian-account-hidden-from-its-exchange": _account_hidden_from_its_exchange,
+    "custodian-leaves-statement-id-empty": _leaves_statement_id_empty,
+    "custodian-multiplies-at-28-digits": _multiplies_at_28_digits,
+    "custodian-takes-instructions-from-any-caller": _takes_instructions_from_any_caller,
+    "custodian-judges-stream-instructions-at-receipt": _judges_stream_instructions_at_receipt,
+    "custodian-liquidates-on-disputed-calls": _liquidates_on_disputed_calls,
+    "custodian-liquidates-before-due-by": _liquidates_before_due_by,
+    "custodian-takes-other-accounts-calls": _takes_other_accounts_calls,
+    "custodian-records-empty-fills": _records_empty_fills,
+    "custodian-skips-steps-priced-at-most-one": _skips_steps_priced_at_most_one,
+    "custodian-sells-whole-steps": _sells_whole_steps,
+    "custodian-ignores-path-account": lambda: _path_checked_without("account_id"),
+    "custodian-ignores-path-exchange": lambda: _path_checked_without("exchange_id"),
+    "custodian-reuses-path-id": _reuses_path_id,
+    "custodian-pledges-to-two-exchanges": _pledges_to_two_exchanges,
+    "custodian-pledge-bound-exclusive": _pledge_bound_exclusive,
+    "custodian-top-up-attested-as-pledge": _top_up_attested_as_pledge,
+    "custodian-checks-no-step-amounts": _checks_no_step_amounts,
 }
 
 

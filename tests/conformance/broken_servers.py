@@ -24,14 +24,16 @@ from typing import Any
 
 import grpc
 from collateral_sync import errors
+from collateral_sync import keys as _keys_module
 from collateral_sync import server as _server_module
 from collateral_sync import signing as _signing_module
 from collateral_sync._cli import main as cli_main
-from collateral_sync.errors import VerificationError
+from collateral_sync.errors import MalformedError, VerificationError
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
 from collateral_sync.sync import _log as _sync_log
 from collateral_sync.sync import _session as _session_module
 from collateral_sync.v1 import (
+    emergency_pb2,
     errors_pb2,
     margin_pb2,
     position_sync_pb2,
@@ -42,21 +44,26 @@ from collateral_sync.v1 import (
 from collateral_sync.v1.attestation_pb2 import HoldingsStatement
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.common import evidence as _evidence_module
 from collateral_sync_reference.common import storage as _storage
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import exchange_stream as _exchange_stream_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
+from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
 from collateral_sync_reference.exchange import custodian_statements as _statements_module
 from collateral_sync_reference.exchange import holdings as _holdings_module
 from collateral_sync_reference.exchange import liquidations as _liquidation_module
+from collateral_sync_reference.exchange import margin as _margin_module
 from collateral_sync_reference.exchange import margin_calls as _margin_calls_module
 from collateral_sync_reference.exchange import revaluation as _revaluation_module
 from collateral_sync_reference.exchange import risk_policy as _risk_policy_module
 from collateral_sync_reference.exchange import servicers as _servicers_module
 from collateral_sync_reference.exchange import valuation as _valuation_module
+from collateral_sync_reference.exchange.store import margin_calls as _margin_store_module
 from collateral_sync_reference.regulator import role as _regulator_module
+from google.protobuf.message import DecodeError
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_ledger: Any = _ledger_module
@@ -65,6 +72,8 @@ _exchange_statements: Any = _statements_module
 _exchange_holdings: Any = _holdings_module
 _exchange_valuation: Any = _valuation_module
 _exchange_margin_calls: Any = _margin_calls_module
+_exchange_margin_store: Any = _margin_store_module
+_exchange_margin: Any = _margin_module
 _exchange_liquidation: Any = _liquidation_module
 _exchange_revaluation: Any = _revaluation_module
 _exchange_risk_policy: Any = _risk_policy_module
@@ -72,10 +81,12 @@ _exchange_attest: Any = _attest_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
+_custodian_pledges: Any = _pledges_module
 _regulator: Any = _regulator_module
 _cosigner: Any = _cosigner_module
 _access: Any = _access_module
 _exchange_servicers: Any = _servicers_module
+_kept_evidence: Any = _evidence_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -682,6 +693,31 @@ def _exchange_never_liquidates_expired_calls() -> None:
     _exchange_liquidation.Liquidations.instruct = instruct
 
 
+def _exchange_shifts_due_by(shift: Callable[[int], int]) -> None:
+    """The exchange decides a call's expiry by ``shift(due_by_ns)``; the signed due_by is untouched."""
+    table = _exchange_margin_store.MarginCallTable
+    original = table.of_account
+
+    def of_account(self: Any, account_id: str, **kwargs: Any) -> list[Any]:
+        rows = original(self, account_id, **kwargs)
+        return [dataclasses.replace(row, due_by_ns=shift(row.due_by_ns)) for row in rows]
+
+    table.of_account = of_account
+
+
+_DAY_NS = 86_400 * 10**9
+
+
+def _exchange_expires_calls_on_due_date() -> None:
+    """A daily batch expires every open call due today: from 00:00 UTC of its due date on."""
+    _exchange_shifts_due_by(lambda due_ns: due_ns - due_ns % _DAY_NS)
+
+
+def _exchange_expires_calls_a_minute_late() -> None:
+    """An open call expires a minute after its due_by (a grace the protocol does not have)."""
+    _exchange_shifts_due_by(lambda due_ns: due_ns + 60 * 10**9)
+
+
 def _exchange_policy_versions_off_by_one() -> None:
     """GetRiskPolicy(version=v) looks up version v + 1 (0 still means the policy in force)."""
     original = _exchange_risk_policy.RiskPolicies.risk_policy
@@ -821,6 +857,247 @@ def _regulator_result_not_public() -> None:
     _regulator.sign_statement = sign_statement
 
 
+def _parses_before_verifying() -> None:
+    """Statement payloads are parsed before any signature is checked: bytes that do not
+    parse are MALFORMED whether or not a signature verifies them (§3.6 b before c)."""
+    original = _signing_module._verify_signatures
+
+    def verify_signatures(envelope: Any, registry: Any, row: Any, max_payload_bytes: int) -> Any:
+        if envelope.payload_type == row.payload_type:
+            try:
+                row.message_class().ParseFromString(envelope.payload)
+            except DecodeError as err:
+                raise MalformedError(
+                    f"payload does not parse as {row.message_class.__name__}: {err}",
+                    metadata={"expected": row.message_class.__name__, "actual": "undecodable"},
+                ) from err
+        return original(envelope, registry, row, max_payload_bytes)
+
+    _signing_module._verify_signatures = verify_signatures
+
+
+#: The order L of the Ed25519 base point.
+_GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
+def _reduces_signature_scalar() -> None:
+    """The verifier reduces a signature's scalar S modulo L before checking it, so S + L
+    verifies as S does: signatures are malleable (§3.3, RFC 8032 §5.1.7 step 1)."""
+    registry = _keys_module.KeyRegistry
+    original = registry.verify_signature
+
+    def verify_signature(self: Any, key_id: str, data: bytes, signature: bytes) -> bool:
+        if len(signature) == 64:
+            scalar = int.from_bytes(signature[32:], "little") % _GROUP_ORDER
+            signature = signature[:32] + scalar.to_bytes(32, "little")
+        return bool(original(self, key_id, data, signature))
+
+    registry.verify_signature = verify_signature  # type: ignore[method-assign]
+
+
+def _custodian_release_issuer_unchecked() -> None:
+    """An emergency release counts its signers, but whether its issuer is one of them is
+    never asked (§3.7 step 4): any two parties may put a third's name on it."""
+    sdk = _signing_module
+
+    def verify_threshold(
+        envelope: Any,
+        registry: Any,
+        *,
+        expected_type: Any,
+        threshold: int,
+        roles: Any,
+        audience: str,
+        now: Any,
+        max_skew: Any = sdk.DEFAULT_MAX_SKEW,
+        replay_guard: Any = None,
+        max_payload_bytes: int = sdk.MAX_PAYLOAD_BYTES,
+    ) -> Any:
+        row = sdk.statement_type_of(expected_type)
+        payload, verified = sdk._verify_signatures(envelope, registry, row, max_payload_bytes)
+        message = sdk._parse(row, payload)
+        counted: dict[str, str] = {}
+        for kid in verified:
+            try:
+                key = registry.resolve(kid, at=message.header.issued_at, roles=roles)
+            except VerificationError:
+                continue
+            counted.setdefault(key.party_id, kid)
+        if len(counted) < threshold:
+            raise VerificationError(
+                f"valid signatures from {len(counted)} distinct parties, expected {threshold}",
+                reason=errors_pb2.ERROR_REASON_THRESHOLD_NOT_MET,
+                metadata={"expected": str(threshold), "actual": str(len(counted))},
+            )
+        return sdk._accept(
+            envelope,
+            row,
+            payload,
+            message,
+            signers=[(kid, party) for party, kid in counted.items()],
+            audience=audience,
+            now=now,
+            max_skew=max_skew,
+            replay_guard=replay_guard,
+        )
+
+    _custodian_emergency.verify_threshold = verify_threshold
+
+
+def _custodian_release_wait_rewritten(
+    rewrite: Callable[[Any], None],
+) -> Callable[[], None]:
+    def patch() -> None:
+        """The wait of a release without the exchange is judged on a rewritten copy."""
+        release_class = _custodian_emergency.CustodianEmergencyRelease
+        original = release_class._check_wait
+
+        def check_wait(self: Any, release: Any, now: Any) -> None:
+            judged = emergency_pb2.EmergencyRelease()
+            judged.CopyFrom(release)
+            rewrite(judged)
+            original(self, judged, now)
+
+        release_class._check_wait = check_wait
+
+    return patch
+
+
+def _any_reason(release: Any) -> None:
+    """Regulator and custodian alone may release for any reason, not only EXCHANGE_FAILURE."""
+    release.reason = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+
+
+def _unset_since_as_epoch(release: Any) -> None:
+    """An unset exchange_unresponsive_since reads as 1970-01-01: the wait has long passed."""
+    if not release.HasField("exchange_unresponsive_since"):
+        release.exchange_unresponsive_since.SetInParent()
+
+
+def _regulator_ignores_party_role() -> None:
+    """The regulator files a statement under the party_role it states without comparing it
+    with the issuing key's role (§10.2): a custodian may state the exchange's view."""
+    role = _regulator.RegulatorRole
+    original = role._verify
+
+    def verify(self: Any, envelope: Any) -> Any:
+        try:
+            return original(self, envelope)
+        except VerificationError as err:
+            if not err.message.startswith("party_role:"):
+                raise
+        verified = _regulator.verify_statement(
+            envelope,
+            self.context.registry,
+            expected_type=reconciliation_pb2.ReconciliationStatement,
+            audience=self.context.party_id,
+            now=self.context.clock.now(),
+            max_skew=self.context.config.max_skew,
+            replay_guard=self._guard,
+        )
+        # Every other rule still holds: the issuer is the party overseen in its key's role.
+        key = self.context.registry.get(verified.signer_key_ids[0])
+        if key is None or verified.issuer != self._parties.get(key.role):
+            raise VerificationError(
+                f"this regulator does not reconcile {verified.issuer!r}",
+                reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+            )
+        self._check_cutoff(verified.message)
+        return verified
+
+    role._verify = verify
+
+
+def _exchange_unknown_response_kind_as_dispute() -> None:
+    """A margin-call response of a kind the exchange does not know is taken for a DISPUTE,
+    not read as UNSPECIFIED (§1.3) and refused."""
+    original = _exchange_margin.check_response_shape
+    kinds = margin_pb2.MarginCallResponseKind
+
+    def check_response_shape(response: Any) -> Any:
+        if response.kind in kinds.values():
+            return original(response)
+        as_dispute = margin_pb2.MarginCallResponse()
+        as_dispute.CopyFrom(response)
+        as_dispute.kind = kinds.Value("MARGIN_CALL_RESPONSE_KIND_DISPUTE")
+        return original(as_dispute)
+
+    # judge_response (margin) checks the shape, and so does the servicer's path (margin_calls).
+    _exchange_margin.check_response_shape = check_response_shape
+    _exchange_margin_calls.check_response_shape = check_response_shape
+
+
+# -- the equivocation evidence a party keeps (PROTOCOL.md §10.7)
+
+
+def _serves_no_evidence() -> None:
+    """Equivocations are refused, but ListEquivocationEvidence always answers an empty list."""
+    _kept_evidence.KeptEvidence.all = lambda self: []
+
+
+def _keeps_first_statement_only() -> None:
+    """Each item of evidence is served with the statement accepted first, not the other one."""
+    original = _kept_evidence.KeptEvidence.all
+
+    def every(self: Any) -> list[Any]:
+        items = original(self)
+        for item in items:
+            item.ClearField("second")
+        return items
+
+    _kept_evidence.KeptEvidence.all = every
+
+
+def _serves_evidence_to_anyone() -> None:
+    """Any registered party reads the evidence, the party it accuses included."""
+    _kept_evidence.require_regulator = lambda caller, *, what: None
+
+
+def _exchange_values_holdings_pledged_elsewhere() -> None:
+    """The exchange values an account's credited holdings whatever exchange they are pledged
+    to: their exchange_id is not compared with its own party id (§7.2)."""
+    valuer = _exchange_valuation.Valuer
+    original = valuer.value
+
+    class _PledgedHere:
+        """The exchange's context, but with the party id the holdings name."""
+
+        def __init__(self, context: Any, party_id: str) -> None:
+            self._context = context
+            self.party_id = party_id
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._context, name)
+
+    def value(self: Any, account_id: str, now: Any) -> Any:
+        holdings = self._holdings.credited_holdings(account_id)
+        if holdings is None:
+            return original(self, account_id, now)
+        pledged_to = HoldingsStatement.FromString(holdings.envelope.payload).exchange_id
+        context = self._context
+        self._context = _PledgedHere(context, pledged_to)
+        try:
+            return original(self, account_id, now)
+        finally:
+            self._context = context
+
+    valuer.value = value
+
+
+def _custodian_records_unnamed_paths() -> None:
+    """A liquidation path without a statement_id is recorded under a name the custodian
+    makes up, not refused (§9.1: the path's statement_id MUST be set)."""
+    pledges = _custodian_pledges.Pledges
+    original = pledges._check_path
+
+    def check_path(self: Any, path: Any, instruction: Any) -> Any:
+        if not path.header.statement_id:
+            path.header.statement_id = f"unnamed-path-{path.header.sequence}"
+        return original(self, path, instruction)
+
+    pledges._check_path = check_path
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -871,6 +1148,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-partial-agreement": _exchange_ignores_partial_agreement,
     "exchange-expires-disputed-calls": _exchange_expires_disputed_calls,
     "exchange-never-liquidates-expired-calls": _exchange_never_liquidates_expired_calls,
+    "exchange-expires-calls-on-due-date": _exchange_expires_calls_on_due_date,
+    "exchange-expires-calls-a-minute-late": _exchange_expires_calls_a_minute_late,
     # The custodian's patches of the SDK session apply to whichever party runs them.
     "exchange-forged-batch-as-malformed": _custodian_forged_batch_as_malformed,
     "exchange-equivocation-as-gap": _custodian_equivocation_as_gap,
@@ -900,6 +1179,20 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-under-reports-received-head": _exchange_under_reports_received_head,
     "exchange-ignores-window": _ignores_window(_exchange_session),
     "exchange-refuses-old-batches": _refuses_old_batches(CUSTODIAN_TO_EXCHANGE),
+    "exchange-serves-no-evidence": _serves_no_evidence,
+    "exchange-keeps-first-statement-only": _keeps_first_statement_only,
+    "exchange-serves-evidence-to-anyone": _serves_evidence_to_anyone,
+    "custodian-parses-before-verifying": _parses_before_verifying,
+    "custodian-reduces-signature-scalar": _reduces_signature_scalar,
+    "custodian-release-issuer-unchecked": _custodian_release_issuer_unchecked,
+    "custodian-release-for-any-reason": _custodian_release_wait_rewritten(_any_reason),
+    "custodian-release-since-unset-as-epoch": _custodian_release_wait_rewritten(
+        _unset_since_as_epoch
+    ),
+    "regulator-ignores-party-role": _regulator_ignores_party_role,
+    "exchange-unknown-response-kind-as-dispute": _exchange_unknown_response_kind_as_dispute,
+    "exchange-values-holdings-pledged-elsewhere": _exchange_values_holdings_pledged_elsewhere,
+    "custodian-records-unnamed-paths": _custodian_records_unnamed_paths,
 }
 
 

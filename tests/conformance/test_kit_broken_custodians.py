@@ -18,7 +18,7 @@ import pytest
 
 from .broken_custodians import FAULTS
 from .broken_custodians import main as launch_broken
-from .conftest import KIT_ACCOUNT, Parties, custodian_config, kit_argv
+from .conftest import KIT_ACCOUNT, OTHER_EXCHANGE, Parties, custodian_config, kit_argv
 from .test_kit_broken_servers import KNOWN_FAILING, BrokenServer, _failed, _globs
 
 _LAUNCHER = Path(__file__).with_name("broken_custodians.py")
@@ -44,12 +44,20 @@ _NO_CHECKPOINT = [
     "attestation/holdings-statement-account-required",
 ]
 
-#: The cases that execute a liquidation (the fourth is refused before anything is sold).
+#: The cases that execute a liquidation (the others are refused before anything is sold).
 _EXECUTING = {
     "liquidation/executed-along-path",
     "liquidation/yield-paid-first",
     "liquidation/repeat-returns-same-receipt",
+    "liquidation/other-caller-refused",
+    "liquidation/stream-instruction-fresh-by-batch",
+    "liquidation/amount-raised-part-way",
+    "liquidation/call-expires-at-due-by",
 }
+
+#: Faults only a custodian serving a second exchange (the kit's other exchange key) can show:
+#: to a custodian serving one, a pledge to another exchange is an unknown exchange.
+_SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
 
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
@@ -82,9 +90,14 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"attestation/consistency-same-size-empty"},
     ),
     (
+        # pledge-of-exactly-available-accepted first locks what is redeemable of its asset.
         "custodian-redemption-locks-nothing",
         ["custodian/**"],
-        {"custodian/redemption-locks", "custodian/redemption-up-to-redeemable-accepted"},
+        {
+            "custodian/redemption-locks",
+            "custodian/redemption-up-to-redeemable-accepted",
+            "custodian/pledge-of-exactly-available-accepted",
+        },
     ),
     (
         "custodian-redeems-pledged",
@@ -92,6 +105,7 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {
             "custodian/redemption-of-pledged-refused",
             "custodian/redemption-up-to-redeemable-accepted",
+            "custodian/pledge-of-exactly-available-accepted",
         },
     ),
     (
@@ -107,13 +121,17 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "custodian-redemption-bound-exclusive",
         ["custodian/**"],
-        {"custodian/redemption-up-to-redeemable-accepted"},
+        {
+            "custodian/redemption-up-to-redeemable-accepted",
+            "custodian/pledge-of-exactly-available-accepted",
+        },
     ),
     ("custodian-yield-attested-as-deposit", ["custodian/**"], {"custodian/yield-accrual-attested"}),
     # Every case that executes a liquidation checks its receipt in full; the refusal does not.
     ("custodian-sells-past-step-maximum", ["liquidation/**"], _EXECUTING),
     ("custodian-sells-steps-out-of-order", ["liquidation/**"], _EXECUTING),
     ("custodian-rounds-proceeds-up", ["liquidation/**"], _EXECUTING),
+    ("custodian-multiplies-at-28-digits", ["liquidation/**"], _EXECUTING),
     ("custodian-skips-yield-distribution", ["liquidation/**"], {"liquidation/yield-paid-first"}),
     (
         "custodian-re-signs-repeated-receipt",
@@ -121,16 +139,125 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"liquidation/repeat-returns-same-receipt"},
     ),
     ("custodian-liquidates-off-path", ["liquidation/**"], {"liquidation/off-path-refused"}),
-    ("custodian-cosignature-put-first", ["emergency/**"], {"emergency/cosign-appends-signature"}),
+    # What a custodian checks before it executes, and how much it sells (§4.5, §3.6.1, §9.2,
+    # §9.3), each caught by the case written for it alone.
     (
-        "custodian-release-attested-as-liquidation",
-        ["emergency/**"],
-        {"emergency/two-of-three-executed"},
+        "custodian-takes-instructions-from-any-caller",
+        ["liquidation/**"],
+        {"liquidation/other-caller-refused"},
     ),
     (
+        "custodian-judges-stream-instructions-at-receipt",
+        ["liquidation/**"],
+        {"liquidation/stream-instruction-fresh-by-batch"},
+    ),
+    (
+        "custodian-liquidates-on-disputed-calls",
+        ["liquidation/**"],
+        {"liquidation/disputed-call-refused"},
+    ),
+    (
+        # Only one second before due_by tells it: past it, the call has expired anyway.
+        "custodian-liquidates-before-due-by",
+        ["liquidation/**"],
+        {"liquidation/call-expires-at-due-by"},
+    ),
+    (
+        "custodian-takes-other-accounts-calls",
+        ["liquidation/**"],
+        {"liquidation/other-account-call-not-found"},
+    ),
+    # Only an amount the path can raise before its end, with a step of nothing pledged and
+    # one priced below 1, tells these (the other cases sell every step in full).
+    ("custodian-records-empty-fills", ["liquidation/**"], {"liquidation/amount-raised-part-way"}),
+    (
+        "custodian-skips-steps-priced-at-most-one",
+        ["liquidation/**"],
+        {"liquidation/amount-raised-part-way"},
+    ),
+    ("custodian-sells-whole-steps", ["liquidation/**"], {"liquidation/amount-raised-part-way"}),
+    (
+        "custodian-ignores-path-account",
+        ["custodian/**"],
+        {"custodian/path-of-another-account-refused"},
+    ),
+    (
+        "custodian-ignores-path-exchange",
+        ["custodian/**"],
+        {"custodian/path-for-another-exchange-refused"},
+    ),
+    ("custodian-reuses-path-id", ["custodian/**"], {"custodian/path-id-reused-refused"}),
+    # The pledge rules (§5.8, §9.1), run after the custodian/ cases they follow in a run.
+    (
+        # Its custodian serves a second exchange too (_SERVES_SECOND_EXCHANGE).
+        "custodian-pledges-to-two-exchanges",
+        ["custodian/**"],
+        {"custodian/pledge-to-another-exchange-refused"},
+    ),
+    (
+        "custodian-pledge-bound-exclusive",
+        ["custodian/**"],
+        {"custodian/pledge-of-exactly-available-accepted"},
+    ),
+    (
+        "custodian-top-up-attested-as-pledge",
+        ["custodian/**"],
+        {"custodian/pledge-reason-pledge-then-top-up"},
+    ),
+    (
+        "custodian-checks-no-step-amounts",
+        ["custodian/**"],
+        {"custodian/path-with-bad-step-refused"},
+    ),
+    ("custodian-cosignature-put-first", ["emergency/**"], {"emergency/cosign-appends-signature"}),
+    (
+        # Both cases that execute a release read the holdings statement it led to.
+        "custodian-release-attested-as-liquidation",
+        ["emergency/**"],
+        {"emergency/two-of-three-executed", "emergency/regulator-custodian-executed-after-wait"},
+    ),
+    (
+        # At a pending instruction's last second it has executed already; a dispute then
+        # finds it executed.
         "custodian-settles-whole-day-early",
         ["settlement/**"],
-        {"settlement/instruction-pending-until-window"},
+        {
+            "settlement/instruction-pending-until-window",
+            "settlement/executed-after-window",
+            "settlement/dispute-at-deadline-refused",
+        },
+    ),
+    # The time rules, each seen one second either side of its deadline (§10.2, §10.6, §11).
+    (
+        "custodian-settles-a-minute-late",
+        ["settlement/**"],
+        {"settlement/executed-after-window"},
+    ),
+    (
+        "custodian-dispute-window-from-instruction",
+        ["settlement/**"],
+        {"settlement/dispute-at-deadline-refused"},
+    ),
+    (
+        "custodian-release-wait-from-issued-at",
+        ["emergency/**"],
+        {"emergency/regulator-custodian-executed-after-wait"},
+    ),
+    (
+        "custodian-release-wait-is-dispute-window",
+        ["emergency/**"],
+        {"emergency/regulator-custodian-executed-after-wait"},
+    ),
+    (
+        "custodian-states-view-when-asked",
+        ["reconciliation/**"],
+        {"reconciliation/view-frozen-at-cutoff"},
+    ),
+    (
+        # Asked two days early it still refuses: only the case one second early sees it.
+        "custodian-states-cutoff-a-minute-early",
+        ["reconciliation/**"],
+        {"reconciliation/view-frozen-at-cutoff"},
     ),
     (
         "custodian-reads-for-any-registered-party",
@@ -172,6 +299,16 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["access/**"],
         {"access/custodian/account-read-by-its-parties"},
     ),
+    (
+        # Every case that verifies a statement the custodian signed fails: two are run.
+        "custodian-leaves-statement-id-empty",
+        [
+            "attestation/checkpoint-signed-by-custodian",
+            "attestation/holdings-statement-attested",
+            *_NO_CHECKPOINT,
+        ],
+        {"attestation/checkpoint-signed-by-custodian", "attestation/holdings-statement-attested"},
+    ),
 ]
 
 
@@ -191,7 +328,10 @@ def test_a_broken_custodian_is_caught_by_its_cases(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config_path = tmp_path / "custodian.json"
-    config_path.write_text(json.dumps(custodian_config(reference_parties, tmp_path), indent=2))
+    config = custodian_config(reference_parties, tmp_path)
+    if fault in _SERVES_SECOND_EXCHANGE:
+        config["peers"][OTHER_EXCHANGE] = None
+    config_path.write_text(json.dumps(config, indent=2))
     server = BrokenCustodian(
         role="custodian", config_path=config_path, log_path=tmp_path / "custodian.log", fault=fault
     )

@@ -134,6 +134,13 @@ def _targets(slug: str) -> set[str]:
     }
 
 
+#: Every custodian envelope family: a fault of statement verification shows in each.
+_ENVELOPE_TARGETS = [
+    "envelope/pledge-collateral/**",
+    "envelope/request-redemption/**",
+    "envelope/submit-liquidation-instruction/**",
+]
+
 CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "undecodable-request-unknown",
@@ -163,9 +170,28 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "emergency/single-signature-refused",
             "emergency/same-party-twice-refused",
             "emergency/wrong-role-signer-refused",
-            # It counts the account's exchange as present, so it never waits either.
+            # It counts the account's exchange as present, so it never waits either,
+            # nor asks for the reason and the time of a release without the exchange.
             "emergency/regulator-custodian-before-wait-refused",
+            "emergency/regulator-custodian-other-reason-refused",
+            "emergency/unresponsive-since-unset-refused",
+            "emergency/regulator-custodian-executed-after-wait",
         },
+    ),
+    (
+        "custodian-release-issuer-unchecked",
+        ["emergency/**"],
+        {"emergency/issuer-not-among-signers-refused"},
+    ),
+    (
+        "custodian-release-for-any-reason",
+        ["emergency/**"],
+        {"emergency/regulator-custodian-other-reason-refused"},
+    ),
+    (
+        "custodian-release-since-unset-as-epoch",
+        ["emergency/**"],
+        {"emergency/unresponsive-since-unset-refused"},
     ),
     (
         "custodian-no-settlement-cycle-cap",
@@ -201,6 +227,21 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "envelope/pledge-collateral/missing-amount-refused",
             "attestation/holdings-statement-account-required",
         },
+    ),
+    (
+        "custodian-parses-before-verifying",
+        _ENVELOPE_TARGETS,
+        _targets("unverified-undecodable-payload-refused"),
+    ),
+    (
+        "custodian-reduces-signature-scalar",
+        _ENVELOPE_TARGETS,
+        _targets("malleated-signature-refused"),
+    ),
+    (
+        "custodian-records-unnamed-paths",
+        ["custodian/pledge-*", "custodian/path-*"],
+        {"custodian/path-without-statement-id-refused"},
     ),
     (
         "custodian-drops-field-violations",
@@ -485,6 +526,21 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["exchange/margin-call/expiry-instructs-liquidation"],
         {"exchange/margin-call/expiry-instructs-liquidation"},
     ),
+    # A call's expiry, one second either side of its due_by (§8.1).
+    (
+        "exchange-expires-calls-on-due-date",
+        ["exchange/margin-call/open-until-due-by"],
+        {"exchange/margin-call/open-until-due-by"},
+    ),
+    (
+        # Past due by a minute the grace is over: only the case one second past due sees it.
+        "exchange-expires-calls-a-minute-late",
+        [
+            "exchange/margin-call/open-until-due-by",
+            "exchange/margin-call/expiry-instructs-liquidation",
+        ],
+        {"exchange/margin-call/open-until-due-by"},
+    ),
     (
         "exchange-forged-batch-as-malformed",
         ["sync/exchange/forged-batch-refused", "sync/exchange/hello-valid"],
@@ -526,6 +582,32 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "exchange-refuses-old-batches",
         ["sync/exchange/duplicate-entries-skipped", "sync/exchange/batch-acked-and-resumed"],
         {"sync/exchange/duplicate-entries-skipped"},
+    ),
+    # The evidence cases: the sync one, run on its own, equivocates itself first.
+    (
+        "exchange-serves-no-evidence",
+        ["evidence/**", "sync/exchange/equivocation-evidence-served"],
+        {"evidence/exchange/checkpoint-fork-served", "sync/exchange/equivocation-evidence-served"},
+    ),
+    (
+        "exchange-keeps-first-statement-only",
+        ["evidence/**", "sync/exchange/equivocation-evidence-served"],
+        {"evidence/exchange/checkpoint-fork-served", "sync/exchange/equivocation-evidence-served"},
+    ),
+    (
+        "exchange-serves-evidence-to-anyone",
+        ["evidence/**"],
+        {"evidence/non-regulator-refused"},
+    ),
+    (
+        "exchange-unknown-response-kind-as-dispute",
+        ["exchange/margin-call/unknown-response-kind-refused"],
+        {"exchange/margin-call/unknown-response-kind-refused"},
+    ),
+    (
+        "exchange-values-holdings-pledged-elsewhere",
+        ["exchange/holdings/credited-once-proven", "exchange/holdings/pledged-elsewhere-*"],
+        {"exchange/holdings/pledged-elsewhere-not-credited"},
     ),
 ]
 
@@ -613,6 +695,7 @@ REGULATOR_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"regulator/statement-before-cutoff-refused"},
     ),
     ("regulator-accepts-replay", ["regulator/**"], {"regulator/replayed-statement-refused"}),
+    ("regulator-ignores-party-role", ["regulator/**"], {"regulator/party-role-mismatch-refused"}),
     (
         "regulator-drops-one-sided-accounts",
         ["regulator/**"],

@@ -68,6 +68,12 @@ ALSO_REFUSALS = {
         "attestation/inclusion-index-out-of-range",
         # Locks up to the bound, then checks one quantum more is refused.
         "custodian/redemption-up-to-redeemable-accepted",
+        # Pledges up to the bound, then checks one quantum more is refused.
+        "custodian/pledge-of-exactly-available-accepted",
+        # Refused one second before the wait ends, then executed at its end.
+        "emergency/regulator-custodian-executed-after-wait",
+        # Its statement is refused one second before the cut-off.
+        "reconciliation/view-frozen-at-cutoff",
     },
     Role.EXCHANGE: set(),
     Role.REGULATOR: {"regulator/result-not-found-before-both"},

@@ -122,7 +122,12 @@ def _exchange_argv(parties: Parties, files: dict[str, Path], target: str, *extra
 
 #: Cases that need the kit to be the exchange's custodian (--listen): run in
 #: test_kit_counterpart.py; here the exchange dials the reference custodian.
-COUNTERPART_CASES = ("exchange/holdings/**", "exchange/margin-call/**", "sync/exchange/**")
+COUNTERPART_CASES = (
+    "exchange/holdings/**",
+    "exchange/margin-call/**",
+    "sync/exchange/**",
+    "evidence/exchange/**",
+)
 
 
 def test_reference_exchange_passes_every_must_case(
@@ -164,6 +169,8 @@ def test_reference_exchange_passes_every_must_case(
 #: What an exchange that acts on forged margin-call responses fails.
 FORGED_RESPONSE_CASES = {
     "envelope/respond-to-margin-call/forged-signature-refused",
+    "envelope/respond-to-margin-call/malleated-signature-refused",
+    "envelope/respond-to-margin-call/unverified-undecodable-payload-refused",
     "envelope/respond-to-margin-call/tampered-payload-refused",
     "envelope/respond-to-margin-call/unknown-key-refused",
 }

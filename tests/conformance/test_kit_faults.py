@@ -120,6 +120,8 @@ FAULTS: list[tuple[Fault, list[str], set[str]]] = [
         ["envelope/pledge-collateral/**"],
         {
             "envelope/pledge-collateral/forged-signature-refused",
+            "envelope/pledge-collateral/malleated-signature-refused",
+            "envelope/pledge-collateral/unverified-undecodable-payload-refused",
             "envelope/pledge-collateral/tampered-payload-refused",
         },
     ),
@@ -145,6 +147,8 @@ FAULTS: list[tuple[Fault, list[str], set[str]]] = [
         {
             "envelope/pledge-collateral/invalid-amount-refused",
             "envelope/pledge-collateral/negative-amount-refused",
+            # A path step's max_quantity is an amount too (§2.1).
+            "custodian/path-with-bad-step-refused",
         },
     ),
     (

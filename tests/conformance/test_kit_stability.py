@@ -17,14 +17,17 @@ from pathlib import Path
 import pytest
 from collateral_sync_conformance import main
 
-from . import test_kit_exchange, test_kit_regulator
+from . import test_kit_regulator
 from .conftest import KIT_ACCOUNT, Parties, ServerProcess, kit_argv, regulator_argv
 
-# The servers of those modules' tests, as fixtures of this module too.
-exchange = test_kit_exchange.exchange
+# The server of that module's tests, as a fixture of this module too. The exchange's
+# runs are in test_kit_stability_exchange.py: a reference exchange dials this module's
+# custodian as the kit's exchange party, and its stream would replace the kit's.
 regulator = test_kit_regulator.regulator
 
 RUNS = 5
+
+__all__ = ["five_runs"]
 
 
 def _verdicts(argv: list[str], reports: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
@@ -38,7 +41,7 @@ def _verdicts(argv: list[str], reports: Path, capsys: pytest.CaptureFixture[str]
     return {c["id"]: c["verdict"] for c in cases}
 
 
-def _five_runs(
+def five_runs(
     argv: Callable[[], list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = _verdicts(argv(), tmp_path / "run-1", capsys)
@@ -53,32 +56,13 @@ def _five_runs(
         assert not changed, f"run {run} differs from run 1 (case: (run 1, run {run})): {changed}"
 
 
-# First: the custodian's runs leave evidence against the kit's exchange party
-# (sync/ cases), which would stop the reference exchange that shares the custodian.
-def test_five_runs_against_the_exchange_agree(
-    exchange: ServerProcess,
-    reference_parties: Parties,
-    kit_files: dict[str, Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    skip = [arg for glob in test_kit_exchange.COUNTERPART_CASES for arg in ("--skip", glob)]
-    _five_runs(
-        lambda: test_kit_exchange._exchange_argv(
-            reference_parties, kit_files, exchange.address, "--account", KIT_ACCOUNT, *skip
-        ),
-        tmp_path,
-        capsys,
-    )
-
-
 def test_five_runs_against_the_custodian_agree(
     custodian: ServerProcess,
     kit_files: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _five_runs(
+    five_runs(
         lambda: kit_argv(kit_files, custodian.address, "--account", KIT_ACCOUNT),
         tmp_path,
         capsys,
@@ -91,7 +75,7 @@ def test_five_runs_against_the_regulator_agree(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _five_runs(
+    five_runs(
         lambda: regulator_argv(
             reference_parties, regulator.address, *test_kit_regulator.listening()
         ),

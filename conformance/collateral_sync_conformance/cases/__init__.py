@@ -1,7 +1,8 @@
 """The kit's cases, by family; importing this package registers them with ``REGISTRY``.
 
 Order of import is the order of a run: transport first (can we talk at all),
-then requests that are not messages, the attestation log, signed-statement refusals, role behaviour,
+then requests that are not messages, the attestation log, signed-statement refusals, role behaviour
+(then the pledge rules, which pledge the kit's account further),
 liquidation (before position sync, whose equivocation case may leave a custodian wary of the kit's
 exchange), position sync, settlement, and emergency release (last: an executed release consumes the
 account's pledge).
@@ -10,6 +11,7 @@ account's pledge).
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import request
 from collateral_sync_conformance.cases import attestation, envelope, custodian
+from collateral_sync_conformance.cases import pledge_rules
 from collateral_sync_conformance.cases import access
 from collateral_sync_conformance.cases import liquidation
 from collateral_sync_conformance.cases import sync, exchange
@@ -23,8 +25,10 @@ from collateral_sync_conformance.cases import emergency
 
 # Exchange cases with the kit as its custodian (--listen): they move the
 # exchange's clock past due dates, and the last of sync_exchange ends its
-# stream for good (equivocation), so nothing may follow them.
-from collateral_sync_conformance.cases import exchange_lifecycle, sync_exchange
+# stream for good (equivocation), so nothing may follow them but the reading
+# of the evidence the exchange kept of it. Equivocation evidence (evidence)
+# comes before them: its checkpoint fork needs the stream.
+from collateral_sync_conformance.cases import exchange_lifecycle, evidence, sync_exchange
 
 __all__ = [
     "access",
@@ -33,9 +37,11 @@ __all__ = [
     "custodian",
     "emergency",
     "envelope",
+    "evidence",
     "exchange",
     "exchange_lifecycle",
     "liquidation",
+    "pledge_rules",
     "reconciliation",
     "regulator",
     "regulator_descent",

@@ -64,6 +64,7 @@ async def _pledge(
     quantity: str | None = None,
     account_id: str | None = None,
     asset_id: str | None = None,
+    path_statement_id: str | None = None,
 ) -> custodian_service_pb2.PledgeCollateralRequest:
     instruction = pledge_instruction(plan, quantity)
     path = liquidation_path(plan)
@@ -75,7 +76,7 @@ async def _pledge(
         path.steps[0].asset_id = asset_id
     return custodian_service_pb2.PledgeCollateralRequest(
         pledge_instruction=await ctx.sign(instruction, plan.client),
-        liquidation_path=await ctx.sign(path, plan.client),
+        liquidation_path=await ctx.sign(path, plan.client, statement_id=path_statement_id),
     )
 
 
@@ -517,3 +518,117 @@ async def pledge_unknown_asset(ctx: CaseContext) -> None:
     outcome = await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral")
     expect_status(outcome, _C.NOT_FOUND, _R.ERROR_REASON_NOT_FOUND)
     await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "custodian/path-without-statement-id-refused",
+    Level.MUST,
+    "a pledge whose liquidation path has no header.statement_id (the id instructions name it "
+    "by, §9.1) is refused: INVALID_ARGUMENT MALFORMED",
+    roles=_CUSTODIAN,
+)
+async def path_without_statement_id(ctx: CaseContext) -> None:
+    plan = await plan_pledge(ctx)
+    before = await custodian_state(ctx)
+    # Recorded, it could be named by no instruction, and relayed to the exchange it would
+    # fail the whole sync batch carrying it (§9.1).
+    request = await _pledge(ctx, plan, path_statement_id="")
+    outcome = await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral")
+    expect_status(outcome, _C.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED)
+    await expect_unchanged(ctx, before)
+
+
+def _sorting_around(value: str) -> tuple[str, str]:
+    """Another id sorting after ``value``, and one sorting before it (a prefix): a custodian
+    that compares the two ids by order rather than for equality lets one of them through."""
+    return f"{value}-other", value[:-1]
+
+
+async def _path_naming_another(ctx: CaseContext, name: str) -> None:
+    """Pledges whose path's ``name`` (account_id or exchange_id) is not the pledge's: refused."""
+    plan = await plan_pledge(ctx)
+    for other in _sorting_around(getattr(pledge_instruction(plan), name)):
+        path = liquidation_path(plan)
+        setattr(path, name, other)
+        request = custodian_service_pb2.PledgeCollateralRequest(
+            pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+            liquidation_path=await ctx.sign(path, plan.client),
+        )
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            ctx.custodian.pledge_collateral,
+            request,
+            label=f"PledgeCollateral whose path names {name} {other!r}",
+        )
+        expect_status(outcome, _C.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED)
+        await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "custodian/path-of-another-account-refused",
+    Level.MUST,
+    "a pledge whose liquidation path names another account than its pledge instruction — one "
+    "id sorting after the account's, one before it — is refused INVALID_ARGUMENT MALFORMED and "
+    "changes nothing (§9.1; the matching path: custodian/pledge-accepted)",
+    roles=_CUSTODIAN,
+)
+async def path_of_another_account(ctx: CaseContext) -> None:
+    await _path_naming_another(ctx, "account_id")
+
+
+@REGISTRY.case(
+    "custodian/path-for-another-exchange-refused",
+    Level.MUST,
+    "a pledge whose liquidation path names another exchange than its pledge instruction — one "
+    "id sorting after the exchange's, one before it — is refused INVALID_ARGUMENT MALFORMED "
+    "and changes nothing (§9.1; the matching path: custodian/pledge-accepted)",
+    roles=_CUSTODIAN,
+)
+async def path_for_another_exchange(ctx: CaseContext) -> None:
+    await _path_naming_another(ctx, "exchange_id")
+
+
+@REGISTRY.case(
+    "custodian/path-id-reused-refused",
+    Level.MUST,
+    "a top-up whose liquidation path reuses the statement_id of the path in force with other "
+    "content (another max_quantity) is refused FAILED_PRECONDITION STATE_CONFLICT and changes "
+    "nothing; the path in force itself, sent again with the next top-up, is accepted (§9.1)",
+    roles=_CUSTODIAN,
+)
+async def path_id_reused(ctx: CaseContext) -> None:
+    plan = await plan_pledge(ctx)
+    path_id = ctx.unique("conformance-path")
+    in_force = await ctx.sign(liquidation_path(plan), plan.client, statement_id=path_id)
+    changed = liquidation_path(plan)
+    changed.steps[0].max_quantity.value = _plus(plan.quantity, "0.000000000000123457")
+    reused = await ctx.sign(changed, plan.client, statement_id=path_id)
+
+    async def pledge(
+        quantity: str, path: envelope_pb2.Envelope
+    ) -> custodian_service_pb2.PledgeCollateralRequest:
+        return custodian_service_pb2.PledgeCollateralRequest(
+            pledge_instruction=await ctx.sign(pledge_instruction(plan, quantity), plan.client),
+            liquidation_path=path,
+        )
+
+    outcome = await ctx.rpc(
+        ctx.custodian.pledge_collateral,
+        await pledge("0.000413", in_force),
+        label="PledgeCollateral under a new path",
+    )
+    expect_ok(outcome)
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.pledge_collateral,
+        await pledge("0.000271", reused),
+        label=f"PledgeCollateral (a top-up) whose path reuses the id {path_id!r} with other steps",
+    )
+    expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+    await expect_unchanged(ctx, before)
+    outcome = await ctx.rpc(
+        ctx.custodian.pledge_collateral,
+        await pledge("0.000189", in_force),
+        label="PledgeCollateral (a top-up) sending the path in force again",
+    )
+    expect_ok(outcome)

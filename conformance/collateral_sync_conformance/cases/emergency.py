@@ -143,6 +143,29 @@ async def expired(ctx: CaseContext) -> None:
     )
 
 
+@REGISTRY.case(
+    "emergency/issuer-not-among-signers-refused",
+    Level.MUST,
+    "a release issued in the custodian's name but signed by the regulator and the exchange is "
+    "refused, its issuer not among its signers: PERMISSION_DENIED KEY_ROLE_MISMATCH (§3.7 step 4)",
+    roles=_CUSTODIAN,
+)
+async def issuer_not_among_signers(ctx: CaseContext) -> None:
+    regulator, exchange = _signers(ctx)
+    account_id = await ensure_pledged(ctx)
+    # Two parties that count, the exchange among them, so nothing else stops it (§11.3);
+    # but the party it names as issuer never signed it.
+    envelope = await ctx.sign(
+        _release(ctx, account_id),
+        regulator,
+        issuer=ctx.server_party_id,
+        extra_signers=[exchange],
+    )
+    await _refused(
+        ctx, envelope, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH
+    )
+
+
 async def _cosign(ctx: CaseContext, envelope: envelope_pb2.Envelope) -> Outcome:
     return await ctx.rpc(
         ctx.emergency_release.co_sign_emergency_release,
@@ -231,6 +254,116 @@ async def regulator_custodian_before_wait(ctx: CaseContext) -> None:
     release.exchange_unresponsive_since.FromDatetime(await ctx.server_now())
     _, signed = await _cosigned(ctx, release)
     await _refused(ctx, signed, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+
+
+#: Long enough ago that any emergency_release_wait has passed (the pilot's is 48 h).
+_LONG_UNRESPONSIVE = timedelta(days=365)
+
+
+@REGISTRY.case(
+    "emergency/regulator-custodian-other-reason-refused",
+    Level.MUST,
+    "regulator + custodian without the exchange, for another reason than EXCHANGE_FAILURE, is "
+    "refused even a year after the exchange went silent: FAILED_PRECONDITION STATE_CONFLICT (§11.3)",
+    roles=_CUSTODIAN,
+)
+async def regulator_custodian_other_reason(ctx: CaseContext) -> None:
+    account_id = await ensure_pledged(ctx)
+    release = _release(ctx, account_id)  # reason REGULATORY_ORDER
+    release.exchange_unresponsive_since.FromDatetime(await ctx.server_now() - _LONG_UNRESPONSIVE)
+    _, signed = await _cosigned(ctx, release)
+    await _refused(ctx, signed, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+
+
+@REGISTRY.case(
+    "emergency/unresponsive-since-unset-refused",
+    Level.MUST,
+    "regulator + custodian without the exchange, EXCHANGE_FAILURE but no exchange_unresponsive_since, "
+    "is refused (not read as 1970): FAILED_PRECONDITION STATE_CONFLICT (§11.3)",
+    roles=_CUSTODIAN,
+)
+async def unresponsive_since_unset(ctx: CaseContext) -> None:
+    account_id = await ensure_pledged(ctx)
+    release = _release(ctx, account_id)
+    release.reason = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+    _, signed = await _cosigned(ctx, release)
+    await _refused(ctx, signed, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+
+
+#: The emergency_release_wait of the kit's exchange: what its policy says (the liquidation/
+#: cases publish one) and what a custodian without its policy applies, the pilot's (§11.3).
+_RELEASE_WAIT = timedelta(hours=48)
+_SECOND = timedelta(seconds=1)
+#: How far ahead of the server's clock the wait ends when the kit asks for the co-signature.
+_COSIGN_LEAD = timedelta(seconds=10)
+
+
+@REGISTRY.case(
+    "emergency/regulator-custodian-executed-after-wait",
+    Level.MUST,
+    "regulator + custodian without the exchange (EXCHANGE_FAILURE): one second before "
+    "exchange_unresponsive_since + emergency_release_wait (48 h) the release is refused, "
+    "FAILED_PRECONDITION STATE_CONFLICT, changing nothing; at it the same release is executed: "
+    "a receipt, and the account's next holdings statement says RELEASE and pledges nothing (§11.3)",
+    roles=_CUSTODIAN,
+)
+async def regulator_custodian_after_wait(ctx: CaseContext) -> None:
+    regulator, _ = _signers(ctx)
+    account_id = await ensure_pledged(ctx)
+    now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    allowed_at = now + _COSIGN_LEAD
+    release = _release(ctx, account_id)
+    release.reason = emergency_pb2.EMERGENCY_RELEASE_REASON_EXCHANGE_FAILURE
+    release.exchange_unresponsive_since.FromDatetime(allowed_at - _RELEASE_WAIT)
+    _, signed = await _cosigned(ctx, release)
+    cosigned_at = await ctx.server_now()
+    check(
+        cosigned_at < allowed_at - _SECOND,
+        "CoSignEmergencyRelease took too long for the kit to try the release before its wait ends",
+        expected=f"an answer within {(_COSIGN_LEAD - _SECOND).total_seconds():.0f} s",
+        got=f"{(cosigned_at - now).total_seconds():.1f} s",
+    )
+    # One second before the wait has passed: refused, nothing changed.
+    await ctx.advance_clock(allowed_at - _SECOND - cosigned_at)
+    await _refused(ctx, signed, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+    # At the end of the wait: the same release is executed.
+    await ctx.advance_clock(max(allowed_at - await ctx.server_now(), timedelta(0)))
+    outcome = await ctx.rpc(
+        ctx.custodian.execute_emergency_release,
+        custodian_service_pb2.ExecuteEmergencyReleaseRequest(emergency_release=signed),
+        label="ExecuteEmergencyRelease",
+    )
+    response: custodian_service_pb2.ExecuteEmergencyReleaseResponse = expect_ok(outcome)
+    receipt = sdk_check(
+        "the emergency release receipt",
+        verify_statement,
+        response.emergency_release_receipt,
+        ctx.registry,
+        expected_type=emergency_pb2.EmergencyReleaseReceipt,
+        audience=regulator.party_id,
+        now=await ctx.server_now(),
+    )
+    check_equal("release_id of the receipt", release.release_id, receipt.message.release_id)
+    check_equal(
+        "the release the receipt says was executed",
+        signed.SerializeToString(),
+        receipt.message.release.SerializeToString(),
+    )
+    statement, _, _ = await holdings(ctx, account_id)
+    check_equal(
+        "reason of the holdings statement after the release",
+        attestation_pb2.HoldingsChangeReason.Name(attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE),
+        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
+    )
+    still = {p.asset_id: p.pledged_quantity.value for p in statement.positions}
+    check(
+        all(v in ("", "0") for v in still.values()),
+        "the account still pledges collateral after the release",
+        expected="pledged_quantity 0 for every asset",
+        got=still,
+    )
+    # Leave the account pledged again, as the cases after this one expect.
+    await ensure_pledged(ctx)
 
 
 @REGISTRY.case(

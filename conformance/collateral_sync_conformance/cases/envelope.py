@@ -1,7 +1,8 @@
 """Signed-statement cases (docs/PROTOCOL.md §3.6): every stage refuses what it must.
 
 Each case sends a statement that is correct except for one defect — a forged
-signature, an unknown key, a key of the wrong role, the wrong audience, an
+signature, a malleated one (S + L), undecodable bytes under a signature that
+does not verify, an unknown key, a key of the wrong role, the wrong audience, an
 expired statement, a replay, a swapped payload type, malformed or oversized
 bytes, an invalid amount — and requires the status and ``ErrorInfo`` reason
 of §3.6/§12, and that nothing changed on the server (§12.3).
@@ -41,7 +42,12 @@ from collateral_sync_conformance._expect import (
     expect_ok,
     expect_status,
 )
-from collateral_sync_conformance._forge import corrupt_signature, seal, unknown_field
+from collateral_sync_conformance._forge import (
+    corrupt_signature,
+    malleate_signature,
+    seal,
+    unknown_field,
+)
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._kit_account import (
     liquidation_path,
@@ -267,6 +273,17 @@ async def _forged(ctx: CaseContext, target: _Target, s: _Statement) -> None:
     s.after = corrupt_signature
 
 
+async def _malleated(ctx: CaseContext, target: _Target, s: _Statement) -> None:
+    s.after = malleate_signature
+
+
+async def _unverified_undecodable(ctx: CaseContext, target: _Target, s: _Statement) -> None:
+    # Bytes no parser accepts, under a registered key's signature that does not verify:
+    # stage b refuses them before stage c could find them malformed (§3.6).
+    s.payload = _TRUNCATED
+    s.after = corrupt_signature
+
+
 async def _tampered(ctx: CaseContext, target: _Target, s: _Statement) -> None:
     def tamper(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
         changed = type(s.message)()
@@ -385,6 +402,23 @@ _REFUSALS = (
         _C.UNAUTHENTICATED,
         _R.ERROR_REASON_SIGNATURE_INVALID,
         _forged,
+    ),
+    _Refusal(
+        "malleated-signature-refused",
+        "a valid signature whose scalar S is replaced by S + L (the group order) is refused: "
+        "UNAUTHENTICATED SIGNATURE_INVALID (§3.3, RFC 8032 §5.1.7)",
+        _C.UNAUTHENTICATED,
+        _R.ERROR_REASON_SIGNATURE_INVALID,
+        _malleated,
+    ),
+    _Refusal(
+        "unverified-undecodable-payload-refused",
+        "payload bytes that do not parse, under a signature that does not verify, are refused "
+        "for the signature, not as malformed: UNAUTHENTICATED SIGNATURE_INVALID (§3.6: no "
+        "parsing before verification)",
+        _C.UNAUTHENTICATED,
+        _R.ERROR_REASON_SIGNATURE_INVALID,
+        _unverified_undecodable,
     ),
     _Refusal(
         "tampered-payload-refused",

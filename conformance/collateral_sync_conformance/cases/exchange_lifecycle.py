@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Awaitable, Callable
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import grpc
 from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.keys import SigningKey
@@ -31,6 +32,7 @@ from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
+    errors_pb2,
     exchange_service_pb2,
     liquidation_pb2,
     margin_pb2,
@@ -53,6 +55,7 @@ from collateral_sync_conformance._expect import (
     check,
     check_equal,
     expect_ok,
+    expect_status,
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
@@ -234,6 +237,32 @@ async def inconsistent_checkpoint(ctx: CaseContext) -> None:
     # exchange sees is new: attest one statement nobody is told about.
     kit.attest(kit.sign(attestation_pb2.HoldingsStatement(account_id=ctx.unique("kit-filler"))))
     await _not_credited(ctx, kit, account, "a statement attested only under a forked checkpoint")
+
+
+@REGISTRY.case(
+    "exchange/holdings/pledged-elsewhere-not-credited",
+    Level.MUST,
+    "a proven holdings statement whose exchange_id is another exchange is never valued: an "
+    "exchange values only holdings pledged to it (§7.2)",
+    roles=_EXCHANGE,
+)
+async def pledged_elsewhere(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    account = ctx.unique("kit-elsewhere")
+    # Signed, attested and addressed to the exchange, but pledged to another one. A deposit,
+    # so that it carries no liquidation path (a path naming the other exchange would fail
+    # the whole batch, §9.1).
+    change, _ = kit.holdings_change(
+        account,
+        _client(ctx),
+        dict(_HOLDINGS),
+        epoch=1,
+        reason=_H.HOLDINGS_CHANGE_REASON_DEPOSIT,
+        pledged_to=ctx.unique("conformance-other-exchange"),
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+    await _not_credited(ctx, kit, account, "holdings pledged to another exchange")
 
 
 # ----------------------------------------------------------------- margin calls
@@ -496,6 +525,42 @@ async def dispute_does_not_expire(ctx: CaseContext) -> None:
     )
 
 
+#: A MarginCallResponseKind number v1 does not define (§1.3: read as UNSPECIFIED).
+_UNKNOWN_KIND = 99
+
+
+@REGISTRY.case(
+    "exchange/margin-call/unknown-response-kind-refused",
+    Level.MUST,
+    "a response whose kind is a number the enum does not define is read as UNSPECIFIED (§1.3) "
+    "and refused INVALID_ARGUMENT MALFORMED (§8.3); the call stays ISSUED",
+    roles=_EXCHANGE,
+)
+async def unknown_response_kind(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    _, call = await _call(ctx, kit)
+    before = await _state(ctx, call.margin_call_id)
+    check_equal(
+        "status of the call before any response",
+        _MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED),
+        _MS.Name(before.status),
+    )
+    # Shaped as a dispute (nothing agreed, a reason), so that a receiver taking any kind
+    # it does not know for DISPUTE finds nothing else wrong with it.
+    response = kit.sign(_response(call, _UNKNOWN_KIND, "0", margin_pb2.DISPUTE_REASON_POSITIONS))
+    outcome = await ctx.rpc(
+        ctx.exchange.respond_to_margin_call,
+        exchange_service_pb2.RespondToMarginCallRequest(margin_call_response=response),
+    )
+    expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_MALFORMED)
+    after = await _state(ctx, call.margin_call_id)
+    check_equal(
+        "status and agreed_amount of the call after the refused response (§12.3)",
+        (_MS.Name(before.status), before.agreed_amount.value),
+        (_MS.Name(after.status), after.agreed_amount.value),
+    )
+
+
 def _instructions(kit: KitCustodian) -> list[Any]:
     """Every liquidation instruction the exchange sent, by RPC or on the stream."""
     return [
@@ -550,4 +615,75 @@ async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
         "liquidation_path_id: the client's path the pledge carried",
         f"path-{account}-1",
         checked.instruction.liquidation_path_id,
+    )
+
+
+_SECOND = timedelta(seconds=1)
+
+
+async def _revalue_at(ctx: CaseContext, account: str, moment: datetime) -> None:
+    """Move the exchange's clock to ``moment`` (not back) and revalue the account there."""
+    now = await ctx.server_now()
+    by = duration_pb2.Duration()
+    by.FromTimedelta(max(moment - now, timedelta(0)))
+    await ctx.control(ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=by))
+    await ctx.server_now()  # the kit follows the exchange's clock
+    await ctx.control(
+        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
+    )
+
+
+@REGISTRY.case(
+    "exchange/margin-call/open-until-due-by",
+    Level.MUST,
+    "an unanswered call runs until its due_by (issued_at + the policy's cure_period, which the "
+    "SDK recomputes): revalued one second before it, the call is still ISSUED and no liquidation "
+    "names it; revalued one second after it, the call is EXPIRED and a liquidation instruction "
+    "names it (§8.1, §8.2)",
+    roles=_EXCHANGE,
+)
+async def open_until_due_by(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    account, call = await _call(ctx, kit)
+    due = call.due_by.ToDatetime(tzinfo=UTC)
+
+    def naming() -> list[Any]:
+        return [
+            envelope
+            for envelope in _instructions(kit)
+            if liquidation_pb2.LiquidationInstruction.FromString(envelope.payload).margin_call_id
+            == call.margin_call_id
+        ]
+
+    # One second before due_by: the cure period is still running. No grace wait here:
+    # the exchange's clock runs on while the kit waits, into the due time.
+    await _revalue_at(ctx, account, due - _SECOND)
+    state = await _state(ctx, call.margin_call_id)
+    check_equal(
+        "status of the unanswered call one second before its due_by",
+        _MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED),
+        _MS.Name(state.status),
+    )
+    check(
+        not naming(),
+        "the exchange instructed a liquidation for a call before its due_by",
+        expected="no liquidation instruction naming the call",
+        got=f"{len(naming())} instruction(s)",
+    )
+
+    # One second after: expired, and liquidated.
+    await _revalue_at(ctx, account, due + _SECOND)
+    await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_EXPIRED,
+        "the unanswered call is EXPIRED one second after its due_by",
+    )
+    envelope = await kit.wait_for(lambda: next(iter(naming()), None), _SETTLE_TIMEOUT)
+    check(
+        envelope is not None,
+        "the exchange did not instruct the custodian to liquidate one second after the call's "
+        "due_by",
+        expected=f"a LiquidationInstruction naming {call.margin_call_id}",
+        got=f"{len(_instructions(kit))} instruction(s), none naming the call",
     )

@@ -11,15 +11,26 @@ raise (§9.2). The receipt must then show the execution §9.3 prescribes, to
 the last digit: accrued yield paid out, each step sold in order and in full
 up to its maximum, proceeds rounded down, the rest a shortfall; and the
 holdings statement after it must show exactly that, attested.
+
+Around that execution, what the custodian must check first: the instruction
+comes from the exchange that issued it (§4.5) — over RPC fresh by its own
+lifetime, on the stream by its batch's (§3.6.1) —, and a margin call it names
+is one the custodian received for the account, undisputed, and past its due_by
+(§8.1, §9.2; the kit sends the call on the sync stream as the exchange). And
+§9.3 for an amount the path can raise: the step that reaches it sells only the
+least quantity that does, steps after it nothing, and a step with nothing of
+its asset pledged has no fill.
 """
 
 from __future__ import annotations
 
 import decimal
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 import grpc
 from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
@@ -32,10 +43,20 @@ from collateral_sync.v1 import (
     envelope_pb2,
     errors_pb2,
     liquidation_pb2,
+    margin_pb2,
+    position_sync_pb2,
     test_control_pb2,
     valuation_pb2,
 )
-from collateral_sync.valuation import recompute_liquidation_instruction
+from collateral_sync.valuation import (
+    collateral_ratio,
+    margin_call_amount,
+    recompute_liquidation_instruction,
+    recompute_margin_call,
+    validate_risk_policy,
+    value_collateral,
+)
+from google.protobuf.message import DecodeError, Message
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
@@ -56,11 +77,19 @@ from collateral_sync_conformance.cases._exchange_side import (
     publish_risk_policy,
 )
 from collateral_sync_conformance.cases._kit_account import client_key, exchange_party, holdings
+from collateral_sync_conformance.cases._raw_stream import (
+    StreamEnded,
+    SyncStream,
+    check_ack,
+    kit_batch,
+    verified_entries,
+)
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
 
 _CUSTODIAN = [Role.CUSTODIAN]
+_M = TypeVar("_M", bound=Message)
 _R = errors_pb2.ErrorReason
 _REASON = attestation_pb2.HoldingsChangeReason
 _EXCHANGE_ROLE = common_pb2.PARTY_ROLE_EXCHANGE
@@ -70,7 +99,11 @@ _PLEDGES = ("0.000731", "0.000587")
 #: Each step's max_quantity: below its pledge, with 18 fraction digits so that
 #: quantity * price has more than 18 and must be rounded (down, §2.3).
 _STEP_MAXIMA = ("0.000370000000000007", "0.000290000000000003")
-_PRICES = ("1.37", "2.9")
+#: Each step's price: quantity * price is exact with 36 fraction digits, the last 18 all
+#: nines, so it lies 10^-36 below an 18-digit boundary. Rounded to 28 significant digits
+#: (a default decimal context) it reaches the boundary and rounds down one quantum too high:
+#: only enough precision gives the right proceeds (§2.3).
+_PRICES = ("1.448987142857142857", "2.111143333333333333")
 _VENUES = ("conformance-otc-desk", "conformance-fund-redemption")
 #: The collateral factor of the kit's policy for every asset it prices.
 _FACTOR = "0.5"
@@ -81,6 +114,23 @@ _SCALE = 18
 #: Products and sums exactly (an inexact one would be a kit bug), and rounding once.
 _EXACT = decimal.Context(prec=200, traps=[decimal.Inexact, decimal.InvalidOperation])
 _ROUNDING = decimal.Context(prec=200, traps=[decimal.InvalidOperation])
+_QUANTUM = Decimal(1).scaleb(-_SCALE)
+_SECOND = timedelta(seconds=1)
+
+#: amount-raised-part-way: the second asset is priced below 1 (a step is sold whatever its
+#: price), and each asset is sold at a second venue too, after its first step.
+_CHEAP_PRICE = "0.37"
+_SECOND_VENUE = "conformance-second-desk"
+#: What its two instructions raise beyond the steps sold in full: part of the first step's
+#: worth, then part of the last step's.
+_PART_OF_FIRST = Decimal("0.000234567890123457")
+_PART_OF_LAST = Decimal("0.000123456789012345")
+#: The margin-call cases' cure period: short, so that the clock moves little (§7.1).
+_CURE_PERIOD = timedelta(minutes=2)
+#: stream-instruction-fresh-by-batch: the instruction lives a minute, and the clock then moves
+#: past its expiry by more than any skew a receiver may allow (5 minutes, §3.6 f).
+_SHORT_LIFE = timedelta(minutes=1)
+_PAST_EXPIRY = timedelta(minutes=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +150,8 @@ class _Pledged:
     steps: tuple[_Step, ...]
     policy: envelope_pb2.Envelope
     policy_version: int
+    #: The policy's message, for the valuations the kit makes (margin calls).
+    risk_policy: valuation_pb2.RiskPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +277,48 @@ async def _signed_path(
     return await ctx.sign(path, client_key(ctx), statement_id=path_id)
 
 
-async def _pledge_under_path(ctx: CaseContext) -> _Pledged:
-    """Pledge two assets under one two-step path; publish the exchange's policy (§9.1, §7.1)."""
+#: The path's steps, from the two assets pledged and the account's statement before the pledges.
+_Layout = Callable[[Sequence[str], attestation_pb2.HoldingsStatement], list[_Step]]
+
+
+def _two_steps(assets: Sequence[str], statement: attestation_pb2.HoldingsStatement) -> list[_Step]:
+    """One step per asset, each below its pledge: no amount the kit asks for can be raised."""
+    return [
+        _Step(asset, venue, maximum, price)
+        for asset, venue, maximum, price in zip(assets, _VENUES, _STEP_MAXIMA, _PRICES, strict=True)
+    ]
+
+
+def _two_venues_each(
+    assets: Sequence[str], statement: attestation_pb2.HoldingsStatement
+) -> list[_Step]:
+    """The first asset at its first venue; the second, priced below 1, at a venue whose maximum
+    is above all that will be pledged of it (the pledge bounds the step), then at a second
+    venue (nothing will be left to sell there); the first asset at a second venue."""
+    first, second = assets
+    _, _, pledged = _figures(statement).get(second, _NONE)
+    above_pledge = _EXACT.add(_EXACT.add(pledged, parse_amount(_PLEDGES[1])), Decimal(1))
+    return [
+        _Step(first, _VENUES[0], _STEP_MAXIMA[0], _PRICES[0]),
+        _Step(second, _VENUES[1], format_amount(above_pledge), _CHEAP_PRICE),
+        _Step(second, _SECOND_VENUE, _STEP_MAXIMA[1], _CHEAP_PRICE),
+        _Step(first, _SECOND_VENUE, _STEP_MAXIMA[0], _PRICES[0]),
+    ]
+
+
+async def _pledge_under_path(
+    ctx: CaseContext,
+    *,
+    layout: _Layout = _two_steps,
+    factor: str = _FACTOR,
+    cure_period: timedelta | None = None,
+) -> _Pledged:
+    """Pledge two assets under one path; publish the exchange's policy (§9.1, §7.1).
+
+    The path's steps are ``layout``'s (by default one per asset), ``factor``
+    the policy's collateral factor of each asset, ``cure_period`` replaces the
+    policy's.
+    """
     exchange = ctx.key(_EXCHANGE_ROLE)
     client_key(ctx)  # skips the case without a client key, before anything changes
     account_id = ctx.account()
@@ -237,20 +329,20 @@ async def _pledge_under_path(ctx: CaseContext) -> _Pledged:
             f"kit's exchange {exchange_party(ctx)!r}"
         )
     assets = await _two_assets(ctx, statement)
-    steps = tuple(
-        _Step(asset, venue, maximum, price)
-        for asset, venue, maximum, price in zip(assets, _VENUES, _STEP_MAXIMA, _PRICES, strict=True)
-    )
+    steps = layout(assets, statement)
     path_id = ctx.unique("conformance-path")
     path = await _signed_path(ctx, account_id, steps, path_id)
     # One path for both pledges: the second pledge sends the path in force again (§9.1).
     for asset, quantity in zip(assets, _PLEDGES, strict=True):
         await _pledge(ctx, account_id, asset, quantity, path)
     now = await ctx.server_now()
-    policy = kit_risk_policy(ctx, now, dict.fromkeys(assets, _FACTOR))
+    policy = kit_risk_policy(ctx, now, {s.asset_id: factor for s in steps})
+    if cure_period is not None:
+        policy.cure_period.FromTimedelta(cure_period)
+        validate_risk_policy(policy)
     envelope = await ctx.sign(policy, exchange, audience=["*"], issued_at=now)
     await publish_risk_policy(ctx, envelope)
-    return _Pledged(account_id, path_id, steps, envelope, policy.version)
+    return _Pledged(account_id, path_id, tuple(steps), envelope, policy.version, policy)
 
 
 def _unraisable_amount(
@@ -272,17 +364,35 @@ def _unraisable_amount(
 
 
 async def _instruction(
-    ctx: CaseContext, pledged: _Pledged, *, path_id: str | None = None
+    ctx: CaseContext,
+    pledged: _Pledged,
+    *,
+    path_id: str | None = None,
+    amount: Decimal | None = None,
+    margin_call: margin_pb2.MarginCall | None = None,
+    issued_at: datetime | None = None,
+    expires_at: datetime | None = None,
 ) -> _Instructed:
-    """A liquidation instruction the custodian must find due, recomputed by the kit first (§9.2)."""
+    """A liquidation instruction the custodian must find due, recomputed by the kit first (§9.2).
+
+    By default it is for a breach, of an amount the path cannot raise. An
+    ``amount`` must still be a breach (the policy's factors make it one); after
+    a ``margin_call`` the amount is the call's exposure.
+    """
     statement, statement_envelope, _ = await holdings(ctx, pledged.account_id)
-    now = await ctx.server_now()
+    now = issued_at if issued_at is not None else await ctx.server_now()
     snapshot = await price_snapshot(ctx, {s.asset_id: s.price for s in pledged.steps}, now)
-    amount = _unraisable_amount(statement, pledged.steps)
+    if amount is None:
+        amount = (
+            parse_amount(margin_call.exposure.value)
+            if margin_call is not None
+            else _unraisable_amount(statement, pledged.steps)
+        )
     liquidation_id = ctx.unique("conformance-liquidation")
     message = liquidation_pb2.LiquidationInstruction(
         liquidation_id=liquidation_id,
         account_id=pledged.account_id,
+        margin_call_id=margin_call.margin_call_id if margin_call is not None else "",
         amount=amount_to_proto(format_amount(amount)),
         liquidation_path_id=pledged.path_id if path_id is None else path_id,
         risk_policy_version=pledged.policy_version,
@@ -292,10 +402,18 @@ async def _instruction(
             price_snapshot=snapshot,
         ),
     )
-    envelope = await ctx.sign(message, ctx.key(_EXCHANGE_ROLE), issued_at=now)
+    envelope = await ctx.sign(
+        message, ctx.key(_EXCHANGE_ROLE), issued_at=now, expires_at=expires_at
+    )
     # What the custodian will do with it, done by the kit first: the inputs verify as
     # evidence (the custodian's statement addressed to the exchange it is pledged to)
-    # and give a breach of the liquidation line for exactly this amount.
+    # and give a breach of the liquidation line (or follow the call) for exactly this amount.
+    checked_call = margin_call
+    if margin_call is not None and margin_call.account_id != pledged.account_id:
+        # A call of another account, cited on purpose: everything else is checked.
+        checked_call = margin_pb2.MarginCall()
+        checked_call.CopyFrom(margin_call)
+        checked_call.account_id = pledged.account_id
     sdk_check(
         "the kit's instruction recomputed from its signed inputs (the custodian's holdings "
         "statement among them, §8.2, §9.2)",
@@ -304,6 +422,7 @@ async def _instruction(
         ctx.registry,
         audience=ctx.server_party_id,
         now=now,
+        margin_call=checked_call,
     )
     return _Instructed(envelope, liquidation_id, amount, statement)
 
@@ -314,6 +433,197 @@ def _request(
     return custodian_service_pb2.SubmitLiquidationInstructionRequest(
         liquidation_instruction=instructed.envelope
     )
+
+
+# ------------------------------------------------------------------ the exchange on the stream
+
+
+async def _send_on_stream(
+    ctx: CaseContext,
+    updates: Sequence[position_sync_pb2.PositionUpdate],
+    *,
+    awaited: Callable[[position_sync_pb2.PositionUpdate], bool] | None = None,
+) -> position_sync_pb2.PositionUpdate | None:
+    """Send ``updates`` on SyncPositions as the kit's exchange; the custodian must acknowledge.
+
+    The batch continues the kit's exchange-to-custodian log from the head the
+    custodian's hello states (§6.2). Meanwhile the custodian's own log is read
+    (from its start, each batch verified and acknowledged) for the first update
+    ``awaited`` accepts, which is returned: None if the custodian falls silent
+    without sending one.
+    """
+    signer = ctx.key(_EXCHANGE_ROLE)
+    stream = await SyncStream.open(ctx)
+    try:
+        n, prev = stream.hello.received_sequence, stream.hello.received_entry_hash
+        payloads = [update.SerializeToString() for update in updates]
+        batch, hashes = await kit_batch(ctx, signer, n + 1, prev, payloads)
+        last = n + len(payloads)
+        await stream.send(position_sync_pb2.SyncFrame(batch=batch))
+        acknowledged = False
+        found: position_sync_pb2.PositionUpdate | None = None
+        while not acknowledged or (awaited is not None and found is None):
+            try:
+                frame = await stream.next_frame()
+            except StreamEnded as end:
+                raise CaseFailure(
+                    "the custodian ended the sync stream on the kit's batch",
+                    expected=f"SyncAck(sequence={last})",
+                    got=f"{end.outcome.code.name}: {end.outcome.message}",
+                ) from end
+            if frame is None:
+                break
+            kind = frame.WhichOneof("frame")
+            if kind in ("ack", "close"):
+                check_ack(frame, last, hashes[-1])
+                acknowledged = True
+            elif kind == "batch":
+                entries = await verified_entries(ctx, frame.batch)
+                await stream.ack(entries[-1])
+                for entry in entries:
+                    if found is None and awaited is not None and awaited(entry.update):
+                        found = entry.update
+        check(
+            acknowledged,
+            "the custodian did not acknowledge the kit's batch",
+            expected=f"SyncAck(sequence={last})",
+            got="no ack",
+        )
+    finally:
+        await stream.close()
+    ctx.session.sync_sent = max(ctx.session.sync_sent, last)
+    return found
+
+
+def _payload_of(
+    update: position_sync_pb2.PositionUpdate, variant: str, message_class: type[_M]
+) -> _M | None:
+    """The (not yet verified) statement of ``update`` if it is of ``variant``."""
+    if update.WhichOneof("update") != variant:
+        return None
+    try:
+        return message_class.FromString(getattr(update, variant).payload)
+    except DecodeError:
+        return None
+
+
+def _call_exposure(collateral_value: Decimal) -> Decimal:
+    """An uneven exposure more than four times the collateral value: a ratio below 0.25."""
+    four_times = _EXACT.multiply(collateral_value, Decimal(4))
+    return _EXACT.add(four_times.to_integral_value(rounding=decimal.ROUND_CEILING), Decimal("1.37"))
+
+
+async def _margin_call(
+    ctx: CaseContext,
+    pledged: _Pledged,
+    *,
+    account_id: str | None = None,
+    overstated: bool = False,
+) -> margin_pb2.MarginCall:
+    """Issue a margin call on the account (§8.2) on the sync stream, as the kit's exchange.
+
+    Its figures are recomputed by the SDK from its signed inputs first — unless
+    it is ``overstated`` (its call_amount one quantum too high) or names another
+    ``account_id`` than the holdings statement it cites, either of which the
+    custodian must answer with a DISPUTE (§6.5, §8.2). Returns the call; its
+    due_by is issued_at + the policy's cure_period.
+    """
+    statement, statement_envelope, _ = await holdings(ctx, pledged.account_id)
+    now = await ctx.server_now()
+    snapshot_envelope = await price_snapshot(ctx, {s.asset_id: s.price for s in pledged.steps}, now)
+    snapshot = valuation_pb2.PriceSnapshot.FromString(snapshot_envelope.payload)
+    policy = pledged.risk_policy
+    value = value_collateral(
+        policy, statement.positions, snapshot.prices, valued_at=now
+    ).collateral_value
+    exposure = _call_exposure(value)
+    ratio = collateral_ratio(policy, value, exposure)
+    amount = margin_call_amount(policy, value, exposure)
+    # A call is due by construction (a ratio below 0.25); None would be a kit bug.
+    assert ratio is not None
+    assert amount is not None
+    if overstated:
+        amount = _EXACT.add(amount, _QUANTUM)
+    call = margin_pb2.MarginCall(
+        margin_call_id=ctx.unique("conformance-margin-call"),
+        account_id=pledged.account_id if account_id is None else account_id,
+        inputs=valuation_pb2.ValuationInputs(
+            risk_policy=pledged.policy,
+            holdings_statements=[statement_envelope],
+            price_snapshot=snapshot_envelope,
+        ),
+        risk_policy_version=pledged.policy_version,
+        exposure=amount_to_proto(format_amount(exposure)),
+        collateral_value=amount_to_proto(format_amount(value)),
+        collateral_ratio=amount_to_proto(format_amount(ratio)),
+        call_amount=amount_to_proto(format_amount(amount)),
+    )
+    call.due_by.FromDatetime(now + policy.cure_period.ToTimedelta())
+    envelope = await ctx.sign(call, ctx.key(_EXCHANGE_ROLE), issued_at=now)
+    if not overstated and account_id is None:
+        sdk_check(
+            "the kit's margin call recomputed from its signed inputs (§8.2)",
+            recompute_margin_call,
+            envelope,
+            ctx.registry,
+            audience=ctx.server_party_id,
+            now=now,
+        )
+    call_id = call.margin_call_id
+
+    def answers_it(update: position_sync_pb2.PositionUpdate) -> bool:
+        response = _payload_of(update, "margin_call_response", margin_pb2.MarginCallResponse)
+        return response is not None and response.margin_call_id == call_id
+
+    answer = await _send_on_stream(
+        ctx,
+        [position_sync_pb2.PositionUpdate(margin_call=envelope)],
+        awaited=answers_it if account_id is None else None,
+    )
+    if account_id is not None:
+        return call  # may be answered, or rejected as a call of an account it does not hold
+    response = (
+        None if answer is None else await _verified_response(ctx, answer.margin_call_response)
+    )
+    if overstated:
+        check(
+            response is not None and response.kind == margin_pb2.MARGIN_CALL_RESPONSE_KIND_DISPUTE,
+            "a margin call whose signed inputs do not give its call_amount (one quantum too "
+            "high) must be answered with a DISPUTE on the stream (§6.5, §8.2)",
+            expected="a MarginCallResponse of kind DISPUTE",
+            got="no answer" if response is None else describe(response),
+        )
+    elif response is not None and response.kind == margin_pb2.MARGIN_CALL_RESPONSE_KIND_DISPUTE:
+        raise CaseSkipped(
+            f"the custodian disputes the kit's margin call, whose figures recompute "
+            f"({margin_pb2.DisputeReason.Name(response.dispute_reason)}: "
+            f"{response.dispute_detail}): a disputed call never expires (§8.1)"
+        )
+    return call
+
+
+async def _verified_response(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope
+) -> margin_pb2.MarginCallResponse:
+    verified = sdk_check(
+        "the custodian's margin-call response",
+        verify_statement,
+        envelope,
+        ctx.registry,
+        expected_type=margin_pb2.MarginCallResponse,
+        audience=exchange_party(ctx),
+        now=await ctx.server_now(),
+    )
+    check_equal("issuer of the margin-call response", ctx.server_party_id, verified.issuer)
+    response: margin_pb2.MarginCallResponse = verified.message
+    return response
+
+
+async def _clock_at(ctx: CaseContext, when: datetime) -> None:
+    """Move the server's clock forward to ``when`` (test control), if it is not there yet."""
+    now = await ctx.advance_clock(timedelta(0))
+    if when > now:
+        await ctx.advance_clock(when - now)
 
 
 # ------------------------------------------------------------------ checking the execution
@@ -338,19 +648,86 @@ async def _verified_receipt(
     return receipt
 
 
+def _round_up(value: Decimal) -> Decimal:
+    """RU(value, 18) (§2.3): away from zero, which for these non-negative figures is the ceiling."""
+    return value.quantize(_QUANTUM, rounding=decimal.ROUND_CEILING, context=_ROUNDING)
+
+
+@dataclass(frozen=True, slots=True)
+class _ExpectedFill:
+    step: _Step
+    quantity: Decimal
+    #: Why this quantity, for the failure message.
+    rule: str
+
+
+def _expected_fills(
+    before: attestation_pb2.HoldingsStatement, steps: Sequence[_Step], amount: Decimal
+) -> list[_ExpectedFill]:
+    """What §9.3 sells for ``amount``: the steps in order, each at most its max_quantity and
+    what is left pledged of its asset, until the proceeds reach the amount — the step that
+    reaches it selling the least quantity that does, RU(rest / price, 18) — and no fill for a
+    step of which nothing can be sold."""
+    pledged = {asset: figures[2] for asset, figures in _figures(before).items()}
+    raised = Decimal(0)
+    fills = []
+    for step in steps:
+        rest = _EXACT.subtract(amount, raised)
+        if rest <= 0:
+            break
+        price = parse_amount(step.price)
+        maximum = parse_amount(step.max_quantity)
+        left = pledged.get(step.asset_id, Decimal(0))
+        sellable = min(maximum, left)
+        needed = _round_up(_ROUNDING.divide(rest, price))
+        if sellable <= 0:
+            continue
+        if needed < sellable:
+            fill = _ExpectedFill(
+                step,
+                needed,
+                f"the least quantity whose proceeds reach the rest of the amount, "
+                f"RU({format_amount(rest)} / {step.price}, 18): the step reaches the amount",
+            )
+        else:
+            bound = "max_quantity" if maximum <= left else "what is pledged"
+            fill = _ExpectedFill(
+                step, sellable, f"min(max_quantity, pledged) = {bound}: the step is sold in full"
+            )
+        fills.append(fill)
+        pledged[step.asset_id] = _EXACT.subtract(left, fill.quantity)
+        raised = _EXACT.add(raised, _round_down(_EXACT.multiply(fill.quantity, price)))
+    return fills
+
+
 def _check_fills(
-    receipt: liquidation_pb2.LiquidationReceipt, steps: Sequence[_Step], instructed: _Instructed
+    receipt: liquidation_pb2.LiquidationReceipt,
+    steps: Sequence[_Step],
+    instructed: _Instructed,
+    before_statement: attestation_pb2.HoldingsStatement | None = None,
 ) -> dict[str, Decimal]:
-    """Fills along the steps, in order, each in full up to its maximum; the totals (§9.3, §9.4)."""
+    """Fills along the steps, in order, each as §9.3 sells it; the totals (§9.3, §9.4)."""
+    statement = instructed.before if before_statement is None else before_statement
+    for i, fill in enumerate(receipt.fills):
+        check(
+            _amount(fill.quantity, f"fills[{i}].quantity", absent_is_zero=True) > 0,
+            f"fills[{i}] ({fill.asset_id}) sells nothing: a step of which nothing can be "
+            "sold (nothing of its asset pledged) or that is not reached has no fill (§9.3, §9.4)",
+            expected="a positive quantity",
+            got=fill.quantity.value or "0",
+        )
+    expected_fills = _expected_fills(statement, steps, instructed.amount)
     check_equal(
-        "assets of the fills, in order (the path's steps, each sold in turn, §9.3)",
-        [s.asset_id for s in steps],
+        f"assets of the fills, in order (the path's steps, each sold in turn until "
+        f"{format_amount(instructed.amount)} is raised, §9.3)",
+        [e.step.asset_id for e in expected_fills],
         [f.asset_id for f in receipt.fills],
     )
-    before = _figures(instructed.before)
+    before = _figures(statement)
     sold: dict[str, Decimal] = {}
     total = Decimal(0)
-    for i, (step, fill) in enumerate(zip(steps, receipt.fills, strict=True)):
+    for i, (expected, fill) in enumerate(zip(expected_fills, receipt.fills, strict=True)):
+        step = expected.step
         what = f"fills[{i}] ({step.asset_id})"
         quantity = _amount(fill.quantity, f"{what}.quantity")
         price = _amount(fill.price, f"{what}.price")
@@ -369,10 +746,9 @@ def _check_fills(
             expected=f"<= {format_amount(pledged)}",
             got=fill.quantity.value,
         )
-        # The amount cannot be raised along the path: every step is sold in full.
         check_equal(
-            f"{what}.quantity: min(max_quantity, pledged), the path cannot raise the amount",
-            format_amount(min(maximum, pledged)),
+            f"{what}.quantity: {expected.rule}",
+            format_amount(expected.quantity),
             fill.quantity.value,
         )
         check_equal(f"{what}.venue (the step's)", step.venue, fill.venue)
@@ -411,10 +787,10 @@ def _distributions(receipt: liquidation_pb2.LiquidationReceipt) -> list[tuple[st
 
 
 def _check_distributions(
-    receipt: liquidation_pb2.LiquidationReceipt, instructed: _Instructed
+    receipt: liquidation_pb2.LiquidationReceipt, statement: attestation_pb2.HoldingsStatement
 ) -> dict[str, Decimal]:
     """Yield paid out: positive, and never more than is neither pledged nor locked (§5.8)."""
-    before = _figures(instructed.before)
+    before = _figures(statement)
     distributed: dict[str, Decimal] = {}
     for i, distribution in enumerate(receipt.yield_distributions):
         what = f"yield_distributions[{i}] ({distribution.asset_id})"
@@ -485,18 +861,35 @@ async def _execute(ctx: CaseContext, pledged: _Pledged, instructed: _Instructed)
         label="SubmitLiquidationInstruction",
     )
     response: custodian_service_pb2.SubmitLiquidationInstructionResponse = expect_ok(outcome)
-    receipt = await _verified_receipt(ctx, response.liquidation_receipt, instructed)
-    distributed = _check_distributions(receipt, instructed)
-    sold = _check_fills(receipt, pledged.steps, instructed)
+    return await _check_execution(
+        ctx, pledged, instructed, response.liquidation_receipt, since=since
+    )
+
+
+async def _check_execution(
+    ctx: CaseContext,
+    pledged: _Pledged,
+    instructed: _Instructed,
+    receipt_envelope: envelope_pb2.Envelope,
+    *,
+    since: attestation_pb2.Checkpoint,
+    before: attestation_pb2.HoldingsStatement | None = None,
+) -> _Executed:
+    """The receipt and the attested holdings after it, against the account as it was
+    ``before`` the execution (by default the statement the instruction cites)."""
+    before = instructed.before if before is None else before
+    receipt = await _verified_receipt(ctx, receipt_envelope, instructed)
+    distributed = _check_distributions(receipt, before)
+    sold = _check_fills(receipt, pledged.steps, instructed, before)
     after, after_envelope, after_ref = await holdings(ctx, pledged.account_id)
-    _check_holdings_after(instructed.before, after, distributed, sold)
+    _check_holdings_after(before, after, distributed, sold)
     check_equal(
         "the receipt's attestation: the holdings statement after the liquidation (§9.4)",
         describe(after_ref),
         describe(receipt.attestation),
     )
     await expect_attested(ctx, after_envelope, receipt.attestation, since=since)
-    return _Executed(response.liquidation_receipt, receipt, distributed)
+    return _Executed(receipt_envelope, receipt, distributed)
 
 
 # ------------------------------------------------------------------ cases
@@ -613,3 +1006,201 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
         f"{describe(response.liquidation_receipt)}",
     )
     await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "liquidation/other-caller-refused",
+    Level.MUST,
+    "an instruction of the kit's exchange, valid in every other respect, sent by another "
+    "registered exchange or by the account's client is refused PERMISSION_DENIED "
+    "KEY_ROLE_MISMATCH (only the exchange that issued it may send it, §4.5) and changes "
+    "nothing; sent then by that exchange, it is executed",
+    roles=_CUSTODIAN,
+)
+async def other_caller_refused(ctx: CaseContext) -> None:
+    # Each needs a certificate of the party (--identity): skipped before anything changes.
+    callers = [
+        ctx.as_role(_EXCHANGE_ROLE, besides=[exchange_party(ctx)]),
+        ctx.as_party(client_key(ctx).party_id),
+    ]
+    pledged = await _pledge_under_path(ctx)
+    instructed = await _instruction(ctx, pledged)
+    for caller in callers:
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            caller.custodian.submit_liquidation_instruction,
+            _request(instructed),
+            label=f"SubmitLiquidationInstruction sent by {caller.party_id}",
+        )
+        expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH)
+        await expect_unchanged(ctx, before)
+    # Refused, it was not recorded for replay either (§3.6 g): its issuer may still send it.
+    await _execute(ctx, pledged, instructed)
+
+
+@REGISTRY.case(
+    "liquidation/stream-instruction-fresh-by-batch",
+    Level.MUST,
+    "an instruction is judged fresh by how it comes: by RPC by its own expires_at — expired "
+    "nine minutes ago, it is FAILED_PRECONDITION STATEMENT_EXPIRED and changes nothing —, on "
+    "SyncPositions by its batch (§3.6.1): the same instruction in a fresh batch is executed, "
+    "its receipt on the stream with the fills §9.3 prescribes (moves the clock with test "
+    "control)",
+    roles=_CUSTODIAN,
+)
+async def stream_instruction_fresh_by_batch(ctx: CaseContext) -> None:
+    await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    pledged = await _pledge_under_path(ctx)
+    now = await ctx.server_now()
+    instructed = await _instruction(ctx, pledged, issued_at=now, expires_at=now + _SHORT_LIFE)
+    await _clock_at(ctx, now + _PAST_EXPIRY)
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.submit_liquidation_instruction,
+        _request(instructed),
+        label="SubmitLiquidationInstruction of an instruction that expired nine minutes ago",
+    )
+    expect_status(outcome, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATEMENT_EXPIRED)
+    await expect_unchanged(ctx, before)
+
+    since = await latest_checkpoint(ctx)
+    current, _, _ = await holdings(ctx, pledged.account_id)
+
+    def its_receipt(update: position_sync_pb2.PositionUpdate) -> bool:
+        receipt = _payload_of(update, "liquidation_receipt", liquidation_pb2.LiquidationReceipt)
+        return receipt is not None and receipt.liquidation_id == instructed.liquidation_id
+
+    found = await _send_on_stream(
+        ctx,
+        [position_sync_pb2.PositionUpdate(liquidation_instruction=instructed.envelope)],
+        awaited=its_receipt,
+    )
+    if found is None:
+        raise CaseFailure(
+            "the custodian did not execute an instruction that came on the stream in a fresh "
+            "batch: a statement in a sync entry is judged fresh by its batch, not by its own "
+            "expires_at (§3.6.1)",
+            expected=f"a LiquidationReceipt of {instructed.liquidation_id!r} on the stream",
+            got="none (refused, or recorded as a rejected update)",
+        )
+    await _check_execution(
+        ctx, pledged, instructed, found.liquidation_receipt, since=since, before=current
+    )
+
+
+@REGISTRY.case(
+    "liquidation/amount-raised-part-way",
+    Level.MUST,
+    "an amount the path can raise: the step that reaches it sells the least quantity whose "
+    "proceeds do, RU(rest / price, 18), and the steps after it nothing (§9.3). Two "
+    "instructions along a path of an asset, then another priced below 1 at two venues, then "
+    "the first at a second venue: part-way through the first step; then the first step in "
+    "full, the whole pledge of the second asset, no fill at its second venue (nothing is left "
+    "to sell there) and part-way through the last step — shortfall 0 (§9.4)",
+    roles=_CUSTODIAN,
+)
+async def amount_raised_part_way(ctx: CaseContext) -> None:
+    # A collateral factor of 0: any amount is below the liquidation line (§7.3).
+    pledged = await _pledge_under_path(ctx, layout=_two_venues_each, factor="0")
+    await _execute(ctx, pledged, await _instruction(ctx, pledged, amount=_PART_OF_FIRST))
+    statement, _, _ = await holdings(ctx, pledged.account_id)
+    figures = _figures(statement)
+    amount = _PART_OF_LAST
+    for step in pledged.steps[:2]:  # sold in full: up to the maximum, or the whole pledge
+        _, _, pledged_quantity = figures.get(step.asset_id, _NONE)
+        whole = min(parse_amount(step.max_quantity), pledged_quantity)
+        proceeds = _round_down(_EXACT.multiply(whole, parse_amount(step.price)))
+        amount = _EXACT.add(amount, proceeds)
+    await _execute(ctx, pledged, await _instruction(ctx, pledged, amount=amount))
+
+
+async def _cite_due_call(
+    ctx: CaseContext, *, account_id: str | None = None, overstated: bool = False
+) -> tuple[_Pledged, _Instructed]:
+    """A margin call on the stream, the clock a second past its due_by, and an instruction
+    then citing it: refused only for what ``account_id`` or ``overstated`` make of the call."""
+    await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    pledged = await _pledge_under_path(ctx, cure_period=_CURE_PERIOD)
+    call = await _margin_call(ctx, pledged, account_id=account_id, overstated=overstated)
+    after_due = call.due_by.ToDatetime(tzinfo=UTC) + _SECOND
+    await _clock_at(ctx, after_due)
+    return pledged, await _instruction(ctx, pledged, margin_call=call, issued_at=after_due)
+
+
+async def _expect_refused(
+    ctx: CaseContext, instructed: _Instructed, label: str, code: grpc.StatusCode, reason: int
+) -> None:
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.submit_liquidation_instruction, _request(instructed), label=label
+    )
+    expect_status(outcome, code, reason)
+    await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "liquidation/call-expires-at-due-by",
+    Level.MUST,
+    "an instruction naming an undisputed margin call (§8.2, sent on SyncPositions) is refused "
+    "FAILED_PRECONDITION STATE_CONFLICT when issued one second before the call's due_by, "
+    "changing nothing, and executed when issued one second after it, the call EXPIRED (§8.1, "
+    "§9.2; moves the clock with test control)",
+    roles=_CUSTODIAN,
+)
+async def call_expires_at_due_by(ctx: CaseContext) -> None:
+    await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    pledged = await _pledge_under_path(ctx, cure_period=_CURE_PERIOD)
+    call = await _margin_call(ctx, pledged)
+    due = call.due_by.ToDatetime(tzinfo=UTC)
+    await _clock_at(ctx, due - _SECOND)
+    early = await _instruction(ctx, pledged, margin_call=call, issued_at=due - _SECOND)
+    await _expect_refused(
+        ctx,
+        early,
+        "SubmitLiquidationInstruction issued one second before the call's due_by",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+    await _clock_at(ctx, due + _SECOND)
+    await _execute(
+        ctx, pledged, await _instruction(ctx, pledged, margin_call=call, issued_at=due + _SECOND)
+    )
+
+
+@REGISTRY.case(
+    "liquidation/disputed-call-refused",
+    Level.MUST,
+    "an instruction naming a margin call the custodian disputed (its call_amount one quantum "
+    "above what its signed inputs give: answered DISPUTE on the stream, §6.5, §8.2) is refused "
+    "FAILED_PRECONDITION STATE_CONFLICT even past the call's due_by — a disputed call never "
+    "expires (§8.1, §9.2) — and changes nothing (moves the clock with test control)",
+    roles=_CUSTODIAN,
+)
+async def disputed_call_refused(ctx: CaseContext) -> None:
+    _, instructed = await _cite_due_call(ctx, overstated=True)
+    await _expect_refused(
+        ctx,
+        instructed,
+        "SubmitLiquidationInstruction naming a disputed call, past its due_by",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+
+
+@REGISTRY.case(
+    "liquidation/other-account-call-not-found",
+    Level.MUST,
+    "an instruction naming a margin call the exchange sent for another account is refused "
+    "NOT_FOUND: no call of the instruction's account has that id (§9.2), past its due_by too, "
+    "and nothing changes (moves the clock with test control)",
+    roles=_CUSTODIAN,
+)
+async def other_account_call_not_found(ctx: CaseContext) -> None:
+    _, instructed = await _cite_due_call(ctx, account_id=ctx.unique("conformance-other-account"))
+    await _expect_refused(
+        ctx,
+        instructed,
+        "SubmitLiquidationInstruction naming a call of another account",
+        grpc.StatusCode.NOT_FOUND,
+        _R.ERROR_REASON_NOT_FOUND,
+    )

@@ -36,7 +36,9 @@ from collateral_sync.merkle import HASH_SIZE, empty_root, leaf_hash, node_hash
 from collateral_sync.signing import verify_statement
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
 from collateral_sync.v1 import (
+    attestation_pb2,
     common_pb2,
+    custodian_service_pb2,
     envelope_pb2,
     errors_pb2,
     reconciliation_pb2,
@@ -58,6 +60,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._checkpoints import verify_leaf
 from collateral_sync_conformance.cases._kit_account import ensure_pledged, holdings
 
 __all__: list[str] = []
@@ -382,6 +385,160 @@ async def statement_frozen(ctx: CaseContext) -> None:
             statement.positions_root.hex(),
             hashes[0].hex(),
         )
+
+
+#: Uneven deposits, one just before the cut-off and one just after: each shows on its own.
+_DEPOSIT_BEFORE = "0.000000001234567891"
+_DEPOSIT_AFTER = "0.000000019876543219"
+_SECOND = timedelta(seconds=1)
+#: The kit wants a cut-off at least this far ahead, to place a deposit one second before it.
+_CUTOFF_LEAD = timedelta(seconds=5)
+
+
+async def _deposit(ctx: CaseContext, account_id: str, asset_id: str, quantity: str) -> None:
+    await ctx.control(
+        ctx.test_control.deposit,
+        test_control_pb2.DepositRequest(
+            account_id=account_id,
+            asset_id=asset_id,
+            quantity=common_pb2.Decimal(value=quantity),
+        ),
+    )
+
+
+def _issued(statement: attestation_pb2.HoldingsStatement) -> datetime:
+    issued: datetime = statement.header.issued_at.ToDatetime(tzinfo=UTC)
+    return issued
+
+
+async def _latest_at(
+    ctx: CaseContext,
+    cutoff: datetime,
+    before: tuple[attestation_pb2.HoldingsStatement, attestation_pb2.AttestationRef],
+    after: tuple[attestation_pb2.HoldingsStatement, attestation_pb2.AttestationRef],
+) -> attestation_pb2.HoldingsStatement:
+    """The account's latest holdings statement issued at or before ``cutoff`` (§10.2).
+
+    ``before`` was issued at or before the cut-off and ``after`` after it; the
+    statements the custodian issued for the account between the two, if any,
+    are read from the attestation log (as a regulator when the kit can be one).
+    """
+    latest, ref = before
+    last, last_ref = after
+    if last.epoch == latest.epoch + 1:
+        return latest
+    reader = ctx.auditor
+    for index in range(ref.leaf_index + 1, last_ref.leaf_index):
+        outcome = await ctx.rpc(
+            reader.custodian.get_inclusion_proof,
+            custodian_service_pb2.GetInclusionProofRequest(
+                leaf_index=index, tree_size=last_ref.tree_size
+            ),
+            label=f"GetInclusionProof of leaf {index}",
+        )
+        if outcome.code == grpc.StatusCode.PERMISSION_DENIED:
+            continue  # another party's account, which this identity may not read
+        response: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
+        leaf = verify_leaf(ctx, response.holdings_statement)
+        if (
+            leaf.account_id == latest.account_id
+            and leaf.epoch > latest.epoch
+            and _issued(leaf) <= cutoff
+        ):
+            latest = leaf
+    return latest
+
+
+async def _account_index(
+    ctx: CaseContext, statement: reconciliation_pb2.ReconciliationStatement, account_id: str
+) -> int:
+    """The leaf index of ``account_id`` in the statement's tree: accounts are sorted (§10.3)."""
+    wanted = account_id.encode("utf-8")
+    low, high = 0, statement.account_count
+    while low < high:
+        middle = (low + high) // 2
+        _, [found] = await _answered(ctx, statement.cutoff_id, indexes=[middle])
+        have = found.account_id.encode("utf-8")
+        if have == wanted:
+            return middle
+        if have < wanted:
+            low = middle + 1
+        else:
+            high = middle
+    raise CaseFailure(
+        f"the view of {statement.cutoff_id} has no account {account_id!r}",
+        expected=f"{account_id} among the {statement.account_count} accounts, pledged before the "
+        "cut-off to the kit's exchange",
+        got="not found by its place in account_id order",
+    )
+
+
+def _view_positions(positions: Sequence[common_pb2.Position]) -> dict[str, tuple[str, ...]]:
+    """asset -> (quantity, locked, pledged), canonical text."""
+    return {
+        p.asset_id: tuple(
+            format_amount(parse_amount(getattr(p, name).value or "0")) for name in _AMOUNTS
+        )
+        for p in positions
+    }
+
+
+@REGISTRY.case(
+    "reconciliation/view-frozen-at-cutoff",
+    Level.MUST,
+    "one second before a cut-off its statement is refused (FAILED_PRECONDITION STATE_CONFLICT); "
+    "after it, the view holds each account's positions of its latest holdings statement issued "
+    "at or before the cut-off: a deposit one second before it is in the view, one made one second "
+    "after it, before the statement is asked for, is not (§10.2)",
+    roles=[Role.CUSTODIAN],
+)
+async def view_frozen_at_cutoff(ctx: CaseContext) -> None:
+    account_id = await ensure_pledged(ctx)
+    held, _, _ = await holdings(ctx, account_id)
+    if not held.positions:
+        raise CaseSkipped(f"account {account_id!r} holds no asset the kit could deposit")
+    asset_id = held.positions[0].asset_id
+    now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    cutoff = _next_cutoff(now + _CUTOFF_LEAD)
+
+    await ctx.advance_clock(cutoff - _SECOND - now)
+    await _deposit(ctx, account_id, asset_id, _DEPOSIT_BEFORE)
+    before, _, before_ref = await holdings(ctx, account_id)
+    check(
+        _issued(before) <= cutoff,
+        "the deposit made one second before the cut-off was attested after it",
+        expected=f"issued_at <= {cutoff.isoformat()}",
+        got=_issued(before).isoformat(),
+    )
+    # Not yet the cut-off: no statement of it (§10.2).
+    expect_status(
+        await _ask_statement(ctx, _cutoff_id(cutoff)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+
+    await ctx.advance_clock(cutoff + _SECOND - await ctx.server_now())
+    await _deposit(ctx, account_id, asset_id, _DEPOSIT_AFTER)
+    after, _, after_ref = await holdings(ctx, account_id)
+    check(
+        _issued(after) > cutoff,
+        "the deposit made one second after the cut-off was attested at or before it",
+        expected=f"issued_at > {cutoff.isoformat()}",
+        got=_issued(after).isoformat(),
+    )
+    expected = await _latest_at(ctx, cutoff, (before, before_ref), (after, after_ref))
+
+    _, statement = await _statement(ctx, cutoff)
+    index = await _account_index(ctx, statement, account_id)
+    _, [account] = await _answered(ctx, statement.cutoff_id, indexes=[index])
+    check_equal(
+        f"positions of {account_id} in the view of {statement.cutoff_id} (asset: quantity, "
+        f"locked, pledged): those of its holdings statement of epoch {expected.epoch}, the latest "
+        f"issued at or before the cut-off (deposits: {_DEPOSIT_BEFORE} {asset_id} one second "
+        f"before, {_DEPOSIT_AFTER} one second after)",
+        _view_positions(expected.positions),
+        _view_positions(account.positions),
+    )
 
 
 @REGISTRY.case(

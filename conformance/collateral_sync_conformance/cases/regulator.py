@@ -330,6 +330,29 @@ async def wrong_role_statement(ctx: CaseContext) -> None:
 
 
 @REGISTRY.case(
+    "regulator/party-role-mismatch-refused",
+    Level.MUST,
+    "a statement signed with the custodian's key that states party_role EXCHANGE is refused "
+    "(PERMISSION_DENIED KEY_ROLE_MISMATCH) and not kept (§10.2)",
+    roles=_REGULATOR,
+)
+async def party_role_mismatch(ctx: CaseContext) -> None:
+    cutoff = await _cutoff(ctx)
+    # The custodian speaking for the exchange: a registered key, an overseen party, but
+    # not the role it states.
+    posing = _statement(_EXCHANGE_ROLE, cutoff)
+    expect_status(
+        await _submit(ctx, await ctx.sign(posing, _party(ctx, _CUSTODIAN_ROLE))),
+        grpc.StatusCode.PERMISSION_DENIED,
+        _R.ERROR_REASON_KEY_ROLE_MISMATCH,
+    )
+    # Not kept: with the custodian's own statement in, the cut-off still waits for the
+    # exchange's (kept as the exchange's view, the posing statement would complete it).
+    expect_ok(await _submit(ctx, await _signed(ctx, _CUSTODIAN_ROLE, cutoff)))
+    expect_status(await _get(ctx, cutoff), grpc.StatusCode.NOT_FOUND, _R.ERROR_REASON_NOT_FOUND)
+
+
+@REGISTRY.case(
     "regulator/wrong-audience-refused",
     Level.MUST,
     "a statement addressed to another party is refused (PERMISSION_DENIED AUDIENCE_MISMATCH) and not kept",

@@ -1,4 +1,4 @@
-"""Settlement cycles at the custodian (docs/PROTOCOL.md §10.6): window, dispute, daily cap.
+"""Settlement cycles at the custodian (docs/PROTOCOL.md §10.6): window, dispute, execution, daily cap.
 
 The kit plays the exchange: it signs settlement instructions for the kit's
 ``--account`` (pledged to the kit's exchange) paying a tiny amount out of the
@@ -8,16 +8,23 @@ run opened today, so each case first moves the server's clock to 01:00 of the
 next UTC day with TestControlService.AdvanceClock; without test control the
 cases are skipped. Instructions left pending execute when the clock passes
 their deadline, moving that tiny amount; nothing after these cases counts on it.
+
+The window is checked on both sides of its end, one second apart: still
+PENDING (and open to disputes) one second before the effective deadline,
+closed to disputes at it, executed one second after it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
 from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.v1 import (
+    attestation_pb2,
     common_pb2,
     custodian_service_pb2,
     envelope_pb2,
@@ -28,12 +35,18 @@ from collateral_sync.v1 import (
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
     CaseSkipped,
+    Outcome,
     check,
     check_equal,
     expect_ok,
     expect_status,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._checkpoints import (
+    expect_attested,
+    latest_checkpoint,
+    verify_leaf,
+)
 from collateral_sync_conformance.cases._kit_account import PLEDGE_UNIT, ensure_pledged, holdings
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
@@ -47,7 +60,13 @@ _WINDOW = timedelta(hours=24)
 #: Far above any sane daily cap: the kit stops opening cycles here.
 _MAX_CYCLES_TRIED = 24
 _AMOUNT = format_amount(PLEDGE_UNIT / 10)
-
+#: Below _AMOUNT and uneven, so that a move off by any digit shows.
+_UNEVEN = "0.000012345678901234"
+_SECOND = timedelta(seconds=1)
+#: How late the kit delivers an instruction (issued this long before it is submitted).
+_LATE = timedelta(minutes=30)
+#: How long (real time) the kit waits for a settlement that fell due to be executed.
+_EXECUTION_WAIT = 5.0
 
 
 async def _fresh_day(ctx: CaseContext) -> datetime:
@@ -75,7 +94,10 @@ async def _instruction(
     cutoff_id: str,
     cycle: int,
     now: datetime,
+    amount: str = _AMOUNT,
+    expires_at: datetime | None = None,
 ) -> envelope_pb2.Envelope:
+    """An instruction issued at ``now``, its dispute deadline ``now`` + the window."""
     message = reconciliation_pb2.SettlementInstruction(
         settlement_id=ctx.unique("conformance-settlement"),
         cutoff_id=cutoff_id,
@@ -83,9 +105,11 @@ async def _instruction(
         asset_id=asset_id,
         cycle_of_day=cycle,
     )
-    message.net_amount.value = _AMOUNT
+    message.net_amount.value = amount
     message.dispute_deadline.FromDatetime(now + _WINDOW)
-    return await ctx.sign(message, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=now)
+    return await ctx.sign(
+        message, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=now, expires_at=expires_at
+    )
 
 
 async def _pledged(ctx: CaseContext, account_id: str, asset_id: str) -> str:
@@ -243,6 +267,203 @@ async def dispute_within_window(ctx: CaseContext) -> None:
         f"pledged {asset_id} after the deadline of a disputed settlement",
         before,
         await _pledged(ctx, account_id, asset_id),
+    )
+
+
+async def _dispute(ctx: CaseContext, settlement_id: str) -> Outcome:
+    """DisputeSettlement as the exchange, signed at the server's time."""
+    dispute = reconciliation_pb2.SettlementDispute(
+        settlement_id=settlement_id, reason="conformance: the netting does not match"
+    )
+    return await ctx.rpc(
+        ctx.custodian.dispute_settlement,
+        custodian_service_pb2.DisputeSettlementRequest(
+            settlement_dispute=await ctx.sign(dispute, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE))
+        ),
+        label="DisputeSettlement",
+    )
+
+
+async def _advance_to(ctx: CaseContext, moment: datetime) -> datetime:
+    """Move the server's clock to ``moment`` (not back, if it is already past)."""
+    now = await ctx.server_now()
+    return await ctx.advance_clock(max(moment - now, timedelta(0)))
+
+
+def _amounts(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> tuple[str, str]:
+    """(quantity, pledged) of ``asset_id`` in a holdings statement, canonical text."""
+    for position in statement.positions:
+        if position.asset_id == asset_id:
+            return (
+                format_amount(parse_amount(position.quantity.value or "0")),
+                format_amount(parse_amount(position.pledged_quantity.value or "0")),
+            )
+    return "0", "0"
+
+
+@REGISTRY.case(
+    "settlement/executed-after-window",
+    Level.MUST,
+    "an undisputed instruction is still PENDING, unexecuted, one second before its effective "
+    "dispute deadline, and EXECUTED one second after: its attestation is the client's SETTLEMENT "
+    "holdings statement, issued no earlier than the deadline, quantity and pledge down by exactly "
+    "the amount",
+    roles=_CUSTODIAN,
+)
+async def executed_after_window(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    envelope = await _instruction(
+        ctx,
+        account_id,
+        asset_id,
+        cutoff_id="conformance-cutoff-1",
+        cycle=1,
+        now=now,
+        amount=_UNEVEN,
+    )
+    deadline = _deadline(await _submit(ctx, envelope))
+    settlement_id = _settlement_id(envelope)
+
+    # One second before the deadline: pending, not executed.
+    await _advance_to(ctx, deadline - _SECOND)
+    found = await _get(ctx, settlement_id)
+    check_equal(
+        "status one second before the dispute deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_PENDING),
+        _STATUS.Name(found.status),
+    )
+    check(
+        not found.HasField("attestation"),
+        "a settlement has an attestation one second before its dispute deadline: it was executed",
+        expected="no attestation",
+        got=str(found.attestation),
+    )
+    before, _, _ = await holdings(ctx, account_id)
+    since = await latest_checkpoint(ctx)
+
+    # One second after: executed, and attested. A server may execute in the background
+    # rather than before AdvanceClock answers: the kit gives it a few (real) seconds.
+    await ctx.advance_clock(2 * _SECOND)
+    found = await _get(ctx, settlement_id)
+    waited = time.monotonic() + _EXECUTION_WAIT
+    while found.status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
+        await asyncio.sleep(0.1)
+        found = await _get(ctx, settlement_id)
+    check_equal(
+        "status one second after the dispute deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_EXECUTED),
+        _STATUS.Name(found.status),
+    )
+    check(
+        found.HasField("attestation"),
+        "an executed settlement has no attestation of the move",
+        expected="the AttestationRef of the client's SETTLEMENT holdings statement",
+        got="none",
+    )
+    ref = found.attestation
+    outcome = await ctx.rpc(
+        ctx.owner.custodian.get_inclusion_proof,
+        custodian_service_pb2.GetInclusionProofRequest(
+            leaf_index=ref.leaf_index, tree_size=ref.tree_size
+        ),
+        label="GetInclusionProof of the settlement's attestation",
+    )
+    leaf: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
+    statement = verify_leaf(ctx, leaf.holdings_statement)
+    await expect_attested(ctx, leaf.holdings_statement, ref, since=since)
+    check_equal("account of the settlement's holdings statement", account_id, statement.account_id)
+    check_equal(
+        "reason of the settlement's holdings statement",
+        attestation_pb2.HoldingsChangeReason.Name(
+            attestation_pb2.HOLDINGS_CHANGE_REASON_SETTLEMENT
+        ),
+        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
+    )
+    executed_at = statement.header.issued_at.ToDatetime(tzinfo=UTC)
+    check(
+        executed_at >= deadline,
+        "the settlement was executed before its dispute deadline",
+        expected=f"issued_at >= {deadline.isoformat()}",
+        got=executed_at.isoformat(),
+    )
+    quantity, pledged = _amounts(before, asset_id)
+    amount = parse_amount(_UNEVEN)
+    check_equal(
+        f"(quantity, pledged) of {asset_id} after the settlement of {_UNEVEN}",
+        (
+            format_amount(parse_amount(quantity) - amount),
+            format_amount(parse_amount(pledged) - amount),
+        ),
+        _amounts(statement, asset_id),
+    )
+
+
+@REGISTRY.case(
+    "settlement/dispute-at-deadline-refused",
+    Level.MUST,
+    "an instruction delivered late keeps the whole window from its receipt; a dispute one second "
+    "before that effective deadline is accepted (DISPUTED), one at the deadline is refused: "
+    "FAILED_PRECONDITION STATE_CONFLICT, and the instruction is not disputed",
+    roles=_CUSTODIAN,
+)
+async def dispute_at_deadline(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    # Issued half an hour before the kit delivers them: their own dispute_deadline is half an
+    # hour short of receipt + window, which the custodian must give them all the same (§10.6).
+    issued = now - _LATE
+    first, second = [
+        await _instruction(
+            ctx,
+            account_id,
+            asset_id,
+            cutoff_id=f"conformance-cutoff-{cycle}",
+            cycle=cycle,
+            now=issued,
+            amount=_UNEVEN,
+            expires_at=now + _LATE,
+        )
+        for cycle in (1, 2)
+    ]
+    deadlines = []
+    for envelope in (first, second):
+        deadline = _deadline(await _submit(ctx, envelope))
+        check(
+            deadline >= now + _WINDOW,
+            "the effective dispute deadline of a late instruction is earlier than its receipt "
+            "plus the dispute window: the late delivery shortened the window",
+            expected=f">= {(now + _WINDOW).isoformat()}",
+            got=deadline.isoformat(),
+        )
+        deadlines.append(deadline)
+
+    # One second before the first's deadline: disputed.
+    await _advance_to(ctx, deadlines[0] - _SECOND)
+    answer: custodian_service_pb2.DisputeSettlementResponse = expect_ok(
+        await _dispute(ctx, _settlement_id(first))
+    )
+    check_equal(
+        "status DisputeSettlement answers one second before the deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED),
+        _STATUS.Name(answer.status),
+    )
+
+    # At the second's deadline: refused, and not recorded.
+    await _advance_to(ctx, deadlines[1])
+    expect_status(
+        await _dispute(ctx, _settlement_id(second)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+    )
+    found = await _get(ctx, _settlement_id(second))
+    check(
+        found.status != _STATUS.SETTLEMENT_STATUS_DISPUTED
+        and not found.HasField("settlement_dispute"),
+        "a dispute refused at the deadline was recorded",
+        expected="PENDING or EXECUTED, no dispute",
+        got=f"{_STATUS.Name(found.status)}, dispute "
+        + ("recorded" if found.HasField("settlement_dispute") else "none"),
     )
 
 

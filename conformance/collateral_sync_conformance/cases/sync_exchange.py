@@ -9,7 +9,9 @@ hello. Entries the kit sends for real are appended to its durable log first,
 so the session, which takes over again after the case, continues one history.
 
 Equivocation comes last: an exchange refuses to resume with a custodian whose
-history it has seen fork (§6.5), so nothing can follow it in a run.
+history it has seen fork (§6.5), so nothing can follow it in a run but the
+case that reads, as a regulator, the evidence the exchange kept of it
+(§10.7), which needs no stream.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._evidence import KIND, sync_batch_pair, wait_for_evidence
 
 __all__: list[str] = []
 
@@ -423,15 +426,8 @@ async def wrong_role_batch_refused(ctx: CaseContext) -> None:
     await _head_unchanged(ctx, kit, held, held_hash)
 
 
-@REGISTRY.case(
-    "sync/exchange/equivocation-refused",
-    Level.MUST,
-    "a batch giving an acknowledged sequence a different entry is refused: SyncClose "
-    "EQUIVOCATION (§6.5); this ends the exchange's stream with the kit for good, so it runs last",
-    roles=_EXCHANGE,
-)
-async def equivocation_refused(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
+async def _equivocate(ctx: CaseContext, kit: KitCustodian) -> None:
+    """Send the exchange another entry at the last sequence it holds; expect EQUIVOCATION."""
     async with _stream(ctx, kit) as stream:
         held = stream.hello.received_sequence
         stored = kit.sync_log.outgoing_entry(held) if held else None
@@ -442,5 +438,70 @@ async def equivocation_refused(ctx: CaseContext) -> None:
                 got=str(held),
             )
         envelope, _ = _batch(kit, held, stored.prev_entry_hash, [_fresh_update(ctx, kit)])
+        kit.equivocation = (held, envelope)
         await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
         await _expect_close(stream, _R.ERROR_REASON_EQUIVOCATION, "an equivocating batch")
+
+
+@REGISTRY.case(
+    "sync/exchange/equivocation-refused",
+    Level.MUST,
+    "a batch giving an acknowledged sequence a different entry is refused: SyncClose "
+    "EQUIVOCATION (§6.5); this ends the exchange's stream with the kit for good, so only the "
+    "reading of its evidence runs after it",
+    roles=_EXCHANGE,
+)
+async def equivocation_refused(ctx: CaseContext) -> None:
+    await _equivocate(ctx, ctx.counterpart)
+
+
+@REGISTRY.case(
+    "sync/exchange/equivocation-evidence-served",
+    Level.MUST,
+    "after that equivocation the exchange lists to a regulator both signed batches — the one it "
+    "stored and the kit's contradicting one, each verifying as the custodian's — whose entries "
+    "at that sequence differ (§10.7)",
+    roles=_EXCHANGE,
+)
+async def equivocation_evidence_served(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
+    if kit.equivocation is None:  # run on its own: equivocate first
+        await _equivocate(ctx, kit)
+    assert kit.equivocation is not None
+    sequence, sent = kit.equivocation
+    item = await wait_for_evidence(
+        ctx,
+        regulator,
+        lambda e: e.kind == KIND.EQUIVOCATION_KIND_SYNC_BATCH
+        and e.accused_party_id == kit.party_id
+        and e.sequence == sequence,
+        f"a SYNC_BATCH equivocation of {kit.party_id} at sequence {sequence}",
+    )
+    check_equal(
+        "direction of the evidence",
+        position_sync_pb2.SyncDirection.Name(CUSTODIAN_TO_EXCHANGE),  # type: ignore[arg-type]
+        position_sync_pb2.SyncDirection.Name(item.direction),
+    )
+    stored, received = sync_batch_pair(
+        ctx, item, sender=kit.party_id, receiver=kit.exchange_id, direction=CUSTODIAN_TO_EXCHANGE
+    )
+    own = kit.sync_log.outgoing_hash(sequence)
+    check_equal(
+        f"entry hash at {sequence} in the evidence's first batch (the one the exchange stored)",
+        own.hex() if own is not None else "(the kit's own entry)",
+        stored.hex(),
+    )
+    check(
+        item.second == sent,
+        "the evidence's second batch is not the kit's contradicting batch as sent (§10.7: both "
+        "statements exactly as received)",
+        expected=f"the batch the kit sent at sequence {sequence}",
+        got=f"a batch giving sequence {sequence} the entry hash {received.hex()}",
+    )
+    check(
+        (item.first_hash, item.second_hash) == (stored, received),
+        "first_hash and second_hash of a sync equivocation are the two entry hashes (§10.7)",
+        expected=[stored.hex(), received.hex()],
+        got=[item.first_hash.hex(), item.second_hash.hex()],
+    )

@@ -9,6 +9,8 @@ Two layers, each rule in one place:
 - :func:`require_reader` is what a servicer calls for restricted data: the
   registered caller must be one of the data's readers or a regulator. The
   refusal is the same whether or not the data exists, and names nobody.
+- :func:`require_regulator` is for what only regulators read: the evidence
+  of equivocation a party keeps (PROTOCOL.md §10.7).
 
 Plaintext servers (tests only) have no certificates to tell callers apart:
 there :func:`caller_of` returns :data:`UNCHECKED`, which may read everything.
@@ -35,6 +37,7 @@ __all__ = [
     "Caller",
     "caller_of",
     "require_reader",
+    "require_regulator",
 ]
 
 _PACKAGE = "/collateral_sync.v1."
@@ -112,6 +115,21 @@ def require_reader(caller: Caller, readers: Collection[str] | None, *, field: st
             "expected": "a party of the account or a regulator",
             "actual": caller.party_id or "",
         },
+    )
+
+
+def require_regulator(caller: Caller, *, what: str) -> None:
+    """Refuse ``caller`` unless it is a regulator (or the plaintext test caller).
+
+    Nothing names the data here, so the refusal is about the caller, like a
+    stranger's; ``what`` says what was asked for.
+    """
+    if caller.reads_everything:
+        return
+    raise VerificationError(
+        f"{caller.party_id!r} may not read {what}: only a regulator may (PROTOCOL.md §4.5)",
+        reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+        metadata={"field": "caller", "expected": "a regulator", "actual": caller.party_id or ""},
     )
 
 

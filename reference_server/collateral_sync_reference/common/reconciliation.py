@@ -11,7 +11,10 @@ and did not reject), and both sync-log heads — stores that snapshot, signs a
 after the cut-off; it answers the regulator and the counterparty, nobody else
 (PERMISSION_DENIED). A test or the demo triggers a cut-off "now" by moving the
 test clocks past the next one (``TestControlService.AdvanceClock``): the
-statement is frozen before AdvanceClock answers, then submitted.
+statement is frozen before AdvanceClock answers, then submitted. The same
+service lists the equivocation evidence the party keeps
+(``ListEquivocationEvidence``, §10.7), to regulators only: that is
+:mod:`collateral_sync_reference.common.evidence`'s.
 
 Configuration (inside the role's section, every key optional)::
 
@@ -89,6 +92,7 @@ from collateral_sync.v1 import (
 
 from collateral_sync_reference.common.clock import Clock
 from collateral_sync_reference.common.config import ConfigSection, ServerConfig
+from collateral_sync_reference.common.evidence import KeptEvidence
 from collateral_sync_reference.common.storage import SqliteStorage
 
 __all__ = [
@@ -639,10 +643,11 @@ def _copy(position: common_pb2.Position) -> common_pb2.Position:
 
 
 class ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServiceServicer):
-    """``ReconciliationService`` over a :class:`PartyReconciliation`."""
+    """``ReconciliationService`` over a :class:`PartyReconciliation` and the party's kept evidence."""
 
-    def __init__(self, reconciliation: PartyReconciliation) -> None:
+    def __init__(self, reconciliation: PartyReconciliation, evidence: KeptEvidence) -> None:
         self._reconciliation = reconciliation
+        self._evidence = evidence
 
     async def GetReconciliationStatement(
         self,
@@ -661,3 +666,11 @@ class ReconciliationServicer(reconciliation_service_pb2_grpc.ReconciliationServi
     ) -> reconciliation_service_pb2.GetPositionTreeNodesResponse:
         self._reconciliation.check_reader(context)
         return self._reconciliation.tree_nodes(request)
+
+    async def ListEquivocationEvidence(
+        self,
+        request: reconciliation_service_pb2.ListEquivocationEvidenceRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reconciliation_service_pb2.ListEquivocationEvidenceResponse:
+        self._evidence.check_reader(context)
+        return self._evidence.page(request)

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from functools import partial
 
 import grpc
 import grpc.aio
@@ -64,6 +65,7 @@ from collateral_sync_reference.common.access import Caller, caller_of, require_r
 from collateral_sync_reference.common.config import ServerConfig
 from collateral_sync_reference.common.emergency import EmergencyReleaseCoSigner
 from collateral_sync_reference.common.errors import require_statement
+from collateral_sync_reference.common.evidence import KeptEvidence, sync_log_evidence
 from collateral_sync_reference.common.reconciliation import (
     PartyReconciliation,
     ReconciliationServicer,
@@ -296,7 +298,11 @@ class CustodianRole:
             test_mode=context.test_mode,
             logger=self.logger,
         )
-        self._reconciliation_service = ReconciliationServicer(self.reconciliation)
+        evidence = KeptEvidence(
+            [partial(sync_log_evidence, log) for log in self.custodian.ledger.sync_logs.values()],
+            self.caller,
+        )
+        self._reconciliation_service = ReconciliationServicer(self.reconciliation, evidence)
         self.emergency = CustodianEmergencyRelease(self.custodian.ledger)
         self.settlement = CustodianSettlement(self.custodian.ledger)
         self._service = _CustodianService(self)

@@ -8,7 +8,9 @@ checker (``attestation``) settles the pending statements
 (:meth:`~AttestedHoldings.settle_holdings`): an account's credited holdings
 become its highest proven epoch, and the account is revalued. The custodian
 checkpoint the checker trusts, and any refused one as evidence, are kept here
-too.
+too; those that prove the custodian equivocated (a fork, a failed consistency
+proof) are what the exchange serves regulators besides its sync log's
+evidence (PROTOCOL.md §10.7, ``common/evidence.py``).
 
 Why holdings are not credited inside the stream's apply: proving a statement
 is in the custodian's log needs the custodian's checkpoint, consistency proof
@@ -27,11 +29,17 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from collateral_sync.amounts import format_amount, parse_amount
-from collateral_sync.errors import CollateralSyncError, MalformedError, VerificationError
+from collateral_sync.errors import (
+    CollateralSyncError,
+    MalformedError,
+    VerificationError,
+    reason_name,
+)
 from collateral_sync.signing import VerifiedStatement, verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
     envelope_pb2,
+    equivocation_pb2,
     errors_pb2,
     liquidation_pb2,
     position_sync_pb2,
@@ -45,7 +53,7 @@ from collateral_sync_reference.exchange.context import (
     to_ns,
 )
 from collateral_sync_reference.exchange.custodian_statements import CustodianStatements
-from collateral_sync_reference.exchange.store import HoldingsRow
+from collateral_sync_reference.exchange.store import CheckpointEvidenceRow, HoldingsRow
 
 __all__ = ["AttestedHoldings"]
 
@@ -281,18 +289,50 @@ class AttestedHoldings:
         received: envelope_pb2.Envelope,
         proof: bytes | None,
     ) -> None:
-        """Keep a refused checkpoint, with the trusted one it contradicts, as evidence."""
+        """Keep a refused checkpoint, with the trusted one it contradicts, as evidence.
+
+        Kept in a transaction of its own, durably, whatever becomes of the
+        statements that needed the checkpoint. The same conflict shown again
+        (the custodian serving its fork at every retry, each time signed anew)
+        is kept once: the first signed proof of it is enough.
+        """
         now = self._context.now()
+        shown = _size_and_root(received)
         with self._context.storage.transaction():
+            held = self._store.checkpoints.trusted(origin)
+            if any(
+                kept.reason == reason
+                and kept.held == held
+                and _size_and_root(kept.received) == shown
+                for kept in self._store.checkpoints.evidence(origin)
+            ):
+                return
             self._store.checkpoints.add_evidence(
                 origin=origin,
                 reason=reason,
                 detail=detail,
-                held=self._store.checkpoints.trusted(origin),
+                held=held,
                 received=received,
                 proof=proof,
                 at_ns=to_ns(now),
             )
+
+    def equivocation_evidence(self) -> list[equivocation_pb2.EquivocationEvidence]:
+        """The refused checkpoints that prove the custodian equivocated (PROTOCOL.md §10.7).
+
+        Of what :meth:`keep_checkpoint_evidence` keeps, two kinds are evidence
+        a third party can check: a fork (the trusted checkpoint and one of the
+        same size with another root) and a larger checkpoint whose well-formed
+        consistency proof from the trusted one does not reproduce both roots.
+        A rollback, or a proof that is malformed or missing, is kept for the
+        operators but accuses nobody: the custodian may have served an old
+        checkpoint or a bad proof of a sound log.
+        """
+        return [
+            found
+            for row in self._store.checkpoints.evidence()
+            if (found := _checkpoint_equivocation(row)) is not None
+        ]
 
     # -- who may read (PROTOCOL.md §4.5) --
 
@@ -316,6 +356,49 @@ class AttestedHoldings:
         if account is None or account.credited_holdings_id is None:
             return None
         return self._store.holdings.get(account.credited_holdings_id)
+
+
+def _size_and_root(envelope: envelope_pb2.Envelope) -> tuple[int, bytes]:
+    checkpoint = attestation_pb2.Checkpoint.FromString(envelope.payload)
+    return checkpoint.tree_size, checkpoint.root_hash
+
+
+def _checkpoint_equivocation(
+    row: CheckpointEvidenceRow,
+) -> equivocation_pb2.EquivocationEvidence | None:
+    """The evidence a refused checkpoint gives against the custodian, if it gives any.
+
+    Both checkpoints were verified as the custodian's before they were trusted
+    or refused (``attestation``): the payloads parse and the issuer is the
+    custodian.
+    """
+    if row.held is None:
+        return None
+    held = attestation_pb2.Checkpoint.FromString(row.held.payload)
+    received = attestation_pb2.Checkpoint.FromString(row.received.payload)
+    kinds = equivocation_pb2.EquivocationKind
+    evidence = equivocation_pb2.EquivocationEvidence(
+        accused_party_id=received.header.issuer,
+        log_origin=row.origin,
+        tree_size=held.tree_size,
+        first=row.held,
+        second=row.received,
+        first_hash=held.root_hash,
+        second_hash=received.root_hash,
+    )
+    if received.tree_size == held.tree_size and received.root_hash != held.root_hash:
+        evidence.kind = kinds.EQUIVOCATION_KIND_CHECKPOINT_FORK
+    elif (
+        received.tree_size > held.tree_size
+        and row.reason == reason_name(_R.ERROR_REASON_CHECKPOINT_INCONSISTENT)
+        and row.proof is not None
+    ):
+        evidence.kind = kinds.EQUIVOCATION_KIND_CHECKPOINT_INCONSISTENT
+        evidence.consistency_proof.ParseFromString(row.proof)
+    else:
+        return None
+    evidence.detected_at.FromNanoseconds(row.detected_at_ns)
+    return evidence
 
 
 def _check_positions(statement: attestation_pb2.HoldingsStatement) -> None:

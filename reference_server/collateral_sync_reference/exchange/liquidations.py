@@ -33,6 +33,7 @@ from collateral_sync.valuation import (
     recompute_liquidation_instruction,
 )
 
+from collateral_sync_reference.common.paging import Listing, rows_per_page
 from collateral_sync_reference.exchange.context import (
     ExchangeContext,
     is_stale,
@@ -45,7 +46,6 @@ from collateral_sync_reference.exchange.custodian_statements import CustodianSta
 from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.margin import TERMINAL
 from collateral_sync_reference.exchange.margin_calls import MarginCalls
-from collateral_sync_reference.exchange.paging import Listing, rows_per_page
 from collateral_sync_reference.exchange.risk_policy import RiskPolicies
 from collateral_sync_reference.exchange.store import LiquidationRow, MarginCallRow
 from collateral_sync_reference.exchange.valuation import AccountValuation, Valuer

@@ -28,6 +28,7 @@ from collateral_sync.v1 import (
 )
 from collateral_sync.valuation import margin_call_amount, recompute_margin_call, value_collateral
 
+from collateral_sync_reference.common.paging import Listing, rows_per_page
 from collateral_sync_reference.exchange.context import (
     ExchangeContext,
     from_ns,
@@ -46,7 +47,6 @@ from collateral_sync_reference.exchange.margin import (
     state_message,
     status_name,
 )
-from collateral_sync_reference.exchange.paging import Listing, rows_per_page
 from collateral_sync_reference.exchange.store import MarginCallRow
 from collateral_sync_reference.exchange.valuation import AccountValuation, Valuer
 

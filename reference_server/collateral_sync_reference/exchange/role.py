@@ -86,6 +86,7 @@ from collateral_sync.v1 import errors_pb2
 from collateral_sync_reference.common.access import Caller, caller_of
 from collateral_sync_reference.common.config import ServerConfig
 from collateral_sync_reference.common.emergency import EmergencyReleaseCoSigner
+from collateral_sync_reference.common.evidence import KeptEvidence, sync_log_evidence
 from collateral_sync_reference.common.reconciliation import (
     PartyReconciliation,
     ReconciliationServicer,
@@ -255,7 +256,11 @@ class ExchangeRole:
             logger=self.logger,
             on_submitted=self._statement_submitted,
         )
-        self._reconciliation_service = ReconciliationServicer(self.reconciliation)
+        evidence = KeptEvidence(
+            [lambda: sync_log_evidence(log), self.core.holdings.equivocation_evidence],
+            self.caller,
+        )
+        self._reconciliation_service = ReconciliationServicer(self.reconciliation, evidence)
         self._cosigner = EmergencyReleaseCoSigner(
             signer=context.signer,
             registry=context.registry,

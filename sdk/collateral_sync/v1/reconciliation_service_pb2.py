@@ -23,26 +23,31 @@ _sym_db = _symbol_database.Default()
 
 
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
+from collateral_sync.v1 import equivocation_pb2 as collateral__sync_dot_v1_dot_equivocation__pb2
 from collateral_sync.v1 import reconciliation_pb2 as collateral__sync_dot_v1_dot_reconciliation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/collateral_sync/v1/reconciliation_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\x1a\'collateral_sync/v1/reconciliation.proto\"6\n!GetReconciliationStatementRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\"d\n\"GetReconciliationStatementResponse\x12>\n\x18reconciliation_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\'\n\tLeafRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"}\n\x1bGetPositionTreeNodesRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\x12-\n\x06ranges\x18\x02 \x03(\x0b\x32\x1d.collateral_sync.v1.LeafRange\x12\x1c\n\x14\x61\x63\x63ount_leaf_indexes\x18\x03 \x03(\x04\"\x8b\x01\n\x1cGetPositionTreeNodesResponse\x12\x33\n\x05nodes\x18\x01 \x03(\x0b\x32$.collateral_sync.v1.PositionTreeNode\x12\x36\n\x08\x61\x63\x63ounts\x18\x02 \x03(\x0b\x32$.collateral_sync.v1.AccountPositions2\xa0\x02\n\x15ReconciliationService\x12\x8b\x01\n\x1aGetReconciliationStatement\x12\x35.collateral_sync.v1.GetReconciliationStatementRequest\x1a\x36.collateral_sync.v1.GetReconciliationStatementResponse\x12y\n\x14GetPositionTreeNodes\x12/.collateral_sync.v1.GetPositionTreeNodesRequest\x1a\x30.collateral_sync.v1.GetPositionTreeNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/collateral_sync/v1/reconciliation_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\x1a%collateral_sync/v1/equivocation.proto\x1a\'collateral_sync/v1/reconciliation.proto\"6\n!GetReconciliationStatementRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\"d\n\"GetReconciliationStatementResponse\x12>\n\x18reconciliation_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"\'\n\tLeafRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"}\n\x1bGetPositionTreeNodesRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\x12-\n\x06ranges\x18\x02 \x03(\x0b\x32\x1d.collateral_sync.v1.LeafRange\x12\x1c\n\x14\x61\x63\x63ount_leaf_indexes\x18\x03 \x03(\x04\"\x8b\x01\n\x1cGetPositionTreeNodesResponse\x12\x33\n\x05nodes\x18\x01 \x03(\x0b\x32$.collateral_sync.v1.PositionTreeNode\x12\x36\n\x08\x61\x63\x63ounts\x18\x02 \x03(\x0b\x32$.collateral_sync.v1.AccountPositions\"H\n\x1fListEquivocationEvidenceRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n ListEquivocationEvidenceResponse\x12:\n\x08\x65vidence\x18\x01 \x03(\x0b\x32(.collateral_sync.v1.EquivocationEvidence\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa8\x03\n\x15ReconciliationService\x12\x8b\x01\n\x1aGetReconciliationStatement\x12\x35.collateral_sync.v1.GetReconciliationStatementRequest\x1a\x36.collateral_sync.v1.GetReconciliationStatementResponse\x12y\n\x14GetPositionTreeNodes\x12/.collateral_sync.v1.GetPositionTreeNodesRequest\x1a\x30.collateral_sync.v1.GetPositionTreeNodesResponse\x12\x85\x01\n\x18ListEquivocationEvidence\x12\x33.collateral_sync.v1.ListEquivocationEvidenceRequest\x1a\x34.collateral_sync.v1.ListEquivocationEvidenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.reconciliation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETRECONCILIATIONSTATEMENTREQUEST']._serialized_start=147
-  _globals['_GETRECONCILIATIONSTATEMENTREQUEST']._serialized_end=201
-  _globals['_GETRECONCILIATIONSTATEMENTRESPONSE']._serialized_start=203
-  _globals['_GETRECONCILIATIONSTATEMENTRESPONSE']._serialized_end=303
-  _globals['_LEAFRANGE']._serialized_start=305
-  _globals['_LEAFRANGE']._serialized_end=344
-  _globals['_GETPOSITIONTREENODESREQUEST']._serialized_start=346
-  _globals['_GETPOSITIONTREENODESREQUEST']._serialized_end=471
-  _globals['_GETPOSITIONTREENODESRESPONSE']._serialized_start=474
-  _globals['_GETPOSITIONTREENODESRESPONSE']._serialized_end=613
-  _globals['_RECONCILIATIONSERVICE']._serialized_start=616
-  _globals['_RECONCILIATIONSERVICE']._serialized_end=904
+  _globals['_GETRECONCILIATIONSTATEMENTREQUEST']._serialized_start=186
+  _globals['_GETRECONCILIATIONSTATEMENTREQUEST']._serialized_end=240
+  _globals['_GETRECONCILIATIONSTATEMENTRESPONSE']._serialized_start=242
+  _globals['_GETRECONCILIATIONSTATEMENTRESPONSE']._serialized_end=342
+  _globals['_LEAFRANGE']._serialized_start=344
+  _globals['_LEAFRANGE']._serialized_end=383
+  _globals['_GETPOSITIONTREENODESREQUEST']._serialized_start=385
+  _globals['_GETPOSITIONTREENODESREQUEST']._serialized_end=510
+  _globals['_GETPOSITIONTREENODESRESPONSE']._serialized_start=513
+  _globals['_GETPOSITIONTREENODESRESPONSE']._serialized_end=652
+  _globals['_LISTEQUIVOCATIONEVIDENCEREQUEST']._serialized_start=654
+  _globals['_LISTEQUIVOCATIONEVIDENCEREQUEST']._serialized_end=726
+  _globals['_LISTEQUIVOCATIONEVIDENCERESPONSE']._serialized_start=728
+  _globals['_LISTEQUIVOCATIONEVIDENCERESPONSE']._serialized_end=847
+  _globals['_RECONCILIATIONSERVICE']._serialized_start=850
+  _globals['_RECONCILIATIONSERVICE']._serialized_end=1274
 # @@protoc_insertion_point(module_scope)

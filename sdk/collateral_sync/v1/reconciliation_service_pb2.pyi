@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collateral_sync.v1 import envelope_pb2 as _envelope_pb2
+from collateral_sync.v1 import equivocation_pb2 as _equivocation_pb2
 from collateral_sync.v1 import reconciliation_pb2 as _reconciliation_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -147,3 +148,57 @@ class GetPositionTreeNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPositionTreeNodesResponse: _TypeAlias = GetPositionTreeNodesResponse  # noqa: Y015
+
+@_typing.final
+class ListEquivocationEvidenceRequest(_message.Message):
+    """Request for ListEquivocationEvidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number returned; 0 means the server default (100), at most 1000."""
+    page_token: _builtins.str
+    """From a previous response; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEquivocationEvidenceRequest: _TypeAlias = ListEquivocationEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class ListEquivocationEvidenceResponse(_message.Message):
+    """Response of ListEquivocationEvidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedCompositeFieldContainer[_equivocation_pb2.EquivocationEvidence]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        evidence: _abc.Iterable[_equivocation_pb2.EquivocationEvidence] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEquivocationEvidenceResponse: _TypeAlias = ListEquivocationEvidenceResponse  # noqa: Y015

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class ReconciliationServiceStub:
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     def __init__(self, channel):
@@ -46,11 +47,17 @@ class ReconciliationServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesResponse.FromString,
                 _registered_method=True)
+        self.ListEquivocationEvidence = channel.unary_unary(
+                '/collateral_sync.v1.ReconciliationService/ListEquivocationEvidence',
+                request_serializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     def GetReconciliationStatement(self, request, context):
@@ -62,6 +69,14 @@ class ReconciliationServiceServicer:
 
     def GetPositionTreeNodes(self, request, context):
         """Hashes of position-tree nodes, and account positions for leaf ranges.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEquivocationEvidence(self, request, context):
+        """Every piece of equivocation evidence this party keeps (PROTOCOL.md
+        §10.7), oldest first; regulators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +95,11 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     request_deserializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesResponse.SerializeToString,
             ),
+            'ListEquivocationEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEquivocationEvidence,
+                    request_deserializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'collateral_sync.v1.ReconciliationService', rpc_method_handlers)
@@ -90,7 +110,8 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ReconciliationService:
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     @staticmethod
@@ -137,6 +158,33 @@ class ReconciliationService:
             '/collateral_sync.v1.ReconciliationService/GetPositionTreeNodes',
             collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesRequest.SerializeToString,
             collateral__sync_dot_v1_dot_reconciliation__service__pb2.GetPositionTreeNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEquivocationEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.ReconciliationService/ListEquivocationEvidence',
+            collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_reconciliation__service__pb2.ListEquivocationEvidenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class ReconciliationServiceStub:
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     @_typing.overload
@@ -39,11 +40,16 @@ class ReconciliationServiceStub:
     """Builds (once) and returns the signed statement for a cut-off."""
     GetPositionTreeNodes: _grpc.UnaryUnaryMultiCallable[_reconciliation_service_pb2.GetPositionTreeNodesRequest, _reconciliation_service_pb2.GetPositionTreeNodesResponse]
     """Hashes of position-tree nodes, and account positions for leaf ranges."""
+    ListEquivocationEvidence: _grpc.UnaryUnaryMultiCallable[_reconciliation_service_pb2.ListEquivocationEvidenceRequest, _reconciliation_service_pb2.ListEquivocationEvidenceResponse]
+    """Every piece of equivocation evidence this party keeps (PROTOCOL.md
+    §10.7), oldest first; regulators only.
+    """
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -51,10 +57,15 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     """Builds (once) and returns the signed statement for a cut-off."""
     GetPositionTreeNodes: _aio.UnaryUnaryMultiCallable[_reconciliation_service_pb2.GetPositionTreeNodesRequest, _reconciliation_service_pb2.GetPositionTreeNodesResponse]  # type: ignore[assignment]
     """Hashes of position-tree nodes, and account positions for leaf ranges."""
+    ListEquivocationEvidence: _aio.UnaryUnaryMultiCallable[_reconciliation_service_pb2.ListEquivocationEvidenceRequest, _reconciliation_service_pb2.ListEquivocationEvidenceResponse]  # type: ignore[assignment]
+    """Every piece of equivocation evidence this party keeps (PROTOCOL.md
+    §10.7), oldest first; regulators only.
+    """
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the custodian and the exchange: their signed reconciliation
-    statements and the position-tree nodes a regulator descends to locate breaks.
+    statements, the position-tree nodes a regulator descends to locate breaks,
+    and the evidence of equivocation they keep against others.
     """
 
     @_abc_1.abstractmethod
@@ -72,5 +83,15 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_reconciliation_service_pb2.GetPositionTreeNodesResponse, _abc.Awaitable[_reconciliation_service_pb2.GetPositionTreeNodesResponse]]:
         """Hashes of position-tree nodes, and account positions for leaf ranges."""
+
+    @_abc_1.abstractmethod
+    def ListEquivocationEvidence(
+        self,
+        request: _reconciliation_service_pb2.ListEquivocationEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reconciliation_service_pb2.ListEquivocationEvidenceResponse, _abc.Awaitable[_reconciliation_service_pb2.ListEquivocationEvidenceResponse]]:
+        """Every piece of equivocation evidence this party keeps (PROTOCOL.md
+        §10.7), oldest first; regulators only.
+        """
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -30,6 +30,7 @@ from collateral_sync_reference.exchange.store import (
 )
 from collateral_sync_reference.exchange.store.accounts import AccountRow, AccountTable
 from collateral_sync_reference.exchange.store.holdings import (
+    CheckpointEvidenceRow,
     CheckpointTable,
     HoldingsRow,
     HoldingsTable,
@@ -41,6 +42,7 @@ from collateral_sync_reference.exchange.store.policies import PolicyTable
 
 __all__ = [
     "AccountRow",
+    "CheckpointEvidenceRow",
     "ExchangeStore",
     "HoldingsRow",
     "LiquidationRow",

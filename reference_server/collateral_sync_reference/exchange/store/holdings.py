@@ -13,10 +13,15 @@ from typing import Any
 
 from collateral_sync.v1 import attestation_pb2, envelope_pb2
 
-from collateral_sync_reference.exchange.store._sql import Tables, required_envelope
+from collateral_sync_reference.exchange.store._sql import (
+    Tables,
+    envelope_or_none,
+    required_envelope,
+)
 
 __all__ = [
     "SCHEMA",
+    "CheckpointEvidenceRow",
     "CheckpointTable",
     "HoldingsRow",
     "HoldingsTable",
@@ -87,6 +92,21 @@ SCHEMA = (
         rejected_at_ns INTEGER NOT NULL
     )""",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointEvidenceRow:
+    """A custodian checkpoint the attestation checker refused, kept with the one it trusted."""
+
+    origin: str
+    #: The refusal's reason name (CHECKPOINT_INCONSISTENT, PROOF_INVALID...).
+    reason: str
+    #: The checkpoint trusted when it was refused (None: none yet).
+    held: envelope_pb2.Envelope | None
+    received: envelope_pb2.Envelope
+    #: The serialised ConsistencyProof the custodian served with it, if any.
+    proof: bytes | None
+    detected_at_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,12 +314,24 @@ class CheckpointTable(Tables):
             ),
         )
 
-    def evidence(self) -> list[tuple[str, str]]:
-        """(reason, detail) of each refused checkpoint kept as evidence, oldest first."""
+    def evidence(self, origin: str | None = None) -> list[CheckpointEvidenceRow]:
+        """Each refused checkpoint kept (of ``origin``, or of every log), oldest first."""
         rows = self._db.execute(
-            "SELECT reason, detail FROM exchange_checkpoint_evidence ORDER BY id"
+            "SELECT origin, reason, held, received, proof, detected_at_ns "
+            "FROM exchange_checkpoint_evidence WHERE ?1 IS NULL OR origin = ?1 ORDER BY id",
+            (origin,),
         ).fetchall()
-        return [(row[0], row[1]) for row in rows]
+        return [
+            CheckpointEvidenceRow(
+                origin=row[0],
+                reason=row[1],
+                held=envelope_or_none(row[2]),
+                received=required_envelope(row[3]),
+                proof=None if row[4] is None else bytes(row[4]),
+                detected_at_ns=row[5],
+            )
+            for row in rows
+        ]
 
 
 class RejectedUpdateTable(Tables):

@@ -1,8 +1,9 @@
-"""Paging of the reference exchange's listings of an account (ListMarginCalls, ListLiquidations).
+"""Paging of the reference servers' listings (ListMarginCalls, ListLiquidations, ListEquivocationEvidence).
 
 Rows are listed oldest first. A page token names the listing (a tag of its
 own, so that one listing's token cannot page through another), the last row
-served and the account listed; it is opaque to the client (URL-safe base64).
+served and the scope listed (the account of an account's listing; empty for
+a listing of the whole party); it is opaque to the client (URL-safe base64).
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ class Listing:
     tag: str
 
     def after(self, token: str, account_id: str) -> int:
-        """The seq of the last row served before, from ``token`` ("": none); MALFORMED if foreign."""
+        """The seq of the last row served before, from ``token`` ("": none); MALFORMED if foreign.
+
+        ``account_id`` is the scope of the listing: the account listed, or "" for
+        a listing of the whole party.
+        """
         prefix = self.tag
         if not token:
             return 0
@@ -55,8 +60,9 @@ class Listing:
         except (ValueError, UnicodeError):
             seq, tag, owner = -1, "", ""
         if tag != prefix or seq < 1 or owner != account_id:
+            scope = " of this account" if account_id else ""
             raise MalformedError(
-                f"page_token: expected a token from a previous {self.name} of this account",
+                f"page_token: expected a token from a previous {self.name}{scope}",
                 metadata={
                     "field": "page_token",
                     "expected": "a token of this listing",
