@@ -36,6 +36,7 @@ from collateral_sync_conformance.cases._checkpoints import latest_checkpoint
 
 __all__ = [
     "PLEDGE_UNIT",
+    "QUANTUM",
     "PledgePlan",
     "client_key",
     "ensure_pledged",
@@ -46,11 +47,15 @@ __all__ = [
     "log_size_at_least",
     "plan_pledge",
     "pledge_instruction",
+    "plus",
+    "position_figures",
 ]
 
 _ROLE = common_pb2.PartyRole
 #: What the kit pledges at a time: small, so that many runs fit in any test account.
 PLEDGE_UNIT = Decimal("0.001")
+#: The smallest positive amount (§2.1), as canonical text.
+QUANTUM = "0.000000000000000001"
 
 
 def client_key(ctx: CaseContext) -> SigningKey:
@@ -245,3 +250,22 @@ async def ensure_pledged(ctx: CaseContext) -> str:
     )
     expect_ok(await ctx.rpc(ctx.custodian.pledge_collateral, request, label="PledgeCollateral"))
     return account_id
+
+
+def position_figures(
+    statement: attestation_pb2.HoldingsStatement, asset_id: str
+) -> tuple[str, str, str]:
+    """(quantity, locked, pledged) of an asset as canonical text; zeros if absent."""
+    for position in statement.positions:
+        if position.asset_id == asset_id:
+            return (
+                position.quantity.value or "0",
+                position.locked_quantity.value or "0",
+                position.pledged_quantity.value or "0",
+            )
+    return ("0", "0", "0")
+
+
+def plus(text: str, amount: str) -> str:
+    """The canonical sum of two canonical amounts."""
+    return format_amount(parse_amount(text) + parse_amount(amount))

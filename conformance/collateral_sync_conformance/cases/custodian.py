@@ -38,6 +38,7 @@ from collateral_sync_conformance._expect import (
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._checkpoints import expect_attested, latest_checkpoint
 from collateral_sync_conformance.cases._kit_account import (
+    QUANTUM,
     PledgePlan,
     client_key,
     ensure_pledged,
@@ -45,6 +46,8 @@ from collateral_sync_conformance.cases._kit_account import (
     liquidation_path,
     plan_pledge,
     pledge_instruction,
+    plus,
+    position_figures,
 )
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
@@ -78,22 +81,6 @@ async def _pledge(
         pledge_instruction=await ctx.sign(instruction, plan.client),
         liquidation_path=await ctx.sign(path, plan.client, statement_id=path_statement_id),
     )
-
-
-def _position(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> tuple[str, str, str]:
-    """(quantity, locked, pledged) of an asset as canonical text; zeros if absent."""
-    for position in statement.positions:
-        if position.asset_id == asset_id:
-            return (
-                position.quantity.value or "0",
-                position.locked_quantity.value or "0",
-                position.pledged_quantity.value or "0",
-            )
-    return ("0", "0", "0")
-
-
-def _plus(text: str, amount: str) -> str:
-    return format_amount(parse_amount(text) + parse_amount(amount))
 
 
 async def _verified_response_statement(
@@ -135,7 +122,7 @@ def _check_change(
     )
     for asset_id, figures in expected.items():
         check_equal(
-            f"(quantity, locked, pledged) of {asset_id}", figures, _position(after, asset_id)
+            f"(quantity, locked, pledged) of {asset_id}", figures, position_figures(after, asset_id)
         )
 
 
@@ -155,12 +142,12 @@ async def pledge_accepted(ctx: CaseContext) -> None:
     statement = await _verified_response_statement(
         ctx, response.holdings_statement, plan.account_id, "the statement PledgeCollateral returned"
     )
-    quantity, locked, pledged = _position(before_statement, plan.asset_id)
+    quantity, locked, pledged = position_figures(before_statement, plan.asset_id)
     _check_change(
         before_statement,
         statement,
         (_REASON.HOLDINGS_CHANGE_REASON_PLEDGE, _REASON.HOLDINGS_CHANGE_REASON_TOP_UP),
-        {plan.asset_id: (quantity, locked, _plus(pledged, plan.quantity))},
+        {plan.asset_id: (quantity, locked, plus(pledged, plan.quantity))},
     )
     check_equal("exchange_id after the pledge", plan.exchange_id, statement.exchange_id)
     latest, _, latest_ref = await holdings(ctx, plan.account_id)
@@ -191,12 +178,12 @@ async def deposit_attested(ctx: CaseContext) -> None:
         ),
     )
     after_statement, envelope, ref = await holdings(ctx, account)
-    quantity, locked, pledged = _position(before_statement, asset_id)
+    quantity, locked, pledged = position_figures(before_statement, asset_id)
     _check_change(
         before_statement,
         after_statement,
         (_REASON.HOLDINGS_CHANGE_REASON_DEPOSIT,),
-        {asset_id: (_plus(quantity, "1.5"), locked, pledged)},
+        {asset_id: (plus(quantity, "1.5"), locked, pledged)},
     )
     await expect_attested(ctx, envelope, ref, since=before)
 
@@ -222,8 +209,10 @@ async def yield_accrual_attested(ctx: CaseContext) -> None:
     )
     grew = False
     for position in after_statement.positions:
-        quantity, locked, pledged = _position(after_statement, position.asset_id)
-        old_quantity, old_locked, old_pledged = _position(before_statement, position.asset_id)
+        quantity, locked, pledged = position_figures(after_statement, position.asset_id)
+        old_quantity, old_locked, old_pledged = position_figures(
+            before_statement, position.asset_id
+        )
         check(
             parse_amount(quantity) >= parse_amount(old_quantity),
             f"a yield accrual lowered the quantity of {position.asset_id}",
@@ -271,7 +260,7 @@ async def _redemption(
 async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
     # First of the redemption cases: no earlier lock of this run settles in its window.
     plan = await plan_pledge(ctx)
-    amount = _plus(plan.quantity, "0.000000000123456789")
+    amount = plus(plan.quantity, "0.000000000123456789")
     now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
     outcome = await ctx.rpc(
         ctx.custodian.request_redemption,
@@ -298,11 +287,11 @@ async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
         plan.account_id,
         "the statement RequestRedemption returned",
     )
-    _, locked, pledged = _position(locked_statement, plan.asset_id)
+    _, locked, pledged = position_figures(locked_statement, plan.asset_id)
 
     await ctx.advance_clock(settles_at - await ctx.advance_clock(timedelta(0)) - _SECOND)
     before, _, _ = await holdings(ctx, plan.account_id)
-    _, still_locked, still_pledged = _position(before, plan.asset_id)
+    _, still_locked, still_pledged = position_figures(before, plan.asset_id)
     check_equal(
         f"locked {plan.asset_id} one second before settles_at (the lock must hold)",
         locked,
@@ -318,7 +307,7 @@ async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
         expected="reason REDEMPTION_SETTLED",
         got=_REASON.Name(after.reason),
     )
-    before_quantity, _, _ = _position(before, plan.asset_id)
+    before_quantity, _, _ = position_figures(before, plan.asset_id)
     check_equal(
         f"(quantity, locked, pledged) of {plan.asset_id} after settlement",
         (
@@ -326,7 +315,7 @@ async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
             format_amount(parse_amount(locked) - parse_amount(amount)),
             pledged,
         ),
-        _position(after, plan.asset_id),
+        position_figures(after, plan.asset_id),
     )
 
 
@@ -352,18 +341,17 @@ async def redemption_locks(ctx: CaseContext) -> None:
         plan.account_id,
         "the statement RequestRedemption returned",
     )
-    quantity, locked, pledged = _position(before_statement, plan.asset_id)
+    quantity, locked, pledged = position_figures(before_statement, plan.asset_id)
     _check_change(
         before_statement,
         statement,
         (_REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK,),
-        {plan.asset_id: (quantity, _plus(locked, plan.quantity), pledged)},
+        {plan.asset_id: (quantity, plus(locked, plan.quantity), pledged)},
     )
     await expect_attested(ctx, response.holdings_statement, response.attestation, since=before)
 
 
 #: The smallest positive amount (§2.1): a bound checked one quantum too loosely fails.
-_QUANTUM = "0.000000000000000001"
 
 
 async def _pledged_position(ctx: CaseContext) -> tuple[PledgePlan, str, str, str]:
@@ -381,7 +369,7 @@ async def _pledged_position(ctx: CaseContext) -> tuple[PledgePlan, str, str, str
                 free=parse_amount("0"),
                 pledged=parse_amount(position.pledged_quantity.value),
             )
-            return (plan, *_position(statement, position.asset_id))
+            return (plan, *position_figures(statement, position.asset_id))
     raise CaseFailure(
         f"account {account_id!r} was pledged, yet its holdings statement shows no pledged quantity",
         expected="a position with pledged_quantity > 0",
@@ -404,7 +392,7 @@ async def redemption_of_pledged(ctx: CaseContext) -> None:
     plan, quantity, locked, pledged = await _pledged_position(ctx)
     redeemable = _redeemable(quantity, locked, pledged)
     unlocked = format_amount(parse_amount(quantity) - parse_amount(locked))
-    for too_much in (unlocked, _plus(redeemable, _QUANTUM)):
+    for too_much in (unlocked, plus(redeemable, QUANTUM)):
         before = await custodian_state(ctx)
         outcome = await ctx.rpc(
             ctx.custodian.request_redemption,
@@ -435,7 +423,7 @@ async def redemption_up_to_redeemable(ctx: CaseContext) -> None:
         ),
     )
     statement, _, _ = await holdings(ctx, plan.account_id)
-    quantity, locked, pledged = _position(statement, plan.asset_id)
+    quantity, locked, pledged = position_figures(statement, plan.asset_id)
     redeemable = parse_amount(_redeemable(quantity, locked, pledged))
     # Two uneven locks that add up to the bound exactly.
     first = format_amount(
@@ -461,13 +449,13 @@ async def redemption_up_to_redeemable(ctx: CaseContext) -> None:
             statement,
             after,
             (_REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK,),
-            {plan.asset_id: (quantity, _plus(locked, part), pledged)},
+            {plan.asset_id: (quantity, plus(locked, part), pledged)},
         )
-        statement, locked = after, _plus(locked, part)
+        statement, locked = after, plus(locked, part)
     before = await custodian_state(ctx)
     outcome = await ctx.rpc(
         ctx.custodian.request_redemption,
-        await _redemption(ctx, plan, _QUANTUM),
+        await _redemption(ctx, plan, QUANTUM),
         label="RequestRedemption of one quantum past the bound",
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
@@ -601,7 +589,7 @@ async def path_id_reused(ctx: CaseContext) -> None:
     path_id = ctx.unique("conformance-path")
     in_force = await ctx.sign(liquidation_path(plan), plan.client, statement_id=path_id)
     changed = liquidation_path(plan)
-    changed.steps[0].max_quantity.value = _plus(plan.quantity, "0.000000000000123457")
+    changed.steps[0].max_quantity.value = plus(plan.quantity, "0.000000000000123457")
     reused = await ctx.sign(changed, plan.client, statement_id=path_id)
 
     async def pledge(

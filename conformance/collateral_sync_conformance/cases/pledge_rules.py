@@ -37,6 +37,7 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._kit_account import (
+    QUANTUM,
     PledgePlan,
     client_key,
     ensure_pledged,
@@ -45,6 +46,8 @@ from collateral_sync_conformance.cases._kit_account import (
     liquidation_path,
     plan_pledge,
     pledge_instruction,
+    plus,
+    position_figures,
 )
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
@@ -56,23 +59,6 @@ _C = grpc.StatusCode
 _REASON = attestation_pb2.HoldingsChangeReason
 _EXCHANGE_ROLE = common_pb2.PARTY_ROLE_EXCHANGE
 #: The smallest positive amount (§2.1).
-_QUANTUM = "0.000000000000000001"
-
-
-def _figures(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> tuple[str, str, str]:
-    """(quantity, locked, pledged) of an asset as canonical text; zeros if absent."""
-    for position in statement.positions:
-        if position.asset_id == asset_id:
-            return (
-                position.quantity.value or "0",
-                position.locked_quantity.value or "0",
-                position.pledged_quantity.value or "0",
-            )
-    return ("0", "0", "0")
-
-
-def _plus(text: str, amount: str) -> str:
-    return format_amount(parse_amount(text) + parse_amount(amount))
 
 
 async def _request(
@@ -147,7 +133,7 @@ async def _room_of_exactly(ctx: CaseContext, amount: str) -> PledgePlan:
         free=parse_amount(amount),
         pledged=parse_amount(pledged[0].pledged_quantity.value),
     )
-    quantity, locked, pledged_text = _figures(statement, asset_id)
+    quantity, locked, pledged_text = position_figures(statement, asset_id)
     redeemable = parse_amount(quantity) - parse_amount(locked) - parse_amount(pledged_text)
     # Test control first: without it the case skips before locking anything.
     await ctx.advance_clock(timedelta(0))
@@ -189,7 +175,7 @@ async def pledge_of_exactly_available(ctx: CaseContext) -> None:
     amount = "0.731000000000000077"
     plan = await _room_of_exactly(ctx, amount)
     before, _, _ = await holdings(ctx, plan.account_id)
-    quantity, locked, pledged = _figures(before, plan.asset_id)
+    quantity, locked, pledged = position_figures(before, plan.asset_id)
     check_equal(
         f"quantity - locked - pledged of {plan.asset_id} before the pledge",
         amount,
@@ -198,13 +184,13 @@ async def pledge_of_exactly_available(ctx: CaseContext) -> None:
     after = await _pledged(ctx, plan, amount, "exactly what is available")
     check_equal(
         f"(quantity, locked, pledged) of {plan.asset_id} after the pledge",
-        (quantity, locked, _plus(pledged, amount)),
-        _figures(after, plan.asset_id),
+        (quantity, locked, plus(pledged, amount)),
+        position_figures(after, plan.asset_id),
     )
     state = await custodian_state(ctx)
     outcome = await ctx.rpc(
         ctx.custodian.pledge_collateral,
-        await _request(ctx, plan, _QUANTUM),
+        await _request(ctx, plan, QUANTUM),
         label=f"PledgeCollateral of one quantum of {plan.asset_id} past the bound",
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
