@@ -12,13 +12,18 @@ SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance
 
 .PHONY: setup setup-chromium gen gen-check lint typecheck test test-fast demo bench mutation clean
 
+# Each step says what it does; pip names each package as it goes (no minute of silence).
 $(STAMP): pyproject.toml constraints.txt
+	@echo "setup: virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "setup: upgrading pip in $(VENV)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@echo "setup: installing the project and its dev tools, pinned by constraints.txt"
+	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 $(BUF): package.json package-lock.json
+	@echo "setup: installing buf from the npm registry (package-lock.json)"
 	npm install --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
