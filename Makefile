@@ -63,7 +63,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m collateral_sync_reference.demo
+	$(PY) -m collateral_sync_reference.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/collateral-sync bench sdk

@@ -1,4 +1,4 @@
-"""Acts 5 to 8 of the demo: credit from the haircuts, exposure, a margin call and its top-up."""
+"""Acts 5 to 8 of the demo: credit, exposure, a margin call, its top-up and its dispute resolved."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from datetime import UTC
 from decimal import Decimal
 
 from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
+from collateral_sync.errors import StateError
 from collateral_sync.v1 import margin_pb2, test_control_pb2, valuation_pb2
 from collateral_sync.valuation import collateral_ratio, recompute_margin_call
 
@@ -32,6 +33,15 @@ from collateral_sync_reference.demo.stage import Stage
 __all__ = ["MarginActs"]
 
 _S = margin_pb2.MarginCallStatus
+#: A call in these states still asks for something (§8.1): after the top-up, none may remain.
+_OPEN = frozenset(
+    {
+        _S.MARGIN_CALL_STATUS_ISSUED,
+        _S.MARGIN_CALL_STATUS_AGREED,
+        _S.MARGIN_CALL_STATUS_PARTIALLY_AGREED,
+        _S.MARGIN_CALL_STATUS_DISPUTED,
+    }
+)
 
 
 class MarginActs(Stage):
@@ -161,7 +171,9 @@ class MarginActs(Stage):
         return call.margin_call_id
 
     async def _top_up(self, call_id: str) -> None:
-        say.section("8. Top-up: the agreed part is covered, the call is satisfied")
+        say.section(
+            "8. Top-up: the agreed part is covered, the call satisfied, the dispute resolved"
+        )
         asset, quantity = TOP_UP
         attested = await self._pledge(asset, quantity)
         self._holdings = attested
@@ -197,4 +209,39 @@ class MarginActs(Stage):
             f"CreditLine: collateral value {say.amount(credit.collateral_value.value)}, ratio "
             f"{self._ratio(credit)} (back above {self._policy.maintenance_ratio.value}), credit "
             f"limit {say.amount(credit.credit_limit.value)}"
+        )
+        await self._dispute_resolved(state, credit)
+
+    async def _dispute_resolved(
+        self, state: margin_pb2.MarginCallState, credit: valuation_pb2.CreditLine
+    ) -> None:
+        """The disputed part (PROTOCOL.md §8.1): covered, re-checked, and no call left open."""
+        call_amount = decimal_of(state.call_amount)
+        disputed = call_amount - decimal_of(state.agreed_amount)
+        covered = decimal_of(state.satisfied_amount)
+        ratio = collateral_ratio(
+            self._policy, decimal_of(credit.collateral_value), decimal_of(credit.exposure)
+        )
+        maintenance = decimal_of(self._policy.maintenance_ratio)
+        open_calls = [s for s in await self._margin_calls() if s.status in _OPEN]
+        if covered < call_amount or ratio is None or ratio < maintenance or open_calls:
+            raise StateError(
+                f"expected the top-up to cover the whole call {format_amount(call_amount)} "
+                f"and no call left open; it is worth {format_amount(covered)}, ratio "
+                f"{self._ratio(credit)}, {len(open_calls)} call(s) open",
+                metadata={"expected": "the dispute resolved", "actual": "a call still open"},
+            )
+        say.step(
+            f"the disputed {say.amount(disputed)}: the top-up's "
+            f"{say.amount(covered)} covers the whole call amount {say.amount(call_amount)} "
+            "too, so nothing in dispute is left unsecured"
+        )
+        say.detail(
+            f"{EXCHANGE} re-checks the account at its current prices: ratio {self._ratio(credit)} "
+            f">= {self._policy.maintenance_ratio.value}, so no new call is due for the disputed "
+            "part and none is issued"
+        )
+        say.check(
+            f"dispute resolved: {len(await self._margin_calls())} margin call on {ACCOUNT}, "
+            f"{status_name(state.status)}; none ISSUED, AGREED, PARTIALLY_AGREED or DISPUTED"
         )

@@ -17,7 +17,11 @@ exchange, goes on through public interfaces only:
 - the exchange's process is stopped; the regulator's officer signs an
   emergency release, the custodian co-signs it (``CoSignEmergencyRelease``),
   refuses to execute it before the policy's wait and executes it after, with a
-  signed receipt and a holdings statement with reason RELEASE.
+  signed receipt and a holdings statement with reason RELEASE;
+- the client redeems part of the released account: the custodian locks it
+  (REDEMPTION_LOCK, ``settles_at`` 24 h later), refuses a second redemption of
+  the same quantity while the lock holds, and settles it (REDEMPTION_SETTLED:
+  quantity and locked both down) once the clocks pass ``settles_at``.
 
 Clocks: every running server's clock moves by the same amount, the
 regulator's first, so it is past a cut-off before the parties submit their
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
 import grpc
-from collateral_sync.amounts import amount_to_proto
+from collateral_sync.amounts import amount_to_proto, parse_amount
 from collateral_sync.audit import EMERGENCY_RELEASE_ROLES, EMERGENCY_RELEASE_THRESHOLD
 from collateral_sync.clients import CustodianClient, EmergencyReleaseClient, RegulatorClient
 from collateral_sync.errors import RPCError, StateError
@@ -58,19 +62,21 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 
 from collateral_sync_reference.demo import text as say
-from collateral_sync_reference.demo.facts import positions_text, reason_name
+from collateral_sync_reference.demo.facts import by_asset, decimal_of, positions_text, reason_name
 from collateral_sync_reference.demo.scenario import (
     BREAK,
     CLIENT,
+    CLIENT_TTL,
     CUSTODIAN,
     EXCHANGE,
     HOUSE_ACCOUNT,
     PROCEEDS_ACCOUNT,
+    REDEMPTION,
     REGULATOR,
     SECOND_ACCOUNT,
     SECOND_PLEDGE,
 )
-from collateral_sync_reference.demo.stage import Connections
+from collateral_sync_reference.demo.stage import Attested, Connections
 from collateral_sync_reference.demo.story import Story
 
 __all__ = ["OverseenStory", "RegulatorConnections"]
@@ -137,7 +143,7 @@ def _totals(statement: reconciliation_pb2.ReconciliationStatement) -> str:
 
 
 class OverseenStory(Story):
-    """The lifecycle, then reconciliation, settlement and an emergency release (acts 12-15)."""
+    """The lifecycle, then reconciliation, settlement, an emergency release, a redemption (12-16)."""
 
     def __init__(
         self,
@@ -165,6 +171,7 @@ class OverseenStory(Story):
         await self._break_located()
         await self._settlement_cycle()
         await self._emergency_release()
+        await self._redemption()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -620,4 +627,120 @@ class OverseenStory(Story):
         )
         say.detail(
             f"(proven, but not put in {EXCHANGE}'s bundle: it was dark and relied on nothing)"
+        )
+
+    async def _redeem(
+        self, redemption_id: str, asset: str, quantity: str
+    ) -> tuple[Attested, datetime]:
+        """RequestRedemption as the client: the REDEMPTION_LOCK statement and settles_at."""
+        request = sign_statement(
+            custodian_service_pb2.RedemptionRequest(
+                redemption_id=redemption_id,
+                account_id=SECOND_ACCOUNT,
+                asset_id=asset,
+                quantity=amount_to_proto(quantity),
+            ),
+            self._client_key,
+            audience=[CUSTODIAN],
+            sequence=next(self._sequence),
+            ttl=CLIENT_TTL,
+            issued_at=self._clock.now(),
+        )
+        response = await self._c.custodian.request_redemption(
+            custodian_service_pb2.RequestRedemptionRequest(redemption_request=request)
+        )
+        statement = self._open(
+            response.holdings_statement, attestation_pb2.HoldingsStatement, CLIENT
+        )
+        attested = Attested(response.holdings_statement, statement, response.attestation)
+        return attested, response.settles_at.ToDatetime(tzinfo=UTC)
+
+    async def _redemption(self) -> None:
+        say.section("16. Redemption: locked for 24 h, then settled out of custody")
+        asset, quantity = REDEMPTION
+        amount = parse_amount(quantity)
+        before = await self._holdings_now(SECOND_ACCOUNT)
+        held = by_asset(before.statement)[asset]
+        free = (
+            decimal_of(held.quantity)
+            - decimal_of(held.locked_quantity)
+            - decimal_of(held.pledged_quantity)
+        )
+        say.step(
+            f"{CLIENT} asks {CUSTODIAN} to redeem {asset} {say.amount(quantity)} of "
+            f"{SECOND_ACCOUNT} (signed RedemptionRequest); {say.amount(free)} is free "
+            "(quantity - locked - pledged): pledged collateral is never redeemable"
+        )
+        locked, settles_at = await self._redeem(f"redemption-{SECOND_ACCOUNT}-1", asset, quantity)
+        position = by_asset(locked.statement)[asset]
+        if (
+            locked.statement.reason != _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_LOCK
+            or decimal_of(position.locked_quantity) != decimal_of(held.locked_quantity) + amount
+        ):
+            raise StateError(
+                f"expected a REDEMPTION_LOCK statement locking {asset} {quantity}, got "
+                f"{reason_name(locked.statement)} with {position.locked_quantity.value or '0'} "
+                "locked",
+                metadata={"expected": "REDEMPTION_LOCK", "actual": reason_name(locked.statement)},
+            )
+        lock = settles_at - self._clock.now()
+        say.step(
+            f"{CUSTODIAN} attests epoch {locked.statement.epoch} "
+            f"({reason_name(locked.statement)}) at leaf {locked.ref.leaf_index}: {asset} "
+            f"{say.amount(position.quantity.value)}, {say.amount(position.locked_quantity.value)} "
+            f"locked; settles at {settles_at:%Y-%m-%d %H:%M} UTC ({_span(lock)} from now)"
+        )
+        self._proven(
+            await self.evidence.prove_holdings(locked.envelope, locked.ref, keep=False),
+            locked.ref,
+        )
+        await self._expect_refusal(
+            f"a second redemption of the same {asset} {say.amount(quantity)} before "
+            f"{settles_at:%H:%M} UTC: what the lock holds is no longer redeemable",
+            self._redeem(f"redemption-{SECOND_ACCOUNT}-2", asset, quantity),
+        )
+        still = await self._holdings_now(SECOND_ACCOUNT)
+        if still != locked:
+            raise StateError(
+                f"expected {SECOND_ACCOUNT}'s holdings unchanged before settles_at, got epoch "
+                f"{still.statement.epoch} ({reason_name(still.statement)})",
+                metadata={"expected": "the lock held", "actual": reason_name(still.statement)},
+            )
+        say.check(
+            f"before settles_at the lock holds: {asset} {say.amount(position.quantity.value)} "
+            f"still in {SECOND_ACCOUNT}, {say.amount(position.locked_quantity.value)} locked"
+        )
+        by = settles_at + _PAST - self._clock.now()
+        now = await self._advance(by, exchange_running=False)
+        say.step(
+            f"{REGULATOR}'s and {CUSTODIAN}'s clocks move {_span(by)} forward, to "
+            f"{now:%Y-%m-%d %H:%M} UTC, past settles_at"
+        )
+
+        async def settled() -> Attested | None:
+            found = await self._holdings_now(SECOND_ACCOUNT)
+            reason = _REASON.HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED
+            return found if found.statement.reason == reason else None
+
+        after = await self._until(f"{CUSTODIAN} to settle the redemption", settled)
+        done = by_asset(after.statement)[asset]
+        if (
+            decimal_of(done.quantity) != decimal_of(position.quantity) - amount
+            or decimal_of(done.locked_quantity) != decimal_of(position.locked_quantity) - amount
+        ):
+            raise StateError(
+                f"expected {asset} quantity and locked both down by {quantity} at settlement; "
+                f"got {done.quantity.value} and {done.locked_quantity.value or '0'}",
+                metadata={"expected": f"both down by {quantity}", "actual": done.quantity.value},
+            )
+        say.step(
+            f"{CUSTODIAN} attests epoch {after.statement.epoch} ({reason_name(after.statement)}) "
+            f"at leaf {after.ref.leaf_index}: {asset} {say.amount(position.quantity.value)} -> "
+            f"{say.amount(done.quantity.value)}, locked "
+            f"{say.amount(position.locked_quantity.value)} -> "
+            f"{say.amount(decimal_of(done.locked_quantity))}: the {say.amount(quantity)} has left "
+            "custody to the client"
+        )
+        self._proven(
+            await self.evidence.prove_holdings(after.envelope, after.ref, keep=False), after.ref
         )

@@ -6,24 +6,29 @@ dev-certs``, one JSON configuration per server — then starts the custodian,
 the exchange and the regulator as separate ``collateral-sync serve``
 processes (test mode, SQLite on disk, loopback, mutual TLS between them and
 towards the demo). It walks the lifecycle through public interfaces only
-(:mod:`collateral_sync_reference.demo.story`): pledge, attestation and proofs, credit,
-exposure, a margin call and its partial dispute, a top-up, daily yield,
-liquidation with yield first, the shortfall waterfall; then
+(:mod:`collateral_sync_reference.demo.story`): pledge, attestation and proofs,
+credit, exposure, a margin call and its partial dispute, a top-up that
+satisfies it and resolves the dispute, daily yield, liquidation with yield
+first, the shortfall waterfall; then
 (:mod:`collateral_sync_reference.demo.oversight`) a matched reconciliation, an
 injected break located to its account, a settlement cycle, and an emergency
-release by regulator and custodian once the exchange has gone dark. It ends
+release by regulator and custodian once the exchange has gone dark, and a
+redemption locked for 24 h, refused again while locked, then settled. It ends
 by exporting what each party relied on as audit bundles and checking them
 offline with ``collateral-sync verify``, once as exported (exit 0) and once
 tampered (exit 1).
 
 It runs in a fresh temporary directory, or in ``COLLATERAL_SYNC_DEMO_DIR``
 (which must be empty or absent) to keep the keys, databases, logs and bundles.
-Exit codes: 0 done; 1 a step failed (one message, no traceback); 130
+``--base-port N`` has the servers listen on N, N+1 and N+2 instead of ports
+the system picks. Exit codes: 0 done; 1 a step failed (one message, no
+traceback); 2 bad arguments or a ``--base-port`` port in use (one line); 130
 interrupted. Every server it started is stopped in every case.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -108,6 +113,31 @@ def _set_up(workdir: Path) -> KeyRegistry:
     return registry
 
 
+#: Server roles in the order they take ports from ``--base-port N``: N, N+1, N+2.
+ROLES = ("custodian", "exchange", "regulator")
+
+
+class PortInUseError(OSError):
+    """A port ``--base-port`` asks for is already taken."""
+
+
+def _fixed_addresses(base_port: int) -> dict[str, str]:
+    """Each server's address from ``--base-port``; PortInUseError if one is taken."""
+    addresses = {}
+    for offset, role in enumerate(ROLES):
+        port = base_port + offset
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as err:
+                raise PortInUseError(
+                    f"port {port} (for the {role}, --base-port {base_port} + {offset}) "
+                    f"is in use on 127.0.0.1: {err.strerror}; choose another --base-port"
+                ) from err
+        addresses[role] = f"127.0.0.1:{port}"
+    return addresses
+
+
 def _reserve_address() -> tuple[socket.socket, str]:
     """A loopback port held bound until the regulator takes it over.
 
@@ -122,25 +152,54 @@ def _reserve_address() -> tuple[socket.socket, str]:
 _Bundles = tuple[audit_pb2.AuditBundle, audit_pb2.AuditBundle, audit_pb2.AuditBundle]
 
 
-def run(workdir: Path) -> None:
-    """The whole demo in ``workdir`` (created if absent; it must be empty)."""
+def _opening() -> None:
+    say.opening(
+        f"The assets stay at the custodian: {CUSTODIAN} holds {CLIENT}'s BTC, USDC, BENJI and "
+        f"TSLAx in its custody accounts, and they never move to the exchange."
+    )
+    say.opening(
+        f"{EXCHANGE} holds none of them: it grants credit and trades against {CUSTODIAN}'s "
+        "signed attestations, each provable in an append-only log."
+    )
+
+
+def run(workdir: Path, base_port: int | None = None) -> None:
+    """The whole demo in ``workdir`` (created if absent; it must be empty).
+
+    With ``base_port`` the custodian, exchange and regulator listen on it and
+    the next two ports (PortInUseError, before anything starts, if one is
+    taken); without it, on ports the system picks.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
         raise StateError(
             f"{workdir}: expected an empty directory (the demo starts from nothing), it has files",
             metadata={"expected": "an empty directory", "actual": "not empty"},
         )
+    fixed = None if base_port is None else _fixed_addresses(base_port)
+    _opening()
     registry = _set_up(workdir)
     # Yield accrues a few minutes after the start: the demo then moves the clocks only that far.
     yield_time = (datetime.now(UTC) + YIELD_LEAD).time().replace(second=0, microsecond=0)
     cutoffs = cutoffs_after(yield_time)
-    reserved, regulator_address = _reserve_address()
-    with reserved, Servers(workdir) as servers:
+    reserved: socket.socket | None = None
+    if fixed is None:
+        reserved, regulator_address = _reserve_address()
+    else:
+        # Nothing to hold: the regulator's port is known before any server starts.
+        regulator_address = fixed["regulator"]
+
+    def listening(role: str, config: dict[str, Any]) -> dict[str, Any]:
+        return config if fixed is None else {**config, "listen": fixed[role]}
+
+    with contextlib.ExitStack() as held, Servers(workdir) as servers:
+        if reserved is not None:
+            held.enter_context(reserved)
         custodian = servers.start(
             "custodian",
             write_config(
                 workdir / "custodian.json",
-                custodian_config(yield_time, regulator_address, cutoffs),
+                listening("custodian", custodian_config(yield_time, regulator_address, cutoffs)),
             ),
         )
         say.step(
@@ -151,14 +210,17 @@ def run(workdir: Path) -> None:
             "exchange",
             write_config(
                 workdir / "exchange.json",
-                exchange_config(custodian.address, regulator_address, cutoffs),
+                listening(
+                    "exchange", exchange_config(custodian.address, regulator_address, cutoffs)
+                ),
             ),
         )
         say.step(
             f"{EXCHANGE} serves on {exchange.address} (pid {exchange.pid}) and dials "
             f"{CUSTODIAN}'s position-sync stream over mutual TLS"
         )
-        reserved.close()
+        if reserved is not None:
+            reserved.close()
         regulator = servers.start(
             "regulator",
             write_config(
@@ -270,7 +332,7 @@ def _audit(
     bundles: _Bundles,
     stopped: list[tuple[ServerProcess, int | None]],
 ) -> None:
-    say.section("16. Audit: what each party relied on, verified offline")
+    say.section("17. Audit: what each party relied on, verified offline")
     say.step(
         "the servers are stopped ("
         + ", ".join(f"{server.role} exit code {code}" for server, code in stopped)
@@ -381,7 +443,45 @@ class _Interrupt:
 _INTERRUPT = _Interrupt()
 
 
-def main() -> None:
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535 - (len(ROLES) - 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 1 to {65535 - (len(ROLES) - 1)}, got {port}"
+        )
+    return port
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m collateral_sync_reference.demo",
+        description=(
+            "Start a reference custodian, exchange and regulator (test mode, mutual TLS on "
+            "loopback) and tell the seed story through their public interfaces. It runs in a "
+            "fresh temporary directory, or in COLLATERAL_SYNC_DEMO_DIR (empty or absent) to "
+            "keep its keys, databases, logs and audit bundles."
+        ),
+        epilog="Exit codes: 0 done; 1 a step failed; 2 bad arguments or a port in use; "
+        "130 interrupted.",
+    )
+    parser.add_argument(
+        "--base-port",
+        type=_port,
+        metavar="N",
+        help=(
+            "listen on 127.0.0.1 ports N (custodian), N+1 (exchange) and N+2 (regulator) "
+            "instead of ports the system picks; a port in use ends the demo with exit code 2 "
+            "before any server starts"
+        ),
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = _arguments(argv)
     started = monotonic()
     previous = {
         signum: signal.signal(signum, _INTERRUPT.handler)
@@ -390,16 +490,18 @@ def main() -> None:
     keep = os.environ.get("COLLATERAL_SYNC_DEMO_DIR")
     try:
         if keep:
-            run(Path(keep))
+            run(Path(keep), arguments.base_port)
         else:
             with tempfile.TemporaryDirectory(prefix="collateral-sync-demo-") as tmp:
-                run(Path(tmp))
+                run(Path(tmp), arguments.base_port)
     except KeyboardInterrupt:
         _fail("\ndemo interrupted; every server it started was stopped", 130)
     except RPCError as err:
         _fail(f"\ndemo failed: a server answered {err.code.name} {err.reason_name}: {err.message}")
     except CollateralSyncError as err:
         _fail(f"\ndemo failed: {err.reason_name}: {err.message}")
+    except PortInUseError as err:
+        _fail(f"demo: {err}", 2)
     except OSError as err:
         _fail(f"\ndemo failed: {err}")
     finally:
@@ -412,4 +514,3 @@ def main() -> None:
 def _fail(message: str, code: int = 1) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
-

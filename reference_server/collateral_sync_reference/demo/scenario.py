@@ -31,6 +31,7 @@ __all__ = [
     "PRICES",
     "PROCEEDS_ACCOUNT",
     "PROFITS",
+    "REDEMPTION",
     "REGULATOR",
     "SECOND_ACCOUNT",
     "SECOND_DROP",
@@ -90,6 +91,8 @@ BREAK = {
     "delta": "25",
     "after_cutoffs": 1,
 }
+#: After the release, the client redeems part of what acct-8 holds free (asset, quantity).
+REDEMPTION = ("USDC", "200000")
 #: The daily yield time is set this far after the start, so the clock jump stays short.
 YIELD_LEAD = timedelta(minutes=10)
 

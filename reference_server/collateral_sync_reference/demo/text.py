@@ -18,6 +18,7 @@ __all__ = [
     "check",
     "command",
     "detail",
+    "opening",
     "refused",
     "section",
     "step",
@@ -30,6 +31,11 @@ _INDENT = "   "
 def _emit(text: str) -> None:
     # Flushed line by line: a piped `make demo` shows progress as it happens.
     print(text, flush=True)
+
+
+def opening(text: str) -> None:
+    """What the story is about, before its first act."""
+    _emit(text)
 
 
 def section(title: str) -> None:

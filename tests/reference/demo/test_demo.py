@@ -13,6 +13,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,11 +38,39 @@ DEMO = (sys.executable, "-m", "collateral_sync_reference.demo")
 DEMO_TIMEOUT = 120.0
 
 
-def _run_demo(directory: Path) -> subprocess.CompletedProcess[str]:
+def _run_demo(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     environment = dict(os.environ, COLLATERAL_SYNC_DEMO_DIR=str(directory))
     return subprocess.run(
-        DEMO, capture_output=True, text=True, env=environment, timeout=DEMO_TIMEOUT, check=False
+        [*DEMO, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=DEMO_TIMEOUT,
+        check=False,
     )
+
+
+def _free_base_port() -> int:
+    """A port N with N, N+1 and N+2 free on loopback (for --base-port)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + 2 > 65535:
+            continue
+        held = []
+        try:
+            for port in range(base, base + 3):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return base
+    raise AssertionError("no three consecutive free ports found")
 
 
 def _server_pids(output: str) -> list[int]:
@@ -60,23 +89,32 @@ def _gone(pid: int) -> bool:
 
 def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path: Path) -> None:
     directory = tmp_path / "demo"
+    base = _free_base_port()
     started = time.monotonic()
-    done = _run_demo(directory)
+    done = _run_demo(directory, "--base-port", str(base))
     elapsed = time.monotonic() - started
     out = done.stdout
     assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr}"
     assert "Traceback" not in done.stderr
     assert elapsed < DEMO_TIMEOUT
 
-    for number in range(1, 17):
+    # It opens by saying where the assets are.
+    assert out.startswith(
+        "The assets stay at the custodian: custodian-1 holds client-1's BTC, USDC, BENJI and "
+        "TSLAx in its custody accounts, and they never move to the exchange.\n"
+        "exchange-1 holds none of them: it grants credit and trades against custodian-1's "
+        "signed attestations"
+    ), out[:400]
+    for number in range(1, 18):
         assert f"\n== {number}. " in out, f"section {number} missing"
     # The story, in order: each step appears after the one before it.
     steps = [
         "$ collateral-sync keygen --party custodian-1 --role custodian",
         "$ collateral-sync dev-certs --out pki",
-        "custodian-1 serves on 127.0.0.1:",
-        "exchange-1 serves on 127.0.0.1:",
-        "regulator-1 serves on 127.0.0.1:",
+        # --base-port N: the custodian on N, the exchange on N+1, the regulator on N+2.
+        f"custodian-1 serves on 127.0.0.1:{base} ",
+        f"exchange-1 serves on 127.0.0.1:{base + 1} ",
+        f"regulator-1 serves on 127.0.0.1:{base + 2} ",
         "risk policy v1, signed by exchange-1",
         "client-1 signs its pre-authorised liquidation path path-acct-7-1",
         "client-1 pledges TSLAx 400 to exchange-1",
@@ -95,6 +133,11 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "ok      recomputed from those signed inputs alone",
         "PARTIALLY_AGREED: 13,800 agreed and due, 13,800 disputed",
         "margin call SATISFIED",
+        # The disputed half: covered by the top-up, re-checked, no call left open.
+        "the disputed 13,800: the top-up's 41,800 covers the whole call amount 27,600",
+        "so no new call is due for the disputed part and none is issued",
+        "ok      dispute resolved: 1 margin call on acct-7, SATISFIED; none ISSUED, AGREED, "
+        "PARTIALLY_AGREED or DISPUTED",
         "(YIELD_ACCRUAL)",
         "BENJI 100,000 -> 100,011.8 (+11.8)",
         "exchange-1 signs LiquidationInstruction liq-",
@@ -144,6 +187,19 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "the same release, brought again: executed. EmergencyReleaseReceipt signed by custodian-1",
         "(RELEASE) at leaf ",
         "USDC 248,500, nothing pledged",
+        # Redemption: locked 24 h, refused again before settles_at, settled after.
+        "client-1 asks custodian-1 to redeem USDC 200,000 of acct-8",
+        "(REDEMPTION_LOCK) at leaf ",
+        "USDC 248,500, 200,000 locked; settles at ",
+        "(24 h 00 min from now)",
+        "refused a second redemption of the same USDC 200,000 before ",
+        "-> FAILED_PRECONDITION STATE_CONFLICT: redemption of 200000 USDC exceeds the 48500 "
+        "redeemable",
+        "ok      before settles_at the lock holds: USDC 248,500 still in acct-8, 200,000 locked",
+        "clocks move 24 h ",
+        "past settles_at",
+        "(REDEMPTION_SETTLED) at leaf ",
+        "USDC 248,500 -> 48,500, locked 200,000 -> 0: the 200,000 has left custody",
         "regulator exit code 0, exchange exit code 0, custodian exit code 0",
         "1 LiquidationReceipt signed by custodian-1",
         "$ collateral-sync verify audit-exchange.json",
@@ -304,6 +360,30 @@ def _check_regulator_bundle(directory: Path) -> None:
     envelope.payload = edit_quantity(envelope.payload, "150025", "150026")
     failed = [c.subject for c in verify_audit_bundle(tampered).checks if not c.ok]
     assert failed == ["statement[1]"]
+
+
+def test_demo_with_a_base_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    base = _free_base_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        done = _run_demo(tmp_path / "demo", "--base-port", str(base))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"demo: port {base + 1} (for the exchange, --base-port {base} + 1) is in use on "
+        "127.0.0.1: Address already in use; choose another --base-port"
+    ]
+    assert "serves on" not in done.stdout
+
+
+def test_demo_help_documents_the_base_port() -> None:
+    done = subprocess.run(
+        [*DEMO, "--help"], capture_output=True, text=True, timeout=DEMO_TIMEOUT, check=False
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # however argparse wraps it
+    assert "--base-port N" in text
+    assert "N (custodian), N+1 (exchange) and N+2 (regulator)" in text
 
 
 def test_demo_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
