@@ -1,4 +1,4 @@
-"""``collateral-sync conformance run|list``: the kit's command line.
+"""``collateral-sync conformance run|list|init``: the kit's command line.
 
 Exit codes: 0 every MUST case passed (and the known-failing list is current);
 1 a MUST case failed or erred, or the known-failing list is stale; 2 a usage
@@ -29,6 +29,7 @@ from collateral_sync.transport import TlsConfig, grpc_core_log_held, secure_chan
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collateral_sync_conformance._context import KitConfig, party_role
+from collateral_sync_conformance._init import InitError, init
 from collateral_sync_conformance._registry import (
     REGISTRY,
     Case,
@@ -208,6 +209,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     listing.add_argument("--run", action="append", metavar="GLOB", help="only matching cases")
     listing.add_argument("--skip", action="append", metavar="GLOB", help="leave out matching cases")
     listing.add_argument("--json", action="store_true", help="print JSON")
+
+    setup = sub.add_parser(
+        "init",
+        help="write the kit's keys, certificates, registry, a reference server config and "
+        "run-kit.sh into DIR",
+        allow_abbrev=False,
+    )
+    setup.add_argument("--role", required=True, choices=roles, help="role of the server to test")
+    setup.add_argument("--force", action="store_true", help="write into a non-empty DIR")
+    setup.add_argument("directory", metavar="DIR", help="where to write (created if absent)")
     return parser
 
 
@@ -242,6 +253,19 @@ def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
         who = ",".join(r.value for r in Role if r in case.roles)
         print(f"{case.id:<{width}}  {case.level.value:<6}  {who:<28}  {case.description}")
     print(f"{len(chosen)} cases ({sum(1 for c in chosen if c.level.value == 'MUST')} MUST)")
+    return EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    try:
+        written = init(args.role, directory, force=args.force)
+    except InitError as err:
+        raise UsageError(str(err)) from err
+    except OSError as err:
+        raise UsageError(f"{directory}: cannot write ({err.strerror or err})") from err
+    print(f"wrote      {written.directory}: pki/, keys/, server.json, run-kit.sh, README.txt")
+    print(written.readme.read_text("utf-8"), end="")
     return EXIT_OK
 
 
@@ -546,6 +570,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = _PROG) -> int:
     try:
         if args.command == "list":
             return _cmd_list(args, registry)
+        if args.command == "init":
+            return _cmd_init(args)
         return _cmd_run(args, registry)
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
