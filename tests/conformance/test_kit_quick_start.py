@@ -1,4 +1,4 @@
-"""The quick start of docs/CONFORMANCE.md, run exactly as written.
+"""The kit's quick starts (docs/CONFORMANCE.md, README.md), run exactly as written.
 
 A quick start an integrator copies must work as printed: each ``sh`` block of the
 "Quick start" section runs in a fresh directory with the project's
@@ -24,6 +24,7 @@ import pytest
 from .conftest import ROOT
 
 CONFORMANCE_MD = ROOT / "docs" / "CONFORMANCE.md"
+README_MD = ROOT / "README.md"
 _PORTS = (7441, 7442, 7443)
 _BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 #: The summary lines a block's sample output shows: a level row and the RESULT line.
@@ -31,10 +32,19 @@ _SUMMARY = re.compile(r"^(MUST|SHOULD|RESULT)\b.*$", re.MULTILINE)
 
 
 def _quick_start() -> list[tuple[str, str]]:
-    """(sh block, the sample output block after it) of the Quick start section."""
+    """(sh block, the sample output block after it) of the quick starts.
+
+    CONFORMANCE.md's "Quick start" section, each block with the sample summary
+    that follows it; and the README's kit block, which shows none (it must pass).
+    """
     text = CONFORMANCE_MD.read_text("utf-8")
     section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = _BLOCK.findall(section)
+    readme = README_MD.read_text("utf-8").split("## Conformance kit", 1)[1].split("\n## ", 1)[0]
+    blocks = [
+        *_BLOCK.findall(section),
+        *_BLOCK.findall(readme)[:1],
+        ("", "RESULT: PASS (every MUST case passed)"),
+    ]
     pairs = []
     for index, (language, body) in enumerate(blocks):
         if language == "sh":
@@ -107,6 +117,5 @@ def test_the_quick_start_block_runs_as_written(index: int, tmp_path: Path) -> No
     printed = [" ".join(line.split()) for line in _lines(output)]
     assert shown, "the document shows no summary after this block"
     assert printed[-len(shown) :] == shown, (
-        "the summary printed differs from the one docs/CONFORMANCE.md shows:\n"
-        + "\n".join(printed)
+        "the summary printed differs from the one docs/CONFORMANCE.md shows:\n" + "\n".join(printed)
     )
