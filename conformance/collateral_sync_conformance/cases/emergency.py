@@ -298,6 +298,23 @@ _SECOND = timedelta(seconds=1)
 _COSIGN_LEAD = timedelta(seconds=10)
 
 
+async def _expect_released(ctx: CaseContext, account_id: str) -> None:
+    """The account's next holdings statement says RELEASE and pledges nothing (§11)."""
+    statement, _, _ = await holdings(ctx, account_id)
+    check_equal(
+        "reason of the holdings statement after the release",
+        attestation_pb2.HoldingsChangeReason.Name(attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE),
+        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
+    )
+    still = {p.asset_id: p.pledged_quantity.value for p in statement.positions}
+    check(
+        all(v in ("", "0") for v in still.values()),
+        "the account still pledges collateral after the release",
+        expected="pledged_quantity 0 for every asset",
+        got=still,
+    )
+
+
 @REGISTRY.case(
     "emergency/regulator-custodian-executed-after-wait",
     Level.MUST,
@@ -349,19 +366,7 @@ async def regulator_custodian_after_wait(ctx: CaseContext) -> None:
         signed.SerializeToString(),
         receipt.message.release.SerializeToString(),
     )
-    statement, _, _ = await holdings(ctx, account_id)
-    check_equal(
-        "reason of the holdings statement after the release",
-        attestation_pb2.HoldingsChangeReason.Name(attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE),
-        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
-    )
-    still = {p.asset_id: p.pledged_quantity.value for p in statement.positions}
-    check(
-        all(v in ("", "0") for v in still.values()),
-        "the account still pledges collateral after the release",
-        expected="pledged_quantity 0 for every asset",
-        got=still,
-    )
+    await _expect_released(ctx, account_id)
     # Leave the account pledged again, as the cases after this one expect.
     await ensure_pledged(ctx)
 
@@ -402,18 +407,6 @@ async def two_of_three_executed(ctx: CaseContext) -> None:
         envelope.SerializeToString(),
         receipt.message.release.SerializeToString(),
     )
-    statement, _, _ = await holdings(ctx, account_id)
-    check_equal(
-        "reason of the holdings statement after the release",
-        attestation_pb2.HoldingsChangeReason.Name(attestation_pb2.HOLDINGS_CHANGE_REASON_RELEASE),
-        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
-    )
-    still = {p.asset_id: p.pledged_quantity.value for p in statement.positions}
-    check(
-        all(v in ("", "0") for v in still.values()),
-        "the account still pledges collateral after the release",
-        expected="pledged_quantity 0 for every asset",
-        got=still,
-    )
+    await _expect_released(ctx, account_id)
     # Leave the account pledged again, as the cases after this one expect.
     await ensure_pledged(ctx)
