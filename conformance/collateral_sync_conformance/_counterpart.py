@@ -234,6 +234,8 @@ class KitCustodian:
         self.instructions: list[envelope_pb2.Envelope] = []
         #: (leaf_index, tree_size) of every GetInclusionProof asked.
         self.inclusion_requests: list[tuple[int, int]] = []
+        #: Sizes of the checkpoints GetCheckpoint answered, in order.
+        self.checkpoints_served: list[int] = []
         #: (first, second) of every GetConsistencyProof asked.
         self.consistency_requests: list[tuple[int, int]] = []
         #: What the exchange did wrong, for the running case to report.
@@ -241,6 +243,9 @@ class KitCustodian:
         self._reported = 0
         #: While set, GetCheckpoint / proofs answer from this log instead (a fork).
         self.fork: AttestationLog | None = None
+        #: While set, each inclusion or consistency proof passes through it before it is
+        #: answered: a case that lies about one proof rewrites it here.
+        self.rewrite_proof: Callable[[Message], None] | None = None
         #: The sequence and signed batch with which a case contradicted the kit's own
         #: log towards the exchange (this run), once one has.
         self.equivocation: tuple[int, envelope_pb2.Envelope] | None = None
@@ -557,6 +562,8 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         except CollateralSyncError as err:
             await self._abort(context, err)
             raise
+        self._kit.checkpoints_served.append(self._log().size)
+        self._kit._wake()
         return custodian_service_pb2.GetCheckpointResponse(checkpoint=checkpoint)
 
     async def GetInclusionProof(
@@ -572,6 +579,8 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         except CollateralSyncError as err:
             await self._abort(context, err)
             raise
+        if self._kit.rewrite_proof is not None:
+            self._kit.rewrite_proof(proof)
         return custodian_service_pb2.GetInclusionProofResponse(proof=proof)
 
     async def GetConsistencyProof(
@@ -589,6 +598,8 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         except CollateralSyncError as err:
             await self._abort(context, err)
             raise
+        if self._kit.rewrite_proof is not None:
+            self._kit.rewrite_proof(proof)
         return custodian_service_pb2.GetConsistencyProofResponse(proof=proof)
 
     async def SubmitLiquidationInstruction(

@@ -23,8 +23,10 @@ from decimal import Decimal
 from typing import Any
 
 import grpc
+from collateral_sync import attestation as _attestation_module
 from collateral_sync import errors
 from collateral_sync import keys as _keys_module
+from collateral_sync import merkle as _merkle_module
 from collateral_sync import server as _server_module
 from collateral_sync import signing as _signing_module
 from collateral_sync._cli import main as cli_main
@@ -41,7 +43,7 @@ from collateral_sync.v1 import (
     reconciliation_service_pb2,
     valuation_pb2,
 )
-from collateral_sync.v1.attestation_pb2 import HoldingsStatement
+from collateral_sync.v1.attestation_pb2 import Checkpoint, HoldingsStatement
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import evidence as _evidence_module
@@ -78,6 +80,7 @@ _exchange_liquidation: Any = _liquidation_module
 _exchange_revaluation: Any = _revaluation_module
 _exchange_risk_policy: Any = _risk_policy_module
 _exchange_attest: Any = _attest_module
+_sdk_attestation: Any = _attestation_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
@@ -661,6 +664,53 @@ def _exchange_credits_without_proving() -> None:
     _exchange_attest.AttestationChecker._check = check
 
 
+def _exchange_trusts_inclusion_proof_size() -> None:
+    """An inclusion proof is checked against the checkpoint's root at the proof's own
+    tree_size, which is never compared with the checkpoint's."""
+
+    def verify(proof: Any, leaf: bytes, checkpoint: Any) -> None:
+        _merkle_module.verify_inclusion(
+            _merkle_module.leaf_hash(leaf),
+            proof.leaf_index,
+            proof.tree_size,
+            proof.audit_path,
+            checkpoint.root_hash,
+        )
+
+    _exchange_attest.verify_inclusion_proof = verify
+
+
+def _exchange_trusts_consistency_proof_sizes() -> None:
+    """A consistency proof is checked between the checkpoints' roots at the proof's own
+    sizes, which are never compared with the checkpoints'."""
+
+    def verify(proof: Any, first: Any, second: Any) -> None:
+        if first.origin != second.origin:
+            raise errors.ProofError("checkpoints come from different logs")
+        _merkle_module.verify_consistency(
+            proof.first_tree_size,
+            proof.second_tree_size,
+            proof.consistency_path,
+            first.root_hash,
+            second.root_hash,
+        )
+
+    _sdk_attestation.verify_consistency_proof = verify
+
+
+def _exchange_ignores_checkpoint_origin() -> None:
+    """Any checkpoint the custodian signs is taken for its log's, whatever origin it names."""
+    original = _exchange_attest.verify_checkpoint
+
+    def verify(envelope: Any, registry: Any, *, origin: str, **kwargs: Any) -> Any:
+        named = Checkpoint.FromString(envelope.payload).origin
+        checkpoint = original(envelope, registry, origin=named, **kwargs)
+        checkpoint.origin = origin
+        return checkpoint
+
+    _exchange_attest.verify_checkpoint = verify
+
+
 def _exchange_ignores_partial_agreement() -> None:
     """A partially agreed call still needs the whole call amount to be satisfied."""
     original = _exchange_margin_calls.amount_due
@@ -1192,6 +1242,9 @@ FAULTS: dict[str, Callable[[], None]] = {
     "regulator-ignores-party-role": _regulator_ignores_party_role,
     "exchange-unknown-response-kind-as-dispute": _exchange_unknown_response_kind_as_dispute,
     "exchange-values-holdings-pledged-elsewhere": _exchange_values_holdings_pledged_elsewhere,
+    "exchange-trusts-inclusion-proof-size": _exchange_trusts_inclusion_proof_size,
+    "exchange-trusts-consistency-proof-sizes": _exchange_trusts_consistency_proof_sizes,
+    "exchange-ignores-checkpoint-origin": _exchange_ignores_checkpoint_origin,
     "custodian-records-unnamed-paths": _custodian_records_unnamed_paths,
 }
 

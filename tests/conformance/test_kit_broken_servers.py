@@ -498,6 +498,12 @@ def test_a_broken_exchange_is_caught_by_its_cases(
     assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
 
 
+_PROOF_CASES = [
+    "exchange/holdings/inclusion-proof-size-checked",
+    "exchange/holdings/consistency-proof-sizes-checked",
+    "exchange/holdings/other-origin-checkpoint-not-credited",
+]
+
 _HOLDINGS_CASES = {
     "exchange/holdings/leaf-hash-mismatch-not-credited",
     "exchange/holdings/unattested-statement-not-credited",
@@ -509,7 +515,7 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "exchange-credits-without-proving",
         ["exchange/holdings/**"],
-        {"exchange/holdings/credited-once-proven", *_HOLDINGS_CASES},
+        {"exchange/holdings/credited-once-proven", *_HOLDINGS_CASES, *_PROOF_CASES},
     ),
     (
         "exchange-ignores-partial-agreement",
@@ -608,6 +614,17 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "exchange-values-holdings-pledged-elsewhere",
         ["exchange/holdings/credited-once-proven", "exchange/holdings/pledged-elsewhere-*"],
         {"exchange/holdings/pledged-elsewhere-not-credited"},
+    ),
+    # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
+    # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement
+    # of the kit's log fails to prove: each fault runs with its own case only.
+    *(
+        (fault, ["exchange/holdings/credited-once-proven", caught], {caught})
+        for fault, caught in [
+            ("exchange-trusts-inclusion-proof-size", _PROOF_CASES[0]),
+            ("exchange-trusts-consistency-proof-sizes", _PROOF_CASES[1]),
+            ("exchange-ignores-checkpoint-origin", _PROOF_CASES[2]),
+        ]
     ),
 ]
 

@@ -35,7 +35,7 @@ TABLE_HEADING = "## Normative clauses and the cases that check them"
 #: The clauses no case or vector checks yet: the protocol's known gaps. Closing one (a new
 #: case) lowers this; a new clause without a case raises it, deliberately, in a reviewed
 #: change to this constant and to the count in docs/CONFORMANCE.md.
-NOT_YET_CLAUSES = 3
+NOT_YET_CLAUSES = 0
 
 #: Mentions of MUST that state no rule: (section, quoted text) -> why.
 EDITORIAL: dict[tuple[str, str], str] = {

@@ -27,7 +27,9 @@ from typing import Any
 import grpc
 from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
+from collateral_sync.errors import CollateralSyncError
 from collateral_sync.keys import SigningKey
+from collateral_sync.merkle import leaf_hash, root_from_inclusion_proof, verify_consistency
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -119,6 +121,10 @@ async def _not_credited(ctx: CaseContext, kit: KitCustodian, account: str, what:
     """``account`` holds nothing the exchange counts, even after a later good statement counts."""
     await _open_account(ctx, kit)  # a later, proven statement: the exchange has caught up
     await asyncio.sleep(_GRACE)
+    await _check_not_credited(ctx, account, what)
+
+
+async def _check_not_credited(ctx: CaseContext, account: str, what: str) -> None:
     line = await _line(ctx, account)
     value = parse_amount(line.collateral_value.value or "0") if line is not None else Decimal(0)
     check(
@@ -196,6 +202,67 @@ async def unattested_statement(ctx: CaseContext) -> None:
     await _not_credited(ctx, kit, account, "a statement that is not in the attestation log")
 
 
+async def _offered_in_fork(
+    ctx: CaseContext,
+    kit: KitCustodian,
+    account: str,
+    what: str,
+    *,
+    origin: str | None = None,
+    rewrite_first_leaf: bool = False,
+    rewrite_proof: Callable[[Any], None] | None = None,
+) -> None:
+    """Offer a statement attested only in another log than the kit's, then check it is not credited.
+
+    The other log holds the kit's leaves (the first one rewritten if asked), the
+    new statement and three fillers (so that its last leaf is not the
+    statement's), under ``origin`` (the kit's own by default). While it is
+    offered, ``rewrite_proof`` may change each proof the kit answers.
+    """
+    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
+    with tempfile.TemporaryDirectory(prefix="kit-fork-") as directory:
+        fork = AttestationLog(Path(directory) / "fork.sqlite", origin=origin or kit.log.origin)
+        try:
+            leaves = [kit.log.leaf(i) for i in range(kit.log.size)]
+            if rewrite_first_leaf:
+                leaves[0] = b"rewritten by the conformance kit: " + leaves[0]
+            fillers = [statement_leaf(_filler(ctx, kit)) for _ in range(3)]
+            fork.append_many([*leaves, statement_leaf(change.holdings_statement), *fillers])
+            change.attestation.leaf_index = len(leaves)
+            change.attestation.tree_size = offered = fork.size
+            served_before = len(kit.checkpoints_served)
+            asked_before = len(kit.consistency_requests)
+            kit.fork = fork
+            kit.rewrite_proof = rewrite_proof
+            kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+            async def judged() -> bool:
+                # A checkpoint of another origin may be refused before any proof is asked.
+                if origin is not None:
+                    return fork.size in kit.checkpoints_served[served_before:]
+                return len(kit.consistency_requests) > asked_before
+
+            await _poll(ctx, judged, "the exchange fetches the other log's checkpoint")
+            await asyncio.sleep(_GRACE)
+            # Checked now too: an exchange that took the other log for the kit's cannot
+            # credit anything of the kit's log later on.
+            await _check_not_credited(ctx, account, what)
+        finally:
+            kit.fork = None
+            kit.rewrite_proof = None
+            fork.close()
+    # The real log must pass the other log's size, so that the next checkpoint the
+    # exchange sees is new and of no size it was offered: attest statements nobody is told of.
+    while kit.log.size <= offered:
+        kit.attest(_filler(ctx, kit))
+    await _not_credited(ctx, kit, account, what)
+
+
+def _filler(ctx: CaseContext, kit: KitCustodian) -> Any:
+    """A signed holdings statement of an account the exchange is never told about."""
+    return kit.sign(attestation_pb2.HoldingsStatement(account_id=ctx.unique("kit-filler")))
+
+
 @REGISTRY.case(
     "exchange/holdings/inconsistent-checkpoint-not-credited",
     Level.MUST,
@@ -206,37 +273,141 @@ async def unattested_statement(ctx: CaseContext) -> None:
 async def inconsistent_checkpoint(ctx: CaseContext) -> None:
     kit = ctx.counterpart
     await ctx.server_now()
-    account = ctx.unique("kit-forked")
-    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
-    with tempfile.TemporaryDirectory(prefix="kit-fork-") as directory:
-        fork = AttestationLog(Path(directory) / "fork.sqlite", origin=kit.log.origin)
+    await _offered_in_fork(
+        ctx,
+        kit,
+        ctx.unique("kit-forked"),
+        "a statement attested only under a forked checkpoint",
+        rewrite_first_leaf=True,
+    )
+
+
+@REGISTRY.case(
+    "exchange/holdings/other-origin-checkpoint-not-credited",
+    Level.MUST,
+    "a statement attested only under a checkpoint of another log origin is never credited, "
+    "although that log extends the accepted one leaf for leaf and the custodian signs its "
+    "checkpoint: a consistency proof joins two checkpoints of one origin only (§5.4)",
+    roles=_EXCHANGE,
+)
+async def other_origin_checkpoint(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    await _offered_in_fork(
+        ctx,
+        kit,
+        ctx.unique("kit-other-origin"),
+        "a statement attested only in a log of another origin",
+        origin=f"{kit.log.origin}/conformance-other-log",
+    )
+
+
+@REGISTRY.case(
+    "exchange/holdings/consistency-proof-sizes-checked",
+    Level.MUST,
+    "a consistency proof whose sizes are not the two checkpoints' sizes is refused, although "
+    "its hashes prove the right pair: a statement attested only under the new checkpoint is "
+    "never credited (§5.4)",
+    roles=_EXCHANGE,
+)
+async def consistency_proof_sizes(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+
+    def misstate_sizes(proof: Any) -> None:
+        if isinstance(proof, attestation_pb2.ConsistencyProof) and kit.fork is not None:
+            roots = (kit.fork.root(proof.first_tree_size), kit.fork.root(proof.second_tree_size))
+            proof.first_tree_size, proof.second_tree_size = _misstated_sizes(proof, *roots)
+
+    await _offered_in_fork(
+        ctx,
+        kit,
+        ctx.unique("kit-proof-sizes"),
+        "a statement whose checkpoint came with a consistency proof for other sizes",
+        rewrite_proof=misstate_sizes,
+    )
+
+
+def _misstated_sizes(
+    proof: attestation_pb2.ConsistencyProof, first_root: bytes, second_root: bytes
+) -> tuple[int, int]:
+    """Other sizes for which the proof's hashes still join the two roots, if some exist.
+
+    So an exchange that trusts the proof's sizes and one that ignores them both
+    accept the misstated proof; only one that compares them with the checkpoints'
+    refuses it. Without such sizes, the second size plus one.
+    """
+    first, second = proof.first_tree_size, proof.second_tree_size
+    path = list(proof.consistency_path)
+    candidates = [(first, s) for s in range(first, 2 * second + 2) if s != second]
+    candidates += [(f, second) for f in range(1, second + 1) if f != first]
+    for sizes in candidates:
         try:
-            # The same log with its first leaf rewritten, plus the new statement.
-            leaves = [kit.log.leaf(i) for i in range(kit.log.size)]
-            leaves[0] = b"rewritten by the conformance kit: " + leaves[0]
-            fork.append_many([*leaves, statement_leaf(change.holdings_statement)])
-            change.attestation.leaf_index = fork.size - 1
-            change.attestation.tree_size = fork.size
-            asked_before = len(kit.consistency_requests)
-            kit.fork = fork
-            kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+            verify_consistency(*sizes, path, first_root, second_root)
+        except CollateralSyncError:
+            continue
+        return sizes
+    return first, second + 1
 
-            async def asked() -> bool:
-                return len(kit.consistency_requests) > asked_before
 
-            await _poll(
-                ctx,
-                asked,
-                "the exchange asks for a consistency proof to the forked checkpoint",
+@REGISTRY.case(
+    "exchange/holdings/inclusion-proof-size-checked",
+    Level.MUST,
+    "an inclusion proof whose tree_size is not the checkpoint's is refused, although its "
+    "hashes lead to the checkpoint's root: the statement it proves is never credited (§5.3)",
+    roles=_EXCHANGE,
+)
+async def inclusion_proof_size(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()
+    account = ctx.unique("kit-inclusion-size")
+    change, ref = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1)
+    # Three leaves after it: the last leaf of a tree has a proof that fits one size only.
+    for _ in range(3):
+        kit.attest(_filler(ctx, kit))
+    leaf = leaf_hash(statement_leaf(change.holdings_statement))
+    misstated: list[int] = []
+
+    def misstate_size(proof: Any) -> None:
+        # Only this statement's proofs: the later statement of _not_credited is proven honestly.
+        if isinstance(proof, attestation_pb2.InclusionProof) and proof.leaf_index == ref.leaf_index:
+            root = root_from_inclusion_proof(
+                leaf, proof.leaf_index, proof.tree_size, list(proof.audit_path)
             )
-            await asyncio.sleep(_GRACE)
-        finally:
-            kit.fork = None
-            fork.close()
-    # The real log must not reuse the fork's size, so that the next checkpoint the
-    # exchange sees is new: attest one statement nobody is told about.
-    kit.attest(kit.sign(attestation_pb2.HoldingsStatement(account_id=ctx.unique("kit-filler"))))
-    await _not_credited(ctx, kit, account, "a statement attested only under a forked checkpoint")
+            proof.tree_size = _misstated_tree_size(leaf, proof, root)
+            misstated.append(proof.tree_size)
+
+    asked_before = len(kit.inclusion_requests)
+    kit.rewrite_proof = misstate_size
+    try:
+        kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+        async def asked() -> bool:
+            return any(i == ref.leaf_index for i, _ in kit.inclusion_requests[asked_before:])
+
+        await _poll(ctx, asked, "the exchange asks for the statement's inclusion proof")
+        await asyncio.sleep(_GRACE)
+        await _not_credited(
+            ctx,
+            kit,
+            account,
+            f"a statement proven for tree sizes {misstated}, not the checkpoint's",
+        )
+    finally:
+        kit.rewrite_proof = None
+
+
+def _misstated_tree_size(leaf: bytes, proof: attestation_pb2.InclusionProof, root: bytes) -> int:
+    """Another tree size under which the proof's path still gives ``root``, if one exists."""
+    path = list(proof.audit_path)
+    sizes = range(proof.leaf_index + 1, 2 * proof.tree_size + 2)
+    for other in (size for size in sizes if size != proof.tree_size):
+        try:
+            if root_from_inclusion_proof(leaf, proof.leaf_index, other, path) == root:
+                return other
+        except CollateralSyncError:
+            continue
+    return proof.tree_size + 1
 
 
 @REGISTRY.case(
