@@ -6,11 +6,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
+TS_SDK := sdk/typescript
+TS_STAMP := $(TS_SDK)/node_modules/.installed
+# The protocol as last released: `buf breaking` compares proto/ with it (make release-proto).
+RELEASED_PROTO := releases/collateral_sync.v1.json
 STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
 SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
-.PHONY: setup setup-chromium gen gen-check lint typecheck test test-fast demo bench mutation clean
+.PHONY: setup setup-chromium gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
 
 # Each step says what it does; pip names each package as it goes (no minute of silence).
 $(STAMP): pyproject.toml constraints.txt
@@ -27,7 +31,12 @@ $(BUF): package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
-setup: $(STAMP) $(BUF) setup-chromium
+$(TS_STAMP): $(TS_SDK)/package.json $(TS_SDK)/package-lock.json
+	@echo "setup: installing the TypeScript SDK's dependencies from the npm registry ($(TS_SDK)/package-lock.json)"
+	npm ci --prefix $(TS_SDK) --no-audit --no-fund --loglevel=error
+	touch $(TS_STAMP)
+
+setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium
 
 ## setup-chromium: Debian's chromium, for the HTML report's browser test
 ## (tests/conformance/test_kit_report_browser.py). Installed with apt-get when
@@ -43,21 +52,32 @@ setup-chromium:
 			"(tests/conformance/test_kit_report_browser.py fails without it)"; \
 	fi
 
-## gen: regenerate Python code and .pyi stubs from proto/
-gen: $(STAMP)
+## gen: regenerate the Python SDK's code and .pyi stubs and the TypeScript SDK's code from proto/
+gen: $(STAMP) $(BUF) $(TS_STAMP)
 	$(PY) scripts/gen_proto.py
 
-gen-check: $(STAMP)
+gen-check: $(STAMP) $(BUF) $(TS_STAMP)
 	$(PY) scripts/gen_proto.py --check
 
 ## lint: buf lint, ruff, mypy --strict on hand-written code
 lint: setup
 	cd proto && ../$(BUF) lint
+	@echo "lint: buf breaking against the released protocol ($(RELEASED_PROTO))"
+	$(BUF) breaking proto --against $(RELEASED_PROTO)
 	$(VENV)/bin/ruff check sdk tests scripts $(SERVER_PKGS)
 	$(VENV)/bin/mypy sdk/collateral_sync scripts $(SERVER_PKGS)
 
 test: setup gen-check lint
 	$(VENV)/bin/pytest -q
+
+## test-typescript: strict tsc over the TypeScript SDK, then its tests with node's test runner
+test-typescript: $(TS_STAMP)
+	cd $(TS_SDK) && npm test --silent
+
+## release-proto: record proto/ as the released protocol that `buf breaking` guards.
+## Run it when a protocol version is released, never to silence a breaking change.
+release-proto: $(BUF)
+	$(BUF) build proto --exclude-source-info -o $(RELEASED_PROTO)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow"

@@ -1,10 +1,13 @@
-"""Regenerate the Python modules and typed stubs for proto/ (the one way to do it).
+"""Regenerate the code generated from proto/ (the one way to do it).
 
 Usage: python scripts/gen_proto.py [--check]
 
-Writes sdk/collateral_sync/v1/*_pb2.py, *_pb2_grpc.py and their .pyi stubs
-(mypy-protobuf). With --check it generates into a temporary folder and exits 1
-when the committed files differ, so stale generated code fails `make test`.
+Writes the Python SDK's sdk/collateral_sync/v1/*_pb2.py, *_pb2_grpc.py and their
+.pyi stubs (grpcio-tools, mypy-protobuf), and the TypeScript SDK's
+sdk/typescript/src/gen/ (buf generate with buf.gen.yaml: protoc-gen-es from
+sdk/typescript/node_modules). With --check it generates into a temporary folder
+and exits 1 when the committed files differ, so stale generated code fails
+`make test`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT_ROOT = ROOT / "sdk"
 GEN_PACKAGE = Path("collateral_sync") / "v1"
+TS_GEN = Path("sdk") / "typescript" / "src" / "gen"
+BUF = ROOT / "node_modules" / ".bin" / "buf"
 INIT_TEXT = '"""Generated protobuf and gRPC modules for collateral_sync.v1 (do not edit)."""\n'
 
 
@@ -47,11 +52,36 @@ def _generate(out_root: Path) -> None:
     (out_root / GEN_PACKAGE / "__init__.py").write_text(INIT_TEXT)
 
 
+def _generate_typescript(out_root: Path) -> None:
+    """buf generate with buf.gen.yaml, its outputs under ``out_root`` (the repository or a temp dir)."""
+    plugin = ROOT / "sdk" / "typescript" / "node_modules" / ".bin" / "protoc-gen-es"
+    for tool in (BUF, plugin):
+        if not tool.exists():
+            raise SystemExit(f"{tool.relative_to(ROOT)} is missing: run `make setup` first")
+    cmd = [str(BUF), "generate", "--template", "buf.gen.yaml", "-o", str(out_root)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"buf generate failed with exit code {done.returncode}")
+
+
 def _generated_files(root: Path) -> set[str]:
+    """Generated files under ``root``, as paths relative to it."""
+    found: set[str] = set()
     pkg = root / GEN_PACKAGE
-    if not pkg.is_dir():
-        return set()
-    return {p.name for p in pkg.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}}
+    if pkg.is_dir():
+        found |= {
+            str(p.relative_to(root)) for p in pkg.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}
+        }
+    ts = root / TS_GEN
+    if ts.is_dir():
+        found |= {str(p.relative_to(root)) for p in ts.rglob("*.ts")}
+    return found
+
+
+def _where(root: Path, name: str) -> Path:
+    """Where generated file ``name`` lives under ``root`` (Python's are relative to sdk/)."""
+    return root / "sdk" / name if name.startswith(str(GEN_PACKAGE)) else root / name
 
 
 def main() -> int:
@@ -60,25 +90,28 @@ def main() -> int:
     args = parser.parse_args()
 
     if not args.check:
-        target = OUT_ROOT / GEN_PACKAGE
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
+        for target in (OUT_ROOT / GEN_PACKAGE, ROOT / TS_GEN):
+            if target.exists():
+                shutil.rmtree(target)
+        (OUT_ROOT / GEN_PACKAGE).mkdir(parents=True)
         _generate(OUT_ROOT)
-        print(f"generated {len(_generated_files(OUT_ROOT))} files in {target.relative_to(ROOT)}")
+        _generate_typescript(ROOT)
+        count = len(_generated_files(OUT_ROOT)) + len(_generated_files(ROOT))
+        print(f"generated {count} files in sdk/{GEN_PACKAGE} and {TS_GEN}")
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_root = Path(tmp)
-        (tmp_root / GEN_PACKAGE).mkdir(parents=True)
-        _generate(tmp_root)
-        fresh = _generated_files(tmp_root)
-        committed = _generated_files(OUT_ROOT)
+        (tmp_root / "sdk" / GEN_PACKAGE).mkdir(parents=True)
+        _generate(tmp_root / "sdk")
+        _generate_typescript(tmp_root)
+        fresh = _generated_files(tmp_root / "sdk") | _generated_files(tmp_root)
+        committed = _generated_files(OUT_ROOT) | _generated_files(ROOT)
         stale = sorted(fresh ^ committed)
         stale += sorted(
             name
             for name in fresh & committed
-            if not filecmp.cmp(tmp_root / GEN_PACKAGE / name, OUT_ROOT / GEN_PACKAGE / name, shallow=False)
+            if not filecmp.cmp(_where(tmp_root, name), _where(ROOT, name), shallow=False)
         )
     if stale:
         print("generated code is stale; run `make gen` and commit:", *stale, sep="\n  ", file=sys.stderr)

@@ -28,13 +28,14 @@ from collateral_sync.v1 import keys_pb2 as collateral__sync_dot_v1_dot_keys__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63ollateral_sync/v1/audit.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a!collateral_sync/v1/envelope.proto\x1a\x1d\x63ollateral_sync/v1/keys.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x02\n\x0b\x41uditBundle\x12\x31\n\x08registry\x18\x01 \x01(\x0b\x32\x1f.collateral_sync.v1.KeyRegistry\x12\x19\n\x11verifier_party_id\x18\x02 \x01(\t\x12\x12\n\nlog_origin\x18\x03 \x01(\t\x12\x31\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\x12@\n\x12\x63onsistency_proofs\x18\x05 \x03(\x0b\x32$.collateral_sync.v1.ConsistencyProof\x12\x39\n\x13\x61ttested_statements\x18\x06 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\x12\x30\n\nstatements\x18\x07 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\"\xa7\x01\n\x08\x45vidence\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12-\n\trelied_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x0finclusion_proof\x18\x03 \x01(\x0b\x32\".collateral_sync.v1.InclusionProofb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63ollateral_sync/v1/audit.proto\x12\x12\x63ollateral_sync.v1\x1a$collateral_sync/v1/attestation.proto\x1a!collateral_sync/v1/envelope.proto\x1a\x1d\x63ollateral_sync/v1/keys.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x02\n\x0b\x41uditBundle\x12\x31\n\x08registry\x18\x01 \x01(\x0b\x32\x1f.collateral_sync.v1.KeyRegistry\x12\x19\n\x11verifier_party_id\x18\x02 \x01(\t\x12\x12\n\nlog_origin\x18\x03 \x01(\t\x12\x31\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\x12@\n\x12\x63onsistency_proofs\x18\x05 \x03(\x0b\x32$.collateral_sync.v1.ConsistencyProof\x12\x39\n\x13\x61ttested_statements\x18\x06 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\x12\x30\n\nstatements\x18\x07 \x03(\x0b\x32\x1c.collateral_sync.v1.Evidence\"\xa7\x01\n\x08\x45vidence\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\x12-\n\trelied_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x0finclusion_proof\x18\x03 \x01(\x0b\x32\".collateral_sync.v1.InclusionProofB\xc3\x01\n\x14io.collateralsync.v1B\nAuditProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\024io.collateralsync.v1B\nAuditProtoP\001ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\242\002\003CSX\252\002\021CollateralSync.V1\272\002\002CS\312\002\021CollateralSync\\V1\352\002\022CollateralSync::V1'
   _globals['_AUDITBUNDLE']._serialized_start=192
   _globals['_AUDITBUNDLE']._serialized_end=529
   _globals['_EVIDENCE']._serialized_start=532

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2collateral_sync/v1/emergency_release_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\"X\n\x1d\x43oSignEmergencyReleaseRequest\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"Y\n\x1e\x43oSignEmergencyReleaseResponse\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope2\x9a\x01\n\x17\x45mergencyReleaseService\x12\x7f\n\x16\x43oSignEmergencyRelease\x12\x31.collateral_sync.v1.CoSignEmergencyReleaseRequest\x1a\x32.collateral_sync.v1.CoSignEmergencyReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2collateral_sync/v1/emergency_release_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\"X\n\x1d\x43oSignEmergencyReleaseRequest\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"Y\n\x1e\x43oSignEmergencyReleaseResponse\x12\x37\n\x11\x65mergency_release\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope2\x9a\x01\n\x17\x45mergencyReleaseService\x12\x7f\n\x16\x43oSignEmergencyRelease\x12\x31.collateral_sync.v1.CoSignEmergencyReleaseRequest\x1a\x32.collateral_sync.v1.CoSignEmergencyReleaseResponseB\xd5\x01\n\x14io.collateralsync.v1B\x1c\x45mergencyReleaseServiceProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.emergency_release_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\024io.collateralsync.v1B\034EmergencyReleaseServiceProtoP\001ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\242\002\003CSX\252\002\021CollateralSync.V1\272\002\002CS\312\002\021CollateralSync\\V1\352\002\022CollateralSync::V1'
   _globals['_COSIGNEMERGENCYRELEASEREQUEST']._serialized_start=109
   _globals['_COSIGNEMERGENCYRELEASEREQUEST']._serialized_end=197
   _globals['_COSIGNEMERGENCYRELEASERESPONSE']._serialized_start=199

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!collateral_sync/v1/envelope.proto\x12\x12\x63ollateral_sync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12\x31\n\nsignatures\x18\x03 \x03(\x0b\x32\x1d.collateral_sync.v1.Signature\"(\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"\xba\x01\n\x0fStatementHeader\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstatement_id\x18\x06 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!collateral_sync/v1/envelope.proto\x12\x12\x63ollateral_sync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12\x31\n\nsignatures\x18\x03 \x03(\x0b\x32\x1d.collateral_sync.v1.Signature\"(\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"\xba\x01\n\x0fStatementHeader\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstatement_id\x18\x06 \x01(\tB\xc6\x01\n\x14io.collateralsync.v1B\rEnvelopeProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\024io.collateralsync.v1B\rEnvelopeProtoP\001ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\242\002\003CSX\252\002\021CollateralSync.V1\272\002\002CS\312\002\021CollateralSync\\V1\352\002\022CollateralSync::V1'
   _globals['_ENVELOPE']._serialized_start=90
   _globals['_ENVELOPE']._serialized_end=190
   _globals['_SIGNATURE']._serialized_start=192

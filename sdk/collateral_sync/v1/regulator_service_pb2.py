@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from collateral_sync.v1 import envelope_pb2 as collateral__sync_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*collateral_sync/v1/regulator_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\"f\n$SubmitReconciliationStatementRequest\x12>\n\x18reconciliation_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"d\n%SubmitReconciliationStatementResponse\x12;\n\x15reconciliation_result\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"3\n\x1eGetReconciliationResultRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\"^\n\x1fGetReconciliationResultResponse\x12;\n\x15reconciliation_result\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope2\xae\x02\n\x10RegulatorService\x12\x94\x01\n\x1dSubmitReconciliationStatement\x12\x38.collateral_sync.v1.SubmitReconciliationStatementRequest\x1a\x39.collateral_sync.v1.SubmitReconciliationStatementResponse\x12\x82\x01\n\x17GetReconciliationResult\x12\x32.collateral_sync.v1.GetReconciliationResultRequest\x1a\x33.collateral_sync.v1.GetReconciliationResultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*collateral_sync/v1/regulator_service.proto\x12\x12\x63ollateral_sync.v1\x1a!collateral_sync/v1/envelope.proto\"f\n$SubmitReconciliationStatementRequest\x12>\n\x18reconciliation_statement\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"d\n%SubmitReconciliationStatementResponse\x12;\n\x15reconciliation_result\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope\"3\n\x1eGetReconciliationResultRequest\x12\x11\n\tcutoff_id\x18\x01 \x01(\t\"^\n\x1fGetReconciliationResultResponse\x12;\n\x15reconciliation_result\x18\x01 \x01(\x0b\x32\x1c.collateral_sync.v1.Envelope2\xae\x02\n\x10RegulatorService\x12\x94\x01\n\x1dSubmitReconciliationStatement\x12\x38.collateral_sync.v1.SubmitReconciliationStatementRequest\x1a\x39.collateral_sync.v1.SubmitReconciliationStatementResponse\x12\x82\x01\n\x17GetReconciliationResult\x12\x32.collateral_sync.v1.GetReconciliationResultRequest\x1a\x33.collateral_sync.v1.GetReconciliationResultResponseB\xce\x01\n\x14io.collateralsync.v1B\x15RegulatorServiceProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collateral_sync.v1.regulator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\024io.collateralsync.v1B\025RegulatorServiceProtoP\001ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\242\002\003CSX\252\002\021CollateralSync.V1\272\002\002CS\312\002\021CollateralSync\\V1\352\002\022CollateralSync::V1'
   _globals['_SUBMITRECONCILIATIONSTATEMENTREQUEST']._serialized_start=101
   _globals['_SUBMITRECONCILIATIONSTATEMENTREQUEST']._serialized_end=203
   _globals['_SUBMITRECONCILIATIONSTATEMENTRESPONSE']._serialized_start=205
