@@ -29,7 +29,7 @@ from collateral_sync.transport import TlsConfig, grpc_core_log_held, secure_chan
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collateral_sync_conformance._context import KitConfig, party_role
-from collateral_sync_conformance._init import InitError, init
+from collateral_sync_conformance._init import BASE_PORT, InitError, init
 from collateral_sync_conformance._registry import (
     REGISTRY,
     Case,
@@ -218,6 +218,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     setup.add_argument("--role", required=True, choices=roles, help="role of the server to test")
     setup.add_argument("--force", action="store_true", help="write into a non-empty DIR")
+    setup.add_argument(
+        "--base-port",
+        type=int,
+        default=BASE_PORT,
+        metavar="PORT",
+        help=f"first of six consecutive ports for the server and the kit (default {BASE_PORT})",
+    )
     setup.add_argument("directory", metavar="DIR", help="where to write (created if absent)")
     return parser
 
@@ -259,7 +266,7 @@ def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
-        written = init(args.role, directory, force=args.force)
+        written = init(args.role, directory, force=args.force, base_port=args.base_port)
     except InitError as err:
         raise UsageError(str(err)) from err
     except OSError as err:

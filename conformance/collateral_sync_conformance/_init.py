@@ -23,7 +23,7 @@ from collateral_sync.dev_ca import create_dev_pki
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.v1 import common_pb2
 
-__all__ = ["InitError", "init"]
+__all__ = ["BASE_PORT", "InitError", "Ports", "init"]
 
 CUSTODIAN = "custodian-1"
 EXCHANGE = "exchange-1"
@@ -46,12 +46,43 @@ _PARTY_ROLES = {
 KEYS_VALID_FROM = datetime(2020, 1, 1, tzinfo=UTC)
 
 HOST = "127.0.0.1"
-#: Where each role's server listens, and where the kit serves what the server dials:
-#: distinct ports, so a custodian, an exchange and a regulator set up side by side never clash.
-SERVER_PORT = {"custodian": 7441, "exchange": 7442, "regulator": 7444}
-KIT_LISTEN = f"{HOST}:7443"  # exchange runs: the kit's custodian
-KIT_LISTEN_CUSTODIAN = f"{HOST}:7445"  # regulator runs: the custodian's ReconciliationService
-KIT_LISTEN_EXCHANGE = f"{HOST}:7446"  # regulator runs: the exchange's ReconciliationService
+#: The first of the six ports init uses unless told otherwise (--base-port).
+BASE_PORT = 7441
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where each role's server listens, and where the kit serves what the server dials.
+
+    Six consecutive ports from ``base``, distinct per role, so that a custodian, an
+    exchange and a regulator set up side by side with one base never clash.
+    """
+
+    base: int = BASE_PORT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.base <= 65535 - 5:
+            raise InitError(f"base port must be between 1 and 65530, got {self.base}")
+
+    def server(self, role: str) -> str:
+        offset = {"custodian": 0, "exchange": 1, "regulator": 3}[role]
+        return f"{HOST}:{self.base + offset}"
+
+    @property
+    def kit_custodian(self) -> str:
+        """Exchange runs: the kit's custodian, which the exchange dials."""
+        return f"{HOST}:{self.base + 2}"
+
+    @property
+    def kit_reconciliation_custodian(self) -> str:
+        """Regulator runs: the custodian's ReconciliationService, served by the kit."""
+        return f"{HOST}:{self.base + 4}"
+
+    @property
+    def kit_reconciliation_exchange(self) -> str:
+        """Regulator runs: the exchange's ReconciliationService, served by the kit."""
+        return f"{HOST}:{self.base + 5}"
+
 
 #: The account of the reference custodian the kit uses (owned by the kit's client).
 KIT_ACCOUNT = "acct-kit"
@@ -88,12 +119,12 @@ def _tls_key(party: str) -> str:
     return f"pki/{party}.key"
 
 
-def _server_config(role: str) -> dict[str, Any]:
+def _server_config(role: str, ports: Ports) -> dict[str, Any]:
     party = _SERVER_PARTY[role]
     document: dict[str, Any] = {
         "party_id": party,
         "role": role,
-        "listen": f"{HOST}:{SERVER_PORT[role]}",
+        "listen": ports.server(role),
         "storage": {"path": f"{STATE}/{party}.sqlite"},
         "signing_key": _key(party),
         "key_registry": "keys/registry.json",
@@ -122,7 +153,7 @@ def _server_config(role: str) -> dict[str, Any]:
         }
     elif role == "exchange":
         # Its custodian is the kit (--listen).
-        document["peers"] = {CUSTODIAN: KIT_LISTEN, REGULATOR: None}
+        document["peers"] = {CUSTODIAN: ports.kit_custodian, REGULATOR: None}
         document["exchange"] = {
             "log_origin": LOG_ORIGIN,
             "prices": [
@@ -133,7 +164,10 @@ def _server_config(role: str) -> dict[str, Any]:
         }
     else:
         # The parties it reconciles are the kit (--listen, --listen-exchange).
-        document["peers"] = {CUSTODIAN: KIT_LISTEN_CUSTODIAN, EXCHANGE: KIT_LISTEN_EXCHANGE}
+        document["peers"] = {
+            CUSTODIAN: ports.kit_reconciliation_custodian,
+            EXCHANGE: ports.kit_reconciliation_exchange,
+        }
     return document
 
 
@@ -144,7 +178,7 @@ def _identities(*parties: str) -> list[str]:
     return options
 
 
-def kit_arguments(role: str) -> list[str]:
+def kit_arguments(role: str, ports: Ports) -> list[str]:
     """The ``conformance run`` options (paths relative to DIR) for a server of ``role``."""
     further = (CLIENT, OTHER_CLIENT, OTHER_EXCHANGE, REGULATOR, STRANGER)
     keys: tuple[str, ...]
@@ -158,7 +192,7 @@ def kit_arguments(role: str) -> list[str]:
             EXCHANGE,
             *_identities(*further),
             "--listen",
-            KIT_LISTEN,
+            ports.kit_custodian,
             "--state-dir",
             f"{STATE}/kit",
             "--log-origin",
@@ -172,15 +206,15 @@ def kit_arguments(role: str) -> list[str]:
             REGULATOR,
             *_identities(STRANGER),
             "--listen",
-            KIT_LISTEN_CUSTODIAN,
+            ports.kit_reconciliation_custodian,
             "--listen-exchange",
-            KIT_LISTEN_EXCHANGE,
+            ports.kit_reconciliation_exchange,
         ]
     arguments = [
         "--role",
         role,
         "--target",
-        f"{HOST}:{SERVER_PORT[role]}",
+        ports.server(role),
         "--ca",
         "pki/ca.pem",
         "--cert",
@@ -195,8 +229,8 @@ def kit_arguments(role: str) -> list[str]:
     return [*arguments, *extra, "--wait", "30", "--report-dir", "report"]
 
 
-def _script(role: str) -> str:
-    options = kit_arguments(role)
+def _script(role: str, ports: Ports) -> str:
+    options = kit_arguments(role, ports)
     lines = []
     # One option (with its values) a line.
     index = 0
@@ -209,7 +243,7 @@ def _script(role: str) -> str:
     body = " \\\n".join(["exec collateral-sync conformance run", *lines, '  "$@"'])
     return (
         "#!/bin/sh\n"
-        f"# The conformance kit against the {role} at {HOST}:{SERVER_PORT[role]}\n"
+        f"# The conformance kit against the {role} at {ports.server(role)}\n"
         "# (written by 'collateral-sync conformance init'; paths are relative to this directory).\n"
         "# Further options are passed on, e.g.: ./run-kit.sh --run 'transport/*'\n"
         "set -e\n"
@@ -218,16 +252,17 @@ def _script(role: str) -> str:
     )
 
 
-def _readme(role: str, directory: Path) -> str:
+def _readme(role: str, directory: Path, ports: Ports) -> str:
     party = _SERVER_PARTY[role]
-    address = f"{HOST}:{SERVER_PORT[role]}"
+    address = ports.server(role)
     where = shlex.quote(str(directory))
     dials = {
         "custodian": "",
-        "exchange": f"   Your exchange dials its custodian, the kit, at {KIT_LISTEN}\n"
+        "exchange": f"   Your exchange dials its custodian, the kit, at {ports.kit_custodian}\n"
         f"   (log origin {LOG_ORIGIN}).\n",
         "regulator": f"   Your regulator dials the custodian's and the exchange's\n"
-        f"   ReconciliationService, the kit, at {KIT_LISTEN_CUSTODIAN} and {KIT_LISTEN_EXCHANGE}.\n",
+        f"   ReconciliationService, the kit, at {ports.kit_reconciliation_custodian} and "
+        f"{ports.kit_reconciliation_exchange}.\n",
     }[role]
     return (
         f"The collateral-sync conformance kit, set up to test a {role} at {address}.\n"
@@ -250,8 +285,12 @@ def _readme(role: str, directory: Path) -> str:
     )
 
 
-def init(role: str, directory: Path, *, force: bool = False) -> Written:
-    """Write the kit's set-up for a server of ``role`` into ``directory``."""
+def init(role: str, directory: Path, *, force: bool = False, base_port: int = BASE_PORT) -> Written:
+    """Write the kit's set-up for a server of ``role`` into ``directory``.
+
+    Its server and the kit's own listeners take six ports from ``base_port`` (:class:`Ports`).
+    """
+    ports = Ports(base_port)
     if directory.exists() and not directory.is_dir():
         raise InitError(f"{directory} is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not force:
@@ -268,10 +307,10 @@ def init(role: str, directory: Path, *, force: bool = False) -> Written:
         registry.add(key.party_key(valid_from=KEYS_VALID_FROM))
     registry.save(directory / "keys" / "registry.json")
     server_config = directory / "server.json"
-    server_config.write_text(json.dumps(_server_config(role), indent=2) + "\n", "utf-8")
+    server_config.write_text(json.dumps(_server_config(role, ports), indent=2) + "\n", "utf-8")
     script = directory / "run-kit.sh"
-    script.write_text(_script(role), "utf-8")
+    script.write_text(_script(role, ports), "utf-8")
     script.chmod(0o755)
     readme = directory / "README.txt"
-    readme.write_text(_readme(role, directory), "utf-8")
+    readme.write_text(_readme(role, directory, ports), "utf-8")
     return Written(directory, server_config, script, readme)

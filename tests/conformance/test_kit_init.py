@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,34 @@ def _run_kit_argv(script: Path) -> list[str]:
 def _with_target(argv: list[str], target: str) -> list[str]:
     index = argv.index("--target")
     return [*argv[: index + 1], target, *argv[index + 2 :]]
+
+
+def _free_base_port() -> int:
+    """The first of six consecutive ports that are free now (init's --base-port)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + 6):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise AssertionError("no six consecutive free ports found")
+
+
+def _must_not_passed(directory: Path) -> list[tuple[str, str, str]]:
+    cases = _results(directory / "report")["cases"]
+    return [
+        (c["id"], c["verdict"], c["message"])
+        for c in cases
+        if c["level"] == "MUST" and c["verdict"] != "passed"
+    ]
 
 
 def _results(directory: Path) -> dict[str, Any]:
@@ -156,3 +186,68 @@ def test_the_kit_as_init_writes_it_passes_the_reference_exchange(
     ]
     assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
     assert code == 0, out[-3000:]
+
+
+def test_base_port_moves_every_address_init_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addresses: dict[str, list[str]] = {}
+    for role in ("custodian", "exchange", "regulator"):
+        directory = tmp_path / role
+        assert main(["init", "--role", role, "--base-port", "30100", str(directory)]) == 0
+        argv = _run_kit_argv(directory / "run-kit.sh")
+        config = json.loads((directory / "server.json").read_text("utf-8"))
+        listens = [
+            argv[i + 1] for i, w in enumerate(argv) if w in ("--listen", "--listen-exchange")
+        ]
+        addresses[role] = [config["listen"], *listens]
+        assert argv[argv.index("--target") + 1] == config["listen"]
+        readme = (directory / "README.txt").read_text("utf-8")
+        assert all(address in readme for address in addresses[role]), readme
+    everything = [a for role in addresses.values() for a in role]
+    # Six distinct ports, base to base + 5, across the three roles.
+    assert sorted(everything) == [f"127.0.0.1:{p}" for p in range(30100, 30106)]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("base", ["0", "65531", "port"])
+def test_a_base_port_out_of_range_is_a_usage_error(
+    base: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["init", "--role", "custodian", "--base-port", base, str(tmp_path / "kit")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "base port" in err or "--base-port" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "kit").exists()
+
+
+def test_the_kit_as_init_writes_it_passes_the_reference_regulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Free ports as init writes them: the regulator dials the kit's two listeners.
+    directory = tmp_path / "kit"
+    assert (
+        main(["init", "--role", "regulator", "--base-port", str(_free_base_port()), str(directory)])
+        == 0
+    )
+    server = ServerProcess(
+        role="regulator",
+        config_path=directory / "server.json",
+        log_path=tmp_path / "regulator.log",
+    )
+    try:
+        address = server.start()
+        monkeypatch.chdir(directory)  # as run-kit.sh does
+        argv = _with_target(_run_kit_argv(directory / "run-kit.sh"), address)
+        code = main([*argv, "--no-colour"])
+    finally:
+        server.close()
+    out = capsys.readouterr().out
+    not_passed = _must_not_passed(directory)
+    assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
+    assert code == 0, out[-3000:]
+    regulator_cases = [
+        c for c in _results(directory / "report")["cases"] if c["id"].startswith("regulator/")
+    ]
+    assert sum(c["verdict"] == "passed" for c in regulator_cases) >= 9
