@@ -30,7 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from collateral_sync._cli import main as cli_main
-from collateral_sync.errors import StateError
+from collateral_sync.errors import StateError, VerificationError
 from collateral_sync.keys import SigningKey
 from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
@@ -439,6 +439,61 @@ def _liquidates_off_path() -> None:
     liquidations._authorised_path = authorised_path
 
 
+def _answers_reused_liquidation_id() -> None:
+    """Any instruction with an executed liquidation_id gets that execution's receipt, whatever
+    else it says: the repeat check compares ids, not payloads."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._check_instruction
+
+    def check_instruction(self: Any, envelope: Any, now: datetime, **kwargs: Any) -> Any:
+        verified, receipt = original(self, envelope, now, **kwargs)
+        executed = self._ledger.store.liquidation(verified.message.liquidation_id)
+        if receipt is None and executed is not None:
+            return verified, executed.receipt
+        return verified, receipt
+
+    liquidations._check_instruction = check_instruction
+
+
+def _path_superseded_by_the_latest_only() -> None:
+    """A path counts as superseded only once the *latest* later path was recorded before the
+    instruction was issued (not the first later one)."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._authorised_path
+
+    def authorised_path(self: Any, account: Any, verified: Any) -> Any:
+        paths = self._ledger.store.paths_for(account.account_id, verified.issuer)
+        for position, path in enumerate(paths):
+            if path.statement_id != verified.message.liquidation_path_id:
+                continue
+            issued_at = verified.header.issued_at.ToDatetime(tzinfo=UTC)
+            later = paths[position + 1 :]
+            if not later or later[-1].recorded_at > issued_at:
+                return path
+        return original(self, account, verified)
+
+    liquidations._authorised_path = authorised_path
+
+
+def _only_the_latest_path_authorised() -> None:
+    """An instruction must name the path in force when it arrives, not when it was issued."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._authorised_path
+
+    def authorised_path(self: Any, account: Any, verified: Any) -> Any:
+        path = original(self, account, verified)
+        latest = self._ledger.store.paths_for(account.account_id, verified.issuer)[-1]
+        if latest.statement_id != path.statement_id:
+            raise VerificationError(
+                f"liquidation path {path.statement_id!r} is not the one in force",
+                reason=errors_pb2.ERROR_REASON_PATH_NOT_AUTHORISED,
+                metadata={"expected": latest.statement_id, "actual": path.statement_id},
+            )
+        return path
+
+    liquidations._authorised_path = authorised_path
+
+
 def _reads_for_any_registered_party() -> None:
     """Any registered party reads any account: the audience of the data is not checked."""
 
@@ -477,6 +532,34 @@ def _refusal_names_the_parties() -> None:
             raise
 
     _custodian_role.require_reader = require_reader
+
+
+def _refusal_names_the_field_not_the_caller() -> None:
+    """A refused read's metadata ``actual`` repeats the field, not the caller's party id."""
+    original = _access.require_reader
+
+    def require_reader(caller: Any, readers: Any, *, field: str) -> None:
+        try:
+            original(caller, readers, field=field)
+        except _access.VerificationError as err:
+            err.metadata["actual"] = field
+            raise
+
+    _custodian_role.require_reader = require_reader
+
+
+def _stranger_refusal_names_nobody() -> None:
+    """A stranger's refusal leaves metadata ``actual`` empty: it never says whom it refused."""
+    original = _access._refuse_stranger
+
+    def refuse_stranger(caller: Any) -> None:
+        try:
+            original(caller)
+        except _access.VerificationError as err:
+            err.metadata["actual"] = ""
+            raise
+
+    _access._refuse_stranger = refuse_stranger
 
 
 def _refuses_public_data_to_strangers() -> None:
@@ -772,6 +855,11 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-pledge-bound-exclusive": _pledge_bound_exclusive,
     "custodian-top-up-attested-as-pledge": _top_up_attested_as_pledge,
     "custodian-checks-no-step-amounts": _checks_no_step_amounts,
+    "custodian-answers-reused-liquidation-id": _answers_reused_liquidation_id,
+    "custodian-refusal-names-the-field-not-the-caller": _refusal_names_the_field_not_the_caller,
+    "custodian-stranger-refusal-names-nobody": _stranger_refusal_names_nobody,
+    "custodian-path-superseded-by-the-latest-only": _path_superseded_by_the_latest_only,
+    "custodian-only-the-latest-path-authorised": _only_the_latest_path_authorised,
 }
 
 

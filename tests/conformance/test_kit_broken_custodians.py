@@ -53,6 +53,8 @@ _EXECUTING = {
     "liquidation/stream-instruction-fresh-by-batch",
     "liquidation/amount-raised-part-way",
     "liquidation/call-expires-at-due-by",
+    "liquidation/reused-id-refused",
+    "liquidation/path-in-force-when-issued",
 }
 
 #: Faults only a custodian serving a second exchange (the kit's other exchange key) can show:
@@ -138,7 +140,27 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["liquidation/**"],
         {"liquidation/repeat-returns-same-receipt"},
     ),
-    ("custodian-liquidates-off-path", ["liquidation/**"], {"liquidation/off-path-refused"}),
+    (
+        "custodian-liquidates-off-path",
+        ["liquidation/**"],
+        {"liquidation/off-path-refused", "liquidation/path-in-force-when-issued"},
+    ),
+    (
+        "custodian-answers-reused-liquidation-id",
+        ["liquidation/reused-id-refused", "liquidation/repeat-returns-same-receipt"],
+        {"liquidation/reused-id-refused"},
+    ),
+    # Which path is in force for an instruction: the one when it was issued (§9.1).
+    (
+        "custodian-path-superseded-by-the-latest-only",
+        ["liquidation/path-in-force-when-issued", "liquidation/off-path-refused"],
+        {"liquidation/path-in-force-when-issued"},
+    ),
+    (
+        "custodian-only-the-latest-path-authorised",
+        ["liquidation/path-in-force-when-issued", "liquidation/off-path-refused"],
+        {"liquidation/path-in-force-when-issued"},
+    ),
     # What a custodian checks before it executes, and how much it sells (§4.5, §3.6.1, §9.2,
     # §9.3), each caught by the case written for it alone.
     (
@@ -278,6 +300,17 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "custodian-refusal-names-the-parties",
         ["access/**"],
         {"access/custodian/account-read-by-others-refused"},
+    ),
+    # The refusal's metadata 'actual' is the caller's party id (§4.5).
+    (
+        "custodian-refusal-names-the-field-not-the-caller",
+        ["access/**"],
+        {"access/custodian/account-read-by-others-refused"},
+    ),
+    (
+        "custodian-stranger-refusal-names-nobody",
+        ["access/**"],
+        {"access/custodian/stranger-refused"},
     ),
     (
         # The kit reads leaves of every account as a regulator, and asks it for a missing one.

@@ -66,8 +66,14 @@ _REGULATOR = [Role.REGULATOR]
 _REFUSAL_GRACE = 2.0
 
 
-def _expect_denied(outcome: Outcome, *, field: str, hidden: Sequence[str] = ()) -> None:
-    """PERMISSION_DENIED ``KEY_ROLE_MISMATCH`` about ``field``, naming none of ``hidden``."""
+def _expect_denied(
+    outcome: Outcome, *, field: str, caller: str, hidden: Sequence[str] = ()
+) -> None:
+    """PERMISSION_DENIED ``KEY_ROLE_MISMATCH`` about ``field``, naming none of ``hidden``.
+
+    Its metadata ``actual`` is the ``caller``'s party id (§4.5): the refused party
+    learns who the server took it for, and nothing about the data's parties.
+    """
     expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH)
     info = outcome.error_info
     assert info is not None  # expect_status required it
@@ -76,6 +82,13 @@ def _expect_denied(outcome: Outcome, *, field: str, hidden: Sequence[str] = ()) 
         f"{outcome.rpc}: the refusal's ErrorInfo metadata 'field' must name {field!r} (§4.5)",
         expected=field,
         got=info.metadata.get("field", "(absent)"),
+    )
+    check(
+        info.metadata.get("actual") == caller,
+        f"{outcome.rpc}: the refusal's ErrorInfo metadata 'actual' must be the caller's party "
+        "id (§4.5)",
+        expected=caller,
+        got=info.metadata.get("actual") or "(absent or empty)",
     )
     said = " ".join([outcome.message, *info.metadata.values()])
     leaked = [party for party in hidden if party and party in said]
@@ -182,6 +195,7 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
         _expect_denied(
             await _call(ctx, stranger, method, request, name),
             field="caller",
+            caller=stranger.party_id,
             hidden=[client_key(ctx).party_id],
         )
     # A write the account's client really signed, brought by the stranger.
@@ -200,7 +214,7 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
         ),
         "RequestRedemption",
     )
-    _expect_denied(outcome, field="caller")
+    _expect_denied(outcome, field="caller", caller=stranger.party_id)
     await expect_unchanged(ctx, before)
 
 
@@ -256,7 +270,12 @@ async def custodian_others_refused(ctx: CaseContext) -> None:
         # The very same refusal for an account that does not exist.
         reads += _custodian_reads(who, missing, ref, ctx.unique("settlement"))[:1]
         for method, request, name, field in reads:
-            _expect_denied(await _call(ctx, who, method, request, name), field=field, hidden=hidden)
+            _expect_denied(
+                await _call(ctx, who, method, request, name),
+                field=field,
+                caller=who.party_id,
+                hidden=hidden,
+            )
 
 
 @REGISTRY.case(
@@ -347,7 +366,11 @@ async def exchange_stranger(ctx: CaseContext) -> None:
         )
     )
     for method, request, name in _account_reads(stranger, account):
-        _expect_denied(await _call(ctx, stranger, method, request, name), field="caller")
+        _expect_denied(
+            await _call(ctx, stranger, method, request, name),
+            field="caller",
+            caller=stranger.party_id,
+        )
 
 
 @REGISTRY.case(
@@ -391,6 +414,7 @@ async def exchange_others_refused(ctx: CaseContext) -> None:
                 _expect_denied(
                     await _call(ctx, who, method, request, name),
                     field="account_id",
+                    caller=who.party_id,
                     hidden=[client],
                 )
         for method, request, name, field in (
@@ -409,7 +433,9 @@ async def exchange_others_refused(ctx: CaseContext) -> None:
                 "liquidation_id",
             ),
         ):
-            _expect_denied(await _call(ctx, who, method, request, name), field=field)
+            _expect_denied(
+                await _call(ctx, who, method, request, name), field=field, caller=who.party_id
+            )
     regulator = ctx.as_role(_ROLE.PARTY_ROLE_REGULATOR)
     expect_status(
         await _call(
@@ -461,4 +487,4 @@ async def regulator_stranger(ctx: CaseContext) -> None:
         ),
         "SubmitReconciliationStatement",
     )
-    _expect_denied(outcome, field="caller")
+    _expect_denied(outcome, field="caller", caller=stranger.party_id)

@@ -24,6 +24,7 @@ its asset pledged has no fill.
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
@@ -130,6 +131,10 @@ _CURE_PERIOD = timedelta(minutes=2)
 #: stream-instruction-fresh-by-batch: the instruction lives a minute, and the clock then moves
 #: past its expiry by more than any skew a receiver may allow (5 minutes, §3.6 f).
 _SHORT_LIFE = timedelta(minutes=1)
+#: Between the liquidation paths one case records in turn.
+_PATH_GAP = timedelta(seconds=10)
+#: A top-up that records a new path (uneven, so it is never confused with a pledge).
+_TOP_UP = "0.000013"
 _PAST_EXPIRY = timedelta(minutes=10)
 
 
@@ -372,14 +377,21 @@ async def _instruction(
     margin_call: margin_pb2.MarginCall | None = None,
     issued_at: datetime | None = None,
     expires_at: datetime | None = None,
+    liquidation_id: str | None = None,
+    cited: tuple[attestation_pb2.HoldingsStatement, envelope_pb2.Envelope] | None = None,
 ) -> _Instructed:
     """A liquidation instruction the custodian must find due, recomputed by the kit first (§9.2).
 
     By default it is for a breach, of an amount the path cannot raise. An
     ``amount`` must still be a breach (the policy's factors make it one); after
-    a ``margin_call`` the amount is the call's exposure.
+    a ``margin_call`` the amount is the call's exposure. Its inputs cite the
+    account's holdings statement now, or ``cited`` (one the exchange had when it
+    issued the instruction); ``liquidation_id`` reuses an id.
     """
-    statement, statement_envelope, _ = await holdings(ctx, pledged.account_id)
+    if cited is None:
+        statement, statement_envelope, _ = await holdings(ctx, pledged.account_id)
+    else:
+        statement, statement_envelope = cited
     now = issued_at if issued_at is not None else await ctx.server_now()
     snapshot = await price_snapshot(ctx, {s.asset_id: s.price for s in pledged.steps}, now)
     if amount is None:
@@ -388,7 +400,7 @@ async def _instruction(
             if margin_call is not None
             else _unraisable_amount(statement, pledged.steps)
         )
-    liquidation_id = ctx.unique("conformance-liquidation")
+    liquidation_id = liquidation_id or ctx.unique("conformance-liquidation")
     message = liquidation_pb2.LiquidationInstruction(
         liquidation_id=liquidation_id,
         account_id=pledged.account_id,
@@ -852,8 +864,18 @@ def _check_holdings_after(
         )
 
 
-async def _execute(ctx: CaseContext, pledged: _Pledged, instructed: _Instructed) -> _Executed:
-    """Submit the instruction; check the receipt and the attested holdings after it."""
+async def _execute(
+    ctx: CaseContext,
+    pledged: _Pledged,
+    instructed: _Instructed,
+    *,
+    before: attestation_pb2.HoldingsStatement | None = None,
+) -> _Executed:
+    """Submit the instruction; check the receipt and the attested holdings after it.
+
+    ``before``: the account before the execution, when it is not the statement the
+    instruction cites.
+    """
     since = await latest_checkpoint(ctx)
     outcome = await ctx.rpc(
         ctx.custodian.submit_liquidation_instruction,
@@ -862,7 +884,7 @@ async def _execute(ctx: CaseContext, pledged: _Pledged, instructed: _Instructed)
     )
     response: custodian_service_pb2.SubmitLiquidationInstructionResponse = expect_ok(outcome)
     return await _check_execution(
-        ctx, pledged, instructed, response.liquidation_receipt, since=since
+        ctx, pledged, instructed, response.liquidation_receipt, since=since, before=before
     )
 
 
@@ -1006,6 +1028,79 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
         f"{describe(response.liquidation_receipt)}",
     )
     await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "liquidation/reused-id-refused",
+    Level.MUST,
+    "after an instruction is executed, another instruction reusing its liquidation_id — a new "
+    "statement for the same account and path, with its own figures — is FAILED_PRECONDITION "
+    "STATE_CONFLICT, gets no receipt and changes nothing (§9.4)",
+    roles=_CUSTODIAN,
+)
+async def reused_id_refused(ctx: CaseContext) -> None:
+    pledged = await _pledge_under_path(ctx)
+    first = await _instruction(ctx, pledged)
+    await _execute(ctx, pledged, first)
+    reused = await _instruction(ctx, pledged, liquidation_id=first.liquidation_id)
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.submit_liquidation_instruction,
+        _request(reused),
+        label=f"SubmitLiquidationInstruction reusing the executed id {first.liquidation_id!r}",
+    )
+    expect_status(outcome, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+    await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "liquidation/path-in-force-when-issued",
+    Level.MUST,
+    "an instruction is judged by the path in force when it was issued (§9.1): with paths P1, "
+    "P2, P3 recorded in turn by top-ups ten seconds apart, an instruction naming P1 issued "
+    "between P2 and P3, or naming P2 issued after P3, is PERMISSION_DENIED PATH_NOT_AUTHORISED "
+    "and changes nothing; naming P2 issued between P2 and P3 (citing the holdings statement of "
+    "then), it is executed along P2 (moves the clock with test control)",
+    roles=_CUSTODIAN,
+)
+async def path_in_force_when_issued(ctx: CaseContext) -> None:
+    await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    first = await _pledge_under_path(ctx)
+    second = await _superseding_path(ctx, first)
+    # Between P2 and P3: the holdings statement the exchange had then, and when it issues.
+    await ctx.advance_clock(_PATH_GAP)
+    statement, statement_envelope, _ = await holdings(ctx, first.account_id)
+    between = await ctx.server_now()
+    await _superseding_path(ctx, second)
+    for label, pledged, issued_at, cited in (
+        ("P1, issued after P2 superseded it", first, between, (statement, statement_envelope)),
+        ("P2, issued after P3 superseded it", second, None, None),
+    ):
+        instructed = await _instruction(ctx, pledged, issued_at=issued_at, cited=cited)
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            ctx.custodian.submit_liquidation_instruction,
+            _request(instructed),
+            label=f"SubmitLiquidationInstruction naming {label}",
+        )
+        expect_status(
+            outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_PATH_NOT_AUTHORISED
+        )
+        await expect_unchanged(ctx, before)
+    instructed = await _instruction(
+        ctx, second, issued_at=between, cited=(statement, statement_envelope)
+    )
+    now_statement, _, _ = await holdings(ctx, first.account_id)
+    await _execute(ctx, second, instructed, before=now_statement)
+
+
+async def _superseding_path(ctx: CaseContext, pledged: _Pledged) -> _Pledged:
+    """Ten seconds on, a top-up under a new path of the same steps; that path in force."""
+    await ctx.advance_clock(_PATH_GAP)
+    path_id = ctx.unique("conformance-path")
+    path = await _signed_path(ctx, pledged.account_id, pledged.steps, path_id)
+    await _pledge(ctx, pledged.account_id, pledged.steps[0].asset_id, _TOP_UP, path)
+    return dataclasses.replace(pledged, path_id=path_id)
 
 
 @REGISTRY.case(
