@@ -67,7 +67,7 @@ lint: setup
 	$(VENV)/bin/ruff check sdk tests scripts $(SERVER_PKGS)
 	$(VENV)/bin/mypy sdk/collateral_sync scripts $(SERVER_PKGS)
 
-test: setup gen-check lint
+test: setup gen-check lint test-typescript
 	$(VENV)/bin/pytest -q
 
 ## test-typescript: strict tsc over the TypeScript SDK, then its tests with node's test runner

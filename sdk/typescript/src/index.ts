@@ -19,3 +19,45 @@ export * from "./gen/collateral_sync/v1/reconciliation_service_pb.js";
 export * from "./gen/collateral_sync/v1/regulator_service_pb.js";
 export * from "./gen/collateral_sync/v1/test_control_pb.js";
 export * from "./gen/collateral_sync/v1/valuation_pb.js";
+// Verification core: errors, amounts, key registry, statements, Merkle proofs, checkpoints.
+export * from "./errors.js";
+export * from "./amounts.js";
+export { KeyRegistry, keyId, roleName, type ResolveOptions } from "./registry.js";
+export type { KeyRegistry as KeyRegistryMessage } from "./gen/collateral_sync/v1/keys_pb.js";
+export * from "./statements.js";
+export * from "./signing.js";
+export * from "./merkle.js";
+export * from "./checkpoints.js";
+// Sync hash chain (§6.3–§6.5) and position trees (§10.3).
+export * from "./syncChain.js";
+export * from "./positionTree.js";
+export { MAX_INTEGER, checkIntegers } from "./integers.js";
+export { Ed25519VerifyKey } from "./ed25519.js";
+export { decodeMessage } from "./decode.js";
+// Network: mutual-TLS transport, error details from peers, typed clients (§12.2, §13).
+export * from "./transport.js";
+export * from "./clients.js";
+// Position sync, exchange side (§6): session, durable received log, batch and update checks.
+export {
+  ExchangeSyncSession,
+  PeerSilentError,
+  DEFAULT_WINDOW,
+  DEFAULT_HEARTBEAT_INTERVAL_MS,
+  LIVENESS_INTERVALS,
+  type ApplyResult,
+  type ApplyUpdates,
+  type ExchangeSessionOptions,
+  type FrameChannel,
+  type SyncEvent,
+} from "./sync/session.js";
+export {
+  FileSyncStore,
+  EMPTY_HEAD,
+  type EquivocationEvidence,
+  type LogHead,
+  type ReceivedCommit,
+  type ReceivedLogStore,
+} from "./sync/store.js";
+export { verifySyncBatch, SYNC_BATCH_TYPE, type VerifiedSyncBatch, type VerifyBatchOptions } from "./sync/batch.js";
+export { validateUpdates, ALLOWED_VARIANTS, type ReceivedUpdate, type ValidateUpdatesOptions } from "./sync/updates.js";
+export { PushQueue } from "./sync/queue.js";
