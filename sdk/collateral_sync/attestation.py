@@ -424,8 +424,10 @@ def verify_checkpoint(
     )
     checkpoint = verified.message
     if checkpoint.origin != origin:
+        # Not this custodian's log (§5.6 step 2): refused like a rollback or a fork.
         raise ProofError(
             f"checkpoint origin: expected {origin!r}, got {checkpoint.origin!r}",
+            reason=_R.ERROR_REASON_CHECKPOINT_INCONSISTENT,
             metadata={"expected": origin, "actual": checkpoint.origin},
         )
     _check_checkpoint_shape(checkpoint)

@@ -288,7 +288,7 @@ def test_verify_checkpoint_wrong_origin(custodian: SigningKey, registry: KeyRegi
             origin=ORIGIN,
             now=NOW,
         )
-    assert info.value.reason == R.ERROR_REASON_PROOF_INVALID
+    assert info.value.reason == R.ERROR_REASON_CHECKPOINT_INCONSISTENT  # §5.6 step 2
     assert info.value.metadata == {"expected": ORIGIN, "actual": "other.example/log"}
 
 

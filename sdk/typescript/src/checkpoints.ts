@@ -55,7 +55,7 @@ export interface VerifyCheckpointOptions {
  * Verify a signed checkpoint of the log named `origin` and return it.
  *
  * Stages: the signed statement (§3.6: type checkpoint, signature by a custodian key,
- * audience, freshness), then the origin (PROOF_INVALID, as the Python SDK), then the root's
+ * audience, freshness), then the origin (CHECKPOINT_INCONSISTENT, §5.6 step 2), then the root's
  * shape (32 bytes; H("") for an empty tree).
  */
 export function verifyCheckpoint(envelope: Envelope, registry: KeyRegistry, opts: VerifyCheckpointOptions): Checkpoint {
@@ -69,7 +69,7 @@ export function verifyCheckpoint(envelope: Envelope, registry: KeyRegistry, opts
   if (checkpoint.origin !== opts.origin) {
     throw new ProofError(
       `checkpoint origin: expected ${JSON.stringify(opts.origin)}, got ${JSON.stringify(checkpoint.origin)}`,
-      { metadata: { expected: opts.origin, actual: checkpoint.origin } },
+      { reason: ErrorReason.CHECKPOINT_INCONSISTENT, metadata: { expected: opts.origin, actual: checkpoint.origin } },
     );
   }
   checkCheckpointShape(checkpoint);

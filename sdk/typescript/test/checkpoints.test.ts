@@ -123,10 +123,10 @@ test("the checkpoint vector verifies as a checkpoint of its origin", () => {
   assert.equal(checkpoint.rootHash.length, 32);
 });
 
-test("verifyCheckpoint refuses another origin (PROOF_INVALID, as the Python SDK)", () => {
+test("verifyCheckpoint refuses another origin (CHECKPOINT_INCONSISTENT, §5.6 step 2)", () => {
   const error = caught(() => verifyCheckpoint(signedCheckpoint({ origin: "other.example/log" }), REGISTRY, { origin: ORIGIN, now: NOW }));
   assert.ok(error instanceof ProofError);
-  assert.equal(error.reason, ErrorReason.PROOF_INVALID);
+  assert.equal(error.reason, ErrorReason.CHECKPOINT_INCONSISTENT);
   assert.deepEqual(error.metadata, { expected: ORIGIN, actual: "other.example/log" });
 });
 
