@@ -26,7 +26,9 @@ class CoSignEmergencyReleaseRequest(_message.Message):
     EMERGENCY_RELEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def emergency_release(self) -> _envelope_pb2.Envelope:
-        """Envelope of an EmergencyRelease with zero or more signatures."""
+        """Envelope of an EmergencyRelease signed by its issuer, first, and by zero or
+        more co-signers after it: 1 to 16 signatures in all (§3.6 a3, §11).
+        """
 
     def __init__(
         self,

@@ -21,7 +21,8 @@ export const file_collateral_sync_v1_emergency_release_service: GenFile = /*@__P
  */
 export type CoSignEmergencyReleaseRequest = Message<"collateral_sync.v1.CoSignEmergencyReleaseRequest"> & {
   /**
-   * Envelope of an EmergencyRelease with zero or more signatures.
+   * Envelope of an EmergencyRelease signed by its issuer, first, and by zero or
+   * more co-signers after it: 1 to 16 signatures in all (§3.6 a3, §11).
    *
    * @generated from field: collateral_sync.v1.Envelope emergency_release = 1;
    */
