@@ -3,15 +3,16 @@
 // stated issuer and signers, invalid ones fail with the stated reason and gRPC status.
 
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { test } from "node:test";
-import { create, fromBinary, type JsonValue, toJson } from "@bufbuild/protobuf";
+import { create, fromBinary, type JsonValue, toBinary, toJson } from "@bufbuild/protobuf";
 import { decodeMessage } from "../src/decode.js";
 import { CollateralSyncError } from "../src/errors.js";
 import { PartyRole } from "../src/gen/collateral_sync/v1/common_pb.js";
 import { type Envelope, EnvelopeSchema, SignatureSchema } from "../src/gen/collateral_sync/v1/envelope_pb.js";
 import { KeyRegistry } from "../src/registry.js";
 import { MemoryReplayGuard, pae, type VerifiedStatement, verifyStatement, verifyThreshold } from "../src/signing.js";
-import { schemaOf, type StatementMessage } from "../src/statements.js";
+import { schemaOf, STATEMENT_TYPES, type StatementMessage } from "../src/statements.js";
 import { fromHex, loadVectors, TestSigner, toHex } from "./verification-fixtures.js";
 
 interface StatementVector {
@@ -31,12 +32,23 @@ interface StatementVector {
     | { valid: false; reason: string; grpc_status: string };
 }
 
+/** A vector whose payload is too large to write out: prefix_hex, then fill_count fill_hex bytes. */
+interface LargePayloadVector extends Omit<StatementVector, "envelope" | "envelope_hex" | "pae_hex"> {
+  envelope: { payload_type: string; signatures: { key_id: string; sig_hex: string }[] };
+  payload_rule: { prefix_hex: string; fill_hex: string; fill_count: number };
+  payload_length: number;
+  payload_sha256_hex: string;
+  envelope_sha256_hex: string;
+  pae_sha256_hex: string;
+}
+
 interface StatementsFile {
   kind: string;
   max_skew_seconds: number;
   registry: JsonValue;
   signing_keys: { name: string; party_id: string; role: string; seed_hex: string; key_id: string; registered: boolean }[];
   vectors: StatementVector[];
+  large_payloads: LargePayloadVector[];
 }
 
 const FILE = loadVectors<StatementsFile>("statements.json");
@@ -132,31 +144,110 @@ for (const vector of FILE.vectors) {
 
   const expected = vector.expected;
   if (expected.valid) {
-    test(`${vector.id}: verifies (issuer ${expected.issuer})`, () => {
-      const verified = verify(vector);
-      assert.equal(verified.issuer, expected.issuer);
-      assert.equal(verified.header.issuer, expected.issuer);
-      assert.deepEqual([...verified.signerPartyIds], expected.signer_party_ids);
-      assert.equal(verified.payloadType, vector.expected_payload_type);
-      assert.equal(toHex(verified.payload), vector.envelope.payload_hex);
-      assert.equal(verified.message.$typeName, schemaOf(vector.expected_payload_type).typeName);
-    });
+    test(`${vector.id}: verifies (issuer ${expected.issuer})`, () => checkValid(vector));
   } else {
-    test(`${vector.id}: fails with ${expected.reason} (${expected.grpc_status})`, () => {
-      let error: unknown;
-      try {
-        verify(vector);
-      } catch (err) {
-        error = err;
-      }
-      assert.ok(error instanceof CollateralSyncError, `expected a CollateralSyncError, got ${String(error)}`);
-      assert.equal(error.reasonName, expected.reason, error.message);
-      assert.equal(error.code, expected.grpc_status);
-      assert.notEqual(error.metadata["expected"], undefined);
-      assert.notEqual(error.metadata["actual"], undefined);
-    });
+    test(`${vector.id}: fails with ${expected.reason} (${expected.grpc_status})`, () => checkInvalid(vector));
   }
 }
+
+function checkValid(vector: StatementVector): void {
+  const expected = vector.expected;
+  assert.ok(expected.valid);
+  const verified = verify(vector);
+  assert.equal(verified.issuer, expected.issuer);
+  assert.equal(verified.header.issuer, expected.issuer);
+  assert.deepEqual([...verified.signerPartyIds], expected.signer_party_ids);
+  assert.equal(verified.payloadType, vector.expected_payload_type);
+  assert.equal(toHex(verified.payload), vector.envelope.payload_hex);
+  assert.equal(verified.message.$typeName, schemaOf(vector.expected_payload_type).typeName);
+}
+
+function checkInvalid(vector: StatementVector): void {
+  const expected = vector.expected;
+  assert.ok(!expected.valid);
+  let error: unknown;
+  try {
+    verify(vector);
+  } catch (err) {
+    error = err;
+  }
+  assert.ok(error instanceof CollateralSyncError, `expected a CollateralSyncError, got ${String(error)}`);
+  assert.equal(error.reasonName, expected.reason, error.message);
+  assert.equal(error.code, expected.grpc_status);
+  assert.notEqual(error.metadata["expected"], undefined);
+  assert.notEqual(error.metadata["actual"], undefined);
+}
+
+// ------------------------------------------------------------------ large payloads (§15.2)
+
+function largePayload(vector: LargePayloadVector): Uint8Array {
+  const prefix = fromHex(vector.payload_rule.prefix_hex);
+  const fill = fromHex(vector.payload_rule.fill_hex);
+  assert.equal(fill.length, 1);
+  const payload = new Uint8Array(prefix.length + vector.payload_rule.fill_count).fill(fill[0] ?? 0);
+  payload.set(prefix, 0);
+  return payload;
+}
+
+/** A large_payloads vector in the shape of vectors[]: its payload, envelope and PAE written out. */
+function expanded(vector: LargePayloadVector): StatementVector {
+  const payload = largePayload(vector);
+  const envelope = { ...vector.envelope, payload_hex: toHex(payload) };
+  const statement = { ...vector, envelope, envelope_hex: "", pae_hex: "" };
+  statement.envelope_hex = toHex(toBinary(EnvelopeSchema, envelopeOf(statement)));
+  statement.pae_hex = toHex(pae(envelope.payload_type, payload));
+  return statement;
+}
+
+function sha256Hex(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+for (const vector of FILE.large_payloads) {
+  test(`${vector.id}: the payload rule gives the stated bytes`, () => {
+    const payload = largePayload(vector);
+    assert.equal(payload.length, vector.payload_length);
+    assert.equal(sha256Hex(payload), vector.payload_sha256_hex);
+    const envelope = envelopeOf(expanded(vector));
+    assert.equal(sha256Hex(toBinary(EnvelopeSchema, envelope)), vector.envelope_sha256_hex);
+    assert.equal(sha256Hex(pae(envelope.payloadType, payload)), vector.pae_sha256_hex);
+    const schema = schemaOf(vector.expected_payload_type);
+    assert.deepEqual(toJson(schema, decodeMessage(schema, payload)), vector.payload_json);
+  });
+
+  const expected = vector.expected;
+  if (expected.valid) {
+    test(`${vector.id}: verifies (issuer ${expected.issuer})`, () => checkValid(expanded(vector)));
+  } else {
+    test(`${vector.id}: fails with ${expected.reason} (${expected.grpc_status})`, () => checkInvalid(expanded(vector)));
+  }
+}
+
+test("the 4 MiB limit is pinned from both sides", () => {
+  const byLength = new Map(FILE.large_payloads.map((v) => [v.payload_length, v.expected]));
+  assert.equal(byLength.get(4 * 1024 * 1024)?.valid, true);
+  const over = byLength.get(4 * 1024 * 1024 + 1);
+  assert.ok(over !== undefined && !over.valid && over.reason === "TOO_LARGE");
+});
+
+// ------------------------------------------------------------------ coverage
+
+test("every statement type of §3.5 has a valid and an invalid vector", () => {
+  const every = [...FILE.vectors, ...FILE.large_payloads];
+  assert.equal(STATEMENT_TYPES.length, 21);
+  for (const row of STATEMENT_TYPES) {
+    const ofType = every.filter((v) => v.expected_payload_type === row.payloadType && v.envelope.payload_type === row.payloadType);
+    assert.ok(ofType.some((v) => v.expected.valid), `${row.name}: no valid vector`);
+    assert.ok(ofType.some((v) => !v.expected.valid), `${row.name}: no invalid vector`);
+  }
+});
+
+test("16 signatures verify, 17 are MALFORMED (stage a3)", () => {
+  const bySignatures = new Map(FILE.vectors.map((v) => [v.envelope.signatures.length, v.expected]));
+  assert.equal(bySignatures.get(16)?.valid, true);
+  const over = bySignatures.get(17);
+  assert.ok(over !== undefined && !over.valid && over.reason === "MALFORMED");
+});
 
 test("the tampered vector is the valid one with one byte changed", () => {
   const valid = FILE.vectors.find((v) => v.id === "holdings-statement/valid");
