@@ -139,12 +139,7 @@ def test_the_kit_as_init_writes_it_passes_the_reference_custodian(
     finally:
         server.close()
     out = capsys.readouterr().out
-    cases = _results(directory / "report")["cases"]
-    not_passed = [
-        (c["id"], c["verdict"], c["message"])
-        for c in cases
-        if c["level"] == "MUST" and c["verdict"] != "passed"
-    ]
+    not_passed = _must_not_passed(directory)
     assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
     assert code == 0, out[-3000:]
     assert os.path.isdir(directory / "state")  # the server's database went where README says
@@ -178,12 +173,7 @@ def test_the_kit_as_init_writes_it_passes_the_reference_exchange(
     finally:
         server.close()
     out = capsys.readouterr().out
-    cases = _results(directory / "report")["cases"]
-    not_passed = [
-        (c["id"], c["verdict"], c["message"])
-        for c in cases
-        if c["level"] == "MUST" and c["verdict"] != "passed"
-    ]
+    not_passed = _must_not_passed(directory)
     assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
     assert code == 0, out[-3000:]
 

@@ -986,17 +986,9 @@ async def off_path_refused(ctx: CaseContext) -> None:
         ("a path id never authorised", ctx.unique("conformance-no-such-path")),
         ("a superseded path", pledged.path_id),
     ):
-        instructed = await _instruction(ctx, pledged, path_id=path_id)
-        before = await custodian_state(ctx)
-        outcome = await ctx.rpc(
-            ctx.custodian.submit_liquidation_instruction,
-            _request(instructed),
-            label=f"SubmitLiquidationInstruction naming {label}",
+        await _expect_path_not_authorised(
+            ctx, await _instruction(ctx, pledged, path_id=path_id), label
         )
-        expect_status(
-            outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_PATH_NOT_AUTHORISED
-        )
-        await expect_unchanged(ctx, before)
 
 
 @REGISTRY.case(
@@ -1076,22 +1068,28 @@ async def path_in_force_when_issued(ctx: CaseContext) -> None:
         ("P1, issued after P2 superseded it", first, between, (statement, statement_envelope)),
         ("P2, issued after P3 superseded it", second, None, None),
     ):
-        instructed = await _instruction(ctx, pledged, issued_at=issued_at, cited=cited)
-        before = await custodian_state(ctx)
-        outcome = await ctx.rpc(
-            ctx.custodian.submit_liquidation_instruction,
-            _request(instructed),
-            label=f"SubmitLiquidationInstruction naming {label}",
+        await _expect_path_not_authorised(
+            ctx, await _instruction(ctx, pledged, issued_at=issued_at, cited=cited), label
         )
-        expect_status(
-            outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_PATH_NOT_AUTHORISED
-        )
-        await expect_unchanged(ctx, before)
     instructed = await _instruction(
         ctx, second, issued_at=between, cited=(statement, statement_envelope)
     )
     now_statement, _, _ = await holdings(ctx, first.account_id)
     await _execute(ctx, second, instructed, before=now_statement)
+
+
+async def _expect_path_not_authorised(
+    ctx: CaseContext, instructed: _Instructed, naming: str
+) -> None:
+    """The instruction is PERMISSION_DENIED PATH_NOT_AUTHORISED and changes nothing (§9.2)."""
+    before = await custodian_state(ctx)
+    outcome = await ctx.rpc(
+        ctx.custodian.submit_liquidation_instruction,
+        _request(instructed),
+        label=f"SubmitLiquidationInstruction naming {naming}",
+    )
+    expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_PATH_NOT_AUTHORISED)
+    await expect_unchanged(ctx, before)
 
 
 async def _superseding_path(ctx: CaseContext, pledged: _Pledged) -> _Pledged:
