@@ -72,6 +72,34 @@ def _results(directory: Path) -> dict[str, Any]:
     return document
 
 
+def _passes_as_written(
+    role: str,
+    directory: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The reference ``role`` from the written config, and the kit as run-kit.sh runs it, pass.
+
+    The config is used as it is (its relative paths resolve against its directory); only
+    the address is the test's: --listen 127.0.0.1:0 on the server's command line.
+    """
+    server = ServerProcess(
+        role=role, config_path=directory / "server.json", log_path=tmp_path / f"{role}.log"
+    )
+    try:
+        address = server.start()
+        monkeypatch.chdir(directory)  # as run-kit.sh does
+        argv = _with_target(_run_kit_argv(directory / "run-kit.sh"), address)
+        code = main([*argv, "--no-colour"])
+    finally:
+        server.close()
+    out = capsys.readouterr().out
+    not_passed = _must_not_passed(directory)
+    assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
+    assert code == 0, out[-3000:]
+
+
 def test_init_refuses_a_non_empty_directory_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -124,24 +152,7 @@ def test_the_kit_as_init_writes_it_passes_the_reference_custodian(
 ) -> None:
     directory = tmp_path / "kit"
     assert main(["init", "--role", "custodian", str(directory)]) == 0
-    # The written config as it is (its relative paths resolve against its directory);
-    # only the address is the test's: --listen 127.0.0.1:0 on the command line.
-    server = ServerProcess(
-        role="custodian",
-        config_path=directory / "server.json",
-        log_path=tmp_path / "custodian.log",
-    )
-    try:
-        address = server.start()
-        monkeypatch.chdir(directory)  # as run-kit.sh does
-        argv = _with_target(_run_kit_argv(directory / "run-kit.sh"), address)
-        code = main([*argv, "--no-colour"])
-    finally:
-        server.close()
-    out = capsys.readouterr().out
-    not_passed = _must_not_passed(directory)
-    assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
-    assert code == 0, out[-3000:]
+    _passes_as_written("custodian", directory, tmp_path, monkeypatch, capsys)
     assert os.path.isdir(directory / "state")  # the server's database went where README says
 
 
@@ -221,22 +232,7 @@ def test_the_kit_as_init_writes_it_passes_the_reference_regulator(
         main(["init", "--role", "regulator", "--base-port", str(_free_base_port()), str(directory)])
         == 0
     )
-    server = ServerProcess(
-        role="regulator",
-        config_path=directory / "server.json",
-        log_path=tmp_path / "regulator.log",
-    )
-    try:
-        address = server.start()
-        monkeypatch.chdir(directory)  # as run-kit.sh does
-        argv = _with_target(_run_kit_argv(directory / "run-kit.sh"), address)
-        code = main([*argv, "--no-colour"])
-    finally:
-        server.close()
-    out = capsys.readouterr().out
-    not_passed = _must_not_passed(directory)
-    assert not not_passed, f"{not_passed}\n{out[-3000:]}\n{server.log_text()[-3000:]}"
-    assert code == 0, out[-3000:]
+    _passes_as_written("regulator", directory, tmp_path, monkeypatch, capsys)
     regulator_cases = [
         c for c in _results(directory / "report")["cases"] if c["id"].startswith("regulator/")
     ]
