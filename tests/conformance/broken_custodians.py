@@ -2,8 +2,8 @@
 
 Each patch breaks exactly one rule of the custodian's positive behaviour
 (docs/PROTOCOL.md §5 checkpoints and proofs, Appendix A redemptions and yield,
-§9 liquidation, §10.2 the view frozen at a cut-off, §10.6 settlement, §11
-emergency release), so that the case written for that rule is the one that
+§9 liquidation, §10.2 the view and the sync log heads stated for a cut-off, §10.6
+settlement, §11 emergency release), so that the case written for that rule is the one that
 must catch it (tests/conformance/test_kit_broken_custodians.py). Some move a
 deadline by a second's worth or more — settling a minute late, a window or a
 wait counted from the wrong time — which only a case that looks one second
@@ -33,6 +33,7 @@ from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import StateError, VerificationError
 from collateral_sync.keys import SigningKey
 from collateral_sync.signing import sign_statement, verify_statement
+from collateral_sync.sync import _log as _sync_log
 from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
@@ -62,6 +63,7 @@ _cosigner: Any = _cosigner_module
 _access: Any = _access_module
 _custodian_role: Any = _role_module
 _party_reconciliation: Any = _reconciliation_module
+_sync_log_module: Any = _sync_log
 
 __all__ = ["FAULTS", "main"]
 
@@ -353,6 +355,22 @@ def _states_cutoff_a_minute_early() -> None:
         return self._ensure(cutoff)
 
     reconciliation.statement = statement
+
+
+def _states_current_sync_heads() -> None:
+    """A cut-off's statement states the sync log heads held when it is built, not the last
+    entries of batches issued at or before the cut-off (§10.2): a batch the exchange issued
+    after the cut-off, delivered before the custodian's clock reached it, is counted."""
+
+    def heads_at(self: Any, cutoff: datetime) -> dict[int, Any]:
+        heads = {
+            self.sending_direction: self.sent_head(),
+            self.receiving_direction: self.received_head(),
+        }
+        return dict(sorted(heads.items()))
+
+    # Only reconciliation asks the log for its heads at a time.
+    _sync_log_module.SyncLog.heads_at = heads_at
 
 
 def _rewrite_steps(rewrite: Callable[[list[Any]], list[Any]]) -> None:
@@ -825,6 +843,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-release-wait-is-dispute-window": _release_wait_is_dispute_window,
     "custodian-states-view-when-asked": _states_view_when_asked,
     "custodian-states-cutoff-a-minute-early": _states_cutoff_a_minute_early,
+    "custodian-states-current-sync-heads": _states_current_sync_heads,
     "custodian-sells-past-step-maximum": _sells_past_step_maximum,
     "custodian-sells-steps-out-of-order": _sells_steps_out_of_order,
     "custodian-rounds-proceeds-up": _rounds_proceeds_up,

@@ -96,12 +96,12 @@ REFUSES_NOTHING = Fault("refuses nothing", on_refusal=_refuses_nothing)
 #: Per role, what the refuses-nothing run leaves out: the kit's sync cases leave
 #: evidence against its exchange party at the custodian, which would stop the
 #: reference exchange of the same party that shares this module's custodian, and
-#: its liquidation cases write to that party's exchange-to-custodian log (the
-#: policy they publish) behind that exchange's back (liquidation/off-path-refused
-#: is shown by custodian-liquidates-off-path instead); an exchange's own sync and
-#: crediting run against the kit's custodian, not its API.
+#: its liquidation cases (the policy they publish) and reconciliation/sync-heads-at-cutoff
+#: write to that party's exchange-to-custodian log behind that exchange's back
+#: (liquidation/off-path-refused is shown by custodian-liquidates-off-path instead); an
+#: exchange's own sync and crediting run against the kit's custodian, not its API.
 LEFT_OUT = {
-    Role.CUSTODIAN: ("sync/", "liquidation/"),
+    Role.CUSTODIAN: ("sync/", "liquidation/", "reconciliation/sync-heads-at-cutoff"),
     Role.EXCHANGE: (
         *(glob.removesuffix("**") for glob in COUNTERPART_CASES),
         # The kit's account at this exchange is worth nothing (a 0.001 USDC pledge),

@@ -76,8 +76,19 @@ _REFUSALS = {
 }
 
 
+#: The kit plays this module's exchange party on the custodian's sync stream there, adding
+#: entries to its exchange-to-custodian log behind the back of the reference exchange that
+#: shares the custodian (whose own log would then disagree): it runs against custodians of
+#: its own (test_kit_reference.py, test_kit_broken_custodians.py).
+_SHARED_STREAM = "reconciliation/sync-heads-at-cutoff"
+
+
 def _ids(role: Role) -> set[str]:
-    return {c.id for c in REGISTRY.for_role(role) if c.id.startswith("reconciliation/")}
+    return {
+        c.id
+        for c in REGISTRY.for_role(role)
+        if c.id.startswith("reconciliation/") and c.id != _SHARED_STREAM
+    }
 
 
 async def _pledge(parties: Parties, address: str) -> None:
@@ -230,7 +241,7 @@ def test_reference_custodian_passes_every_reconciliation_case(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = kit_argv(kit_files, custodian.address, "--account", KIT_ACCOUNT)
-    verdicts = _run([*argv, "--run", "reconciliation/**"], tmp_path)
+    verdicts = _run([*argv, "--run", "reconciliation/**", "--skip", _SHARED_STREAM], tmp_path)
     capsys.readouterr()
     assert set(verdicts) == _ids(Role.CUSTODIAN)
     assert {i: v for i, v in verdicts.items() if v != "passed"} == {}, custodian.log_text()[-3000:]
@@ -365,7 +376,7 @@ def test_a_broken_custodian_is_caught_by_exactly_its_cases(
     make_fault, caught_by = BROKEN[variant]
     address = proxy(make_fault(reference_parties))
     argv = kit_argv(kit_files, address, "--account", KIT_ACCOUNT)
-    verdicts = _run([*argv, "--run", "reconciliation/**"], tmp_path)
+    verdicts = _run([*argv, "--run", "reconciliation/**", "--skip", _SHARED_STREAM], tmp_path)
     capsys.readouterr()
     assert set(verdicts) == _ids(Role.CUSTODIAN)
     assert {i for i, v in verdicts.items() if v != "passed"} == caught_by

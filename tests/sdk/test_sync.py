@@ -16,7 +16,7 @@ import sqlite3
 import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -678,6 +678,221 @@ def test_sessions_exchange_both_logs_and_acknowledge_after_commit(
         assert stored == exchange.log.outgoing_entry(17)
         await link.cut()
         assert not exchange.session.connected
+
+    run(scenario())
+
+
+# --- heads at a cut-off (reconciliation, PROTOCOL.md §10.2) ------------------------------
+
+C = datetime(2026, 3, 1, 12, tzinfo=UTC)
+MICRO = timedelta(microseconds=1)
+
+
+class Clock:
+    """A settable clock shared by both sessions: every batch is issued at ``now``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_heads_at_an_empty_log_are_zero_and_need_an_aware_time(
+    make_party: Callable[..., Party],
+) -> None:
+    custodian = make_party(CUSTODIAN)
+    both = {CUSTODIAN_TO_EXCHANGE: EMPTY_HEAD, EXCHANGE_TO_CUSTODIAN: EMPTY_HEAD}
+    assert custodian.log.heads_at(C) == both
+    custodian.append(3)  # written, never sent: in no batch
+    assert custodian.log.heads_at(C + timedelta(days=365)) == both
+    with pytest.raises(ValueError, match="naive"):
+        custodian.log.heads_at(datetime(2026, 3, 1, 12))
+
+
+def test_heads_at_count_batches_issued_up_to_the_cutoff_on_both_sides(
+    make_party: Callable[..., Party],
+) -> None:
+    clock = Clock(C - timedelta(seconds=1))
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, clock=clock)
+        custodian = make_party(CUSTODIAN, clock=clock)
+        link = Link(exchange, custodian)
+
+        async def flow(exchange_count: int, custodian_count: int) -> tuple[LogHead, LogHead]:
+            ours, theirs = exchange.append(exchange_count), custodian.append(custodian_count)
+            await within(
+                asyncio.gather(
+                    exchange.session.wait_acknowledged(ours.sequence),
+                    custodian.session.wait_acknowledged(theirs.sequence),
+                )
+            )
+            return ours, theirs
+
+        before = await flow(3, 2)  # issued one second before the cut-off
+        clock.now = C
+        at = await flow(2, 2)  # issued at the cut-off itself: still in
+        clock.now = C + MICRO
+        after = await flow(1, 4)  # a microsecond after it: out
+        await link.cut()
+
+        for party in (exchange, custodian):
+            log = party.log
+            assert log.heads_at(C) == {
+                CUSTODIAN_TO_EXCHANGE: at[1],
+                EXCHANGE_TO_CUSTODIAN: at[0],
+            }, party.signer.party_id
+            assert log.heads_at(C - MICRO) == {
+                CUSTODIAN_TO_EXCHANGE: before[1],
+                EXCHANGE_TO_CUSTODIAN: before[0],
+            }
+            assert log.heads_at(C - timedelta(seconds=2)) == {
+                CUSTODIAN_TO_EXCHANGE: EMPTY_HEAD,
+                EXCHANGE_TO_CUSTODIAN: EMPTY_HEAD,
+            }
+            # Once everything sent by then is in, the heads are today's.
+            assert log.heads_at(C + MICRO) == {
+                CUSTODIAN_TO_EXCHANGE: after[1],
+                EXCHANGE_TO_CUSTODIAN: after[0],
+            }
+        assert custodian.log.heads_at(C + MICRO)[CUSTODIAN_TO_EXCHANGE] == custodian.log.sent_head()
+        # The hashes are the entries' own (the last of each batch).
+        assert exchange.log.outgoing_hash(at[0].sequence) == at[0].entry_hash
+        # Another time zone names the same instant.
+        eastern = C.astimezone(timezone(timedelta(hours=5)))
+        assert exchange.log.heads_at(eastern) == exchange.log.heads_at(C)
+
+    run(scenario())
+
+
+def test_heads_at_a_resumed_stream_count_each_entry_from_its_first_batch(
+    make_party: Callable[..., Party],
+) -> None:
+    """Entries sent again on a later stream (their ack was lost) keep their first batch's time."""
+    clock = Clock(C - timedelta(seconds=1))
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, clock=clock)
+        custodian = make_party(CUSTODIAN, clock=clock)
+        head = exchange.append(5)
+        stored = asyncio.Event()
+        custodian.apply_hook = lambda updates: stored.set()
+        link = Link(exchange, custodian)
+        link.to_exchange.drop = lambda frame: frame.WhichOneof("frame") == "ack"
+        await within(stored.wait())
+        await link.cut()
+        assert exchange.session.acknowledged_sequence == 0
+
+        clock.now = C + timedelta(seconds=1)
+        link = Link(exchange, custodian)
+        resent: list[int] = []
+
+        def record(frame: Frame) -> None:
+            if frame.WhichOneof("frame") == "batch":
+                batch = position_sync_pb2.SyncBatch.FromString(frame.batch.payload)
+                resent.extend(entry.sequence for entry in batch.entries)
+
+        link.to_custodian.on_frame = record
+        later = exchange.append(2)
+        await within(exchange.session.wait_acknowledged(later.sequence))
+        await link.cut()
+        # The custodian's hello said it held 1..5: only 6..7 went out again.
+        assert resent == [6, 7]
+        for log in (exchange.log, custodian.log):
+            assert log.heads_at(C)[EXCHANGE_TO_CUSTODIAN] == head
+            assert log.heads_at(C + timedelta(seconds=1))[EXCHANGE_TO_CUSTODIAN] == later
+
+    run(scenario())
+
+
+def test_heads_at_a_batch_sent_again_after_the_cutoff_keeps_its_first_time(
+    make_party: Callable[..., Party], keys: dict[str, SigningKey]
+) -> None:
+    """A peer that never acknowledged: the same entries go out again, later; the first send counts."""
+    clock = Clock(C - timedelta(seconds=1))
+
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN, clock=clock)
+        head = custodian.append(4)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        await peer.expect("hello")
+        first = position_sync_pb2.SyncBatch.FromString((await peer.expect("batch")).batch.payload)
+        peer.outbox.end()  # gone without an ack
+        await within(peer.run)
+
+        clock.now = C + timedelta(seconds=1)
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN))
+        await peer.expect("hello")
+        again = position_sync_pb2.SyncBatch.FromString((await peer.expect("batch")).batch.payload)
+        assert [e.sequence for e in again.entries] == [e.sequence for e in first.entries]
+        assert again.header.issued_at.ToDatetime(UTC) == C + timedelta(seconds=1)
+        peer.outbox.end()
+        await within(peer.run)
+        assert custodian.log.heads_at(C)[CUSTODIAN_TO_EXCHANGE] == head
+        assert custodian.log.heads_at(C - timedelta(seconds=2))[CUSTODIAN_TO_EXCHANGE] == (
+            EMPTY_HEAD
+        )
+
+    run(scenario())
+
+
+def test_heads_at_a_database_from_before_the_records_is_migrated(
+    make_party: Callable[..., Party], tmp_path: Path
+) -> None:
+    """A log written before issued_at was kept: the stored envelopes and the peer's hello tell it."""
+    clock = Clock(C - timedelta(seconds=1))
+
+    async def scenario() -> None:
+        exchange = make_party(EXCHANGE, clock=clock)
+        custodian = make_party(CUSTODIAN, clock=clock)
+        link = Link(exchange, custodian)
+        sent = exchange.append(3)
+        received = custodian.append(2)
+        await within(
+            asyncio.gather(
+                exchange.session.wait_acknowledged(sent.sequence),
+                custodian.session.wait_acknowledged(received.sequence),
+            )
+        )
+        await link.cut()
+        exchange.close()
+        # What an earlier version of the SDK left: no issued_at, no sent batches.
+        with contextlib.closing(sqlite3.connect(tmp_path / f"{EXCHANGE}.sqlite")) as old:
+            old.execute("ALTER TABLE sync_received_batches DROP COLUMN issued_at_us")
+            old.execute("DROP TABLE sync_sent_batches")
+            old.commit()
+
+        clock.now = C - MICRO
+        upgraded = make_party(EXCHANGE, clock=clock)  # same file, new version
+        columns = [
+            row[1]
+            for row in upgraded.connection.execute("PRAGMA table_info(sync_received_batches)")
+        ]
+        assert "issued_at_us" in columns
+        # The received side is read from the signed envelopes; nothing sent is known yet.
+        assert upgraded.log.heads_at(C) == {
+            CUSTODIAN_TO_EXCHANGE: received,
+            EXCHANGE_TO_CUSTODIAN: EMPTY_HEAD,
+        }
+        assert upgraded.log.heads_at(C - timedelta(seconds=2))[CUSTODIAN_TO_EXCHANGE] == (
+            EMPTY_HEAD
+        )
+        # The custodian's hello confirms 1..3: sent no later than now.
+        link = Link(upgraded, custodian)
+        more = custodian.append(1)
+        await within(custodian.session.wait_acknowledged(more.sequence))
+        await link.cut()
+        assert (
+            upgraded.log.heads_at(C)
+            == custodian.log.heads_at(C)
+            == {
+                CUSTODIAN_TO_EXCHANGE: more,
+                EXCHANGE_TO_CUSTODIAN: sent,
+            }
+        )
 
     run(scenario())
 
@@ -1590,6 +1805,10 @@ def test_exchange_killed_with_sigkill_mid_stream_resumes_with_identical_heads(
                 acknowledged = custodian.session.acknowledged_sequence
                 with exchange_database(database) as exchange_log:
                     durable = exchange_log.received_head()
+                    # Whatever of its log the custodian holds, it recorded sending.
+                    later = datetime.now(UTC) + timedelta(days=1)
+                    sent = exchange_log.heads_at(later)[EXCHANGE_TO_CUSTODIAN].sequence
+                assert sent >= custodian.log.received_head().sequence
                 assert acknowledged <= durable.sequence
                 assert custodian.log.outgoing_hash(durable.sequence) == durable.entry_hash
             child = await start()
@@ -1601,6 +1820,10 @@ def test_exchange_killed_with_sigkill_mid_stream_resumes_with_identical_heads(
         with exchange_database(database) as exchange_log:
             assert exchange_log.received_head() == custodian.log.sent_head()
             assert exchange_log.sent_head() == custodian.log.received_head()
+            # Every batch the killed exchange sent was recorded before it left (§10.2).
+            later = datetime.now(UTC) + timedelta(days=1)
+            assert exchange_log.heads_at(later) == custodian.log.heads_at(later)
+            assert exchange_log.heads_at(later)[EXCHANGE_TO_CUSTODIAN] == exchange_log.sent_head()
             rows = exchange_log.connection.execute("SELECT sequence FROM applied ORDER BY 1")
             applied = [row[0] for row in rows]
         assert applied == list(range(1, count + 1))

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -299,8 +300,12 @@ async def kit_batch(
     updates: list[bytes],
     *,
     issuer: str | None = None,
+    issued_at: datetime | None = None,
 ) -> tuple[envelope_pb2.Envelope, list[bytes]]:
-    """A signed exchange-to-custodian batch chained from ``prev_entry_hash``; returns its hashes."""
+    """A signed exchange-to-custodian batch chained from ``prev_entry_hash``; returns its hashes.
+
+    Issued now (server time) unless ``issued_at`` says otherwise.
+    """
     batch = position_sync_pb2.SyncBatch(direction=EXCHANGE_TO_CUSTODIAN)  # type: ignore[arg-type]
     hashes = []
     prev = prev_entry_hash
@@ -311,7 +316,11 @@ async def kit_batch(
         hashes.append(hash_)
         prev = hash_
     envelope = await ctx.sign(
-        batch, signer, issuer=issuer, sequence=first_sequence + len(updates) - 1
+        batch,
+        signer,
+        issuer=issuer,
+        sequence=first_sequence + len(updates) - 1,
+        issued_at=issued_at,
     )
     return envelope, hashes
 

@@ -15,6 +15,14 @@ they are skipped. The kit cannot learn the server's schedule from the
 protocol, so it assumes the default one (00:00 and 12:00 UTC, §10.1). Against
 a custodian the kit first pledges its ``--account`` (when given) so that the
 frozen view holds an account.
+
+The sync log heads a custodian states are checked against the batches the
+kit itself saw on the SyncPositions stream, as the exchange (the helpers of
+the ``sync/`` cases): each batch's last entry and signed ``issued_at``, both
+ways. Entries flow both ways just before and just after the cut-off, one of
+the kit's batches issued after the cut-off while the custodian's clock is
+still before it (an exchange clock running ahead), before the statement is
+asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
@@ -34,13 +43,14 @@ from collateral_sync.errors import CollateralSyncError
 from collateral_sync.keys import role_name
 from collateral_sync.merkle import HASH_SIZE, empty_root, leaf_hash, node_hash
 from collateral_sync.signing import verify_statement
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
     custodian_service_pb2,
     envelope_pb2,
     errors_pb2,
+    position_sync_pb2,
     reconciliation_pb2,
     reconciliation_service_pb2,
     test_control_pb2,
@@ -62,6 +72,13 @@ from collateral_sync_conformance._expect import (
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._checkpoints import verify_leaf
 from collateral_sync_conformance.cases._kit_account import ensure_pledged, holdings
+from collateral_sync_conformance.cases._raw_stream import (
+    StreamEnded,
+    SyncStream,
+    kit_batch,
+    kit_update,
+    verified_entries,
+)
 
 __all__: list[str] = []
 
@@ -114,7 +131,6 @@ def _unreached_cutoff(now: datetime) -> datetime:
 
 
 # ------------------------------------------------------------------ a cut-off
-
 
 
 async def _pass_cutoff(ctx: CaseContext) -> datetime:
@@ -539,6 +555,244 @@ async def view_frozen_at_cutoff(ctx: CaseContext) -> None:
         _view_positions(expected.positions),
         _view_positions(account.positions),
     )
+
+
+# ------------------------------------------------------------------ sync log heads at the cut-off
+
+#: How far after the cut-off the kit issues the batch it sends while the custodian's clock is
+#: still one second before it: an exchange whose clock runs ahead, well within the skew
+#: (§3.6 f, 30 s by default).
+_AHEAD = timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A batch of one direction as the kit saw it: when it was issued, and its last entry."""
+
+    issued_at: datetime
+    sequence: int
+    entry_hash: bytes
+
+
+def _head_at(cutoff: datetime, start: _Batch, batches: Sequence[_Batch]) -> _Batch:
+    """The last entry contained in a batch issued at or before ``cutoff`` (§10.2)."""
+    return max((b for b in (start, *batches) if b.issued_at <= cutoff), key=lambda b: b.sequence)
+
+
+def _batch_issued_at(envelope: envelope_pb2.Envelope) -> datetime:
+    # Only called on a batch verified_entries accepted.
+    batch = position_sync_pb2.SyncBatch.FromString(envelope.payload)
+    issued: datetime = batch.header.issued_at.ToDatetime(tzinfo=UTC)
+    return issued
+
+
+@dataclass
+class _KitExchange:
+    """The kit as the exchange on one SyncPositions stream, keeping every batch of both ways.
+
+    Each of the custodian's batches is verified, acknowledged and noted with its
+    ``issued_at``; each of the kit's own is noted once the custodian acknowledged it.
+    """
+
+    ctx: CaseContext
+    stream: SyncStream
+    #: The custodian's entries as the kit receives them (the stream starts from sequence 1).
+    received: list[_Batch] = field(default_factory=list)
+    #: The kit's batches the custodian acknowledged.
+    sent: list[_Batch] = field(default_factory=list)
+    #: Where the custodian stood in the kit's log before this stream (its hello).
+    sent_before: _Batch = field(init=False)
+    _acked: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        hello = self.stream.hello
+        # Entries the custodian held already came in batches issued before the case.
+        self.sent_before = _Batch(
+            datetime.min.replace(tzinfo=UTC), hello.received_sequence, hello.received_entry_hash
+        )
+        self._acked = hello.received_sequence
+
+    @property
+    def received_sequence(self) -> int:
+        return self.received[-1].sequence if self.received else 0
+
+    async def _read(self, done: Callable[[], bool], waiting_for: str) -> None:
+        """Handle the custodian's frames until ``done()``; _Ended if it ends the stream."""
+        while not done():
+            try:
+                frame = await self.stream.frame_of(("batch", "ack", "close"))
+            except StreamEnded as end:
+                info = end.outcome.error_info
+                raise _Ended(
+                    info.reason if info is not None else "",
+                    f"{end.outcome.code.name} {end.outcome.message}".strip(),
+                ) from None
+            if frame is None:
+                raise CaseFailure(
+                    f"the custodian sent nothing while the kit waited for {waiting_for}",
+                    expected=waiting_for,
+                    got="no batch or ack within 5 s",
+                )
+            kind = frame.WhichOneof("frame")
+            if kind == "close":
+                code = frame.close.reason
+                known = code in errors_pb2.ErrorReason.values()
+                reason = errors_pb2.ErrorReason.Name(code) if known else str(code)
+                raise _Ended(reason.removeprefix("ERROR_REASON_"), str(describe(frame.close)))
+            if kind == "ack":
+                self._acked = max(self._acked, frame.ack.sequence)
+                continue
+            entries = await verified_entries(self.ctx, frame.batch)
+            last = entries[-1]
+            self.received.append(
+                _Batch(_batch_issued_at(frame.batch), last.sequence, last.entry_hash)
+            )
+            await self.stream.ack(last)
+
+    async def _receive(self, done: Callable[[], bool], waiting_for: str) -> None:
+        try:
+            await self._read(done, waiting_for)
+        except _Ended as ended:
+            raise CaseFailure(
+                f"the custodian ended the stream while the kit waited for {waiting_for}",
+                expected=waiting_for,
+                got=ended.got,
+            ) from None
+
+    async def receive_through(self, sequence: int, what: str) -> None:
+        """Read the custodian's batches until one holds ``sequence``."""
+        await self._receive(lambda: self.received_sequence >= sequence, what)
+
+    async def receive_issued_after(self, cutoff: datetime, what: str) -> None:
+        """Read the custodian's batches until one issued after ``cutoff`` came."""
+        await self._receive(
+            lambda: bool(self.received) and self.received[-1].issued_at > cutoff, what
+        )
+
+    async def send(self, issued_at: datetime | None = None) -> _Batch:
+        """Send one harmless entry in a batch of its own; return it once acknowledged."""
+        ctx = self.ctx
+        signer = ctx.key(_ROLE.PARTY_ROLE_EXCHANGE)
+        head = self.sent[-1] if self.sent else self.sent_before
+        envelope, hashes = await kit_batch(
+            ctx,
+            signer,
+            head.sequence + 1,
+            head.entry_hash,
+            [await kit_update(ctx, signer)],
+            issued_at=issued_at,
+        )
+        batch = _Batch(_batch_issued_at(envelope), head.sequence + 1, hashes[0])
+        await self.stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        acknowledged = f"SyncAck(sequence={batch.sequence})"
+        try:
+            await self._read(lambda: self._acked >= batch.sequence, acknowledged)
+        except _Ended as ended:
+            if issued_at is not None and ended.reason == "STATEMENT_NOT_YET_VALID":
+                raise CaseSkipped(
+                    f"the custodian refused a batch issued {_AHEAD.total_seconds() * 1000:g} ms "
+                    "after the cut-off while its clock was about a second before it (its "
+                    "clock skew is under a second): the kit cannot place an entry after the "
+                    "cut-off before the custodian reaches it"
+                ) from None
+            raise CaseFailure(
+                "the custodian ended the stream after the kit's batch",
+                sent=str(describe(envelope)),
+                expected=acknowledged,
+                got=ended.got,
+            ) from None
+        self.sent.append(batch)
+        ctx.session.sync_sent = max(ctx.session.sync_sent, batch.sequence)
+        return batch
+
+
+class _Ended(Exception):  # noqa: N818 (the custodian ended the stream, not a bug)
+    """The custodian's SyncClose or end of the call: its ErrorInfo reason (no prefix), and what came."""
+
+    def __init__(self, reason: str, got: str) -> None:
+        super().__init__(got)
+        self.reason = reason
+        self.got = got
+
+
+def _shown(batches: Sequence[_Batch], cutoff: datetime) -> str:
+    """The last few batches of a direction, for a failure message."""
+    return ", ".join(
+        f"{b.sequence} issued {'after' if b.issued_at > cutoff else 'by'} the cut-off "
+        f"({b.issued_at.isoformat()})"
+        for b in batches[-4:]
+    )
+
+
+@REGISTRY.case(
+    "reconciliation/sync-heads-at-cutoff",
+    Level.MUST,
+    "the statement's sync log heads are, each way, the last entry of a batch issued at or "
+    "before the cut-off (§10.2), not the heads held when it is built: the kit, as the "
+    "exchange, has entries flow both ways one second before the cut-off, in a batch it issues "
+    "just after the cut-off while the custodian's clock is still before it, and one second "
+    "after it before the statement is asked for",
+    roles=[Role.CUSTODIAN],
+)
+async def sync_heads_at_cutoff(ctx: CaseContext) -> None:
+    account_id = await ensure_pledged(ctx)
+    held, _, _ = await holdings(ctx, account_id)
+    if not held.positions:
+        raise CaseSkipped(f"account {account_id!r} holds no asset the kit could deposit")
+    asset_id = held.positions[0].asset_id
+    ctx.key(_ROLE.PARTY_ROLE_EXCHANGE)  # skips the case without the kit's exchange key
+    now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    cutoff = _next_cutoff(now + _CUTOFF_LEAD)
+    stream = await SyncStream.open(ctx)
+    kit = _KitExchange(ctx, stream)
+    try:
+        # The custodian's log so far, replayed from sequence 1 before the cut-off.
+        await kit.receive_through(
+            stream.hello.sent_sequence, f"the custodian's log up to {stream.hello.sent_sequence}"
+        )
+        await ctx.advance_clock(max(cutoff - _SECOND - await ctx.server_now(), timedelta(0)))
+        # One second before the cut-off: an entry each way.
+        await _deposit(ctx, account_id, asset_id, _DEPOSIT_BEFORE)
+        await kit.receive_through(
+            kit.received_sequence + 1, "the entry of a deposit one second before the cut-off"
+        )
+        await kit.send()
+        # The kit's clock runs ahead: a batch issued after the cut-off, which the custodian
+        # stores while its own clock is still before it.
+        await kit.send(issued_at=cutoff + _AHEAD)
+        # One second after the cut-off, before the statement is asked for: an entry each way.
+        await ctx.advance_clock(max(cutoff + _SECOND - await ctx.server_now(), timedelta(0)))
+        await _deposit(ctx, account_id, asset_id, _DEPOSIT_AFTER)
+        await kit.receive_issued_after(
+            cutoff, "a batch issued after the cut-off (a deposit one second after it)"
+        )
+        await kit.send()
+    finally:
+        await stream.close()
+
+    _, statement = await _statement(ctx, cutoff)
+    stated = {int(head.direction): head for head in statement.sync_log_heads}
+    start = _Batch(datetime.min.replace(tzinfo=UTC), 0, ZERO_HASH)
+    for direction, name, batches, before in (
+        (CUSTODIAN_TO_EXCHANGE, "CUSTODIAN_TO_EXCHANGE", kit.received, start),
+        (EXCHANGE_TO_CUSTODIAN, "EXCHANGE_TO_CUSTODIAN", kit.sent, kit.sent_before),
+    ):
+        expected = _head_at(cutoff, before, batches)
+        head = stated.get(direction)
+        check(
+            head is not None,
+            f"the statement of {statement.cutoff_id} has no {name} head",
+            expected="both directions in sync_log_heads",
+            got=str([h.direction for h in statement.sync_log_heads]),
+        )
+        assert head is not None
+        check_equal(
+            f"sync_log_heads {name} of {statement.cutoff_id} (sequence, entry hash): the last "
+            f"entry of a batch issued at or before the cut-off, of the batches ending at "
+            f"{_shown(batches, cutoff)}",
+            (expected.sequence, expected.entry_hash.hex()),
+            (head.sequence, head.entry_hash.hex()),
+        )
 
 
 @REGISTRY.case(

@@ -38,10 +38,12 @@ each cut-off (one position field by ``delta``; an asset, or with no
 matched cut-off if they like; a server refuses to start with them unless it
 runs in test mode.
 
-Sync-log heads are the heads held when the statement is built (the cut-off is
-processed as soon as the clock reaches it), not recomputed from batch
-timestamps: a simplification of §10.2 that agrees with it whenever the stream
-is idle at the cut-off.
+Sync-log heads are those of §10.2, whenever the statement is built: for each
+direction, the last entry contained in a batch issued at or before the
+cut-off (``SyncLog.heads_at``: the batches this party sent, as recorded when
+they were sent, and the peer's batches as stored), not the heads held at that
+moment — a batch the counterparty issued after the cut-off may already have
+arrived (its clock runs ahead, or the statement is built late).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ from collateral_sync.reconciliation import (
     cutoff_id_of,
 )
 from collateral_sync.signing import sign_statement
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, LogHead
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
 from collateral_sync.transport import (
     TlsConfig,
     peer_party_id,
@@ -408,12 +410,11 @@ class PartyReconciliation:
             )
         view = self._view(cutoff)
         tree = PositionTree.build(view)
-        heads: dict[int, LogHead] = {
-            self._log.sending_direction: self._log.sent_head(),
-            self._log.receiving_direction: self._log.received_head(),
-        }
         statement = build_reconciliation_statement(
-            tree, cutoff_time=cutoff, party_role=self._role, sync_log_heads=heads
+            tree,
+            cutoff_time=cutoff,
+            party_role=self._role,
+            sync_log_heads=self._log.heads_at(cutoff),
         )
         rows = [
             (

@@ -29,6 +29,16 @@ CollateralSyncError it raises refuses the batch with that reason::
     await dial_sync_stream(session, CustodianClient(channel))        # exchange
     await serve_sync_stream(session, request_iterator, context)       # custodian
 
+Reconciliation (docs/PROTOCOL.md §10.2) states both logs as they stood at a
+cut-off ``C``: for each direction, the last entry contained in a batch whose
+signed ``header.issued_at`` is at or before ``C``. :meth:`SyncLog.heads_at`
+answers it from what both sides keep: the peer's batch envelopes as stored,
+and a record of every batch the session sends (its last entry and
+``issued_at``, written in a small transaction of its own before the batch
+goes out)::
+
+    heads = log.heads_at(cutoff)       # {direction: LogHead}, both directions
+
 Durability: the log puts the database in WAL mode with ``synchronous=NORMAL``
 by default, which keeps every committed (so every acknowledged) entry across
 a process crash such as SIGKILL, but not necessarily across power loss; pass

@@ -3,6 +3,16 @@
 Public names are re-exported by :mod:`collateral_sync.sync`, which documents
 the protocol; this module holds what needs no event loop. What it stores has
 passed :func:`~collateral_sync.sync._batch.verify_sync_batch` first.
+
+Besides the entries, the log keeps what a reconciliation statement states as
+the sync log heads at a cut-off (docs/PROTOCOL.md §10.2), answered by
+:meth:`SyncLog.heads_at`: every batch of the peer's that was stored keeps its
+signed ``header.issued_at`` next to its envelope, and every batch we send is
+recorded (last sequence, last entry hash, ``issued_at``) before it is written
+to the stream. Tables are only ever added to: a database written before these
+records existed is migrated when the log opens (a column added; the stored
+envelopes are read for its value as needed), and a peer's hello that confirms
+entries no recorded batch covered is recorded as a batch issued then.
 """
 
 from __future__ import annotations
@@ -14,7 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from google.protobuf import timestamp_pb2
+
 from collateral_sync.errors import CollateralSyncError, VerificationError, sqlite_refusals
+from collateral_sync.keys import _datetime_ns, _timestamp_ns
 from collateral_sync.signing import MAX_PAYLOAD_BYTES
 from collateral_sync.sync._batch import (
     _PREFIX,
@@ -66,7 +79,9 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     # The peer's log as received: each accepted batch envelope, signed, which
     # holds every entry; first_sequence is the first entry that was new here,
-    # so the rows' ranges tile 1..head without overlap.
+    # so the rows' ranges tile 1..head without overlap. issued_at_us is the
+    # envelope's header.issued_at (see _issued_at_us); NULL in rows stored
+    # before the column existed (_MIGRATIONS).
     """CREATE TABLE IF NOT EXISTS sync_received_batches (
         id INTEGER PRIMARY KEY,
         peer_party_id TEXT NOT NULL,
@@ -76,8 +91,19 @@ _SCHEMA = (
         last_entry_hash BLOB NOT NULL,
         envelope BLOB NOT NULL,
         received_at TEXT NOT NULL,
+        issued_at_us INTEGER,
         UNIQUE (peer_party_id, direction, last_sequence)
     )""",
+    # The batches we sent: the last entry of each and when it was issued (the
+    # earliest, if the same batch end was sent again on a later stream).
+    """CREATE TABLE IF NOT EXISTS sync_sent_batches (
+        peer_party_id TEXT NOT NULL,
+        direction INTEGER NOT NULL,
+        last_sequence INTEGER NOT NULL,
+        last_entry_hash BLOB NOT NULL,
+        issued_at_us INTEGER NOT NULL,
+        PRIMARY KEY (peer_party_id, direction, last_sequence)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS sync_equivocations (
         id INTEGER PRIMARY KEY,
         peer_party_id TEXT NOT NULL,
@@ -91,6 +117,9 @@ _SCHEMA = (
         detected_at TEXT NOT NULL
     )""",
 )
+
+#: (table, column, declaration) added to databases created before the column existed.
+_MIGRATIONS = (("sync_received_batches", "issued_at_us", "INTEGER"),)
 
 _OUT_HEAD = (
     "SELECT sequence, entry_hash FROM sync_outgoing WHERE peer_party_id = ? AND direction = ? "
@@ -119,7 +148,32 @@ _IN_BATCH_AT = (
 )
 _IN_INSERT = (
     "INSERT INTO sync_received_batches (peer_party_id, direction, first_sequence, "
-    "last_sequence, last_entry_hash, envelope, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "last_sequence, last_entry_hash, envelope, received_at, issued_at_us) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_IN_HEAD_AT = (
+    "SELECT last_sequence, last_entry_hash FROM sync_received_batches "
+    "WHERE peer_party_id = ? AND direction = ? AND issued_at_us <= ? "
+    "ORDER BY last_sequence DESC LIMIT 1"
+)
+_IN_UNDATED_ABOVE = (
+    "SELECT last_sequence, last_entry_hash, envelope FROM sync_received_batches "
+    "WHERE peer_party_id = ? AND direction = ? AND last_sequence > ? AND issued_at_us IS NULL "
+    "ORDER BY last_sequence DESC"
+)
+_SENT_HEAD_AT = (
+    "SELECT last_sequence, last_entry_hash FROM sync_sent_batches "
+    "WHERE peer_party_id = ? AND direction = ? AND issued_at_us <= ? "
+    "ORDER BY last_sequence DESC LIMIT 1"
+)
+_SENT_COVERS = (
+    "SELECT 1 FROM sync_sent_batches WHERE peer_party_id = ? AND direction = ? "
+    "AND last_sequence >= ? LIMIT 1"
+)
+_SENT_INSERT = (
+    "INSERT INTO sync_sent_batches VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (peer_party_id, direction, last_sequence) "
+    "DO UPDATE SET issued_at_us = min(issued_at_us, excluded.issued_at_us)"
 )
 # The same conflict shown again (a peer re-dialling with its forked history) is
 # kept once: the first signed proof of it is enough.
@@ -198,6 +252,10 @@ class SyncLog:
         with self._own_transaction():
             for statement in _SCHEMA:
                 connection.execute(statement)
+            for table, column, declaration in _MIGRATIONS:
+                columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     # -- identity --
 
@@ -426,6 +484,7 @@ class SyncLog:
                         batch.last_entry_hash,
                         batch.statement.envelope.SerializeToString(),
                         _rfc3339(now),
+                        _issued_at_us(batch.statement.header.issued_at),
                     ),
                 )
                 apply(parsed)
@@ -474,6 +533,80 @@ class SyncLog:
             stored_batch = self._received_batch_at(head.sequence)
             return _Conflict(head.sequence, head.entry_hash, prev, _serialised(stored_batch))
         return head.sequence + 1
+
+    # -- heads at a cut-off (reconciliation) --
+
+    def heads_at(self, cutoff: datetime) -> dict[int, LogHead]:
+        """Both logs' heads at ``cutoff``, by direction number (docs/PROTOCOL.md §10.2).
+
+        Each direction's head is the last entry contained in a batch whose
+        signed ``header.issued_at`` is at or before ``cutoff``: of the batches
+        we sent (recorded by the session as it sends them) for our direction,
+        and of the peer's batches stored here for the other. A duplicates-only
+        batch stores nothing and counts through the batch that first brought
+        its entries. An empty log, or none issued by then, has head 0 and 32
+        zero bytes. ``cutoff`` must be timezone-aware.
+        """
+        limit = _datetime_us(cutoff)
+        heads = {
+            self._sending_direction: self._sent_head_at(limit),
+            self._receiving_direction: self._received_head_at(limit),
+        }
+        return dict(sorted(heads.items()))
+
+    def _sent_head_at(self, limit_us: int) -> LogHead:
+        row = self._connection.execute(
+            _SENT_HEAD_AT, (self._peer_party_id, self._sending_direction, limit_us)
+        ).fetchone()
+        return _EMPTY if row is None else LogHead(row[0], bytes(row[1]))
+
+    def _received_head_at(self, limit_us: int) -> LogHead:
+        key = (self._peer_party_id, self._receiving_direction)
+        row = self._connection.execute(_IN_HEAD_AT, (*key, limit_us)).fetchone()
+        found = _EMPTY if row is None else LogHead(row[0], bytes(row[1]))
+        # Batches stored before issued_at_us existed (newest first, one at a time):
+        # their signed envelopes say it.
+        for sequence, hash_, envelope in self._connection.execute(
+            _IN_UNDATED_ABOVE, (*key, found.sequence)
+        ):
+            stored = envelope_pb2.Envelope.FromString(envelope)
+            header = position_sync_pb2.SyncBatch.FromString(stored.payload).header
+            if _issued_at_us(header.issued_at) <= limit_us:
+                return LogHead(sequence, bytes(hash_))
+        return found
+
+    def _record_sent(self, head: LogHead, issued_at: datetime) -> None:
+        """Record, durably, that a batch ending at ``head`` and issued at ``issued_at`` is sent.
+
+        One small transaction of its own: the session calls it before writing
+        the batch, outside any transaction (it sends nothing while one is open).
+        """
+        with self._own_transaction():
+            self._connection.execute(
+                _SENT_INSERT,
+                (
+                    self._peer_party_id,
+                    self._sending_direction,
+                    head.sequence,
+                    head.entry_hash,
+                    _datetime_us(issued_at),
+                ),
+            )
+
+    def _record_held_by_peer(self, head: LogHead, now: datetime) -> None:
+        """The peer's hello confirmed our log up to ``head``: make sure a sent batch covers it.
+
+        Only batches sent before the sent-batch records existed (or whose record
+        a power loss took) are not covered; they were issued at ``now`` at the
+        latest, which is recorded.
+        """
+        if head.sequence == 0:
+            return
+        covered = self._connection.execute(
+            _SENT_COVERS, (self._peer_party_id, self._sending_direction, head.sequence)
+        ).fetchone()
+        if covered is None:
+            self._record_sent(head, now)
 
     # -- evidence --
 
@@ -557,6 +690,20 @@ class _Conflict:
 
 def _serialised(envelope: envelope_pb2.Envelope | None) -> bytes | None:
     return None if envelope is None else envelope.SerializeToString()
+
+
+def _datetime_us(moment: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime (ValueError if naive)."""
+    return _datetime_ns(moment) // 1_000
+
+
+def _issued_at_us(stamp: timestamp_pb2.Timestamp) -> int:
+    """A Timestamp in microseconds since the epoch, rounded *up*.
+
+    Rounding up keeps ``issued_at <= cutoff`` exact for any datetime cut-off
+    (microseconds): an instant 1 ns after the cut-off stays after it.
+    """
+    return -(-_timestamp_ns(stamp) // 1_000)
 
 
 def _rfc3339(moment: datetime) -> str:

@@ -307,6 +307,8 @@ class SyncSession:
         if own_hash != claimed_hash:
             assert own_hash is not None  # claimed <= own_head
             self._equivocation("hello", claimed, own_hash, claimed_hash, frame)
+        # The peer holds our log up to here, whether or not we recorded sending it.
+        log._record_held_by_peer(LogHead(claimed, claimed_hash), self._clock())
         interval_ms = hello.heartbeat_interval_ms or _DEFAULT_INTERVAL_MS
         self._peer_dead_after = LIVENESS_INTERVALS * interval_ms / 1000
         self._peer_window = hello.window
@@ -395,7 +397,11 @@ class SyncSession:
             if room > 0 and not connection.in_transaction:
                 rows = log._read_outgoing(self._sent, min(self._batch_size, room))
                 if rows:
-                    frame = self._batch_frame(rows)
+                    issued_at = self._clock()
+                    frame = self._batch_frame(rows, issued_at)
+                    # Recorded (durably) before it leaves, so that the peer never
+                    # holds a batch we cannot count at a cut-off (§10.2).
+                    log._record_sent(LogHead(rows[-1][0], rows[-1][1]), issued_at)
                     # Count the batch as sent before the write yields: the peer's
                     # ack can arrive while the write is still being awaited.
                     self._sent = rows[-1][0]
@@ -410,7 +416,9 @@ class SyncSession:
                 async with asyncio.timeout(interval - idle_for):
                     await wake.wait()
 
-    def _batch_frame(self, rows: list[tuple[int, bytes, bytes]]) -> position_sync_pb2.SyncFrame:
+    def _batch_frame(
+        self, rows: list[tuple[int, bytes, bytes]], issued_at: datetime
+    ) -> position_sync_pb2.SyncFrame:
         batch = position_sync_pb2.SyncBatch(direction=self._log.sending_direction)  # type: ignore[arg-type]
         add = batch.entries.add
         prev = self._sent_hash
@@ -423,7 +431,7 @@ class SyncSession:
             audience=[self._log.peer_party_id],
             sequence=rows[-1][0],
             ttl=self._batch_ttl,
-            issued_at=self._clock(),
+            issued_at=issued_at,
         )
         return position_sync_pb2.SyncFrame(batch=envelope)
 
