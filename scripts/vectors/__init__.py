@@ -15,7 +15,8 @@ and an independent verifier against them, and that the committed files equal
 what this package generates).
 
 One module per file: keys, pae, statements, merkle, amounts, sync and
-position_tree each build the body of the vectors/ file of that name;
+position_tree each build the body of the vectors/ file of that name
+(statements is a subpackage, one module per concern; its __init__ lists them);
 _common holds what they share (the file header, the reason -> status table,
 parties, times, deterministic keys, protobuf and hex helpers); _build
 assembles the files in order; _cli is the command line of
