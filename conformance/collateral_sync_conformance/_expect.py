@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ __all__ = [
     "check",
     "check_equal",
     "describe",
+    "expect_access_denied",
     "expect_ok",
     "expect_status",
     "outcome_from_error",
@@ -344,6 +345,47 @@ def expect_status(
         for path in outcome.field_violations
     ):
         raise fail(f"expected a BadRequest field violation for '{field_violation}'")
+
+
+def expect_access_denied(
+    outcome: Outcome, *, field: str, caller: str, hidden: Sequence[str] = ()
+) -> None:
+    """An access refusal as §4.5 shapes it: PERMISSION_DENIED ``KEY_ROLE_MISMATCH``.
+
+    Its metadata ``field`` names what was refused (``caller`` when the caller
+    itself is), its ``actual`` is the ``caller``'s party id — the refused party
+    learns who the server took it for — and neither the message nor the
+    metadata names any of ``hidden`` (the data's parties).
+    """
+    expect_status(
+        outcome,
+        grpc.StatusCode.PERMISSION_DENIED,
+        errors_pb2.ErrorReason.ERROR_REASON_KEY_ROLE_MISMATCH,
+    )
+    info = outcome.error_info
+    assert info is not None  # expect_status required it
+    check(
+        info.metadata.get("field") == field,
+        f"{outcome.rpc}: the refusal's ErrorInfo metadata 'field' must name {field!r} (§4.5)",
+        expected=field,
+        got=info.metadata.get("field", "(absent)"),
+    )
+    check(
+        info.metadata.get("actual") == caller,
+        f"{outcome.rpc}: the refusal's ErrorInfo metadata 'actual' must be the caller's party "
+        "id (§4.5)",
+        expected=caller,
+        got=info.metadata.get("actual") or "(absent or empty)",
+    )
+    said = " ".join([outcome.message, *info.metadata.values()])
+    leaked = [party for party in hidden if party and party in said]
+    check(
+        not leaked,
+        f"{outcome.rpc}: the refusal names a party of the account to a caller who may not "
+        "read it (§4.5)",
+        expected="no party of the account in the message or metadata",
+        got=said,
+    )
 
 
 def check(condition: bool, message: str, *, expected: Any = None, got: Any = None) -> None:

@@ -37,6 +37,7 @@ from collateral_sync.sync import _log as _sync_log
 from collateral_sync.v1 import attestation_pb2, errors_pb2, liquidation_pb2, reconciliation_pb2
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
+from collateral_sync_reference.common import evidence as _evidence_module
 from collateral_sync_reference.common import reconciliation as _reconciliation_module
 from collateral_sync_reference.custodian import attestation as _attestation_module
 from collateral_sync_reference.custodian import emergency as _emergency_module
@@ -51,6 +52,7 @@ from collateral_sync_reference.custodian.store import margin_calls as _margin_ca
 
 # Patched by name: what they import is their business, so they are typed loosely here.
 _custodian_attestation: Any = _attestation_module
+_common_evidence: Any = _evidence_module
 _custodian_ledger: Any = _ledger_module
 _custodian_liquidations: Any = _liquidations_module
 _custodian_pledges: Any = _pledges_module
@@ -580,6 +582,20 @@ def _stranger_refusal_names_nobody() -> None:
     _access._refuse_stranger = refuse_stranger
 
 
+def _evidence_refusal_names_nobody() -> None:
+    """A refusal of the evidence to a non-regulator leaves metadata ``actual`` empty."""
+    original = _common_evidence.require_regulator
+
+    def require_regulator(caller: Any, *, what: str) -> None:
+        try:
+            original(caller, what=what)
+        except _access.VerificationError as err:
+            err.metadata["actual"] = ""
+            raise
+
+    _common_evidence.require_regulator = require_regulator
+
+
 def _refuses_public_data_to_strangers() -> None:
     """Checkpoints and consistency proofs are refused to a certificate the registry lacks."""
     _access.PUBLIC_METHODS = frozenset()
@@ -877,6 +893,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-answers-reused-liquidation-id": _answers_reused_liquidation_id,
     "custodian-refusal-names-the-field-not-the-caller": _refusal_names_the_field_not_the_caller,
     "custodian-stranger-refusal-names-nobody": _stranger_refusal_names_nobody,
+    "custodian-evidence-refusal-names-nobody": _evidence_refusal_names_nobody,
     "custodian-path-superseded-by-the-latest-only": _path_superseded_by_the_latest_only,
     "custodian-only-the-latest-path-authorised": _only_the_latest_path_authorised,
 }

@@ -319,6 +319,11 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"access/custodian/stranger-refused"},
     ),
     (
+        "custodian-evidence-refusal-names-nobody",
+        ["evidence/**"],
+        {"evidence/non-regulator-refused"},
+    ),
+    (
         # The kit reads leaves of every account as a regulator, and asks it for a missing one.
         "custodian-regulator-reads-nothing",
         ["access/**", "attestation/**"],

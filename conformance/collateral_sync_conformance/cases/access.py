@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -39,6 +39,7 @@ from collateral_sync_conformance._expect import (
     Outcome,
     check,
     describe,
+    expect_access_denied,
     expect_ok,
     expect_status,
     outcome_from_error,
@@ -64,41 +65,6 @@ _EXCHANGE = [Role.EXCHANGE]
 _REGULATOR = [Role.REGULATOR]
 #: How long the kit listens on a sync stream it may not open before it says hello.
 _REFUSAL_GRACE = 2.0
-
-
-def _expect_denied(
-    outcome: Outcome, *, field: str, caller: str, hidden: Sequence[str] = ()
-) -> None:
-    """PERMISSION_DENIED ``KEY_ROLE_MISMATCH`` about ``field``, naming none of ``hidden``.
-
-    Its metadata ``actual`` is the ``caller``'s party id (§4.5): the refused party
-    learns who the server took it for, and nothing about the data's parties.
-    """
-    expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH)
-    info = outcome.error_info
-    assert info is not None  # expect_status required it
-    check(
-        info.metadata.get("field") == field,
-        f"{outcome.rpc}: the refusal's ErrorInfo metadata 'field' must name {field!r} (§4.5)",
-        expected=field,
-        got=info.metadata.get("field", "(absent)"),
-    )
-    check(
-        info.metadata.get("actual") == caller,
-        f"{outcome.rpc}: the refusal's ErrorInfo metadata 'actual' must be the caller's party "
-        "id (§4.5)",
-        expected=caller,
-        got=info.metadata.get("actual") or "(absent or empty)",
-    )
-    said = " ".join([outcome.message, *info.metadata.values()])
-    leaked = [party for party in hidden if party and party in said]
-    check(
-        not leaked,
-        f"{outcome.rpc}: the refusal names a party of the account to a caller who may not "
-        "read it (§4.5)",
-        expected="no party of the account in the message or metadata",
-        got=said,
-    )
 
 
 async def _call(
@@ -192,7 +158,7 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
     for method, request, name, _ in _custodian_reads(
         stranger, account, ref, ctx.unique("settlement")
     ):
-        _expect_denied(
+        expect_access_denied(
             await _call(ctx, stranger, method, request, name),
             field="caller",
             caller=stranger.party_id,
@@ -214,7 +180,7 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
         ),
         "RequestRedemption",
     )
-    _expect_denied(outcome, field="caller", caller=stranger.party_id)
+    expect_access_denied(outcome, field="caller", caller=stranger.party_id)
     await expect_unchanged(ctx, before)
 
 
@@ -270,7 +236,7 @@ async def custodian_others_refused(ctx: CaseContext) -> None:
         # The very same refusal for an account that does not exist.
         reads += _custodian_reads(who, missing, ref, ctx.unique("settlement"))[:1]
         for method, request, name, field in reads:
-            _expect_denied(
+            expect_access_denied(
                 await _call(ctx, who, method, request, name),
                 field=field,
                 caller=who.party_id,
@@ -366,7 +332,7 @@ async def exchange_stranger(ctx: CaseContext) -> None:
         )
     )
     for method, request, name in _account_reads(stranger, account):
-        _expect_denied(
+        expect_access_denied(
             await _call(ctx, stranger, method, request, name),
             field="caller",
             caller=stranger.party_id,
@@ -411,7 +377,7 @@ async def exchange_others_refused(ctx: CaseContext) -> None:
     for who in others:
         for account_id in (account, missing):
             for method, request, name in _account_reads(who, account_id):
-                _expect_denied(
+                expect_access_denied(
                     await _call(ctx, who, method, request, name),
                     field="account_id",
                     caller=who.party_id,
@@ -433,7 +399,7 @@ async def exchange_others_refused(ctx: CaseContext) -> None:
                 "liquidation_id",
             ),
         ):
-            _expect_denied(
+            expect_access_denied(
                 await _call(ctx, who, method, request, name), field=field, caller=who.party_id
             )
     regulator = ctx.as_role(_ROLE.PARTY_ROLE_REGULATOR)
@@ -487,4 +453,4 @@ async def regulator_stranger(ctx: CaseContext) -> None:
         ),
         "SubmitReconciliationStatement",
     )
-    _expect_denied(outcome, field="caller", caller=stranger.party_id)
+    expect_access_denied(outcome, field="caller", caller=stranger.party_id)

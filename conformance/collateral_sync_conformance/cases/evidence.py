@@ -24,7 +24,6 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-import grpc
 from collateral_sync.attestation import AttestationLog
 from collateral_sync.v1 import common_pb2, errors_pb2, position_sync_pb2, reconciliation_service_pb2
 
@@ -35,7 +34,7 @@ from collateral_sync_conformance._expect import (
     CaseSkipped,
     check,
     check_equal,
-    expect_status,
+    expect_access_denied,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._evidence import (
@@ -63,7 +62,8 @@ def _is_regulator(ctx: CaseContext, party_id: str) -> bool:
     Level.MUST,
     "ListEquivocationEvidence is refused to every caller but a regulator — the kit's own identity "
     "(the server's counterparty, whom the evidence would accuse) and a client get "
-    "PERMISSION_DENIED KEY_ROLE_MISMATCH, field caller — and a regulator is served (§10.7)",
+    "PERMISSION_DENIED KEY_ROLE_MISMATCH, field caller, actual their party id — and a "
+    "regulator is served (§10.7, §4.5)",
     roles=[Role.CUSTODIAN, Role.EXCHANGE],
 )
 async def non_regulator_refused(ctx: CaseContext) -> None:
@@ -81,14 +81,7 @@ async def non_regulator_refused(ctx: CaseContext) -> None:
             reconciliation_service_pb2.ListEquivocationEvidenceRequest(),
             label=f"ListEquivocationEvidence as {who.party_id}",
         )
-        expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_KEY_ROLE_MISMATCH)
-        info = outcome.error_info
-        assert info is not None  # expect_status required it
-        check_equal(
-            f"ErrorInfo metadata 'field' of the refusal to {who.party_id} (§10.7)",
-            "caller",
-            info.metadata.get("field", "(absent)"),
-        )
+        expect_access_denied(outcome, field="caller", caller=who.party_id)
     try:
         regulator = ctx.as_role(_ROLE.PARTY_ROLE_REGULATOR)
     except CaseSkipped:
