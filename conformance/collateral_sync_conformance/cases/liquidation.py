@@ -1034,15 +1034,13 @@ async def reused_id_refused(ctx: CaseContext) -> None:
     pledged = await _pledge_under_path(ctx)
     first = await _instruction(ctx, pledged)
     await _execute(ctx, pledged, first)
-    reused = await _instruction(ctx, pledged, liquidation_id=first.liquidation_id)
-    before = await custodian_state(ctx)
-    outcome = await ctx.rpc(
-        ctx.custodian.submit_liquidation_instruction,
-        _request(reused),
-        label=f"SubmitLiquidationInstruction reusing the executed id {first.liquidation_id!r}",
+    await _expect_refused(
+        ctx,
+        await _instruction(ctx, pledged, liquidation_id=first.liquidation_id),
+        f"SubmitLiquidationInstruction reusing the executed id {first.liquidation_id!r}",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
     )
-    expect_status(outcome, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
-    await expect_unchanged(ctx, before)
 
 
 @REGISTRY.case(
@@ -1082,14 +1080,13 @@ async def _expect_path_not_authorised(
     ctx: CaseContext, instructed: _Instructed, naming: str
 ) -> None:
     """The instruction is PERMISSION_DENIED PATH_NOT_AUTHORISED and changes nothing (§9.2)."""
-    before = await custodian_state(ctx)
-    outcome = await ctx.rpc(
-        ctx.custodian.submit_liquidation_instruction,
-        _request(instructed),
-        label=f"SubmitLiquidationInstruction naming {naming}",
+    await _expect_refused(
+        ctx,
+        instructed,
+        f"SubmitLiquidationInstruction naming {naming}",
+        grpc.StatusCode.PERMISSION_DENIED,
+        _R.ERROR_REASON_PATH_NOT_AUTHORISED,
     )
-    expect_status(outcome, grpc.StatusCode.PERMISSION_DENIED, _R.ERROR_REASON_PATH_NOT_AUTHORISED)
-    await expect_unchanged(ctx, before)
 
 
 async def _superseding_path(ctx: CaseContext, pledged: _Pledged) -> _Pledged:
@@ -1223,6 +1220,7 @@ async def _cite_due_call(
 async def _expect_refused(
     ctx: CaseContext, instructed: _Instructed, label: str, code: grpc.StatusCode, reason: int
 ) -> None:
+    """SubmitLiquidationInstruction refuses it with ``code`` and ``reason``; nothing changes."""
     before = await custodian_state(ctx)
     outcome = await ctx.rpc(
         ctx.custodian.submit_liquidation_instruction, _request(instructed), label=label

@@ -499,6 +499,15 @@ def _view_positions(positions: Sequence[common_pb2.Position]) -> dict[str, tuple
     }
 
 
+async def _depositable(ctx: CaseContext) -> tuple[str, str]:
+    """The kit's pledged account and an asset it holds, which test control can deposit more of."""
+    account_id = await ensure_pledged(ctx)
+    held, _, _ = await holdings(ctx, account_id)
+    if not held.positions:
+        raise CaseSkipped(f"account {account_id!r} holds no asset the kit could deposit")
+    return account_id, held.positions[0].asset_id
+
+
 @REGISTRY.case(
     "reconciliation/view-frozen-at-cutoff",
     Level.MUST,
@@ -509,11 +518,7 @@ def _view_positions(positions: Sequence[common_pb2.Position]) -> dict[str, tuple
     roles=[Role.CUSTODIAN],
 )
 async def view_frozen_at_cutoff(ctx: CaseContext) -> None:
-    account_id = await ensure_pledged(ctx)
-    held, _, _ = await holdings(ctx, account_id)
-    if not held.positions:
-        raise CaseSkipped(f"account {account_id!r} holds no asset the kit could deposit")
-    asset_id = held.positions[0].asset_id
+    account_id, asset_id = await _depositable(ctx)
     now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
     cutoff = _next_cutoff(now + _CUTOFF_LEAD)
 
@@ -735,11 +740,7 @@ def _shown(batches: Sequence[_Batch], cutoff: datetime) -> str:
     roles=[Role.CUSTODIAN],
 )
 async def sync_heads_at_cutoff(ctx: CaseContext) -> None:
-    account_id = await ensure_pledged(ctx)
-    held, _, _ = await holdings(ctx, account_id)
-    if not held.positions:
-        raise CaseSkipped(f"account {account_id!r} holds no asset the kit could deposit")
-    asset_id = held.positions[0].asset_id
+    account_id, asset_id = await _depositable(ctx)
     ctx.key(_ROLE.PARTY_ROLE_EXCHANGE)  # skips the case without the kit's exchange key
     now = await ctx.advance_clock(timedelta(0))  # skips the case without test control
     cutoff = _next_cutoff(now + _CUTOFF_LEAD)
