@@ -55,6 +55,8 @@ class EquivocatingCustodian(FakeCustodian):
         self.equivocate = False
         self.forged: envelope_pb2.Envelope | None = None
         self.closed: position_sync_pb2.SyncClose | None = None
+        #: Set once the exchange's SyncClose arrived (it may trail the evidence it keeps).
+        self.close_received = asyncio.Event()
 
     async def SyncPositions(  # type: ignore[override]
         self,
@@ -111,6 +113,7 @@ class EquivocatingCustodian(FakeCustodian):
         async for request in frames:
             if request.frame.WhichOneof("frame") == "close":
                 self.closed = request.frame.close
+                self.close_received.set()
                 break
 
 
@@ -213,6 +216,9 @@ def test_equivocations_are_kept_across_a_restart_and_listed_to_regulators_only(
             async with w.parties.channel(address, REGULATOR) as channel:
                 regulator = ReconciliationClient(channel)
                 items = await _until_listed(w, regulator, 3)
+            # The exchange keeps the evidence, then closes the stream: the close may trail.
+            async with asyncio.timeout(WAIT):
+                await fake.close_received.wait()
             assert fake.closed is not None
             assert fake.closed.reason == errors_pb2.ERROR_REASON_EQUIVOCATION
             assert [item.kind for item in items] == [
