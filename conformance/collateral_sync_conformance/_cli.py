@@ -258,7 +258,9 @@ def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
     width = max((len(c.id) for c in chosen), default=0)
     for case in chosen:
         who = ",".join(r.value for r in Role if r in case.roles)
-        print(f"{case.id:<{width}}  {case.level.value:<6}  {who:<28}  {case.description}")
+        # The clauses of docs/PROTOCOL.md the case checks, before the description.
+        cites = f"[{' '.join(case.clauses)}] " if case.clauses else ""
+        print(f"{case.id:<{width}}  {case.level.value:<6}  {who:<28}  {cites}{case.description}")
     print(f"{len(chosen)} cases ({sum(1 for c in chosen if c.level.value == 'MUST')} MUST)")
     return EXIT_OK
 

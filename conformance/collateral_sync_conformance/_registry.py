@@ -2,7 +2,9 @@
 
 A case has a stable hierarchical id (``envelope/pledge-collateral/forged-signature-refused``),
 a level (MUST or SHOULD, RFC 2119), the server roles it applies to, a one-line
-description and an async body that takes a :class:`~collateral_sync_conformance._context.CaseContext`.
+description, an async body that takes a :class:`~collateral_sync_conformance._context.CaseContext`,
+and the clauses of docs/PROTOCOL.md it checks (``§5.3/proof-size-is-checkpoint-size``: the
+section, then the slug of the clause's ``<a id>`` anchor; docs/CONFORMANCE.md lists them).
 Cases register themselves with :data:`REGISTRY` (``@REGISTRY.case(...)``);
 tests build registries of their own.
 
@@ -32,6 +34,7 @@ __all__ = [
     "Level",
     "Registry",
     "Role",
+    "check_clause_id",
     "check_glob",
     "glob_matches",
     "select_cases",
@@ -39,6 +42,9 @@ __all__ = [
 
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9-]*")
 _GLOB_COMPONENT = re.compile(r"[a-z0-9*?][a-z0-9*?-]*")
+#: ``§<section>/<slug>``: a section number (``2.4``, ``3.6.1``, ``6.7a``) or an appendix letter,
+#: then the slug of the clause's anchor in docs/PROTOCOL.md.
+_CLAUSE_ID = re.compile(r"§(?:\d+(?:\.\d+)*[a-z]?|[A-Z])/[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
 class Level(StrEnum):
@@ -70,6 +76,8 @@ class Case:
     roles: frozenset[Role]
     description: str
     body: CaseBody
+    #: The clause ids of docs/PROTOCOL.md the case checks (``§4.5/reader-refused``).
+    clauses: tuple[str, ...] = ()
 
     def applies_to(self, role: Role) -> bool:
         return role in self.roles
@@ -82,6 +90,16 @@ def _check_id(case_id: str) -> None:
             f"case id {case_id!r}: expected at least two '/'-separated components of "
             "lowercase letters, digits and '-'"
         )
+
+
+def check_clause_id(clause: str) -> str:
+    """Return ``clause`` if it is a well-formed clause id, else raise ValueError."""
+    if not _CLAUSE_ID.fullmatch(clause):
+        raise ValueError(
+            f"clause id {clause!r}: expected §<section>/<slug>, e.g. §2.4/integer-range "
+            "(a section number or appendix letter, then lowercase letters, digits and '-')"
+        )
+    return clause
 
 
 class Registry:
@@ -98,6 +116,15 @@ class Registry:
             raise ValueError(f"case {case.id!r} applies to no role")
         if not case.description or "\n" in case.description:
             raise ValueError(f"case {case.id!r}: expected a one-line description")
+        if isinstance(case.clauses, str):
+            raise TypeError(f"case {case.id!r}: clauses must be a tuple of clause ids, not a str")
+        for clause in case.clauses:
+            try:
+                check_clause_id(clause)
+            except ValueError as error:
+                raise ValueError(f"case {case.id!r}: {error}") from None
+        if len(set(case.clauses)) != len(case.clauses):
+            raise ValueError(f"case {case.id!r} cites a clause twice: {case.clauses}")
         if case.id in self._cases:
             raise ValueError(f"case id {case.id!r} is registered twice")
         self._cases[case.id] = case
@@ -109,11 +136,18 @@ class Registry:
         description: str,
         *,
         roles: Iterable[Role] = ALL_ROLES,
+        clauses: Iterable[str] = (),
     ) -> Callable[[CaseBody], CaseBody]:
-        """Decorator registering an async function as the body of a case."""
+        """Decorator registering an async function as the body of a case.
+
+        ``clauses`` names the clauses of docs/PROTOCOL.md the case checks, by clause id.
+        """
+        if isinstance(clauses, str):
+            raise TypeError(f"case {case_id!r}: clauses must be a tuple of clause ids, not a str")
+        cited = tuple(clauses)
 
         def register(body: CaseBody) -> CaseBody:
-            self.add(Case(case_id, level, frozenset(roles), description, body))
+            self.add(Case(case_id, level, frozenset(roles), description, body, cited))
             return body
 
         return register

@@ -123,6 +123,7 @@ def _case_document(result: CaseResult) -> dict[str, Any]:
         "level": result.case.level.value,
         "roles": sorted(r.value for r in result.case.roles),
         "description": result.case.description,
+        "clauses": list(result.case.clauses),
         "verdict": result.verdict.value,
         "duration_seconds": round(result.duration, 6),
         "message": result.message,
@@ -220,6 +221,11 @@ def junit_tree(run: RunResult) -> ET.ElementTree[ET.Element]:
             name=f"{case.id} [{case.level.value}]",
             time=f"{result.duration:.3f}",
         )
+        if case.clauses:
+            # The clauses of docs/PROTOCOL.md the case checks, one property each.
+            cited = ET.SubElement(element, "properties")
+            for clause in case.clauses:
+                ET.SubElement(cited, "property", name="clause", value=clause)
         if result.verdict is Verdict.FAILED:
             failure = ET.SubElement(
                 element, "failure", message=result.message, type=case.level.value

@@ -57,6 +57,7 @@ tr[id]{scroll-margin-top:1rem}
 tr:target>td{background:#fffbe6}
 tr.bad>td:first-child{box-shadow:inset 3px 0 #a1261b}
 .desc{color:#444}
+.clauses{font-size:.85rem;color:#555}
 .message{margin:.3rem 0;white-space:pre-wrap;overflow-wrap:anywhere}
 details{margin:.25rem 0}
 summary{cursor:pointer;color:#333;font-weight:600}
@@ -152,6 +153,10 @@ _FOLD_LINES = 12
 _FOLD_CHARS = 1500
 #: The failure list shows each message's first line, cut to this length.
 _ONE_LINE = 200
+#: Where a case's clauses link to: docs/PROTOCOL.md, whose ``<a id="slug">`` anchors are
+#: the slugs of the clause ids (``§4.5/reader-refused`` -> ``PROTOCOL.md#reader-refused``).
+#: A relative link: it resolves where the report sits next to the protocol document.
+_SPEC = "PROTOCOL.md"
 
 
 def _esc(text: object) -> str:
@@ -176,6 +181,17 @@ def _one_line(result: CaseResult) -> str:
     if result.verdict is Verdict.ERROR and len(lines) > 1:
         line = f"{line} {lines[-1]}"
     return line if len(line) <= _ONE_LINE else line[: _ONE_LINE - 1] + "…"
+
+
+def _clauses(result: CaseResult) -> str:
+    """The clauses the case checks, each a link to its anchor in the protocol document."""
+    if not result.case.clauses:
+        return ""
+    links = ", ".join(
+        f'<a href="{_esc(_SPEC)}#{_esc(clause.split("/", 1)[1])}">{_esc(clause)}</a>'
+        for clause in result.case.clauses
+    )
+    return f'<div class="clauses">checks {links}</div>'
 
 
 def _folds(text: str) -> bool:
@@ -207,6 +223,7 @@ def _html_case(result: CaseResult) -> str:
         f'<td class="level">{_esc(case.level.value)}</td>'
         f'<td><span class="id">{_esc(case.id)}</span>'
         f'<div class="desc">{_esc(case.description)}</div>'
+        f"{_clauses(result)}"
     )
     if result.verdict is not Verdict.PASSED:
         if _folds(result.message):

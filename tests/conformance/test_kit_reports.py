@@ -30,14 +30,17 @@ async def _body(ctx: object) -> None:
     return None
 
 
-def _case(case_id: str, level: Level = Level.MUST) -> Case:
-    return Case(case_id, level, frozenset({Role.CUSTODIAN}), f"checks {case_id}", _body)
+CLAUSES = ("§3.3/canonical-signature-scalar", "§3.6/verify-before-parse")
+
+
+def _case(case_id: str, level: Level = Level.MUST, clauses: tuple[str, ...] = ()) -> Case:
+    return Case(case_id, level, frozenset({Role.CUSTODIAN}), f"checks {case_id}", _body, clauses)
 
 
 @pytest.fixture
 def run() -> RunResult:
     failed = CaseResult(
-        _case("envelope/pledge-collateral/forged-signature-refused"),
+        _case("envelope/pledge-collateral/forged-signature-refused", clauses=CLAUSES),
         Verdict.FAILED,
         0.0123,
         "PledgeCollateral: expected a refusal with UNAUTHENTICATED, but the call succeeded",
@@ -121,6 +124,7 @@ def test_results_json_carries_versions_counts_and_failure_details(
         "level",
         "roles",
         "description",
+        "clauses",
         "verdict",
         "duration_seconds",
         "message",
@@ -128,6 +132,8 @@ def test_results_json_carries_versions_counts_and_failure_details(
         "stale_known_failing",
         "failure",
     }
+    assert forged["clauses"] == list(CLAUSES)
+    assert cases["transport/health-serving"]["clauses"] == []
     assert forged["verdict"] == "failed"
     assert forged["level"] == "MUST"
     assert forged["failure"]["expected"].startswith("UNAUTHENTICATED")
@@ -159,6 +165,8 @@ def test_junit_xml_parses_and_counts_like_the_run(run: RunResult, tmp_path: Path
     cases = {c.get("name"): c for c in suite.findall("testcase")}
     forged = cases["envelope/pledge-collateral/forged-signature-refused [MUST]"]
     assert forged.get("classname") == "custodian.envelope.pledge-collateral"
+    cited = [(p.get("name"), p.get("value")) for p in forged.iter("property")]
+    assert cited == [("clause", clause) for clause in CLAUSES]
     [failure] = forged.findall("failure")
     assert "but the call succeeded" in (failure.get("message") or "")
     assert "--- sent ---" in (failure.text or "")
@@ -226,12 +234,15 @@ def test_html_is_one_self_contained_page(run: RunResult, tmp_path: Path) -> None
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     assert f"script-src 'sha256-{digest}'" in csp
     assert "default-src 'none'" in csp
-    # Every link is an anchor on the page itself.
+    # Every link is an anchor on the page itself, or a case's clause in the protocol document.
     hrefs = [a["href"] for t, a in parsed.elements if t == "a"]
     ids = parsed.ids()
     assert len(ids) == len(set(ids))
     assert hrefs
-    assert all(h.startswith("#") and h[1:] in ids for h in hrefs), hrefs
+    spec = [h for h in hrefs if h.startswith("PROTOCOL.md#")]
+    assert spec == [f"PROTOCOL.md#{clause.split('/')[1]}" for clause in CLAUSES]
+    assert all(h.startswith("#") and h[1:] in ids for h in hrefs if h not in spec), hrefs
+    assert all(f">{clause}</a>" in page for clause in CLAUSES)
     # Content is escaped, never interpreted.
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert collateral_sync.PROTOCOL_VERSION in page

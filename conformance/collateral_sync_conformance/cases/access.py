@@ -116,6 +116,7 @@ def _custodian_reads(
     "a certificate from the CA whose party is not in the registry still gets checkpoints and "
     "consistency proofs",
     roles=_CUSTODIAN,
+    clauses=("§4.5/public-served",),
 )
 async def custodian_stranger_public(ctx: CaseContext) -> None:
     stranger = ctx.as_stranger()
@@ -149,6 +150,7 @@ async def custodian_stranger_public(ctx: CaseContext) -> None:
     "a stranger (party not in the registry) is refused holdings, proofs, settlements, and a "
     "validly signed redemption it relays, with PERMISSION_DENIED naming the caller; nothing changes",
     roles=_CUSTODIAN,
+    clauses=("§4.5/stranger-refused",),
 )
 async def custodian_stranger_refused(ctx: CaseContext) -> None:
     stranger = ctx.as_stranger()
@@ -190,6 +192,7 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
     "the account's client, the exchange it is pledged to and a regulator each read its holdings "
     "statement and the inclusion proof of it",
     roles=_CUSTODIAN,
+    clauses=("§4.5/readers-served",),
 )
 async def custodian_parties_read(ctx: CaseContext) -> None:
     account = await ensure_pledged(ctx)
@@ -225,6 +228,7 @@ async def _others(ctx: CaseContext) -> list[PartyClients]:
     "another exchange and another client are refused the account's holdings statement and its "
     "inclusion proof, and an account that does not exist gets the very same refusal",
     roles=_CUSTODIAN,
+    clauses=("§4.5/reader-refused", "§4.5/refusal-hides-existence", "§4.5/refusal-names-nobody"),
 )
 async def custodian_others_refused(ctx: CaseContext) -> None:
     account = await ensure_pledged(ctx)
@@ -250,6 +254,7 @@ async def custodian_others_refused(ctx: CaseContext) -> None:
     "a registered client that opens SyncPositions and says hello as itself is refused with "
     "PERMISSION_DENIED KEY_ROLE_MISMATCH: only exchanges sync (§6.1)",
     roles=_CUSTODIAN,
+    clauses=("§6.1/peer-is-registered-exchange",),
 )
 async def custodian_sync_by_client(ctx: CaseContext) -> None:
     who = ctx.as_role(_ROLE.PARTY_ROLE_CLIENT)
@@ -318,6 +323,7 @@ def _account_reads(
     "a stranger (party not in the registry) gets the public risk policy but is refused an "
     "account's credit line, margin calls and liquidations",
     roles=_EXCHANGE,
+    clauses=("§4.5/stranger-refused", "§4.5/public-served"),
 )
 async def exchange_stranger(ctx: CaseContext) -> None:
     stranger = ctx.as_stranger()
@@ -345,6 +351,7 @@ async def exchange_stranger(ctx: CaseContext) -> None:
     "the account's client, its custodian and a regulator each read its credit line, margin "
     "calls and liquidations",
     roles=_EXCHANGE,
+    clauses=("§4.5/readers-served",),
 )
 async def exchange_parties_read(ctx: CaseContext) -> None:
     account = ctx.account()
@@ -365,6 +372,7 @@ async def exchange_parties_read(ctx: CaseContext) -> None:
     "and liquidations, with the very same refusal for an account that does not exist; a "
     "regulator is told NOT_FOUND for that one",
     roles=_EXCHANGE,
+    clauses=("§4.5/reader-refused", "§4.5/refusal-hides-existence", "§4.5/refusal-names-nobody"),
 )
 async def exchange_others_refused(ctx: CaseContext) -> None:
     account = ctx.account()
@@ -425,6 +433,7 @@ async def exchange_others_refused(ctx: CaseContext) -> None:
     "a stranger (party not in the registry) may ask for reconciliation results (public) but may "
     "not submit a reconciliation statement, even one a party it oversees signed",
     roles=_REGULATOR,
+    clauses=("§4.5/stranger-refused", "§4.5/public-served"),
 )
 async def regulator_stranger(ctx: CaseContext) -> None:
     stranger = ctx.as_stranger()

@@ -44,6 +44,7 @@ _MAX_UINT64 = 2**64 - 1
     Level.MUST,
     "the latest checkpoint verifies: custodian key of the server's party, origin, 32-byte root, timestamp",
     roles=_CUSTODIAN,
+    clauses=("§3.4/statement-id-set", "§5.2/checkpoint-timestamp"),
 )
 async def checkpoint_signed(ctx: CaseContext) -> None:
     await latest_checkpoint(ctx)
@@ -350,6 +351,7 @@ async def holdings_account_required(ctx: CaseContext) -> None:
     Level.MUST,
     "an account's latest holdings statement is signed, and its attestation reference and inclusion proof verify",
     roles=_CUSTODIAN,
+    clauses=("§3.4/audience-not-empty", "§3.4/statement-id-set"),
 )
 async def holdings_attested(ctx: CaseContext) -> None:
     account = ctx.account()

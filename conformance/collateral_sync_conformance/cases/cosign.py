@@ -184,6 +184,7 @@ async def _policy_refused(
     Level.MUST,
     "a custodian's release (carrying an unknown field) comes back with the payload bytes unchanged and the server's valid signature appended",
     roles=_CO_SIGNERS,
+    clauses=("§1.3/ignore-unknown-fields",),
 )
 async def signature_appended(ctx: CaseContext) -> None:
     release, audience = await _release(ctx)

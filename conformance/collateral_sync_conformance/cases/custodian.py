@@ -256,6 +256,7 @@ async def _redemption(
     "second before, settled (REDEMPTION_SETTLED: quantity and locked down by exactly the "
     "amount, the pledge untouched) one second after (§5.8)",
     roles=_CUSTODIAN,
+    clauses=("§5.8/lock-holds-until-settles-at",),
 )
 async def redemption_settles_at_its_time(ctx: CaseContext) -> None:
     # First of the redemption cases: no earlier lock of this run settles in its window.
@@ -387,6 +388,7 @@ def _redeemable(quantity: str, locked: str, pledged: str) -> str:
     "only quantity - locked - pledged is redeemable: a redemption reaching into the pledge, "
     "even by one quantum, is refused FAILED_PRECONDITION STATE_CONFLICT and changes nothing (§5.8)",
     roles=_CUSTODIAN,
+    clauses=("§5.8/conservation",),
 )
 async def redemption_of_pledged(ctx: CaseContext) -> None:
     plan, quantity, locked, pledged = await _pledged_position(ctx)
@@ -409,6 +411,7 @@ async def redemption_of_pledged(ctx: CaseContext) -> None:
     "redemptions up to exactly quantity - locked - pledged are accepted, each locking exactly "
     "its quantity and leaving the pledge as it was; one quantum more is then refused (§5.8)",
     roles=_CUSTODIAN,
+    clauses=("§5.8/conservation",),
 )
 async def redemption_up_to_redeemable(ctx: CaseContext) -> None:
     plan, _, _, _ = await _pledged_position(ctx)
@@ -467,6 +470,7 @@ async def redemption_up_to_redeemable(ctx: CaseContext) -> None:
     Level.MUST,
     "a pledge above quantity - locked - pledged is refused: FAILED_PRECONDITION STATE_CONFLICT",
     roles=_CUSTODIAN,
+    clauses=("§5.8/conservation",),
 )
 async def pledge_exceeding(ctx: CaseContext) -> None:
     plan = await plan_pledge(ctx)
@@ -514,6 +518,7 @@ async def pledge_unknown_asset(ctx: CaseContext) -> None:
     "a pledge whose liquidation path has no header.statement_id (the id instructions name it "
     "by, §9.1) is refused: INVALID_ARGUMENT MALFORMED",
     roles=_CUSTODIAN,
+    clauses=("§9.1/path-statement-id-set",),
 )
 async def path_without_statement_id(ctx: CaseContext) -> None:
     plan = await plan_pledge(ctx)

@@ -149,6 +149,7 @@ async def expired(ctx: CaseContext) -> None:
     "a release issued in the custodian's name but signed by the regulator and the exchange is "
     "refused, its issuer not among its signers: PERMISSION_DENIED KEY_ROLE_MISMATCH (§3.7 step 4)",
     roles=_CUSTODIAN,
+    clauses=("§3.7/issuer-among-signers",),
 )
 async def issuer_not_among_signers(ctx: CaseContext) -> None:
     regulator, exchange = _signers(ctx)
@@ -245,6 +246,7 @@ async def cosign_twice(ctx: CaseContext) -> None:
     Level.MUST,
     "regulator + custodian without the exchange, before emergency_release_wait has passed, is refused: FAILED_PRECONDITION STATE_CONFLICT",
     roles=_CUSTODIAN,
+    clauses=("§11/release-wait",),
 )
 async def regulator_custodian_before_wait(ctx: CaseContext) -> None:
     account_id = await ensure_pledged(ctx)
@@ -266,6 +268,7 @@ _LONG_UNRESPONSIVE = timedelta(days=365)
     "regulator + custodian without the exchange, for another reason than EXCHANGE_FAILURE, is "
     "refused even a year after the exchange went silent: FAILED_PRECONDITION STATE_CONFLICT (§11.3)",
     roles=_CUSTODIAN,
+    clauses=("§11/release-reason-exchange-failure",),
 )
 async def regulator_custodian_other_reason(ctx: CaseContext) -> None:
     account_id = await ensure_pledged(ctx)
@@ -281,6 +284,7 @@ async def regulator_custodian_other_reason(ctx: CaseContext) -> None:
     "regulator + custodian without the exchange, EXCHANGE_FAILURE but no exchange_unresponsive_since, "
     "is refused (not read as 1970): FAILED_PRECONDITION STATE_CONFLICT (§11.3)",
     roles=_CUSTODIAN,
+    clauses=("§11/unresponsive-since-set",),
 )
 async def unresponsive_since_unset(ctx: CaseContext) -> None:
     account_id = await ensure_pledged(ctx)
@@ -323,6 +327,7 @@ async def _expect_released(ctx: CaseContext, account_id: str) -> None:
     "FAILED_PRECONDITION STATE_CONFLICT, changing nothing; at it the same release is executed: "
     "a receipt, and the account's next holdings statement says RELEASE and pledges nothing (§11.3)",
     roles=_CUSTODIAN,
+    clauses=("§11/release-wait",),
 )
 async def regulator_custodian_after_wait(ctx: CaseContext) -> None:
     regulator, _ = _signers(ctx)

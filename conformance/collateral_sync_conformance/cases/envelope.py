@@ -571,6 +571,12 @@ for _target in _TARGETS:
             Level.MUST,
             f"{_target.rpc}: {_refusal.description}",
             roles=[_target.role],
+            clauses={
+                "malleated-signature-refused": ("§3.3/canonical-signature-scalar",),
+                "issuer-not-key-owner-refused": ("§3.4/signing-key-of-issuer",),
+                "expiry-before-issue-refused": ("§3.4/expires-after-issued",),
+                "unverified-undecodable-payload-refused": ("§3.6/verify-before-parse",),
+            }.get(_refusal.slug, ()),
         )(_refusal_case(_target, _refusal))
 
 
@@ -659,6 +665,7 @@ REGISTRY.case(
     Level.MUST,
     "PledgeCollateral: a non-canonical quantity ('0.0010') is refused: INVALID_ARGUMENT INVALID_AMOUNT naming the field",
     roles=[Role.CUSTODIAN],
+    clauses=("§2.1/refuse-non-canonical-amount",),
 )(_amount_case("0.0010", _C.INVALID_ARGUMENT, _R.ERROR_REASON_INVALID_AMOUNT, "quantity"))
 REGISTRY.case(
     "envelope/pledge-collateral/negative-amount-refused",

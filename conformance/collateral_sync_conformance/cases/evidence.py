@@ -65,6 +65,7 @@ def _is_regulator(ctx: CaseContext, party_id: str) -> bool:
     "PERMISSION_DENIED KEY_ROLE_MISMATCH, field caller, actual their party id — and a "
     "regulator is served (§10.7, §4.5)",
     roles=[Role.CUSTODIAN, Role.EXCHANGE],
+    clauses=("§10.7/evidence-served-to-regulators", "§10.7/evidence-refused-to-others"),
 )
 async def non_regulator_refused(ctx: CaseContext) -> None:
     callers: list[PartyClients] = []
@@ -121,6 +122,7 @@ async def _trusted_to_the_end(ctx: CaseContext, kit: KitCustodian) -> None:
     "(a fork, §5.6), the exchange lists both signed checkpoints — same origin and size, the two "
     "roots — to a regulator (§10.7)",
     roles=_EXCHANGE,
+    clauses=("§10.7/evidence-kept-durably", "§10.7/evidence-served-to-regulators"),
 )
 async def checkpoint_fork_served(ctx: CaseContext) -> None:
     kit = ctx.counterpart

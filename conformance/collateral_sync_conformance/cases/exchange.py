@@ -54,6 +54,7 @@ _NOT_FOUND = (grpc.StatusCode.NOT_FOUND, _R.ERROR_REASON_NOT_FOUND)
     Level.MUST,
     "the risk policy in force is signed by the exchange, public, and valid by the rules of §7.1",
     roles=_EXCHANGE,
+    clauses=("§7.1/adl-rule-defined", "§7.1/stale-price-rule-defined"),
 )
 async def risk_policy_signed(ctx: CaseContext) -> None:
     await latest_policy(ctx)
@@ -64,6 +65,7 @@ async def risk_policy_signed(ctx: CaseContext) -> None:
     Level.MUST,
     "GetRiskPolicy(version=v) of the version in force returns that version with the same content",
     roles=_EXCHANGE,
+    clauses=("§7.1/adl-rule-defined", "§7.1/stale-price-rule-defined"),
 )
 async def risk_policy_by_version(ctx: CaseContext) -> None:
     current = await latest_policy(ctx)
@@ -279,6 +281,7 @@ async def _check_figures(ctx: CaseContext, line: valuation_pb2.CreditLine) -> No
     "it names, its prices and its holdings (§7.2, rules 1 to 8); a zero valuation is first "
     "raised with SetPrice",
     roles=_EXCHANGE,
+    clauses=("§2.1/send-canonical-amounts", "§3.4/audience-not-empty"),
 )
 async def credit_line_recomputes(ctx: CaseContext) -> None:
     account = ctx.account()

@@ -289,6 +289,7 @@ async def inconsistent_checkpoint(ctx: CaseContext) -> None:
     "although that log extends the accepted one leaf for leaf and the custodian signs its "
     "checkpoint: a consistency proof joins two checkpoints of one origin only (§5.4)",
     roles=_EXCHANGE,
+    clauses=("§5.4/same-origin",),
 )
 async def other_origin_checkpoint(ctx: CaseContext) -> None:
     kit = ctx.counterpart
@@ -309,6 +310,7 @@ async def other_origin_checkpoint(ctx: CaseContext) -> None:
     "its hashes prove the right pair: a statement attested only under the new checkpoint is "
     "never credited (§5.4)",
     roles=_EXCHANGE,
+    clauses=("§5.4/proof-sizes-are-checkpoint-sizes",),
 )
 async def consistency_proof_sizes(ctx: CaseContext) -> None:
     kit = ctx.counterpart
@@ -356,6 +358,7 @@ def _misstated_sizes(
     "an inclusion proof whose tree_size is not the checkpoint's is refused, although its "
     "hashes lead to the checkpoint's root: the statement it proves is never credited (§5.3)",
     roles=_EXCHANGE,
+    clauses=("§5.3/proof-size-is-checkpoint-size",),
 )
 async def inclusion_proof_size(ctx: CaseContext) -> None:
     kit = ctx.counterpart
@@ -416,6 +419,7 @@ def _misstated_tree_size(leaf: bytes, proof: attestation_pb2.InclusionProof, roo
     "a proven holdings statement whose exchange_id is another exchange is never valued: an "
     "exchange values only holdings pledged to it (§7.2)",
     roles=_EXCHANGE,
+    clauses=("§7.2/holdings-pledged-to-valuer",),
 )
 async def pledged_elsewhere(ctx: CaseContext) -> None:
     kit = ctx.counterpart
@@ -706,6 +710,7 @@ _UNKNOWN_KIND = 99
     "a response whose kind is a number the enum does not define is read as UNSPECIFIED (§1.3) "
     "and refused INVALID_ARGUMENT MALFORMED (§8.3); the call stays ISSUED",
     roles=_EXCHANGE,
+    clauses=("§1.3/unknown-enum-as-unspecified",),
 )
 async def unknown_response_kind(ctx: CaseContext) -> None:
     kit = ctx.counterpart

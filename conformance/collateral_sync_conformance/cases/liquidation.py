@@ -925,6 +925,7 @@ async def _check_execution(
     "the pledge, proceeds = quantity * price rounded down, totals and shortfall exact; the "
     "LIQUIDATION holdings statement after it changes exactly that, and is attested",
     roles=_CUSTODIAN,
+    clauses=("§2.1/send-canonical-amounts", "§2.3/decimal-precision"),
 )
 async def executed_along_path(ctx: CaseContext) -> None:
     pledged = await _pledge_under_path(ctx)

@@ -315,6 +315,7 @@ def _totals(
     Level.MUST,
     "the statement of a passed cut-off is signed by the server, addressed to a regulator, names that cut-off and the server's role, and is well formed",
     roles=_PARTIES,
+    clauses=("§10.2/party-role-stated",),
 )
 async def statement_signed(ctx: CaseContext) -> None:
     cutoff = await _pass_cutoff(ctx)
@@ -801,6 +802,7 @@ async def sync_heads_at_cutoff(ctx: CaseContext) -> None:
     Level.MUST,
     "GetPositionTreeNodes: accounts encode (§10.3) to leaves whose RFC 9162 hashes, and any range's, recompute the signed positions_root; their positions sum to the totals",
     roles=_PARTIES,
+    clauses=("§10.4/any-range",),
 )
 async def tree_nodes_recompute_root(ctx: CaseContext) -> None:
     cutoff = await _pass_cutoff(ctx)

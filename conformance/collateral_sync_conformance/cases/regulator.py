@@ -242,6 +242,7 @@ async def not_found_before_both(ctx: CaseContext) -> None:
     Level.MUST,
     "equal statements from both sides give a MATCHED result, regulator-signed and public, from Submit and Get alike",
     roles=_REGULATOR,
+    clauses=("§3.4/audience-not-empty",),
 )
 async def matched_result(ctx: CaseContext) -> None:
     cutoff = await _cutoff(ctx)
@@ -335,6 +336,7 @@ async def wrong_role_statement(ctx: CaseContext) -> None:
     "a statement signed with the custodian's key that states party_role EXCHANGE is refused "
     "(PERMISSION_DENIED KEY_ROLE_MISMATCH) and not kept (§10.2)",
     roles=_REGULATOR,
+    clauses=("§10.2/party-role-checked",),
 )
 async def party_role_mismatch(ctx: CaseContext) -> None:
     cutoff = await _cutoff(ctx)

@@ -59,6 +59,7 @@ async def _snapshot(ctx: CaseContext) -> str:
     "every unary method of the role's service refuses request bytes that do not parse: "
     "INVALID_ARGUMENT MALFORMED with expected/actual, never UNKNOWN or INTERNAL, "
     "and nothing changes (§12)",
+    clauses=("§12.3/undecodable-unary-request",),
 )
 async def undecodable_refused(ctx: CaseContext) -> None:
     before = await _snapshot(ctx)
@@ -94,6 +95,7 @@ _TOO_LARGE = (2**63, 2**64 - 1)
     "an integer above 2^63 - 1 is OUT_OF_RANGE with expected/actual and changes nothing: "
     "GetRiskPolicy's version at an exchange, a signed pledge's sequence at a custodian (§2.4)",
     roles=[Role.CUSTODIAN, Role.EXCHANGE],
+    clauses=("§2.4/integer-range", "§2.4/no-storage-overflow"),
 )
 async def integer_above_2_63_refused(ctx: CaseContext) -> None:
     # Planned first: planning may deposit, which must not count as a change.
@@ -129,6 +131,7 @@ async def integer_above_2_63_refused(ctx: CaseContext) -> None:
     "INVALID_ARGUMENT MALFORMED and expected/actual, never UNKNOWN or INTERNAL, and nothing "
     "changes (§12.3)",
     roles=[Role.CUSTODIAN],
+    clauses=("§12.3/undecodable-stream-message",),
 )
 async def undecodable_stream_message_refused(ctx: CaseContext) -> None:
     before = await _snapshot(ctx)

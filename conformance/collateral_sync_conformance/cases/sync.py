@@ -117,6 +117,7 @@ async def _stream_with_entries(
     "SyncPositions: the custodian answers the exchange's hello with its own: its party, its "
     "direction, a window, and a received head that is 0 with 32 zero bytes or a real hash",
     roles=_CUSTODIAN,
+    clauses=("§6.2/hello-party-is-tls-cn",),
 )
 async def hello_answered(ctx: CaseContext) -> None:
     stream = await SyncStream.open(ctx)
@@ -368,6 +369,7 @@ _DEADLINE_SLACK = 2.0
     "SyncPositions: a stream on which no hello arrives is closed within three of the "
     "custodian's heartbeat intervals, and the custodian says nothing on it first (§6.2)",
     roles=_CUSTODIAN,
+    clauses=("§6.2/hello-deadline",),
 )
 async def silent_stream_closed(ctx: CaseContext) -> None:
     probe = await SyncStream.open(ctx)  # to learn the custodian's interval
@@ -510,6 +512,7 @@ async def invalid_inner_statement(ctx: CaseContext) -> None:
     "registered exchange is refused whole: PERMISSION_DENIED KEY_ROLE_MISMATCH, nothing stored "
     "(§6.5: the issuer of a statement an update carries must be the peer)",
     roles=_CUSTODIAN,
+    clauses=("§6.5/inner-issuer-is-peer",),
 )
 async def third_party_inner_statement(ctx: CaseContext) -> None:
     signer = ctx.key(_EXCHANGE_ROLE)

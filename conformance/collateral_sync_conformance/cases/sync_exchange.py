@@ -206,6 +206,7 @@ async def _head_unchanged(ctx: CaseContext, kit: KitCustodian, sequence: int, ha
     "the exchange dials with a hello naming itself, direction 2, a window ≥ 1, and the head of "
     "the custodian's log it holds, which the custodian's log contains (§6.2)",
     roles=_EXCHANGE,
+    clauses=("§6.2/hello-party-is-tls-cn",),
 )
 async def hello_valid(ctx: CaseContext) -> None:
     kit = ctx.counterpart
@@ -462,6 +463,7 @@ async def equivocation_refused(ctx: CaseContext) -> None:
     "stored and the kit's contradicting one, each verifying as the custodian's — whose entries "
     "at that sequence differ (§10.7)",
     roles=_EXCHANGE,
+    clauses=("§10.7/evidence-kept-durably", "§10.7/evidence-served-to-regulators"),
 )
 async def equivocation_evidence_served(ctx: CaseContext) -> None:
     kit = ctx.counterpart

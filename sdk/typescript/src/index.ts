@@ -31,6 +31,8 @@ export * from "./checkpoints.js";
 // Sync hash chain (§6.3–§6.5) and position trees (§10.3).
 export * from "./syncChain.js";
 export * from "./positionTree.js";
+// Valuation, credit, margin calls and liquidation (§7–§9), recomputable from signed inputs.
+export * from "./valuation.js";
 export { MAX_INTEGER, checkIntegers } from "./integers.js";
 export { Ed25519VerifyKey } from "./ed25519.js";
 export { decodeMessage } from "./decode.js";

@@ -1,12 +1,15 @@
 """Checks across the vector files.
 
 The header every file shares, unique vector ids, what the specification requires the
-vectors to cover, and the examples docs/PROTOCOL.md quotes from them.
+vectors to cover, the examples docs/PROTOCOL.md quotes from them, and the clauses each
+file cites (its top-level ``clauses``), against the clause tables of docs/CONFORMANCE.md.
 """
 
 from __future__ import annotations
 
-from ._common import PROTOCOL_MD, ids_of, load
+import re
+
+from ._common import PROTOCOL_MD, ROOT, VECTORS, ids_of, load
 
 KEYS = load("keys.json")
 PAE = load("pae.json")
@@ -54,8 +57,9 @@ def test_the_vectors_cover_what_the_spec_requires() -> None:
     } <= reasons
     sizes = {t["tree_size"] for t in MERKLE["trees"]}
     assert set(range(33)) | {100, 1000} <= sizes
-    assert any(v["expected"]["reason"] == "CHECKPOINT_INCONSISTENT"
-               for v in MERKLE["invalid_consistency"])
+    assert any(
+        v["expected"]["reason"] == "CHECKPOINT_INCONSISTENT" for v in MERKLE["invalid_consistency"]
+    )
 
 
 def test_protocol_document_examples_match_the_vectors() -> None:
@@ -85,3 +89,57 @@ def test_sync_and_position_tree_files_declare_the_format() -> None:
     ):
         ids = ids_of(vectors)
         assert len(ids) == len(set(ids))
+
+
+CONFORMANCE_MD = ROOT / "docs" / "CONFORMANCE.md"
+CLAUSE_TABLES = "## Normative clauses and the cases that check them"
+#: A row of the clause tables: its clause id and its last cell ("Checked by").
+_CLAUSE_ROW = re.compile(r"^\| `(§[^`]+)` \|.*\| ([^|]*?) \|$", re.MULTILINE)
+
+
+def _clause_rows() -> dict[str, str]:
+    """Clause id -> "Checked by", from the MUST and SHOULD tables of docs/CONFORMANCE.md."""
+    text = CONFORMANCE_MD.read_text(encoding="utf-8")
+    assert CLAUSE_TABLES in text, f"docs/CONFORMANCE.md has no section {CLAUSE_TABLES!r}"
+    section = re.split(r"^## ", text.split(CLAUSE_TABLES, 1)[1], maxsplit=1, flags=re.MULTILINE)[0]
+    rows = {m.group(1): m.group(2).strip() for m in _CLAUSE_ROW.finditer(section)}
+    assert len(rows) >= 40, f"found only {len(rows)} clause rows in docs/CONFORMANCE.md"
+    return rows
+
+
+def _cited() -> dict[str, list[str]]:
+    """Vector file name -> the clauses it cites."""
+    cited = {}
+    for path in sorted(VECTORS.glob("*.json")):
+        clauses = load(path.name).get("clauses")
+        assert isinstance(clauses, list), f"vectors/{path.name} has no top-level `clauses` list"
+        assert len(clauses) == len(set(clauses)), f"vectors/{path.name} cites a clause twice"
+        cited[path.name] = clauses
+    return cited
+
+
+def test_every_cited_clause_is_a_row_of_the_clause_tables() -> None:
+    rows = _clause_rows()
+    unknown = [
+        f"vectors/{name}: {clause}"
+        for name, clauses in _cited().items()
+        for clause in clauses
+        if clause not in rows
+    ]
+    assert not unknown, (
+        "vector files cite clauses that docs/CONFORMANCE.md has no row for (regenerate with "
+        "scripts/make_vectors.py after fixing CLAUSES in scripts/vectors/_build.py):\n"
+        + "\n".join(unknown)
+    )
+
+
+def test_every_vectors_row_is_cited_by_its_file() -> None:
+    cited = _cited()
+    missing = []
+    for clause, checked_by in _clause_rows().items():
+        if not checked_by.startswith("vectors:"):
+            continue
+        name = checked_by.removeprefix("vectors:").strip().strip("`")
+        if clause not in cited.get(name, []):
+            missing.append(f"{clause}: checked by `vectors: {name}`, which does not cite it")
+    assert not missing, "\n".join(missing)
