@@ -247,6 +247,8 @@ def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
                         "id": c.id,
                         "level": c.level.value,
                         "roles": sorted(r.value for r in c.roles),
+                        # Clause ids of docs/CONFORMANCE.md (anchors of PROTOCOL.md).
+                        "clauses": list(c.clauses),
                         "description": c.description,
                     }
                     for c in chosen

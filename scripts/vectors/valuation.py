@@ -695,6 +695,29 @@ def _valid_cases() -> list[_Case]:
             ),
         ),
         _Case(
+            "liquidation-negative-scores-toward-zero",
+            "§9.5",
+            "Auto-deleveraging scores with more than 18 fraction digits, on the wire rounded "
+            "toward zero (not down): -0.123456789012345679 x 1.5 = -0.1851851835185185185 is "
+            "-0.185185183518518518 (rounding down would give ...519), -0.000000000000000001 x "
+            "0.5 = -0.0000000000000000005 is 0 (down: -0.000000000000000001) and the positive "
+            "0.1851851835185185185 is 0.185185183518518518; 0 x 3 ranks above -5e-19 although "
+            "both are 0 on the wire, as the order comes from the exact scores.",
+            liquidation_policy,
+            waterfall_positions,
+            waterfall_prices,
+            "1000000.5",
+            liquidation=_Liquidation(
+                "412345.678",
+                (
+                    ("acct-0200", "-0.123456789012345679", "1.5"),
+                    ("acct-0201", "-0.000000000000000001", "0.5"),
+                    ("acct-0202", "0.123456789012345679", "1.5"),
+                    ("acct-0203", "0", "3"),
+                ),
+            ),
+        ),
+        _Case(
             "liquidation-fund-covers-shortfall",
             "§9.5",
             "A shortfall of 100.5 within the insurance fund: it covers all of it, nothing is "

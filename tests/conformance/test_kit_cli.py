@@ -41,7 +41,14 @@ def test_list_filters_by_role_and_glob_and_speaks_json(
     assert listed
     assert all("regulator" in c["roles"] for c in listed)
     assert not any(c["id"].startswith("attestation/") for c in listed)
-    assert {"id", "level", "roles", "description"} == set(listed[0])
+    assert {"id", "level", "roles", "clauses", "description"} == set(listed[0])
+    assert all(isinstance(c["clauses"], list) for c in listed)
+
+    known = "envelope/pledge-collateral/invalid-amount-refused"
+    assert main(["list", "--run", known, "--json"]) == 0
+    [case] = json.loads(capsys.readouterr().out)
+    assert case["id"] == known
+    assert "§2.1/refuse-non-canonical-amount" in case["clauses"]
 
     assert main(["list", "--run", "envelope/*/forged-*", "--json"]) == 0
     ids = [c["id"] for c in json.loads(capsys.readouterr().out)]

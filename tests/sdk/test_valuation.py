@@ -588,6 +588,33 @@ def test_ranking_uses_exact_scores_beyond_the_wire_precision() -> None:
     assert [r.score.value for r in figures.to_proto("liq").ranking] == ["0", "0"]
 
 
+def test_negative_scores_are_rounded_toward_zero_on_the_wire() -> None:
+    # PROTOCOL.md 9.5: the wire score is rounded toward zero, not down (floor),
+    # so a negative score keeps its digits instead of gaining a quantum.
+    figures = allocate_shortfall(
+        seed_policy(),
+        D("5000"),
+        [
+            # -0.123456789012345679 * 1.5 = -0.1851851835185185185 (19 places)
+            AdlCandidate("a", profit=D("-0.123456789012345679"), effective_leverage=D("1.5")),
+            # -0.000000000000000001 * 0.5 = -5e-19: toward zero is 0
+            AdlCandidate("b", profit=D("-0.000000000000000001"), effective_leverage=D("0.5")),
+            # 0.123456789012345679 * 1.5: positive, the same either way
+            AdlCandidate("c", profit=D("0.123456789012345679"), effective_leverage=D("1.5")),
+        ],
+    )
+    assert [(r.account_id, r.score) for r in figures.ranking] == [
+        ("c", D("0.1851851835185185185")),
+        ("b", D("-5E-19")),
+        ("a", D("-0.1851851835185185185")),
+    ]
+    assert [r.score.value for r in figures.to_proto("liq").ranking] == [
+        "0.185185183518518518",
+        "0",
+        "-0.185185183518518518",
+    ]
+
+
 def test_malformed_candidates_are_refused() -> None:
     duplicate = [CANDIDATES[0], AdlCandidate("acct-b", D("1"), D("1"))]
     with pytest.raises(MalformedError) as info:

@@ -167,8 +167,11 @@ class RiskPolicy(_message.Message):
 
     @_builtins.property
     def assets(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Asset]:
-        """The class of every asset the exchange accepts. An asset not listed here
-        is unknown and counts 0, so a valuation needs no input beyond signed ones.
+        """The class of every asset the exchange accepts. An asset with no
+        AssetHaircut and not listed here takes its class from the arrangement's
+        asset list, and is unknown (counts 0) if that does not list it either
+        (PROTOCOL.md section 7.3 step 2): a policy that lists every asset makes a
+        valuation need no input beyond signed ones.
         """
 
     def __init__(

@@ -71,8 +71,9 @@ the protocol says non-negative, is INVALID_AMOUNT; a value outside its range
 for another reason (a factor above 1, a zero leverage cap) is MALFORMED.
 
 On the wire, ``PositionValuation.price`` and ``market_value`` and ADL scores
-are cut down to 18 decimal places (a product of two 18-place amounts can
-have 36); they are reported, never used to recompute.
+are rounded toward zero to 18 decimal places (a product of two 18-place
+amounts can have 36; a score may be negative, and -0.1851851835185185185
+becomes -0.185185183518518518); they are reported, never used to recompute.
 
 Verifiable margin calls
 -----------------------

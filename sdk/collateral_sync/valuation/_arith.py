@@ -1,9 +1,10 @@
 """Exact arithmetic shared by the valuation modules.
 
 Decimal contexts in which an unintended rounding fails loudly, the two
-deliberate roundings (down and up at the policy's scale) and an exact
-quotient, required and caller-supplied amounts with the errors they raise,
-and instants as integer nanoseconds. The rules they serve are stated in
+deliberate roundings (down and up at the policy's scale), the wire's cut
+(toward zero at 18 places) and an exact quotient, required and
+caller-supplied amounts with the errors they raise, and instants as integer
+nanoseconds. The rules they serve are stated in
 :mod:`collateral_sync.valuation`.
 """
 
@@ -73,8 +74,16 @@ def _divide_down(numerator: Decimal, denominator: Decimal, scale: int) -> Decima
 
 
 def _wire(value: Decimal, field: str) -> str:
-    """Canonical text of a reported figure, cut (down) to the wire's 18 places."""
-    return format_amount(_round_down(value, MAX_FRACTION_DIGITS), field=field)
+    """Canonical text of a reported figure, rounded toward zero to the wire's 18 places.
+
+    Toward zero, not down: a negative figure (an ADL score, docs/PROTOCOL.md
+    section 9.5) keeps its digits; for a non-negative one (price, market value)
+    the two are the same.
+    """
+    wire = value.quantize(
+        _quantum(MAX_FRACTION_DIGITS), rounding=decimal.ROUND_DOWN, context=_ROUNDING
+    )
+    return format_amount(wire, field=field)
 
 
 # --- errors -----------------------------------------------------------------------

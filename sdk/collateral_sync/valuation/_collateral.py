@@ -76,7 +76,7 @@ class PositionValuation:
     collateral_value: Decimal
 
     def to_proto(self) -> valuation_pb2.PositionValuation:
-        """The wire row; price and market value cut down to 18 decimal places."""
+        """The wire row; price and market value rounded toward zero to 18 decimal places."""
         return valuation_pb2.PositionValuation(
             asset_id=self.asset_id,
             asset_class=self.asset_class,

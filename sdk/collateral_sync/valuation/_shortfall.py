@@ -63,8 +63,8 @@ class ShortfallFigures:
     def to_proto(self, liquidation_id: str) -> liquidation_pb2.ShortfallAllocation:
         """The unsigned message (its header is set when it is signed).
 
-        Scores are cut down to 18 decimal places for the wire; ranks come from
-        the exact scores.
+        Scores are rounded toward zero to 18 decimal places for the wire (a
+        negative score too); ranks come from the exact scores.
         """
         return liquidation_pb2.ShortfallAllocation(
             liquidation_id=liquidation_id,

@@ -170,8 +170,11 @@ export type RiskPolicy = Message<"collateral_sync.v1.RiskPolicy"> & {
   stalePriceFactor?: Decimal | undefined;
 
   /**
-   * The class of every asset the exchange accepts. An asset not listed here
-   * is unknown and counts 0, so a valuation needs no input beyond signed ones.
+   * The class of every asset the exchange accepts. An asset with no
+   * AssetHaircut and not listed here takes its class from the arrangement's
+   * asset list, and is unknown (counts 0) if that does not list it either
+   * (PROTOCOL.md section 7.3 step 2): a policy that lists every asset makes a
+   * valuation need no input beyond signed ones.
    *
    * @generated from field: repeated collateral_sync.v1.Asset assets = 22;
    */
