@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
 SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
-.PHONY: setup setup-chromium gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
+.PHONY: setup setup-chromium setup-postgresql gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
 
 # Each step says what it does; pip names each package as it goes (no minute of silence).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,7 +36,21 @@ $(TS_STAMP): $(TS_SDK)/package.json $(TS_SDK)/package-lock.json
 	npm ci --prefix $(TS_SDK) --no-audit --no-fund --loglevel=error
 	touch $(TS_STAMP)
 
-setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium
+setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium setup-postgresql
+
+## setup-postgresql: Debian's PostgreSQL server (initdb, pg_ctl), which the storage tests start
+## in a temporary directory of their own (tests/_postgres.py). Installed with apt-get when
+## missing and we are root; otherwise says what to do.
+setup-postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "setup: installing Debian's PostgreSQL for the storage tests: apt-get install -y postgresql"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
+	else \
+		echo "setup: PostgreSQL's initdb is missing; as root run: apt-get install -y postgresql" \
+			"(the PostgreSQL storage tests fail without it)"; \
+	fi
 
 ## setup-chromium: Debian's chromium, for the HTML report's browser test
 ## (tests/conformance/test_kit_report_browser.py). Installed with apt-get when
@@ -67,8 +81,15 @@ lint: setup
 	$(VENV)/bin/ruff check sdk tests scripts $(SERVER_PKGS)
 	$(VENV)/bin/mypy sdk/collateral_sync scripts $(SERVER_PKGS)
 
+# The storage tests once more with every reference server on PostgreSQL (tests/conftest.py):
+# the reference servers' own tests, crash recovery included, and the kit against each role.
+PG_TESTS := tests/reference tests/conformance/test_kit_reference.py \
+	tests/conformance/test_kit_exchange.py tests/conformance/test_kit_regulator.py
+
 test: setup gen-check lint test-typescript
 	$(VENV)/bin/pytest -q
+	@echo "test: the storage tests again, every reference server on PostgreSQL"
+	COLLATERAL_SYNC_TEST_STORAGE=postgresql $(VENV)/bin/pytest -q $(PG_TESTS)
 
 ## test-typescript: strict tsc over the TypeScript SDK, then its tests with node's test runner
 test-typescript: $(TS_STAMP)

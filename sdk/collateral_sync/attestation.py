@@ -17,29 +17,29 @@ kept as evidence.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
 
-from pymerkle import InvalidChallenge, SqliteTree
+from pymerkle import InvalidChallenge
 
+from collateral_sync._leaves import SqliteLeaves, SqlLeaves
 from collateral_sync.errors import MalformedError, ProofError, StateError
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.merkle import (
     HASH_SIZE,
-    NODE_PREFIX,
     consistency_proof_from_pymerkle,
     empty_root,
     inclusion_proof_from_pymerkle,
     verify_consistency_proof,
 )
 from collateral_sync.signing import DEFAULT_MAX_SKEW, pae, sign_statement, verify_statement
+from collateral_sync.sql import SqlConnection
 from collateral_sync.v1 import attestation_pb2, envelope_pb2, errors_pb2
 
 __all__ = [
@@ -75,137 +75,27 @@ def _out_of_range(what: str, expected: str, actual: int) -> StateError:
     )
 
 
-# ------------------------------------------------------------------ storage
-
-
-class _NodeStore:
-    """Perfect-subtree hashes of one width and up, in one flat array per width.
-
-    A node of width ``w`` at leaf ``offset`` (a multiple of ``w``) is slot
-    ``offset // w`` of its width's array. 33 bytes a node and no per-entry
-    objects: at the default threshold the whole tree costs about 4 bytes of
-    memory per leaf, and a level filled in one pass is stored with two slice
-    assignments.
-    """
-
-    __slots__ = ("_levels",)
-
-    def __init__(self) -> None:
-        # width -> (hashes, presence flags)
-        self._levels: dict[int, tuple[bytearray, bytearray]] = {}
-
-    def get(self, offset: int, width: int) -> bytes | None:
-        level = self._levels.get(width)
-        slot = offset // width
-        if level is None or slot >= len(level[1]) or not level[1][slot]:
-            return None
-        return bytes(level[0][slot * HASH_SIZE : (slot + 1) * HASH_SIZE])
-
-    def put(self, offset: int, width: int, hashes: list[bytes]) -> None:
-        """Store ``hashes`` of consecutive nodes of ``width``, the first at ``offset``."""
-        level = self._levels.setdefault(width, (bytearray(), bytearray()))
-        first = offset // width
-        end = first + len(hashes)
-        missing = end - len(level[1])
-        if missing > 0:
-            level[0].extend(bytes(missing * HASH_SIZE))
-            level[1].extend(bytes(missing))
-        level[0][first * HASH_SIZE : end * HASH_SIZE] = b"".join(hashes)
-        level[1][first:end] = b"\x01" * len(hashes)
-
-
-class _SubrootTree(SqliteTree):  # type: ignore[misc]  # pymerkle ships no type hints
-    """pymerkle's SqliteTree with subtree hashes that are computed once.
-
-    pymerkle caches the perfect subtree roots it is asked for, but computes a
-    missing one from all of its leaves, ignoring cached descendants; random
-    inclusion proofs on a large tree then keep reading and hashing hundreds of
-    thousands of leaves (measured: 1.4 ms median per proof at 1M leaves after
-    2,000 proofs, still 0.25 ms once warm). Here a missing subroot is composed
-    from stored children when there are some, and otherwise computed
-    bottom-up in one pass that stores every node of width ``threshold`` and
-    up. Computing the root once (as every checkpoint does) therefore prepares
-    the whole tree for proofs, for about the cost of computing the root.
-    """
-
-    def __init__(self, dbfile: str, *, threshold: int) -> None:
-        super().__init__(dbfile, threshold=threshold)
-        self._nodes = _NodeStore()
-        # Leaf hashes of the last aligned block of ``threshold`` leaves read.
-        self._block: tuple[int, list[bytes]] | None = None
-
-    def _get_subroot(self, offset: int, width: int) -> bytes:
-        if width < self.threshold:
-            return self._small_subroot(offset, width)
-        nodes = self._nodes
-        found = nodes.get(offset, width)
-        if found is not None:
-            self.hits += 1
-            return found
-        self.misses += 1
-        half = width >> 1
-        if half >= self.threshold and (
-            nodes.get(offset, half) is not None or nodes.get(offset + half, half) is not None
-        ):
-            value = _node(self._get_subroot(offset, half), self._get_subroot(offset + half, half))
-            nodes.put(offset, width, [value])
-            return value
-        return self._fill(offset, width)
-
-    def _small_subroot(self, offset: int, width: int) -> bytes:
-        # The unstored siblings of one inclusion proof, and its leaf, all lie
-        # in the aligned block of ``threshold`` leaves around the leaf: one
-        # read serves them all. Leaves never change; a block read while it
-        # was still filling is read again once more leaves are needed.
-        start = offset - offset % self.threshold
-        block = self._block
-        if block is None or block[0] != start or offset + width > start + len(block[1]):
-            block = self._block = (start, list(self._get_leaves(start, self.threshold)))
-        level = _stored(block[1][offset - start : offset - start + width], offset, width)
-        while len(level) > 1:
-            level = _pairs(level)
-        return level[0]
-
-    def _fill(self, offset: int, width: int) -> bytes:
-        level = _stored(list(self._get_leaves(offset, width)), offset, width)
-        node_width = 1
-        while node_width < width:
-            level = _pairs(level)
-            node_width <<= 1
-            if node_width >= self.threshold:
-                self._nodes.put(offset, node_width, level)
-        return level[0]
-
-
-def _stored(leaf_hashes: list[bytes], offset: int, width: int) -> list[bytes]:
-    if len(leaf_hashes) != width:
-        # pymerkle asks only for subtrees inside the log; anything else is a bug.
-        raise StateError(
-            f"leaves [{offset}, {offset + width}) of the log: expected {width} stored, "
-            f"got {len(leaf_hashes)}",
-            metadata={"expected": str(width), "actual": str(len(leaf_hashes))},
-        )
-    return leaf_hashes
-
-
-def _pairs(level: list[bytes]) -> list[bytes]:
-    sha256, prefix = hashlib.sha256, NODE_PREFIX
-    return [sha256(prefix + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=True)]
-
-
-def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(NODE_PREFIX + left + right).digest()
-
-
 class AttestationLog:
-    """An append-only RFC 9162 log of attested statements, stored in one SQLite file.
+    """An append-only RFC 9162 log of attested statements, in one SQLite file or a database.
 
-    Indexes are 0-based; sizes count leaves. Reopening the same file restores
-    the log. The origin names the log in its checkpoints and is recorded in
-    the file: reopening it under another origin is refused.
+    Indexes are 0-based; sizes count leaves. Reopening the same file (or
+    database) restores the log. The origin names the log in its checkpoints
+    and is recorded beside the leaves: reopening it under another origin is
+    refused. :meth:`in_database` keeps the log in a table reached through a
+    connection of its own (for instance on PostgreSQL).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, origin: str) -> None:
+        self._open(origin, lambda: SqliteLeaves(os.fspath(path), threshold=_SUBROOT_CACHE_THRESHOLD))
+
+    @classmethod
+    def in_database(cls, connection: SqlConnection, *, origin: str) -> AttestationLog:
+        """The log in ``connection``'s database; the connection must be the log's alone."""
+        log = cls.__new__(cls)
+        log._open(origin, lambda: SqlLeaves(connection, threshold=_SUBROOT_CACHE_THRESHOLD))
+        return log
+
+    def _open(self, origin: str, tree: Callable[[], Any]) -> None:
         if not origin:
             raise MalformedError(
                 "log origin must be non-empty",
@@ -213,12 +103,30 @@ class AttestationLog:
             )
         self._origin = origin
         self._closed = False
-        self._tree: Any = _SubrootTree(os.fspath(path), threshold=_SUBROOT_CACHE_THRESHOLD)
+        self._tree: Any = tree()
         try:
-            self._configure(origin)
+            if isinstance(self._tree, SqlLeaves):
+                self._record_origin(origin)
+            else:
+                self._configure(origin)
         except BaseException:
             self._tree.close()
             raise
+
+    def _record_origin(self, origin: str) -> None:
+        tree: SqlLeaves = self._tree
+        with tree.transaction():
+            tree.con.execute(
+                "CREATE TABLE IF NOT EXISTS attestation_log_meta"
+                "(name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            row = tree.con.execute(
+                "SELECT value FROM attestation_log_meta WHERE name = 'origin'"
+            ).fetchone()
+            if row is None:
+                tree.con.execute("INSERT INTO attestation_log_meta VALUES ('origin', ?)", (origin,))
+            elif row[0] != origin:
+                raise _other_origin(origin, str(row[0]))
 
     def _configure(self, origin: str) -> None:
         con: sqlite3.Connection = self._tree.con
@@ -246,10 +154,7 @@ class AttestationLog:
             if stored is None:
                 con.execute("INSERT INTO attestation_log_meta VALUES ('origin', ?)", (origin,))
             elif stored != origin:
-                raise StateError(
-                    f"log file belongs to another origin: expected {origin!r}, got {stored!r}",
-                    metadata={"expected": origin, "actual": str(stored)},
-                )
+                raise _other_origin(origin, str(stored))
 
     # -- lifecycle --
 
@@ -384,6 +289,13 @@ class AttestationLog:
         return sign_statement(
             message, signer, audience=["*"], sequence=sequence, ttl=ttl, issued_at=now
         )
+
+
+def _other_origin(origin: str, stored: str) -> StateError:
+    return StateError(
+        f"log file belongs to another origin: expected {origin!r}, got {stored!r}",
+        metadata={"expected": origin, "actual": stored},
+    )
 
 
 def _check_leaf(leaf: object, position: int) -> bytes:

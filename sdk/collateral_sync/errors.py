@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2
@@ -23,6 +24,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from collateral_sync.v1 import errors_pb2
+
+if TYPE_CHECKING:
+    from collateral_sync.sql import SqlConnection
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -194,11 +198,13 @@ def sqlite_refusal(err: sqlite3.Error) -> StorageError | None:
 
 
 @contextmanager
-def sqlite_refusals(connection: sqlite3.Connection) -> Iterator[None]:
+def sqlite_refusals(connection: SqlConnection) -> Iterator[None]:
     """Around a write transaction: on any error roll back, and raise :func:`sqlite_refusal`'s error.
 
     ``with sqlite_refusals(conn): conn.execute("BEGIN IMMEDIATE"); ...; conn.commit()``
-    — a failed commit is rolled back too, so nothing is half written.
+    — a failed commit is rolled back too, so nothing is half written. On a
+    PostgreSQL connection (:mod:`collateral_sync.sql`) the connection itself
+    raises the refusal; this rolls back.
     """
     try:
         yield

@@ -162,7 +162,7 @@ def _custodian_accepts_replay() -> None:
     def check(self: Any, issuer: str, payload_type: str, sequence: int) -> None:
         return None
 
-    _storage.SqliteReplayGuard.check = check  # type: ignore[method-assign]
+    _storage.SqlReplayGuard.check = check  # type: ignore[method-assign]
 
 
 def _exchange_ignores_not_yet_valid() -> None:

@@ -26,7 +26,7 @@ from collateral_sync.v1 import common_pb2
 from collateral_sync_reference.common.clock import TestClock
 from collateral_sync_reference.common.config import ServerConfig, load_config
 from collateral_sync_reference.common.runner import ServerContext
-from collateral_sync_reference.common.storage import SqliteStorage, open_storage
+from collateral_sync_reference.common.storage import SqlStorage, open_storage
 from hypothesis import settings
 
 from .conftest import CLIENT, EXCHANGE, KEYS_VALID_FROM, OTHER_CLIENT, OTHER_EXCHANGE
@@ -102,7 +102,7 @@ class InProcessServer:
     """What the runner holds before it serves: the context, its storage and its test clock."""
 
     context: ServerContext
-    storage: SqliteStorage
+    storage: SqlStorage
     clock: TestClock
 
 
@@ -137,9 +137,7 @@ def server_context(
     config = load_config(config_path, role=role)
     # The runner passes None for a role module without parse_settings (the exchange).
     settings = None if parse_settings is None else parse_settings(config)
-    storage = open_storage(
-        config.storage.engine, config.storage.path, synchronous=config.storage.synchronous
-    )
+    storage = open_storage(config.storage)
     clock = TestClock(storage, base=lambda: start)
     context = ServerContext(
         config=config,

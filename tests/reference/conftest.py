@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc.aio
 import pytest
+from _postgres import PostgresServer
 from collateral_sync.dev_ca import DevPki, PartyFiles
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.transport import TlsConfig, secure_channel
@@ -74,6 +75,8 @@ class Parties:
     pki: DevPki
     keys: dict[str, SigningKey]
     registry_path: Path
+    #: Where servers store: a PostgreSQL server, or None for SQLite files.
+    postgres: PostgresServer | None = None
 
     @property
     def registry(self) -> KeyRegistry:
@@ -101,7 +104,7 @@ class Parties:
             "party_id": party_id,
             "role": role,
             "listen": "127.0.0.1:0",
-            "storage": {"path": str(directory / f"{party_id}.sqlite")},
+            "storage": self.storage(directory, party_id),
             "signing_key": str(self.key_path(party_id)),
             "key_registry": str(self.registry_path),
             "tls": {"ca": str(self.pki.ca_cert), "cert": str(files.cert), "key": str(files.key)},
@@ -109,9 +112,17 @@ class Parties:
         document.update(settings)
         return document
 
+    def storage(self, directory: Path, party_id: str) -> dict[str, Any]:
+        """The ``storage`` section of ``party_id``'s server in ``directory``: the same on restart."""
+        if self.postgres is None:
+            return {"path": str(directory / f"{party_id}.sqlite")}
+        return self.postgres.storage_config(str(directory / party_id))
+
 
 @pytest.fixture(scope="session")
-def reference_parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
+def reference_parties(
+    tmp_path_factory: pytest.TempPathFactory, server_postgres: PostgresServer | None
+) -> Parties:
     directory = tmp_path_factory.mktemp("parties")
     # Through the CLI, as an operator would: `collateral-sync dev-certs`.
     result = subprocess.run(
@@ -154,7 +165,13 @@ def reference_parties(tmp_path_factory: pytest.TempPathFactory) -> Parties:
         keys[party_id] = key
     registry_path = directory / "keys" / "registry.json"
     registry.save(registry_path)
-    return Parties(directory=directory, pki=pki, keys=keys, registry_path=registry_path)
+    return Parties(
+        directory=directory,
+        pki=pki,
+        keys=keys,
+        registry_path=registry_path,
+        postgres=server_postgres,
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _postgres import PostgresServer
 from collateral_sync.dev_ca import DevPki, create_dev_pki
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.v1 import common_pb2
@@ -42,6 +43,7 @@ class World:
     future: DevPki
     registry: Path
     busy_port: int
+    postgres: PostgresServer
 
     def path(self, name: str) -> str:
         return str(self.directory / name)
@@ -73,7 +75,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> Iterator[World]:
     directory = tmp_path_factory.mktemp("cli-messages")
     now = datetime.now(UTC)
     pki = create_dev_pki(directory / "pki", parties=[CUSTODIAN, EXCHANGE])
@@ -111,7 +113,45 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             future=future,
             registry=directory / "keys" / "registry.json",
             busy_port=busy.getsockname()[1],
+            postgres=_prepared_postgres(postgres, directory),
         )
+
+
+#: A login of the session's PostgreSQL with no right to create tables, and its password.
+_NO_RIGHTS = ("no_rights", "no-rights-password")
+
+
+def _prepared_postgres(postgres: PostgresServer, directory: Path) -> PostgresServer:
+    """The session's PostgreSQL with the databases and logins the rows below point at."""
+    (directory / "pg-password").write_text(postgres.password + "\n", encoding="utf-8")
+    (directory / "pg-wrong-password").write_text("not-the-password\n", encoding="utf-8")
+    (directory / "pg-no-rights-password").write_text(_NO_RIGHTS[1] + "\n", encoding="utf-8")
+    postgres.database("cli-empty")
+    newer = postgres.database("cli-newer")
+    with postgres.connect() as admin:
+        if (
+            admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (_NO_RIGHTS[0],)).fetchone()
+            is None
+        ):
+            admin.execute(f"CREATE ROLE {_NO_RIGHTS[0]} LOGIN PASSWORD '{_NO_RIGHTS[1]}'")
+    with postgres.connect(newer) as db:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_versions "
+            "(component TEXT PRIMARY KEY, version BIGINT NOT NULL)"
+        )
+        db.execute("INSERT INTO schema_versions VALUES ('storage', 99) ON CONFLICT DO NOTHING")
+    return postgres
+
+
+def _postgres_storage(w: World, database: str, **settings: Any) -> dict[str, Any]:
+    """A ``storage`` section on the session's PostgreSQL (``password_file`` by default)."""
+    section: dict[str, Any] = {
+        "engine": "postgresql",
+        "dsn": w.postgres.conninfo(w.postgres.database(database), with_password=False),
+        "password_file": w.path("pg-password"),
+    }
+    section.update(settings)
+    return {k: v for k, v in section.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -122,6 +162,13 @@ class Row:
     argv: Callable[[World], list[str]]
     names: Callable[[World], list[str]]
     code: int = 2
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _serve(config: str, *extra: str) -> list[str]:
@@ -149,6 +196,75 @@ def _kit_run(w: World, **files: str) -> list[str]:
 
 
 ROWS = [
+    # PostgreSQL storage: bad configuration fails at start, in one line
+    Row(
+        "serve with a password in the dsn",
+        lambda w: _serve(
+            w.config(
+                "pg-dsn-password",
+                storage={"engine": "postgresql", "dsn": "host=127.0.0.1 dbname=x password=secret"},
+            )
+        ),
+        lambda w: ["storage.dsn", "without a password", "password_env or password_file"],
+    ),
+    Row(
+        "serve with password_env naming an unset variable",
+        lambda w: _serve(
+            w.config(
+                "pg-env",
+                storage=_postgres_storage(
+                    w, "cli-empty", password_file=None, password_env="COLLATERAL_SYNC_UNSET_VAR"
+                ),
+            )
+        ),
+        lambda w: ["storage.password_env", "COLLATERAL_SYNC_UNSET_VAR"],
+    ),
+    Row(
+        "serve with an unreachable database",
+        lambda w: _serve(
+            w.config(
+                "pg-unreachable",
+                storage={
+                    "engine": "postgresql",
+                    "dsn": f"host=127.0.0.1 port={_closed_port()} dbname=x user=x",
+                },
+            )
+        ),
+        lambda w: ["storage.dsn", "cannot use the database", "Connection refused"],
+    ),
+    Row(
+        "serve with a wrong database password",
+        lambda w: _serve(
+            w.config(
+                "pg-wrong",
+                storage=_postgres_storage(
+                    w, "cli-empty", password_file=w.path("pg-wrong-password")
+                ),
+            )
+        ),
+        lambda w: ["storage.dsn", "password authentication failed"],
+    ),
+    Row(
+        "serve with a login that may not create tables",
+        lambda w: _serve(
+            w.config(
+                "pg-no-rights",
+                storage={
+                    "engine": "postgresql",
+                    "dsn": w.postgres.conninfo(
+                        w.postgres.database("cli-empty"), with_password=False
+                    ).replace("user=collateral", f"user={_NO_RIGHTS[0]}"),
+                    "password_file": w.path("pg-no-rights-password"),
+                },
+            )
+        ),
+        lambda w: ["storage.dsn", "permission denied"],
+    ),
+    Row(
+        "serve on a database a newer server wrote",
+        lambda w: _serve(w.config("pg-newer", storage=_postgres_storage(w, "cli-newer"))),
+        lambda w: ["storage schema is version 99", "newer than this server knows"],
+    ),
     # dev-certs
     Row(
         "dev-certs into a folder that holds a PKI",

@@ -8,6 +8,8 @@ file's directory)::
       "role": "custodian",
       "listen": "127.0.0.1:7441",
       "storage": {"engine": "sqlite", "path": "custodian-1.sqlite", "synchronous": "NORMAL"},
+      (or "storage": {"engine": "postgresql", "dsn": "host=db port=5432 dbname=custodian
+                      user=custodian", "password_env": "CUSTODIAN_DB_PASSWORD", "pool_size": 4})
       "signing_key": "keys/custodian-1.key.json",
       "key_registry": "keys/registry.json",
       "tls": {"ca": "pki/ca.pem", "cert": "pki/custodian-1.pem", "key": "pki/custodian-1.key"},
@@ -35,7 +37,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -57,7 +59,7 @@ __all__ = [
 
 DEFAULT_LISTEN_HOST = "127.0.0.1"
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
-_ENGINES = ("sqlite",)
+_ENGINES = ("sqlite", "postgresql")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
 
 
@@ -219,10 +221,19 @@ class TlsFiles:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
+    """Where a server keeps its state: ``sqlite`` (a file) or ``postgresql`` (a server)."""
+
     engine: str
-    path: Path
+    #: SQLite: the database file. None on PostgreSQL.
+    path: Path | None
     #: SQLite ``PRAGMA synchronous``: NORMAL survives a killed process, FULL also power loss.
-    synchronous: str
+    synchronous: str = "NORMAL"
+    #: PostgreSQL: the connection string (libpq key=value or URI), never with a password.
+    dsn: str | None = None
+    #: PostgreSQL: the password, read at start from ``password_env`` or ``password_file``.
+    password: str | None = field(default=None, repr=False)
+    #: PostgreSQL: the most connections the server opens.
+    pool_size: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +262,79 @@ class ServerConfig:
     max_skew: timedelta
     sync: SyncSettings
     role_settings: ConfigSection
+
+
+def _storage_settings(section: ConfigSection, party_id: str) -> StorageSettings:
+    """The ``storage`` section: each engine reads its own keys, and refuses the other's."""
+    engine = section.string("engine", "sqlite")
+    if engine not in _ENGINES:
+        raise section.error("engine", " or ".join(_ENGINES), engine)
+    if engine == "sqlite":
+        synchronous = section.string("synchronous", "NORMAL").upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise section.error("synchronous", "|".join(_SYNCHRONOUS), synchronous)
+        settings = StorageSettings(
+            engine=engine,
+            path=section.path("path", f"{party_id}.sqlite"),
+            synchronous=synchronous,
+        )
+    else:
+        dsn = section.string("dsn")
+        if "password" in _conninfo(section, dsn):
+            raise section.error(
+                "dsn",
+                "a connection string without a password (give password_env or password_file)",
+                "a password in the connection string",
+            )
+        settings = StorageSettings(
+            engine=engine,
+            path=None,
+            dsn=dsn,
+            password=_password(section),
+            pool_size=section.integer("pool_size", 4, minimum=2, maximum=100),
+        )
+    section.finish()
+    return settings
+
+
+def _conninfo(section: ConfigSection, dsn: str) -> Mapping[str, object]:
+    try:
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415  # [postgresql] extra
+    except ImportError:
+        raise section.error(
+            "engine",
+            "an installed engine (pip install 'collateral-sync[postgresql]')",
+            "postgresql",
+        ) from None
+    try:
+        return conninfo_to_dict(dsn)
+    except Exception as err:  # noqa: BLE001  # psycopg's ProgrammingError names the problem
+        raise section.error("dsn", "a libpq connection string or URI", str(err)) from None
+
+
+def _password(section: ConfigSection) -> str | None:
+    """The database password, from the environment or a file: never from the config itself."""
+    if "password_env" in section and "password_file" in section:
+        raise section.error("password_file", "either password_env or password_file", "both")
+    if "password_env" in section:
+        name = section.string("password_env")
+        value = os.environ.get(name)
+        if not value:
+            raise section.error("password_env", f"the environment variable {name} set", "unset")
+        return value
+    if "password_file" in section:
+        path = section.path("password_file")
+        try:
+            text = path.read_text("utf-8")
+        except OSError as err:
+            raise section.error(
+                "password_file", f"a readable file {path}", err.strerror or str(err)
+            ) from None
+        value = text.rstrip("\r\n")
+        if not value:
+            raise section.error("password_file", f"a password in {path}", "an empty file")
+        return value
+    return None
 
 
 def load_config(
@@ -308,19 +392,7 @@ def load_config(
     except ValueError:
         raise top.error("listen", "host:port", listen) from None
 
-    storage_section = top.section("storage")
-    engine = storage_section.string("engine", "sqlite")
-    if engine not in _ENGINES:
-        raise storage_section.error("engine", " or ".join(_ENGINES), engine)
-    synchronous = storage_section.string("synchronous", "NORMAL").upper()
-    if synchronous not in _SYNCHRONOUS:
-        raise storage_section.error("synchronous", "|".join(_SYNCHRONOUS), synchronous)
-    storage = StorageSettings(
-        engine=engine,
-        path=storage_section.path("path", f"{party_id}.sqlite"),
-        synchronous=synchronous,
-    )
-    storage_section.finish()
+    storage = _storage_settings(top.section("storage"), party_id)
 
     tls: TlsFiles | None = None
     if "tls" in top:

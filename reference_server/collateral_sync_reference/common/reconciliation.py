@@ -95,7 +95,7 @@ from collateral_sync.v1 import (
 from collateral_sync_reference.common.clock import Clock
 from collateral_sync_reference.common.config import ConfigSection, ServerConfig
 from collateral_sync_reference.common.evidence import KeptEvidence
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 
 __all__ = [
     "DEFAULT_CUTOFFS",
@@ -280,7 +280,7 @@ class PartyReconciliation:
     def __init__(
         self,
         *,
-        storage: SqliteStorage,
+        storage: SqlStorage,
         signer: SigningKey,
         clock: Clock,
         settings: ReconciliationSettings,
@@ -329,7 +329,7 @@ class PartyReconciliation:
         self._trees: dict[str, PositionTree] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        storage.execute_schema(_SCHEMA)
+        storage.execute_schema("reconciliation", _SCHEMA)
         if storage.get_meta(_LAST_CUTOFF_KEY) is None:
             # Cut-offs before the first start are not ours to state.
             latest = _latest_cutoff(clock.now(), settings.cutoffs)
@@ -620,7 +620,7 @@ class PartyReconciliation:
         return [(cutoff_id, envelope_pb2.Envelope.FromString(data)) for cutoff_id, data in rows]
 
 
-def custodian_holdings(storage: SqliteStorage) -> list[envelope_pb2.Envelope]:
+def custodian_holdings(storage: SqlStorage) -> list[envelope_pb2.Envelope]:
     """Every holdings statement the custodian issued (its attestation log, orphans aside)."""
     rows = storage.connection.execute(
         "SELECT envelope FROM custodian_statements WHERE orphan = 0 ORDER BY leaf_index"
@@ -628,7 +628,7 @@ def custodian_holdings(storage: SqliteStorage) -> list[envelope_pb2.Envelope]:
     return [envelope_pb2.Envelope.FromString(row[0]) for row in rows]
 
 
-def exchange_holdings(storage: SqliteStorage) -> list[envelope_pb2.Envelope]:
+def exchange_holdings(storage: SqlStorage) -> list[envelope_pb2.Envelope]:
     """Every holdings statement the exchange received on the stream and did not reject."""
     rows = storage.connection.execute(
         "SELECT envelope FROM exchange_holdings WHERE status != 'rejected' ORDER BY id"

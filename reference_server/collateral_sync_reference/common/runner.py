@@ -54,7 +54,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import grpc.aio
 from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_pem
-from collateral_sync.errors import CollateralSyncError, MalformedError
+from collateral_sync.errors import CollateralSyncError, MalformedError, StorageError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.server import add_servicer, create_server, start_server, stop_server
 from collateral_sync.transport import TlsConfig, grpc_core_log_held, peer_party_id
@@ -63,7 +63,8 @@ from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 from collateral_sync_reference.common.access import AccessInterceptor
 from collateral_sync_reference.common.clock import Clock, SystemClock, TestClock
 from collateral_sync_reference.common.config import ServerConfig, TlsFiles, load_config
-from collateral_sync_reference.common.storage import SqliteStorage, open_storage
+from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage, open_storage
+from collateral_sync_reference.common.storage._health import watch_database
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -105,7 +106,7 @@ class ServerContext:
     config: ServerConfig
     #: What the role module's ``parse_settings(config)`` returned (None without one).
     settings: object
-    storage: SqliteStorage
+    storage: SqlStorage
     clock: Clock
     signer: SigningKey
     registry: KeyRegistry
@@ -357,22 +358,47 @@ def _check_validity(config: ServerConfig, files: TlsFiles, tls: TlsConfig, now: 
         )
 
 
-def _open_storage(config: ServerConfig) -> SqliteStorage:
-    path = config.storage.path
+def _open_storage(config: ServerConfig) -> SqlStorage:
+    settings = config.storage
+    if settings.engine == "postgresql":
+        return _open_postgres(config)
+    path = settings.path
     where = f"config {config.file}: storage.path: {path}"
-    if path.exists() and not path.is_file():
+    if path is not None and path.exists() and not path.is_file():
         raise MalformedError(
             f"{where} is {'a directory' if path.is_dir() else 'not a regular file'}, expected "
             "the SQLite database file (created if absent)",
             metadata={"field": "storage.path", "expected": "a file", "actual": "not a file"},
         )
     try:
-        return open_storage(config.storage.engine, path, synchronous=config.storage.synchronous)
+        return open_storage(settings)
     except (OSError, sqlite3.Error) as err:
         detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise MalformedError(
             f"{where}: cannot open the database ({detail})",
             metadata={"field": "storage.path", "expected": "an SQLite database", "actual": detail},
+        ) from err
+
+
+def _open_postgres(config: ServerConfig) -> SqlStorage:
+    """The PostgreSQL storage, or one line on what is wrong: unreachable, refused, no rights."""
+    import psycopg  # noqa: PLC0415  # the [postgresql] extra, checked when the config was read
+
+    where = f"config {config.file}: storage.dsn"
+    try:
+        return open_storage(config.storage)
+    except StorageError as err:
+        raise MalformedError(
+            f"{where}: {err.message}",
+            metadata={"field": "storage.dsn", "expected": "a reachable database", "actual": "none"},
+        ) from err
+    except psycopg.Error as err:
+        # libpq says it (wrong password, no such database, permission denied), over
+        # several lines: one line here.
+        detail = " ".join(part.strip() for part in str(err).split()) or type(err).__name__
+        raise MalformedError(
+            f"{where}: cannot use the database ({detail})",
+            metadata={"field": "storage.dsn", "expected": "a usable database", "actual": detail},
         ) from err
 
 
@@ -419,7 +445,7 @@ async def _serve(
     config: ServerConfig,
     *,
     settings: object,
-    storage: SqliteStorage,
+    storage: SqlStorage,
     clock: Clock,
     signer: SigningKey,
     registry: KeyRegistry,
@@ -469,6 +495,7 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
     started = False
+    watcher: asyncio.Task[None] | None = None
     try:
         await role.start()
         started = True
@@ -482,8 +509,12 @@ async def _serve(
             " (test mode)" if test_mode else "",
         )
         print(f"LISTENING {host}:{port}", flush=True)
+        if isinstance(storage, PostgresStorage):
+            watcher = asyncio.create_task(watch_database(storage, server, context.logger))
         await stopping.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         # Calls in flight finish (or are cancelled after the grace) before the

@@ -41,6 +41,7 @@ from collateral_sync.statements import payload_type_of
 from collateral_sync.v1 import attestation_pb2, envelope_pb2
 
 from collateral_sync_reference.common.errors import required as _required
+from collateral_sync_reference.common.storage import PostgresStorage
 from collateral_sync_reference.custodian.ledger import _R, Ledger, _not_found
 from collateral_sync_reference.custodian.store import StoredCheckpoint, StoredStatement
 
@@ -58,7 +59,16 @@ class Attestation:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         settings = ledger.settings
-        self._log = AttestationLog(settings.attestation_log, origin=settings.log_origin)
+        storage = ledger.storage
+        if isinstance(storage, PostgresStorage):
+            # In the same database, on a connection of its own: appended before the
+            # state that refers to it commits, as the separate SQLite file is.
+            self._log = AttestationLog.in_database(
+                storage.connection_of_its_own(), origin=settings.log_origin
+            )
+        else:
+            assert settings.attestation_log is not None
+            self._log = AttestationLog(settings.attestation_log, origin=settings.log_origin)
         self._attesting = False
         for log in ledger.sync_logs.values():
             # A batch the stream applied commits in the log's own transaction:

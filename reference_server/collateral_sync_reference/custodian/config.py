@@ -91,7 +91,8 @@ class MarginCallAnswer:
 @dataclass(frozen=True, slots=True)
 class CustodianSettings:
     log_origin: str
-    attestation_log: Path
+    #: The log's SQLite file; None on PostgreSQL (a table of the server's database).
+    attestation_log: Path | None
     #: A checkpoint older than this is re-signed when the latest one is asked for.
     checkpoint_interval: timedelta
     checkpoint_ttl: timedelta
@@ -210,7 +211,10 @@ def parse_custodian_settings(config: ServerConfig) -> CustodianSettings:
     storage = config.storage.path
     settings = CustodianSettings(
         log_origin=section.string("log_origin", f"{config.party_id}/collateral-sync/attestations"),
-        attestation_log=section.path(
+        # On PostgreSQL the log's leaves are in the database, in a table of their own.
+        attestation_log=None
+        if storage is None
+        else section.path(
             "attestation_log", str(storage.with_name(storage.stem + ".attestations.sqlite"))
         ),
         checkpoint_interval=section.seconds("checkpoint_interval_seconds", 60),

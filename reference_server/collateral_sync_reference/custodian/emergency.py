@@ -93,7 +93,7 @@ class CustodianEmergencyRelease:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        ledger.storage.execute_schema(_SCHEMA)
+        ledger.storage.execute_schema("custodian.emergency", _SCHEMA)
         self._db = ledger.storage.connection
 
     # ------------------------------------------------------------------ co-signing

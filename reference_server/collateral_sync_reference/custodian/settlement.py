@@ -116,7 +116,7 @@ class CustodianSettlement:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        ledger.storage.execute_schema(_SCHEMA)
+        ledger.storage.execute_schema("custodian.settlement", _SCHEMA)
         self._db = ledger.storage.connection
 
     # ------------------------------------------------------------------ policy

@@ -33,7 +33,7 @@ from collateral_sync.v1 import (
 )
 from google.protobuf.message import Message
 
-from collateral_sync_reference.common.storage import SqliteReplayGuard, SqliteStorage
+from collateral_sync_reference.common.storage import SqlReplayGuard, SqlStorage
 from collateral_sync_reference.exchange.price_feed import PriceSource
 from collateral_sync_reference.exchange.store import ExchangeStore
 
@@ -109,9 +109,9 @@ class ExchangeContext:
     the server's event loop, and no part awaits while a transaction is open.
     """
 
-    storage: SqliteStorage
+    storage: SqlStorage
     store: ExchangeStore
-    replay: SqliteReplayGuard
+    replay: SqlReplayGuard
     registry: KeyRegistry
     settings: ExchangeSettings
     prices: PriceSource

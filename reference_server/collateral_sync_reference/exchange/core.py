@@ -53,7 +53,7 @@ from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.sync import SyncLog
 from collateral_sync.v1 import position_sync_pb2
 
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 from collateral_sync_reference.exchange.context import (
     ExchangeContext,
     ExchangeSettings,
@@ -88,7 +88,7 @@ class ExchangeCore:
 
     def __init__(
         self,
-        storage: SqliteStorage,
+        storage: SqlStorage,
         log: SyncLog,
         *,
         signer: SigningKey,

@@ -22,7 +22,7 @@ from collateral_sync.errors import MalformedError
 from collateral_sync.v1 import common_pb2, errors_pb2, valuation_pb2
 
 from collateral_sync_reference.common.config import ConfigSection
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 
 __all__ = [
     "PriceSource",
@@ -114,14 +114,14 @@ class ScriptedPriceFeed:
 
     def __init__(
         self,
-        storage: SqliteStorage,
+        storage: SqlStorage,
         *,
         name: str,
         script: Sequence[PriceStep] = (),
     ) -> None:
         if not name:
             raise ValueError("a price source needs a non-empty name")
-        storage.execute_schema(_SCHEMA)
+        storage.execute_schema("exchange.price_feed", _SCHEMA)
         self._connection = storage.connection
         self._name = name
         # Steps without a time first, then by time; equal times keep script order.

@@ -65,7 +65,7 @@ from collateral_sync.v1 import (
 )
 
 from collateral_sync_reference.common.clock import TestClock
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 from collateral_sync_reference.exchange.core import ExchangeCore
 from collateral_sync_reference.exchange.servicers import ExchangeTestControl
 from collateral_sync_reference.exchange.store import ExchangeStore
@@ -106,8 +106,10 @@ _SCHEMA = (
         day TEXT NOT NULL,
         cycle_of_day INTEGER NOT NULL
     )""",
+    # seq: the order the instructions were signed in.
     """CREATE TABLE IF NOT EXISTS exchange_settlement_instructions (
-        settlement_id TEXT PRIMARY KEY,
+        seq INTEGER PRIMARY KEY,
+        settlement_id TEXT NOT NULL UNIQUE,
         cutoff_id TEXT NOT NULL,
         account_id TEXT NOT NULL,
         net_amount TEXT NOT NULL,
@@ -132,14 +134,14 @@ class ExchangeSettlement:
 
     def __init__(
         self,
-        storage: SqliteStorage,
+        storage: SqlStorage,
         store: ExchangeStore,
         *,
         signer: SigningKey,
         custodian_id: str,
         clock: Callable[[], datetime],
     ) -> None:
-        storage.execute_schema(_SCHEMA)
+        storage.execute_schema("exchange.settlement", _SCHEMA)
         self._storage = storage
         self._db = storage.connection
         self._store = store
@@ -162,7 +164,7 @@ class ExchangeSettlement:
             envelope_pb2.Envelope.FromString(bytes(data))
             for (data,) in self._db.execute(
                 "SELECT envelope FROM exchange_settlement_instructions WHERE cutoff_id = ? "
-                "ORDER BY rowid",
+                "ORDER BY seq",
                 (cutoff_id,),
             ).fetchall()
         ]
@@ -238,7 +240,8 @@ class ExchangeSettlement:
                     statement_id=settlement_id,
                 )
                 self._db.execute(
-                    "INSERT INTO exchange_settlement_instructions VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO exchange_settlement_instructions (settlement_id, cutoff_id, "
+                    "account_id, net_amount, envelope) VALUES (?, ?, ?, ?, ?)",
                     (
                         settlement_id,
                         cutoff_id,
@@ -401,7 +404,7 @@ class SettlementAfterReconciliation:
     def __init__(
         self,
         settlement: ExchangeSettlement,
-        storage: SqliteStorage,
+        storage: SqlStorage,
         *,
         exchange_id: str,
         regulator_id: str,
@@ -415,7 +418,7 @@ class SettlementAfterReconciliation:
         result_wait: timedelta,
         logger: logging.Logger,
     ) -> None:
-        storage.execute_schema(_SCHEMA)
+        storage.execute_schema("exchange.settlement", _SCHEMA)
         self._settlement = settlement
         self._storage = storage
         self._db = storage.connection

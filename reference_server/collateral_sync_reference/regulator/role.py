@@ -166,7 +166,7 @@ class RegulatorRole:
             _EXCHANGE: self._party(settings.exchange, _EXCHANGE),
         }
         storage = context.storage
-        storage.execute_schema(_SCHEMA)
+        storage.execute_schema("regulator", _SCHEMA)
         self._storage = storage
         self._db = storage.connection
         self._guard = storage.replay_guard()

@@ -18,7 +18,6 @@ entries no recorded batch covered is recorded as a batch issued then.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from google.protobuf import timestamp_pb2
 from collateral_sync.errors import CollateralSyncError, VerificationError, sqlite_refusals
 from collateral_sync.keys import _datetime_ns, _timestamp_ns
 from collateral_sync.signing import MAX_PAYLOAD_BYTES
+from collateral_sync.sql import SqlConnection, is_sqlite
 from collateral_sync.sync._batch import (
     _PREFIX,
     _VARIANTS,
@@ -173,7 +173,10 @@ _SENT_COVERS = (
 _SENT_INSERT = (
     "INSERT INTO sync_sent_batches VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (peer_party_id, direction, last_sequence) "
-    "DO UPDATE SET issued_at_us = min(issued_at_us, excluded.issued_at_us)"
+    # The earlier of the two (min() is SQLite's alone; CASE is both engines').
+    "DO UPDATE SET issued_at_us = CASE WHEN excluded.issued_at_us < "
+    "sync_sent_batches.issued_at_us THEN excluded.issued_at_us "
+    "ELSE sync_sent_batches.issued_at_us END"
 )
 # The same conflict shown again (a peer re-dialling with its forked history) is
 # kept once: the first signed proof of it is enough.
@@ -191,13 +194,14 @@ _EVIDENCE_SELECT = (
 
 
 class SyncLog:
-    """Both sync logs between this party and one peer, kept in the caller's SQLite database.
+    """Both sync logs between this party and one peer, kept in the caller's database.
 
     The caller owns ``connection`` and uses it for its own state, so that a
     state change and the log entries it causes commit in one transaction:
     :meth:`append` runs inside the caller's open transaction (for instance
     :meth:`transaction`), and the ``apply`` callback of :meth:`accept_batch`
-    runs inside the log's. The database is switched to WAL with
+    runs inside the log's. ``connection`` is SQLite's own or a
+    :class:`~collateral_sync.sql.PostgresConnection`. A SQLite database is switched to WAL with
     ``PRAGMA synchronous = synchronous``: ``"NORMAL"`` (default) keeps every
     committed transaction across a process crash (SIGKILL) but may lose the
     last ones on power loss or an OS crash; ``"FULL"`` or ``"EXTRA"`` also
@@ -219,7 +223,7 @@ class SyncLog:
 
     def __init__(
         self,
-        connection: sqlite3.Connection,
+        connection: SqlConnection,
         *,
         party_id: str,
         peer_party_id: str,
@@ -235,10 +239,14 @@ class SyncLog:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
         if connection.in_transaction:
             raise RuntimeError("SyncLog needs the connection outside a transaction to set it up")
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise ValueError(f"SyncLog needs a database file in WAL mode, got journal mode {mode}")
-        connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        sqlite = is_sqlite(connection)
+        if sqlite:
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ValueError(
+                    f"SyncLog needs a database file in WAL mode, got journal mode {mode}"
+                )
+            connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._connection = connection
         self._party_id = party_id
         self._peer_party_id = peer_party_id
@@ -252,7 +260,8 @@ class SyncLog:
         with self._own_transaction():
             for statement in _SCHEMA:
                 connection.execute(statement)
-            for table, column, declaration in _MIGRATIONS:
+            # Only SQLite files predate these columns (PostgreSQL tables have them all).
+            for table, column, declaration in _MIGRATIONS if sqlite else ():
                 columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
                 if column not in columns:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
@@ -260,7 +269,7 @@ class SyncLog:
     # -- identity --
 
     @property
-    def connection(self) -> sqlite3.Connection:
+    def connection(self) -> SqlConnection:
         return self._connection
 
     @property
@@ -282,7 +291,7 @@ class SyncLog:
     # -- transactions and wake-ups --
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[SqlConnection]:
         """``with log.transaction() as conn:`` change state and :meth:`append`, atomically.
 
         Begins an immediate transaction, commits it on success, rolls it back

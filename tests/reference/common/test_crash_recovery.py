@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
+from _postgres import open_database
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import CustodianClient, TestControlClient
 from collateral_sync.errors import RPCError
@@ -50,6 +49,9 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
+
+#: A server's ``storage`` config section: where its database is, on either engine.
+Storage = dict[str, Any]
 
 _T = TypeVar("_T")
 
@@ -92,14 +94,13 @@ async def heads(control: TestControlClient) -> Heads:
 
 
 @contextlib.contextmanager
-def database(path: Path, *, live: bool) -> Any:
+def database(storage: Storage, *, live: bool) -> Any:
     """A running server's database read-only, or a dead one's opened as its restart would."""
-    uri = f"file:{path}?mode=ro" if live else f"file:{path}"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+    with open_database(storage, read_only=live) as connection:
         yield connection
 
 
-def received_head(path: Path, direction: int, *, live: bool) -> tuple[int, bytes]:
+def received_head(path: Storage, direction: int, *, live: bool) -> tuple[int, bytes]:
     with database(path, live=live) as db:
         row = db.execute(
             "SELECT last_sequence, last_entry_hash FROM sync_received_batches "
@@ -109,7 +110,7 @@ def received_head(path: Path, direction: int, *, live: bool) -> tuple[int, bytes
     return (0, bytes(32)) if row is None else (int(row[0]), bytes(row[1]))
 
 
-def outgoing_hash(path: Path, direction: int, sequence: int, *, live: bool) -> bytes | None:
+def outgoing_hash(path: Storage, direction: int, sequence: int, *, live: bool) -> bytes | None:
     if sequence == 0:
         return bytes(32)
     with database(path, live=live) as db:
@@ -120,7 +121,7 @@ def outgoing_hash(path: Path, direction: int, sequence: int, *, live: bool) -> b
     return None if row is None else bytes(row[0])
 
 
-def received_ranges(path: Path, direction: int) -> list[tuple[int, int]]:
+def received_ranges(path: Storage, direction: int) -> list[tuple[int, int]]:
     """(first new sequence, last sequence) of each stored batch, in order."""
     with database(path, live=True) as db:
         rows = db.execute(
@@ -181,8 +182,8 @@ def test_sigkill_of_either_server_mid_sync_loses_nothing_and_applies_nothing_twi
         ),
         name="crash-exchange",
     )
-    custodian_db = directory / f"{CUSTODIAN}.sqlite"
-    exchange_db = directory / f"{EXCHANGE}.sqlite"
+    custodian_db = parties.storage(directory, CUSTODIAN)
+    exchange_db = parties.storage(directory, EXCHANGE)
 
     async def scenario() -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -419,8 +420,8 @@ async def caught_mid_stream(
 
 def check_nothing_acknowledged_lost(
     *,
-    receiver_db: Path,
-    sender_db: Path,
+    receiver_db: Storage,
+    sender_db: Storage,
     direction: int,
     acknowledged: int,
     receiver_live: bool,
@@ -440,7 +441,7 @@ def check_nothing_acknowledged_lost(
 
 def check_sender_kept_what_receiver_holds(
     *,
-    sender_db: Path,
+    sender_db: Storage,
     receiver: test_control_pb2.SyncDirectionState,
     direction: int,
     sender_live: bool,
@@ -451,13 +452,13 @@ def check_sender_kept_what_receiver_holds(
     )
 
 
-def pending_holdings(path: Path) -> int:
+def pending_holdings(path: Storage) -> int:
     with database(path, live=True) as db:
         row = db.execute("SELECT COUNT(*) FROM exchange_holdings WHERE status = 'pending'")
         return int(row.fetchone()[0])
 
 
-def applied_sequences(path: Path, *, live: bool = True) -> list[int]:
+def applied_sequences(path: Storage, *, live: bool = True) -> list[int]:
     """Every custodian sync sequence the exchange's tables hold an update of, with repeats."""
     with database(path, live=live) as db:
         rows = db.execute(

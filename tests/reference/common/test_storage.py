@@ -32,6 +32,7 @@ def test_a_full_database_refuses_the_transaction_and_keeps_what_it_had(
     connection.execute(f"PRAGMA max_page_count = {pages}")
     committed: list[str] = []
     storage.add_commit_listener(lambda: committed.append("commit"))
+
     def write_two() -> None:
         with storage.transaction():
             storage.set_meta("kept", "after")

@@ -9,7 +9,6 @@ another test may have moved it forward.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from _postgres import open_database
 from collateral_sync.amounts import amount_to_proto, parse_amount
 from collateral_sync.attestation import CheckpointMonitor, statement_leaf, verify_checkpoint
 from collateral_sync.clients import CustodianClient, TestControlClient
@@ -1585,10 +1585,10 @@ def test_stream_updates_refused_for_what_they_ask_are_recorded_and_do_not_block_
         custodian=custodian_settings({account: (CLIENT, {"USDC": "400000"})}),
     )
     server = start_server("custodian", config, name="rejecting-custodian")
-    database = Path(config["storage"]["path"])
+    storage = config["storage"]
 
     def rejected() -> list[tuple[int, str, str]]:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        with open_database(storage) as db:
             rows = db.execute(
                 "SELECT sync_sequence, kind, reason FROM custodian_rejected_updates "
                 "WHERE exchange_id = ? ORDER BY id",

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import pytest
+from _postgres import open_database
 from collateral_sync.amounts import amount_to_proto, format_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
@@ -466,13 +467,12 @@ class World:
     server: ServerProcess
     exchange: ExchangeClient
     control: TestControlClient
-    database: Path
+    #: The exchange's storage config section (either engine).
+    database: dict[str, Any]
 
     def rows(self, sql: str, *parameters: Any) -> list[tuple[Any, ...]]:
         """Read the running exchange's database (read-only)."""
-        with contextlib.closing(
-            sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
-        ) as connection:
+        with open_database(self.database) as connection:
             return connection.execute(sql, parameters).fetchall()
 
     async def until_rows(self, sql: str, *parameters: Any) -> list[tuple[Any, ...]]:
@@ -554,7 +554,7 @@ async def world(
                 server=process,
                 exchange=ExchangeClient(channel),
                 control=TestControlClient(channel),
-                database=directory / f"{EXCHANGE}.sqlite",
+                database=parties.storage(directory, EXCHANGE),
             )
     finally:
         await asyncio.to_thread(process.close)
@@ -2125,12 +2125,10 @@ def test_lifecycle_with_the_reference_custodian(
             accrued = await custodian_control.accrue_yield(test_control_pb2.AccrueYieldRequest())
             assert accrued.accounts == 1
             await set_btc("5000")  # 50000 + 237500: ratio 0.28 < 0.4, close out
-            exchange_db = tmp_path / f"{EXCHANGE}.sqlite"
+            exchange_db = reference_parties.storage(tmp_path, EXCHANGE)
 
             def executed() -> list[tuple[Any, ...]]:
-                with contextlib.closing(
-                    sqlite3.connect(f"file:{exchange_db}?mode=ro", uri=True)
-                ) as db:
+                with open_database(exchange_db) as db:
                     return db.execute(
                         "SELECT receipt, total_proceeds, shortfall, liquidation_path_id "
                         "FROM exchange_liquidations WHERE status = 'executed'"

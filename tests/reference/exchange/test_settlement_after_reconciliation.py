@@ -25,7 +25,6 @@ import itertools
 import json
 import logging
 import socket
-import sqlite3
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -34,6 +33,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
+from _postgres import open_database
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import (
     CustodianClient,
@@ -115,7 +115,8 @@ class Trio:
     custodian: ServerProcess
     exchange: ServerProcess
     regulator: ServerProcess
-    exchange_db: Path
+    #: The exchange's storage config section (either engine).
+    exchange_db: dict[str, Any]
     cutoffs: tuple[timedelta, ...]
 
 
@@ -178,7 +179,7 @@ def start_trio(
         name=f"{directory.name}-regulator",
         extra_args=("--listen", regulator_address),
     )
-    return Trio(custodian, exchange, regulator, directory / f"{EXCHANGE}.sqlite", cutoffs)
+    return Trio(custodian, exchange, regulator, parties.storage(directory, EXCHANGE), cutoffs)
 
 
 # ------------------------------------------------------------------ helpers
@@ -288,12 +289,12 @@ async def pass_cutoff(controls: list[TestControlClient], cutoffs: tuple[timedelt
     return cutoff.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def exchange_rows(path: Path, sql: str, *args: Any) -> list[Any]:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+def exchange_rows(storage: dict[str, Any], sql: str, *args: Any) -> list[Any]:
+    with open_database(storage) as db:
         return db.execute(sql, args).fetchall()
 
 
-async def decision_of(path: Path, cutoff_id: str) -> tuple[str, str]:
+async def decision_of(path: dict[str, Any], cutoff_id: str) -> tuple[str, str]:
     """The exchange's recorded decision for the cut-off, once it has one."""
     async with asyncio.timeout(WAIT):
         while True:
@@ -308,17 +309,18 @@ async def decision_of(path: Path, cutoff_id: str) -> tuple[str, str]:
             await asyncio.sleep(0.05)
 
 
-def cycles(path: Path) -> list[tuple[str, str, int]]:
+def cycles(path: dict[str, Any]) -> list[tuple[str, str, int]]:
     return exchange_rows(
-        path, "SELECT cutoff_id, day, cycle_of_day FROM exchange_settlement_cycles ORDER BY rowid"
+        path,
+        "SELECT cutoff_id, day, cycle_of_day FROM exchange_settlement_cycles ORDER BY day, cycle_of_day",
     )
 
 
-def instructions(path: Path) -> list[tuple[str, str, str, str]]:
+def instructions(path: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return exchange_rows(
         path,
         "SELECT settlement_id, cutoff_id, account_id, net_amount "
-        "FROM exchange_settlement_instructions ORDER BY rowid",
+        "FROM exchange_settlement_instructions ORDER BY seq",
     )
 
 
@@ -426,7 +428,7 @@ def test_matched_cutoffs_settle_breaks_and_the_cap_do_not(
     # A crash between the first cycle and its recorded decision, and a new result
     # in the configuration: the cut-off is decided again, its cycle is not netted again.
     trio.exchange.stop()
-    with sqlite3.connect(db) as connection:
+    with open_database(db, read_only=False) as connection:
         connection.execute(
             "DELETE FROM exchange_settlement_after_reconciliation WHERE cutoff_id = ?",
             (kept["first"],),

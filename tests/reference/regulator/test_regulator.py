@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Coroutine
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from _postgres import open_database
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import (
     CustodianClient,
@@ -107,7 +107,8 @@ class Trio:
     custodian: ServerProcess
     exchange: ServerProcess
     regulator: ServerProcess
-    regulator_db: Path
+    #: The regulator's storage config section (either engine).
+    regulator_db: dict[str, Any]
 
 
 def start_trio(
@@ -167,7 +168,7 @@ def start_trio(
         name=f"{name}-regulator",
         extra_args=("--listen", regulator_address),
     )
-    return Trio(custodian, exchange, regulator, directory / f"{REGULATOR}.sqlite")
+    return Trio(custodian, exchange, regulator, parties.storage(directory, REGULATOR))
 
 
 async def refused(call: Coroutine[Any, Any, Any]) -> RPCError:
@@ -294,8 +295,8 @@ def verified_result(parties: Parties, envelope: envelope_pb2.Envelope) -> Any:
     return verified.message
 
 
-def regulator_rows(path: Path) -> tuple[list[Any], list[Any], list[Any]]:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+def regulator_rows(storage: dict[str, Any]) -> tuple[list[Any], list[Any], list[Any]]:
+    with open_database(storage) as db:
         return (
             db.execute(
                 "SELECT cutoff_id, party_role, envelope FROM regulator_statements ORDER BY 1, 2"

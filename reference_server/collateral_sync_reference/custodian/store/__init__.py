@@ -4,7 +4,7 @@ records of pledges, paths, redemptions, liquidations and what the exchange sent.
 :class:`CustodianStore` is the interface the custodian uses; every write runs
 inside the caller's :meth:`Storage.transaction`, so one operation's changes
 commit together with its replay record and its sync-log entries.
-:class:`SqliteCustodianStore` implements it on :class:`SqliteStorage`.
+:class:`SqliteCustodianStore` implements it on :class:`SqlStorage`.
 Quantities are stored as canonical decimal text, times as integer
 microseconds since the epoch, statements as their envelopes' bytes.
 
@@ -26,7 +26,7 @@ from typing import Protocol
 
 from collateral_sync.v1 import envelope_pb2
 
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 from collateral_sync_reference.custodian.store import (
     accounts,
     attestation,
@@ -147,6 +147,6 @@ class SqliteCustodianStore(
 ):
     """:class:`CustodianStore` on the server's SQLite storage, one part a table group."""
 
-    def __init__(self, storage: SqliteStorage) -> None:
-        storage.execute_schema(_SCHEMA)
+    def __init__(self, storage: SqlStorage) -> None:
+        storage.execute_schema("custodian", _SCHEMA)
         self._db = storage.connection

@@ -6,9 +6,9 @@ their envelopes' bytes.
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
+from collateral_sync.sql import SqlConnection
 from collateral_sync.v1 import envelope_pb2
 
 __all__ = ["Tables", "from_us", "parse_envelope", "to_us"]
@@ -36,4 +36,4 @@ class Tables:
     is made of these parts and sets their one connection, the storage's.
     """
 
-    _db: sqlite3.Connection
+    _db: SqlConnection

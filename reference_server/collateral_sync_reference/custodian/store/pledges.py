@@ -30,8 +30,10 @@ class PathRecord:
 
 
 SCHEMA = (
+    # seq: the order paths were recorded in (two may share an instant).
     """CREATE TABLE IF NOT EXISTS custodian_paths (
-        statement_id TEXT PRIMARY KEY,
+        seq INTEGER PRIMARY KEY,
+        statement_id TEXT NOT NULL UNIQUE,
         account_id TEXT NOT NULL,
         exchange_id TEXT NOT NULL,
         recorded_at_us INTEGER NOT NULL,
@@ -53,7 +55,8 @@ class PledgeTables(Tables):
 
     def add_path(self, path: PathRecord) -> None:
         self._db.execute(
-            "INSERT INTO custodian_paths VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO custodian_paths (statement_id, account_id, exchange_id, recorded_at_us, "
+            "envelope) VALUES (?, ?, ?, ?, ?)",
             (
                 path.statement_id,
                 path.account_id,
@@ -82,7 +85,7 @@ class PledgeTables(Tables):
         rows = self._db.execute(
             "SELECT statement_id, account_id, exchange_id, recorded_at_us, envelope "
             "FROM custodian_paths WHERE account_id = ? AND exchange_id = ? "
-            "ORDER BY recorded_at_us, rowid",
+            "ORDER BY recorded_at_us, seq",
             (account_id, exchange_id),
         ).fetchall()
         return self._paths(rows)

@@ -20,7 +20,7 @@ nanoseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
-from collateral_sync_reference.common.storage import SqliteStorage
+from collateral_sync_reference.common.storage import SqlStorage
 from collateral_sync_reference.exchange.store import (
     accounts,
     holdings,
@@ -54,11 +54,12 @@ class ExchangeStore:
     """The exchange's tables in the server's SQLite storage (the role store of this engine).
 
     Statement counters, the replay guard, the clock offset and the sync logs
-    are the storage's own (:class:`~collateral_sync_reference.common.storage.SqliteStorage`).
+    are the storage's own (:class:`~collateral_sync_reference.common.storage.SqlStorage`).
     """
 
-    def __init__(self, storage: SqliteStorage) -> None:
+    def __init__(self, storage: SqlStorage) -> None:
         storage.execute_schema(
+            "exchange",
             (
                 *policies.SCHEMA,
                 *accounts.SCHEMA,

@@ -8,12 +8,12 @@ amounts as canonical decimal text.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
 from collateral_sync.amounts import parse_amount
+from collateral_sync.sql import SqlConnection, SqlCursor
 from collateral_sync.v1 import envelope_pb2
 
 __all__ = ["Tables", "amount_or_none", "envelope_or_none", "required_envelope"]
@@ -22,10 +22,10 @@ __all__ = ["Tables", "amount_or_none", "envelope_or_none", "required_envelope"]
 class Tables:
     """A group of the exchange's tables on the storage's one connection."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: SqlConnection) -> None:
         self._db = db
 
-    def _write(self, sql: str, parameters: Iterable[Any] = ()) -> sqlite3.Cursor:
+    def _write(self, sql: str, parameters: Iterable[Any] = ()) -> SqlCursor:
         if not self._db.in_transaction:
             raise RuntimeError("exchange state is written only inside an open transaction")
         return self._db.execute(sql, tuple(parameters))

@@ -146,7 +146,8 @@ class HoldingsTable(Tables):
     ) -> int:
         cursor = self._write(
             "INSERT INTO exchange_holdings (account_id, epoch, exchange_id, envelope, attestation, "
-            "sync_sequence, received_at_ns, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+            "sync_sequence, received_at_ns, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending') "
+            "RETURNING id",
             (
                 account_id,
                 epoch,
@@ -157,8 +158,7 @@ class HoldingsTable(Tables):
                 received_at_ns,
             ),
         )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        return int(cursor.fetchone()[0])
 
     def decide(
         self, holdings_id: int, *, status: str, reason: str, detail: str, at_ns: int
@@ -316,10 +316,14 @@ class CheckpointTable(Tables):
 
     def evidence(self, origin: str | None = None) -> list[CheckpointEvidenceRow]:
         """Each refused checkpoint kept (of ``origin``, or of every log), oldest first."""
-        rows = self._db.execute(
+        select = (
             "SELECT origin, reason, held, received, proof, detected_at_ns "
-            "FROM exchange_checkpoint_evidence WHERE ?1 IS NULL OR origin = ?1 ORDER BY id",
-            (origin,),
+            "FROM exchange_checkpoint_evidence "
+        )
+        rows = (
+            self._db.execute(select + "ORDER BY id")
+            if origin is None
+            else self._db.execute(select + "WHERE origin = ? ORDER BY id", (origin,))
         ).fetchall()
         return [
             CheckpointEvidenceRow(

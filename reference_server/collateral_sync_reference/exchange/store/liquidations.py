@@ -43,6 +43,9 @@ SCHEMA = (
     )""",
 )
 
+#: LIMIT for "all rows": -1 means that to SQLite alone.
+_ALL = 2**63 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class LiquidationRow:
@@ -154,7 +157,7 @@ class LiquidationTable(Tables):
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM exchange_liquidations "  # noqa: S608
             "WHERE account_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (account_id, after_seq, limit),
+            (account_id, after_seq, limit if limit >= 0 else _ALL),
         ).fetchall()
         return [_row(row) for row in rows]
 

@@ -1,0 +1,56 @@
+"""The PostgreSQL engine: a database server the operators back up, replicate and watch.
+
+Every transaction is ``BEGIN`` plus the database's writer lock (a
+transaction-scoped advisory lock, :mod:`collateral_sync.sql`), so writers are
+serialised as SQLite serialises them and a read-then-write inside one
+transaction cannot interleave with another process's. Commits are durable as
+the server's ``synchronous_commit`` makes them (on by default: flushed before
+the commit returns).
+"""
+
+from __future__ import annotations
+
+from collateral_sync.sql import PostgresConnection, postgres_pool
+
+from collateral_sync_reference.common.storage._base import SqlStorage
+
+__all__ = ["PostgresStorage"]
+
+
+class PostgresStorage(SqlStorage):
+    """:class:`~collateral_sync_reference.common.storage.Storage` on a PostgreSQL database."""
+
+    def __init__(self, conninfo: str, *, password: str | None, pool_size: int) -> None:
+        pool = postgres_pool(conninfo, size=pool_size, password=password)
+        super().__init__(PostgresConnection(pool))
+        self._pool = pool
+        try:
+            self._create_base_schema()
+        except BaseException:
+            pool.close()
+            raise
+
+    @property
+    def engine(self) -> str:
+        return "postgresql"
+
+    def connection_of_its_own(self) -> PostgresConnection:
+        """Another connection on the same pool, with transactions of its own."""
+        return PostgresConnection(self._pool)
+
+    def _table_exists(self, name: str) -> bool:
+        row = self._connection.execute("SELECT to_regclass(?)", (name,)).fetchone()
+        return row is not None and row[0] is not None
+
+    def reachable(self, timeout: float) -> bool:
+        """Whether the database answers within ``timeout`` seconds (thread-safe: the pool's)."""
+        try:
+            with self._pool.connection(timeout=timeout) as connection:
+                connection.execute("SELECT 1")
+        except Exception:  # noqa: BLE001  # whatever the reason, it does not answer
+            return False
+        return True
+
+    def close(self) -> None:
+        self._connection.rollback()
+        self._pool.close()
