@@ -176,8 +176,10 @@ def add_servicer(server: grpc.aio.Server, servicer: object) -> str:
     return service.full_name
 
 
-async def start_server(server: grpc.aio.Server, address: str = "127.0.0.1:0") -> int:
-    """Bind ``address``, register reflection, mark services SERVING, start.
+async def start_server(
+    server: grpc.aio.Server, address: str = "127.0.0.1:0", *, serving: bool = True
+) -> int:
+    """Bind ``address``, register reflection, mark services SERVING (or NOT_SERVING), start.
 
     Returns the bound port (useful with port 0). Binds with the mutual-TLS
     credentials given to :func:`create_server`; OSError if ``address`` cannot
@@ -197,9 +199,14 @@ async def start_server(server: grpc.aio.Server, address: str = "127.0.0.1:0") ->
     if not port:
         raise OSError(f"could not bind {address}")
     _enable_reflection(server, (*state.services, health.SERVICE_NAME))
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in state.services:
-        await state.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await state.health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        await state.health.set(name, status)
+    await state.health.set(health.OVERALL_HEALTH, status)
     await server.start()
     state.started = True
     return int(port)

@@ -29,6 +29,7 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from collateral_sync.errors import StorageError
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 __all__ = [
+    "Fence",
     "PostgresConnection",
     "SqlConnection",
     "SqlCursor",
@@ -199,6 +201,18 @@ class _Rows:
         return iter(self.fetchall())
 
 
+@dataclass(slots=True)
+class Fence:
+    """The session advisory lock ``key`` the backend ``pid`` must hold for a write to run.
+
+    Shared by every connection of one server, so that a new ``pid`` (the lease
+    taken again on a new connection) applies to all of them at once.
+    """
+
+    pid: int
+    key: int
+
+
 class PostgresConnection:
     """A :class:`SqlConnection` on PostgreSQL, through a psycopg connection pool.
 
@@ -213,6 +227,9 @@ class PostgresConnection:
 
     def __init__(self, pool: ConnectionPool[Any]) -> None:
         self._pool = pool
+        #: A session advisory lock every write transaction must see held, or
+        #: refuse: the fence of a lease (see the reference servers').
+        self.fence: Fence | None = None
         self._held: psycopg.Connection[Any] | None = None
         self._sql: dict[str, tuple[str, bool]] = {}
 
@@ -287,11 +304,32 @@ class PostgresConnection:
             try:
                 connection.execute("BEGIN")
                 self._held = connection
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
+                if self.fence is None:
+                    connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
+                else:
+                    self._fenced(connection, self.fence)
             except BaseException:
                 if self._held is None:
                     self._pool.putconn(connection)
+                else:
+                    self.rollback()
                 raise
+
+    @staticmethod
+    def _fenced(connection: psycopg.Connection[Any], fence: Fence) -> None:
+        # One round trip: the writer lock, and whether the lease is still ours.
+        row = connection.execute(
+            "SELECT pg_advisory_xact_lock(%s), EXISTS (SELECT 1 FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND pid = %s "
+            "AND ((classid::bigint << 32) | objid::bigint) = %s)",
+            (WRITER_LOCK_KEY, fence.pid, fence.key),
+        ).fetchone()
+        if not (row and row[1]):
+            raise StorageError(
+                "this server no longer holds the database's lease: another one is active; "
+                "nothing was written",
+                metadata={"expected": "the lease", "actual": "held by another server or none"},
+            )
 
     def commit(self) -> None:
         if self._held is None:

@@ -185,13 +185,21 @@ class ServerProcess:
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     address: str = ""
+    #: Whether the server waits on standby for its database's lease.
+    standby: bool = False
+    _buffer: bytes = field(default=b"", repr=False)
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
-    def start(self) -> str:
-        """Start the server and return its address once it is serving."""
+    def start(self, *, standby: bool = False) -> str:
+        """Start the server and return its address once it is serving.
+
+        With ``standby``, a server that prints ``STANDBY host:port`` (another
+        holds its database's lease) is started too: :attr:`standby` is then
+        True, and :meth:`wait_active` waits for it to take over.
+        """
         if self.process is not None:
             if self.process.poll() is None:
                 raise RuntimeError("server already running")
@@ -218,35 +226,46 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, env=environment
             )
-        self.address = self._wait_listening()
+        self._buffer = b""
+        word, self.address = self._next_line(START_TIMEOUT)
+        self.standby = word == "STANDBY"
+        if word != "LISTENING" and not (standby and self.standby):
+            self.kill()
+            raise RuntimeError(f"unexpected first line {word!r}:\n{self.log_text()}")
         return self.address
 
-    def _wait_listening(self) -> str:
+    def wait_active(self, timeout: float = START_TIMEOUT) -> str:
+        """A standby's ``LISTENING`` line, once it took the lease; its address."""
+        assert self.standby, "not a standby"
+        word, self.address = self._next_line(timeout)
+        if word != "LISTENING":
+            raise RuntimeError(f"unexpected line {word!r}:\n{self.log_text()}")
+        self.standby = False
+        return self.address
+
+    def _next_line(self, timeout: float) -> tuple[str, str]:
+        """The next ``WORD host:port`` line the server prints on stdout."""
         process = self.process
         assert process is not None
         assert process.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        buffer = b""
+        deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
-            while b"\n" not in buffer:
+            while b"\n" not in self._buffer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
                     self.kill()
-                    raise TimeoutError(f"no LISTENING line in {START_TIMEOUT}s:\n{self.log_text()}")
+                    raise TimeoutError(f"no LISTENING line in {timeout}s:\n{self.log_text()}")
                 chunk = os.read(process.stdout.fileno(), 4096)
                 if not chunk:
                     code = process.wait()
                     raise RuntimeError(
                         f"server exited with {code} before serving:\n{self.log_text()}"
                     )
-                buffer += chunk
-        line = buffer.split(b"\n", 1)[0].decode()
-        word, address = line.split(" ", 1)
-        if word != "LISTENING":
-            self.kill()
-            raise RuntimeError(f"unexpected first line {line!r}:\n{self.log_text()}")
-        return address
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        word, address = line.decode().split(" ", 1)
+        return word, address
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then wait; returns the exit code."""
@@ -281,7 +300,7 @@ StartServer = Callable[..., ServerProcess]
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """``start_server(role, config, *, name=None, test_mode=True, extra_args=())``."""
+    """``start_server(role, config, *, name=None, test_mode=True, extra_args=(), standby=False)``."""
     started: list[ServerProcess] = []
     directory = tmp_path_factory.mktemp("servers")
 
@@ -292,6 +311,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
         name: str | None = None,
         test_mode: bool = True,
         extra_args: tuple[str, ...] = (),
+        standby: bool = False,
     ) -> ServerProcess:
         name = name or str(config["party_id"])
         config_path = directory / f"{name}.json"
@@ -304,7 +324,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
             extra_args=extra_args,
         )
         started.append(server)
-        server.start()
+        server.start(standby=standby)
         return server
 
     yield start

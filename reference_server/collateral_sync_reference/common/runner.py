@@ -37,6 +37,7 @@ mode serves ``TestControlService`` (usually a subclass of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
 import inspect
@@ -65,6 +66,7 @@ from collateral_sync_reference.common.clock import Clock, SystemClock, TestClock
 from collateral_sync_reference.common.config import ServerConfig, TlsFiles, load_config
 from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage, open_storage
 from collateral_sync_reference.common.storage._health import watch_database
+from collateral_sync_reference.common.storage._lease import PostgresLease
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -95,6 +97,8 @@ _PARTY_ROLES: Mapping[str, int] = {
 SHUTDOWN_GRACE = 2.0
 
 _LOGGER = logging.getLogger("collateral_sync_reference")
+#: How often a standby tries to take the database's lease, in seconds.
+_LEASE_POLL = 0.5
 
 _T = TypeVar("_T")
 
@@ -440,6 +444,48 @@ async def _bind(server: grpc.aio.Server, listen: str) -> int:
             raise OSError(_bind_problem(listen)) from err
 
 
+async def _standby_until_active(
+    lease: PostgresLease,
+    listen: str,
+    tls: TlsConfig | None,
+    stopping: asyncio.Event,
+    shutdown: Callable[[int, str], None],
+) -> str | None:
+    """Hold the lease, or serve health NOT_SERVING on ``listen`` until it can be taken.
+
+    Returns the address to serve on once active (the standby's own port, when
+    ``listen`` asked for any), or None if stopped while waiting. A standby
+    prints ``STANDBY host:port`` where an active server prints ``LISTENING``.
+    """
+    if await asyncio.to_thread(lease.try_acquire):
+        return listen
+    standby = create_server(tls=tls, plaintext_for_testing=tls is None, servicers=[])
+    with grpc_core_log_held() as held:
+        try:
+            port = await start_server(standby, listen, serving=False)
+        except OSError as err:
+            held.drop_core_log = True
+            raise OSError(_bind_problem(listen)) from err
+    host = listen.rsplit(":", 1)[0]
+    _LOGGER.info("standby on %s:%d: another server holds the database's lease", host, port)
+    print(f"STANDBY {host}:{port}", flush=True)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
+    try:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), _LEASE_POLL)
+            if not stopping.is_set() and await asyncio.to_thread(lease.try_acquire):
+                _LOGGER.warning("took the database's lease: becoming the active server")
+                return f"{host}:{port}"
+        return None
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await stop_server(standby, grace=0)
+
+
 async def _serve(
     module: Any,
     config: ServerConfig,
@@ -475,6 +521,16 @@ async def _serve(
         logger=logging.getLogger(f"collateral_sync_reference.{config.role}"),
         _shutdown=shutdown,
     )
+    lease: PostgresLease | None = None
+    if isinstance(storage, PostgresStorage):
+        # Two processes of one role may share a database: one serves, the other waits.
+        lease = storage.lease()
+        active = await _standby_until_active(lease, listen, tls, stopping, shutdown)
+        if active is None:
+            lease.release()
+            return outcome["code"]
+        listen = active
+        storage.fence(lease)
     role: Role = module.create_role(context)
     server = create_server(
         tls=tls,
@@ -510,7 +566,9 @@ async def _serve(
         )
         print(f"LISTENING {host}:{port}", flush=True)
         if isinstance(storage, PostgresStorage):
-            watcher = asyncio.create_task(watch_database(storage, server, context.logger))
+            watcher = asyncio.create_task(
+                watch_database(storage, server, context.logger, lease=lease, on_lost=shutdown)
+            )
         await stopping.wait()
     finally:
         if watcher is not None:

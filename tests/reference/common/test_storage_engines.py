@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -238,3 +239,40 @@ def test_ddl_is_translated_to_postgres_types() -> None:
     )
     # Only schema statements are rewritten; a value that happens to say INTEGER is not.
     assert postgres_ddl("SELECT 'INTEGER' FROM t") == "SELECT 'INTEGER' FROM t"
+
+
+def test_a_fenced_storage_writes_nothing_once_its_lease_is_gone(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The lease's connection cut while the process lives on (a partition): the very next
+    write transaction is refused, before any watcher notices, and nothing is written."""
+    database = postgres.database(str(tmp_path))
+    conninfo = postgres.conninfo(database, with_password=False)
+    storage = PostgresStorage(conninfo, password=postgres.password, pool_size=3)
+    other = PostgresStorage(conninfo, password=postgres.password, pool_size=3)
+    lease, rival = storage.lease(), other.lease()
+    try:
+        assert lease.try_acquire()
+        assert not rival.try_acquire()  # one holder at a time
+        storage.fence(lease)
+        with storage.transaction():
+            storage.set_meta("kept", "1")
+        with postgres.connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (lease.backend_pid,))
+        # The lock goes with the connection, once its backend has exited.
+        deadline = time.monotonic() + 10
+        while not rival.try_acquire():
+            assert time.monotonic() < deadline, "the cut lease was never released"
+            time.sleep(0.05)
+        with (
+            pytest.raises(StorageError, match="no longer holds the database's lease"),
+            storage.transaction(),
+        ):
+            storage.set_meta("kept", "2")
+        assert storage.get_meta("kept") == "1"
+        assert not storage.in_transaction
+    finally:
+        lease.release()
+        rival.release()
+        storage.close()
+        other.close()

@@ -37,6 +37,8 @@ _SCHEMA: Sequence[str] = (
         last_sequence INTEGER NOT NULL,
         PRIMARY KEY (issuer, payload_type)
     )""",
+    # Each time a server takes the database's lease, one more (PostgreSQL; _lease.py).
+    "CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL)",
     # Our own issuing counters: header.sequence per payload type we sign.
     """CREATE TABLE IF NOT EXISTS statement_sequences (
         payload_type TEXT PRIMARY KEY,

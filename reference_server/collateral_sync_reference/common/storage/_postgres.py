@@ -10,9 +10,10 @@ the commit returns).
 
 from __future__ import annotations
 
-from collateral_sync.sql import PostgresConnection, postgres_pool
+from collateral_sync.sql import Fence, PostgresConnection, postgres_pool
 
 from collateral_sync_reference.common.storage._base import SqlStorage
+from collateral_sync_reference.common.storage._lease import LEASE_KEY, PostgresLease
 
 __all__ = ["PostgresStorage"]
 
@@ -24,6 +25,9 @@ class PostgresStorage(SqlStorage):
         pool = postgres_pool(conninfo, size=pool_size, password=password)
         super().__init__(PostgresConnection(pool))
         self._pool = pool
+        self._conninfo = conninfo
+        self._password = password
+        self._fence: Fence | None = None
         try:
             self._create_base_schema()
         except BaseException:
@@ -35,8 +39,26 @@ class PostgresStorage(SqlStorage):
         return "postgresql"
 
     def connection_of_its_own(self) -> PostgresConnection:
-        """Another connection on the same pool, with transactions of its own."""
-        return PostgresConnection(self._pool)
+        """Another connection on the same pool, with transactions of its own (and the fence)."""
+        connection = PostgresConnection(self._pool)
+        connection.fence = self._fence
+        return connection
+
+    def lease(self) -> PostgresLease:
+        """The database's lease, not yet tried (:mod:`._lease`)."""
+        return PostgresLease(self._conninfo, password=self._password)
+
+    def fence(self, lease: PostgresLease) -> None:
+        """From now on, refuse every write transaction unless ``lease`` is still held.
+
+        Called again after the lease was taken back on a new connection.
+        """
+        if self._fence is None:
+            self._fence = Fence(lease.backend_pid, LEASE_KEY)
+            assert isinstance(self._connection, PostgresConnection)
+            self._connection.fence = self._fence
+        else:
+            self._fence.pid = lease.backend_pid
 
     def _table_exists(self, name: str) -> bool:
         row = self._connection.execute("SELECT to_regclass(?)", (name,)).fetchone()
