@@ -323,11 +323,16 @@ async def reconnect_exchange(
 
 
 async def pledge_every_account(
-    parties: Parties, custodian: CustodianClient, account_ids: list[str]
+    parties: Parties,
+    custodian: CustodianClient,
+    account_ids: list[str],
+    *,
+    first_sequence: int = 1,
 ) -> None:
     """Each account pledges half its BENJI, with its path: 2 updates each on the stream.
 
-    One at a time: the client's statements must arrive in sequence order.
+    One at a time: the client's statements must arrive in sequence order (the
+    client's first statements carry ``first_sequence``).
     """
     control = TestControlClient(custodian.channel)
     now = (
@@ -336,7 +341,7 @@ async def pledge_every_account(
         )
     ).now.ToDatetime(tzinfo=UTC)
     client = parties.keys[CLIENT]
-    for sequence, account_id in enumerate(account_ids, start=1):
+    for sequence, account_id in enumerate(account_ids, start=first_sequence):
         path = sign_statement(
             liquidation_pb2.LiquidationPath(
                 account_id=account_id,
