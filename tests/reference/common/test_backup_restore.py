@@ -25,9 +25,9 @@ from collateral_sync.v1 import test_control_pb2
 
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
 from .test_crash_recovery import (
-    ORIGIN,
-    SYNC,
     applied_sequences,
+    custodian_config,
+    exchange_config,
     heads,
     pending_holdings,
     pledge_every_account,
@@ -103,33 +103,14 @@ def test_a_restored_backup_of_the_latest_state_resumes_sync_and_a_stale_one_is_r
     parties = reference_parties
     directory = tmp_path_factory.mktemp("backup")
     account_ids = [f"acct-{i:03d}" for i in range(ACCOUNTS)]
-    config = parties.config(
-        CUSTODIAN,
-        "custodian",
-        directory,
-        peers={EXCHANGE: None},
-        sync=SYNC,
-        custodian={
-            "accounts": [
-                {"account_id": a, "client_id": CLIENT, "holdings": {"BENJI": "1000000"}}
-                for a in account_ids
-            ]
-        },
-    )
+    config = custodian_config(parties, directory, account_ids)
     original = str(directory / CUSTODIAN)
     config["storage"] = postgres.storage_config(original)
     custodian = start_server("custodian", config, name="backup-custodian")
     custodian.extra_args = ("--listen", custodian.address)
     exchange = start_server(
         "exchange",
-        parties.config(
-            EXCHANGE,
-            "exchange",
-            directory,
-            peers={CUSTODIAN: custodian.address},
-            sync=SYNC,
-            exchange={"log_origin": ORIGIN, "prices": [{"asset_id": "BENJI", "price": "1"}]},
-        ),
+        exchange_config(parties, directory, custodian.address),
         name="backup-exchange",
     )
     exchange_db = parties.storage(directory, EXCHANGE)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -154,32 +155,14 @@ def test_sigkill_of_either_server_mid_sync_loses_nothing_and_applies_nothing_twi
     parties = reference_parties
     directory = tmp_path_factory.mktemp("crash")
     account_ids = [f"acct-{i:03d}" for i in range(ACCOUNTS)]
-    custodian_config = parties.config(
-        CUSTODIAN,
-        "custodian",
-        directory,
-        peers={EXCHANGE: None},
-        sync=SYNC,
-        custodian={
-            "accounts": [
-                {"account_id": a, "client_id": CLIENT, "holdings": {"BENJI": "1000000"}}
-                for a in account_ids
-            ]
-        },
+    custodian = start_server(
+        "custodian", custodian_config(parties, directory, account_ids), name="crash-custodian"
     )
-    custodian = start_server("custodian", custodian_config, name="crash-custodian")
     # A restarted custodian must come back where the exchange dials it.
     custodian.extra_args = ("--listen", custodian.address)
     exchange = start_server(
         "exchange",
-        parties.config(
-            EXCHANGE,
-            "exchange",
-            directory,
-            peers={CUSTODIAN: custodian.address},
-            sync=SYNC,
-            exchange={"log_origin": ORIGIN, "prices": [{"asset_id": "BENJI", "price": "1"}]},
-        ),
+        exchange_config(parties, directory, custodian.address),
         name="crash-exchange",
     )
     custodian_db = parties.storage(directory, CUSTODIAN)
@@ -266,25 +249,7 @@ def test_sigkill_of_either_server_mid_sync_loses_nothing_and_applies_nothing_twi
                 await asyncio.gather(generator, return_exceptions=True)
 
             # 3. Everything settles: identical heads both ways, everything acknowledged.
-            final: dict[str, Heads] = {}
-
-            async def settled() -> bool:
-                c, e = await heads(custodian_control), await heads(exchange_control)
-                final["custodian"], final["exchange"] = c, e
-                return (
-                    all(
-                        (c[d].sequence, c[d].entry_hash) == (e[d].sequence, e[d].entry_hash)
-                        for d in (CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN)
-                    )
-                    and c[CUSTODIAN_TO_EXCHANGE].acknowledged_sequence
-                    == c[CUSTODIAN_TO_EXCHANGE].sequence
-                    and e[EXCHANGE_TO_CUSTODIAN].acknowledged_sequence
-                    == e[EXCHANGE_TO_CUSTODIAN].sequence
-                    and not pending_holdings(exchange_db)
-                )
-
-            await until(settled, "both logs fully received and acknowledged on both sides")
-            c, e = final["custodian"], final["exchange"]
+            c, e = await settled(custodian_control, exchange_control, exchange_db)
             sent = c[CUSTODIAN_TO_EXCHANGE].sequence
             assert sent >= TARGET
             # Nothing lost, nothing applied twice: the exchange applied 1..sent once each.
@@ -314,6 +279,106 @@ def test_sigkill_of_either_server_mid_sync_loses_nothing_and_applies_nothing_twi
 # --- steps ------------------------------------------------------------------------------------
 
 
+def custodian_config(parties: Parties, directory: Path, account_ids: list[str]) -> dict[str, Any]:
+    """A custodian of ``account_ids`` (1,000,000 BENJI each, client CLIENT) for one exchange."""
+    return parties.config(
+        CUSTODIAN,
+        "custodian",
+        directory,
+        peers={EXCHANGE: None},
+        sync=SYNC,
+        custodian={
+            "accounts": [
+                {"account_id": a, "client_id": CLIENT, "holdings": {"BENJI": "1000000"}}
+                for a in account_ids
+            ]
+        },
+    )
+
+
+def exchange_config(parties: Parties, directory: Path, custodian_address: str) -> dict[str, Any]:
+    """The exchange of those accounts, dialing the custodian at ``custodian_address``."""
+    return parties.config(
+        EXCHANGE,
+        "exchange",
+        directory,
+        peers={CUSTODIAN: custodian_address},
+        sync=SYNC,
+        exchange={"log_origin": ORIGIN, "prices": [{"asset_id": "BENJI", "price": "1"}]},
+    )
+
+
+async def settled(
+    custodian: TestControlClient, exchange: TestControlClient, exchange_db: Storage
+) -> tuple[Heads, Heads]:
+    """Both sides' heads once both logs are equal, acknowledged and every statement decided."""
+    final: dict[str, Heads] = {}
+
+    async def done() -> bool:
+        c, e = await heads(custodian), await heads(exchange)
+        final["custodian"], final["exchange"] = c, e
+        return (
+            all(
+                (c[d].sequence, c[d].entry_hash) == (e[d].sequence, e[d].entry_hash)
+                for d in (CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN)
+            )
+            and c[CUSTODIAN_TO_EXCHANGE].acknowledged_sequence == c[CUSTODIAN_TO_EXCHANGE].sequence
+            and e[EXCHANGE_TO_CUSTODIAN].acknowledged_sequence == e[EXCHANGE_TO_CUSTODIAN].sequence
+            and not pending_holdings(exchange_db)
+        )
+
+    await until(done, "both logs fully received and acknowledged on both sides")
+    return final["custodian"], final["exchange"]
+
+
+def pledge_request(
+    parties: Parties,
+    account_id: str,
+    *,
+    sequence: int,
+    now: datetime,
+    quantity: str = "500000",
+) -> custodian_service_pb2.PledgeCollateralRequest:
+    """CLIENT pledges ``quantity`` BENJI of ``account_id`` to EXCHANGE, with its path."""
+    client = parties.keys[CLIENT]
+    path = sign_statement(
+        liquidation_pb2.LiquidationPath(
+            account_id=account_id,
+            exchange_id=EXCHANGE,
+            proceeds_account_id=f"{EXCHANGE}/settlement",
+            steps=[
+                liquidation_pb2.LiquidationStep(
+                    asset_id="BENJI",
+                    venue="fund-redemption",
+                    max_quantity=amount_to_proto(quantity),
+                )
+            ],
+        ),
+        client,
+        audience=[CUSTODIAN],
+        sequence=sequence,
+        ttl=timedelta(hours=1),
+        issued_at=now,
+        statement_id=f"path-{account_id}",
+    )
+    instruction = sign_statement(
+        custodian_service_pb2.PledgeInstruction(
+            account_id=account_id,
+            exchange_id=EXCHANGE,
+            asset_id="BENJI",
+            quantity=amount_to_proto(quantity),
+        ),
+        client,
+        audience=[CUSTODIAN],
+        sequence=sequence,
+        ttl=timedelta(hours=1),
+        issued_at=now,
+    )
+    return custodian_service_pb2.PledgeCollateralRequest(
+        pledge_instruction=instruction, liquidation_path=path
+    )
+
+
 async def reconnect_exchange(
     stack: contextlib.AsyncExitStack, parties: Parties, exchange: ServerProcess
 ) -> TestControlClient:
@@ -340,45 +405,9 @@ async def pledge_every_account(
             test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration())
         )
     ).now.ToDatetime(tzinfo=UTC)
-    client = parties.keys[CLIENT]
     for sequence, account_id in enumerate(account_ids, start=first_sequence):
-        path = sign_statement(
-            liquidation_pb2.LiquidationPath(
-                account_id=account_id,
-                exchange_id=EXCHANGE,
-                proceeds_account_id=f"{EXCHANGE}/settlement",
-                steps=[
-                    liquidation_pb2.LiquidationStep(
-                        asset_id="BENJI",
-                        venue="fund-redemption",
-                        max_quantity=amount_to_proto("500000"),
-                    )
-                ],
-            ),
-            client,
-            audience=[CUSTODIAN],
-            sequence=sequence,
-            ttl=timedelta(hours=1),
-            issued_at=now,
-            statement_id=f"path-{account_id}",
-        )
-        instruction = sign_statement(
-            custodian_service_pb2.PledgeInstruction(
-                account_id=account_id,
-                exchange_id=EXCHANGE,
-                asset_id="BENJI",
-                quantity=amount_to_proto("500000"),
-            ),
-            client,
-            audience=[CUSTODIAN],
-            sequence=sequence,
-            ttl=timedelta(hours=1),
-            issued_at=now,
-        )
         await custodian.pledge_collateral(
-            custodian_service_pb2.PledgeCollateralRequest(
-                pledge_instruction=instruction, liquidation_path=path
-            )
+            pledge_request(parties, account_id, sequence=sequence, now=now)
         )
 
 

@@ -18,23 +18,22 @@ import pytest
 from _postgres import PostgresServer
 from collateral_sync.clients import CustodianClient, TestControlClient
 from collateral_sync.errors import RPCError
-from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
+from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE
 from collateral_sync_reference.common.storage._health import LOST_LEASE_EXIT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
 from .test_crash_recovery import (
-    ORIGIN,
-    SYNC,
     TARGET,
-    Heads,
     applied_sequences,
     caught_mid_stream,
+    custodian_config,
+    exchange_config,
     generate,
     heads,
-    pending_holdings,
     pledge_every_account,
     received_ranges,
+    settled,
     tiles,
     until,
 )
@@ -108,19 +107,7 @@ def _custodians(
     """An active custodian and a standby on one database, and the configuration they share."""
     directory = tmp_path_factory.mktemp(directory_name)
     account_ids = [f"acct-{i:03d}" for i in range(ACCOUNTS)]
-    config = parties.config(
-        CUSTODIAN,
-        "custodian",
-        directory,
-        peers={EXCHANGE: None},
-        sync=SYNC,
-        custodian={
-            "accounts": [
-                {"account_id": a, "client_id": CLIENT, "holdings": {"BENJI": "1000000"}}
-                for a in account_ids
-            ]
-        },
-    )
+    config = custodian_config(parties, directory, account_ids)
     config["storage"] = postgres.storage_config(str(directory / CUSTODIAN))
     active = start_server("custodian", config, name=f"{directory_name}-a")
     standby = start_server("custodian", config, name=f"{directory_name}-b", standby=True)
@@ -150,17 +137,7 @@ def test_the_standby_takes_over_a_killed_custodian_mid_sync_and_nothing_is_lost(
             exchange = await asyncio.to_thread(
                 start_server,
                 "exchange",
-                parties.config(
-                    EXCHANGE,
-                    "exchange",
-                    directory,
-                    peers={CUSTODIAN: address},
-                    sync=SYNC,
-                    exchange={
-                        "log_origin": ORIGIN,
-                        "prices": [{"asset_id": "BENJI", "price": "1"}],
-                    },
-                ),
+                exchange_config(parties, directory, address),
                 name="failover-exchange",
             )
             exchange_db = parties.storage(directory, EXCHANGE)
@@ -214,23 +191,7 @@ async def _run(
             generator.cancel()
             await asyncio.gather(generator, return_exceptions=True)
 
-        final: dict[str, Heads] = {}
-
-        async def settled() -> bool:
-            c, e = await heads(custodian_control), await heads(exchange_control)
-            final["custodian"], final["exchange"] = c, e
-            return (
-                all(
-                    (c[d].sequence, c[d].entry_hash) == (e[d].sequence, e[d].entry_hash)
-                    for d in (CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN)
-                )
-                and c[CUSTODIAN_TO_EXCHANGE].acknowledged_sequence
-                == c[CUSTODIAN_TO_EXCHANGE].sequence
-                and not pending_holdings(exchange_db)
-            )
-
-        await until(settled, "both logs equal and acknowledged after the take-over")
-        c, e = final["custodian"], final["exchange"]
+        c, e = await settled(custodian_control, exchange_control, exchange_db)
         sent = c[CUSTODIAN_TO_EXCHANGE].sequence
         # Nothing lost, nothing applied twice: the exchange applied 1..sent once each.
         assert e[CUSTODIAN_TO_EXCHANGE].applied_count == sent

@@ -21,11 +21,11 @@ from collateral_sync.signing import sign_statement
 from collateral_sync.v1 import (
     attestation_pb2,
     custodian_service_pb2,
-    liquidation_pb2,
     test_control_pb2,
 )
 from google.protobuf import duration_pb2
 
+from ..common.test_crash_recovery import pledge_request
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, StartServer
 
 ROUNDS = 12
@@ -51,7 +51,6 @@ def test_a_pledge_and_a_redemption_racing_for_the_same_quantity_cannot_both_succ
         },
     )
     server = start_server("custodian", config, name="race-custodian")
-    client = parties.keys[CLIENT]
 
     async def scenario() -> None:
         async with (
@@ -65,54 +64,23 @@ def test_a_pledge_and_a_redemption_racing_for_the_same_quantity_cannot_both_succ
             ).now.ToDatetime(tzinfo=UTC)
             outcomes: list[tuple[bool, bool]] = []
             for sequence, account in enumerate(accounts, start=1):
-
-                def signed(message, statement_id=None):  # type: ignore[no-untyped-def]
-                    return sign_statement(
-                        message,
-                        client,
-                        audience=[CUSTODIAN],
-                        sequence=sequence,  # noqa: B023  # used at once
-                        ttl=timedelta(hours=1),
-                        issued_at=now,
-                        statement_id=statement_id,
-                    )
-
                 pledge = CustodianClient(first).pledge_collateral(
-                    custodian_service_pb2.PledgeCollateralRequest(
-                        pledge_instruction=signed(
-                            custodian_service_pb2.PledgeInstruction(
-                                account_id=account,
-                                exchange_id=EXCHANGE,
-                                asset_id="BENJI",
-                                quantity=amount_to_proto("700"),
-                            )
-                        ),
-                        liquidation_path=signed(
-                            liquidation_pb2.LiquidationPath(
-                                account_id=account,
-                                exchange_id=EXCHANGE,
-                                proceeds_account_id=f"{EXCHANGE}/settlement",
-                                steps=[
-                                    liquidation_pb2.LiquidationStep(
-                                        asset_id="BENJI",
-                                        venue="fund-redemption",
-                                        max_quantity=amount_to_proto("700"),
-                                    )
-                                ],
-                            ),
-                            statement_id=f"path-{account}",
-                        ),
-                    )
+                    pledge_request(parties, account, sequence=sequence, now=now, quantity="700")
                 )
                 redemption = CustodianClient(second).request_redemption(
                     custodian_service_pb2.RequestRedemptionRequest(
-                        redemption_request=signed(
+                        redemption_request=sign_statement(
                             custodian_service_pb2.RedemptionRequest(
                                 redemption_id=f"redeem-{account}",
                                 account_id=account,
                                 asset_id="BENJI",
                                 quantity=amount_to_proto("700"),
-                            )
+                            ),
+                            parties.keys[CLIENT],
+                            audience=[CUSTODIAN],
+                            sequence=sequence,
+                            ttl=timedelta(hours=1),
+                            issued_at=now,
                         )
                     )
                 )
