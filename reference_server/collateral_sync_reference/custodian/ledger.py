@@ -62,7 +62,7 @@ _REASON = attestation_pb2.HoldingsChangeReason
 _EXCHANGE_ROLE = common_pb2.PARTY_ROLE_EXCHANGE
 
 # Statements inside a sync batch are judged fresh by the batch (docs/PROTOCOL.md
-# §3.6.1, last row): a skew this wide makes stage f pass for any valid header.
+# §3.6.1, the sync-entry row): a skew this wide makes stage f pass for any valid header.
 _STREAM_SKEW = timedelta(days=4_000_000)
 # Exact arithmetic: no canonical amount, nor a product of two, comes near 200
 # digits, and Inexact is trapped so nothing is rounded by accident.
