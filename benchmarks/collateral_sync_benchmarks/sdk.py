@@ -298,17 +298,25 @@ def _bench_log(size: int, workdir: Path, now: datetime) -> list[_Row]:
     return rows
 
 
-def run_benchmarks(suite: str, *, scale: float = 1.0) -> int:
-    """Run a suite and print its table; returns the process exit code."""
+def run_benchmarks(
+    suite: str, *, scale: float = 1.0, storage: str | None = None, dsn: str | None = None
+) -> int:
+    """Run a suite and print its table; returns the process exit code.
+
+    ``storage`` and ``dsn`` are the sync suite's (see
+    :func:`~collateral_sync_benchmarks.sync.run_sync_benchmark`).
+    """
     if suite not in ("sdk", "sync", "recon"):
         raise ValueError(f"unknown suite {suite!r}")
     if not 0 < scale <= 1:
         raise ValueError(f"scale: expected 0 < scale <= 1, got {scale}")
+    if suite != "sync" and (storage is not None or dsn is not None):
+        raise ValueError(f"storage, dsn: for the sync suite only, not {suite!r}")
     if suite == "sync":
         # Its own module: it runs a second (custodian) process and gRPC servers.
         from collateral_sync_benchmarks.sync import run_sync_benchmark  # noqa: PLC0415
 
-        return run_sync_benchmark(scale=scale)
+        return run_sync_benchmark(scale=scale, storage=storage, dsn=dsn)
     if suite == "recon":
         # Its own module: it runs the two parties in child processes.
         from collateral_sync_benchmarks.reconciliation import run_recon_benchmark  # noqa: PLC0415

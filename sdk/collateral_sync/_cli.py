@@ -220,7 +220,11 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from collateral_sync_benchmarks import run_benchmarks
 
-    return run_benchmarks(args.suite, scale=args.scale)
+    if args.suite != "sync" and (args.storage is not None or args.dsn is not None):
+        raise _UsageError(f"--storage/--dsn: for 'bench sync' only, not 'bench {args.suite}'")
+    if args.dsn is not None and args.storage == "sqlite":
+        raise _UsageError("--dsn: a PostgreSQL server, for --storage postgresql or both")
+    return run_benchmarks(args.suite, scale=args.scale, storage=args.storage, dsn=args.dsn)
 
 
 def _cmd_conformance(args: argparse.Namespace) -> int:
@@ -352,6 +356,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--scale", type=_scale, default=1.0, help="fraction of the full sizes (1.0 = brief figures)"
+    )
+    bench.add_argument(
+        "--storage",
+        choices=["sqlite", "postgresql", "both"],
+        default=None,
+        help=(
+            "sync: where both parties keep their state, each engine beside its own raw-storage "
+            "baseline (default: both when PostgreSQL's initdb is installed, else sqlite)"
+        ),
+    )
+    bench.add_argument(
+        "--dsn",
+        default=None,
+        help=(
+            "sync: an existing PostgreSQL server (libpq conninfo; password in it, PGPASSWORD "
+            "or ~/.pgpass) instead of a throwaway one; two databases collateral_sync_bench_* "
+            "are created there afresh and dropped at the end"
+        ),
     )
     bench.set_defaults(func=_cmd_bench)
 

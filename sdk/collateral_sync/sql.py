@@ -57,6 +57,8 @@ _WAIT = 2.0
 
 #: The transaction-scoped advisory lock ``BEGIN IMMEDIATE`` takes on PostgreSQL.
 WRITER_LOCK_KEY = 0x636F6C6C_73796E63  # "collsync"
+#: BEGIN and the writer lock in one round trip (a simple query: no parameters).
+_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})"
 
 
 class SqlCursor(Protocol):
@@ -302,10 +304,9 @@ class PostgresConnection:
         with self._refusals():
             connection = self._pool.getconn()
             try:
-                connection.execute("BEGIN")
                 self._held = connection
                 if self.fence is None:
-                    connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
+                    connection.execute(_BEGIN)
                 else:
                     self._fenced(connection, self.fence)
             except BaseException:
@@ -317,13 +318,15 @@ class PostgresConnection:
 
     @staticmethod
     def _fenced(connection: psycopg.Connection[Any], fence: Fence) -> None:
-        # One round trip: the writer lock, and whether the lease is still ours.
-        row = connection.execute(
-            "SELECT pg_advisory_xact_lock(%s), EXISTS (SELECT 1 FROM pg_locks "
-            "WHERE locktype = 'advisory' AND granted AND pid = %s "
-            "AND ((classid::bigint << 32) | objid::bigint) = %s)",
-            (WRITER_LOCK_KEY, fence.pid, fence.key),
-        ).fetchone()
+        # One round trip: BEGIN, the writer lock, and whether the lease is still ours.
+        # Without parameters (integers only, written in) it is one simple query.
+        cursor = connection.execute(
+            f"{_BEGIN}, EXISTS (SELECT 1 FROM pg_locks "  # noqa: S608  # two ints, no text
+            f"WHERE locktype = 'advisory' AND granted AND pid = {int(fence.pid)} "
+            f"AND ((classid::bigint << 32) | objid::bigint) = {int(fence.key)})"
+        )
+        cursor.nextset()  # past BEGIN's result, to the SELECT's
+        row = cursor.fetchone()
         if not (row and row[1]):
             raise StorageError(
                 "this server no longer holds the database's lease: another one is active; "

@@ -4,9 +4,17 @@ Two processes talk over mutual TLS on 127.0.0.1 (a development PKI made in a
 temporary directory), as the reference servers do: this process is the
 exchange, which dials; a child process (``python -m
 collateral_sync_benchmarks.sync``) is the custodian, which serves. Each keeps its
-sync log and its own tables in its own SQLite file (WAL, synchronous=NORMAL)
-and runs the SDK's :class:`~collateral_sync.sync.SyncSession` with its default
-batch size and window, through ``serve_sync_stream`` and ``dial_sync_stream``.
+sync log and its own tables in a database of its own and runs the SDK's
+:class:`~collateral_sync.sync.SyncSession` with its default batch size and
+window, through ``serve_sync_stream`` and ``dial_sync_stream``.
+
+The suite runs once per storage engine (``--storage sqlite|postgresql|both``;
+see ``_storage.py``): SQLite files (WAL, synchronous=NORMAL), or two databases
+of one PostgreSQL server (a throwaway one from
+:mod:`collateral_sync.dev_postgres`, or ``--dsn``) through the SDK's
+:class:`~collateral_sync.sql.PostgresConnection`, with the same SQL. Each
+engine's figures are measured beside that engine's own baselines, and a
+summary puts the engines side by side.
 
 Figures, each beside a baseline from the same run (machines are shared and
 noisy, so only same-run ratios compare):
@@ -18,8 +26,13 @@ noisy, so only same-run ratios compare):
   update into its positions table in the transaction that stores the batch.
   Baselines: a raw gRPC stream between the same two processes sending one
   message per update (the size of a one-entry signed batch) with one
-  acknowledgement each, and raw PyNaCl per-message sign and verify.
-  Target (brief §5): >= 50,000 updates/s.
+  acknowledgement each; raw PyNaCl per-message sign and verify; and the
+  storage ceiling: the engine's own driver (sqlite3, psycopg) doing the
+  receiver's writes alone (a transaction per batch of the protocol's size:
+  the signed batch into a log table, every position upserted by
+  ``executemany``), with no protocol work. The raw stream and raw storage
+  runs are interleaved with the protocol runs. Targets: >= 50,000 updates/s
+  (brief §5), and >= 0.7x the raw-storage baseline on each engine (issue 14).
 * Margin-call latency, price breach -> the custodian's durable
   acknowledgement: the exchange signs the price snapshot, values the account
   under its signed risk policy, signs a MarginCall carrying its valuation

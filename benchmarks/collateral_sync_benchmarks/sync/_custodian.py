@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import sys
 import time
 import traceback
@@ -28,7 +27,6 @@ from collateral_sync.sync import (
     DEFAULT_WINDOW,
     SyncLog,
     SyncSession,
-    WalCheckpointer,
     serve_sync_stream,
 )
 from collateral_sync.v1 import (
@@ -57,6 +55,7 @@ from collateral_sync_benchmarks.sync._fixtures import (
     _tls,
     _unexpected_variant,
 )
+from collateral_sync_benchmarks.sync._storage import _Database, _StorageSpec
 
 # Helpers for the sibling modules only: nothing here is API.
 __all__: list[str] = []
@@ -70,10 +69,11 @@ _CHILD_LIFETIME = 3600.0
 class _Custodian:
     """The custodian: its database, sync log and session, and a live producer of updates."""
 
-    def __init__(self, workdir: Path, pool_size: int) -> None:
+    def __init__(self, workdir: Path, pool_size: int, storage: _StorageSpec) -> None:
         self.key, _, registry = _party_keys()
         self.registry = registry
-        self.connection = sqlite3.connect(workdir / "custodian.sqlite", isolation_level=None)
+        self.database = _Database(storage, workdir, "custodian")
+        self.connection = self.database.connection
         self.connection.execute(
             "CREATE TABLE IF NOT EXISTS margin_calls (margin_call_id TEXT PRIMARY KEY, "
             "statement_sequence INTEGER NOT NULL UNIQUE, account_id TEXT NOT NULL, "
@@ -86,12 +86,9 @@ class _Custodian:
             peer_party_id=_EXCHANGE,
             sending_direction=CUSTODIAN_TO_EXCHANGE,
         )
-        # As the reference servers' storage does: WAL checkpoints off the commit path
-        # (a daemon thread, gone with this process).
-        self.checkpointer = WalCheckpointer(self.connection).start()
         self.session = SyncSession(self.log, self.key, registry, apply=self._apply)
         # The changes to announce exist before the clock starts; appending them
-        # (variant check, hash chain, SQLite) is timed. Kept as bytes: 200,000
+        # (variant check, hash chain, the database) is timed. Kept as bytes: 200,000
         # message objects would make every garbage collection pass slow.
         self.pool = [
             _pledge_update(i).SerializeToString(deterministic=True) for i in range(pool_size)
@@ -303,7 +300,14 @@ def _reply(message: dict[str, Any]) -> None:
 
 
 async def _custodian_main(workdir: Path, pool_size: int) -> None:
-    custodian = _Custodian(workdir, pool_size)
+    custodian = _Custodian(workdir, pool_size, _StorageSpec.load(workdir))
+    try:
+        await _serve_commands(custodian, workdir)
+    finally:
+        custodian.database.close()
+
+
+async def _serve_commands(custodian: _Custodian, workdir: Path) -> None:
     custodian.announce_holdings(datetime.now(UTC))
     raw = _RawStream(_raw_message(custodian.key))  # type: ignore[abstract]
     tls = _tls(workdir, _CUSTODIAN)

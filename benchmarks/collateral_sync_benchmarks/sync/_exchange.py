@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
 from collateral_sync.errors import MalformedError, StateError, VerificationError
 from collateral_sync.signing import VerifiedStatement, sign_statement, verify_statement
-from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncLog, SyncSession, WalCheckpointer
+from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncLog, SyncSession
 from collateral_sync.v1 import (
     attestation_pb2,
     envelope_pb2,
@@ -43,6 +42,12 @@ from collateral_sync_benchmarks.sync._fixtures import (
     _quote,
     _risk_policy,
     _unexpected_variant,
+)
+from collateral_sync_benchmarks.sync._storage import (
+    POSITION_UPSERT,
+    POSITIONS_SCHEMA,
+    _Database,
+    _StorageSpec,
 )
 
 # Helpers for the sibling modules only: nothing here is API.
@@ -66,7 +71,8 @@ class _CustodianProcess:
         self._stderr_path = stderr_path
 
     @classmethod
-    async def start(cls, workdir: Path, pool_size: int) -> _CustodianProcess:
+    async def start(cls, workdir: Path, pool_size: int, storage: _StorageSpec) -> _CustodianProcess:
+        storage.save(workdir)  # the child reads where its database is from there
         stderr_path = workdir / "custodian.stderr"
         with stderr_path.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
@@ -144,15 +150,14 @@ class _CustodianProcess:
 
 
 class _Exchange:
-    """The exchange: its database, sync log and session, its risk policy, and margin calls."""
+    """The exchange: its database (either engine), sync log and session, its policy, its calls."""
 
-    def __init__(self, workdir: Path, now: datetime) -> None:
+    def __init__(self, workdir: Path, now: datetime, storage: _StorageSpec) -> None:
         _, self.key, self.registry = _party_keys()
-        self.connection = sqlite3.connect(workdir / "exchange.sqlite", isolation_level=None)
+        self.database = _Database(storage, workdir, "exchange")
+        self.connection = self.database.connection
         for statement in (
-            "CREATE TABLE IF NOT EXISTS positions (account_id TEXT NOT NULL, "
-            "asset_id TEXT NOT NULL, pledged_quantity TEXT NOT NULL, sequence INTEGER NOT NULL, "
-            "attestation BLOB NOT NULL, PRIMARY KEY (account_id, asset_id))",
+            POSITIONS_SCHEMA.format(table="positions"),
             "CREATE TABLE IF NOT EXISTS holdings (account_id TEXT PRIMARY KEY, "
             "epoch INTEGER NOT NULL, envelope BLOB NOT NULL)",
             "CREATE TABLE IF NOT EXISTS margin_calls (margin_call_id TEXT PRIMARY KEY, "
@@ -166,7 +171,6 @@ class _Exchange:
             peer_party_id=_CUSTODIAN,
             sending_direction=EXCHANGE_TO_CUSTODIAN,
         )
-        self.checkpointer = WalCheckpointer(self.connection).start()
         self.session = SyncSession(self.log, self.key, self.registry, apply=self._apply)
         self.policy = _risk_policy(now)
         self.policy_envelope = sign_statement(
@@ -215,12 +219,7 @@ class _Exchange:
                     "exchange", "pledge_change|holdings_change|margin_call_response", update
                 )
         if pledges:
-            self.connection.executemany(
-                "INSERT INTO positions VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, asset_id) "
-                "DO UPDATE SET pledged_quantity = excluded.pledged_quantity, "
-                "sequence = excluded.sequence, attestation = excluded.attestation",
-                pledges,
-            )
+            self.connection.executemany(POSITION_UPSERT.format(table="positions"), pledges)
         if holdings:
             self.connection.executemany(
                 "INSERT INTO holdings VALUES (?, ?, ?) ON CONFLICT (account_id) "
@@ -358,8 +357,7 @@ class _Exchange:
         return time.perf_counter() - begin, prepared - begin
 
     def close(self) -> None:
-        self.checkpointer.stop()
-        self.connection.close()
+        self.database.close()
 
 
 class _Guard:

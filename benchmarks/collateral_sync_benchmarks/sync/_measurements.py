@@ -22,6 +22,7 @@ import grpc.aio
 import nacl.signing
 from collateral_sync.clients import CustodianClient
 from collateral_sync.dev_ca import create_dev_pki
+from collateral_sync.dev_postgres import postgres_bin
 from collateral_sync.signing import pae
 from collateral_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, dial_sync_stream
 from collateral_sync.transport import secure_channel
@@ -50,6 +51,14 @@ from collateral_sync_benchmarks.sync._fixtures import (
     _raw_message,
     _tls,
 )
+from collateral_sync_benchmarks.sync._storage import (
+    ENGINES,
+    SQLITE,
+    _NoStorageError,
+    _open_storage,
+    _RawStorage,
+    _Storage,
+)
 
 __all__ = ["run_sync_benchmark"]
 
@@ -62,6 +71,10 @@ THROUGHPUT_REPEATS = 3
 BACKGROUND_RATE = 25_000
 TARGET_UPDATES_PER_S = 50_000
 TARGET_P99_MS = 5.0
+#: The protocol against the raw-storage baseline on the same engine (issue 14 item 6).
+TARGET_STORAGE_RATIO = 0.7
+#: ``--storage`` choices: one engine, or each in turn.
+STORAGE_CHOICES = (*ENGINES, "both")
 _ACK_HASH = bytes(32)
 _MIN_RATE = 1_000  # updates or messages per second below which a phase is declared stuck
 
@@ -250,15 +263,34 @@ class _Scale:
         )
 
 
-async def _run(workdir: Path, sizes: _Scale, signatures: _SignatureRates) -> None:
+@dataclass(frozen=True)
+class _EngineFigures:
+    """One engine's figures, for the summary."""
+
+    engine: str
+    rate: float
+    raw_storage: float
+    idle: _Latencies
+    loaded: _Latencies
+
+    @property
+    def ratio(self) -> float:
+        return self.rate / self.raw_storage if self.raw_storage else float("nan")
+
+
+async def _run(
+    workdir: Path, sizes: _Scale, signatures: _SignatureRates, storage: _Storage
+) -> _EngineFigures:
     now = datetime.now(UTC)
     create_dev_pki(workdir / "pki", parties=[_CUSTODIAN, _EXCHANGE])
-    custodian = await _CustodianProcess.start(workdir, sizes.updates)
+    custodian = await _CustodianProcess.start(workdir, sizes.updates, storage.parties["custodian"])
     exchange: _Exchange | None = None
+    raw_storage: _RawStorage | None = None
     dial: asyncio.Task[None] | None = None
     try:
         ready = await custodian.receive(_START_TIMEOUT, "start-up")
-        exchange = _Exchange(workdir, now)
+        exchange = _Exchange(workdir, now, storage.parties["exchange"])
+        raw_storage = _RawStorage(storage, workdir, sizes.updates)
         tls = _tls(workdir, _EXCHANGE)
         async with (
             secure_channel(f"127.0.0.1:{ready['sync_port']}", tls) as channel,
@@ -266,12 +298,14 @@ async def _run(workdir: Path, sizes: _Scale, signatures: _SignatureRates) -> Non
         ):
             dial = asyncio.create_task(dial_sync_stream(exchange.session, CustodianClient(channel)))
             guard = _Guard(dial, custodian)
-            await _measure(
+            figures = await _measure(
                 exchange=exchange,
                 guard=guard,
                 custodian=custodian,
                 channel=channel,
                 raw_channel=raw_channel,
+                raw_storage=raw_storage,
+                storage=storage,
                 sizes=sizes,
                 signatures=signatures,
             )
@@ -284,8 +318,11 @@ async def _run(workdir: Path, sizes: _Scale, signatures: _SignatureRates) -> Non
             with contextlib.suppress(BaseException):
                 await dial
         await custodian.stop()
+        if raw_storage is not None:
+            raw_storage.close()
         if exchange is not None:
             exchange.close()
+    return figures
 
 
 def _why(condition: str, figures: _Latencies) -> str:
@@ -334,30 +371,45 @@ async def _measure(
     custodian: _CustodianProcess,
     channel: grpc.aio.Channel,
     raw_channel: grpc.aio.Channel,
+    raw_storage: _RawStorage,
+    storage: _Storage,
     sizes: _Scale,
     signatures: _SignatureRates,
-) -> None:
+) -> _EngineFigures:
     # Warm both sides (and deliver the custodian's holdings statements) untimed.
-    await _sync_run(guard, min(sizes.updates, 10 * DEFAULT_BATCH_SIZE))
+    warm_up = min(sizes.updates, 10 * DEFAULT_BATCH_SIZE)
+    await _sync_run(guard, warm_up)
     await _raw_stream_rate(raw_channel, guard, custodian, min(sizes.raw_messages, 2_000))
+    await asyncio.to_thread(raw_storage.run, warm_up)
 
+    driver = storage.driver
     print(
         f"throughput: {sizes.updates:,} updates per run, {THROUGHPUT_REPEATS} runs interleaved "
-        f"with {sizes.raw_messages:,}-message raw streams"
+        f"with {sizes.raw_messages:,}-message raw streams and {sizes.updates:,}-update raw "
+        f"{driver} runs (both parties' storage work alone: the sender inserts its log rows, "
+        f"{TRANSACTION_UPDATES:,} a transaction, reads each batch back and records it sent; "
+        f"the receiver, a transaction per {raw_storage.batch_size:,} updates, inserts one log "
+        f"row holding the signed batch, {len(raw_storage.envelope):,} bytes, and upserts "
+        f"{raw_storage.batch_size:,} positions by executemany)"
     )
     raw_rates: list[float] = []
+    storage_rates: list[float] = []
     runs: list[_SyncRun] = []
     for n in range(THROUGHPUT_REPEATS):
         raw_rates.append(await _raw_stream_rate(raw_channel, guard, custodian, sizes.raw_messages))
+        # In a thread: the exchange's event loop keeps its (idle) stream meanwhile.
+        storage_rates.append(await asyncio.to_thread(raw_storage.run, sizes.updates))
         run = await _sync_run(guard, sizes.updates)
         runs.append(run)
         print(
             f"  run {n + 1}: sync {run.rate:,.0f} updates/s in {run.elapsed:.2f} s (cpu: "
             f"custodian {run.custodian_cpu:.2f} s, exchange {run.exchange_cpu:.2f} s); "
-            f"raw gRPC stream {raw_rates[-1]:,.0f} msg/s"
+            f"raw gRPC stream {raw_rates[-1]:,.0f} msg/s; raw {driver} "
+            f"{storage_rates[-1]:,.0f} updates/s"
         )
     rate = statistics.median(run.rate for run in runs)
     raw_rate = statistics.median(raw_rates)
+    storage_rate = statistics.median(storage_rates)
     print(
         _Figure(
             "signed updates applied durably (median)",
@@ -367,6 +419,20 @@ async def _measure(
             raw_rate,
             "msg/s",
             _verdict(rate >= TARGET_UPDATES_PER_S, f">= {TARGET_UPDATES_PER_S:,}/s"),
+        ).render()
+    )
+    print(
+        _Figure(
+            "signed updates applied durably (median)",
+            rate,
+            "updates/s",
+            f"raw {driver}: both parties' writes, {raw_storage.batch_size}/batch",
+            storage_rate,
+            "/s",
+            _verdict(
+                rate >= TARGET_STORAGE_RATIO * storage_rate,
+                f">= {TARGET_STORAGE_RATIO:g}x raw storage",
+            ),
         ).render()
     )
     print(
@@ -460,21 +526,73 @@ async def _measure(
         f"  check: the custodian verified, recomputed and stored all {calls:,} margin calls "
         "before acknowledging them, and agreed each in full"
     )
+    return _EngineFigures(storage.engine, rate, storage_rate, idle, loaded)
 
 
-def run_sync_benchmark(*, scale: float = 1.0) -> int:
-    """Run the position-sync suite and print its figures; returns the process exit code."""
+def _engines(storage: str | None, dsn: str | None) -> list[str]:
+    """The engines to run, in order; says why when the default leaves PostgreSQL out."""
+    if storage is not None and storage not in STORAGE_CHOICES:
+        raise ValueError(f"storage: expected one of {STORAGE_CHOICES}, got {storage!r}")
+    if dsn is not None and storage == SQLITE:
+        raise ValueError("dsn: a PostgreSQL server for --storage postgresql or both, not sqlite")
+    if storage is None:
+        if dsn is None and postgres_bin() is None:
+            print(
+                "note: PostgreSQL's initdb is not installed (make setup-postgresql installs "
+                "it), so SQLite only; --storage both or postgresql with --dsn uses a server "
+                "of yours"
+            )
+            return [SQLITE]
+        storage = "both"
+    return list(ENGINES) if storage == "both" else [storage]
+
+
+def _summary(results: Sequence[_EngineFigures]) -> None:
+    """Each engine's figures in one table (each beside its own engine's same-run baselines)."""
+    print(
+        f"summary: protocol vs raw storage on each engine, same-run baselines "
+        f"(target >= {TARGET_STORAGE_RATIO:g}x; margin call p50/p99 in ms)"
+    )
+    print(
+        f"  {'engine':<12} {'protocol/s':>12} {'raw storage/s':>14} {'ratio':>6} "
+        f"{'target':<8} {'idle p50':>9} {'idle p99':>9} {'loaded p50':>11} {'loaded p99':>11}"
+    )
+    for figures in results:
+        met = figures.ratio >= TARGET_STORAGE_RATIO
+        print(
+            f"  {figures.engine:<12} {figures.rate:>12,.0f} {figures.raw_storage:>14,.0f} "
+            f"{figures.ratio:>6.2f} {'met' if met else 'NOT MET':<8} "
+            f"{figures.idle.call.p50:>9.3f} {figures.idle.call.p99:>9.3f} "
+            f"{figures.loaded.call.p50:>11.3f} {figures.loaded.call.p99:>11.3f}"
+        )
+
+
+def run_sync_benchmark(
+    *, scale: float = 1.0, storage: str | None = None, dsn: str | None = None
+) -> int:
+    """Run the position-sync suite and print its figures; returns the process exit code.
+
+    ``storage``: ``"sqlite"``, ``"postgresql"`` or ``"both"`` (in turn); None:
+    both when PostgreSQL's ``initdb`` is installed (or ``dsn`` is given), else
+    SQLite alone. PostgreSQL runs on a throwaway server
+    (:mod:`collateral_sync.dev_postgres`) unless ``dsn`` names one of yours
+    (libpq conninfo; the password as libpq finds it: in ``dsn``,
+    ``PGPASSWORD`` or ``~/.pgpass``), where two databases
+    ``collateral_sync_bench_custodian`` and ``..._exchange`` are created
+    afresh and dropped at the end.
+    """
     if not 0 < scale <= 1:
         raise ValueError(f"scale: expected 0 < scale <= 1, got {scale}")
+    engines = _engines(storage, dsn)
     sizes = _Scale.of(scale)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"collateral-sync bench sync  (cpu count {os.cpu_count()}, scale {scale}, "
-        f"load average {load})"
+        f"load average {load}, storage {' then '.join(engines)})"
     )
     print(
-        f"custodian -> exchange: two processes, mutual TLS on 127.0.0.1, SQLite WAL "
-        f"synchronous=NORMAL, SDK defaults batch {DEFAULT_BATCH_SIZE:,} window "
+        f"custodian -> exchange: two processes, mutual TLS on 127.0.0.1, each party's state "
+        f"in a database of its own, SDK defaults batch {DEFAULT_BATCH_SIZE:,} window "
         f"{DEFAULT_WINDOW:,}, custodian appending live in transactions of "
         f"{TRANSACTION_UPDATES:,}"
     )
@@ -485,10 +603,24 @@ def run_sync_benchmark(*, scale: float = 1.0) -> int:
         f"(a signed one-entry batch), {sizes.signatures:,} PyNaCl signatures"
     )
     signatures = _bench_raw_signatures(sizes.signatures, message.frame.batch)
+    results: list[_EngineFigures] = []
     with tempfile.TemporaryDirectory(prefix="collateral-sync-bench-sync-") as tmp:
-        try:
-            asyncio.run(_run(Path(tmp), sizes, signatures))
-        except _RunError as err:
-            print(f"collateral-sync bench sync: run failed: {err}", file=sys.stderr)
-            return 1
+        for engine in engines:
+            workdir = Path(tmp) / engine
+            workdir.mkdir()
+            with contextlib.ExitStack() as stack:
+                try:
+                    where = stack.enter_context(_open_storage(engine, dsn))
+                except _NoStorageError as err:
+                    print(f"collateral-sync bench sync: {err}", file=sys.stderr)
+                    return 1
+                print(f"[{engine}] storage: {where.description}")
+                try:
+                    results.append(asyncio.run(_run(workdir, sizes, signatures, where)))
+                except _RunError as err:
+                    print(
+                        f"collateral-sync bench sync: {engine} run failed: {err}", file=sys.stderr
+                    )
+                    return 1
+    _summary(results)
     return 0
