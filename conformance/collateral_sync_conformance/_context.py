@@ -532,7 +532,12 @@ class CaseContext:
         )
         if not response.HasField("now"):
             raise CaseSkipped("AdvanceClock does not say the server's time")
-        return response.now.ToDatetime(tzinfo=UTC)
+        now = response.now.ToDatetime(tzinfo=UTC)
+        # The kit's own party (the custodian an exchange dials) keeps the server's time:
+        # an exchange states a cut-off only once it has heard from it past the cut-off (§10.2).
+        if self.session.counterpart is not None:
+            self.session.counterpart.follow(now)
+        return now
 
     async def server_now(self) -> datetime:
         """The server's current time.

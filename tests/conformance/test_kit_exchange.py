@@ -127,6 +127,9 @@ COUNTERPART_CASES = (
     "exchange/margin-call/**",
     "sync/exchange/**",
     "evidence/exchange/**",
+    # An exchange states a cut-off once its custodian's stream is past it (§10.2):
+    # the kit must be that custodian to move its time with the exchange's.
+    "reconciliation/**",
 )
 
 

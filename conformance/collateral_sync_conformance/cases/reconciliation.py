@@ -141,6 +141,10 @@ async def _pass_cutoff(ctx: CaseContext) -> datetime:
     """
     if ctx.role is Role.CUSTODIAN and ctx.config.account_id:
         await ensure_pledged(ctx)
+    if ctx.role is Role.EXCHANGE:
+        # An exchange states C once it has heard from its custodian past C (§10.2):
+        # only the kit's own custodian (--listen) moves with the exchange's clock.
+        _ = ctx.counterpart
     now = await ctx.advance_clock(timedelta(0))
     cutoff = _next_cutoff(now)
     await ctx.advance_clock(cutoff - now + timedelta(seconds=1))

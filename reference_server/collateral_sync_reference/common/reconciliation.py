@@ -44,6 +44,18 @@ cut-off (``SyncLog.heads_at``: the batches this party sent, as recorded when
 they were sent, and the peer's batches as stored), not the heads held at that
 moment — a batch the counterparty issued after the cut-off may already have
 arrived (its clock runs ahead, or the statement is built late).
+
+The exchange builds its statement for a cut-off ``C`` only once its sync
+session has received a batch or heartbeat the custodian issued after ``C``
+(§10.2; ``heard_after``, the session's ``peer_issued_at``): the stream is
+ordered, so every custodian batch issued at or before ``C`` — one still in
+flight at ``C`` too — is stored by then. Until it has, the cut-off waits
+(logged once): the background task re-checks every
+:data:`_HEARD_POLL_SECONDS`, ``AdvanceClock`` does not wait for it, and
+``GetReconciliationStatement`` answers FAILED_PRECONDITION ``STATE_CONFLICT``.
+There is no deadline: a custodian that stays silent (down) leaves the cut-off,
+and the later ones, unstated until it is heard again — never built early. The
+custodian builds as its clock reaches ``C``.
 """
 
 from __future__ import annotations
@@ -122,6 +134,8 @@ _TREE_CACHE = 4
 #: Retry delay of a submission the regulator did not take.
 _RETRY_SECONDS = 1.0
 _MAX_SLEEP = 60.0
+#: How often a cut-off waiting for the counterparty's frame issued after it is re-checked.
+_HEARD_POLL_SECONDS = 0.25
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS reconciliation_statements (
@@ -291,6 +305,7 @@ class PartyReconciliation:
         test_mode: bool,
         logger: logging.Logger,
         on_submitted: Callable[[str], None] | None = None,
+        heard_after: Callable[[], datetime | None] | None = None,
     ) -> None:
         if settings.perturbations and not test_mode:
             raise MalformedError(
@@ -312,6 +327,12 @@ class PartyReconciliation:
         self._counterparty_id = counterparty_id
         self._logger = logger
         self._on_submitted = on_submitted
+        # The exchange: the latest issued_at/sent_at of a frame received from the
+        # counterparty; a cut-off is built once it is after it (§10.2). None (the
+        # custodian): built as the clock reaches the cut-off.
+        self._heard_after = heard_after
+        #: The cut-off whose wait for the counterparty was last logged.
+        self._waiting_logged: str | None = None
         self._role = signer.role
         sending = (
             CUSTODIAN_TO_EXCHANGE
@@ -348,13 +369,49 @@ class PartyReconciliation:
         due = cutoffs_between(last, self._clock.now(), self._settings.cutoffs)
         built = []
         for cutoff in due:
+            if not self._heard(cutoff):
+                # Later cut-offs wait too: nothing issued after this one has arrived.
+                self._log_waiting(cutoff)
+                break
             self._ensure(cutoff)
             built.append(cutoff_id_of(cutoff))
-        if due:
+        if built:
             with self._storage.transaction():
-                self._storage.set_meta(_LAST_CUTOFF_KEY, cutoff_id_of(due[-1]))
+                self._storage.set_meta(_LAST_CUTOFF_KEY, built[-1])
             self._wake.set()
         return built
+
+    def _waiting(self) -> bool:
+        """Whether a cut-off the clock has reached is waiting for the counterparty (§10.2)."""
+        if self._heard_after is None or self._settings.regulator_id is None or self._log is None:
+            return False
+        last_id = self._storage.get_meta(_LAST_CUTOFF_KEY)
+        assert last_id is not None
+        last = parse_cutoff_id(last_id, self._settings.cutoffs)
+        return bool(cutoffs_between(last, self._clock.now(), self._settings.cutoffs))
+
+    def _heard(self, cutoff: datetime) -> bool:
+        """Whether a statement for ``cutoff`` may be built now (§10.2)."""
+        if self._heard_after is None:
+            return True
+        heard = self._heard_after()
+        return heard is not None and heard > cutoff
+
+    def _log_waiting(self, cutoff: datetime) -> None:
+        """Log a cut-off's wait once, and have the background task re-check it from now on."""
+        cutoff_id = cutoff_id_of(cutoff)
+        if self._waiting_logged == cutoff_id:
+            return
+        self._waiting_logged = cutoff_id
+        self._wake.set()
+        heard = self._heard_after() if self._heard_after is not None else None
+        self._logger.info(
+            "reconciliation statement for %s waits for a batch or heartbeat %s issued after "
+            "it (latest received: %s)",
+            cutoff_id,
+            self._counterparty_id,
+            "none" if heard is None else heard.isoformat(),
+        )
 
     def _view(self, cutoff: datetime) -> dict[str, list[common_pb2.Position]]:
         latest: dict[str, attestation_pb2.HoldingsStatement] = {}
@@ -394,13 +451,17 @@ class PartyReconciliation:
                 value = parse_amount(target.value) + change.delta
                 target.value = format_amount(max(value, Decimal(0)))
 
-    def _ensure(self, cutoff: datetime) -> envelope_pb2.Envelope:
-        cutoff_id = cutoff_id_of(cutoff)
+    def _stored(self, cutoff_id: str) -> envelope_pb2.Envelope | None:
         row = self._db.execute(
             "SELECT envelope FROM reconciliation_statements WHERE cutoff_id = ?", (cutoff_id,)
         ).fetchone()
-        if row is not None:
-            return envelope_pb2.Envelope.FromString(row[0])
+        return None if row is None else envelope_pb2.Envelope.FromString(row[0])
+
+    def _ensure(self, cutoff: datetime) -> envelope_pb2.Envelope:
+        cutoff_id = cutoff_id_of(cutoff)
+        stored = self._stored(cutoff_id)
+        if stored is not None:
+            return stored
         if self._settings.regulator_id is None or self._log is None:
             raise StateError(
                 "reconciliation needs one regulator and one counterparty: expected "
@@ -468,6 +529,17 @@ class PartyReconciliation:
                 f"cut-off {cutoff_id} has not been reached: expected a cut-off at or before "
                 f"{cutoff_id_of(now.replace(microsecond=0))}, got {cutoff_id}",
                 metadata={"expected": f"<= {now.isoformat()}", "actual": cutoff_id},
+            )
+        if not self._heard(cutoff) and self._stored(cutoff_id) is None:
+            heard = self._heard_after() if self._heard_after is not None else None
+            raise StateError(
+                f"cut-off {cutoff_id} is not stated yet: expected a batch or heartbeat "
+                f"{self._counterparty_id} issued after it (PROTOCOL.md §10.2), got "
+                f"{'none' if heard is None else 'the latest issued ' + heard.isoformat()}",
+                metadata={
+                    "expected": f"a frame issued after {cutoff_id}",
+                    "actual": "none" if heard is None else heard.isoformat(),
+                },
             )
         return self._ensure(cutoff)
 
@@ -566,6 +638,8 @@ class PartyReconciliation:
                 wait = (self._next_cutoff() - self._clock.now()).total_seconds()
                 if pending:
                     wait = min(wait, _RETRY_SECONDS)
+                if self._waiting():
+                    wait = min(wait, _HEARD_POLL_SECONDS)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(max(wait, 0.05), _MAX_SLEEP)):
                         await self._wake.wait()

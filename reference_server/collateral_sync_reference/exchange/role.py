@@ -31,7 +31,9 @@ the custodian's ``SyncPositions`` stream:
 - ``ReconciliationService``: at each cut-off the exchange freezes what it
   mirrors from the custodian's holdings statements, signs a reconciliation
   statement and submits it to the regulator (``common.reconciliation``; its
-  ``reconciliation`` object sits in the ``exchange`` section).
+  ``reconciliation`` object sits in the ``exchange`` section), once the sync
+  stream has brought a batch or heartbeat the custodian issued after the
+  cut-off (§10.2).
 
 Configuration (the ``exchange`` section of the server's file; every key but
 ``log_origin`` is optional)::
@@ -255,6 +257,8 @@ class ExchangeRole:
             test_mode=context.test_mode,
             logger=self.logger,
             on_submitted=self._statement_submitted,
+            # §10.2: a cut-off is stated once a custodian frame issued after it arrived.
+            heard_after=lambda: self.session.peer_issued_at,
         )
         evidence = KeptEvidence(
             [lambda: sync_log_evidence(log), self.core.holdings.equivocation_evidence],
@@ -331,7 +335,9 @@ class ExchangeRole:
         )
 
     async def on_clock_advanced(self) -> None:
-        # The cut-off is frozen before the sweep appends what the new time brings.
+        # A cut-off the custodian has been heard past is frozen here; one it has not
+        # waits for its frame (§10.2). The view and heads count only what was issued
+        # by the cut-off, so the sweep's later entries do not change either.
         self.reconciliation.run_due()
         # Every price may have turned stale and every cure period ended: all accounts.
         self.core.revaluer.sweep(everything=True)

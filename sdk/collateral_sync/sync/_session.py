@@ -133,6 +133,7 @@ class SyncSession:
         # Across streams:
         self._acked = 0
         self._peer_sent_sequence = 0
+        self._peer_issued_at: datetime | None = None
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # -- state --
@@ -174,6 +175,22 @@ class SyncSession:
     def peer_sent_sequence(self) -> int:
         """Head of the peer's own log, as it last said (hello or heartbeat)."""
         return self._peer_sent_sequence
+
+    @property
+    def peer_issued_at(self) -> datetime | None:
+        """Latest time the peer stamped on a frame received here, on any stream; None before one.
+
+        A batch's signed ``header.issued_at`` once the batch is stored (a batch
+        that fails is not counted), or a heartbeat's ``sent_at``. Frames of a
+        stream arrive in the order the peer issued them, so every batch the
+        peer issued before this time on the stream has been stored (the
+        exchange's cut-off wait, docs/PROTOCOL.md §10.2). Kept in memory only.
+        """
+        return self._peer_issued_at
+
+    def _heard_at(self, moment: datetime) -> None:
+        if self._peer_issued_at is None or moment > self._peer_issued_at:
+            self._peer_issued_at = moment
 
     def notify(self) -> None:
         """Wake the sender: new entries were committed to the outgoing log."""
@@ -459,6 +476,7 @@ class SyncSession:
                     self._on_ack(frame)
                 elif kind == "heartbeat":
                     self._peer_sent_sequence = frame.heartbeat.sent_sequence
+                    self._heard_at(frame.heartbeat.sent_at.ToDatetime(tzinfo=UTC))
                 elif kind == "close":
                     raise _close_error(frame.close)
                 else:
@@ -484,6 +502,7 @@ class SyncSession:
             max_skew=self._max_skew,
         )
         head = log.accept_batch(batch, self._apply, now=now)
+        self._heard_at(batch.statement.header.issued_at.ToDatetime(tzinfo=UTC))
         # Also for a batch of duplicates only: the peer may have missed our ack.
         ack = position_sync_pb2.SyncAck(sequence=head.sequence, entry_hash=head.entry_hash)
         await self._send_frame(send, position_sync_pb2.SyncFrame(ack=ack))
