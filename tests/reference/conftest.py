@@ -226,13 +226,26 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, env=environment
             )
+        if standby:
+            self._buffer = b""
+            word, self.address = self._next_line(START_TIMEOUT)
+            self.standby = word == "STANDBY"
+            if word != "LISTENING" and not self.standby:
+                self.kill()
+                raise RuntimeError(f"unexpected first line {word!r}:\n{self.log_text()}")
+            return self.address
+        self.address = self._wait_listening()
+        return self.address
+
+    def _wait_listening(self) -> str:
+        """The address of the ``LISTENING host:port`` line a just started server prints first."""
         self._buffer = b""
-        word, self.address = self._next_line(START_TIMEOUT)
-        self.standby = word == "STANDBY"
-        if word != "LISTENING" and not (standby and self.standby):
+        self.standby = False
+        word, address = self._next_line(START_TIMEOUT)
+        if word != "LISTENING":
             self.kill()
             raise RuntimeError(f"unexpected first line {word!r}:\n{self.log_text()}")
-        return self.address
+        return address
 
     def wait_active(self, timeout: float = START_TIMEOUT) -> str:
         """A standby's ``LISTENING`` line, once it took the lease; its address."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -242,30 +243,37 @@ def test_a_custodian_that_loses_its_lease_writes_nothing_more_and_stops(
     postgres: PostgresServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Split brain averted: the lease's connection is cut (as by a network partition) while
-    the process lives on. The standby takes over; the old active's writes are refused by
-    the fence from that moment, and it stops with exit code 3."""
+    """Split brain averted: the active process is paused (a VM or GC stall) while its
+    lease connection is cut, and the standby takes over. Resumed, the old active writes
+    nothing (the fence refuses it: its lease is gone) and stops with exit code 3, since
+    another server has held the lease since."""
     parties = reference_parties
     active, standby, account_ids, directory = _custodians(
         parties, start_server, postgres, "lease-lost", tmp_path_factory
     )
     database = postgres.database(str(directory / CUSTODIAN))
+    assert active.process is not None
 
     async def scenario() -> None:
         async with parties.channel(active.address, CLIENT) as channel:
             control = TestControlClient(channel)
             before = (await heads(control))[CUSTODIAN_TO_EXCHANGE].sequence
-            with postgres.connect() as admin:
-                cut = admin.execute(
-                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "
-                    "JOIN pg_locks l ON l.pid = a.pid WHERE a.datname = %s "
-                    "AND a.application_name = 'collateral-sync lease' "
-                    "AND l.locktype = 'advisory' AND l.granted",
-                    (database,),
-                ).fetchall()
-            assert len(cut) == 1  # the active one's lease connection
-            await asyncio.to_thread(standby.wait_active, 30.0)
-            # The old active may not have noticed yet: whatever it is asked, it writes nothing.
+            # Paused, it cannot take its lease back before the standby does.
+            active.process.send_signal(signal.SIGSTOP)
+            try:
+                with postgres.connect() as admin:
+                    cut = admin.execute(
+                        "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+                        "JOIN pg_locks l ON l.pid = a.pid WHERE a.datname = %s "
+                        "AND a.application_name = 'collateral-sync lease' "
+                        "AND l.locktype = 'advisory' AND l.granted",
+                        (database,),
+                    ).fetchall()
+                assert len(cut) == 1  # the active one's lease connection
+                await asyncio.to_thread(standby.wait_active, 30.0)
+            finally:
+                active.process.send_signal(signal.SIGCONT)
+            # It has not noticed yet: whatever it is asked, it writes nothing.
             with contextlib.suppress(RPCError):
                 await pledge_every_account(parties, CustodianClient(channel), account_ids[:1])
         async with parties.channel(standby.address, CLIENT) as channel:
