@@ -336,6 +336,8 @@ class KitCustodian:
         reason: int = attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE,
         attest: bool = True,
         pledged_to: str | None = None,
+        pledged: dict[str, str] | None = None,
+        path_names: dict[str, str] | None = None,
     ) -> tuple[position_sync_pb2.HoldingsChange, attestation_pb2.AttestationRef]:
         """A signed holdings statement of ``account_id`` (all of it pledged to the exchange).
 
@@ -344,6 +346,9 @@ class KitCustodian:
         or top-up carries the client's pre-authorised liquidation path (§9.1).
         ``pledged_to`` names another exchange the holdings are pledged to; the
         statement is still addressed to the exchange the kit serves.
+        ``pledged`` gives, per asset, a pledged quantity other than the whole
+        quantity. ``path_names`` overrides the ``account_id`` or ``exchange_id``
+        the path names (a path that does not authorise this account and exchange).
         """
         statement = attestation_pb2.HoldingsStatement(
             account_id=account_id,
@@ -356,7 +361,9 @@ class KitCustodian:
                     asset_id=asset,
                     quantity=common_pb2.Decimal(value=quantity),
                     locked_quantity=common_pb2.Decimal(value="0"),
-                    pledged_quantity=common_pb2.Decimal(value=quantity),
+                    pledged_quantity=common_pb2.Decimal(
+                        value=quantity if pledged is None else pledged.get(asset, quantity)
+                    ),
                 )
                 for asset, quantity in sorted(holdings.items())
             ],
@@ -391,6 +398,8 @@ class KitCustodian:
                 ],
                 proceeds_account_id=f"{self.exchange_id}/settlement",
             )
+            for name, value in (path_names or {}).items():
+                setattr(path, name, value)
             change.liquidation_path.CopyFrom(
                 self.sign(
                     path,

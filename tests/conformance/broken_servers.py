@@ -36,6 +36,7 @@ from collateral_sync.sync import _log as _sync_log
 from collateral_sync.sync import _session as _session_module
 from collateral_sync.v1 import (
     emergency_pb2,
+    equivocation_pb2,
     errors_pb2,
     margin_pb2,
     position_sync_pb2,
@@ -44,6 +45,7 @@ from collateral_sync.v1 import (
     valuation_pb2,
 )
 from collateral_sync.v1.attestation_pb2 import Checkpoint, HoldingsStatement
+from collateral_sync.v1.liquidation_pb2 import LiquidationPath
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import evidence as _evidence_module
@@ -1134,6 +1136,138 @@ def _exchange_values_holdings_pledged_elsewhere() -> None:
     valuer.value = value
 
 
+def _exchange_satisfies_only_above_amount_due() -> None:
+    """A margin call is satisfied by a top-up worth more than the amount due, not by one worth
+    exactly that amount (§8.4: satisfied_amount >= the amount due)."""
+    original = _exchange_margin_calls.amount_due
+
+    def amount_due(status: int, call_amount: Decimal, agreed_amount: Decimal) -> Decimal:
+        # Figures have at most 18 fraction digits: ">= due + 1e-18" is "> due".
+        return Decimal(original(status, call_amount, agreed_amount)) + Decimal("1e-18")
+
+    _exchange_margin_calls.amount_due = amount_due
+
+
+def _exchange_satisfied_amount_only_rises() -> None:
+    """A call's satisfied_amount is published when a top-up raises it, but not when later
+    holdings lower it: the call keeps its highest figure (§8.4: it is that of the latest)."""
+    calls = _exchange_margin_calls.MarginCalls
+    original = calls.set_status
+
+    def set_status(self: Any, call: Any, status: int, now: Any, **kwargs: Any) -> Any:
+        satisfied = kwargs.get("satisfied_amount")
+        if status == call.status and satisfied is not None and satisfied < call.satisfied_amount:
+            return call.state_envelope
+        return original(self, call, status, now, **kwargs)
+
+    calls.set_status = set_status
+
+
+def _exchange_accepts_paths_for_others() -> None:
+    """A liquidation path relayed with a pledge is verified as the client's, but whom it
+    authorises is never compared with the holdings statement's account and the exchange
+    itself (§9.1): a path for another account or exchange becomes the path in force."""
+    holdings = _exchange_holdings.AttestedHoldings
+
+    def pledged_path(self: Any, envelope: Any, statement: Any) -> str:
+        path = _exchange_holdings.verify_statement(
+            envelope,
+            self._context.registry,
+            expected_type=LiquidationPath,
+            audience=self._settings.custodian_id,
+            now=statement.header.issued_at.ToDatetime(tzinfo=UTC),
+            max_skew=self._settings.max_skew,
+        )
+        if not path.header.statement_id:
+            raise MalformedError("holdings_change.liquidation_path.header.statement_id: unset")
+        return str(path.header.statement_id)
+
+    holdings._pledged_path = pledged_path
+
+
+def _exchange_ignores_updates_without_ids(method: str) -> Callable[[], None]:
+    """A ``method`` update (pledge change, yield accrual) naming no account or no asset is
+    acknowledged and dropped, not refused as a malformed update (§6.5 step 5)."""
+
+    def patch() -> None:
+        holdings = _exchange_holdings.AttestedHoldings
+        original = getattr(holdings, method)
+
+        def receive(self: Any, sequence: int, update: Any) -> None:
+            if update.account_id and update.asset_id:
+                original(self, sequence, update)
+
+        setattr(holdings, method, receive)
+
+    return patch
+
+
+def _exchange_lists_equivocation(
+    rewrite: Callable[[Any, Any], Any],
+) -> Callable[[], None]:
+    """The evidence an exchange lists for a refused checkpoint is ``rewrite(row, evidence)``
+    of what the reference lists (None: nothing)."""
+
+    def patch() -> None:
+        original = _exchange_holdings._checkpoint_equivocation
+
+        def equivocation(row: Any) -> Any:
+            return rewrite(row, original(row))
+
+        _exchange_holdings._checkpoint_equivocation = equivocation
+
+    return patch
+
+
+_EQUIVOCATION_KIND = equivocation_pb2.EquivocationKind
+
+
+def _inconsistent_as_fork(row: Any, evidence: Any) -> Any:
+    """A larger checkpoint that fails its consistency proof is listed as a fork (at the
+    accepted size), without its consistency proof."""
+    if (
+        evidence is not None
+        and evidence.kind == _EQUIVOCATION_KIND.EQUIVOCATION_KIND_CHECKPOINT_INCONSISTENT
+    ):
+        evidence.kind = _EQUIVOCATION_KIND.EQUIVOCATION_KIND_CHECKPOINT_FORK
+        evidence.ClearField("consistency_proof")
+    return evidence
+
+
+def _forks_above_only(row: Any, evidence: Any) -> Any:
+    """Roots are compared by order: a fork is listed only if its root sorts above the
+    accepted one."""
+    if (
+        evidence is not None
+        and evidence.kind == _EQUIVOCATION_KIND.EQUIVOCATION_KIND_CHECKPOINT_FORK
+        and evidence.second_hash < evidence.first_hash
+    ):
+        return None
+    return evidence
+
+
+def _rollbacks_as_forks(row: Any, evidence: Any) -> Any:
+    """A checkpoint smaller than the accepted one is listed as a fork of the accepted one."""
+    if evidence is not None or row.held is None:
+        return evidence
+    held = Checkpoint.FromString(row.held.payload)
+    received = Checkpoint.FromString(row.received.payload)
+    if received.tree_size >= held.tree_size:
+        return None
+    fork = equivocation_pb2.EquivocationEvidence(
+        kind=_EQUIVOCATION_KIND.EQUIVOCATION_KIND_CHECKPOINT_FORK,
+        accused_party_id=received.header.issuer,
+        log_origin=row.origin,
+        tree_size=held.tree_size,
+        first=row.held,
+        second=row.received,
+        first_hash=held.root_hash,
+        second_hash=received.root_hash,
+    )
+    fork.detected_at.FromNanoseconds(row.detected_at_ns)
+    return fork
+
+
 def _custodian_records_unnamed_paths() -> None:
     """A liquidation path without a statement_id is recorded under a name the custodian
     makes up, not refused (§9.1: the path's statement_id MUST be set)."""
@@ -1246,6 +1380,22 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-trusts-consistency-proof-sizes": _exchange_trusts_consistency_proof_sizes,
     "exchange-ignores-checkpoint-origin": _exchange_ignores_checkpoint_origin,
     "custodian-records-unnamed-paths": _custodian_records_unnamed_paths,
+    "exchange-satisfies-only-above-amount-due": _exchange_satisfies_only_above_amount_due,
+    "exchange-satisfied-amount-only-rises": _exchange_satisfied_amount_only_rises,
+    "exchange-accepts-paths-for-others": _exchange_accepts_paths_for_others,
+    "exchange-ignores-yield-accruals-without-ids": _exchange_ignores_updates_without_ids(
+        "receive_yield_accrual"
+    ),
+    "exchange-ignores-pledge-changes-without-ids": _exchange_ignores_updates_without_ids(
+        "receive_pledge_change"
+    ),
+    "exchange-lists-inconsistent-checkpoints-as-forks": _exchange_lists_equivocation(
+        _inconsistent_as_fork
+    ),
+    "exchange-lists-forks-above-accepted-root-only": _exchange_lists_equivocation(
+        _forks_above_only
+    ),
+    "exchange-lists-rollbacks-as-forks": _exchange_lists_equivocation(_rollbacks_as_forks),
 }
 
 

@@ -510,6 +510,12 @@ _HOLDINGS_CASES = {
     "exchange/holdings/inconsistent-checkpoint-not-credited",
 }
 
+#: The cases that find an item of the exchange's checkpoint evidence listed.
+_LISTED_EVIDENCE_CASES = {
+    "evidence/exchange/checkpoint-fork-served",
+    "evidence/exchange/inconsistent-checkpoint-served",
+}
+
 #: Faults of an exchange that dials the kit's own custodian (--listen).
 COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
@@ -593,12 +599,12 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "exchange-serves-no-evidence",
         ["evidence/**", "sync/exchange/equivocation-evidence-served"],
-        {"evidence/exchange/checkpoint-fork-served", "sync/exchange/equivocation-evidence-served"},
+        {*_LISTED_EVIDENCE_CASES, "sync/exchange/equivocation-evidence-served"},
     ),
     (
         "exchange-keeps-first-statement-only",
         ["evidence/**", "sync/exchange/equivocation-evidence-served"],
-        {"evidence/exchange/checkpoint-fork-served", "sync/exchange/equivocation-evidence-served"},
+        {*_LISTED_EVIDENCE_CASES, "sync/exchange/equivocation-evidence-served"},
     ),
     (
         "exchange-serves-evidence-to-anyone",
@@ -614,6 +620,54 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "exchange-values-holdings-pledged-elsewhere",
         ["exchange/holdings/credited-once-proven", "exchange/holdings/pledged-elsewhere-*"],
         {"exchange/holdings/pledged-elsewhere-not-credited"},
+    ),
+    # A call satisfied exactly at the amount due, and a satisfied amount that follows the
+    # latest holdings down as well as up (§8.4).
+    (
+        "exchange-satisfies-only-above-amount-due",
+        [
+            "exchange/margin-call/partial-agreement-then-top-up",
+            "exchange/margin-call/satisfied-*",
+        ],
+        {"exchange/margin-call/satisfied-at-amount-due"},
+    ),
+    (
+        "exchange-satisfied-amount-only-rises",
+        ["exchange/margin-call/satisfied-*"],
+        {"exchange/margin-call/satisfied-amount-follows-holdings"},
+    ),
+    # Each of these acknowledges what it should refuse, so that it holds an entry the kit's
+    # log does not: nothing of the stream may run after the case that catches it.
+    (
+        "exchange-accepts-paths-for-others",
+        ["sync/exchange/hello-valid", "sync/exchange/unauthorising-path-refused"],
+        {"sync/exchange/unauthorising-path-refused"},
+    ),
+    (
+        "exchange-ignores-yield-accruals-without-ids",
+        ["sync/exchange/hello-valid", "sync/exchange/yield-accrual-without-ids-refused"],
+        {"sync/exchange/yield-accrual-without-ids-refused"},
+    ),
+    (
+        "exchange-ignores-pledge-changes-without-ids",
+        ["sync/exchange/*-without-ids-refused"],
+        {"sync/exchange/pledge-change-without-ids-refused"},
+    ),
+    # The kind of a checkpoint's evidence, and what is no evidence at all (§10.7).
+    (
+        "exchange-lists-inconsistent-checkpoints-as-forks",
+        ["evidence/**"],
+        {"evidence/exchange/inconsistent-checkpoint-served"},
+    ),
+    (
+        "exchange-lists-forks-above-accepted-root-only",
+        ["evidence/**"],
+        {"evidence/exchange/checkpoint-fork-served"},
+    ),
+    (
+        "exchange-lists-rollbacks-as-forks",
+        ["evidence/**"],
+        {"evidence/exchange/rollback-and-bad-proof-not-evidence"},
     ),
     # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
     # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement

@@ -43,6 +43,7 @@ __all__ = [
     "KIND",
     "checkpoint_pair",
     "list_evidence",
+    "second_root",
     "sync_batch_pair",
     "wait_for_evidence",
 ]
@@ -116,6 +117,17 @@ def _summary(item: equivocation_pb2.EquivocationEvidence) -> object:
         "first": "set" if item.HasField("first") else "unset",
         "second": "set" if item.HasField("second") else "unset",
     }
+
+
+def second_root(item: equivocation_pb2.EquivocationEvidence) -> bytes | None:
+    """The root of the checkpoint an item holds as its ``second`` statement, if it holds one:
+    which refused checkpoint the item is about (verified later, when the item is judged)."""
+    if not item.HasField("second"):
+        return None
+    try:
+        return attestation_pb2.Checkpoint.FromString(item.second.payload).root_hash
+    except DecodeError:
+        return None
 
 
 def _issued_at(envelope: envelope_pb2.Envelope, message_type: type[Message], what: str) -> datetime:

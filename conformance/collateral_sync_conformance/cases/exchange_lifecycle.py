@@ -20,7 +20,7 @@ import asyncio
 import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -535,6 +535,122 @@ async def _until_status(
     return last[0]
 
 
+def _increase_under_call(call: margin_pb2.MarginCall, account: str) -> Callable[[Decimal], Decimal]:
+    """What a USDC top-up of ``extra`` adds to the account's collateral value, as §8.4 measures
+    it: the account's holdings (``_HOLDINGS`` plus ``extra``) valued under the call's own
+    policy and price snapshot at its issued_at, minus the call's ``collateral_value``."""
+    policy = valuation_pb2.RiskPolicy.FromString(call.inputs.risk_policy.payload)
+    snapshot = valuation_pb2.PriceSnapshot.FromString(call.inputs.price_snapshot.payload)
+    at = call.header.issued_at.ToDatetime(tzinfo=UTC)
+    base = parse_amount(_HOLDINGS["USDC"])
+    called = parse_amount(call.collateral_value.value)
+
+    def increase(extra: Decimal) -> Decimal:
+        quantity = common_pb2.Decimal(value=format_amount(base + extra))
+        position = common_pb2.Position(
+            account_id=account,
+            asset_id="USDC",
+            quantity=quantity,
+            locked_quantity=common_pb2.Decimal(value="0"),
+            pledged_quantity=quantity,
+        )
+        valued = value_collateral(policy, [position], snapshot.prices, valued_at=at)
+        return valued.collateral_value - called
+
+    return increase
+
+
+def _value_per_unit(increase: Callable[[Decimal], Decimal]) -> Decimal:
+    per_unit = increase(Decimal(1000)) / 1000
+    if per_unit <= 0:
+        raise CaseSkipped("USDC adds no collateral value under the call's policy")
+    return per_unit
+
+
+def _extra_for(increase: Callable[[Decimal], Decimal], target: Decimal) -> Decimal:
+    """The smallest USDC top-up that raises the collateral value by exactly ``target``.
+
+    Searched on ever finer quantity grids (down to 18 fraction digits, the Decimal
+    limit), since the valuation rounds each position down to the policy's scale.
+    """
+    per_unit = _value_per_unit(increase)
+    for places in range(19):
+        unit = Decimal(1).scaleb(-places)
+        low, high = 0, int(target / per_unit / unit) + 1
+        while increase(high * unit) < target:
+            high *= 2
+        while low < high:  # the first multiple of unit that reaches the target
+            middle = (low + high) // 2
+            if increase(middle * unit) < target:
+                low = middle + 1
+            else:
+                high = middle
+        if increase(low * unit) == target:
+            return low * unit
+    raise CaseSkipped(
+        f"no USDC top-up raises the collateral value by exactly {format_amount(target)} under "
+        "the call's policy"
+    )
+
+
+async def _top_up(
+    ctx: CaseContext,
+    kit: KitCustodian,
+    call: margin_pb2.MarginCall,
+    target: Decimal,
+    *,
+    epoch: int,
+    reason: attestation_pb2.HoldingsChangeReason.ValueType = _H.HOLDINGS_CHANGE_REASON_TOP_UP,
+) -> None:
+    """Attest the call's account holding what makes its collateral value ``target`` more than
+    the call's (under the call's own inputs), and announce it on the stream."""
+    increase = _increase_under_call(call, call.account_id)
+    extra = _extra_for(increase, target)
+    await ctx.server_now()  # the kit signs on the exchange's clock
+    change, _ = kit.holdings_change(
+        call.account_id,
+        _client(ctx),
+        {"USDC": format_amount(parse_amount(_HOLDINGS["USDC"]) + extra)},
+        epoch=epoch,
+        reason=reason,
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+
+async def _until_satisfied(
+    ctx: CaseContext, call: margin_pb2.MarginCall, amount: Decimal, what: str
+) -> margin_pb2.MarginCallState:
+    """The call's state once it says ``satisfied_amount`` = ``amount``, or leaves ISSUED."""
+    last: list[margin_pb2.MarginCallState] = []
+
+    async def settled() -> bool:
+        state = await _state(ctx, call.margin_call_id)
+        last[:] = [state]
+        satisfied = parse_amount(state.satisfied_amount.value or "0")
+        return satisfied == amount or state.status != _MS.MARGIN_CALL_STATUS_ISSUED
+
+    try:
+        await _poll(ctx, settled, what)
+    except CaseFailure as failure:
+        got = (
+            f"{_MS.Name(last[0].status)}, satisfied_amount {last[0].satisfied_amount.value!r}"
+            if last
+            else "no state"
+        )
+        raise CaseFailure(
+            failure.message, expected=f"satisfied_amount {format_amount(amount)}", got=got
+        ) from None
+    return last[0]
+
+
+def _check_open_with(state: margin_pb2.MarginCallState, amount: Decimal, what: str) -> None:
+    check_equal(
+        f"status and satisfied_amount of the call {what} (§8.4)",
+        (_MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED), format_amount(amount)),
+        (_MS.Name(state.status), state.satisfied_amount.value),
+    )
+
+
 def _response(
     call: margin_pb2.MarginCall, kind: int, agreed: str, reason: int
 ) -> margin_pb2.MarginCallResponse:
@@ -600,27 +716,10 @@ async def partial_agreement(ctx: CaseContext) -> None:
 
     # A top-up between the agreed part and the whole call, valued as §8.4 says:
     # under the call's own policy and price snapshot.
-    policy = valuation_pb2.RiskPolicy.FromString(call.inputs.risk_policy.payload)
-    snapshot = valuation_pb2.PriceSnapshot.FromString(call.inputs.price_snapshot.payload)
-    at = call.header.issued_at.ToDatetime(tzinfo=UTC)
+    increase = _increase_under_call(call, account)
     base = parse_amount(_HOLDINGS["USDC"])
-
-    def increase(extra: Decimal) -> Decimal:
-        position = common_pb2.Position(
-            account_id=account,
-            asset_id="USDC",
-            quantity=common_pb2.Decimal(value=format_amount(base + extra)),
-            locked_quantity=common_pb2.Decimal(value="0"),
-            pledged_quantity=common_pb2.Decimal(value=format_amount(base + extra)),
-        )
-        valued = value_collateral(policy, [position], snapshot.prices, valued_at=at)
-        return valued.collateral_value - parse_amount(call.collateral_value.value)
-
     target = (agreed + call_amount) / 2
-    per_unit = increase(Decimal(1000)) / 1000
-    if per_unit <= 0:
-        raise CaseSkipped("USDC adds no collateral value under the call's policy")
-    extra = (target / per_unit).quantize(Decimal(1))
+    extra = (target / _value_per_unit(increase)).quantize(Decimal(1))
     check(
         agreed <= increase(extra) < call_amount,
         "the kit could not size a top-up between the agreed part and the call",
@@ -649,6 +748,89 @@ async def partial_agreement(ctx: CaseContext) -> None:
         expected=f">= {agreed}",
         got=str(satisfied),
     )
+
+
+def _quantum(call: margin_pb2.MarginCall) -> Decimal:
+    """The smallest step of a published figure: 10^-rounding_scale of the call's policy."""
+    policy = valuation_pb2.RiskPolicy.FromString(call.inputs.risk_policy.payload)
+    return Decimal(1).scaleb(-policy.rounding_scale)
+
+
+@REGISTRY.case(
+    "exchange/margin-call/satisfied-at-amount-due",
+    Level.MUST,
+    "a top-up worth, under the call's own inputs, one quantum (10^-rounding_scale) less than "
+    "the amount due leaves the call ISSUED with exactly that satisfied_amount; the next one, "
+    "worth exactly the amount due, makes it SATISFIED with satisfied_amount = the amount due "
+    "(§8.4)",
+    roles=_EXCHANGE,
+)
+async def satisfied_at_amount_due(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    _, call = await _call(ctx, kit)
+    due = parse_amount(call.call_amount.value)  # ISSUED: the whole call is due (§8.1)
+    short = due - _quantum(call)
+    check(short > 0, "call too small to fall short of", expected="> one quantum", got=str(due))
+
+    await _top_up(ctx, kit, call, short, epoch=2)
+    state = await _until_satisfied(
+        ctx, call, short, f"the call records a top-up worth {short} (amount due {due})"
+    )
+    _check_open_with(state, short, f"after a top-up worth one quantum less than the {due} due")
+
+    await _top_up(ctx, kit, call, due, epoch=3)
+    state = await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_SATISFIED,
+        f"a top-up worth exactly the amount due ({due}) satisfies the call",
+    )
+    check_equal(
+        "satisfied_amount of the SATISFIED call", format_amount(due), state.satisfied_amount.value
+    )
+
+
+@REGISTRY.case(
+    "exchange/margin-call/satisfied-amount-follows-holdings",
+    Level.MUST,
+    "satisfied_amount is the increase, under the call's own inputs, of the collateral value of "
+    "the account's latest attested holdings: two partial top-ups, then a statement that lowers "
+    "the holdings (a settlement), each publish a MarginCallState with exactly the new figure, "
+    "the call still ISSUED (§8.1, §8.4)",
+    roles=_EXCHANGE,
+)
+async def satisfied_amount_follows_holdings(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    _, call = await _call(ctx, kit)
+    due = parse_amount(call.call_amount.value)
+    quantum = _quantum(call)
+    # Uneven parts of the amount due, each a multiple of the quantum: up, further up, down.
+    steps = [
+        (due * Decimal(fraction)).quantize(quantum, rounding=ROUND_DOWN)
+        for fraction in ("0.2917", "0.7331", "0.4589")
+    ]
+    check(
+        0 < steps[0] < steps[2] < steps[1] < due,
+        "call too small to be satisfied in three distinct parts",
+        expected="a call amount of many quanta",
+        got=str(due),
+    )
+    for epoch, (amount, reason, what) in enumerate(
+        [
+            (steps[0], _H.HOLDINGS_CHANGE_REASON_TOP_UP, "a first partial top-up"),
+            (steps[1], _H.HOLDINGS_CHANGE_REASON_TOP_UP, "a second partial top-up"),
+            (steps[2], _H.HOLDINGS_CHANGE_REASON_SETTLEMENT, "a settlement that lowers it"),
+        ],
+        start=2,
+    ):
+        await _top_up(ctx, kit, call, amount, epoch=epoch, reason=reason)
+        state = await _until_satisfied(
+            ctx,
+            call,
+            amount,
+            f"the call's satisfied_amount is {amount} after {what} (amount due {due})",
+        )
+        _check_open_with(state, amount, f"after {what}")
 
 
 @REGISTRY.case(

@@ -19,18 +19,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 
+from collateral_sync.amounts import parse_amount
 from collateral_sync.sync import (
     CUSTODIAN_TO_EXCHANGE,
     EXCHANGE_TO_CUSTODIAN,
     ZERO_HASH,
+    LogHead,
     entry_hash,
     verify_sync_batch,
 )
-from collateral_sync.v1 import common_pb2, envelope_pb2, errors_pb2, position_sync_pb2
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    envelope_pb2,
+    errors_pb2,
+    position_sync_pb2,
+)
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._counterpart import KitCustodian, RawStream
+from collateral_sync_conformance._counterpart import (
+    KitCustodian,
+    RawStream,
+    credit_line_of,
+    relies_on,
+)
 from collateral_sync_conformance._expect import (
     CaseFailure,
     CaseSkipped,
@@ -58,6 +72,8 @@ _WINDOW = 64
 _CREDIT_TIMEOUT = 20.0
 #: How long the kit watches for a batch the window does not allow.
 _QUIET = 1.0
+#: How long a stream the kit will make the exchange refuse stays up first.
+_STEADY_SECONDS = 2.2
 
 
 @asynccontextmanager
@@ -427,6 +443,217 @@ async def wrong_role_batch_refused(ctx: CaseContext) -> None:
     await _head_unchanged(ctx, kit, held, held_hash)
 
 
+async def _refused_in_turn(
+    ctx: CaseContext,
+    kit: KitCustodian,
+    refused: list[tuple[str, bytes]],
+    reason: errors_pb2.ErrorReason.ValueType,
+    *,
+    logged: list[bytes] | None = None,
+) -> None:
+    """Send each ``(what, update)`` in a batch of its own, on a stream of its own, right after
+    the head of the kit's log: each must be refused with SyncClose(``reason``), and the
+    exchange's next hello must show nothing of it stored.
+
+    ``logged`` updates are appended to the kit's log first, and must be acknowledged on the
+    first stream before anything is refused there.
+    """
+    loop = asyncio.get_running_loop()
+    head = kit.sync_log.sent_head()
+    for index, (what, update) in enumerate(refused):
+        async with _stream(ctx, kit) as stream:
+            began = loop.time()
+            _check_held(stream, head, what=f"before {what}")
+            if index == 0 and logged:
+                for entry in logged:
+                    _logged(kit, entry)
+                head = kit.sync_log.sent_head()
+            if stream.hello.received_sequence < head.sequence:
+                await _send_from_held(kit, stream)
+            # Up a while before the refusal: an exchange that re-dials at once after a stream
+            # that was up a while (as the reference does, §6.7 backoff) keeps the case short.
+            await asyncio.sleep(max(0.0, began + _STEADY_SECONDS - loop.time()))
+            envelope, _ = _batch(kit, head.sequence + 1, head.entry_hash, [update])
+            await stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+            await _expect_close(stream, reason, what)
+    await _head_unchanged(ctx, kit, head.sequence, head.entry_hash)
+
+
+def _check_held(stream: RawStream, head: LogHead, *, what: str) -> None:
+    """The exchange holds the kit's log up to ``head``, or less of it (never another entry)."""
+    held = stream.hello.received_sequence
+    check(
+        held <= head.sequence,
+        f"the exchange stored an entry of the custodian's log the kit refused to write ({what})",
+        expected=f"received_sequence <= {head.sequence}",
+        got=str(held),
+    )
+
+
+async def _credited(ctx: CaseContext, kit: KitCustodian) -> None:
+    """A proven statement of a new account, announced after everything else, is credited:
+    the exchange has caught up with the kit's log and its attestations."""
+    account_id = ctx.unique("kit-sync")
+    change, ref = kit.holdings_change(
+        account_id, ctx.key(common_pb2.PARTY_ROLE_CLIENT), {"USDC": "1"}, epoch=1
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CREDIT_TIMEOUT
+    while not relies_on(
+        await credit_line_of(ctx.exchange, account_id, ctx.config.rpc_timeout), ref
+    ):
+        if loop.time() > deadline:
+            raise CaseFailure(
+                f"the exchange did not credit {account_id!r} within {_CREDIT_TIMEOUT:.0f} s of "
+                "a proven statement on the stream (§5.5)",
+                expected="a credit line relying on the statement",
+                got="none",
+            )
+        await asyncio.sleep(0.1)
+
+
+@REGISTRY.case(
+    "sync/exchange/unauthorising-path-refused",
+    Level.MUST,
+    "a pledge whose relayed liquidation path names another exchange, or another account, is a "
+    "false statement of the custodian's: SyncClose PATH_NOT_AUTHORISED, nothing of the batch "
+    "stored, and the account is never credited (§9.1, §6.5 step 5)",
+    roles=_EXCHANGE,
+)
+async def unauthorising_path_refused(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    await ctx.server_now()  # the kit signs on the exchange's clock
+    client = ctx.key(common_pb2.PARTY_ROLE_CLIENT)
+    accounts = []
+    refused = []
+    for field, named, what in (
+        ("exchange_id", ctx.unique("conformance-other-exchange"), "another exchange"),
+        ("account_id", ctx.unique("kit-other-account"), "another account"),
+    ):
+        account = ctx.unique("kit-path")
+        change, _ = kit.holdings_change(
+            account, client, {"USDC": "1000"}, epoch=1, path_names={field: named}
+        )
+        accounts.append(account)
+        update = position_sync_pb2.PositionUpdate(holdings_change=change)
+        refused.append(
+            (f"a pledge whose liquidation path names {what}", update.SerializeToString())
+        )
+    await _refused_in_turn(ctx, kit, refused, _R.ERROR_REASON_PATH_NOT_AUTHORISED)
+    await _credited(ctx, kit)
+    await asyncio.sleep(_QUIET)
+    for account in accounts:
+        line = await credit_line_of(ctx.exchange, account, ctx.config.rpc_timeout)
+        value = parse_amount(line.collateral_value.value or "0") if line is not None else 0
+        check(
+            line is None or (not line.attestations and value == 0),
+            f"the exchange credited {account!r}, whose pledge carried a path that does not "
+            "authorise it (§9.1)",
+            expected="no credit line, or one relying on no statement and valuing nothing",
+            got=f"collateral value {value}, {len(line.attestations) if line else 0} attestation(s)",
+        )
+
+
+def _account_update(
+    variant: str,
+    *,
+    account_id: str,
+    asset_id: str,
+    quantity: str,
+    ref: attestation_pb2.AttestationRef,
+    at: datetime,
+) -> bytes:
+    """A pledge_change or yield_accrual of (account, asset), attested by ``ref``."""
+    figure = common_pb2.Decimal(value=quantity)
+    if variant == "pledge_change":
+        update = position_sync_pb2.PositionUpdate(
+            pledge_change=position_sync_pb2.PledgeChange(
+                account_id=account_id, asset_id=asset_id, pledged_quantity=figure, attestation=ref
+            )
+        )
+    else:
+        accrual = position_sync_pb2.YieldAccrual(
+            account_id=account_id, asset_id=asset_id, accrued_quantity=figure, attestation=ref
+        )
+        accrual.accrual_time.FromDatetime(at)
+        update = position_sync_pb2.PositionUpdate(yield_accrual=accrual)
+    return update.SerializeToString()
+
+
+async def _ids_required(ctx: CaseContext, kit: KitCustodian, variant: str) -> None:
+    """A well-formed ``variant`` update is acknowledged; one naming no account, or no asset,
+    is a malformed update: SyncClose MALFORMED, nothing stored (§6.5 step 5, §6.8)."""
+    await ctx.server_now()  # the kit signs on the exchange's clock
+    client = ctx.key(common_pb2.PARTY_ROLE_CLIENT)
+    account, asset = ctx.unique("kit-ids"), "BENJI"
+    now = kit.now()
+
+    def update(
+        kind: str,
+        account_id: str,
+        asset_id: str,
+        quantity: str,
+        ref: attestation_pb2.AttestationRef,
+    ) -> bytes:
+        return _account_update(
+            kind, account_id=account_id, asset_id=asset_id, quantity=quantity, ref=ref, at=now
+        )
+
+    # A pledge, announced as §6.8 says: its holdings statement, then its pledge change.
+    pledge, ref = kit.holdings_change(account, client, {asset: "1000"}, epoch=1)
+    updates = [
+        position_sync_pb2.PositionUpdate(holdings_change=pledge).SerializeToString(),
+        update("pledge_change", account, asset, "1000", ref),
+    ]
+    figure = "1000"
+    if variant == "yield_accrual":
+        # Then a yield accrual: the quantity grows, the pledge does not (§9.3).
+        figure = "0.37"
+        accrued, ref = kit.holdings_change(
+            account,
+            client,
+            {asset: "1000.37"},
+            epoch=2,
+            reason=attestation_pb2.HOLDINGS_CHANGE_REASON_YIELD_ACCRUAL,
+            pledged={asset: "1000"},
+        )
+        updates += [
+            position_sync_pb2.PositionUpdate(holdings_change=accrued).SerializeToString(),
+            update(variant, account, asset, figure, ref),
+        ]
+    refused = [
+        (f"a {variant} naming no account", update(variant, "", asset, figure, ref)),
+        (f"a {variant} naming no asset", update(variant, account, "", figure, ref)),
+    ]
+    # The well-formed ones first: acknowledged like any other entry.
+    await _refused_in_turn(ctx, kit, refused, _R.ERROR_REASON_MALFORMED, logged=updates)
+
+
+@REGISTRY.case(
+    "sync/exchange/yield-accrual-without-ids-refused",
+    Level.MUST,
+    "a yield_accrual naming its account and asset is acknowledged; one with an empty "
+    "account_id, or an empty asset_id, is a malformed update: SyncClose MALFORMED, and the "
+    "exchange's next hello shows nothing of it stored (§6.5 step 5, §6.8)",
+    roles=_EXCHANGE,
+)
+async def yield_accrual_without_ids_refused(ctx: CaseContext) -> None:
+    await _ids_required(ctx, ctx.counterpart, "yield_accrual")
+
+
+@REGISTRY.case(
+    "sync/exchange/pledge-change-without-ids-refused",
+    Level.MUST,
+    "a pledge_change naming its account and asset is acknowledged; one with an empty "
+    "account_id, or an empty asset_id, is a malformed update: SyncClose MALFORMED, and the "
+    "exchange's next hello shows nothing of it stored (§6.5 step 5, §6.8)",
+    roles=_EXCHANGE,
+)
+async def pledge_change_without_ids_refused(ctx: CaseContext) -> None:
+    await _ids_required(ctx, ctx.counterpart, "pledge_change")
+
+
 async def _equivocate(ctx: CaseContext, kit: KitCustodian) -> None:
     """Send the exchange another entry at the last sequence it holds; expect EQUIVOCATION."""
     async with _stream(ctx, kit) as stream:
@@ -475,9 +702,11 @@ async def equivocation_evidence_served(ctx: CaseContext) -> None:
     item = await wait_for_evidence(
         ctx,
         regulator,
-        lambda e: e.kind == KIND.EQUIVOCATION_KIND_SYNC_BATCH
-        and e.accused_party_id == kit.party_id
-        and e.sequence == sequence,
+        lambda e: (
+            e.kind == KIND.EQUIVOCATION_KIND_SYNC_BATCH
+            and e.accused_party_id == kit.party_id
+            and e.sequence == sequence
+        ),
         f"a SYNC_BATCH equivocation of {kit.party_id} at sequence {sequence}",
     )
     check_equal(
