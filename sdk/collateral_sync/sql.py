@@ -45,6 +45,7 @@ __all__ = [
     "SqlConnection",
     "SqlCursor",
     "is_sqlite",
+    "postgres_connect",
     "postgres_ddl",
     "postgres_pool",
     "postgres_refusal",
@@ -364,6 +365,23 @@ class PostgresConnection:
         self.rollback()
 
 
+def _connection_settings(password: str | None, name: str) -> dict[str, Any]:
+    """How every connection of ours is opened: autocommit, named, 5 s to connect."""
+    settings: dict[str, Any] = {"autocommit": True, "application_name": name, "connect_timeout": 5}
+    if password is not None:
+        settings["password"] = password
+    return settings
+
+
+def postgres_connect(
+    conninfo: str, *, password: str | None = None, name: str = "collateral-sync"
+) -> psycopg.Connection[tuple[Any, ...]]:
+    """One connection outside any pool, opened as the pool's are (for a lease, say)."""
+    import psycopg  # noqa: PLC0415  # the optional [postgresql] extra
+
+    return psycopg.connect(conninfo, **_connection_settings(password, name))
+
+
 def postgres_pool(
     conninfo: str, *, size: int, password: str | None = None, name: str = "collateral-sync"
 ) -> ConnectionPool[Any]:
@@ -375,7 +393,6 @@ def postgres_pool(
     missing database (callers report it as a configuration error).
     """
     try:
-        import psycopg  # noqa: PLC0415  # the optional [postgresql] extra
         from psycopg_pool import ConnectionPool, PoolTimeout  # noqa: PLC0415
     except ImportError as err:
         raise RuntimeError(
@@ -383,11 +400,9 @@ def postgres_pool(
             "pip install 'collateral-sync[postgresql]'"
         ) from err
 
-    kwargs: dict[str, Any] = {"autocommit": True, "application_name": name, "connect_timeout": 5}
-    if password is not None:
-        kwargs["password"] = password
+    kwargs = _connection_settings(password, name)
     # Fail at once on a wrong password or database instead of retrying for the timeout.
-    psycopg.connect(conninfo, **kwargs).close()
+    postgres_connect(conninfo, password=password, name=name).close()
     # A caller waits at most _WAIT for a connection: while the database is away the
     # pool has none to give, and the refusal must come before the caller's deadline.
     pool: ConnectionPool[Any] = ConnectionPool(

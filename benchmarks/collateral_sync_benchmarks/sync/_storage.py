@@ -404,68 +404,56 @@ class _RawStorage:
             )
             first = last + 1
         self._sequence = first - 1
+        work: dict[str, Any] = {
+            "entries": entries,
+            "after": after,
+            "issued_at_us": issued_at_us,
+            "rows": rows,
+            "logs": logs,
+        }
         begin = time.perf_counter()
         if self._sqlite:
-            self._run_sqlite(entries, after, issued_at_us, rows, logs)
+            sender, receiver = self._sqlite
+            self._run(sender, receiver, "BEGIN IMMEDIATE", **work)
         else:
-            self._run_postgres(entries, after, issued_at_us, rows, logs)
+            sending, receiving = (connection.cursor() for connection in self._postgres)
+            self._run(sending, receiving, "BEGIN", **work)
         return len(rows) / (time.perf_counter() - begin)
 
-    def _run_sqlite(
+    def _run(
         self,
+        sender: Any,
+        receiver: Any,
+        begin: str,
+        *,
         entries: Sequence[Any],
         after: int,
         issued_at_us: int,
         rows: Sequence[Any],
         logs: Sequence[Any],
     ) -> None:
-        sender, receiver = self._sqlite
+        """The work itself, on either driver: a sqlite3 connection or a psycopg cursor (both
+        take ``execute`` and ``executemany``), in autocommit, each transaction ``begin`` ...
+        COMMIT."""
         out_insert, out_read, sent_insert, log_insert, upsert = self._sql
         size = self.batch_size
         for start in range(0, len(entries), TRANSACTION_UPDATES):
-            sender.execute("BEGIN IMMEDIATE")
+            sender.execute(begin)
             sender.executemany(out_insert, entries[start : start + TRANSACTION_UPDATES])
             sender.execute("COMMIT")
         for number, log in enumerate(logs):
             sent = sender.execute(
                 out_read, (CUSTODIAN_TO_EXCHANGE, after + number * size, size)
             ).fetchall()
-            sender.execute("BEGIN IMMEDIATE")
+            sender.execute(begin)
             sender.execute(
                 sent_insert, (CUSTODIAN_TO_EXCHANGE, sent[-1][0], bytes(32), issued_at_us)
             )
             sender.execute("COMMIT")
-            receiver.execute("BEGIN IMMEDIATE")
+            receiver.execute(begin)
             receiver.execute(log_insert, log)
             receiver.executemany(upsert, rows[number * size : (number + 1) * size])
             receiver.execute("COMMIT")
-
-    def _run_postgres(
-        self,
-        entries: Sequence[Any],
-        after: int,
-        issued_at_us: int,
-        rows: Sequence[Any],
-        logs: Sequence[Any],
-    ) -> None:
-        sender, receiver = self._postgres
-        out_insert, out_read, sent_insert, log_insert, upsert = self._sql
-        size = self.batch_size
-        sending, receiving = sender.cursor(), receiver.cursor()
-        for start in range(0, len(entries), TRANSACTION_UPDATES):
-            with sender.transaction():  # BEGIN ... COMMIT
-                sending.executemany(out_insert, entries[start : start + TRANSACTION_UPDATES])
-        for number, log in enumerate(logs):
-            sent = sending.execute(
-                out_read, (CUSTODIAN_TO_EXCHANGE, after + number * size, size)
-            ).fetchall()
-            with sender.transaction():
-                sending.execute(
-                    sent_insert, (CUSTODIAN_TO_EXCHANGE, sent[-1][0], bytes(32), issued_at_us)
-                )
-            with receiver.transaction():
-                receiving.execute(log_insert, log)
-                receiving.executemany(upsert, rows[number * size : (number + 1) * size])
 
     def close(self) -> None:
         for checkpointer in self._checkpointers:

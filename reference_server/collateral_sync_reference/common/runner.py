@@ -46,7 +46,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -434,14 +434,27 @@ def _bind_problem(listen: str) -> str:
     return f"cannot listen on {listen} (in use, or not a local address)"
 
 
-async def _bind(server: grpc.aio.Server, listen: str) -> int:
+async def _bind(server: grpc.aio.Server, listen: str, *, serving: bool = True) -> int:
     """Bind and start ``server``; a failure is one clean line, without gRPC's own log."""
     with grpc_core_log_held() as held:
         try:
-            return await start_server(server, listen)
+            return await start_server(server, listen, serving=serving)
         except OSError as err:
             held.drop_core_log = True
             raise OSError(_bind_problem(listen)) from err
+
+
+@contextlib.contextmanager
+def _signals(shutdown: Callable[[int, str], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the server (exit code 0) while the block runs."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
 
 
 async def _standby_until_active(
@@ -460,29 +473,20 @@ async def _standby_until_active(
     if await asyncio.to_thread(lease.try_acquire):
         return listen
     standby = create_server(tls=tls, plaintext_for_testing=tls is None, servicers=[])
-    with grpc_core_log_held() as held:
-        try:
-            port = await start_server(standby, listen, serving=False)
-        except OSError as err:
-            held.drop_core_log = True
-            raise OSError(_bind_problem(listen)) from err
+    port = await _bind(standby, listen, serving=False)
     host = listen.rsplit(":", 1)[0]
     _LOGGER.info("standby on %s:%d: another server holds the database's lease", host, port)
     print(f"STANDBY {host}:{port}", flush=True)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
     try:
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), _LEASE_POLL)
-            if not stopping.is_set() and await asyncio.to_thread(lease.try_acquire):
-                _LOGGER.warning("took the database's lease: becoming the active server")
-                return f"{host}:{port}"
-        return None
+        with _signals(shutdown):
+            while not stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), _LEASE_POLL)
+                if not stopping.is_set() and await asyncio.to_thread(lease.try_acquire):
+                    _LOGGER.warning("took the database's lease: becoming the active server")
+                    return f"{host}:{port}"
+            return None
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         await stop_server(standby, grace=0)
 
 
@@ -547,39 +551,36 @@ async def _serve(
         # and health and reflection list it (only a test-mode server has it).
         add_servicer(server, role.test_control())
     port = await _bind(server, listen)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, shutdown, 0, f"signal {signal.Signals(signum).name}")
     started = False
     watcher: asyncio.Task[None] | None = None
-    try:
-        await role.start()
-        started = True
-        host = listen.rsplit(":", 1)[0]
-        context.logger.info(
-            "%s %s serving on %s:%d%s",
-            config.role,
-            config.party_id,
-            host,
-            port,
-            " (test mode)" if test_mode else "",
-        )
-        print(f"LISTENING {host}:{port}", flush=True)
-        if isinstance(storage, PostgresStorage):
-            watcher = asyncio.create_task(
-                watch_database(storage, server, context.logger, lease=lease, on_lost=shutdown)
+    # A second signal while stopping changes nothing: the first one decided.
+    with _signals(shutdown):
+        try:
+            await role.start()
+            started = True
+            host = listen.rsplit(":", 1)[0]
+            context.logger.info(
+                "%s %s serving on %s:%d%s",
+                config.role,
+                config.party_id,
+                host,
+                port,
+                " (test mode)" if test_mode else "",
             )
-        await stopping.wait()
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        # Calls in flight finish (or are cancelled after the grace) before the
-        # role releases what they use.
-        await stop_server(server, grace=SHUTDOWN_GRACE)
-        if started:
-            await role.stop()
+            print(f"LISTENING {host}:{port}", flush=True)
+            if isinstance(storage, PostgresStorage):
+                watcher = asyncio.create_task(
+                    watch_database(storage, server, context.logger, lease=lease, on_lost=shutdown)
+                )
+            await stopping.wait()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            # Calls in flight finish (or are cancelled after the grace) before the
+            # role releases what they use.
+            await stop_server(server, grace=SHUTDOWN_GRACE)
+            if started:
+                await role.stop()
     return outcome["code"]
 
 

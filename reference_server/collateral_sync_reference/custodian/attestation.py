@@ -41,7 +41,6 @@ from collateral_sync.statements import payload_type_of
 from collateral_sync.v1 import attestation_pb2, envelope_pb2
 
 from collateral_sync_reference.common.errors import required as _required
-from collateral_sync_reference.common.storage import PostgresStorage
 from collateral_sync_reference.custodian.ledger import _R, Ledger, _not_found
 from collateral_sync_reference.custodian.store import StoredCheckpoint, StoredStatement
 
@@ -59,16 +58,9 @@ class Attestation:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         settings = ledger.settings
-        storage = ledger.storage
-        if isinstance(storage, PostgresStorage):
-            # In the same database, on a connection of its own: appended before the
-            # state that refers to it commits, as the separate SQLite file is.
-            self._log = AttestationLog.in_database(
-                storage.connection_of_its_own(), origin=settings.log_origin
-            )
-        else:
-            assert settings.attestation_log is not None
-            self._log = AttestationLog(settings.attestation_log, origin=settings.log_origin)
+        self._log = ledger.storage.attestation_log(
+            settings.log_origin, path=settings.attestation_log
+        )
         self._attesting = False
         for log in ledger.sync_logs.values():
             # A batch the stream applied commits in the log's own transaction:
@@ -292,7 +284,6 @@ class Attestation:
         if stored is None:
             raise _not_found("account", account_id, "account_id")
         return stored.envelope, stored.attestation
-
 
     # ------------------------------------------------------------------ who may read
 

@@ -165,10 +165,7 @@ def test_a_bug_is_not_dressed_up_as_a_storage_refusal(opener: Opener) -> None:
 
 def test_the_attestation_log_is_the_same_tree_on_both(opener: Opener, tmp_path: Path) -> None:
     storage = opener()
-    if isinstance(storage, PostgresStorage):
-        log = AttestationLog.in_database(storage.connection_of_its_own(), origin="o")
-    else:
-        log = AttestationLog(tmp_path / "log.sqlite", origin="o")
+    log = storage.attestation_log("o", path=tmp_path / "log.sqlite")
     leaves = [f"leaf {i}".encode() * (i % 5 + 1) for i in range(37)]
     assert log.append(leaves[0]) == 0
     assert log.append_many(leaves[1:]) == 37
@@ -192,9 +189,9 @@ def test_the_postgres_attestation_log_refuses_another_origin(
         pool_size=3,
     )
     try:
-        AttestationLog.in_database(storage.connection_of_its_own(), origin="first").close()
+        storage.attestation_log("first").close()
         with pytest.raises(Exception, match="another origin"):
-            AttestationLog.in_database(storage.connection_of_its_own(), origin="second")
+            storage.attestation_log("second")
     finally:
         storage.close()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from collateral_sync.attestation import AttestationLog
 from collateral_sync.errors import (
     CollateralSyncError,
     StateError,
@@ -244,6 +246,10 @@ class SqlStorage:
             )
             self._logs[key] = log
         return log
+
+    def attestation_log(self, origin: str, *, path: Path | None) -> AttestationLog:
+        """An attestation log kept by this engine (``path``: its own SQLite file, if any)."""
+        raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError

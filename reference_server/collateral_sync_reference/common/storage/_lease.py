@@ -22,6 +22,7 @@ can therefore write nothing more, even before it notices.
 from __future__ import annotations
 
 import psycopg
+from collateral_sync.sql import postgres_connect
 
 __all__ = ["LEASE_KEY", "PostgresLease"]
 
@@ -90,14 +91,9 @@ class PostgresLease:
 
     def _lock(self) -> bool:
         if self._connection is None or self._connection.closed:
-            kwargs: dict[str, object] = {
-                "autocommit": True,
-                "application_name": "collateral-sync lease",
-                "connect_timeout": 5,
-            }
-            if self._password is not None:
-                kwargs["password"] = self._password
-            self._connection = psycopg.connect(self._conninfo, **kwargs)  # type: ignore[arg-type]
+            self._connection = postgres_connect(
+                self._conninfo, password=self._password, name="collateral-sync lease"
+            )
         row = self._connection.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,)).fetchone()
         return bool(row and row[0])
 

@@ -10,6 +10,9 @@ the commit returns).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from collateral_sync.attestation import AttestationLog
 from collateral_sync.sql import Fence, PostgresConnection, postgres_pool
 
 from collateral_sync_reference.common.storage._base import SqlStorage
@@ -38,11 +41,15 @@ class PostgresStorage(SqlStorage):
     def engine(self) -> str:
         return "postgresql"
 
-    def connection_of_its_own(self) -> PostgresConnection:
-        """Another connection on the same pool, with transactions of its own (and the fence)."""
+    def attestation_log(self, origin: str, *, path: Path | None = None) -> AttestationLog:
+        """The log in this database, on a connection of its own (``path`` is not used).
+
+        Its appends commit in transactions of their own, before the state that
+        refers to them, as the separate SQLite file's do; fenced like the rest.
+        """
         connection = PostgresConnection(self._pool)
         connection.fence = self._fence
-        return connection
+        return AttestationLog.in_database(connection, origin=origin)
 
     def lease(self) -> PostgresLease:
         """The database's lease, not yet tried (:mod:`._lease`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from collateral_sync.attestation import AttestationLog
 from collateral_sync.sync import WalCheckpointer
 
 from collateral_sync_reference.common.storage._base import SqlStorage
@@ -51,6 +52,12 @@ class SqliteStorage(SqlStorage):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
         ).fetchone()
         return row is not None
+
+    def attestation_log(self, origin: str, *, path: Path | None) -> AttestationLog:
+        """The log in a file of its own beside the database (see AttestationLog's durability)."""
+        if path is None:
+            raise ValueError("a SQLite server keeps its attestation log in a file: give its path")
+        return AttestationLog(path, origin=origin)
 
     def close(self) -> None:
         self._checkpointer.stop()
