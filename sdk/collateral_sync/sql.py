@@ -15,7 +15,8 @@ connection pool, so that the same SQL runs on both engines:
   writing transaction at a time per database, whichever process runs it (a
   transaction-scoped advisory lock), so a read-then-write inside a transaction
   sees no concurrent writer, on either engine;
-- Python ``bool`` parameters are stored as the integers 0 and 1, as SQLite stores them.
+- Python ``bool`` parameters are stored as the integers 0 and 1, as SQLite stores them
+  (a dumper registered on each connection).
 
 A connection that fails (the server went away, a network cut) raises
 :class:`~collateral_sync.errors.StorageError` (``STORAGE_UNAVAILABLE``) with
@@ -379,7 +380,9 @@ def postgres_connect(
     """One connection outside any pool, opened as the pool's are (for a lease, say)."""
     import psycopg  # noqa: PLC0415  # the optional [postgresql] extra
 
-    return psycopg.connect(conninfo, **_connection_settings(password, name))
+    connection = psycopg.connect(conninfo, **_connection_settings(password, name))
+    _bools_as_integers(connection)
+    return connection
 
 
 def postgres_pool(
@@ -406,7 +409,14 @@ def postgres_pool(
     # A caller waits at most _WAIT for a connection: while the database is away the
     # pool has none to give, and the refusal must come before the caller's deadline.
     pool: ConnectionPool[Any] = ConnectionPool(
-        conninfo, min_size=1, max_size=size, kwargs=kwargs, open=False, name=name, timeout=_WAIT
+        conninfo,
+        min_size=1,
+        max_size=size,
+        kwargs=kwargs,
+        configure=_bools_as_integers,
+        open=False,
+        name=name,
+        timeout=_WAIT,
     )
     try:
         pool.open(wait=True, timeout=10)
@@ -422,9 +432,22 @@ def postgres_pool(
 def _parameters(
     parameters: Sequence[Any], *, numbered: bool = False
 ) -> Sequence[Any] | dict[str, Any]:
-    # SQLite stores a bool as the integer it is; PostgreSQL's bigint columns want the same.
-    if any(type(value) is bool for value in parameters):
-        parameters = tuple(int(value) if type(value) is bool else value for value in parameters)
     if numbered:
         return {str(number): value for number, value in enumerate(parameters, 1)}
     return parameters
+
+
+def _bools_as_integers(connection: psycopg.Connection[Any]) -> None:
+    """SQLite stores a bool as the integer it is; our bigint columns want the same here.
+
+    Registered once per connection, so that no statement has to look at its parameters.
+    """
+    from psycopg.adapt import Dumper  # noqa: PLC0415  # the optional [postgresql] extra
+
+    class BoolAsInteger(Dumper):
+        oid = connection.adapters.types["int8"].oid
+
+        def dump(self, obj: bool) -> bytes:  # psycopg's signature
+            return b"1" if obj else b"0"
+
+    connection.adapters.register_dumper(bool, BoolAsInteger)

@@ -273,3 +273,15 @@ def test_a_fenced_storage_writes_nothing_once_its_lease_is_gone(
         rival.release()
         storage.close()
         other.close()
+
+
+def test_a_bool_is_stored_as_the_integer_it_is(opener: Opener) -> None:
+    storage = opener()
+    storage.migrate(
+        "flags", ((1, ("CREATE TABLE IF NOT EXISTS flags (on_off INTEGER NOT NULL)",)),)
+    )
+    with storage.transaction():
+        storage.connection.execute("INSERT INTO flags VALUES (?)", (True,))
+        storage.connection.executemany("INSERT INTO flags VALUES (?)", [(False,), (True,)])
+    rows = storage.connection.execute("SELECT on_off FROM flags").fetchall()
+    assert sorted(row[0] for row in rows) == [0, 1, 1]
