@@ -49,6 +49,7 @@ from collateral_sync.v1.liquidation_pb2 import LiquidationPath
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import evidence as _evidence_module
+from collateral_sync_reference.common import reconciliation as _reconciliation_module
 from collateral_sync_reference.common import storage as _storage
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import exchange_stream as _exchange_stream_module
@@ -92,6 +93,7 @@ _cosigner: Any = _cosigner_module
 _access: Any = _access_module
 _exchange_servicers: Any = _servicers_module
 _kept_evidence: Any = _evidence_module
+_party_reconciliation: Any = _reconciliation_module
 
 __all__ = ["FAULTS", "main"]
 
@@ -1268,6 +1270,13 @@ def _rollbacks_as_forks(row: Any, evidence: Any) -> Any:
     return fork
 
 
+def _exchange_states_cutoff_without_hearing_past_it() -> None:
+    """The exchange states a cut-off as soon as its clock reaches it, as the custodian does:
+    it never waits for a batch or heartbeat its custodian issued after the cut-off (§10.2),
+    so a batch issued by the cut-off that is still in flight is left out of its view."""
+    _party_reconciliation.PartyReconciliation._heard = lambda self, cutoff: True
+
+
 def _custodian_records_unnamed_paths() -> None:
     """A liquidation path without a statement_id is recorded under a name the custodian
     makes up, not refused (§9.1: the path's statement_id MUST be set)."""
@@ -1396,6 +1405,9 @@ FAULTS: dict[str, Callable[[], None]] = {
         _forks_above_only
     ),
     "exchange-lists-rollbacks-as-forks": _exchange_lists_equivocation(_rollbacks_as_forks),
+    "exchange-states-cutoff-without-hearing-past-it": (
+        _exchange_states_cutoff_without_hearing_past_it
+    ),
 }
 
 

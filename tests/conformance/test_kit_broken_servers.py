@@ -669,6 +669,14 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["evidence/**"],
         {"evidence/exchange/rollback-and-bad-proof-not-evidence"},
     ),
+    # A cut-off stated as the exchange's clock reaches it, before its custodian's stream is
+    # past it (§10.2): the other reconciliation cases, which let the kit's session run on,
+    # still pass.
+    (
+        "exchange-states-cutoff-without-hearing-past-it",
+        ["reconciliation/**"],
+        {"reconciliation/exchange-waits-for-custodian-past-cutoff"},
+    ),
     # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
     # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement
     # of the kit's log fails to prove: each fault runs with its own case only.

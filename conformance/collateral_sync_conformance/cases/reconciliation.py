@@ -23,14 +23,24 @@ ways. Entries flow both ways just before and just after the cut-off, one of
 the kit's batches issued after the cut-off while the custodian's clock is
 still before it (an exchange clock running ahead), before the statement is
 asked for.
+
+An exchange states a cut-off only once it has received a batch or heartbeat
+its custodian issued after it (§10.2), so against an exchange the cases need
+the kit to be that custodian (``--listen``): its session follows the
+exchange's clock. One case holds that stream itself and chooses the frames'
+times: while nothing after the cut-off has come — not even a batch issued
+just before it — the statement must be refused, and once a heartbeat issued
+after it comes the statement must hold that batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -58,6 +68,7 @@ from collateral_sync.v1 import (
 from google.protobuf.message import DecodeError
 
 from collateral_sync_conformance._context import CaseContext, party_role
+from collateral_sync_conformance._counterpart import KitCustodian, RawStream
 from collateral_sync_conformance._expect import (
     CaseFailure,
     CaseSkipped,
@@ -151,11 +162,12 @@ async def _pass_cutoff(ctx: CaseContext) -> datetime:
     return cutoff
 
 
-async def _ask_statement(ctx: CaseContext, cutoff_id: str) -> Outcome:
+async def _ask_statement(ctx: CaseContext, cutoff_id: str, when: str = "") -> Outcome:
+    """GetReconciliationStatement of ``cutoff_id``; ``when`` says, in a failure, when it was asked."""
     return await ctx.rpc(
         ctx.reconciliation.get_reconciliation_statement,
         reconciliation_service_pb2.GetReconciliationStatementRequest(cutoff_id=cutoff_id),
-        label="GetReconciliationStatement",
+        label=f"GetReconciliationStatement ({when})" if when else "GetReconciliationStatement",
     )
 
 
@@ -488,8 +500,8 @@ async def _account_index(
             high = middle
     raise CaseFailure(
         f"the view of {statement.cutoff_id} has no account {account_id!r}",
-        expected=f"{account_id} among the {statement.account_count} accounts, pledged before the "
-        "cut-off to the kit's exchange",
+        expected=f"{account_id} among the {statement.account_count} accounts, pledged to the "
+        "exchange before the cut-off",
         got="not found by its place in account_id order",
     )
 
@@ -950,3 +962,202 @@ async def tree_nodes_limit(ctx: CaseContext) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             _R.ERROR_REASON_LIMIT_EXCEEDED,
         )
+
+
+# ------------------------------------------------------------------ the exchange waits for its custodian
+
+#: How often the kit, holding the exchange's stream as its custodian, sends a heartbeat.
+_HELD_HEARTBEAT = timedelta(seconds=1)
+#: How long the exchange has to re-dial after the kit ends its call (§6.7 backoff).
+_REDIAL_TIMEOUT = 20.0
+#: The window the kit declares on the stream it holds.
+_HELD_WINDOW = 64
+#: How long the kit waits for a frame it expects on the stream it holds.
+_FRAME_TIMEOUT = 5.0
+#: What the kit's custodian holds of the account it opens at the cut-off: uneven, so that
+#: the exchange's view shows it as it is.
+_WAIT_HOLDINGS = {"USDC": "1234.000000000000000789"}
+
+
+@dataclass
+class _HeldStream:
+    """The exchange's SyncPositions call, held by the kit as its custodian, whose times the
+    case chooses: heartbeats are stamped ``min(kit.now(), until)`` while ``until`` is set."""
+
+    kit: KitCustodian
+    stream: RawStream
+    until: datetime | None = None
+
+    def stamp(self) -> datetime:
+        now = self.kit.now()
+        return now if self.until is None else min(now, self.until)
+
+    async def heartbeat(self, sent_at: datetime) -> None:
+        beat = position_sync_pb2.SyncHeartbeat(sent_sequence=self.kit.sync_log.sent_head().sequence)
+        beat.sent_at.FromDatetime(sent_at)
+        await self.stream.send(position_sync_pb2.SyncFrame(heartbeat=beat))
+
+    async def beat_forever(self) -> None:
+        # The exchange holds the stream dead after three of the kit's intervals of silence.
+        while True:
+            await asyncio.sleep(_HELD_HEARTBEAT.total_seconds())
+            await self.heartbeat(self.stamp())
+
+    async def send_log(self, ctx: CaseContext, issued_at: datetime) -> _Batch:
+        """Send the kit's log from the exchange's received head to its end, in one batch
+        issued at ``issued_at``; return its last entry once the exchange acknowledged it."""
+        kit = self.kit
+        held = self.stream.hello.received_sequence
+        head = kit.sync_log.sent_head()
+        batch = position_sync_pb2.SyncBatch(direction=CUSTODIAN_TO_EXCHANGE)  # type: ignore[arg-type]
+        for sequence in range(held + 1, head.sequence + 1):
+            entry = kit.sync_log.outgoing_entry(sequence)
+            assert entry is not None  # sequence <= head
+            batch.entries.add().CopyFrom(entry)
+        envelope = await ctx.sign(
+            batch,
+            kit.signer,
+            audience=[kit.exchange_id],
+            sequence=head.sequence,
+            issued_at=issued_at,
+        )
+        await self.stream.send(position_sync_pb2.SyncFrame(batch=envelope))
+        frame = await self.stream.frame_of(("ack", "close"), _FRAME_TIMEOUT)
+        check(
+            frame is not None and frame.WhichOneof("frame") == "ack",
+            f"the exchange did not acknowledge the kit's batch issued at {issued_at.isoformat()} "
+            "(§6.5 step 7)",
+            expected=f"SyncAck(sequence={head.sequence})",
+            got=describe(frame) if frame is not None else "no ack",
+        )
+        assert frame is not None
+        check_equal("acknowledged sequence", head.sequence, frame.ack.sequence)
+        check_equal("acknowledged entry hash", head.entry_hash.hex(), frame.ack.entry_hash.hex())
+        return _Batch(issued_at, head.sequence, head.entry_hash)
+
+
+@asynccontextmanager
+async def _held_stream(ctx: CaseContext, kit: KitCustodian) -> AsyncIterator[_HeldStream]:
+    """Take the exchange's stream from the kit's session (its call ends, it re-dials) and hold
+    the next call: its hello checked, the kit's sent, heartbeats kept up. Given back on exit."""
+    async with kit.raw_stream(_REDIAL_TIMEOUT) as stream:
+        if stream is None:
+            raise CaseFailure(
+                f"the exchange did not re-dial the custodian within {_REDIAL_TIMEOUT:.0f} s of "
+                "the kit ending its call (§6.7: re-dial with backoff and resume)",
+                expected="a new SyncPositions call",
+                got="none",
+            )
+        first = stream.frames[0]
+        check(
+            first.WhichOneof("frame") == "hello",
+            "the exchange's first frame on SyncPositions must be its hello (§6.2)",
+            expected="a SyncFrame with hello",
+            got=describe(first),
+        )
+        received = kit.sync_log.received_head()
+        await stream.send(
+            position_sync_pb2.SyncFrame(
+                hello=position_sync_pb2.SyncHello(
+                    party_id=kit.party_id,
+                    sending_direction=CUSTODIAN_TO_EXCHANGE,  # type: ignore[arg-type]
+                    received_sequence=received.sequence,
+                    received_entry_hash=received.entry_hash,
+                    sent_sequence=kit.sync_log.sent_head().sequence,
+                    window=_HELD_WINDOW,
+                    heartbeat_interval_ms=_HELD_HEARTBEAT // timedelta(milliseconds=1),
+                )
+            )
+        )
+        held = _HeldStream(kit, stream)
+        beating = asyncio.create_task(held.beat_forever())
+        try:
+            yield held
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+
+
+async def _expect_unstated(ctx: CaseContext, cutoff: datetime, when: str) -> None:
+    """The exchange refuses the statement of ``cutoff``: no custodian frame issued after it
+    has arrived (§10.2). ``when`` says what has, for a failure."""
+    outcome = await _ask_statement(
+        ctx, _cutoff_id(cutoff), f"{when}; no custodian frame issued after the cut-off yet"
+    )
+    expect_status(outcome, grpc.StatusCode.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+
+
+@REGISTRY.case(
+    "reconciliation/exchange-waits-for-custodian-past-cutoff",
+    Level.MUST,
+    "an exchange states a cut-off only once its custodian's stream is past it (§10.2): the kit, "
+    "as its custodian, holds the stream while the exchange's clock passes the cut-off; the "
+    "statement is refused (FAILED_PRECONDITION STATE_CONFLICT) with no frame after the cut-off "
+    "and after a batch issued one second before it (a new account's holdings), and once a "
+    "heartbeat issued one second after it arrives it is built, its custodian-to-exchange head "
+    "that batch's last entry and its view holding the account",
+    roles=[Role.EXCHANGE],
+)
+async def exchange_waits_for_custodian(ctx: CaseContext) -> None:
+    kit = ctx.counterpart  # skips the case without --listen
+    client = ctx.key(_ROLE.PARTY_ROLE_CLIENT)  # skips the case without the client's key
+    await ctx.advance_clock(timedelta(0))  # skips the case without test control
+    async with _held_stream(ctx, kit) as held:
+        # Every frame the kit sent before is stamped before this cut-off.
+        cutoff = _next_cutoff(await ctx.server_now() + _CUTOFF_LEAD)
+        held.until = cutoff - _SECOND
+        account_id = ctx.unique("kit-recon")
+        change, _ = kit.holdings_change(account_id, client, dict(_WAIT_HOLDINGS), epoch=1)
+        holdings_statement = attestation_pb2.HoldingsStatement.FromString(
+            change.holdings_statement.payload
+        )
+        kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+
+        # The exchange's clock one second past the cut-off; the kit's frames are not.
+        await ctx.advance_clock(cutoff + _SECOND - await ctx.server_now())
+        await _expect_unstated(
+            ctx,
+            cutoff,
+            "the exchange's clock one second past the cut-off, the custodian's frames all "
+            f"stamped at or before {held.until.isoformat()}",
+        )
+        # A batch issued before the cut-off, received after it: part of the view, but it
+        # says nothing of what the custodian issued after the cut-off.
+        batch = await held.send_log(ctx, cutoff - _SECOND)
+        await _expect_unstated(
+            ctx,
+            cutoff,
+            f"after the custodian's batch issued at {batch.issued_at.isoformat()}, one second "
+            "before the cut-off, was acknowledged",
+        )
+        # A heartbeat issued after the cut-off: everything issued by it has arrived.
+        held.until = cutoff + _SECOND
+        await held.heartbeat(held.until)
+        _, statement = await _statement(ctx, cutoff)
+
+    stated = {int(head.direction): head for head in statement.sync_log_heads}
+    head = stated.get(CUSTODIAN_TO_EXCHANGE)
+    check(
+        head is not None,
+        f"the statement of {statement.cutoff_id} has no CUSTODIAN_TO_EXCHANGE head",
+        expected="both directions in sync_log_heads",
+        got=str([h.direction for h in statement.sync_log_heads]),
+    )
+    assert head is not None
+    check_equal(
+        f"sync_log_heads CUSTODIAN_TO_EXCHANGE of {statement.cutoff_id} (sequence, entry hash): "
+        "the last entry of the kit's batch issued one second before the cut-off, which arrived "
+        "after it and before the heartbeat that let the exchange state it (§10.2)",
+        (batch.sequence, batch.entry_hash.hex()),
+        (head.sequence, head.entry_hash.hex()),
+    )
+    index = await _account_index(ctx, statement, account_id)
+    _, [account] = await _answered(ctx, statement.cutoff_id, indexes=[index])
+    check_equal(
+        f"positions of {account_id} in the view of {statement.cutoff_id} (asset: quantity, "
+        "locked, pledged): those of its holdings statement issued before the cut-off, which "
+        "came in that batch",
+        _view_positions(holdings_statement.positions),
+        _view_positions(account.positions),
+    )
