@@ -535,6 +535,24 @@ def _receiving_vectors(
             genesis[:3],
             equivocation(3, fork[2].hash, genesis[2].hash),
         ),
+        # The two below differ first at entry 3, but the receiver compares (and names) the
+        # last sequence both logs hold: a search for the first difference fails them.
+        case(
+            "overlap-differs-before-head",
+            "A log holding the fork's entries 1 to 5 receives genesis entries 2 to 7: the "
+            "histories part at entry 3, and the comparison is at the stored head, entry 5.",
+            log("fork", 5),
+            genesis[1:7],
+            equivocation(5, fork[4].hash, genesis[4].hash),
+        ),
+        case(
+            "duplicates-differ-before-last",
+            "A log holding the fork's entries 1 to 5 receives genesis entries 2 to 4: all "
+            "duplicates, parting at entry 3; the comparison is at the batch's last entry, 4.",
+            log("fork", 5),
+            genesis[1:4],
+            equivocation(4, fork[3].hash, genesis[3].hash),
+        ),
     ]
 
 

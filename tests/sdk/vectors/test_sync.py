@@ -204,26 +204,32 @@ def test_invalid_sync_chain_vector(vector: dict[str, Any]) -> None:
 
 
 def _own_receive(vector: dict[str, Any]) -> dict[str, Any]:
-    """§6.5 steps 3-4 from the document: compare every duplicate, then the first new entry."""
+    """§6.5 steps 3-4 from the document: the last duplicate, then the first new entry.
+
+    Only the last sequence both logs hold is compared (and named), not the first entry
+    that differs: the hash chain makes an earlier difference show there too.
+    """
     log = vector["receiver_log"]
     stored: dict[int, str] = {}
     if log["entries_of"] is not None:
         chain = next(c for c in SYNC["chains"] if c["id"] == log["entries_of"])
         stored = {e["sequence"]: e["entry_hash_hex"] for e in chain["entries"]}
     head, head_hash = log["sequence"], log["entry_hash_hex"]
+    duplicates = [e for e in vector["entries"] if e["sequence"] <= head]
+    if duplicates and duplicates[-1]["entry_hash_hex"] != stored[duplicates[-1]["sequence"]]:
+        shared = duplicates[-1]["sequence"]
+        return {
+            "reason": "EQUIVOCATION",
+            "metadata": {
+                "sequence": str(shared),
+                "expected": stored[shared],
+                "actual": duplicates[-1]["entry_hash_hex"],
+            },
+        }
     new: list[dict[str, Any]] = []
     for entry in vector["entries"]:
         sequence = entry["sequence"]
         if sequence <= head:
-            if entry["entry_hash_hex"] != stored[sequence]:
-                return {
-                    "reason": "EQUIVOCATION",
-                    "metadata": {
-                        "sequence": str(sequence),
-                        "expected": stored[sequence],
-                        "actual": entry["entry_hash_hex"],
-                    },
-                }
             continue
         if not new:
             if sequence > head + 1:
