@@ -17,8 +17,6 @@ case that reads, as a regulator, the evidence the exchange kept of it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 
 from collateral_sync.amounts import parse_amount
@@ -55,78 +53,20 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._evidence import KIND, sync_batch_pair, wait_for_evidence
+from collateral_sync_conformance.cases._held_stream import held_stream
 
 __all__: list[str] = []
 
 _EXCHANGE = [Role.EXCHANGE]
 _R = errors_pb2.ErrorReason
-#: How long the exchange has to re-dial after the kit ends its call (§6.7 backoff).
-_REDIAL_TIMEOUT = 20.0
 #: How long the kit waits for a frame it expects.
 _FRAME_TIMEOUT = 5.0
-#: How often the kit promises (and sends) a frame on a raw stream.
-_HEARTBEAT_SECONDS = 1.0
-#: The window the kit declares on raw streams.
-_WINDOW = 64
 #: How long the exchange may take to prove and credit an account (and say so on the stream).
 _CREDIT_TIMEOUT = 20.0
 #: How long the kit watches for a batch the window does not allow.
 _QUIET = 1.0
 #: How long a stream the kit will make the exchange refuse stays up first.
 _STEADY_SECONDS = 2.2
-
-
-@asynccontextmanager
-async def _stream(
-    ctx: CaseContext, kit: KitCustodian, *, window: int = _WINDOW
-) -> AsyncIterator[RawStream]:
-    """The exchange's next call, its hello checked and the kit's hello sent."""
-    await ctx.server_now()  # batches are signed on the exchange's clock
-    async with kit.raw_stream(_REDIAL_TIMEOUT) as stream:
-        if stream is None:
-            raise CaseFailure(
-                f"the exchange did not re-dial the custodian within {_REDIAL_TIMEOUT:.0f} s of "
-                "the kit ending its call (§6.7: re-dial with backoff and resume)",
-                expected="a new SyncPositions call",
-                got="none",
-            )
-        first = stream.frames[0]
-        check(
-            first.WhichOneof("frame") == "hello",
-            "the exchange's first frame on SyncPositions must be its hello (§6.2)",
-            expected="a SyncFrame with hello",
-            got=describe(first),
-        )
-        received = kit.sync_log.received_head()
-        sent = kit.sync_log.sent_head()
-        await stream.send(
-            position_sync_pb2.SyncFrame(
-                hello=position_sync_pb2.SyncHello(
-                    party_id=kit.party_id,
-                    sending_direction=CUSTODIAN_TO_EXCHANGE,  # type: ignore[arg-type]
-                    received_sequence=received.sequence,
-                    received_entry_hash=received.entry_hash,
-                    sent_sequence=sent.sequence,
-                    window=window,
-                    heartbeat_interval_ms=int(_HEARTBEAT_SECONDS * 1000),
-                )
-            )
-        )
-        # The exchange holds the stream dead after three of the kit's heartbeat
-        # intervals of silence (§6.7): keep it alive while the case reads.
-        beating = asyncio.create_task(_heartbeats(kit, stream))
-        try:
-            yield stream
-        finally:
-            beating.cancel()
-
-
-async def _heartbeats(kit: KitCustodian, stream: RawStream) -> None:
-    while True:
-        await asyncio.sleep(_HEARTBEAT_SECONDS)
-        beat = position_sync_pb2.SyncHeartbeat(sent_sequence=kit.sync_log.sent_head().sequence)
-        beat.sent_at.FromDatetime(kit.now())
-        await stream.send(position_sync_pb2.SyncFrame(heartbeat=beat))
 
 
 def _batch(
@@ -203,7 +143,7 @@ async def _expect_close(
 
 async def _head_unchanged(ctx: CaseContext, kit: KitCustodian, sequence: int, hash_: bytes) -> None:
     """The exchange's next hello still says it holds the kit's log up to ``sequence``."""
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         check_equal(
             "received_sequence in the exchange's next hello (the refused batch stored nothing)",
             sequence,
@@ -226,7 +166,7 @@ async def _head_unchanged(ctx: CaseContext, kit: KitCustodian, sequence: int, ha
 )
 async def hello_valid(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         hello = stream.hello
         check_equal("party_id of the exchange's hello", kit.exchange_id, hello.party_id)
         check_equal("sending_direction of the exchange's hello", 2, int(hello.sending_direction))
@@ -262,7 +202,7 @@ async def hello_valid(ctx: CaseContext) -> None:
 )
 async def batch_acked_and_resumed(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         for _ in range(3):
             _logged(kit, _fresh_update(ctx, kit))
         # Everything after what the exchange holds: the three new entries, and any
@@ -281,7 +221,7 @@ async def batch_acked_and_resumed(ctx: CaseContext) -> None:
 )
 async def duplicate_entries_skipped(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         last = stream.hello.received_sequence
         stored = kit.sync_log.outgoing_entry(last) if last else None
         if stored is None:
@@ -311,7 +251,7 @@ async def duplicate_entries_skipped(ctx: CaseContext) -> None:
 )
 async def window_respected(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit, window=1) as stream:
+    async with held_stream(ctx, kit, window=1) as stream:
         # Two fresh accounts for the exchange to credit: each credit is an entry of its
         # log to the custodian (a CreditLine), after anything not yet acknowledged.
         for _ in range(2):
@@ -382,7 +322,7 @@ async def _send_from_held(kit: KitCustodian, stream: RawStream, *, expect_ack: b
 )
 async def sequence_gap_refused(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         held = stream.hello.received_sequence
         held_hash = stream.hello.received_entry_hash
         envelope, _ = _batch(kit, held + 2, bytes(32), [_fresh_update(ctx, kit)])
@@ -400,7 +340,7 @@ async def sequence_gap_refused(ctx: CaseContext) -> None:
 )
 async def forged_batch_refused(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         held = stream.hello.received_sequence
         held_hash = stream.hello.received_entry_hash
         envelope, _ = _batch(kit, held + 1, held_hash, [_fresh_update(ctx, kit)])
@@ -421,7 +361,7 @@ async def forged_batch_refused(ctx: CaseContext) -> None:
 )
 async def wrong_role_batch_refused(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         held = stream.hello.received_sequence
         held_hash = stream.hello.received_entry_hash
         # Forged with the kit's own tools: the SDK would refuse to sign it.
@@ -461,7 +401,7 @@ async def _refused_in_turn(
     loop = asyncio.get_running_loop()
     head = kit.sync_log.sent_head()
     for index, (what, update) in enumerate(refused):
-        async with _stream(ctx, kit) as stream:
+        async with held_stream(ctx, kit) as stream:
             began = loop.time()
             _check_held(stream, head, what=f"before {what}")
             if index == 0 and logged:
@@ -656,7 +596,7 @@ async def pledge_change_without_ids_refused(ctx: CaseContext) -> None:
 
 async def _equivocate(ctx: CaseContext, kit: KitCustodian) -> None:
     """Send the exchange another entry at the last sequence it holds; expect EQUIVOCATION."""
-    async with _stream(ctx, kit) as stream:
+    async with held_stream(ctx, kit) as stream:
         held = stream.hello.received_sequence
         stored = kit.sync_log.outgoing_entry(held) if held else None
         if stored is None:
