@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
 SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
-.PHONY: setup setup-chromium setup-postgresql gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
+.PHONY: setup setup-chromium setup-postgresql setup-softhsm2 gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
 
 # Each step says what it does; pip names each package as it goes (no minute of silence).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,7 +36,7 @@ $(TS_STAMP): $(TS_SDK)/package.json $(TS_SDK)/package-lock.json
 	npm ci --prefix $(TS_SDK) --no-audit --no-fund --loglevel=error
 	touch $(TS_STAMP)
 
-setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium setup-postgresql
+setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium setup-postgresql setup-softhsm2
 
 ## setup-postgresql: Debian's PostgreSQL server (initdb, pg_ctl), which the storage tests start
 ## in a temporary directory of their own (tests/_postgres.py). Installed with apt-get when
@@ -50,6 +50,20 @@ setup-postgresql:
 	else \
 		echo "setup: PostgreSQL's initdb is missing; as root run: apt-get install -y postgresql" \
 			"(the PostgreSQL storage tests fail without it)"; \
+	fi
+
+## setup-softhsm2: Debian's SoftHSM2, a PKCS#11 token in software, which the signing tests
+## use as an HSM (tests/_softhsm.py initialises a token of their own in a temporary directory).
+## Installed with apt-get when missing and we are root; otherwise says what to do.
+setup-softhsm2:
+	@if command -v softhsm2-util >/dev/null 2>&1 && [ -f /usr/lib/softhsm/libsofthsm2.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "setup: installing Debian's SoftHSM2 for the PKCS#11 signing tests: apt-get install -y softhsm2"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y softhsm2 \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y softhsm2; }; \
+	else \
+		echo "setup: SoftHSM2 is missing; as root run: apt-get install -y softhsm2" \
+			"(the PKCS#11 signing tests are skipped without it)"; \
 	fi
 
 ## setup-chromium: Debian's chromium, for the HTML report's browser test

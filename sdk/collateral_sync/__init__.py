@@ -2,7 +2,8 @@
 
 The names most integrations need are re-exported here; each lives in a public
 module named for what it is: ``signing`` (signed statements), ``keys`` (the
-key registry), ``merkle`` (RFC 9162 proofs), ``attestation`` (the custodian's
+key registry), ``signer`` (what signs: a key file, or a key on a PKCS#11
+token), ``merkle`` (RFC 9162 proofs), ``attestation`` (the custodian's
 log and checkpoints), ``sync`` (the position-sync session), ``valuation``
 (haircuts, credit, margin calls), ``audit`` (offline verification),
 ``clients`` / ``server`` / ``transport`` (gRPC with mutual TLS) and
@@ -28,6 +29,7 @@ from collateral_sync.errors import (
 )
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.merkle import verify_consistency_proof, verify_inclusion_proof
+from collateral_sync.signer import Signer
 from collateral_sync.signing import (
     VerifiedStatement,
     add_signature,
@@ -46,6 +48,7 @@ __all__ = [
     "MalformedError",
     "ProofError",
     "RPCError",
+    "Signer",
     "SigningKey",
     "StateError",
     "VerificationError",

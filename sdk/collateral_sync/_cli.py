@@ -26,6 +26,9 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
+#: The environment variable keygen reads a token's user PIN from, unless --pin-env names another.
+DEFAULT_PIN_ENV = "COLLATERAL_SYNC_PKCS11_PIN"
+
 _ROLES = {
     "custodian": common_pb2.PARTY_ROLE_CUSTODIAN,
     "exchange": common_pb2.PARTY_ROLE_EXCHANGE,
@@ -92,6 +95,11 @@ def _check_party_file_name(party: str) -> None:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from collateral_sync.keys import KeyRegistry, SigningKey
 
+    if args.pkcs11_module is not None:
+        return _keygen_on_token(args)
+    for option, value in (("--token", args.token), ("--label", args.label)):
+        if value is not None:
+            raise _UsageError(f"{option}: for a key on a token, with --pkcs11-module")
     # Every argument and input file is checked before anything is written.
     _check_party_file_name(args.party)
     valid_from = (
@@ -121,6 +129,64 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"party      {key.party_id} ({args.role})")
     print(f"secret key {key_path} (mode 0600)")
     print(f"registry   {registry_path}")
+    return EXIT_OK
+
+
+def _keygen_on_token(args: argparse.Namespace) -> int:
+    """keygen --pkcs11-module: the key pair is generated on the token and never leaves it."""
+    from collateral_sync.errors import SignerError
+    from collateral_sync.keys import KeyRegistry
+    from collateral_sync.signer import Pkcs11Signer
+
+    for option, value in (("--token", args.token), ("--label", args.label)):
+        if not value:
+            raise _UsageError(f"{option} is required with --pkcs11-module")
+    if args.force:
+        raise _UsageError("--force: a key on a token is never replaced; choose another --label")
+    pin = os.environ.get(args.pin_env)
+    if not pin:
+        raise _UsageError(
+            f"--pin-env: set the environment variable {args.pin_env} to the token's user PIN "
+            "(never on the command line)"
+        )
+    valid_from = (
+        _parse_time(args.valid_from, "--valid-from") if args.valid_from else datetime.now(UTC)
+    )
+    out = Path(args.out)
+    registry_path = Path(args.registry) if args.registry else out / "registry.json"
+    registry_what = "--registry" if args.registry else "registry (in --out)"
+    if registry_path.exists() and not registry_path.is_file():
+        raise _UsageError(
+            f"{registry_what} {registry_path} is {_what_is(registry_path)}; "
+            "it must be the key registry JSON file (created if absent)"
+        )
+    try:
+        registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
+    except CollateralSyncError as err:
+        raise _UsageError(f"{registry_what}: {err.message}") from err
+    if not args.registry:
+        _directory("--out", out, "it gets registry.json")
+    try:
+        signer = Pkcs11Signer.generate(
+            args.pkcs11_module,
+            token=args.token,
+            label=args.label,
+            pin=pin,
+            party_id=args.party,
+            role=_ROLES[args.role],
+        )
+    except SignerError as err:
+        raise _UsageError(err.message) from err
+    with signer:
+        registry.add(signer.party_key(valid_from=valid_from))
+        registry.save(registry_path)
+        print(f"key id     {signer.key_id}")
+        print(f"party      {signer.party_id} ({args.role})")
+        print(
+            f"token key  {signer.label!r} on token {signer.token!r} "
+            f"({signer.module}; private key sensitive, never extractable)"
+        )
+        print(f"registry   {registry_path}")
     return EXIT_OK
 
 
@@ -291,6 +357,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--valid-from", help="start of the key's validity (ISO 8601; default now)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    token = keygen.add_argument_group(
+        "key on a PKCS#11 token (an HSM)",
+        "generate the key pair on the token instead of a key file; the private key never "
+        "leaves it",
+    )
+    token.add_argument(
+        "--pkcs11-module", help="the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"
+    )
+    token.add_argument("--token", help="the token's label")
+    token.add_argument("--label", help="label for the new key on the token (CKA_LABEL)")
+    token.add_argument(
+        "--pin-env",
+        default=DEFAULT_PIN_ENV,
+        help=f"environment variable holding the token's user PIN (default {DEFAULT_PIN_ENV})",
+    )
     keygen.set_defaults(func=_cmd_keygen)
 
     verify = sub.add_parser("verify", help="verify an audit bundle offline")

@@ -30,7 +30,7 @@ from pymerkle import InvalidChallenge
 
 from collateral_sync._leaves import SqliteLeaves, SqlLeaves
 from collateral_sync.errors import MalformedError, ProofError, StateError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
 from collateral_sync.merkle import (
     HASH_SIZE,
     consistency_proof_from_pymerkle,
@@ -38,6 +38,7 @@ from collateral_sync.merkle import (
     inclusion_proof_from_pymerkle,
     verify_consistency_proof,
 )
+from collateral_sync.signer import Signer
 from collateral_sync.signing import DEFAULT_MAX_SKEW, pae, sign_statement, verify_statement
 from collateral_sync.sql import SqlConnection
 from collateral_sync.v1 import attestation_pb2, envelope_pb2, errors_pb2
@@ -277,7 +278,7 @@ class AttestationLog:
     # -- checkpoints --
 
     def checkpoint(
-        self, signer: SigningKey, *, now: datetime, sequence: int, ttl: timedelta
+        self, signer: Signer, *, now: datetime, sequence: int, ttl: timedelta
     ) -> envelope_pb2.Envelope:
         """Sign a checkpoint of the whole log as it is now, addressed to everyone."""
         tree = self._open_tree()

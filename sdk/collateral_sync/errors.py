@@ -35,6 +35,7 @@ __all__ = [
     "MalformedError",
     "ProofError",
     "RPCError",
+    "SignerError",
     "StateError",
     "StorageError",
     "VerificationError",
@@ -155,6 +156,10 @@ class StorageError(CollateralSyncError):
     """Our own storage refused a write (full, read-only, failing); nothing was written."""
 
     default_reason = _R.ERROR_REASON_STORAGE_UNAVAILABLE
+
+
+class SignerError(CollateralSyncError):
+    """A signing key could not be used: its PKCS#11 module, token, PIN or key; nothing was signed."""
 
 
 # SQLite primary result codes (the low byte of an extended code) a caller can do nothing

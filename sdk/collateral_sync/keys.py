@@ -1,7 +1,8 @@
 """Ed25519 keys of the protocol parties, and the registry that says which key speaks for whom.
 
 A party signs with a :class:`SigningKey` bound to its party id and one
-``PartyRole``. Counterparties know its public half as a ``PartyKey`` held in a
+``PartyRole`` (or with a key that never leaves a hardware token: any
+:class:`collateral_sync.signer.Signer` signs). Counterparties know its public half as a ``PartyKey`` held in a
 :class:`KeyRegistry`, which records each key's validity window, rotation and
 revocation, and answers one question for verifiers: may this key sign for this
 party, in this role, at this time (:meth:`KeyRegistry.resolve`)?
@@ -181,6 +182,26 @@ def _read_text(path: PathLike, what: str) -> str:
 # --- signing keys -------------------------------------------------------------
 
 
+def _party_key(
+    party_id: str,
+    role: int,
+    public_key: bytes,
+    valid_from: datetime,
+    valid_until: datetime | None,
+) -> keys_pb2.PartyKey:
+    """The registry entry of a public key; every kind of signing key registers through it."""
+    entry = keys_pb2.PartyKey(
+        party_id=party_id,
+        role=role,  # type: ignore[arg-type]
+        public_key=public_key,
+        key_id=key_id(public_key),
+    )
+    entry.valid_from.CopyFrom(_to_timestamp(valid_from))
+    if valid_until is not None:
+        entry.valid_until.CopyFrom(_to_timestamp(valid_until))
+    return entry
+
+
 class SigningKey:
     """A party's Ed25519 private key, bound to its party id and role."""
 
@@ -241,16 +262,7 @@ class SigningKey:
         self, valid_from: datetime, valid_until: datetime | None = None
     ) -> keys_pb2.PartyKey:
         """The public registry entry for this key."""
-        entry = keys_pb2.PartyKey(
-            party_id=self._party_id,
-            role=self._role,  # type: ignore[arg-type]
-            public_key=self._public_key,
-            key_id=self._key_id,
-        )
-        entry.valid_from.CopyFrom(_to_timestamp(valid_from))
-        if valid_until is not None:
-            entry.valid_until.CopyFrom(_to_timestamp(valid_until))
-        return entry
+        return _party_key(self._party_id, self._role, self._public_key, valid_from, valid_until)
 
     def save(self, path: PathLike) -> None:
         """Write the key file (see the module docstring) with mode 0600."""

@@ -36,7 +36,6 @@ from collateral_sync.errors import (
 )
 from collateral_sync.keys import (
     KeyRegistry,
-    SigningKey,
     _datetime_ns,
     _format_ns,
     _timestamp_is_valid,
@@ -44,6 +43,7 @@ from collateral_sync.keys import (
     _to_timestamp,
     role_name,
 )
+from collateral_sync.signer import Signer
 from collateral_sync.statements import StatementType, statement_type_of
 from collateral_sync.v1 import envelope_pb2, errors_pb2
 
@@ -91,7 +91,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 def sign_statement(
     message: Message,
-    signer: SigningKey,
+    signer: Signer,
     *,
     audience: Sequence[str],
     sequence: int,
@@ -158,7 +158,7 @@ def sign_statement(
 
 def add_signature(
     envelope: envelope_pb2.Envelope,
-    signer: SigningKey,
+    signer: Signer,
     *,
     registry: KeyRegistry | None = None,
 ) -> envelope_pb2.Envelope:

@@ -25,7 +25,7 @@ from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.v1 import common_pb2
 from collateral_sync_reference.common.clock import TestClock
 from collateral_sync_reference.common.config import ServerConfig, load_config
-from collateral_sync_reference.common.runner import ServerContext
+from collateral_sync_reference.common.runner import ServerContext, load_signer
 from collateral_sync_reference.common.storage import SqlStorage, open_storage
 from hypothesis import settings
 
@@ -144,7 +144,7 @@ def server_context(
         settings=settings,
         storage=storage,
         clock=clock,
-        signer=SigningKey.load(config.signing_key),
+        signer=load_signer(config),
         registry=KeyRegistry.load(config.key_registry),
         tls=None,
         test_mode=True,

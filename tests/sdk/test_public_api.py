@@ -14,6 +14,7 @@ EXPECTED = {
     "MalformedError",
     "ProofError",
     "RPCError",
+    "Signer",
     "SigningKey",
     "StateError",
     "VerificationError",

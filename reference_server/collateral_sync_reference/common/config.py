@@ -11,6 +11,9 @@ file's directory)::
       (or "storage": {"engine": "postgresql", "dsn": "host=db port=5432 dbname=custodian
                       user=custodian", "password_env": "CUSTODIAN_DB_PASSWORD", "pool_size": 4})
       "signing_key": "keys/custodian-1.key.json",
+      (or "signing_key": {"pkcs11": {"module": "/usr/lib/softhsm/libsofthsm2.so",
+                          "token": "custodian-hsm", "label": "custodian-1",
+                          "pin_env": "CUSTODIAN_HSM_PIN"}})
       "key_registry": "keys/registry.json",
       "tls": {"ca": "pki/ca.pem", "cert": "pki/custodian-1.pem", "key": "pki/custodian-1.key"},
       "peers": {"exchange-1": "127.0.0.1:7442"},
@@ -19,7 +22,11 @@ file's directory)::
       "custodian": {...}
     }
 
-``party_id``, ``role``, ``signing_key`` and ``key_registry`` are required;
+``party_id``, ``role``, ``signing_key`` and ``key_registry`` are required.
+``signing_key`` is a key file, or a key on a PKCS#11 token (an HSM): the
+module, the token's label, the key's label, and the token's user PIN from
+``pin_env`` or ``pin_file``, never from the configuration itself.
+``tls`` is required
 ``tls`` is required unless the server runs with ``--plaintext-for-testing``
 (and a server refuses to start with a ``tls.cert`` that has expired or is not
 yet valid: see :mod:`~collateral_sync_reference.common.runner`).
@@ -33,6 +40,7 @@ file and the key path.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -49,6 +57,7 @@ from collateral_sync.sync import DEFAULT_BATCH_SIZE
 __all__ = [
     "DEFAULT_LISTEN_HOST",
     "ConfigSection",
+    "Pkcs11KeySettings",
     "ServerConfig",
     "StorageSettings",
     "SyncSettings",
@@ -237,6 +246,20 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Pkcs11KeySettings:
+    """A signing key on a PKCS#11 token (see :class:`collateral_sync.signer.Pkcs11Signer`)."""
+
+    #: The token's PKCS#11 library (the HSM vendor's).
+    module: Path
+    #: The token's label.
+    token: str
+    #: The key's label (CKA_LABEL) on the token.
+    label: str
+    #: The token's user PIN, read at start from ``pin_env`` or ``pin_file``.
+    pin: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class SyncSettings:
     """Position-sync stream tuning (see :class:`collateral_sync.sync.SyncSession`)."""
 
@@ -254,7 +277,8 @@ class ServerConfig:
     role: str
     listen: str
     storage: StorageSettings
-    signing_key: Path
+    #: A key file, or a key on a PKCS#11 token.
+    signing_key: Path | Pkcs11KeySettings
     key_registry: Path
     tls: TlsFiles | None
     #: Counterparty party id -> address it serves on (None: it dials us).
@@ -314,27 +338,64 @@ def _conninfo(section: ConfigSection, dsn: str) -> Mapping[str, object]:
 
 def _password(section: ConfigSection) -> str | None:
     """The database password, from the environment or a file: never from the config itself."""
-    if "password_env" in section and "password_file" in section:
-        raise section.error("password_file", "either password_env or password_file", "both")
-    if "password_env" in section:
-        name = section.string("password_env")
-        value = os.environ.get(name)
+    return _secret(section, "password", "a password")
+
+
+def _secret(section: ConfigSection, name: str, what: str) -> str | None:
+    """``<name>_env`` (a variable's name) or ``<name>_file`` (a file holding it), or None."""
+    env_key, file_key = f"{name}_env", f"{name}_file"
+    if env_key in section and file_key in section:
+        raise section.error(file_key, f"either {env_key} or {file_key}", "both")
+    if env_key in section:
+        variable = section.string(env_key)
+        value = os.environ.get(variable)
         if not value:
-            raise section.error("password_env", f"the environment variable {name} set", "unset")
+            raise section.error(env_key, f"the environment variable {variable} set", "unset")
         return value
-    if "password_file" in section:
-        path = section.path("password_file")
+    if file_key in section:
+        path = section.path(file_key)
         try:
             text = path.read_text("utf-8")
         except OSError as err:
             raise section.error(
-                "password_file", f"a readable file {path}", err.strerror or str(err)
+                file_key, f"a readable file {path}", err.strerror or str(err)
             ) from None
         value = text.rstrip("\r\n")
         if not value:
-            raise section.error("password_file", f"a password in {path}", "an empty file")
+            raise section.error(file_key, f"{what} in {path}", "an empty file")
         return value
     return None
+
+
+def _signing_key(top: ConfigSection, value: object) -> Path | Pkcs11KeySettings:
+    """``signing_key``: a key file's path, or ``{"pkcs11": {...}}`` for a key on a token."""
+    if isinstance(value, list | int | float | bool):
+        raise top.error("signing_key", 'a key file path, or {"pkcs11": {...}}', value)
+    if not isinstance(value, dict):
+        return top.path("signing_key")
+    outer = top.section("signing_key")
+    section = outer.section("pkcs11", required=True)
+    outer.finish()
+    if importlib.util.find_spec("pkcs11") is None:
+        raise outer.error(
+            "pkcs11",
+            "an installed python-pkcs11 (pip install 'collateral-sync[pkcs11]')",
+            "python-pkcs11 is not installed",
+        )
+    if "pin" in section:
+        raise section.error(
+            "pin", "pin_env or pin_file (the PIN never goes in the config)", "the PIN itself"
+        )
+    module = section.path("module")
+    token = section.string("token")
+    label = section.string("label")
+    pin = _secret(section, "pin", "a PIN")
+    if pin is None:
+        raise section.error(
+            "pin_env", "pin_env or pin_file: where the token's user PIN is", "neither"
+        )
+    section.finish()
+    return Pkcs11KeySettings(module=module, token=token, label=label, pin=pin)
 
 
 def load_config(
@@ -436,7 +497,7 @@ def load_config(
         role=role,
         listen=listen,
         storage=storage,
-        signing_key=top.path("signing_key"),
+        signing_key=_signing_key(top, document.get("signing_key")),
         key_registry=top.path("key_registry"),
         tls=tls,
         peers=peers,

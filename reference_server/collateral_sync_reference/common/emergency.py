@@ -22,7 +22,8 @@ from datetime import datetime, timedelta
 
 import grpc.aio
 from collateral_sync.errors import MalformedError, StateError, VerificationError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.signer import Signer
 from collateral_sync.signing import VerifiedStatement, add_signature, pae, verify_statement
 from collateral_sync.v1 import (
     common_pb2,
@@ -97,7 +98,7 @@ class EmergencyReleaseCoSigner(emergency_release_service_pb2_grpc.EmergencyRelea
     def __init__(
         self,
         *,
-        signer: SigningKey,
+        signer: Signer,
         registry: KeyRegistry,
         clock: Callable[[], datetime],
         policy: ReleasePolicy,

@@ -79,12 +79,13 @@ from collateral_sync.errors import (
     StateError,
     VerificationError,
 )
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
 from collateral_sync.reconciliation import (
     PositionTree,
     build_reconciliation_statement,
     cutoff_id_of,
 )
+from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
 from collateral_sync.transport import (
@@ -295,7 +296,7 @@ class PartyReconciliation:
         self,
         *,
         storage: SqlStorage,
-        signer: SigningKey,
+        signer: Signer,
         clock: Clock,
         settings: ReconciliationSettings,
         counterparty_id: str | None,

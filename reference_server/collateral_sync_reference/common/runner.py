@@ -14,7 +14,8 @@ calls get a grace period, then the storage is closed.
 
 Every problem found before serving is one error naming the configuration key
 and file at fault: a missing or unreadable file, a signing key of another
-party or role, a TLS key that does not match its certificate, an address
+party or role (or registered for another), a PKCS#11 token or key that cannot
+be used (wrong PIN, no such token or label, not Ed25519), a TLS key that does not match its certificate, an address
 already in use. A server whose own TLS certificate (``tls.cert``, or every
 certificate of ``tls.ca``) has expired or is not yet valid refuses to start
 (exit 2, naming the file and its notAfter/notBefore) rather than serve a
@@ -55,15 +56,21 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import grpc.aio
 from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_pem
-from collateral_sync.errors import CollateralSyncError, MalformedError, StorageError
+from collateral_sync.errors import CollateralSyncError, MalformedError, SignerError, StorageError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.server import add_servicer, create_server, start_server, stop_server
+from collateral_sync.signer import Pkcs11Signer, Signer
 from collateral_sync.transport import TlsConfig, grpc_core_log_held, peer_party_id
 from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 
 from collateral_sync_reference.common.access import AccessInterceptor
 from collateral_sync_reference.common.clock import Clock, SystemClock, TestClock
-from collateral_sync_reference.common.config import ServerConfig, TlsFiles, load_config
+from collateral_sync_reference.common.config import (
+    Pkcs11KeySettings,
+    ServerConfig,
+    TlsFiles,
+    load_config,
+)
 from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage, open_storage
 from collateral_sync_reference.common.storage._health import watch_database
 from collateral_sync_reference.common.storage._lease import PostgresLease
@@ -73,6 +80,7 @@ __all__ = [
     "ROLE_MODULES",
     "Role",
     "ServerContext",
+    "load_signer",
     "serve_main",
 ]
 
@@ -112,7 +120,7 @@ class ServerContext:
     settings: object
     storage: SqlStorage
     clock: Clock
-    signer: SigningKey
+    signer: Signer
     registry: KeyRegistry
     tls: TlsConfig | None
     test_mode: bool
@@ -196,29 +204,12 @@ def serve_main(
     # The role's own section is checked before anything is opened or created.
     parse_settings = getattr(module, "parse_settings", None)
     settings = parse_settings(config) if callable(parse_settings) else None
-    signer = _config_file(
-        config, "signing_key", config.signing_key, "a signing key file", SigningKey.load
-    )
-    expected_role = _PARTY_ROLES.get(role)
-    if signer.party_id != config.party_id or (
-        expected_role is not None and signer.role != expected_role
-    ):
-        expected = f"{config.party_id}/{role_name(expected_role or 0)}"
-        actual = f"{signer.party_id}/{role_name(signer.role)}"
-        raise MalformedError(
-            f"config {config.file}: signing_key: {config.signing_key}: expected a key of "
-            f"{expected}, got {actual}",
-            metadata={"field": "signing_key", "expected": expected, "actual": actual},
-        )
+    # A refusal from here on ends the process, and with it a token signer's session.
+    signer = load_signer(config)
     registry = _config_file(
         config, "key_registry", config.key_registry, "a key registry file", KeyRegistry.load
     )
-    if signer.key_id not in registry:
-        raise MalformedError(
-            f"config {config.file}: key_registry: {config.key_registry} does not hold this "
-            f"server's own key {signer.key_id} (add it with collateral-sync keygen --registry)",
-            metadata={"field": "key_registry", "expected": signer.key_id, "actual": "absent"},
-        )
+    _check_registered(config, registry, signer)
     tls: TlsConfig | None = None
     if plaintext_for_testing:
         _LOGGER.warning("serving WITHOUT TLS (--plaintext-for-testing): tests only")
@@ -256,6 +247,82 @@ def serve_main(
         )
     finally:
         storage.close()
+        _close_signer(signer)
+
+
+def load_signer(config: ServerConfig) -> Signer:
+    """The server's signer: its key file, or its key on a PKCS#11 token, of its party and role.
+
+    A problem is one MalformedError naming ``signing_key`` (or
+    ``signing_key.pkcs11``) and the file, token or key at fault.
+    """
+    expected_role = _PARTY_ROLES.get(config.role)
+    key = config.signing_key
+    if isinstance(key, Pkcs11KeySettings):
+        if expected_role is None:
+            raise MalformedError(
+                f"config {config.file}: signing_key.pkcs11: role {config.role!r} has no "
+                "PartyRole for a key on a token",
+                metadata={"field": "signing_key.pkcs11", "expected": "a role", "actual": "none"},
+            )
+        try:
+            # The token binds no party or role to a key: the registry does (see serve_main).
+            return Pkcs11Signer(
+                key.module,
+                token=key.token,
+                label=key.label,
+                pin=key.pin,
+                party_id=config.party_id,
+                role=expected_role,
+            )
+        except SignerError as err:
+            raise MalformedError(
+                f"config {config.file}: signing_key.pkcs11: {err.message}",
+                metadata={
+                    "field": "signing_key.pkcs11",
+                    "expected": "a usable Ed25519 key on the token",
+                    "actual": err.message[:200],
+                },
+            ) from err
+    signer = _config_file(config, "signing_key", key, "a signing key file", SigningKey.load)
+    if signer.party_id != config.party_id or (
+        expected_role is not None and signer.role != expected_role
+    ):
+        expected = f"{config.party_id}/{role_name(expected_role or 0)}"
+        actual = f"{signer.party_id}/{role_name(signer.role)}"
+        raise MalformedError(
+            f"config {config.file}: signing_key: {key}: expected a key of {expected}, got {actual}",
+            metadata={"field": "signing_key", "expected": expected, "actual": actual},
+        )
+    return signer
+
+
+def _check_registered(config: ServerConfig, registry: KeyRegistry, signer: Signer) -> None:
+    """The server's own key is in the registry, registered for its party and role."""
+    entry = registry.get(signer.key_id)
+    if entry is None:
+        raise MalformedError(
+            f"config {config.file}: key_registry: {config.key_registry} does not hold this "
+            f"server's own key {signer.key_id} (add it with collateral-sync keygen --registry)",
+            metadata={"field": "key_registry", "expected": signer.key_id, "actual": "absent"},
+        )
+    expected_role = _PARTY_ROLES.get(config.role)
+    if entry.party_id != config.party_id or (
+        expected_role is not None and entry.role != expected_role
+    ):
+        expected = f"{config.party_id}/{role_name(expected_role or 0)}"
+        actual = f"{entry.party_id}/{role_name(entry.role)}"
+        raise MalformedError(
+            f"config {config.file}: key_registry: {config.key_registry} registers this "
+            f"server's key {signer.key_id} for {actual}, expected {expected}",
+            metadata={"field": "key_registry", "expected": expected, "actual": actual},
+        )
+
+
+def _close_signer(signer: Signer) -> None:
+    """Log a token signer out of its token; a key file holds nothing open."""
+    if isinstance(signer, Pkcs11Signer):
+        signer.close()
 
 
 def _config_file(
@@ -497,7 +564,7 @@ async def _serve(
     settings: object,
     storage: SqlStorage,
     clock: Clock,
-    signer: SigningKey,
+    signer: Signer,
     registry: KeyRegistry,
     tls: TlsConfig | None,
     test_mode: bool,

@@ -41,8 +41,9 @@ from collateral_sync.amounts import amount_to_proto, parse_amount
 from collateral_sync.audit import EMERGENCY_RELEASE_ROLES, EMERGENCY_RELEASE_THRESHOLD
 from collateral_sync.clients import CustodianClient, EmergencyReleaseClient, RegulatorClient
 from collateral_sync.errors import RPCError, StateError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
 from collateral_sync.reconciliation import compare_statements
+from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement, verify_statement, verify_threshold
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -150,10 +151,10 @@ class OverseenStory(Story):
         parties: Connections,
         regulator: RegulatorConnections,
         registry: KeyRegistry,
-        client_key: SigningKey,
+        client_key: Signer,
         yield_time: time,
         *,
-        regulator_key: SigningKey,
+        regulator_key: Signer,
         cutoffs: tuple[time, time],
         exchange_goes_dark: Callable[[], Awaitable[int | None]],
     ) -> None:

@@ -19,7 +19,8 @@ import grpc
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
 from collateral_sync.errors import CollateralSyncError, RPCError, StateError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -97,7 +98,7 @@ class Stage:
     """The story's state and the calls every act makes; the acts are its subclasses."""
 
     def __init__(
-        self, parties: Connections, registry: KeyRegistry, client_key: SigningKey, yield_time: time
+        self, parties: Connections, registry: KeyRegistry, client_key: Signer, yield_time: time
     ) -> None:
         self._c = parties
         self._registry = registry
@@ -186,7 +187,7 @@ class Stage:
         asset: str,
         quantity: str,
         *,
-        signer: SigningKey | None = None,
+        signer: Signer | None = None,
         account_id: str = ACCOUNT,
         path: envelope_pb2.Envelope | None = None,
     ) -> Attested:

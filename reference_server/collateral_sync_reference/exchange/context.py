@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from collateral_sync.amounts import format_amount
 from collateral_sync.errors import MalformedError, ProofError, StateError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.signer import Signer
 from collateral_sync.signing import DEFAULT_MAX_SKEW, sign_statement
 from collateral_sync.statements import payload_type_of
 from collateral_sync.sync import SyncLog
@@ -118,7 +119,7 @@ class ExchangeContext:
     logger: logging.Logger
     #: The exchange→custodian sync log (:meth:`append`).
     log: SyncLog
-    signer: SigningKey
+    signer: Signer
     clock: Callable[[], datetime]
     #: What a part calls last when what it recorded can move an account's figures.
     revalue_each: RevalueEach

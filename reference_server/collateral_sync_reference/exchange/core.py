@@ -49,7 +49,8 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from collateral_sync.errors import MalformedError
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.signer import Signer
 from collateral_sync.sync import SyncLog
 from collateral_sync.v1 import position_sync_pb2
 
@@ -91,7 +92,7 @@ class ExchangeCore:
         storage: SqlStorage,
         log: SyncLog,
         *,
-        signer: SigningKey,
+        signer: Signer,
         registry: KeyRegistry,
         settings: ExchangeSettings,
         prices: PriceSource,

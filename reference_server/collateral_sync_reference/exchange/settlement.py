@@ -49,7 +49,8 @@ from collateral_sync.errors import (
     StateError,
     VerificationError,
 )
-from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.keys import KeyRegistry
+from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.statements import payload_type_of
 from collateral_sync.sync import SyncSession
@@ -137,7 +138,7 @@ class ExchangeSettlement:
         storage: SqlStorage,
         store: ExchangeStore,
         *,
-        signer: SigningKey,
+        signer: Signer,
         custodian_id: str,
         clock: Callable[[], datetime],
     ) -> None:

@@ -25,7 +25,8 @@ from collateral_sync.errors import (
     error_from_rpc_error,
     to_grpc_status,
 )
-from collateral_sync.keys import KeyRegistry, SigningKey, _to_timestamp, role_name
+from collateral_sync.keys import KeyRegistry, _to_timestamp, role_name
+from collateral_sync.signer import Signer
 from collateral_sync.signing import DEFAULT_MAX_SKEW, sign_statement
 from collateral_sync.sync._batch import (
     _SENDER_ROLE,
@@ -81,7 +82,7 @@ class SyncSession:
     def __init__(
         self,
         log: SyncLog,
-        signer: SigningKey,
+        signer: Signer,
         registry: KeyRegistry,
         *,
         apply: ApplyUpdates,

@@ -32,6 +32,7 @@ import grpc
 import grpc.aio
 import pytest
 from _postgres import open_database
+from _softhsm import SoftHsmToken
 from collateral_sync.amounts import amount_to_proto, format_amount
 from collateral_sync.attestation import AttestationLog, statement_leaf
 from collateral_sync.clients import CustodianClient, ExchangeClient, TestControlClient
@@ -75,6 +76,7 @@ from collateral_sync_reference.exchange.policy_content import build_policy_conte
 from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from google.protobuf import duration_pb2
 
+from .._token_keys import PIN_ENV, token_key
 from ..conftest import (
     CLIENT,
     CUSTODIAN,
@@ -1952,15 +1954,38 @@ def test_state_survives_a_restart_and_the_trusted_checkpoint_carries_on(
 # --- with the reference custodian ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("custodian_key", ["file", "pkcs11"])
 def test_lifecycle_with_the_reference_custodian(
-    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+    reference_parties: Parties,
+    start_server: StartServer,
+    tmp_path: Path,
+    custodian_key: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Pledge, credit, call answered by the custodian, top-up, second call, breach, receipt."""
+    """Pledge, credit, call answered by the custodian, top-up, second call, breach, receipt.
+
+    Run with the custodian's key in a key file, and on a PKCS#11 token (SoftHSM2):
+    then the registry holds only the token's key for the custodian, so every
+    holdings statement, checkpoint, sync batch and the receipt the exchange
+    accepted was signed on the token.
+    """
     parties = reference_parties
+    registry = parties.registry
+    keys: dict[str, Any] = {}
+    token_key_id: str | None = None
+    if custodian_key == "pkcs11":
+        hsm: SoftHsmToken = request.getfixturevalue("softhsm_token")
+        on_token = token_key(hsm, parties, CUSTODIAN, "custodian", tmp_path)
+        monkeypatch.setenv(PIN_ENV, hsm.pin)  # the servers started below inherit it
+        registry, token_key_id = on_token.registry, on_token.key_id
+        keys = {"signing_key": on_token.signing_key, "key_registry": str(on_token.registry_path)}
+    server_name = f"lifecycle-{custodian_key}"
     custodian_config = parties.config(
         CUSTODIAN,
         "custodian",
         tmp_path,
+        **keys,
         peers={EXCHANGE: None},
         custodian={
             "accounts": [
@@ -1975,13 +2000,14 @@ def test_lifecycle_with_the_reference_custodian(
             ],
         },
     )
-    custodian = start_server("custodian", custodian_config, name="lifecycle-custodian")
+    custodian = start_server("custodian", custodian_config, name=f"{server_name}-custodian")
     exchange = start_server(
         "exchange",
         parties.config(
             EXCHANGE,
             "exchange",
             tmp_path,
+            **({"key_registry": keys["key_registry"]} if keys else {}),
             peers={CUSTODIAN: custodian.address},
             exchange={
                 "log_origin": ORIGIN,
@@ -1992,7 +2018,7 @@ def test_lifecycle_with_the_reference_custodian(
                 ],
             },
         ),
-        name="lifecycle-exchange",
+        name=f"{server_name}-exchange",
     )
     client = parties.keys[CLIENT]
     sequences = itertools.count(1)
@@ -2160,7 +2186,7 @@ def test_lifecycle_with_the_reference_custodian(
                         )
                     )
                 ).shortfall_allocation,
-                parties.registry,
+                registry,
                 expected_type=liquidation_pb2.ShortfallAllocation,
                 audience=CUSTODIAN,
                 now=now,
@@ -2178,7 +2204,7 @@ def test_lifecycle_with_the_reference_custodian(
             [record] = listed.liquidations
             sent = verify_statement(
                 record.liquidation_instruction,
-                parties.registry,
+                registry,
                 expected_type=liquidation_pb2.LiquidationInstruction,
                 audience=CUSTODIAN,
                 now=now,
@@ -2192,12 +2218,14 @@ def test_lifecycle_with_the_reference_custodian(
             # The receipt is the custodian's, addressed to the exchange, as recorded.
             signed_receipt = verify_statement(
                 record.liquidation_receipt,
-                parties.registry,
+                registry,
                 expected_type=liquidation_pb2.LiquidationReceipt,
                 audience=EXCHANGE,
                 now=now,
             )
             assert signed_receipt.issuer == CUSTODIAN
+            if token_key_id is not None:
+                assert signed_receipt.signer_key_ids == (token_key_id,)
             assert record.liquidation_receipt.SerializeToString() == receipt_bytes
             listed_receipt = signed_receipt.message
             [paid] = listed_receipt.yield_distributions
@@ -2213,7 +2241,7 @@ def test_lifecycle_with_the_reference_custodian(
             )
             listed_allocation = verify_statement(
                 record.shortfall_allocation,
-                parties.registry,
+                registry,
                 expected_type=liquidation_pb2.ShortfallAllocation,
                 audience=CUSTODIAN,
                 now=now,
