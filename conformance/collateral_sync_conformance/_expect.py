@@ -294,6 +294,7 @@ def expect_status(
     *,
     require_expected_actual: bool = True,
     field_violation: str | None = None,
+    metadata_field: str | None = None,
 ) -> None:
     """Require the refusal the protocol prescribes (docs/PROTOCOL.md §12).
 
@@ -302,7 +303,8 @@ def expect_status(
     ``collateral-sync.v1`` with that reason, the code must be the one §12.1
     maps the reason to, and (unless ``require_expected_actual`` is False) its
     metadata must hold ``expected`` and ``actual``. ``field_violation`` asks
-    for a ``google.rpc.BadRequest`` violation whose field path ends with it.
+    for a ``google.rpc.BadRequest`` violation whose field path ends with it;
+    ``metadata_field`` for that value of the ErrorInfo's metadata ``field``.
     """
     wanted = (
         code.name if reason is None else f"{code.name} with ErrorInfo reason {_reason_name(reason)}"
@@ -345,6 +347,11 @@ def expect_status(
         for path in outcome.field_violations
     ):
         raise fail(f"expected a BadRequest field violation for '{field_violation}'")
+    if metadata_field is not None and info.metadata.get("field") != metadata_field:
+        raise fail(
+            f"expected ErrorInfo metadata field = '{metadata_field}', got "
+            f"{info.metadata.get('field', '(absent)')!r} (docs/PROTOCOL.md §12.2)"
+        )
 
 
 def expect_access_denied(

@@ -106,6 +106,24 @@ def _skips_signature_checks() -> None:
     _cosigner.check_release_signatures = check_release_signatures
 
 
+def _unregistered_cosigner_as_key_unknown() -> None:
+    """A signature by a key id the registry does not hold is refused KEY_UNKNOWN, as if its
+    signer were an unknown issuer; §11 step 2 makes it SIGNATURE_INVALID (unverifiable)."""
+    original = _cosigner.check_release_signatures
+
+    def check_release_signatures(envelope: Any, registry: Any, issued_at: Any) -> list[str]:
+        for signature in envelope.signatures:
+            if signature.key_id not in registry:
+                raise VerificationError(
+                    f"signature by key {signature.key_id}, which is not registered",
+                    reason=_R.ERROR_REASON_KEY_UNKNOWN,
+                    metadata={"expected": "a registered key", "actual": signature.key_id},
+                )
+        return list(original(envelope, registry, issued_at))
+
+    _cosigner.check_release_signatures = check_release_signatures
+
+
 def _ignores_key_roles() -> None:
     """Any registered key may propose or sign a release: a client's signature is co-signed."""
     _verify_anyway(_R.ERROR_REASON_KEY_ROLE_MISMATCH)
@@ -180,6 +198,7 @@ def _has_no_policy() -> None:
 FAULTS: dict[str, Callable[[], None]] = {
     "cosigner-skips-signature-checks": _skips_signature_checks,
     "cosigner-ignores-key-roles": _ignores_key_roles,
+    "cosigner-unregistered-key-as-key-unknown": _unregistered_cosigner_as_key_unknown,
     "cosigner-cosigns-twice": _broken.FAULTS["custodian-cosigns-twice"],
     "cosigner-ignores-expiry": lambda: _broken._lenient_verify(
         _cosigner, "ERROR_REASON_STATEMENT_EXPIRED", _broken._at_issue

@@ -15,10 +15,11 @@ the one that must catch it (tests/conformance/test_kit_broken_servers.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -35,7 +36,9 @@ from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, Z
 from collateral_sync.sync import _log as _sync_log
 from collateral_sync.sync import _session as _session_module
 from collateral_sync.v1 import (
+    custodian_service_pb2,
     emergency_pb2,
+    envelope_pb2,
     equivocation_pb2,
     errors_pb2,
     margin_pb2,
@@ -1291,6 +1294,101 @@ def _custodian_records_unnamed_paths() -> None:
     pledges._check_path = check_path
 
 
+def _accepts_unscheduled_cutoffs() -> None:
+    """Any well-formed cutoff_id names a cut-off: its time of day is never held to the schedule
+    (§10.1), so an off-schedule id is stated like a scheduled one, or not yet reached."""
+    original = _party_reconciliation.parse_cutoff_id
+
+    def parse_cutoff_id(cutoff_id: str, cutoffs: Sequence[timedelta]) -> datetime:
+        try:
+            moment = datetime.strptime(cutoff_id, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return original(cutoff_id, cutoffs)  # type: ignore[no-any-return]
+        its_own = moment - datetime.combine(moment.date(), time(0), tzinfo=UTC)
+        return original(cutoff_id, (*cutoffs, its_own))  # type: ignore[no-any-return]
+
+    _party_reconciliation.parse_cutoff_id = parse_cutoff_id
+
+
+#: The custodian's writes that are idempotent by an id (§12.4), and what they carry.
+_IDEMPOTENT_WRITES: list[tuple[Any, str, Any]] = [
+    (_custodian_settlement.CustodianSettlement, "submit", reconciliation_pb2.SettlementInstruction),
+    (_custodian_settlement.CustodianSettlement, "dispute", reconciliation_pb2.SettlementDispute),
+    (_custodian_emergency.CustodianEmergencyRelease, "execute", emergency_pb2.EmergencyRelease),
+]
+
+
+def _custodian_refuses_repeats_as_replayed() -> None:
+    """Stage g comes first, before the id (§12.4 puts it after): the same settlement
+    instruction, dispute or emergency release sent again is refused REPLAYED instead of
+    being answered from the record."""
+
+    def replay_checked_first(owner: Any, method: str, kind: Any) -> None:
+        original = getattr(owner, method)
+
+        def write(self: Any, envelope: Any) -> Any:
+            with contextlib.suppress(DecodeError):  # undecodable: the write refuses it itself
+                header = kind.FromString(envelope.payload).header
+                self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+            return original(self, envelope)
+
+        setattr(owner, method, write)
+
+    for owner, method, kind in _IDEMPOTENT_WRITES:
+        replay_checked_first(owner, method, kind)
+
+
+def _reuses(err: errors.CollateralSyncError, field: str) -> bool:
+    """Whether ``err`` refuses a used id ``field`` (STATE_CONFLICT naming it)."""
+    return (
+        err.reason == errors_pb2.ERROR_REASON_STATE_CONFLICT and err.metadata.get("field") == field
+    )
+
+
+def _custodian_answers_reused_ids() -> None:
+    """A settlement instruction or an emergency release under a used id, and another dispute of
+    a disputed settlement, get the recorded answer whatever their bytes: ids are compared, not
+    payloads (§12.4 wants STATE_CONFLICT)."""
+    settlement = _custodian_settlement.CustodianSettlement
+    release = _custodian_emergency.CustodianEmergencyRelease
+    submit, dispute, execute = settlement.submit, settlement.dispute, release.execute
+
+    def submit_any(self: Any, envelope: Any) -> Any:
+        try:
+            return submit(self, envelope)
+        except errors.CollateralSyncError as err:
+            if not _reuses(err, "settlement_id"):
+                raise
+            message = reconciliation_pb2.SettlementInstruction.FromString(envelope.payload)
+            found = self._row(message.settlement_id)
+            return self._answer(found.status, found.dispute_deadline)
+
+    def dispute_any(self: Any, envelope: Any) -> Any:
+        try:
+            return dispute(self, envelope)
+        except errors.CollateralSyncError as err:
+            message = reconciliation_pb2.SettlementDispute.FromString(envelope.payload)
+            found = self._row(message.settlement_id) if _reuses(err, "settlement_id") else None
+            if found is None or found.dispute is None:
+                raise  # not disputed yet: its window closed, or it was executed
+            return custodian_service_pb2.DisputeSettlementResponse(status=found.status)
+
+    def execute_any(self: Any, envelope: Any) -> Any:
+        try:
+            return execute(self, envelope)
+        except errors.CollateralSyncError as err:
+            if not _reuses(err, "release_id"):
+                raise
+            message = emergency_pb2.EmergencyRelease.FromString(envelope.payload)
+            [receipt] = self._db.execute(
+                "SELECT receipt FROM custodian_emergency_releases WHERE release_id = ?",
+                (message.release_id,),
+            ).fetchone()
+            return envelope_pb2.Envelope.FromString(bytes(receipt))
+
+    settlement.submit, settlement.dispute, release.execute = submit_any, dispute_any, execute_any
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
     "exchange-ignores-expiry": _exchange_ignores_expiry,
@@ -1408,6 +1506,10 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-states-cutoff-without-hearing-past-it": (
         _exchange_states_cutoff_without_hearing_past_it
     ),
+    "custodian-accepts-unscheduled-cutoffs": _accepts_unscheduled_cutoffs,
+    "exchange-accepts-unscheduled-cutoffs": _accepts_unscheduled_cutoffs,
+    "custodian-refuses-repeats-as-replayed": _custodian_refuses_repeats_as_replayed,
+    "custodian-answers-reused-ids": _custodian_answers_reused_ids,
 }
 
 

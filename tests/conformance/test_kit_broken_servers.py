@@ -208,6 +208,32 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["settlement/**"],
         {"settlement/dispute-within-window"},
     ),
+    # The writes idempotent by an id (§12.4): a settlement instruction, a dispute, a release.
+    (
+        # Stage g before the id: the same envelope again is refused REPLAYED.
+        "custodian-refuses-repeats-as-replayed",
+        ["settlement/**", "emergency/**"],
+        {
+            "settlement/repeat-returns-recorded",
+            "settlement/dispute-repeat-returns-recorded",
+            "emergency/repeat-returns-same-receipt",
+        },
+    ),
+    (
+        # Ids compared, not payloads: other bytes under a used id get the recorded answer.
+        "custodian-answers-reused-ids",
+        ["settlement/**", "emergency/**"],
+        {
+            "settlement/reused-id-refused",
+            "settlement/second-dispute-refused",
+            "emergency/reused-id-refused",
+        },
+    ),
+    (
+        "custodian-accepts-unscheduled-cutoffs",
+        ["reconciliation/**"],
+        {"reconciliation/unscheduled-cutoff-refused"},
+    ),
     (
         "custodian-not-found-as-failed-precondition",
         ["attestation/**"],
@@ -676,6 +702,16 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "exchange-states-cutoff-without-hearing-past-it",
         ["reconciliation/**"],
         {"reconciliation/exchange-waits-for-custodian-past-cutoff"},
+    ),
+    # Any well-formed cut-off id taken for a cut-off, whatever its time of day (§10.1).
+    (
+        "exchange-accepts-unscheduled-cutoffs",
+        [
+            "reconciliation/statement-before-cutoff-refused",
+            "reconciliation/malformed-cutoff-id-refused",
+            "reconciliation/unscheduled-cutoff-refused",
+        ],
+        {"reconciliation/unscheduled-cutoff-refused"},
     ),
     # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
     # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement

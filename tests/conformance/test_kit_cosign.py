@@ -46,6 +46,7 @@ _REFUSALS = {
     "emergency/cosign/already-signed-refused",
     "emergency/cosign/forged-proposal-refused",
     "emergency/cosign/invalid-cosignature-refused",
+    "emergency/cosign/unregistered-cosigner-refused",
     "emergency/cosign/client-signature-refused",
     "emergency/cosign/client-proposer-refused",
     "emergency/cosign/expired-refused",
@@ -240,7 +241,12 @@ REGULATOR_FAULTS: list[tuple[str, set[str]]] = [
         {
             "emergency/cosign/forged-proposal-refused",
             "emergency/cosign/invalid-cosignature-refused",
+            "emergency/cosign/unregistered-cosigner-refused",
         },
+    ),
+    (
+        "cosigner-unregistered-key-as-key-unknown",
+        {"emergency/cosign/unregistered-cosigner-refused"},
     ),
     (
         "cosigner-ignores-key-roles",

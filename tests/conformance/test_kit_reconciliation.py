@@ -70,6 +70,7 @@ _RECOMPUTE = "reconciliation/tree-nodes-recompute-root"
 _REFUSALS = {
     "reconciliation/statement-before-cutoff-refused",
     "reconciliation/malformed-cutoff-id-refused",
+    "reconciliation/unscheduled-cutoff-refused",
     "reconciliation/tree-nodes-unknown-cutoff-not-found",
     "reconciliation/tree-nodes-range-out-of-range-refused",
     "reconciliation/tree-nodes-limit-exceeded",

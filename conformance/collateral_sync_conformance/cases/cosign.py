@@ -28,7 +28,7 @@ from decimal import ROUND_DOWN, Decimal
 import grpc
 from collateral_sync.amounts import amount_from_proto, amount_to_proto
 from collateral_sync.keys import SigningKey
-from collateral_sync.signing import verify_threshold
+from collateral_sync.signing import pae, verify_threshold
 from collateral_sync.v1 import (
     common_pb2,
     emergency_pb2,
@@ -242,11 +242,32 @@ async def forged_proposal(ctx: CaseContext) -> None:
     Level.MUST,
     "a release with a valid proposer's signature and a second one that does not verify is refused: UNAUTHENTICATED SIGNATURE_INVALID",
     roles=_CO_SIGNERS,
+    clauses=("§11/cosignatures-verify",),
 )
 async def invalid_cosignature(ctx: CaseContext) -> None:
     proposal = await _proposal(ctx)
     # The proposer's signature again with one bit flipped: a release key's, and false.
     proposal.signatures.append(corrupt_signature(proposal).signatures[0])
+    await _refused(ctx, proposal, _C.UNAUTHENTICATED, _R.ERROR_REASON_SIGNATURE_INVALID)
+
+
+@REGISTRY.case(
+    "emergency/cosign/unregistered-cosigner-refused",
+    Level.MUST,
+    "a release with a valid proposer's signature and a second one, true, by a key id the "
+    "registry does not hold is refused: UNAUTHENTICATED SIGNATURE_INVALID (an unverifiable "
+    "signature, not an unknown issuer, §11 step 2)",
+    roles=_CO_SIGNERS,
+    clauses=("§11/cosignatures-verify",),
+)
+async def unregistered_cosigner(ctx: CaseContext) -> None:
+    proposal = await _proposal(ctx)
+    # A new key of the proposer's party that no registry holds (a rotation half done).
+    unregistered = SigningKey.generate(_proposer(ctx).party_id, common_pb2.PARTY_ROLE_CUSTODIAN)
+    proposal.signatures.add(
+        key_id=unregistered.key_id,
+        sig=unregistered.sign(pae(proposal.payload_type, proposal.payload)),
+    )
     await _refused(ctx, proposal, _C.UNAUTHENTICATED, _R.ERROR_REASON_SIGNATURE_INVALID)
 
 

@@ -10,6 +10,7 @@ so it runs last and leaves the account re-pledged for whatever follows.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 
 import grpc
@@ -30,6 +31,7 @@ from collateral_sync_conformance._expect import (
     Outcome,
     check,
     check_equal,
+    describe,
     expect_ok,
     expect_status,
     sdk_check,
@@ -415,3 +417,82 @@ async def two_of_three_executed(ctx: CaseContext) -> None:
     await _expect_released(ctx, account_id)
     # Leave the account pledged again, as the cases after this one expect.
     await ensure_pledged(ctx)
+
+
+# ------------------------------------------------------------------ repeats and reused ids (§12.4)
+
+
+async def _execute(ctx: CaseContext, envelope: envelope_pb2.Envelope, label: str) -> Outcome:
+    return await ctx.rpc(
+        ctx.custodian.execute_emergency_release,
+        custodian_service_pb2.ExecuteEmergencyReleaseRequest(emergency_release=envelope),
+        label=label,
+    )
+
+
+async def _executed(
+    ctx: CaseContext, release: emergency_pb2.EmergencyRelease
+) -> tuple[envelope_pb2.Envelope, envelope_pb2.Envelope]:
+    """A regulator+exchange release of ``release``, executed; and its receipt."""
+    regulator, exchange = _signers(ctx)
+    envelope = await ctx.sign(release, regulator, extra_signers=[exchange])
+    response: custodian_service_pb2.ExecuteEmergencyReleaseResponse = expect_ok(
+        await _execute(ctx, envelope, "ExecuteEmergencyRelease")
+    )
+    return envelope, response.emergency_release_receipt
+
+
+@REGISTRY.case(
+    "emergency/repeat-returns-same-receipt",
+    Level.MUST,
+    "an executed release sent again, the same envelope, returns the identical receipt, byte for "
+    "byte — not REPLAYED, not executed twice — and changes nothing (§11 step 4, §12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/repeat-answered-from-record",),
+)
+async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
+    account_id = await ensure_pledged(ctx)
+    envelope, receipt = await _executed(ctx, _release(ctx, account_id))
+    before = await custodian_state(ctx)
+    response: custodian_service_pb2.ExecuteEmergencyReleaseResponse = expect_ok(
+        await _execute(ctx, envelope, "ExecuteEmergencyRelease (the same release again)")
+    )
+    first = receipt.SerializeToString(deterministic=True)
+    again = response.emergency_release_receipt.SerializeToString(deterministic=True)
+    check(
+        again == first,
+        "the repeat did not return the receipt of the executed release, byte for byte",
+        expected=f"sha256 {hashlib.sha256(first).hexdigest()[:16]}: {describe(receipt)}",
+        got=f"sha256 {hashlib.sha256(again).hexdigest()[:16]}: "
+        f"{describe(response.emergency_release_receipt)}",
+    )
+    await expect_unchanged(ctx, before)
+    # Leave the account pledged again, as the cases after this one expect.
+    await ensure_pledged(ctx)
+
+
+@REGISTRY.case(
+    "emergency/reused-id-refused",
+    Level.MUST,
+    "after a release is executed and the account pledged again, another release under its "
+    "release_id — the same fields, signed anew by the regulator and the exchange, so other "
+    "payload bytes — is refused: FAILED_PRECONDITION STATE_CONFLICT, field release_id, and "
+    "changes nothing: the new pledge stays (§11 step 4, §12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/reused-id-refused",),
+)
+async def reused_id_refused(ctx: CaseContext) -> None:
+    regulator, exchange = _signers(ctx)
+    account_id = await ensure_pledged(ctx)
+    release = _release(ctx, account_id)
+    await _executed(ctx, release)
+    await ensure_pledged(ctx)
+    reused = await ctx.sign(release, regulator, extra_signers=[exchange])
+    before = await custodian_state(ctx)
+    expect_status(
+        await _execute(ctx, reused, "ExecuteEmergencyRelease (another under a used release_id)"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+        metadata_field="release_id",
+    )
+    await expect_unchanged(ctx, before)

@@ -36,7 +36,6 @@ after it comes the statement must hold that batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -82,6 +81,7 @@ from collateral_sync_conformance._expect import (
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._checkpoints import verify_leaf
+from collateral_sync_conformance.cases._held_stream import held_stream, send_heartbeat
 from collateral_sync_conformance.cases._kit_account import ensure_pledged, holdings
 from collateral_sync_conformance.cases._raw_stream import (
     StreamEnded,
@@ -121,6 +121,9 @@ _MALFORMED_IDS = (
     "2026-11-23T12:00:00+00:00",
     "noon",
 )
+#: A time of day past a scheduled cut-off that no sane schedule has (§10.1): the id naming it is
+#: well formed, and names no cut-off.
+_OFF_SCHEDULE = timedelta(minutes=17, seconds=23)
 
 
 def _cutoff_id(moment: datetime) -> str:
@@ -893,6 +896,7 @@ async def statement_before_cutoff(ctx: CaseContext) -> None:
     Level.MUST,
     "GetReconciliationStatement with a cutoff_id that is not RFC 3339 UTC with Z: INVALID_ARGUMENT MALFORMED naming cutoff_id",
     roles=_PARTIES,
+    clauses=("§10.1/cutoff-id-on-schedule",),
 )
 async def malformed_cutoff_id(ctx: CaseContext) -> None:
     for cutoff_id in _MALFORMED_IDS:
@@ -901,6 +905,48 @@ async def malformed_cutoff_id(ctx: CaseContext) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             _R.ERROR_REASON_MALFORMED,
             field_violation="cutoff_id",
+        )
+
+
+def _expect_off_schedule(outcome: Outcome) -> None:
+    """INVALID_ARGUMENT MALFORMED naming cutoff_id, in ErrorInfo and BadRequest (§10.1, §12.2)."""
+    expect_status(
+        outcome,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        _R.ERROR_REASON_MALFORMED,
+        field_violation="cutoff_id",
+        metadata_field="cutoff_id",
+    )
+
+
+@REGISTRY.case(
+    "reconciliation/unscheduled-cutoff-refused",
+    Level.MUST,
+    "a well-formed cutoff_id whose time of day is on no schedule (hh:17:23, a day back and two "
+    "days ahead) is refused by GetReconciliationStatement and GetPositionTreeNodes alike: "
+    "INVALID_ARGUMENT MALFORMED, field cutoff_id; the scheduled cut-off beside the one ahead is "
+    "not refused as ill-formed (§10.1)",
+    roles=_PARTIES,
+    clauses=("§10.1/cutoff-id-on-schedule",),
+)
+async def unscheduled_cutoff(ctx: CaseContext) -> None:
+    now = await ctx.server_now()
+    passed = _next_cutoff(now - timedelta(days=1))
+    upcoming = _unreached_cutoff(now)
+    for scheduled in (passed, upcoming):
+        cutoff_id = _cutoff_id(scheduled + _OFF_SCHEDULE)
+        _expect_off_schedule(await _ask_statement(ctx, cutoff_id, f"off schedule: {cutoff_id}"))
+        _expect_off_schedule(await _nodes(ctx, cutoff_id, [(0, 1)], [0]))
+    # The other side of the rule: a scheduled cut-off not yet reached is well formed, only
+    # not stated yet (asking for one that passed would have the server state it).
+    cutoff_id = _cutoff_id(upcoming)
+    for outcome in (await _ask_statement(ctx, cutoff_id), await _nodes(ctx, cutoff_id, [(0, 1)])):
+        check(
+            outcome.code != grpc.StatusCode.INVALID_ARGUMENT,
+            f"{outcome.rpc}: the scheduled cut-off {cutoff_id} was refused as ill-formed",
+            expected="not INVALID_ARGUMENT: a cut-off not reached yet is STATE_CONFLICT or "
+            "NOT_FOUND",
+            got=outcome.summary(),
         )
 
 
@@ -966,12 +1012,6 @@ async def tree_nodes_limit(ctx: CaseContext) -> None:
 
 # ------------------------------------------------------------------ the exchange waits for its custodian
 
-#: How often the kit, holding the exchange's stream as its custodian, sends a heartbeat.
-_HELD_HEARTBEAT = timedelta(seconds=1)
-#: How long the exchange has to re-dial after the kit ends its call (§6.7 backoff).
-_REDIAL_TIMEOUT = 20.0
-#: The window the kit declares on the stream it holds.
-_HELD_WINDOW = 64
 #: How long the kit waits for a frame it expects on the stream it holds.
 _FRAME_TIMEOUT = 5.0
 #: What the kit's custodian holds of the account it opens at the cut-off: uneven, so that
@@ -985,23 +1025,15 @@ class _HeldStream:
     case chooses: heartbeats are stamped ``min(kit.now(), until)`` while ``until`` is set."""
 
     kit: KitCustodian
-    stream: RawStream
     until: datetime | None = None
+    stream: RawStream = field(init=False)
 
     def stamp(self) -> datetime:
         now = self.kit.now()
         return now if self.until is None else min(now, self.until)
 
     async def heartbeat(self, sent_at: datetime) -> None:
-        beat = position_sync_pb2.SyncHeartbeat(sent_sequence=self.kit.sync_log.sent_head().sequence)
-        beat.sent_at.FromDatetime(sent_at)
-        await self.stream.send(position_sync_pb2.SyncFrame(heartbeat=beat))
-
-    async def beat_forever(self) -> None:
-        # The exchange holds the stream dead after three of the kit's intervals of silence.
-        while True:
-            await asyncio.sleep(_HELD_HEARTBEAT.total_seconds())
-            await self.heartbeat(self.stamp())
+        await send_heartbeat(self.kit, self.stream, sent_at)
 
     async def send_log(self, ctx: CaseContext, issued_at: datetime) -> _Batch:
         """Send the kit's log from the exchange's received head to its end, in one batch
@@ -1038,45 +1070,12 @@ class _HeldStream:
 
 @asynccontextmanager
 async def _held_stream(ctx: CaseContext, kit: KitCustodian) -> AsyncIterator[_HeldStream]:
-    """Take the exchange's stream from the kit's session (its call ends, it re-dials) and hold
-    the next call: its hello checked, the kit's sent, heartbeats kept up. Given back on exit."""
-    async with kit.raw_stream(_REDIAL_TIMEOUT) as stream:
-        if stream is None:
-            raise CaseFailure(
-                f"the exchange did not re-dial the custodian within {_REDIAL_TIMEOUT:.0f} s of "
-                "the kit ending its call (§6.7: re-dial with backoff and resume)",
-                expected="a new SyncPositions call",
-                got="none",
-            )
-        first = stream.frames[0]
-        check(
-            first.WhichOneof("frame") == "hello",
-            "the exchange's first frame on SyncPositions must be its hello (§6.2)",
-            expected="a SyncFrame with hello",
-            got=describe(first),
-        )
-        received = kit.sync_log.received_head()
-        await stream.send(
-            position_sync_pb2.SyncFrame(
-                hello=position_sync_pb2.SyncHello(
-                    party_id=kit.party_id,
-                    sending_direction=CUSTODIAN_TO_EXCHANGE,  # type: ignore[arg-type]
-                    received_sequence=received.sequence,
-                    received_entry_hash=received.entry_hash,
-                    sent_sequence=kit.sync_log.sent_head().sequence,
-                    window=_HELD_WINDOW,
-                    heartbeat_interval_ms=_HELD_HEARTBEAT // timedelta(milliseconds=1),
-                )
-            )
-        )
-        held = _HeldStream(kit, stream)
-        beating = asyncio.create_task(held.beat_forever())
-        try:
-            yield held
-        finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+    """Take the exchange's stream from the kit's session and hold the next call, its
+    heartbeats stamped by the case's capped clock. Given back on exit."""
+    held = _HeldStream(kit)
+    async with held_stream(ctx, kit, stamp=held.stamp) as stream:
+        held.stream = stream
+        yield held
 
 
 async def _expect_unstated(ctx: CaseContext, cutoff: datetime, when: str) -> None:

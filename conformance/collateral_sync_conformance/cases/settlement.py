@@ -7,7 +7,9 @@ daily cap counts cycles per UTC day, and the kit cannot know what an earlier
 run opened today, so each case first moves the server's clock to 01:00 of the
 next UTC day with TestControlService.AdvanceClock; without test control the
 cases are skipped. Instructions left pending execute when the clock passes
-their deadline, moving that tiny amount; nothing after these cases counts on it.
+their deadline, moving that tiny amount; nothing after these cases counts on it. The
+cases of repeats and reused ids (§12.4) move two days on, to 13:00, so that nothing
+left pending falls due while they watch the state.
 
 The window is checked on both sides of its end, one second apart: still
 PENDING (and open to disputes) one second before the effective deadline,
@@ -96,10 +98,12 @@ async def _instruction(
     now: datetime,
     amount: str = _AMOUNT,
     expires_at: datetime | None = None,
+    settlement_id: str | None = None,
 ) -> envelope_pb2.Envelope:
-    """An instruction issued at ``now``, its dispute deadline ``now`` + the window."""
+    """An instruction issued at ``now``, its dispute deadline ``now`` + the window; a fresh
+    ``settlement_id`` unless one is given."""
     message = reconciliation_pb2.SettlementInstruction(
-        settlement_id=ctx.unique("conformance-settlement"),
+        settlement_id=settlement_id or ctx.unique("conformance-settlement"),
         cutoff_id=cutoff_id,
         account_id=account_id,
         asset_id=asset_id,
@@ -129,14 +133,20 @@ def _settlement_id(envelope: envelope_pb2.Envelope) -> str:
     return reconciliation_pb2.SettlementInstruction.FromString(envelope.payload).settlement_id
 
 
-async def _submit(
-    ctx: CaseContext, envelope: envelope_pb2.Envelope
-) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
-    outcome = await ctx.rpc(
+async def _send(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, label: str = "SubmitSettlementInstruction"
+) -> Outcome:
+    return await ctx.rpc(
         ctx.custodian.submit_settlement_instruction,
         custodian_service_pb2.SubmitSettlementInstructionRequest(settlement_instruction=envelope),
-        label="SubmitSettlementInstruction",
+        label=label,
     )
+
+
+async def _submit(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, label: str = "SubmitSettlementInstruction"
+) -> custodian_service_pb2.SubmitSettlementInstructionResponse:
+    outcome = await _send(ctx, envelope, label)
     response: custodian_service_pb2.SubmitSettlementInstructionResponse = expect_ok(outcome)
     check_equal(
         "status of a submitted instruction",
@@ -270,18 +280,27 @@ async def dispute_within_window(ctx: CaseContext) -> None:
     )
 
 
-async def _dispute(ctx: CaseContext, settlement_id: str) -> Outcome:
-    """DisputeSettlement as the exchange, signed at the server's time."""
-    dispute = reconciliation_pb2.SettlementDispute(
-        settlement_id=settlement_id, reason="conformance: the netting does not match"
-    )
+async def _signed_dispute(
+    ctx: CaseContext, settlement_id: str, reason: str = "conformance: the netting does not match"
+) -> envelope_pb2.Envelope:
+    """A SettlementDispute of the exchange, signed at the server's time."""
+    dispute = reconciliation_pb2.SettlementDispute(settlement_id=settlement_id, reason=reason)
+    return await ctx.sign(dispute, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE))
+
+
+async def _send_dispute(
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, label: str = "DisputeSettlement"
+) -> Outcome:
     return await ctx.rpc(
         ctx.custodian.dispute_settlement,
-        custodian_service_pb2.DisputeSettlementRequest(
-            settlement_dispute=await ctx.sign(dispute, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE))
-        ),
-        label="DisputeSettlement",
+        custodian_service_pb2.DisputeSettlementRequest(settlement_dispute=envelope),
+        label=label,
     )
+
+
+async def _dispute(ctx: CaseContext, settlement_id: str) -> Outcome:
+    """DisputeSettlement as the exchange, signed at the server's time."""
+    return await _send_dispute(ctx, await _signed_dispute(ctx, settlement_id))
 
 
 async def _advance_to(ctx: CaseContext, moment: datetime) -> datetime:
@@ -465,6 +484,165 @@ async def dispute_at_deadline(ctx: CaseContext) -> None:
         got=f"{_STATUS.Name(found.status)}, dispute "
         + ("recorded" if found.HasField("settlement_dispute") else "none"),
     )
+
+
+# ------------------------------------------------------------------ repeats and reused ids (§12.4)
+
+#: Uneven, unlike _UNEVEN: the figure of the other instruction that reuses a settlement_id.
+_OTHER_UNEVEN = "0.000023456789012345"
+_DISPUTED = _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED)
+#: Twelve hours from the 01:00 of a fresh day, where the other settlement cases work.
+_MIDDAY = timedelta(hours=12)
+
+
+async def _pending(ctx: CaseContext) -> tuple[envelope_pb2.Envelope, datetime]:
+    """Two fresh days on, at 13:00, an instruction of an uneven amount submitted (PENDING); and
+    its deadline.
+
+    What earlier cases left pending falls due within the day after theirs: the second move
+    passes it, so it is executed while the clock moves, not while this case watches the state.
+    What this case leaves falls due at 13:00, twelve hours from where other cases start.
+    """
+    await _fresh_day(ctx)
+    await _fresh_day(ctx)
+    now = await ctx.advance_clock(_MIDDAY)
+    account_id, asset_id = await _pledged_asset(ctx)
+    envelope = await _instruction(
+        ctx,
+        account_id,
+        asset_id,
+        cutoff_id="conformance-cutoff-1",
+        cycle=1,
+        now=now,
+        amount=_UNEVEN,
+    )
+    return envelope, _deadline(await _submit(ctx, envelope))
+
+
+async def _disputed(ctx: CaseContext, envelope: envelope_pb2.Envelope, label: str) -> None:
+    """``envelope``, a dispute, is answered DISPUTED."""
+    answer: custodian_service_pb2.DisputeSettlementResponse = expect_ok(
+        await _send_dispute(ctx, envelope, label)
+    )
+    check_equal(f"status {label} answers", _DISPUTED, _STATUS.Name(answer.status))
+
+
+async def _expect_recorded(
+    ctx: CaseContext,
+    settlement_id: str,
+    instruction: envelope_pb2.Envelope,
+    dispute: envelope_pb2.Envelope | None = None,
+) -> None:
+    """GetSettlement returns ``instruction`` and ``dispute`` (if any) as first sent."""
+    found = await _get(ctx, settlement_id)
+    check_equal(
+        "the instruction GetSettlement returns (the one first submitted)",
+        instruction.SerializeToString(),
+        found.settlement_instruction.SerializeToString(),
+    )
+    if dispute is not None:
+        check_equal(
+            "the dispute GetSettlement returns (the one first accepted)",
+            dispute.SerializeToString(),
+            found.settlement_dispute.SerializeToString(),
+        )
+
+
+@REGISTRY.case(
+    "settlement/repeat-returns-recorded",
+    Level.MUST,
+    "a pending instruction submitted again, the same envelope, is answered from the record — "
+    "PENDING with the same effective dispute deadline, not REPLAYED — and changes nothing; "
+    "GetSettlement returns it as first sent (§12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/repeat-answered-from-record",),
+)
+async def repeat_returns_recorded(ctx: CaseContext) -> None:
+    envelope, deadline = await _pending(ctx)
+    before = await custodian_state(ctx)
+    again = await _submit(ctx, envelope, "SubmitSettlementInstruction (the same instruction again)")
+    check_equal("dispute_deadline answered to the repeat", deadline, _deadline(again))
+    await expect_unchanged(ctx, before)
+    await _expect_recorded(ctx, _settlement_id(envelope), envelope)
+
+
+@REGISTRY.case(
+    "settlement/reused-id-refused",
+    Level.MUST,
+    "another instruction under the settlement_id of a pending one (the same account, asset and "
+    "cycle, another uneven amount) is refused: FAILED_PRECONDITION STATE_CONFLICT, field "
+    "settlement_id; nothing changes and GetSettlement returns the first (§10.6, §12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/reused-id-refused",),
+)
+async def reused_id_refused(ctx: CaseContext) -> None:
+    first, _ = await _pending(ctx)
+    instruction = reconciliation_pb2.SettlementInstruction.FromString(first.payload)
+    other = await _instruction(
+        ctx,
+        instruction.account_id,
+        instruction.asset_id,
+        cutoff_id=instruction.cutoff_id,
+        cycle=instruction.cycle_of_day,
+        now=await ctx.server_now(),
+        amount=_OTHER_UNEVEN,
+        settlement_id=instruction.settlement_id,
+    )
+    before = await custodian_state(ctx)
+    expect_status(
+        await _send(ctx, other, "SubmitSettlementInstruction (another under a used settlement_id)"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+        metadata_field="settlement_id",
+    )
+    await expect_unchanged(ctx, before)
+    await _expect_recorded(ctx, instruction.settlement_id, first)
+
+
+@REGISTRY.case(
+    "settlement/dispute-repeat-returns-recorded",
+    Level.MUST,
+    "the dispute of a pending instruction sent again, the same envelope, is answered from the "
+    "record — DISPUTED, not REPLAYED — and changes nothing; GetSettlement returns the dispute as "
+    "first sent (§12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/repeat-answered-from-record",),
+)
+async def dispute_repeat_returns_recorded(ctx: CaseContext) -> None:
+    instruction, _ = await _pending(ctx)
+    settlement_id = _settlement_id(instruction)
+    dispute = await _signed_dispute(ctx, settlement_id)
+    await _disputed(ctx, dispute, "DisputeSettlement")
+    before = await custodian_state(ctx)
+    await _disputed(ctx, dispute, "DisputeSettlement (the same dispute again)")
+    await expect_unchanged(ctx, before)
+    await _expect_recorded(ctx, settlement_id, instruction, dispute)
+
+
+@REGISTRY.case(
+    "settlement/second-dispute-refused",
+    Level.MUST,
+    "a different dispute of a settlement already disputed, within its window, is refused: "
+    "FAILED_PRECONDITION STATE_CONFLICT, field settlement_id; nothing changes and GetSettlement "
+    "returns the first dispute (§12.4)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/reused-id-refused",),
+)
+async def second_dispute_refused(ctx: CaseContext) -> None:
+    instruction, _ = await _pending(ctx)
+    settlement_id = _settlement_id(instruction)
+    first = await _signed_dispute(ctx, settlement_id)
+    await _disputed(ctx, first, "DisputeSettlement")
+    second = await _signed_dispute(ctx, settlement_id, "conformance: another reason")
+    before = await custodian_state(ctx)
+    expect_status(
+        await _send_dispute(ctx, second, "DisputeSettlement (a second, different dispute)"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+        metadata_field="settlement_id",
+    )
+    await expect_unchanged(ctx, before)
+    await _expect_recorded(ctx, settlement_id, instruction, first)
 
 
 @REGISTRY.case(
