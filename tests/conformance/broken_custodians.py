@@ -45,6 +45,7 @@ from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import liquidations as _liquidations_module
 from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
+from collateral_sync_reference.custodian import refresh as _refresh_module
 from collateral_sync_reference.custodian import role as _role_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.custodian import store as _store_module
@@ -58,6 +59,7 @@ _custodian_liquidations: Any = _liquidations_module
 _custodian_pledges: Any = _pledges_module
 _custodian_margin_call_store: Any = _margin_call_store_module
 _custodian_redemptions: Any = _redemptions_module
+_custodian_refresh: Any = _refresh_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
 _custodian_store: Any = _store_module
@@ -189,6 +191,12 @@ def _settles_redemptions_early() -> None:
 def _never_settles_redemptions() -> None:
     """Redemption locks hold for ever: nothing ever falls due."""
     _custodian_store.SqliteCustodianStore.due_redemptions = lambda self, now: []
+
+
+def _never_refreshes_holdings() -> None:
+    """Holdings statements are never refreshed: an account nothing changes is left with an
+    expired latest statement, which nothing may cite (§3.6.1, §5.8)."""
+    _custodian_refresh.HoldingsRefresh.sweep = lambda self: 0
 
 
 def _yield_attested_as_deposit() -> None:
@@ -849,6 +857,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-redemption-bound-exclusive": _redemption_bound_exclusive,
     "custodian-settles-redemptions-early": _settles_redemptions_early,
     "custodian-never-settles-redemptions": _never_settles_redemptions,
+    "custodian-never-refreshes-holdings": _never_refreshes_holdings,
     "custodian-yield-attested-as-deposit": _yield_attested_as_deposit,
     "custodian-cosignature-put-first": _cosignature_put_first,
     "custodian-release-attested-as-liquidation": _release_attested_as_liquidation,

@@ -40,6 +40,7 @@ __all__ = [
     "EXCHANGE",
     "FURTHER_IDENTITIES",
     "KIT_ACCOUNT",
+    "OTHER_EXCHANGE",
     "REGULATOR",
     "Parties",
     "ServerProcess",
@@ -50,6 +51,7 @@ __all__ = [
     "identity_argv",
     "kit_argv",
     "parties_identity_argv",
+    "quiet_custodian_config",
     "reference_parties",
     "regulator_argv",
     "start_server",
@@ -135,6 +137,24 @@ def custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
             + [{"account_id": f"{EXCHANGE}/settlement", "client_id": EXCHANGE, "holdings": {}}]
         },
     )
+
+
+#: The fund token of KIT_ACCOUNT: it earns a daily yield at the reference custodian.
+KIT_FUND_TOKEN = "BENJI"
+
+
+def quiet_custodian_config(parties: Parties, directory: Path) -> dict[str, Any]:
+    """:func:`custodian_config` with the kit's account holding no fund token: no daily yield
+    accrual attests it anew, only a refresh does (PROTOCOL.md §5.8, Refresh)."""
+    config = custodian_config(parties, directory)
+    for account in config["custodian"]["accounts"]:
+        if account["account_id"] == KIT_ACCOUNT:
+            account["holdings"] = {
+                asset: quantity
+                for asset, quantity in account["holdings"].items()
+                if asset != KIT_FUND_TOKEN
+            }
+    return config
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,14 @@ import pytest
 
 from .broken_custodians import FAULTS
 from .broken_custodians import main as launch_broken
-from .conftest import KIT_ACCOUNT, OTHER_EXCHANGE, Parties, custodian_config, kit_argv
+from .conftest import (
+    KIT_ACCOUNT,
+    OTHER_EXCHANGE,
+    Parties,
+    custodian_config,
+    kit_argv,
+    quiet_custodian_config,
+)
 from .test_kit_broken_servers import KNOWN_FAILING, BrokenServer, _failed, _globs
 
 _LAUNCHER = Path(__file__).with_name("broken_custodians.py")
@@ -60,6 +67,10 @@ _EXECUTING = {
 #: Faults only a custodian serving a second exchange (the kit's other exchange key) can show:
 #: to a custodian serving one, a pledge to another exchange is an unknown exchange.
 _SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
+
+#: Faults only an account that nothing else attests anew can show: the daily yield of the kit
+#: account's fund token gives it a new holdings statement every day, refreshed or not.
+_QUIET_ACCOUNT = {"custodian-never-refreshes-holdings"}
 
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
@@ -119,6 +130,12 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "custodian-never-settles-redemptions",
         ["custodian/redemption-settles-at-its-time"],
         {"custodian/redemption-settles-at-its-time"},
+    ),
+    (
+        # Its kit account holds no fund token (_QUIET_ACCOUNT); the refresh case runs last.
+        "custodian-never-refreshes-holdings",
+        ["attestation/**"],
+        {"attestation/holdings-refreshed-before-expiry"},
     ),
     (
         "custodian-redemption-bound-exclusive",
@@ -372,7 +389,8 @@ def test_a_broken_custodian_is_caught_by_its_cases(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config_path = tmp_path / "custodian.json"
-    config = custodian_config(reference_parties, tmp_path)
+    quiet = fault in _QUIET_ACCOUNT
+    config = (quiet_custodian_config if quiet else custodian_config)(reference_parties, tmp_path)
     if fault in _SERVES_SECOND_EXCHANGE:
         config["peers"][OTHER_EXCHANGE] = None
     config_path.write_text(json.dumps(config, indent=2))

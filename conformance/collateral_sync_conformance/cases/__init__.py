@@ -5,7 +5,9 @@ then requests that are not messages, the attestation log, signed-statement refus
 (then the pledge rules, which pledge the kit's account further),
 liquidation (before position sync, whose equivocation case may leave a custodian wary of the kit's
 exchange), position sync, settlement, and emergency release (last: an executed release consumes the
-account's pledge).
+account's pledge), then the refresh of holdings statements (it moves the custodian's clock a
+statement's lifetime ahead: of the custodian's cases only the evidence refusal, which no time
+affects, follows it).
 """
 
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
@@ -22,6 +24,9 @@ from collateral_sync_conformance.cases import cosign
 
 # Last: an executed release consumes the account's pledge.
 from collateral_sync_conformance.cases import emergency
+
+# After every other custodian case: it moves the clock a statement's lifetime ahead.
+from collateral_sync_conformance.cases import holdings_refresh
 
 # Exchange cases with the kit as its custodian (--listen): they move the
 # exchange's clock past due dates, and the last of sync_exchange ends its

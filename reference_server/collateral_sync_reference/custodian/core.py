@@ -10,6 +10,7 @@ through) and nothing else, except where one part acts through another:
 - ``pledges``: PledgeCollateral and the liquidation paths it records;
 - ``redemptions``: RequestRedemption, and settling each redemption when its lock ends;
 - ``yield_accrual``: deposits, and the daily yield on fund holdings;
+- ``refresh``: holdings statements re-attested before they expire;
 - ``liquidations``: liquidation instructions, executed along the pre-authorised path;
 - ``exchange_stream``: the sync session with each exchange and what arrives on
   it (it hands liquidation instructions to ``liquidations``);
@@ -34,6 +35,7 @@ from collateral_sync_reference.custodian.ledger import Ledger
 from collateral_sync_reference.custodian.liquidations import Liquidations
 from collateral_sync_reference.custodian.pledges import Pledges
 from collateral_sync_reference.custodian.redemptions import Redemptions
+from collateral_sync_reference.custodian.refresh import HoldingsRefresh
 from collateral_sync_reference.custodian.yield_accrual import YieldAccrual
 
 __all__ = ["Custodian"]
@@ -49,6 +51,7 @@ class Custodian:
         self.pledges = Pledges(ledger)
         self.redemptions = Redemptions(ledger)
         self.yield_accrual = YieldAccrual(ledger)
+        self.refresh = HoldingsRefresh(ledger)
         self.liquidations = Liquidations(ledger)
         self.stream = ExchangeStream(ledger, self.liquidations, context.config.sync)
         ledger._open_accounts()
@@ -69,7 +72,8 @@ class Custodian:
     # ------------------------------------------------------------------ time-driven work
 
     def run_due(self) -> None:
-        """Do the time-driven work that is due: settlements, then each missed yield day."""
+        """Do the time-driven work that is due: settlements, each missed yield day, then a
+        refresh sweep (last: an account the others just changed needs no refresh)."""
         now = self.ledger.clock.now()
         for redemption in self.ledger.store.due_redemptions(now):
             self.redemptions._settle(redemption, now)
@@ -77,9 +81,14 @@ class Custodian:
         while boundary <= now:
             self.yield_accrual.accrue_yield(boundary, boundary=boundary)
             boundary += timedelta(days=1)
+        if self.refresh.next_sweep() <= now:
+            self.refresh.sweep()
 
     def next_due(self) -> datetime:
-        """When :meth:`run_due` next has work (a settlement or the next yield time)."""
-        due = self.yield_accrual._last_yield_boundary() + timedelta(days=1)
+        """When :meth:`run_due` next has work (a settlement, the next yield time or sweep)."""
+        due = min(
+            self.yield_accrual._last_yield_boundary() + timedelta(days=1),
+            self.refresh.next_sweep(),
+        )
         settlement = self.ledger.store.next_settlement()
         return due if settlement is None else min(due, settlement)

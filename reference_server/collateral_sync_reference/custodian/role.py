@@ -382,7 +382,8 @@ class CustodianRole:
         self.custodian.close()
 
     async def _schedule(self) -> None:
-        """Settle redemptions and accrue yield when the (possibly test) clock says so."""
+        """Settle redemptions, accrue yield and refresh statements when the (possibly test)
+        clock says so."""
         while True:
             try:
                 self.custodian.run_due()

@@ -38,6 +38,12 @@ class _HoldingsChangeReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     HOLDINGS_CHANGE_REASON_LIQUIDATION: _HoldingsChangeReason.ValueType  # 7
     HOLDINGS_CHANGE_REASON_RELEASE: _HoldingsChangeReason.ValueType  # 8
     HOLDINGS_CHANGE_REASON_SETTLEMENT: _HoldingsChangeReason.ValueType  # 9
+    HOLDINGS_CHANGE_REASON_REFRESH: _HoldingsChangeReason.ValueType  # 10
+    """The same holdings attested again before the latest statement expires:
+    positions unchanged, the next epoch (PROTOCOL.md §5.8, "Refresh"). A
+    holdings statement is a log leaf and never re-signed, so an account nothing
+    else changes gets a new one and stays citable as evidence (§3.6.1).
+    """
 
 class HoldingsChangeReason(_HoldingsChangeReason, metaclass=_HoldingsChangeReasonEnumTypeWrapper):
     """Why holdings changed."""
@@ -52,6 +58,12 @@ HOLDINGS_CHANGE_REASON_REDEMPTION_SETTLED: HoldingsChangeReason.ValueType  # 6
 HOLDINGS_CHANGE_REASON_LIQUIDATION: HoldingsChangeReason.ValueType  # 7
 HOLDINGS_CHANGE_REASON_RELEASE: HoldingsChangeReason.ValueType  # 8
 HOLDINGS_CHANGE_REASON_SETTLEMENT: HoldingsChangeReason.ValueType  # 9
+HOLDINGS_CHANGE_REASON_REFRESH: HoldingsChangeReason.ValueType  # 10
+"""The same holdings attested again before the latest statement expires:
+positions unchanged, the next epoch (PROTOCOL.md §5.8, "Refresh"). A
+holdings statement is a log leaf and never re-signed, so an account nothing
+else changes gets a new one and stays citable as evidence (§3.6.1).
+"""
 Global___HoldingsChangeReason: _TypeAlias = HoldingsChangeReason  # noqa: Y015
 
 @_typing.final

@@ -16,6 +16,7 @@ import { after, test } from "node:test";
 import { create, toBinary } from "@bufbuild/protobuf";
 import {
   AttestationRefSchema,
+  HoldingsChangeReason,
   HoldingsStatementSchema,
   type HoldingsStatement,
 } from "../src/gen/collateral_sync/v1/attestation_pb.js";
@@ -111,13 +112,19 @@ class Custodian {
   }
 
   /** A holdings change of `account` at `epoch`, its statement signed and attested. */
-  holdings(account: string, epoch: bigint, options: Partial<Statement> = {}): PositionUpdate {
+  holdings(
+    account: string,
+    epoch: bigint,
+    options: Partial<Statement> = {},
+    reason = HoldingsChangeReason.UNSPECIFIED,
+  ): PositionUpdate {
     this.statementSequence += 1n;
     const statement: HoldingsStatement = create(HoldingsStatementSchema, {
       header: this.header({ sequence: options.sequence ?? this.statementSequence, ...options }),
       accountId: account,
       exchangeId: EXCHANGE,
       epoch,
+      reason,
     });
     const payload = toBinary(HoldingsStatementSchema, statement);
     const envelope = signedEnvelope(HOLDINGS_TYPE, payload, [custodianKey]);
@@ -352,6 +359,33 @@ test("batches are verified, applied once, stored, acknowledged; a new session re
   assert.equal(store.head().sequence, 5n);
   assert.deepEqual(await store.entryHashAt(2n), custodian.hashes[1]);
   assert.deepEqual((await readdir(join(directory, "batches"))).sort(), ["2.envelope", "3.envelope", "5.envelope", "4.envelope"].sort());
+});
+
+test("a holdings change that refreshes a statement (reason REFRESH) is applied like any other (§5.8)", async () => {
+  const directory = await temporaryDirectory();
+  const custodian = new Custodian();
+  custodian.append(
+    custodian.holdings("acct-1", 1n, {}, HoldingsChangeReason.DEPOSIT),
+    custodian.holdings("acct-1", 2n, {}, HoldingsChangeReason.REFRESH),
+  );
+  const reasons: string[] = [];
+  const recording = (updates: readonly ReceivedUpdate[], state: State): ApplyResult<State> => {
+    for (const update of updates) {
+      const statement = update.statement?.message as HoldingsStatement;
+      reasons.push(HoldingsChangeReason[statement.reason] ?? String(statement.reason));
+    }
+    return apply(updates, state);
+  };
+  const { store, session } = await openSession(directory, recording);
+  const wire = new Wire();
+  const running = session.runStream(wire);
+  await wire.nth("hello");
+  wire.deliver(custodian.hello(), custodian.batch(1, 2));
+  assert.equal(ackOf(await wire.nth("ack")), 2n);
+  wire.finish();
+  await running;
+  assert.deepEqual(reasons, ["DEPOSIT", "REFRESH"]);
+  assert.deepEqual(store.state(), { applied: ["1", "2"], epochs: { "acct-1": "2" } });
 });
 
 test("a batch whose signature does not verify is refused with SIGNATURE_INVALID and stores nothing", async () => {

@@ -2312,3 +2312,78 @@ def test_an_account_whose_attested_holdings_expired_does_not_stop_the_others(
             assert "account acct-lapsed not revalued: STATEMENT_EXPIRED" in log
 
     run(scenario())
+
+
+def test_a_refreshed_holdings_statement_keeps_a_quiet_account_callable(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """The custodian attests an account nothing changes again before its statement expires
+    (reason REFRESH, the same positions: PROTOCOL.md §5.8). The exchange credits it like any
+    holdings change, the same quantities, and a margin call rests on it after the first
+    statement's lifetime, where an expired statement could carry none (the test above)."""
+
+    def eligible(line: valuation_pb2.CreditLine) -> dict[str, str]:
+        return {v.asset_id: v.eligible_quantity.value for v in line.valuations}
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            prices=EXAMPLE_PRICES,
+            risk_policy=EXAMPLE_POLICY,
+        ) as w:
+            fake = w.custodian
+            fake.attest("acct-quiet", EXAMPLE_POSITIONS)
+            first = valuation_pb2.CreditLine.FromString(
+                (
+                    await fake.wait_update(
+                        "credit_line",
+                        lambda c: c.account_id == "acct-quiet" and c.collateral_value.value != "0",
+                    )
+                ).payload
+            )
+            # Half the statement's 30 days on, the custodian refreshes it.
+            await w.advance(timedelta(days=15))
+            refresh, ref = fake.attest(
+                "acct-quiet",
+                EXAMPLE_POSITIONS,
+                reason=attestation_pb2.HOLDINGS_CHANGE_REASON_REFRESH,
+            )
+            line = valuation_pb2.CreditLine.FromString(
+                (
+                    await fake.wait_update(
+                        "credit_line",
+                        lambda c: (
+                            c.account_id == "acct-quiet"
+                            and any(a.leaf_index == ref.leaf_index for a in c.attestations)
+                        ),
+                    )
+                ).payload
+            )
+            assert eligible(line) == eligible(first)
+            # Just above maintenance (0.5); past the first statement's lifetime the price falls.
+            await w.control.set_exposure(
+                test_control_pb2.SetExposureRequest(
+                    account_id="acct-quiet",
+                    exposure=amount_to_proto(
+                        format_amount(
+                            (d(line.collateral_value.value) / d("0.51")).quantize(d("0.01"))
+                        )
+                    ),
+                )
+            )
+            await w.advance(timedelta(days=16))
+            await w.control.set_price(
+                test_control_pb2.SetPriceRequest(
+                    quote=valuation_pb2.PriceQuote(asset_id="SPY-T", price=amount_to_proto("450"))
+                )
+            )
+            call = margin_pb2.MarginCall.FromString(
+                (
+                    await fake.wait_update("margin_call", lambda c: c.account_id == "acct-quiet")
+                ).payload
+            )
+            assert list(call.inputs.holdings_statements) == [refresh]
+
+    run(scenario())
