@@ -60,6 +60,7 @@ from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
+from collateral_sync_reference.exchange import credit_lines as _credit_lines_module
 from collateral_sync_reference.exchange import custodian_statements as _statements_module
 from collateral_sync_reference.exchange import holdings as _holdings_module
 from collateral_sync_reference.exchange import liquidations as _liquidation_module
@@ -85,6 +86,7 @@ _exchange_margin: Any = _margin_module
 _exchange_liquidation: Any = _liquidation_module
 _exchange_revaluation: Any = _revaluation_module
 _exchange_risk_policy: Any = _risk_policy_module
+_exchange_credit_lines: Any = _credit_lines_module
 _exchange_attest: Any = _attest_module
 _sdk_attestation: Any = _attestation_module
 _sync_session: Any = _session_module
@@ -800,6 +802,54 @@ def _exchange_policy_signature_broken() -> None:
     _exchange_risk_policy.RiskPolicies.risk_policy = risk_policy
 
 
+def _exchange_serves_stale_credit_lines() -> None:
+    """GetCreditLine serves the stored credit line as it is, never re-signed: once the
+    account's figures stop changing, it is served after it expired."""
+
+    def credit_line(self: Any, account_id: str) -> Any:
+        account = self._store.accounts.get(account_id)
+        if account is None or account.credit_line is None:
+            raise errors.StateError(
+                f"no credit line for account {account_id!r}",
+                reason=errors_pb2.ERROR_REASON_NOT_FOUND,
+                metadata={"expected": "an account with a credit line", "actual": account_id},
+            )
+        return account.credit_line
+
+    _exchange_credit_lines.CreditLines.credit_line = credit_line
+
+
+def _exchange_serves_stale_call_states() -> None:
+    """GetMarginCall and ListMarginCalls serve each call's stored state as it is, never
+    re-signed: the state of a call that has ended is served after it expired."""
+
+    def fresh_state(self: Any, call: Any) -> Any:
+        return call.state_envelope
+
+    _exchange_margin_calls.MarginCalls._fresh_state = fresh_state
+
+
+def _exchange_resigns_policy_as_new() -> None:
+    """A risk policy with less than half its lifetime left is re-signed as if published
+    again: the same version, but ``effective_from`` moved to the time of re-signing."""
+    policies = _exchange_risk_policy.RiskPolicies
+
+    def refreshed(self: Any, version: int, envelope: Any, now: datetime) -> Any:
+        ttl = self._settings.policy_ttl
+        if not _exchange_risk_policy.is_stale(envelope, valuation_pb2.RiskPolicy, ttl, now):
+            return envelope
+        policy = valuation_pb2.RiskPolicy.FromString(envelope.payload)
+        policy.ClearField("header")
+        policy.effective_from.FromDatetime(now)
+        resigned = self._context.sign(
+            policy, audience=[_exchange_risk_policy.ANYONE], ttl=ttl, now=now
+        )
+        self._store.policies.replace_envelope(version, resigned)
+        return resigned
+
+    policies._refreshed = refreshed
+
+
 def _exchange_lists_calls_not_states() -> None:
     """ListMarginCalls answers each call's signed MarginCall instead of its MarginCallState."""
     original = _exchange_margin_calls.MarginCalls.list_margin_calls
@@ -1459,6 +1509,9 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-policy-versions-off-by-one": _exchange_policy_versions_off_by_one,
     "exchange-policy-signature-broken": _exchange_policy_signature_broken,
     "exchange-lists-calls-not-states": _exchange_lists_calls_not_states,
+    "exchange-serves-stale-credit-lines": _exchange_serves_stale_credit_lines,
+    "exchange-serves-stale-call-states": _exchange_serves_stale_call_states,
+    "exchange-resigns-policy-as-new": _exchange_resigns_policy_as_new,
     "exchange-reads-for-any-registered-party": _exchange_reads_for_any_registered_party,
     "exchange-serves-strangers": _exchange_serves_strangers,
     "exchange-unknown-account-not-found-to-all": _exchange_unknown_account_not_found_to_all,

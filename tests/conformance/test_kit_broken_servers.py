@@ -647,6 +647,22 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["exchange/holdings/credited-once-proven", "exchange/holdings/pledged-elsewhere-*"],
         {"exchange/holdings/pledged-elsewhere-not-credited"},
     ),
+    # What the exchange serves once its clock has passed the statements' expires_at: the
+    # stored statement as it is, or re-signed with other content (§3.6.1).
+    *(
+        (
+            fault,
+            ["exchange/holdings/credited-once-proven", "exchange/served-statements-fresh"],
+            {"exchange/served-statements-fresh"},
+        )
+        for fault in ("exchange-serves-stale-credit-lines", "exchange-resigns-policy-as-new")
+    ),
+    # The call the first case leaves SATISFIED is the ended call whose state is served.
+    (
+        "exchange-serves-stale-call-states",
+        ["exchange/margin-call/partial-agreement-then-top-up", "exchange/served-statements-fresh"],
+        {"exchange/served-statements-fresh"},
+    ),
     # A call satisfied exactly at the amount due, and a satisfied amount that follows the
     # latest holdings down as well as up (§8.4).
     (

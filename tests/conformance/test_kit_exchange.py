@@ -125,6 +125,8 @@ def _exchange_argv(parties: Parties, files: dict[str, Path], target: str, *extra
 COUNTERPART_CASES = (
     "exchange/holdings/**",
     "exchange/margin-call/**",
+    # It moves the exchange's clock a month ahead, past its custodian's statements.
+    "exchange/served-statements-fresh",
     "sync/exchange/**",
     "evidence/exchange/**",
     # An exchange states a cut-off once its custodian's stream is past it (§10.2):

@@ -32,8 +32,12 @@ from collateral_sync_conformance.cases import holdings_refresh
 # exchange's clock past due dates, and the last of sync_exchange ends its
 # stream for good (equivocation), so nothing may follow them but the reading
 # of the evidence the exchange kept of it. Equivocation evidence (evidence)
-# comes before them: its checkpoint fork needs the stream.
-from collateral_sync_conformance.cases import exchange_lifecycle, evidence, sync_exchange
+# comes before them: its checkpoint fork needs the stream. The freshness of what
+# the exchange serves (exchange_served) follows the margin-call cases: it moves
+# the exchange's clock a risk policy's lifetime ahead, past every price and
+# holdings statement they value.
+from collateral_sync_conformance.cases import exchange_lifecycle, exchange_served
+from collateral_sync_conformance.cases import evidence, sync_exchange
 
 __all__ = [
     "access",
@@ -45,6 +49,8 @@ __all__ = [
     "evidence",
     "exchange",
     "exchange_lifecycle",
+    "exchange_served",
+    "holdings_refresh",
     "liquidation",
     "pledge_rules",
     "reconciliation",
