@@ -81,6 +81,7 @@ STATUS_BY_REASON: Mapping[int, grpc.StatusCode] = {
     _R.ERROR_REASON_PATH_NOT_AUTHORISED: _C.PERMISSION_DENIED,
     _R.ERROR_REASON_STORAGE_FULL: _C.RESOURCE_EXHAUSTED,
     _R.ERROR_REASON_STORAGE_UNAVAILABLE: _C.UNAVAILABLE,
+    _R.ERROR_REASON_SIGNER_UNAVAILABLE: _C.UNAVAILABLE,
 }
 
 _PREFIX = "ERROR_REASON_"
@@ -159,7 +160,13 @@ class StorageError(CollateralSyncError):
 
 
 class SignerError(CollateralSyncError):
-    """A signing key could not be used: its PKCS#11 module, token, PIN or key; nothing was signed."""
+    """A signing key could not be used: its PKCS#11 module, token, PIN or key; nothing was signed.
+
+    At start a server reports it as a configuration error; while serving, the
+    request that needed a signature is refused UNAVAILABLE and writes nothing.
+    """
+
+    default_reason = _R.ERROR_REASON_SIGNER_UNAVAILABLE
 
 
 # SQLite primary result codes (the low byte of an extended code) a caller can do nothing

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import nacl.signing
 import pkcs11
 import pytest
@@ -299,8 +300,11 @@ def test_a_session_the_token_dropped_is_opened_again(softhsm_token: SoftHsmToken
         pkcs11.lib(str(softhsm_token.module)).reinitialize()
         signature = signer.sign(b"after")
         nacl.signing.VerifyKey(signer.public_key).verify(b"after", signature)
-    with pytest.raises(SignerError, match="the signer was closed"):
+    with pytest.raises(SignerError, match="the signer was closed") as closed:
         signer.sign(b"closed")
+    # What a request that needed the signature is refused with: retry later, nothing written.
+    assert closed.value.reason_name == "SIGNER_UNAVAILABLE"
+    assert closed.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_repr_never_shows_the_pin(softhsm_token: SoftHsmToken) -> None:

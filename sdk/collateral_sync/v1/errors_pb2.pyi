@@ -75,6 +75,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The party's own storage cannot be written now (read-only, failing): nothing of the
     request was written; the caller may retry later. UNAVAILABLE.
     """
+    ERROR_REASON_SIGNER_UNAVAILABLE: _ErrorReason.ValueType  # 52
+    """The party's own signing key cannot be used now (its HSM or token unreachable, its
+    session lost): nothing of the request was written; the caller may retry later.
+    UNAVAILABLE.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reason carried in google.rpc.ErrorInfo.reason (as the
@@ -134,5 +139,10 @@ ERROR_REASON_STORAGE_FULL: ErrorReason.ValueType  # 50
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 51
 """The party's own storage cannot be written now (read-only, failing): nothing of the
 request was written; the caller may retry later. UNAVAILABLE.
+"""
+ERROR_REASON_SIGNER_UNAVAILABLE: ErrorReason.ValueType  # 52
+"""The party's own signing key cannot be used now (its HSM or token unreachable, its
+session lost): nothing of the request was written; the caller may retry later.
+UNAVAILABLE.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

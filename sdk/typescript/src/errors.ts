@@ -57,6 +57,7 @@ export const STATUS_BY_REASON: Readonly<Record<ErrorReason, StatusCodeName>> = O
   [ErrorReason.PATH_NOT_AUTHORISED]: "PERMISSION_DENIED",
   [ErrorReason.STORAGE_FULL]: "RESOURCE_EXHAUSTED",
   [ErrorReason.STORAGE_UNAVAILABLE]: "UNAVAILABLE",
+  [ErrorReason.SIGNER_UNAVAILABLE]: "UNAVAILABLE",
 });
 
 /** Wire name of a reason: the enum value name without ERROR_REASON_ (e.g. "SIGNATURE_INVALID"). */
