@@ -25,7 +25,12 @@ from collateral_sync import PROTOCOL_VERSION, __version__
 from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_pem
 from collateral_sync.errors import CollateralSyncError
 from collateral_sync.keys import KeyRegistry, SigningKey
-from collateral_sync.transport import TlsConfig, grpc_core_log_held, secure_channel
+from collateral_sync.transport import (
+    TlsConfig,
+    check_client_certificate,
+    grpc_core_log_held,
+    secure_channel,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collateral_sync_conformance._context import KitConfig, party_role
@@ -376,9 +381,15 @@ def _tls(ca: tuple[str, str], cert: tuple[str, str], key: tuple[str, str]) -> Tl
         _input_file(*key, _read_private_key),
     )
     try:
-        return TlsConfig(*material)
+        tls = TlsConfig(*material, cert_file=cert[1])
     except CollateralSyncError as err:
         raise UsageError(f"{key[0]} {key[1]}: {err.message} ({cert[0]} {cert[1]})") from err
+    try:
+        # The kit dials with it: out of its dates, every connection would be refused.
+        check_client_certificate(tls)
+    except CollateralSyncError as err:
+        raise UsageError(f"{cert[0]}: {err.message}") from err
+    return tls
 
 
 #: Health states a probe of the target can end in.

@@ -311,7 +311,11 @@ def error_from_status(status: status_pb2.Status) -> RPCError:
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> RPCError:
-    """Decode a ``grpc.RpcError`` / ``grpc.aio.AioRpcError`` with its rich details."""
+    """Decode a ``grpc.RpcError`` / ``grpc.aio.AioRpcError`` with its rich details.
+
+    A connection the server closed while it was being set up gets a hint: it is
+    what a refused client certificate looks like from the client.
+    """
     status: status_pb2.Status | None = None
     try:
         status = rpc_status.from_call(error)
@@ -320,8 +324,28 @@ def error_from_rpc_error(error: grpc.RpcError) -> RPCError:
     if status is None:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return RPCError(str(details or ""), status_code=code)
+        message = str(details or "")
+        if code == grpc.StatusCode.UNAVAILABLE and _closed_while_connecting(message):
+            message += f" ({_CLOSED_WHILE_CONNECTING})"
+        return RPCError(message, status_code=code)
     return error_from_status(status)
+
+
+_CLOSED_WHILE_CONNECTING = (
+    "the server closed the connection during the TLS handshake: it may refuse this "
+    "client's certificate (expired, or not issued by a CA it trusts); the server's log "
+    "says why"
+)
+
+
+def _closed_while_connecting(details: str) -> bool:
+    # grpc's words for a connection that never carried a call and was closed by the
+    # peer; in TLS 1.3 a server refuses a client certificate only after its own
+    # handshake messages, so the client sees just a closed socket.
+    low = details.lower()
+    return "failed to connect" in low and any(
+        words in low for words in ("socket closed", "connection reset", "end of file")
+    )
 
 
 def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:

@@ -44,6 +44,7 @@ from collateral_sync.transport import (
     MAX_MESSAGE_BYTES,
     SERVICE_MODULES,
     ChannelOption,
+    ReloadableTls,
     TlsConfig,
     server_credentials,
     server_options,
@@ -122,7 +123,7 @@ _STATE: weakref.WeakKeyDictionary[grpc.aio.Server, _ServerState] = weakref.WeakK
 
 def create_server(
     *,
-    tls: TlsConfig | None,
+    tls: TlsConfig | ReloadableTls | None,
     plaintext_for_testing: bool = False,
     servicers: Iterable[object] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
@@ -133,7 +134,10 @@ def create_server(
     """A grpc.aio server with mutual TLS, health, reflection and error mapping.
 
     ``tls`` is required unless ``plaintext_for_testing`` is set (and then it
-    must be None): parties only ever talk over mutual TLS. ``servicers`` are
+    must be None): parties only ever talk over mutual TLS. With
+    :class:`~collateral_sync.transport.ReloadableTls`, each new connection is
+    served with the certificate and trust bundle its files hold at that moment
+    (rotation without restart). ``servicers`` are
     instances of the generated ``*Servicer`` classes; more can be added with
     :func:`add_servicer` before :func:`start_server`. ``interceptors`` run
     inside the error mapping, so their exceptions are mapped too.

@@ -18,6 +18,7 @@ SYNC_ROWS = [
     ("signed updates applied durably", "raw {raw}: both parties' writes, 250/batch"),
     ("signed updates applied durably", "raw PyNaCl verify, 1 per message"),
     ("signed updates applied durably", "raw PyNaCl sign+verify, 1 per message"),
+    ("signed updates applied, metrics on", "the same with metrics off"),
     ("margin call p50 (idle)", "raw unary gRPC round trip p50 (idle)"),
     ("margin call p99 (idle)", "raw unary gRPC round trip p99 (idle)"),
     ("margin call p50 (loaded)", "raw unary gRPC round trip p50 (loaded)"),
@@ -36,12 +37,15 @@ def _check_engine_section(section: str, raw: str) -> None:
         ratio = float(right.split(" ratio ")[1].split()[0])
         assert ratio > 0
     verdicts = [row for row in rows if "target " in row]
-    assert len(verdicts) == 4
+    assert len(verdicts) == 5
     assert all(": met" in row or ": NOT MET" in row for row in verdicts)
     # The raw-storage baseline is measured in this run, interleaved with the protocol runs.
     runs = [line for line in section.splitlines() if line.startswith("  run ")]
     assert len(runs) == 3
     assert all(f"; raw {raw} " in line and line.endswith(" updates/s") for line in runs)
+    # Each beside a run with the servers' metrics scraped meanwhile, at least once.
+    assert all(" scrapes of both) " in line for line in runs)
+    assert not any("(0 scrapes" in line for line in runs)
     assert "check: the exchange applied all" in section
     assert "stored all 40 margin calls" in section
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from _certificates import issue
 from collateral_sync import _cli as sdk_cli
+from collateral_sync.dev_ca import DevPki
 from collateral_sync.keys import KeyRegistry, SigningKey
 from collateral_sync.v1 import common_pb2
 from collateral_sync_conformance import main
@@ -142,6 +144,29 @@ def test_run_usage_errors_exit_2_with_one_line(
     assert message in err
     if "expected seconds" not in message:  # argparse prints its usage line too
         _stderr_is_one_line(err)
+
+
+def test_run_refuses_an_expired_kit_certificate_before_dialling(
+    capsys: pytest.CaptureFixture[str], kit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # The kit's party from the kit's CA, valid until yesterday.
+    ca = Path(kit_files["ca"])
+    pki = DevPki(directory=ca.parent, ca_cert=ca, ca_key=ca.with_name("ca.key"), parties={})
+    now = datetime.now(UTC)
+    party = "exchange-1"
+    expired = issue(
+        pki, party, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
+    )
+    cert, key = tmp_path / "expired.pem", tmp_path / "expired.key"
+    cert.write_bytes(expired.cert)
+    key.write_bytes(expired.key)
+    argv = _run_argv(
+        kit_files, f"127.0.0.1:{_closed_port()}", **{"--cert": str(cert), "--key": str(key)}
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _stderr_is_one_line(err)
+    assert f"--cert: client certificate {cert} (CN={party}) expired at" in err
 
 
 def test_run_refuses_an_unreachable_target(

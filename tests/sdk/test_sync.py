@@ -698,6 +698,35 @@ class Clock:
         return self.now
 
 
+def test_sessions_count_what_they_applied_and_date_what_awaits_an_ack(
+    make_party: Callable[..., Party],
+) -> None:
+    """The figures the reference servers' metrics read from a session."""
+
+    async def scenario() -> None:
+        clock = Clock(C)
+        exchange = make_party(EXCHANGE, clock=clock)
+        custodian = make_party(CUSTODIAN, batch_size=10, clock=clock)
+        custodian.append(25)
+        link = Link(exchange, custodian)
+        link.to_custodian.drop = lambda frame: frame.WhichOneof("frame") == "ack"
+        async with asyncio.timeout(10):
+            while exchange.session.applied_entries < 25:
+                await asyncio.sleep(0.01)
+        assert (exchange.session.applied_batches, exchange.session.applied_entries) == (3, 25)
+        assert custodian.session.oldest_unacknowledged_at == C  # three batches, none acknowledged
+        link.to_custodian.drop = lambda frame: False
+        clock.now = C + timedelta(seconds=1)
+        custodian.append(1)
+        await within(custodian.session.wait_acknowledged(26))
+        assert custodian.session.oldest_unacknowledged_at is None
+        assert (exchange.session.applied_batches, exchange.session.applied_entries) == (4, 26)
+        assert (custodian.session.applied_batches, custodian.session.applied_entries) == (0, 0)
+        await link.cut()
+
+    run(scenario())
+
+
 def test_heads_at_an_empty_log_are_zero_and_need_an_aware_time(
     make_party: Callable[..., Party],
 ) -> None:

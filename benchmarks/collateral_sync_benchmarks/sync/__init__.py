@@ -33,6 +33,10 @@ noisy, so only same-run ratios compare):
   ``executemany``), with no protocol work. The raw stream and raw storage
   runs are interleaved with the protocol runs. Targets: >= 50,000 updates/s
   (brief §5), and >= 0.7x the raw-storage baseline on each engine (issue 14).
+* The same throughput with the reference servers' Prometheus metrics on
+  (``_metrics.py``: both parties serve them as the servers do, and both are
+  scraped every 0.25 s during the run) beside the runs with metrics off,
+  alternating which goes first. Target: metrics cost under 5 %.
 * Margin-call latency, price breach -> the custodian's durable
   acknowledgement: the exchange signs the price snapshot, values the account
   under its signed risk policy, signs a MarginCall carrying its valuation

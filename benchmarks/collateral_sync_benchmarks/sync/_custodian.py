@@ -37,6 +37,7 @@ from collateral_sync.v1 import (
     position_sync_pb2,
 )
 from collateral_sync.valuation import recompute_margin_call
+from collateral_sync_reference.common.metrics import ServerMetrics
 
 from collateral_sync_benchmarks.sync._fixtures import (
     _ACK_TIMEOUT,
@@ -55,6 +56,7 @@ from collateral_sync_benchmarks.sync._fixtures import (
     _tls,
     _unexpected_variant,
 )
+from collateral_sync_benchmarks.sync._metrics import party_metrics
 from collateral_sync_benchmarks.sync._storage import _Database, _StorageSpec
 
 # Helpers for the sibling modules only: nothing here is API.
@@ -301,24 +303,30 @@ def _reply(message: dict[str, Any]) -> None:
 
 async def _custodian_main(workdir: Path, pool_size: int) -> None:
     custodian = _Custodian(workdir, pool_size, _StorageSpec.load(workdir))
+    # Its metrics as a reference custodian has them; the parent scrapes them in runs "on".
+    metrics = party_metrics(_CUSTODIAN, "custodian", lambda: (custodian.session,))
     try:
-        await _serve_commands(custodian, workdir)
+        await _serve_commands(custodian, workdir, metrics)
     finally:
+        metrics.stop()
         custodian.database.close()
 
 
-async def _serve_commands(custodian: _Custodian, workdir: Path) -> None:
+async def _serve_commands(custodian: _Custodian, workdir: Path, metrics: ServerMetrics) -> None:
     custodian.announce_holdings(datetime.now(UTC))
     raw = _RawStream(_raw_message(custodian.key))  # type: ignore[abstract]
     tls = _tls(workdir, _CUSTODIAN)
     # Only SyncPositions is served; the generated base answers UNIMPLEMENTED to the rest.
     sync_servicer = _CustodianSync(custodian.session)  # type: ignore[abstract]
-    sync_server = create_server(tls=tls, servicers=[sync_servicer])
+    sync_server = create_server(
+        tls=tls, servicers=[sync_servicer], interceptors=metrics.interceptors()
+    )
     raw_server = create_server(tls=tls, servicers=[raw])
     background: tuple[asyncio.Task[tuple[int, int]], asyncio.Event, float] | None = None
     async with serve(sync_server, grace=0) as sync_port, serve(raw_server, grace=0) as raw_port:
         reader = await _stdin_reader()
-        _reply({"ready": True, "sync_port": sync_port, "raw_port": raw_port})
+        ports = {"sync_port": sync_port, "raw_port": raw_port, "metrics": metrics.start()}
+        _reply({"ready": True, **ports})
         async with asyncio.timeout(_CHILD_LIFETIME):
             while True:
                 line = await reader.readline()

@@ -10,5 +10,7 @@
 - ``errors`` — the refusals every role raises the same way;
 - ``emergency`` — the 2-of-3 emergency-release co-signer (every role holds a key);
 - ``reconciliation`` — a party's side of reconciliation: signed statements at
-  each cut-off and ``GetPositionTreeNodes`` (custodian and exchange).
+  each cut-off and ``GetPositionTreeNodes`` (custodian and exchange);
+- ``metrics`` — Prometheus metrics on ``metrics.listen``: one registry per
+  server, the RPC interceptor, and the readings of state at scrape time.
 """

@@ -19,6 +19,7 @@ file's directory)::
       "peers": {"exchange-1": "127.0.0.1:7442"},
       "max_skew_seconds": 30,
       "sync": {"window": 8000, "batch_size": 250, "heartbeat_interval_ms": 5000},
+      "metrics": {"listen": "127.0.0.1:9464"},
       "custodian": {...}
     }
 
@@ -31,7 +32,9 @@ module, the token's label, the key's label, and the token's user PIN from
 (and a server refuses to start with a ``tls.cert`` that has expired or is not
 yet valid: see :mod:`~collateral_sync_reference.common.runner`).
 ``peers`` maps each counterparty's party id to its address (``null`` for a
-peer that dials us). The object named after the role holds the role's own
+peer that dials us). ``metrics`` (optional; off when absent) is where the
+server serves its Prometheus metrics over HTTP, ``{"listen": "host:port"}``
+(see :mod:`~collateral_sync_reference.common.metrics`). The object named after the role holds the role's own
 settings; its module reads it through :class:`ConfigSection`. Unknown keys are
 refused at every level, so a typo never silently falls back to a default.
 Every problem is a :class:`~collateral_sync.errors.MalformedError` naming the
@@ -57,6 +60,7 @@ from collateral_sync.sync import DEFAULT_BATCH_SIZE
 __all__ = [
     "DEFAULT_LISTEN_HOST",
     "ConfigSection",
+    "MetricsSettings",
     "Pkcs11KeySettings",
     "ServerConfig",
     "StorageSettings",
@@ -269,6 +273,14 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Where the server serves its Prometheus metrics (``GET /metrics``, plain HTTP)."""
+
+    #: ``host:port``; port 0 picks a free one (the server prints ``METRICS host:port``).
+    listen: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The settings every role shares; the role's own section is :attr:`role_settings`."""
 
@@ -286,6 +298,8 @@ class ServerConfig:
     max_skew: timedelta
     sync: SyncSettings
     role_settings: ConfigSection
+    #: None: no metrics are served.
+    metrics: MetricsSettings | None = None
 
 
 def _storage_settings(section: ConfigSection, party_id: str) -> StorageSettings:
@@ -504,6 +518,21 @@ def load_config(
         max_skew=max_skew,
         sync=sync,
         role_settings=top.section(role),
+        metrics=_metrics_settings(top),
     )
     top.finish()
     return config
+
+
+def _metrics_settings(top: ConfigSection) -> MetricsSettings | None:
+    """The optional ``metrics`` section: ``{"listen": "host:port"}``, or None when absent."""
+    if "metrics" not in top:
+        return None
+    section = top.section("metrics")
+    listen = section.string("listen")
+    try:
+        check_address(listen)
+    except ValueError:
+        raise section.error("listen", "host:port (e.g. 127.0.0.1:9464)", listen) from None
+    section.finish()
+    return MetricsSettings(listen=listen)

@@ -89,6 +89,7 @@ from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN
 from collateral_sync.transport import (
+    ReloadableTls,
     TlsConfig,
     peer_party_id,
     plaintext_channel_for_testing,
@@ -302,7 +303,7 @@ class PartyReconciliation:
         counterparty_id: str | None,
         exchange_id: str,
         holdings: Callable[[], Iterable[envelope_pb2.Envelope]],
-        tls: TlsConfig | None,
+        tls: TlsConfig | ReloadableTls | None,
         test_mode: bool,
         logger: logging.Logger,
         on_submitted: Callable[[str], None] | None = None,

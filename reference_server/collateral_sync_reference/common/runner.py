@@ -8,7 +8,9 @@ machine-readable line on stdout once it is serving::
 
     LISTENING 127.0.0.1:7441
 
-(tests start servers on port 0 and read the real port from that line). SIGTERM
+(tests start servers on port 0 and read the real port from that line), followed,
+when the configuration has a ``metrics`` section, by ``METRICS host:port``:
+where ``GET /metrics`` answers (:mod:`~collateral_sync_reference.common.metrics`). SIGTERM
 or SIGINT stops the server gracefully: background work first, then in-flight
 calls get a grace period, then the storage is closed.
 
@@ -19,7 +21,10 @@ be used (wrong PIN, no such token or label, not Ed25519), a TLS key that does no
 already in use. A server whose own TLS certificate (``tls.cert``, or every
 certificate of ``tls.ca``) has expired or is not yet valid refuses to start
 (exit 2, naming the file and its notAfter/notBefore) rather than serve a
-certificate every peer would refuse.
+certificate every peer would refuse. While serving, replaced TLS files are
+picked up by each new connection, in and out, without a restart, and a
+certificate expiring within 14 days is a warning
+(:mod:`collateral_sync_reference.common.tls`).
 
 Roles
 -----
@@ -60,7 +65,12 @@ from collateral_sync.errors import CollateralSyncError, MalformedError, SignerEr
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.server import add_servicer, create_server, start_server, stop_server
 from collateral_sync.signer import Pkcs11Signer, Signer
-from collateral_sync.transport import TlsConfig, grpc_core_log_held, peer_party_id
+from collateral_sync.transport import (
+    ReloadableTls,
+    TlsConfig,
+    grpc_core_log_held,
+    peer_party_id,
+)
 from collateral_sync.v1 import common_pb2, test_control_pb2_grpc
 
 from collateral_sync_reference.common.access import AccessInterceptor
@@ -71,9 +81,11 @@ from collateral_sync_reference.common.config import (
     TlsFiles,
     load_config,
 )
+from collateral_sync_reference.common.metrics import ServerMetrics
 from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage, open_storage
 from collateral_sync_reference.common.storage._health import watch_database
 from collateral_sync_reference.common.storage._lease import PostgresLease
+from collateral_sync_reference.common.tls import ServerTls, watching
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -122,10 +134,13 @@ class ServerContext:
     clock: Clock
     signer: Signer
     registry: KeyRegistry
-    tls: TlsConfig | None
+    #: The server's TLS files, read again when they change (None: plaintext, tests only).
+    tls: ReloadableTls | None
     test_mode: bool
     logger: logging.Logger
     _shutdown: Callable[[int, str], None] = field(repr=False)
+    #: The server's Prometheus metrics; roles add their readings while they are built.
+    metrics: ServerMetrics = field(default_factory=ServerMetrics.off, repr=False)
 
     @property
     def party_id(self) -> str:
@@ -211,6 +226,7 @@ def serve_main(
     )
     _check_registered(config, registry, signer)
     tls: TlsConfig | None = None
+    server_tls: ServerTls | None = None
     if plaintext_for_testing:
         _LOGGER.warning("serving WITHOUT TLS (--plaintext-for-testing): tests only")
     else:
@@ -228,23 +244,25 @@ def serve_main(
                 metadata={"field": "tls.cert", "expected": config.party_id, "actual": tls.party_id},
             )
         _check_validity(config, config.tls, tls, datetime.now(UTC))
+        role_logger = logging.getLogger(f"collateral_sync_reference.{config.role}")
+        server_tls = ServerTls(config.tls, tls, party_id=config.party_id, logger=role_logger)
+        server_tls.warn_if_expiring()
     storage = _open_storage(config)
     try:
         clock: Clock = TestClock(storage) if test_mode else SystemClock()
-        return asyncio.run(
-            _serve(
-                module,
-                config,
-                settings=settings,
-                storage=storage,
-                clock=clock,
-                signer=signer,
-                registry=registry,
-                tls=tls,
-                test_mode=test_mode,
-                listen=listen or config.listen,
-            )
+        serving = _serve(
+            module,
+            config,
+            settings=settings,
+            storage=storage,
+            clock=clock,
+            signer=signer,
+            registry=registry,
+            tls=None if server_tls is None else server_tls.material,
+            test_mode=test_mode,
+            listen=listen or config.listen,
         )
+        return asyncio.run(watching(server_tls, serving))
     finally:
         storage.close()
         _close_signer(signer)
@@ -527,7 +545,7 @@ def _signals(shutdown: Callable[[int, str], None]) -> Iterator[None]:
 async def _standby_until_active(
     lease: PostgresLease,
     listen: str,
-    tls: TlsConfig | None,
+    tls: ReloadableTls | None,
     stopping: asyncio.Event,
     shutdown: Callable[[int, str], None],
 ) -> str | None:
@@ -566,7 +584,7 @@ async def _serve(
     clock: Clock,
     signer: Signer,
     registry: KeyRegistry,
-    tls: TlsConfig | None,
+    tls: ReloadableTls | None,
     test_mode: bool,
     listen: str,
 ) -> int:
@@ -591,7 +609,15 @@ async def _serve(
         test_mode=test_mode,
         logger=logging.getLogger(f"collateral_sync_reference.{config.role}"),
         _shutdown=shutdown,
+        metrics=ServerMetrics(
+            config.metrics,
+            role=config.role,
+            party_id=config.party_id,
+            tls=lambda: None if tls is None else tls.current(),
+        ),
     )
+    # Before a standby waits: it answers scrapes too (the role's figures come once it serves).
+    metrics_at = context.metrics.start()
     lease: PostgresLease | None = None
     if isinstance(storage, PostgresStorage):
         # Two processes of one role may share a database: one serves, the other waits.
@@ -599,6 +625,7 @@ async def _serve(
         active = await _standby_until_active(lease, listen, tls, stopping, shutdown)
         if active is None:
             lease.release()
+            context.metrics.stop()
             return outcome["code"]
         listen = active
         storage.fence(lease)
@@ -609,6 +636,8 @@ async def _serve(
         servicers=role.servicers(),
         # The log sees refusals of access too; access runs before the servicer.
         interceptors=[
+            # First: it counts what the others refuse too.
+            *context.metrics.interceptors(),
             _RequestErrorLog(context.logger),
             AccessInterceptor(context.registry, plaintext=tls is None),
         ],
@@ -635,6 +664,8 @@ async def _serve(
                 " (test mode)" if test_mode else "",
             )
             print(f"LISTENING {host}:{port}", flush=True)
+            if metrics_at is not None:
+                print(f"METRICS {metrics_at}", flush=True)
             if isinstance(storage, PostgresStorage):
                 watcher = asyncio.create_task(
                     watch_database(storage, server, context.logger, lease=lease, on_lost=shutdown)
@@ -643,6 +674,7 @@ async def _serve(
         finally:
             if watcher is not None:
                 watcher.cancel()
+            context.metrics.stop()
             # Calls in flight finish (or are cancelled after the grace) before the
             # role releases what they use.
             await stop_server(server, grace=SHUTDOWN_GRACE)
@@ -652,7 +684,7 @@ async def _serve(
 
 
 def _configure_logging() -> None:
-    # stdout carries only the LISTENING line; logs go to stderr, one line each.
+    # stdout carries only the LISTENING (STANDBY, METRICS) lines; logs go to stderr, one line each.
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

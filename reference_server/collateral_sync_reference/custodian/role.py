@@ -77,6 +77,7 @@ from collateral_sync_reference.common.test_control import TestControlBase
 from collateral_sync_reference.custodian.config import CustodianSettings, parse_custodian_settings
 from collateral_sync_reference.custodian.core import Custodian
 from collateral_sync_reference.custodian.emergency import CustodianEmergencyRelease
+from collateral_sync_reference.custodian.metrics import custodian_figures
 from collateral_sync_reference.custodian.settlement import CustodianSettlement
 
 __all__ = ["CustodianRole", "create_role", "parse_settings"]
@@ -285,6 +286,7 @@ class CustodianRole:
         if not isinstance(settings, CustodianSettings):
             settings = parse_settings(context.config)
         self.custodian = Custodian(context, settings)
+        context.metrics.add_source(custodian_figures(self.custodian))
         exchanges = self.custodian.exchanges
         self.reconciliation = PartyReconciliation(
             storage=context.storage,

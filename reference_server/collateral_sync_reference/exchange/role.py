@@ -80,7 +80,7 @@ from decimal import Decimal
 
 import grpc.aio
 from collateral_sync.clients import CustodianClient
-from collateral_sync.errors import CollateralSyncError
+from collateral_sync.errors import CollateralSyncError, RPCError
 from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncSession, dial_sync_stream
 from collateral_sync.transport import plaintext_channel_for_testing, secure_channel
 from collateral_sync.v1 import errors_pb2
@@ -101,6 +101,7 @@ from collateral_sync_reference.exchange.attestation import AttestationChecker
 from collateral_sync_reference.exchange.core import ExchangeCore, ExchangeSettings
 from collateral_sync_reference.exchange.emergency import exchange_release_policy
 from collateral_sync_reference.exchange.instruction_delivery import LiquidationSubmitter
+from collateral_sync_reference.exchange.metrics import exchange_figures
 from collateral_sync_reference.exchange.policy_content import build_policy_content
 from collateral_sync_reference.exchange.price_feed import PriceStep, ScriptedPriceFeed
 from collateral_sync_reference.exchange.servicers import ExchangeServicer, ExchangeTestControl
@@ -238,6 +239,7 @@ class ExchangeRole:
             max_skew=context.config.max_skew,
             clock=clock.now,
         )
+        context.metrics.add_source(exchange_figures(self.core.store, self.session, clock.now))
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sweep_now = asyncio.Event()
@@ -403,6 +405,8 @@ class ExchangeRole:
                         err.message,
                     )
                     return
+                if not isinstance(err, RPCError):  # our own refusal (the custodian counts its)
+                    self.context.metrics.count_refusal(err.reason)
                 self.logger.warning("sync stream failed: %s: %s", err.reason_name, err.message)
             except TimeoutError:
                 self.logger.warning("sync stream: the custodian went silent; re-dialling")

@@ -54,7 +54,12 @@ from collateral_sync.signer import Signer
 from collateral_sync.signing import sign_statement, verify_statement
 from collateral_sync.statements import payload_type_of
 from collateral_sync.sync import SyncSession
-from collateral_sync.transport import TlsConfig, plaintext_channel_for_testing, secure_channel
+from collateral_sync.transport import (
+    ReloadableTls,
+    TlsConfig,
+    plaintext_channel_for_testing,
+    secure_channel,
+)
 from collateral_sync.v1 import (
     custodian_service_pb2,
     envelope_pb2,
@@ -411,7 +416,7 @@ class SettlementAfterReconciliation:
         regulator_id: str,
         regulator_address: str,
         registry: KeyRegistry,
-        tls: TlsConfig | None,
+        tls: TlsConfig | ReloadableTls | None,
         statements: Callable[[], Sequence[tuple[str, envelope_pb2.Envelope]]],
         custodian: Callable[[], CustodianClient | None],
         clock: Callable[[], datetime],

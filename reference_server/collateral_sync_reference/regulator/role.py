@@ -408,11 +408,12 @@ class RegulatorRole:
                     "INSERT INTO regulator_results VALUES (?, ?)",
                     (cutoff_id, signed.SerializeToString()),
                 )
+            outcome = reconciliation_pb2.ReconciliationOutcome.Name(result.outcome)
+            self.context.metrics.count_reconciliation_result(
+                outcome.removeprefix("RECONCILIATION_OUTCOME_")
+            )
             self.logger.info(
-                "reconciliation %s: %s, %d break(s)",
-                cutoff_id,
-                reconciliation_pb2.ReconciliationOutcome.Name(result.outcome),
-                len(result.breaks),
+                "reconciliation %s: %s, %d break(s)", cutoff_id, outcome, len(result.breaks)
             )
             return signed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn
@@ -136,6 +137,11 @@ class SyncSession:
         self._peer_sent_sequence = 0
         self._peer_issued_at: datetime | None = None
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Batches sent and not yet acknowledged: (last sequence, issued_at), by sequence.
+        self._unacknowledged: deque[tuple[int, datetime]] = deque()
+        self._received = 0  # head of the peer's log as stored here, once a hello read it
+        self._applied_batches = 0
+        self._applied_entries = 0
 
     # -- state --
 
@@ -188,6 +194,27 @@ class SyncSession:
         exchange's cut-off wait, docs/PROTOCOL.md §10.2). Kept in memory only.
         """
         return self._peer_issued_at
+
+    @property
+    def oldest_unacknowledged_at(self) -> datetime | None:
+        """When the oldest batch sent and not yet acknowledged was issued; None when none is.
+
+        Counts batches sent on any stream of this session object: one sent on a
+        stream that broke stays the oldest until the peer acknowledges its
+        entries. Entries written but not yet sent (no stream, or a full window)
+        are not counted here: :attr:`connected` and the heads tell of them.
+        """
+        return self._unacknowledged[0][1] if self._unacknowledged else None
+
+    @property
+    def applied_batches(self) -> int:
+        """Peer's batches with new entries stored and applied since this object was made."""
+        return self._applied_batches
+
+    @property
+    def applied_entries(self) -> int:
+        """New entries of the peer's stored and applied since this object was made."""
+        return self._applied_entries
 
     def _heard_at(self, moment: datetime) -> None:
         if self._peer_issued_at is None or moment > self._peer_issued_at:
@@ -246,6 +273,7 @@ class SyncSession:
 
     def _own_hello(self) -> position_sync_pb2.SyncFrame:
         received = self._log.received_head()
+        self._received = received.sequence
         return position_sync_pb2.SyncFrame(
             hello=position_sync_pb2.SyncHello(
                 party_id=self._log.party_id,
@@ -424,6 +452,7 @@ class SyncSession:
                     # ack can arrive while the write is still being awaited.
                     self._sent = rows[-1][0]
                     self._sent_hash = rows[-1][1]
+                    self._track_unacknowledged(self._sent, issued_at)
                     await self._send_frame(send, frame)
                     continue
             idle_for = loop.time() - self._last_sent_at
@@ -503,6 +532,10 @@ class SyncSession:
             max_skew=self._max_skew,
         )
         head = log.accept_batch(batch, self._apply, now=now)
+        if head.sequence > self._received:
+            self._applied_batches += 1
+            self._applied_entries += head.sequence - self._received
+            self._received = head.sequence
         self._heard_at(batch.statement.header.issued_at.ToDatetime(tzinfo=UTC))
         # Also for a batch of duplicates only: the peer may have missed our ack.
         ack = position_sync_pb2.SyncAck(sequence=head.sequence, entry_hash=head.entry_hash)
@@ -527,8 +560,17 @@ class SyncSession:
         assert self._wake is not None
         self._wake.set()
 
+    def _track_unacknowledged(self, sequence: int, issued_at: datetime) -> None:
+        # A resent range keeps the time it was first sent: its entries waited since then.
+        pending = self._unacknowledged
+        if not pending or pending[-1][0] < sequence:
+            pending.append((sequence, issued_at))
+
     def _set_acked(self, sequence: int) -> None:
         self._acked = sequence
+        pending = self._unacknowledged
+        while pending and pending[0][0] <= sequence:
+            pending.popleft()
         if self._ack_waiters:
             waiting = []
             for target, future in self._ack_waiters:

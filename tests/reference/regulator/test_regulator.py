@@ -57,6 +57,7 @@ from collateral_sync.v1 import (
 )
 from google.protobuf import duration_pb2
 
+from .._scrape import metrics_address, scrape, value
 from ..conftest import (
     CLIENT,
     CUSTODIAN,
@@ -164,6 +165,7 @@ def start_trio(
             "regulator",
             directory,
             peers={CUSTODIAN: custodian.address, EXCHANGE: exchange.address},
+            metrics={"listen": "127.0.0.1:0"},
         ),
         name=f"{name}-regulator",
         extra_args=("--listen", regulator_address),
@@ -660,6 +662,11 @@ def test_breaks_are_located_to_account_asset_and_field(
             assert cutoff_id != first
             result = verified_result(parties, await await_result(regulator, cutoff_id))
             assert result.outcome == _F.RECONCILIATION_OUTCOME_BREAKS
+            # Each verdict counted as the regulator signed it.
+            samples = await asyncio.to_thread(scrape, metrics_address(trio.regulator))
+            verdicts = "collateral_sync_reconciliation_results_total"
+            assert value(samples, verdicts, verdict="MATCHED") == 1
+            assert value(samples, verdicts, verdict="BREAKS") == 1
             found = [
                 (
                     b.account_id,

@@ -53,3 +53,8 @@ class LiquidationTables(Tables):
                 record.receipt.SerializeToString(),
             ),
         )
+
+    def liquidation_count(self) -> int:
+        """Liquidations executed (each once, however often its instruction was repeated)."""
+        row = self._db.execute("SELECT COUNT(*) FROM custodian_liquidations").fetchone()
+        return int(row[0])

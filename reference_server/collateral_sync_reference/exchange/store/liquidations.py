@@ -142,6 +142,11 @@ class LiquidationTable(Tables):
         ).fetchall()
         return [_row(row) for row in rows]
 
+    def count(self) -> int:
+        """Liquidations instructed, whatever became of them."""
+        row = self._one("SELECT COUNT(*) FROM exchange_liquidations")
+        return int(row[0])
+
     def get(self, liquidation_id: str) -> LiquidationRow | None:
         row = self._one(
             f"SELECT {_COLUMNS} FROM exchange_liquidations "  # noqa: S608

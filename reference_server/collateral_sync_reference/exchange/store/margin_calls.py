@@ -191,6 +191,13 @@ class MarginCallTable(Tables):
         ).fetchall()
         return [_row(row) for row in rows]
 
+    def count_by_status(self) -> dict[int, int]:
+        """How many margin calls are in each status now (statuses with none left out)."""
+        rows = self._db.execute(
+            "SELECT status, COUNT(*) FROM exchange_margin_calls GROUP BY status"
+        ).fetchall()
+        return {int(status): int(count) for status, count in rows}
+
     def history(self, margin_call_id: str) -> list[envelope_pb2.Envelope]:
         rows = self._db.execute(
             "SELECT envelope FROM exchange_margin_call_states WHERE margin_call_id = ? ORDER BY id",
