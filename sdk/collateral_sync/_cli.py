@@ -16,11 +16,14 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from collateral_sync._version import __version__
 from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from collateral_sync.keys import KeyRegistry
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -93,7 +96,7 @@ def _check_party_file_name(party: str) -> None:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from collateral_sync.keys import KeyRegistry, SigningKey
+    from collateral_sync.keys import SigningKey
 
     if args.pkcs11_module is not None:
         return _keygen_on_token(args)
@@ -102,21 +105,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
             raise _UsageError(f"{option}: for a key on a token, with --pkcs11-module")
     # Every argument and input file is checked before anything is written.
     _check_party_file_name(args.party)
-    valid_from = (
-        _parse_time(args.valid_from, "--valid-from") if args.valid_from else datetime.now(UTC)
-    )
-    out = Path(args.out)
-    registry_path = Path(args.registry) if args.registry else out / "registry.json"
-    registry_what = "--registry" if args.registry else "registry (in --out)"
-    if registry_path.exists() and not registry_path.is_file():
-        raise _UsageError(
-            f"{registry_what} {registry_path} is {_what_is(registry_path)}; "
-            "it must be the key registry JSON file (created if absent)"
-        )
-    try:
-        registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
-    except CollateralSyncError as err:
-        raise _UsageError(f"{registry_what}: {err.message}") from err
+    valid_from, out, registry_path, registry = _keygen_registry(args)
     _directory("--out", out, f"it gets {args.party}.key.json")
     key_path = out / f"{args.party}.key.json"
     if key_path.exists() and not args.force:
@@ -132,23 +121,10 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _keygen_on_token(args: argparse.Namespace) -> int:
-    """keygen --pkcs11-module: the key pair is generated on the token and never leaves it."""
-    from collateral_sync.errors import SignerError
+def _keygen_registry(args: argparse.Namespace) -> tuple[datetime, Path, Path, KeyRegistry]:
+    """keygen's checked --valid-from, --out, and the registry file with what it holds now."""
     from collateral_sync.keys import KeyRegistry
-    from collateral_sync.signer import Pkcs11Signer
 
-    for option, value in (("--token", args.token), ("--label", args.label)):
-        if not value:
-            raise _UsageError(f"{option} is required with --pkcs11-module")
-    if args.force:
-        raise _UsageError("--force: a key on a token is never replaced; choose another --label")
-    pin = os.environ.get(args.pin_env)
-    if not pin:
-        raise _UsageError(
-            f"--pin-env: set the environment variable {args.pin_env} to the token's user PIN "
-            "(never on the command line)"
-        )
     valid_from = (
         _parse_time(args.valid_from, "--valid-from") if args.valid_from else datetime.now(UTC)
     )
@@ -164,6 +140,26 @@ def _keygen_on_token(args: argparse.Namespace) -> int:
         registry = KeyRegistry.load(registry_path) if registry_path.exists() else KeyRegistry()
     except CollateralSyncError as err:
         raise _UsageError(f"{registry_what}: {err.message}") from err
+    return valid_from, out, registry_path, registry
+
+
+def _keygen_on_token(args: argparse.Namespace) -> int:
+    """keygen --pkcs11-module: the key pair is generated on the token and never leaves it."""
+    from collateral_sync.errors import SignerError
+    from collateral_sync.signer import Pkcs11Signer
+
+    for option, value in (("--token", args.token), ("--label", args.label)):
+        if not value:
+            raise _UsageError(f"{option} is required with --pkcs11-module")
+    if args.force:
+        raise _UsageError("--force: a key on a token is never replaced; choose another --label")
+    pin = os.environ.get(args.pin_env)
+    if not pin:
+        raise _UsageError(
+            f"--pin-env: set the environment variable {args.pin_env} to the token's user PIN "
+            "(never on the command line)"
+        )
+    valid_from, out, registry_path, registry = _keygen_registry(args)
     if not args.registry:
         _directory("--out", out, "it gets registry.json")
     try:
