@@ -37,6 +37,8 @@ import grpc.aio
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from collateral_sync._integers import check_integers
 from collateral_sync.errors import CollateralSyncError, MalformedError, to_grpc_status
@@ -130,6 +132,7 @@ def create_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[ChannelOption] = (),
     maximum_concurrent_rpcs: int | None = None,
+    outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     """A grpc.aio server with mutual TLS, health, reflection and error mapping.
 
@@ -140,14 +143,17 @@ def create_server(
     (rotation without restart). ``servicers`` are
     instances of the generated ``*Servicer`` classes; more can be added with
     :func:`add_servicer` before :func:`start_server`. ``interceptors`` run
-    inside the error mapping, so their exceptions are mapped too.
+    inside the error mapping, so their exceptions are mapped too;
+    ``outer_interceptors`` run outside it and so see every call as the peer
+    does, already mapped (OpenTelemetry's server span: the mapping marks the
+    current span with the status it sends).
     """
     if tls is None and not plaintext_for_testing:
         raise ValueError("tls is required: parties talk over mutual TLS only")
     if tls is not None and plaintext_for_testing:
         raise ValueError("plaintext_for_testing=True conflicts with tls; pass one of them")
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        interceptors=[*outer_interceptors, ErrorMappingInterceptor(), *interceptors],
         options=server_options(max_message_bytes=max_message_bytes, extra=options),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
@@ -442,10 +448,42 @@ async def _abort(err: Exception, context: grpc.aio.ServicerContext, method: str)
         # The servicer already chose a status with context.abort().
         raise err
     if isinstance(err, CollateralSyncError):
-        await context.abort_with_status(to_grpc_status(err))
+        status = to_grpc_status(err)
+        _mark_span(status.code, status.details)
+        await context.abort_with_status(status)
     if isinstance(err, NotImplementedError):
+        _mark_span(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     incident = secrets.token_hex(8)
     _LOGGER.error("unhandled error in %s (incident %s)", method, incident, exc_info=err)
+    _mark_span(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
     raise AssertionError("grpc.aio context.abort returned instead of raising")
+
+
+#: Codes that make a server span an error (OpenTelemetry's semantic conventions for
+#: gRPC servers: a refusal of the caller's input is the caller's error, not ours).
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _mark_span(code: grpc.StatusCode, details: str) -> None:
+    """Record on the current (server) span the status about to be sent; a no-op untraced.
+
+    grpc's ``abort_with_status`` bypasses the instrumentation's context
+    wrapper, so the span would otherwise say OK for every refusal.
+    """
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_ERROR_CODES:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))

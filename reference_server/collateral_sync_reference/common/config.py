@@ -20,6 +20,8 @@ file's directory)::
       "max_skew_seconds": 30,
       "sync": {"window": 8000, "batch_size": 250, "heartbeat_interval_ms": 5000},
       "metrics": {"listen": "127.0.0.1:9464"},
+      "tracing": {"exporter": "otlp", "endpoint": "http://127.0.0.1:4317"},
+      "logging": {"format": "json"},
       "custodian": {...}
     }
 
@@ -34,7 +36,11 @@ yet valid: see :mod:`~collateral_sync_reference.common.runner`).
 ``peers`` maps each counterparty's party id to its address (``null`` for a
 peer that dials us). ``metrics`` (optional; off when absent) is where the
 server serves its Prometheus metrics over HTTP, ``{"listen": "host:port"}``
-(see :mod:`~collateral_sync_reference.common.metrics`). The object named after the role holds the role's own
+(see :mod:`~collateral_sync_reference.common.metrics`). ``tracing``
+(optional; off when absent) exports OpenTelemetry spans, ``{"exporter":
+"console" | "otlp", "endpoint": "...", "service_name": "..."}`` (``endpoint``
+only for otlp), and ``logging`` says how stderr log lines look, ``{"format":
+"text" | "json"}`` (see :mod:`~collateral_sync_reference.common.tracing`). The object named after the role holds the role's own
 settings; its module reads it through :class:`ConfigSection`. Unknown keys are
 refused at every level, so a typo never silently falls back to a default.
 Every problem is a :class:`~collateral_sync.errors.MalformedError` naming the
@@ -66,6 +72,7 @@ __all__ = [
     "StorageSettings",
     "SyncSettings",
     "TlsFiles",
+    "TracingSettings",
     "check_address",
     "load_config",
 ]
@@ -73,6 +80,8 @@ __all__ = [
 DEFAULT_LISTEN_HOST = "127.0.0.1"
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _ENGINES = ("sqlite", "postgresql")
+_EXPORTERS = ("console", "otlp")
+_LOG_FORMATS = ("text", "json")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
 
 
@@ -281,6 +290,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """Where the server's OpenTelemetry spans go (see :mod:`.tracing`)."""
+
+    #: ``console`` (JSON lines on stderr) or ``otlp`` (OTLP over gRPC).
+    exporter: str
+    #: The OTLP collector's address; None: the exporter's default (or OTEL_EXPORTER_OTLP_*).
+    endpoint: str | None = None
+    #: The spans' ``service.name``; None: ``collateral-sync-<role>``.
+    service_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The settings every role shares; the role's own section is :attr:`role_settings`."""
 
@@ -300,6 +321,10 @@ class ServerConfig:
     role_settings: ConfigSection
     #: None: no metrics are served.
     metrics: MetricsSettings | None = None
+    #: None: no spans are made or exported.
+    tracing: TracingSettings | None = None
+    #: How log lines on stderr look: ``text`` or ``json`` (one object per line).
+    log_format: str = "text"
 
 
 def _storage_settings(section: ConfigSection, party_id: str) -> StorageSettings:
@@ -519,6 +544,8 @@ def load_config(
         sync=sync,
         role_settings=top.section(role),
         metrics=_metrics_settings(top),
+        tracing=_tracing_settings(top),
+        log_format=_log_format(top),
     )
     top.finish()
     return config
@@ -536,3 +563,49 @@ def _metrics_settings(top: ConfigSection) -> MetricsSettings | None:
         raise section.error("listen", "host:port (e.g. 127.0.0.1:9464)", listen) from None
     section.finish()
     return MetricsSettings(listen=listen)
+
+
+def _tracing_settings(top: ConfigSection) -> TracingSettings | None:
+    """The optional ``tracing`` section, or None when absent (no spans)."""
+    if "tracing" not in top:
+        return None
+    section = top.section("tracing")
+    exporter = section.string("exporter")
+    if exporter not in _EXPORTERS:
+        raise section.error("exporter", " or ".join(_EXPORTERS), exporter)
+    endpoint: str | None = None
+    if "endpoint" in section:
+        if exporter != "otlp":
+            raise section.error("endpoint", "no endpoint with the console exporter", "an endpoint")
+        endpoint = section.string("endpoint")
+    service_name = section.string("service_name") if "service_name" in section else None
+    section.finish()
+    missing = [
+        name
+        for name in ("opentelemetry.sdk", "opentelemetry.instrumentation.grpc")
+        if not _installed(name)
+    ]
+    if missing:
+        raise top.error(
+            "tracing",
+            "an installed OpenTelemetry SDK (pip install 'collateral-sync[tracing]')",
+            f"{missing[0]} is not installed",
+        )
+    return TracingSettings(exporter=exporter, endpoint=endpoint, service_name=service_name)
+
+
+def _log_format(top: ConfigSection) -> str:
+    """``logging.format``: ``text`` (the default) or ``json``."""
+    section = top.section("logging")
+    log_format = section.string("format", "text")
+    if log_format not in _LOG_FORMATS:
+        raise section.error("format", " or ".join(_LOG_FORMATS), log_format)
+    section.finish()
+    return log_format
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False

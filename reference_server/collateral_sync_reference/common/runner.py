@@ -86,6 +86,7 @@ from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage
 from collateral_sync_reference.common.storage._health import watch_database
 from collateral_sync_reference.common.storage._lease import PostgresLease
 from collateral_sync_reference.common.tls import ServerTls, watching
+from collateral_sync_reference.common.tracing import JsonLogFormatter, Tracing, start_tracing
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -216,6 +217,8 @@ def serve_main(
     _configure_logging()
     module = _load_role_module(role)
     config = load_config(config_path, role=role, default_port=DEFAULT_PORTS.get(role, 0))
+    if config.log_format == "json":
+        _log_json_lines()
     # The role's own section is checked before anything is opened or created.
     parse_settings = getattr(module, "parse_settings", None)
     settings = parse_settings(config) if callable(parse_settings) else None
@@ -248,7 +251,10 @@ def serve_main(
         server_tls = ServerTls(config.tls, tls, party_id=config.party_id, logger=role_logger)
         server_tls.warn_if_expiring()
     storage = _open_storage(config)
+    tracing = Tracing.off()
     try:
+        # Before any channel is made: the client instrumentation wraps the channels made after.
+        tracing = start_tracing(config)
         clock: Clock = TestClock(storage) if test_mode else SystemClock()
         serving = _serve(
             module,
@@ -261,9 +267,12 @@ def serve_main(
             tls=None if server_tls is None else server_tls.material,
             test_mode=test_mode,
             listen=listen or config.listen,
+            tracing=tracing,
         )
         return asyncio.run(watching(server_tls, serving))
     finally:
+        # Flushes the spans still buffered, the last calls' included.
+        tracing.shutdown()
         storage.close()
         _close_signer(signer)
 
@@ -587,6 +596,7 @@ async def _serve(
     tls: ReloadableTls | None,
     test_mode: bool,
     listen: str,
+    tracing: Tracing,
 ) -> int:
     stopping = asyncio.Event()
     outcome = {"code": 0}
@@ -634,6 +644,8 @@ async def _serve(
         tls=tls,
         plaintext_for_testing=tls is None,
         servicers=role.servicers(),
+        # Outside the error mapping: a call's span carries the status the peer got.
+        outer_interceptors=tracing.server_interceptors(),
         # The log sees refusals of access too; access runs before the servicer.
         interceptors=[
             # First: it counts what the others refuse too.
@@ -681,6 +693,12 @@ async def _serve(
             if started:
                 await role.stop()
     return outcome["code"]
+
+
+def _log_json_lines() -> None:
+    """``logging.format: json``: every stderr log line one JSON object (with trace ids)."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonLogFormatter())
 
 
 def _configure_logging() -> None:

@@ -33,6 +33,7 @@ from collateral_sync.v1 import (
     valuation_pb2,
 )
 from collateral_sync.valuation import recompute_margin_call, validate_risk_policy
+from opentelemetry import trace
 
 from collateral_sync_reference.common.config import SyncSettings
 from collateral_sync_reference.common.errors import conflict as _conflict
@@ -49,6 +50,8 @@ _DISPUTE = margin_pb2.DisputeReason
 _RESPONSE_TYPE = payload_type_of(margin_pb2.MarginCallResponse)
 
 _LOGGER = logging.getLogger("collateral_sync_reference.custodian")
+# A no-op unless the server's config turns tracing on (common/tracing.py).
+_TRACER = trace.get_tracer("collateral_sync_reference.custodian")
 
 
 class ExchangeStream:
@@ -215,7 +218,19 @@ class ExchangeStream:
         self, exchange: str, sequence: int, envelope: envelope_pb2.Envelope, now: datetime
     ) -> None:
         verified = self._from_peer(exchange, envelope, margin_pb2.MarginCall, now)
-        with self._or_rejected(exchange, sequence, "margin_call", envelope, now):
+        # Inside the batch's sync.batch.apply span: the answer is durable when that span ends,
+        # and the batch that carries the answer back links to this span.
+        with (
+            _TRACER.start_as_current_span(
+                "custodian.margin_call.answer",
+                attributes={
+                    "collateral_sync.margin_call_id": verified.message.margin_call_id,
+                    "collateral_sync.account_id": verified.message.account_id,
+                    "collateral_sync.sync.sequence": sequence,
+                },
+            ),
+            self._or_rejected(exchange, sequence, "margin_call", envelope, now),
+        ):
             self._answer_margin_call(exchange, verified, now)
 
     def _answer_margin_call(

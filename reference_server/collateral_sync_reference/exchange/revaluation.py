@@ -24,6 +24,7 @@ from decimal import Decimal
 from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.errors import CollateralSyncError, MalformedError, StateError
 from collateral_sync.v1 import errors_pb2, margin_pb2, valuation_pb2
+from opentelemetry import trace
 
 from collateral_sync_reference.exchange.context import (
     ExchangeContext,
@@ -48,6 +49,8 @@ __all__ = ["Revaluer"]
 
 _R = errors_pb2.ErrorReason
 _S = margin_pb2.MarginCallStatus
+# A no-op unless the server's config turns tracing on (common/tracing.py).
+_TRACER = trace.get_tracer("collateral_sync_reference.exchange")
 
 
 class Revaluer:
@@ -91,6 +94,21 @@ class Revaluer:
 
     def revalue(self, account_id: str, now: datetime) -> Revaluation:
         """Revalue one account inside the open transaction, and act on what it shows."""
+        with _TRACER.start_as_current_span(
+            "exchange.valuation", attributes={"collateral_sync.account_id": account_id}
+        ) as span:
+            revaluation = self._revalue(account_id, now)
+            if span.is_recording():
+                if revaluation.collateral_ratio is not None:
+                    ratio = format_amount(revaluation.collateral_ratio)
+                    span.set_attribute("collateral_sync.collateral_ratio", ratio)
+                if revaluation.margin_call_id:
+                    span.set_attribute("collateral_sync.margin_call_id", revaluation.margin_call_id)
+                if revaluation.liquidation_id:
+                    span.set_attribute("collateral_sync.liquidation_id", revaluation.liquidation_id)
+            return revaluation
+
+    def _revalue(self, account_id: str, now: datetime) -> Revaluation:
         self._store.accounts.ensure(account_id)
         valued = self._valuer.value(account_id, now)
         self._credit_lines.publish(account_id, valued, now)
@@ -152,8 +170,11 @@ class Revaluer:
                     self._margin_calls.set_status(call, _S.MARGIN_CALL_STATUS_WITHDRAWN, now)
                 instructed = self._liquidations.instruct(account_id, valued, None, now)
             elif ratio < maintenance and not any(c.status in BLOCKING for c in calls):
-                # 5. Below maintenance, no call running: issue one.
-                issued_call = self._margin_calls.issue(account_id, valued, now)
+                # 5. Below maintenance, no call running: issue one. Its entry is
+                #    appended in this span: the sync batch that carries it links here.
+                with _TRACER.start_as_current_span("exchange.margin_call.issue") as span:
+                    issued_call = self._margin_calls.issue(account_id, valued, now)
+                    span.set_attribute("collateral_sync.margin_call_id", issued_call)
         return Revaluation(
             account_id=account_id,
             collateral_value=valued.collateral_value,

@@ -18,12 +18,14 @@ entries no recorded batch covered is recorded as a batch issued then.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from collateral_sync.errors import CollateralSyncError, VerificationError, sqlite_refusals
 from collateral_sync.keys import _datetime_ns, _timestamp_ns
@@ -51,6 +53,8 @@ from collateral_sync.v1 import envelope_pb2, errors_pb2, position_sync_pb2
 __all__ = ["MAX_UPDATE_BYTES", "ApplyUpdates", "SyncLog"]
 
 _R = errors_pb2.ErrorReason
+#: Spans that wrote entries not yet sent, kept for the batch span to link to (oldest dropped).
+_MAX_TRACED_WRITES = 1024
 
 #: Largest serialised PositionUpdate one entry may carry, so that any single
 #: entry fits a batch under the verifier's payload limit with room for the
@@ -219,6 +223,7 @@ class SyncLog:
         "_peer_party_id",
         "_receiving_direction",
         "_sending_direction",
+        "_traced_writes",
     )
 
     def __init__(
@@ -257,6 +262,8 @@ class SyncLog:
             else CUSTODIAN_TO_EXCHANGE
         )
         self._listeners: list[Callable[[], None]] = []
+        # (first sequence, span context) of appends made inside a span: in memory only.
+        self._traced_writes: deque[tuple[int, trace.SpanContext]] = deque(maxlen=_MAX_TRACED_WRITES)
         with self._own_transaction():
             for statement in _SCHEMA:
                 connection.execute(statement)
@@ -375,7 +382,23 @@ class SyncLog:
             prev = sha256(prefix + sequence.to_bytes(8, "big") + prev + data).digest()
             rows.append((peer, direction, sequence, prev, data))
         connection.executemany(_OUT_INSERT, rows)
+        if rows:
+            writer = trace.get_current_span().get_span_context()
+            if writer.is_valid:
+                self._traced_writes.append((rows[0][2], writer))
         return LogHead(sequence, prev)
+
+    def _writers_up_to(self, sequence: int) -> list[trace.SpanContext]:
+        """The spans that appended entries up to ``sequence``, forgotten once returned.
+
+        Best effort, for the batch span's links: a write rolled back leaves
+        its span to be linked from the batch that carries its sequence.
+        """
+        traced = self._traced_writes
+        found = []
+        while traced and traced[0][0] <= sequence:
+            found.append(traced.popleft()[1])
+        return found
 
     def sent_head(self) -> LogHead:
         """Head of our outgoing log as this connection sees it."""

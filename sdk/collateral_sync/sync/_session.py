@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
 from collateral_sync.clients import DEFAULT_SYNC_STREAM_TIMEOUT, CustodianClient, Metadata
 from collateral_sync.errors import (
@@ -56,6 +57,9 @@ DEFAULT_BATCH_TTL = timedelta(minutes=5)
 _CLOSE_TIMEOUT = 1.0
 
 SendFrame = Callable[[position_sync_pb2.SyncFrame], Awaitable[None]]
+
+# opentelemetry-api only: without a configured provider every span is a no-op.
+_TRACER = trace.get_tracer("collateral_sync.sync")
 
 
 def _utc_now() -> datetime:
@@ -443,17 +447,22 @@ class SyncSession:
             if room > 0 and not connection.in_transaction:
                 rows = log._read_outgoing(self._sent, min(self._batch_size, room))
                 if rows:
-                    issued_at = self._clock()
-                    frame = self._batch_frame(rows, issued_at)
-                    # Recorded (durably) before it leaves, so that the peer never
-                    # holds a batch we cannot count at a cut-off (§10.2).
-                    log._record_sent(LogHead(rows[-1][0], rows[-1][1]), issued_at)
-                    # Count the batch as sent before the write yields: the peer's
-                    # ack can arrive while the write is still being awaited.
-                    self._sent = rows[-1][0]
-                    self._sent_hash = rows[-1][1]
-                    self._track_unacknowledged(self._sent, issued_at)
-                    await self._send_frame(send, frame)
+                    # Linked to the spans that wrote its entries (a margin call's issue).
+                    links = [trace.Link(writer) for writer in log._writers_up_to(rows[-1][0])]
+                    with _TRACER.start_as_current_span(
+                        "sync.batch.send", links=links, attributes=self._batch_attributes(rows)
+                    ):
+                        issued_at = self._clock()
+                        frame = self._batch_frame(rows, issued_at)
+                        # Recorded (durably) before it leaves, so that the peer never
+                        # holds a batch we cannot count at a cut-off (§10.2).
+                        log._record_sent(LogHead(rows[-1][0], rows[-1][1]), issued_at)
+                        # Count the batch as sent before the write yields: the peer's
+                        # ack can arrive while the write is still being awaited.
+                        self._sent = rows[-1][0]
+                        self._sent_hash = rows[-1][1]
+                        self._track_unacknowledged(self._sent, issued_at)
+                        await self._send_frame(send, frame)
                     continue
             idle_for = loop.time() - self._last_sent_at
             if idle_for >= interval:
@@ -462,6 +471,15 @@ class SyncSession:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval - idle_for):
                     await wake.wait()
+
+    def _batch_attributes(self, rows: list[tuple[int, bytes, bytes]]) -> dict[str, str | int]:
+        return {
+            "collateral_sync.sync.peer": self._log.peer_party_id,
+            "collateral_sync.sync.direction": direction_name(self._log.sending_direction),
+            "collateral_sync.sync.first_sequence": rows[0][0],
+            "collateral_sync.sync.last_sequence": rows[-1][0],
+            "collateral_sync.sync.entries": len(rows),
+        }
 
     def _batch_frame(
         self, rows: list[tuple[int, bytes, bytes]], issued_at: datetime
@@ -519,6 +537,18 @@ class SyncSession:
                     )
 
     async def _on_batch(self, send: SendFrame, frame: position_sync_pb2.SyncFrame) -> None:
+        with _TRACER.start_as_current_span(
+            "sync.batch.receive",
+            attributes={
+                "collateral_sync.sync.peer": self._log.peer_party_id,
+                "collateral_sync.sync.direction": direction_name(self._log.receiving_direction),
+            },
+        ) as span:
+            await self._receive_batch(send, frame, span)
+
+    async def _receive_batch(
+        self, send: SendFrame, frame: position_sync_pb2.SyncFrame, span: trace.Span
+    ) -> None:
         log = self._log
         now = self._clock()
         batch = verify_sync_batch(
@@ -531,7 +561,13 @@ class SyncSession:
             max_entries=self._window,
             max_skew=self._max_skew,
         )
-        head = log.accept_batch(batch, self._apply, now=now)
+        if span.is_recording():
+            span.set_attribute("collateral_sync.sync.first_sequence", batch.first_sequence)
+            span.set_attribute("collateral_sync.sync.last_sequence", batch.last_sequence)
+            span.set_attribute("collateral_sync.sync.entries", len(batch.entry_hashes))
+        # Stored and applied in one transaction: the span ends once it is durable.
+        with _TRACER.start_as_current_span("sync.batch.apply"):
+            head = log.accept_batch(batch, self._apply, now=now)
         if head.sequence > self._received:
             self._applied_batches += 1
             self._applied_entries += head.sequence - self._received
@@ -539,7 +575,10 @@ class SyncSession:
         self._heard_at(batch.statement.header.issued_at.ToDatetime(tzinfo=UTC))
         # Also for a batch of duplicates only: the peer may have missed our ack.
         ack = position_sync_pb2.SyncAck(sequence=head.sequence, entry_hash=head.entry_hash)
-        await self._send_frame(send, position_sync_pb2.SyncFrame(ack=ack))
+        with _TRACER.start_as_current_span(
+            "sync.batch.ack", attributes={"collateral_sync.sync.acknowledged": head.sequence}
+        ):
+            await self._send_frame(send, position_sync_pb2.SyncFrame(ack=ack))
 
     def _on_ack(self, frame: position_sync_pb2.SyncFrame) -> None:
         ack = frame.ack
@@ -658,6 +697,17 @@ async def dial_sync_stream(
     its input (after telling it with a SyncClose), TimeoutError when it went
     silent. Callers re-dial with backoff on anything but a refusal.
     """
+    # One span for the stream: the call's client span (and through its metadata the
+    # custodian's server span and batch spans) and this side's batch spans share its trace.
+    with _TRACER.start_as_current_span(
+        "sync.stream", attributes={"collateral_sync.sync.peer": session.peer_party_id}
+    ):
+        await _dial(session, client, timeout=timeout, metadata=metadata)
+
+
+async def _dial(
+    session: SyncSession, client: CustodianClient, *, timeout: float, metadata: Metadata | None
+) -> None:
     call = client.sync_positions(timeout=timeout, metadata=metadata)
 
     async def send(frame: position_sync_pb2.SyncFrame) -> None:
