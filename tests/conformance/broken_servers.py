@@ -862,6 +862,27 @@ def _exchange_lists_calls_not_states() -> None:
     _exchange_margin_calls.MarginCalls.list_margin_calls = list_margin_calls
 
 
+def _exchange_call_pages_short_by(missing: int) -> Callable[[], None]:
+    """ListMarginCalls fetches ``page_size + 1 - missing`` rows to fill a page of
+    ``page_size`` (the only read of margin calls with a ``limit``): 1 fetches exactly
+    ``page_size`` rows, so that it never sees a row beyond the page and never issues a
+    next_page_token; 2 fetches one row fewer still, so that pages are short as well (a
+    page of 1 is empty) and the listing ends early."""
+
+    def patch() -> None:
+        table = _exchange_margin_store.MarginCallTable
+        original = table.of_account
+
+        def of_account(self: Any, account_id: str, *, after_seq: int = 0, limit: int = -1) -> Any:
+            if limit >= 0:
+                limit = max(limit - missing, 0)
+            return original(self, account_id, after_seq=after_seq, limit=limit)
+
+        table.of_account = of_account
+
+    return patch
+
+
 def _exchange_sync_error_as(reason_name: str, into: Callable[[Any], Exception]) -> None:
     """The exchange refuses a custodian batch for ``reason_name``, but reports ``into(err)``."""
     reason = errors_pb2.ErrorReason.Value(reason_name)
@@ -1509,6 +1530,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-policy-versions-off-by-one": _exchange_policy_versions_off_by_one,
     "exchange-policy-signature-broken": _exchange_policy_signature_broken,
     "exchange-lists-calls-not-states": _exchange_lists_calls_not_states,
+    "exchange-never-pages-calls": _exchange_call_pages_short_by(1),
+    "exchange-short-call-pages": _exchange_call_pages_short_by(2),
     "exchange-serves-stale-credit-lines": _exchange_serves_stale_credit_lines,
     "exchange-serves-stale-call-states": _exchange_serves_stale_call_states,
     "exchange-resigns-policy-as-new": _exchange_resigns_policy_as_new,

@@ -492,6 +492,149 @@ async def list_margin_calls_known(ctx: CaseContext) -> None:
         )
 
 
+#: How many margin calls the paging case wants the account to have: pages of 1 and 2 then
+#: include a full page followed by another, and a last page that is not full.
+_PAGED_CALLS = 3
+
+
+async def _listed_pages(
+    ctx: CaseContext, account: str, page_size: int, total: int
+) -> list[list[str]]:
+    """The margin_call_ids of each page of ListMarginCalls(account, page_size), following
+    next_page_token from the first page until it is empty; ``total`` calls never take more
+    than ``total + 1`` pages."""
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        outcome = await ctx.rpc(
+            ctx.exchange.list_margin_calls,
+            exchange_service_pb2.ListMarginCallsRequest(
+                account_id=account, page_size=page_size, page_token=token
+            ),
+            label=f"ListMarginCalls({account}, page_size={page_size}, page {len(pages) + 1})",
+        )
+        response: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
+        page = [
+            margin_pb2.MarginCallState.FromString(envelope.payload).margin_call_id
+            for envelope in response.margin_call_states
+        ]
+        pages.append(page)
+        check(
+            len(page) <= page_size,
+            f"page {len(pages)} of ListMarginCalls with page_size {page_size} holds more items "
+            "than asked for (§13 Pagination)",
+            expected=f"at most {page_size} margin call states",
+            got=f"{len(page)}",
+        )
+        token = response.next_page_token
+        if not token:
+            return pages
+        check(
+            bool(page),
+            f"page {len(pages)} of ListMarginCalls with page_size {page_size} is empty, yet "
+            "names a next page (§13 Pagination)",
+            expected="a page with at least one margin call state",
+            got=f"no state, next_page_token {token[:40]!r}",
+        )
+        check(
+            len(pages) <= total + 1,
+            f"ListMarginCalls with page_size {page_size} keeps naming a next page",
+            expected=f"at most {total + 1} pages for {total} margin calls",
+            got=f"{len(pages)} pages, still a next_page_token",
+        )
+
+
+@REGISTRY.case(
+    "exchange/list-margin-calls-pages-complete",
+    Level.MUST,
+    "ListMarginCalls of an account with at least three margin calls (the case makes those it "
+    "needs with SetExposure, as margin-call-recomputes does), followed page by page "
+    "with page_size 1 and with page_size 2, lists exactly the calls of one listing with "
+    "page_size 1000, in the same order, none twice, no page over its size, the last page's "
+    "next_page_token empty (§13 Pagination)",
+    roles=_EXCHANGE,
+    clauses=("§13/listing-pages-complete",),
+)
+async def list_margin_calls_pages_complete(ctx: CaseContext) -> None:
+    account = ctx.account()
+    if len(await _call_ids(ctx, account)) < _PAGED_CALLS:
+        await _more_calls(ctx, account)
+    outcome = await ctx.rpc(
+        ctx.exchange.list_margin_calls,
+        exchange_service_pb2.ListMarginCallsRequest(account_id=account, page_size=1000),
+    )
+    whole: exchange_service_pb2.ListMarginCallsResponse = expect_ok(outcome)
+    expected = [
+        margin_pb2.MarginCallState.FromString(envelope.payload).margin_call_id
+        for envelope in whole.margin_call_states
+    ]
+    if len(expected) < _PAGED_CALLS:
+        raise CaseSkipped(
+            f"account {account!r} has {len(expected)} margin call(s), fewer than {_PAGED_CALLS}"
+        )
+    check(
+        len(set(expected)) == len(expected),
+        "one listing with page_size 1000 lists a margin call twice",
+        expected="distinct margin_call_ids",
+        got=repr(expected),
+    )
+    check_equal(
+        f"next_page_token of a listing of {len(expected)} margin calls with page_size 1000",
+        "",
+        whole.next_page_token,
+    )
+    for page_size in (1, 2):
+        pages = await _listed_pages(ctx, account, page_size, len(expected))
+        check_equal(
+            f"the margin_call_ids of every page with page_size {page_size}, in order, against "
+            "one listing with page_size 1000 (§13 Pagination)",
+            expected,
+            [call_id for page in pages for call_id in page],
+        )
+
+
+async def _more_calls(ctx: CaseContext, account: str) -> None:
+    """Margin calls of ``account`` until it has ``_PAGED_CALLS``, as margin-call-recomputes
+    makes one: an exposure between the liquidation line and maintenance issues a call, and
+    no exposure at all ends it (the exchange withdraws it, §8.1), so that the next exposure
+    issues another. Any price raised to give the account a value is put back afterwards."""
+    line = await signed_credit_line(ctx, account)
+    restore: tuple[str, str] | None = None
+    value = parse_amount(line.collateral_value.value or "0")
+    if value == 0:
+        counted = [
+            r
+            for r in line.valuations
+            if parse_amount(r.eligible_quantity.value or "0") > 0
+            and parse_amount(r.collateral_factor.value or "0") > 0
+        ]
+        if not counted:
+            raise CaseSkipped(f"account {account!r} holds nothing the exchange's policy counts")
+        asset = counted[0].asset_id
+        before = next((q.price.value for q in line.prices if q.asset_id == asset), "")
+        await _revalue_at(ctx, account, asset, _HIGH_PRICE)
+        if before:
+            restore = (asset, before)
+        line = await signed_credit_line(ctx, account)
+        value = parse_amount(line.collateral_value.value or "0")
+    try:
+        policy = await latest_policy(ctx)
+        maintenance = parse_amount(policy.maintenance_ratio.value)
+        liquidation = parse_amount(policy.liquidation_ratio.value)
+        exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
+        known = await _call_ids(ctx, account)
+        for _ in range(_PAGED_CALLS):
+            if len(known) >= _PAGED_CALLS:
+                break
+            await _set_exposure(ctx, account, exposure)
+            await _set_exposure(ctx, account, Decimal(0))
+            known = await _call_ids(ctx, account)
+    finally:
+        await _set_exposure(ctx, account, Decimal(0))
+        if restore is not None:
+            await _revalue_at(ctx, account, *restore)
+
+
 @REGISTRY.case(
     "exchange/list-liquidations-unknown-account-not-found",
     Level.MUST,
