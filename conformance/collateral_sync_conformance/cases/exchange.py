@@ -374,6 +374,28 @@ async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
     return {state.margin_call_id: state.status for state in states}
 
 
+async def _valued(ctx: CaseContext, account: str) -> tuple[Decimal, tuple[str, str] | None]:
+    """The account's collateral value, raised by a high price on an asset the policy counts
+    when it is 0; with the (asset, price) to put back afterwards, if a price was changed."""
+    line = await signed_credit_line(ctx, account)
+    value = parse_amount(line.collateral_value.value or "0")
+    if value != 0:
+        return value, None
+    counted = [
+        r
+        for r in line.valuations
+        if parse_amount(r.eligible_quantity.value or "0") > 0
+        and parse_amount(r.collateral_factor.value or "0") > 0
+    ]
+    if not counted:
+        raise CaseSkipped(f"account {account!r} holds nothing the exchange's policy counts")
+    asset = counted[0].asset_id
+    before = next((q.price.value for q in line.prices if q.asset_id == asset), "")
+    await _revalue_at(ctx, account, asset, _HIGH_PRICE)
+    line = await signed_credit_line(ctx, account)
+    return parse_amount(line.collateral_value.value or "0"), (asset, before) if before else None
+
+
 @REGISTRY.case(
     "exchange/margin-call-recomputes",
     Level.MUST,
@@ -384,25 +406,7 @@ async def _call_ids(ctx: CaseContext, account: str) -> dict[str, int]:
 )
 async def margin_call_recomputes(ctx: CaseContext) -> None:
     account = ctx.account()
-    line = await signed_credit_line(ctx, account)
-    restore: tuple[str, str] | None = None
-    value = parse_amount(line.collateral_value.value or "0")
-    if value == 0:
-        counted = [
-            r
-            for r in line.valuations
-            if parse_amount(r.eligible_quantity.value or "0") > 0
-            and parse_amount(r.collateral_factor.value or "0") > 0
-        ]
-        if not counted:
-            raise CaseSkipped(f"account {account!r} holds nothing the exchange's policy counts")
-        asset = counted[0].asset_id
-        before = next((q.price.value for q in line.prices if q.asset_id == asset), "")
-        await _revalue_at(ctx, account, asset, _HIGH_PRICE)
-        if before:
-            restore = (asset, before)
-        line = await signed_credit_line(ctx, account)
-        value = parse_amount(line.collateral_value.value or "0")
+    value, restore = await _valued(ctx, account)
     try:
         policy = await latest_policy(ctx)
         maintenance = parse_amount(policy.maintenance_ratio.value)
@@ -598,25 +602,7 @@ async def _more_calls(ctx: CaseContext, account: str) -> None:
     makes one: an exposure between the liquidation line and maintenance issues a call, and
     no exposure at all ends it (the exchange withdraws it, §8.1), so that the next exposure
     issues another. Any price raised to give the account a value is put back afterwards."""
-    line = await signed_credit_line(ctx, account)
-    restore: tuple[str, str] | None = None
-    value = parse_amount(line.collateral_value.value or "0")
-    if value == 0:
-        counted = [
-            r
-            for r in line.valuations
-            if parse_amount(r.eligible_quantity.value or "0") > 0
-            and parse_amount(r.collateral_factor.value or "0") > 0
-        ]
-        if not counted:
-            raise CaseSkipped(f"account {account!r} holds nothing the exchange's policy counts")
-        asset = counted[0].asset_id
-        before = next((q.price.value for q in line.prices if q.asset_id == asset), "")
-        await _revalue_at(ctx, account, asset, _HIGH_PRICE)
-        if before:
-            restore = (asset, before)
-        line = await signed_credit_line(ctx, account)
-        value = parse_amount(line.collateral_value.value or "0")
+    value, restore = await _valued(ctx, account)
     try:
         policy = await latest_policy(ctx)
         maintenance = parse_amount(policy.maintenance_ratio.value)
