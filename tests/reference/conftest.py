@@ -119,6 +119,27 @@ class Parties:
         return self.postgres.storage_config(str(directory / party_id))
 
 
+def serve_custodian_once(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """``collateral-sync serve custodian`` run to its end, as an operator would start it:
+    for configurations it must refuse at start (one line on stderr, exit 2)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "collateral_sync._cli",
+            "serve",
+            "custodian",
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REFERENCE_PATH)},
+    )
+
+
 @pytest.fixture(scope="session")
 def reference_parties(
     tmp_path_factory: pytest.TempPathFactory, server_postgres: PostgresServer | None

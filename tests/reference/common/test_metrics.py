@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,12 +53,12 @@ from ..conftest import (
     CLIENT,
     CUSTODIAN,
     EXCHANGE,
-    REFERENCE_PATH,
     ROOT,
     STRANGER,
     Parties,
     ServerProcess,
     StartServer,
+    serve_custodian_once,
 )
 
 _T = TypeVar("_T")
@@ -473,25 +471,6 @@ def test_a_storage_refusal_counts_and_a_failing_reading_leaves_only_itself_out(
     assert "metrics: reading _failing_reading failed; left out" in caplog.text
 
 
-def _serve(config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "collateral_sync._cli",
-            "serve",
-            "custodian",
-            "--config",
-            str(config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REFERENCE_PATH)},
-    )
-
-
 @pytest.mark.parametrize(
     ("metrics", "expected"),
     [
@@ -507,7 +486,7 @@ def test_a_bad_metrics_section_is_refused_at_start(
     config = reference_parties.config(CUSTODIAN, "custodian", tmp_path, metrics=metrics)
     path = tmp_path / "custodian.json"
     path.write_text(json.dumps(config))
-    result = _serve(path)
+    result = serve_custodian_once(path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -526,7 +505,7 @@ def test_a_metrics_address_in_use_is_refused_at_start(
         )
         path = tmp_path / "custodian.json"
         path.write_text(json.dumps(config))
-        result = _serve(path)
+        result = serve_custodian_once(path)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("collateral-sync:")]
     assert errors == [

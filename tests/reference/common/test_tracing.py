@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 from decimal import Decimal
@@ -50,7 +47,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, REFERENCE_PATH, Parties, StartServer
+from ..conftest import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    Parties,
+    StartServer,
+    serve_custodian_once,
+)
 from .test_metrics import ACCOUNT, ORIGIN, pledge
 
 _T = TypeVar("_T")
@@ -284,25 +288,6 @@ def test_without_a_tracing_section_there_are_no_spans(
     tracing.shutdown()
 
 
-def _serve(config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "collateral_sync._cli",
-            "serve",
-            "custodian",
-            "--config",
-            str(config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REFERENCE_PATH)},
-    )
-
-
 @pytest.mark.parametrize(
     ("section", "expected"),
     [
@@ -324,7 +309,7 @@ def test_a_bad_tracing_or_logging_section_is_refused_at_start(
     config = reference_parties.config(CUSTODIAN, "custodian", tmp_path, **section)
     path = tmp_path / "custodian.json"
     path.write_text(json.dumps(config))
-    result = _serve(path)
+    result = serve_custodian_once(path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
