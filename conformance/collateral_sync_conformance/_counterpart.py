@@ -337,6 +337,7 @@ class KitCustodian:
         attest: bool = True,
         pledged_to: str | None = None,
         pledged: dict[str, str] | None = None,
+        locked: dict[str, str] | None = None,
         path_names: dict[str, str] | None = None,
     ) -> tuple[position_sync_pb2.HoldingsChange, attestation_pb2.AttestationRef]:
         """A signed holdings statement of ``account_id`` (all of it pledged to the exchange).
@@ -347,8 +348,9 @@ class KitCustodian:
         ``pledged_to`` names another exchange the holdings are pledged to; the
         statement is still addressed to the exchange the kit serves.
         ``pledged`` gives, per asset, a pledged quantity other than the whole
-        quantity. ``path_names`` overrides the ``account_id`` or ``exchange_id``
-        the path names (a path that does not authorise this account and exchange).
+        quantity, and ``locked`` a locked quantity other than 0. ``path_names``
+        overrides the ``account_id`` or ``exchange_id`` the path names (a path
+        that does not authorise this account and exchange).
         """
         statement = attestation_pb2.HoldingsStatement(
             account_id=account_id,
@@ -360,7 +362,7 @@ class KitCustodian:
                     account_id=account_id,
                     asset_id=asset,
                     quantity=common_pb2.Decimal(value=quantity),
-                    locked_quantity=common_pb2.Decimal(value="0"),
+                    locked_quantity=common_pb2.Decimal(value=(locked or {}).get(asset, "0")),
                     pledged_quantity=common_pb2.Decimal(
                         value=quantity if pledged is None else pledged.get(asset, quantity)
                     ),

@@ -1239,6 +1239,108 @@ def _exchange_satisfied_amount_only_rises() -> None:
     calls.set_status = set_status
 
 
+def _custodian_answers_expired_repeats() -> None:
+    """A settlement instruction's id is looked up before the statement is verified: the same
+    bytes again get the recorded answer even once they have expired (§12.4 step 1)."""
+    settlement = _custodian_settlement.CustodianSettlement
+    original = settlement.submit
+
+    def submit(self: Any, envelope: Any) -> Any:
+        instruction = reconciliation_pb2.SettlementInstruction.FromString(envelope.payload)
+        existing = self._row(instruction.settlement_id)
+        if existing is not None and existing.payload == envelope.payload:
+            return self._answer(existing.status, existing.dispute_deadline)
+        return original(self, envelope)
+
+    settlement.submit = submit
+
+
+def _exchange_credits_negative_figures(*ignored: str) -> Callable[[], None]:
+    """Holdings statements are checked for negative figures in every field but ``ignored``,
+    where a negative is taken for nothing: the statement is credited and valued as if it
+    said 0 there (§7.2) — all three fields, or the two an integrator forgot."""
+
+    def as_nothing(positions: Any) -> list[Any]:
+        cleared = []
+        for position in positions:
+            copy = type(position)()
+            copy.CopyFrom(position)
+            for name in ignored:
+                if getattr(copy, name).value.startswith("-"):
+                    getattr(copy, name).value = "0"
+            cleared.append(copy)
+        return cleared
+
+    def patch() -> None:
+        check = _exchange_holdings._check_positions
+        value = _exchange_valuation.value_collateral
+
+        def check_positions(statement: Any) -> None:
+            checked = HoldingsStatement()
+            checked.CopyFrom(statement)
+            del checked.positions[:]
+            checked.positions.extend(as_nothing(statement.positions))
+            check(checked)
+
+        def value_collateral(policy: Any, positions: Any, *args: Any, **kwargs: Any) -> Any:
+            return value(policy, as_nothing(positions), *args, **kwargs)
+
+        _exchange_holdings._check_positions = check_positions
+        _exchange_valuation.value_collateral = value_collateral
+
+    return patch
+
+
+def _exchange_credits_last_proven_epoch() -> None:
+    """The statement proven last becomes the account's credited holdings, whatever its epoch
+    (§7.2: the highest epoch)."""
+    holdings = _exchange_holdings.AttestedHoldings
+    original = holdings.settle_holdings
+
+    def settle_holdings(self: Any, credited: Any, rejected: Any, superseded: Any = ()) -> Any:
+        credited = list(credited)
+        revaluations = original(self, credited, rejected, superseded)
+        now = self._context.now()
+        touched = set()
+        with self._context.storage.transaction():
+            for holdings_id in credited:
+                row = self._store.holdings.get(holdings_id)
+                if row is not None and row.status == "credited":
+                    self._store.accounts.set_credited_holdings(row.account_id, holdings_id)
+                    touched.add(row.account_id)
+            return [*revaluations, *self._context.revalue_each(sorted(touched), now)]
+
+    holdings.settle_holdings = settle_holdings
+
+
+def _exchange_rounds_amount_due_up() -> None:
+    """The amount due on a call is rounded up to a whole unit of the currency before a top-up
+    is compared with it: 0.73 agreed needs a top-up worth 1 (§8.4)."""
+    original = _exchange_margin_calls.amount_due
+
+    def amount_due(status: int, call_amount: Decimal, agreed_amount: Decimal) -> Decimal:
+        return Decimal(original(status, call_amount, agreed_amount)).to_integral_value(
+            rounding="ROUND_CEILING"
+        )
+
+    _exchange_margin_calls.amount_due = amount_due
+
+
+def _exchange_ignores_holdings_below_the_call() -> None:
+    """satisfied_amount is measured only while the latest holdings are worth more than those
+    the call valued: holdings below them leave the last figure standing instead of 0 (§8.4)."""
+    calls = _exchange_margin_calls.MarginCalls
+    original = calls.set_status
+
+    def set_status(self: Any, call: Any, status: int, now: Any, **kwargs: Any) -> Any:
+        satisfied = kwargs.get("satisfied_amount")
+        if status == call.status and satisfied is not None and satisfied == 0:
+            return call.state_envelope
+        return original(self, call, status, now, **kwargs)
+
+    calls.set_status = set_status
+
+
 def _exchange_accepts_paths_for_others() -> None:
     """A liquidation path relayed with a pledge is verified as the client's, but whom it
     authorises is never compared with the holdings statement's account and the exchange
@@ -1565,6 +1667,16 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-records-unnamed-paths": _custodian_records_unnamed_paths,
     "exchange-satisfies-only-above-amount-due": _exchange_satisfies_only_above_amount_due,
     "exchange-satisfied-amount-only-rises": _exchange_satisfied_amount_only_rises,
+    "custodian-answers-expired-repeats": _custodian_answers_expired_repeats,
+    "exchange-credits-negative-figures": _exchange_credits_negative_figures(
+        "quantity", "locked_quantity", "pledged_quantity"
+    ),
+    "exchange-checks-only-quantity-sign": _exchange_credits_negative_figures(
+        "locked_quantity", "pledged_quantity"
+    ),
+    "exchange-credits-last-proven-epoch": _exchange_credits_last_proven_epoch,
+    "exchange-rounds-amount-due-up": _exchange_rounds_amount_due_up,
+    "exchange-ignores-holdings-below-the-call": _exchange_ignores_holdings_below_the_call,
     "exchange-accepts-paths-for-others": _exchange_accepts_paths_for_others,
     "exchange-ignores-yield-accruals-without-ids": _exchange_ignores_updates_without_ids(
         "receive_yield_accrual"

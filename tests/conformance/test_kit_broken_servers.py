@@ -210,11 +210,18 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ),
     # The writes idempotent by an id (§12.4): a settlement instruction, a dispute, a release.
     (
+        # The id before stages a-f: an expired repeat is answered from the record.
+        "custodian-answers-expired-repeats",
+        ["settlement/repeat-returns-recorded", "settlement/expired-repeat-refused"],
+        {"settlement/expired-repeat-refused"},
+    ),
+    (
         # Stage g before the id: the same envelope again is refused REPLAYED.
         "custodian-refuses-repeats-as-replayed",
         ["settlement/**", "emergency/**"],
         {
             "settlement/repeat-returns-recorded",
+            "settlement/expired-repeat-refused",
             "settlement/dispute-repeat-returns-recorded",
             "emergency/repeat-returns-same-receipt",
         },
@@ -692,6 +699,32 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ),
     (
         "exchange-satisfied-amount-only-rises",
+        ["exchange/margin-call/satisfied-*"],
+        {"exchange/margin-call/satisfied-amount-follows-holdings"},
+    ),
+    # A negative figure in any of a position's three quantities, and an older epoch proven
+    # after a newer one (§7.2).
+    *(
+        (
+            fault,
+            ["exchange/holdings/credited-once-proven", "exchange/holdings/negative-*"],
+            {"exchange/holdings/negative-figures-not-credited"},
+        )
+        for fault in ("exchange-credits-negative-figures", "exchange-checks-only-quantity-sign")
+    ),
+    (
+        "exchange-credits-last-proven-epoch",
+        ["exchange/holdings/credited-once-proven", "exchange/holdings/older-epoch-*"],
+        {"exchange/holdings/older-epoch-not-credited"},
+    ),
+    # An amount due below one unit, and holdings that fall below those the call valued (§8.4).
+    (
+        "exchange-rounds-amount-due-up",
+        ["exchange/margin-call/partial-agreement-*"],
+        {"exchange/margin-call/partial-agreement-below-one-unit"},
+    ),
+    (
+        "exchange-ignores-holdings-below-the-call",
         ["exchange/margin-call/satisfied-*"],
         {"exchange/margin-call/satisfied-amount-follows-holdings"},
     ),

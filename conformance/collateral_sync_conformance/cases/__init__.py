@@ -36,7 +36,8 @@ from collateral_sync_conformance.cases import holdings_refresh
 # the exchange serves (exchange_served) follows the margin-call cases: it moves
 # the exchange's clock a risk policy's lifetime ahead, past every price and
 # holdings statement they value.
-from collateral_sync_conformance.cases import exchange_lifecycle, exchange_served
+from collateral_sync_conformance.cases import exchange_holdings, exchange_margin_calls
+from collateral_sync_conformance.cases import exchange_served
 from collateral_sync_conformance.cases import evidence, sync_exchange
 
 __all__ = [
@@ -48,7 +49,8 @@ __all__ = [
     "envelope",
     "evidence",
     "exchange",
-    "exchange_lifecycle",
+    "exchange_holdings",
+    "exchange_margin_calls",
     "exchange_served",
     "holdings_refresh",
     "liquidation",

@@ -21,29 +21,26 @@ of its own and values nothing.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
-    common_pb2,
     exchange_service_pb2,
     margin_pb2,
-    position_sync_pb2,
     valuation_pb2,
 )
 from google.protobuf.message import Message
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
+from collateral_sync_conformance._counterpart import KitCustodian
 from collateral_sync_conformance._expect import (
-    CaseFailure,
     check,
     check_equal,
     expect_ok,
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._as_custodian import SETTLE_TIMEOUT, open_account
 from collateral_sync_conformance.cases._published import verify_public
 
 __all__: list[str] = []
@@ -64,8 +61,6 @@ _HOLDINGS = {"KIT-UNPRICED": "1000"}
 #: How far past the latest expires_at the clock moves: beyond any skew a verifier may
 #: allow (§3.6 f: at most 5 minutes), so a statement served as stored fails stage f.
 _PAST_EXPIRY = timedelta(minutes=10)
-#: How long the exchange may take to credit the account, or to announce a new credit line.
-_SETTLE_TIMEOUT = 20.0
 
 
 def _expires_at(message: Message) -> datetime:
@@ -100,22 +95,7 @@ def _check_same_content(what: str, before: Message, after: Message) -> None:
 
 async def _open_account(ctx: CaseContext, kit: KitCustodian) -> str:
     """A fresh account at the kit's custodian, holding only an unpriced asset, credited."""
-    await ctx.server_now()  # the kit signs on the exchange's clock
-    account = ctx.unique("kit-served")
-    client = ctx.key(common_pb2.PARTY_ROLE_CLIENT)
-    change, ref = kit.holdings_change(account, client, dict(_HOLDINGS), epoch=1)
-    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _SETTLE_TIMEOUT
-    while not relies_on(await credit_line_of(ctx.exchange, account, ctx.config.rpc_timeout), ref):
-        if loop.time() > deadline:
-            raise CaseFailure(
-                f"the exchange did not credit {account!r} within {_SETTLE_TIMEOUT:.0f} s of its "
-                "proven holdings statement",
-                expected="a credit line relying on the statement",
-                got="none",
-            )
-        await asyncio.sleep(0.1)
+    account, _ = await open_account(ctx, kit, dict(_HOLDINGS), prefix="kit-served")
     return account
 
 
@@ -293,7 +273,7 @@ async def served_statements_fresh(ctx: CaseContext) -> None:
     if _content(line_again) != _content(line):
         # A new valuation is no re-signing: it is fresh by issue, and announced (§6.8).
         announced = await kit.wait_for(
-            lambda: _announced(kit, since, account, line_again), _SETTLE_TIMEOUT
+            lambda: _announced(kit, since, account, line_again), SETTLE_TIMEOUT
         )
         if not announced:
             _check_same_content(f"the credit line of {account!r} served {after}", line, line_again)

@@ -67,6 +67,10 @@ _UNEVEN = "0.000012345678901234"
 _SECOND = timedelta(seconds=1)
 #: How late the kit delivers an instruction (issued this long before it is submitted).
 _LATE = timedelta(minutes=30)
+#: The most clock skew a verifier may allow past expires_at (§3.6 f).
+_MAX_SKEW = timedelta(minutes=5)
+#: The lifetime of the instruction whose repeats are sent either side of its expiry.
+_REPEAT_LIFETIME = timedelta(minutes=20)
 #: How long (real time) the kit waits for a settlement that fell due to be executed.
 _EXECUTION_WAIT = 5.0
 
@@ -562,6 +566,51 @@ async def repeat_returns_recorded(ctx: CaseContext) -> None:
     before = await custodian_state(ctx)
     again = await _submit(ctx, envelope, "SubmitSettlementInstruction (the same instruction again)")
     check_equal("dispute_deadline answered to the repeat", deadline, _deadline(again))
+    await expect_unchanged(ctx, before)
+    await _expect_recorded(ctx, _settlement_id(envelope), envelope)
+
+
+@REGISTRY.case(
+    "settlement/expired-repeat-refused",
+    Level.MUST,
+    "a pending instruction sent again one second before its expires_at is answered from the "
+    "record; sent again past expires_at + 5 minutes (any skew a verifier may allow), the same "
+    "bytes are refused FAILED_PRECONDITION STATEMENT_EXPIRED, not answered from the record; "
+    "neither changes anything and GetSettlement still returns the instruction (§12.4 step 1)",
+    roles=_CUSTODIAN,
+    clauses=("§12.4/stale-repeat-refused",),
+)
+async def expired_repeat_refused(ctx: CaseContext) -> None:
+    await _fresh_day(ctx)
+    await _fresh_day(ctx)
+    now = await ctx.advance_clock(_MIDDAY)
+    account_id, asset_id = await _pledged_asset(ctx)
+    expires = now + _REPEAT_LIFETIME
+    envelope = await _instruction(
+        ctx,
+        account_id,
+        asset_id,
+        cutoff_id="conformance-cutoff-1",
+        cycle=1,
+        now=now,
+        amount=_UNEVEN,
+        expires_at=expires,
+    )
+    deadline = _deadline(await _submit(ctx, envelope))
+
+    await _advance_to(ctx, expires - _SECOND)
+    before = await custodian_state(ctx)
+    again = await _submit(ctx, envelope, "SubmitSettlementInstruction (again, 1 s before expiry)")
+    check_equal("dispute_deadline answered to the fresh repeat", deadline, _deadline(again))
+    await expect_unchanged(ctx, before)
+
+    await _advance_to(ctx, expires + _MAX_SKEW + _SECOND)
+    before = await custodian_state(ctx)
+    expect_status(
+        await _send(ctx, envelope, "SubmitSettlementInstruction (again, past expiry and skew)"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATEMENT_EXPIRED,
+    )
     await expect_unchanged(ctx, before)
     await _expect_recorded(ctx, _settlement_id(envelope), envelope)
 

@@ -1,35 +1,28 @@
-"""The exchange with the kit as its custodian (docs/PROTOCOL.md §5.5, §5.6, §8, §9.2).
+"""Margin calls with the kit as the exchange's custodian (PROTOCOL.md §8, §9.2).
 
 These cases need ``--listen``: the exchange under test dials the kit's
 custodian (:mod:`collateral_sync_conformance._counterpart`), so the kit
-decides what the custodian says — a holdings statement the log does not
-prove, a checkpoint that forks the log, a partial agreement, a dispute, no
-answer at all — and watches what the exchange does about it. Each case opens
-accounts of its own, so that calls and credits of one case never touch
-another's.
+decides what the custodian says — a partial agreement, a dispute, top-ups
+worth exactly or one quantum less than the amount due, no answer at all — and
+watches what the exchange does about it. Each case opens accounts of its own,
+so that calls of one case never touch another's.
 
-What the kit checks is what the exchange publishes (GetCreditLine,
-GetMarginCall, ListLiquidations) and what it sends the custodian (margin calls
-on the stream, liquidation instructions), every figure recomputed by the SDK
+What the kit checks is what the exchange publishes (GetMarginCall,
+ListLiquidations) and what it sends the custodian (margin calls and
+liquidation instructions on the stream), every figure recomputed by the SDK
 from the signed inputs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
 from collateral_sync.amounts import format_amount, parse_amount
-from collateral_sync.attestation import AttestationLog, statement_leaf
-from collateral_sync.errors import CollateralSyncError
-from collateral_sync.keys import SigningKey
-from collateral_sync.merkle import leaf_hash, root_from_inclusion_proof, verify_consistency
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -50,7 +43,7 @@ from collateral_sync.valuation import (
 from google.protobuf import duration_pb2
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
+from collateral_sync_conformance._counterpart import KitCustodian
 from collateral_sync_conformance._expect import (
     CaseFailure,
     CaseSkipped,
@@ -61,386 +54,22 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._published import latest_policy, signed_credit_line
+from collateral_sync_conformance.cases._as_custodian import (
+    GRACE,
+    HOLDINGS,
+    SETTLE_TIMEOUT,
+    credit_line,
+    open_account,
+    poll,
+)
+from collateral_sync_conformance.cases._kit_account import client_key
+from collateral_sync_conformance.cases._published import latest_policy
 
 __all__: list[str] = []
 
 _EXCHANGE = [Role.EXCHANGE]
 _MS = margin_pb2.MarginCallStatus
 _H = attestation_pb2.HoldingsChangeReason
-#: How long the exchange may take to prove and credit a statement, or to act on an answer.
-_SETTLE_TIMEOUT = 20.0
-#: After a good statement sent later is credited, how long the kit still watches a bad one.
-_GRACE = 1.0
-_HOLDINGS = {"USDC": "100000"}
-
-
-def _client(ctx: CaseContext) -> SigningKey:
-    return ctx.key(common_pb2.PARTY_ROLE_CLIENT)
-
-
-async def _poll(
-    ctx: CaseContext,
-    probe: Callable[[], Awaitable[Any]],
-    what: str,
-    timeout: float = _SETTLE_TIMEOUT,
-) -> Any:
-    """Call the coroutine function ``probe`` until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        found = await probe()
-        if found:
-            return found
-        if loop.time() > deadline:
-            raise CaseFailure(f"{what} within {timeout:.0f} s", expected=what, got="not yet")
-        await asyncio.sleep(0.1)
-
-
-async def _line(ctx: CaseContext, account: str) -> valuation_pb2.CreditLine | None:
-    return await credit_line_of(ctx.exchange, account, ctx.config.rpc_timeout)
-
-
-async def _open_account(
-    ctx: CaseContext, kit: KitCustodian, holdings: dict[str, str] | None = None
-) -> tuple[str, attestation_pb2.AttestationRef]:
-    """A fresh account at the kit's custodian, pledged to the exchange, and credited there."""
-    await ctx.server_now()  # the kit signs on the exchange's clock
-    account = ctx.unique("kit")
-    change, ref = kit.holdings_change(account, _client(ctx), holdings or dict(_HOLDINGS), epoch=1)
-    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-
-    async def credited() -> bool:
-        return relies_on(await _line(ctx, account), ref)
-
-    await _poll(ctx, credited, f"the exchange credits {account!r} once its statement is proven")
-    return account, ref
-
-
-async def _not_credited(ctx: CaseContext, kit: KitCustodian, account: str, what: str) -> None:
-    """``account`` holds nothing the exchange counts, even after a later good statement counts."""
-    await _open_account(ctx, kit)  # a later, proven statement: the exchange has caught up
-    await asyncio.sleep(_GRACE)
-    await _check_not_credited(ctx, account, what)
-
-
-async def _check_not_credited(ctx: CaseContext, account: str, what: str) -> None:
-    line = await _line(ctx, account)
-    value = parse_amount(line.collateral_value.value or "0") if line is not None else Decimal(0)
-    check(
-        line is None or (not line.attestations and value == 0),
-        f"the exchange credited {what}",
-        expected="no credit line, or one relying on no statement and valuing nothing",
-        got=f"collateral value {value}, attestations "
-        + ", ".join(f"leaf {a.leaf_index}" for a in (line.attestations if line else [])),
-    )
-
-
-# --------------------------------------------------------------------- holdings
-
-
-@REGISTRY.case(
-    "exchange/holdings/credited-once-proven",
-    Level.MUST,
-    "a holdings statement the custodian attests is credited after the exchange fetched an "
-    "inclusion proof of its leaf (§5.5), and the credit line names that leaf",
-    roles=_EXCHANGE,
-)
-async def credited_once_proven(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    asked_before = len(kit.inclusion_requests)
-    account, ref = await _open_account(ctx, kit)
-    asked = [index for index, _ in kit.inclusion_requests[asked_before:]]
-    check(
-        ref.leaf_index in asked,
-        "the exchange credited a statement without asking the custodian for its inclusion proof",
-        expected=f"GetInclusionProof(leaf_index={ref.leaf_index})",
-        got=f"inclusion proofs asked for leaves {asked}",
-    )
-    line = await signed_credit_line(ctx, account)
-    named = [(a.log_origin, a.leaf_index, a.leaf_hash.hex()) for a in line.attestations]
-    check(
-        (ref.log_origin, ref.leaf_index, ref.leaf_hash.hex()) in named,
-        "the credit line does not name the attested statement it relies on",
-        expected=f"{ref.log_origin} leaf {ref.leaf_index} {ref.leaf_hash.hex()}",
-        got=repr(named),
-    )
-
-
-@REGISTRY.case(
-    "exchange/holdings/leaf-hash-mismatch-not-credited",
-    Level.MUST,
-    "a holdings statement whose AttestationRef.leaf_hash is not its own leaf hash is never "
-    "credited (§5.5 step 1)",
-    roles=_EXCHANGE,
-)
-async def leaf_hash_mismatch(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    account = ctx.unique("kit-badref")
-    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1)
-    change.attestation.leaf_hash = bytes(b ^ 0xFF for b in change.attestation.leaf_hash)
-    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-    await _not_credited(ctx, kit, account, "a statement whose leaf_hash is not its own")
-
-
-@REGISTRY.case(
-    "exchange/holdings/unattested-statement-not-credited",
-    Level.MUST,
-    "a signed holdings statement pointing at a leaf that holds another statement is never "
-    "credited: its inclusion proof does not verify (§5.5 step 3)",
-    roles=_EXCHANGE,
-)
-async def unattested_statement(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    account = ctx.unique("kit-unattested")
-    # Signed by the custodian, but never appended: its reference names the next
-    # leaf, which _not_credited's good statement then takes.
-    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
-    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-    await _not_credited(ctx, kit, account, "a statement that is not in the attestation log")
-
-
-async def _offered_in_fork(
-    ctx: CaseContext,
-    kit: KitCustodian,
-    account: str,
-    what: str,
-    *,
-    origin: str | None = None,
-    rewrite_first_leaf: bool = False,
-    rewrite_proof: Callable[[Any], None] | None = None,
-) -> None:
-    """Offer a statement attested only in another log than the kit's, then check it is not credited.
-
-    The other log holds the kit's leaves (the first one rewritten if asked), the
-    new statement and three fillers (so that its last leaf is not the
-    statement's), under ``origin`` (the kit's own by default). While it is
-    offered, ``rewrite_proof`` may change each proof the kit answers.
-    """
-    change, _ = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1, attest=False)
-    with tempfile.TemporaryDirectory(prefix="kit-fork-") as directory:
-        fork = AttestationLog(Path(directory) / "fork.sqlite", origin=origin or kit.log.origin)
-        try:
-            leaves = [kit.log.leaf(i) for i in range(kit.log.size)]
-            if rewrite_first_leaf:
-                leaves[0] = b"rewritten by the conformance kit: " + leaves[0]
-            fillers = [statement_leaf(_filler(ctx, kit)) for _ in range(3)]
-            fork.append_many([*leaves, statement_leaf(change.holdings_statement), *fillers])
-            change.attestation.leaf_index = len(leaves)
-            change.attestation.tree_size = offered = fork.size
-            served_before = len(kit.checkpoints_served)
-            asked_before = len(kit.consistency_requests)
-            kit.fork = fork
-            kit.rewrite_proof = rewrite_proof
-            kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-
-            async def judged() -> bool:
-                # A checkpoint of another origin may be refused before any proof is asked.
-                if origin is not None:
-                    return fork.size in kit.checkpoints_served[served_before:]
-                return len(kit.consistency_requests) > asked_before
-
-            await _poll(ctx, judged, "the exchange fetches the other log's checkpoint")
-            await asyncio.sleep(_GRACE)
-            # Checked now too: an exchange that took the other log for the kit's cannot
-            # credit anything of the kit's log later on.
-            await _check_not_credited(ctx, account, what)
-        finally:
-            kit.fork = None
-            kit.rewrite_proof = None
-            fork.close()
-    # The real log must pass the other log's size, so that the next checkpoint the
-    # exchange sees is new and of no size it was offered: attest statements nobody is told of.
-    while kit.log.size <= offered:
-        kit.attest(_filler(ctx, kit))
-    await _not_credited(ctx, kit, account, what)
-
-
-def _filler(ctx: CaseContext, kit: KitCustodian) -> Any:
-    """A signed holdings statement of an account the exchange is never told about."""
-    return kit.sign(attestation_pb2.HoldingsStatement(account_id=ctx.unique("kit-filler")))
-
-
-@REGISTRY.case(
-    "exchange/holdings/inconsistent-checkpoint-not-credited",
-    Level.MUST,
-    "a statement attested only under a checkpoint whose consistency proof from the accepted one "
-    "does not verify (a forked log) is never credited (§5.6)",
-    roles=_EXCHANGE,
-)
-async def inconsistent_checkpoint(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    await _offered_in_fork(
-        ctx,
-        kit,
-        ctx.unique("kit-forked"),
-        "a statement attested only under a forked checkpoint",
-        rewrite_first_leaf=True,
-    )
-
-
-@REGISTRY.case(
-    "exchange/holdings/other-origin-checkpoint-not-credited",
-    Level.MUST,
-    "a statement attested only under a checkpoint of another log origin is never credited, "
-    "although that log extends the accepted one leaf for leaf and the custodian signs its "
-    "checkpoint: a consistency proof joins two checkpoints of one origin only (§5.4)",
-    roles=_EXCHANGE,
-    clauses=("§5.4/same-origin",),
-)
-async def other_origin_checkpoint(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    await _offered_in_fork(
-        ctx,
-        kit,
-        ctx.unique("kit-other-origin"),
-        "a statement attested only in a log of another origin",
-        origin=f"{kit.log.origin}/conformance-other-log",
-    )
-
-
-@REGISTRY.case(
-    "exchange/holdings/consistency-proof-sizes-checked",
-    Level.MUST,
-    "a consistency proof whose sizes are not the two checkpoints' sizes is refused, although "
-    "its hashes prove the right pair: a statement attested only under the new checkpoint is "
-    "never credited (§5.4)",
-    roles=_EXCHANGE,
-    clauses=("§5.4/proof-sizes-are-checkpoint-sizes",),
-)
-async def consistency_proof_sizes(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-
-    def misstate_sizes(proof: Any) -> None:
-        if isinstance(proof, attestation_pb2.ConsistencyProof) and kit.fork is not None:
-            roots = (kit.fork.root(proof.first_tree_size), kit.fork.root(proof.second_tree_size))
-            proof.first_tree_size, proof.second_tree_size = _misstated_sizes(proof, *roots)
-
-    await _offered_in_fork(
-        ctx,
-        kit,
-        ctx.unique("kit-proof-sizes"),
-        "a statement whose checkpoint came with a consistency proof for other sizes",
-        rewrite_proof=misstate_sizes,
-    )
-
-
-def _misstated_sizes(
-    proof: attestation_pb2.ConsistencyProof, first_root: bytes, second_root: bytes
-) -> tuple[int, int]:
-    """Other sizes for which the proof's hashes still join the two roots, if some exist.
-
-    So an exchange that trusts the proof's sizes and one that ignores them both
-    accept the misstated proof; only one that compares them with the checkpoints'
-    refuses it. Without such sizes, the second size plus one.
-    """
-    first, second = proof.first_tree_size, proof.second_tree_size
-    path = list(proof.consistency_path)
-    candidates = [(first, s) for s in range(first, 2 * second + 2) if s != second]
-    candidates += [(f, second) for f in range(1, second + 1) if f != first]
-    for sizes in candidates:
-        try:
-            verify_consistency(*sizes, path, first_root, second_root)
-        except CollateralSyncError:
-            continue
-        return sizes
-    return first, second + 1
-
-
-@REGISTRY.case(
-    "exchange/holdings/inclusion-proof-size-checked",
-    Level.MUST,
-    "an inclusion proof whose tree_size is not the checkpoint's is refused, although its "
-    "hashes lead to the checkpoint's root: the statement it proves is never credited (§5.3)",
-    roles=_EXCHANGE,
-    clauses=("§5.3/proof-size-is-checkpoint-size",),
-)
-async def inclusion_proof_size(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    account = ctx.unique("kit-inclusion-size")
-    change, ref = kit.holdings_change(account, _client(ctx), dict(_HOLDINGS), epoch=1)
-    # Three leaves after it: the last leaf of a tree has a proof that fits one size only.
-    for _ in range(3):
-        kit.attest(_filler(ctx, kit))
-    leaf = leaf_hash(statement_leaf(change.holdings_statement))
-    misstated: list[int] = []
-
-    def misstate_size(proof: Any) -> None:
-        # Only this statement's proofs: the later statement of _not_credited is proven honestly.
-        if isinstance(proof, attestation_pb2.InclusionProof) and proof.leaf_index == ref.leaf_index:
-            root = root_from_inclusion_proof(
-                leaf, proof.leaf_index, proof.tree_size, list(proof.audit_path)
-            )
-            proof.tree_size = _misstated_tree_size(leaf, proof, root)
-            misstated.append(proof.tree_size)
-
-    asked_before = len(kit.inclusion_requests)
-    kit.rewrite_proof = misstate_size
-    try:
-        kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-
-        async def asked() -> bool:
-            return any(i == ref.leaf_index for i, _ in kit.inclusion_requests[asked_before:])
-
-        await _poll(ctx, asked, "the exchange asks for the statement's inclusion proof")
-        await asyncio.sleep(_GRACE)
-        await _not_credited(
-            ctx,
-            kit,
-            account,
-            f"a statement proven for tree sizes {misstated}, not the checkpoint's",
-        )
-    finally:
-        kit.rewrite_proof = None
-
-
-def _misstated_tree_size(leaf: bytes, proof: attestation_pb2.InclusionProof, root: bytes) -> int:
-    """Another tree size under which the proof's path still gives ``root``, if one exists."""
-    path = list(proof.audit_path)
-    sizes = range(proof.leaf_index + 1, 2 * proof.tree_size + 2)
-    for other in (size for size in sizes if size != proof.tree_size):
-        try:
-            if root_from_inclusion_proof(leaf, proof.leaf_index, other, path) == root:
-                return other
-        except CollateralSyncError:
-            continue
-    return proof.tree_size + 1
-
-
-@REGISTRY.case(
-    "exchange/holdings/pledged-elsewhere-not-credited",
-    Level.MUST,
-    "a proven holdings statement whose exchange_id is another exchange is never valued: an "
-    "exchange values only holdings pledged to it (§7.2)",
-    roles=_EXCHANGE,
-    clauses=("§7.2/holdings-pledged-to-valuer",),
-)
-async def pledged_elsewhere(ctx: CaseContext) -> None:
-    kit = ctx.counterpart
-    await ctx.server_now()
-    account = ctx.unique("kit-elsewhere")
-    # Signed, attested and addressed to the exchange, but pledged to another one. A deposit,
-    # so that it carries no liquidation path (a path naming the other exchange would fail
-    # the whole batch, §9.1).
-    change, _ = kit.holdings_change(
-        account,
-        _client(ctx),
-        dict(_HOLDINGS),
-        epoch=1,
-        reason=_H.HOLDINGS_CHANGE_REASON_DEPOSIT,
-        pledged_to=ctx.unique("conformance-other-exchange"),
-    )
-    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
-    await _not_credited(ctx, kit, account, "holdings pledged to another exchange")
-
-
-# ----------------------------------------------------------------- margin calls
 
 
 async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.MarginCall]:
@@ -449,8 +78,8 @@ async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.Ma
     Returns the account and the margin call the exchange issued, as it reached
     the custodian on the stream (verified and recomputed by the SDK).
     """
-    account, _ = await _open_account(ctx, kit)
-    line = await _line(ctx, account)
+    account, _ = await open_account(ctx, kit)
+    line = await credit_line(ctx, account)
     assert line is not None
     value = parse_amount(line.collateral_value.value or "0")
     if value <= 0:
@@ -479,7 +108,7 @@ async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.Ma
             None,
         )
 
-    received = await kit.wait_for(sent, _SETTLE_TIMEOUT)
+    received = await kit.wait_for(sent, SETTLE_TIMEOUT)
     check(
         received is not None,
         "the exchange did not send the custodian its margin call on the stream (§6.8)",
@@ -528,7 +157,7 @@ async def _until_status(
         return state.status == status
 
     try:
-        await _poll(ctx, reached, what)
+        await poll(ctx, reached, what)
     except CaseFailure as failure:
         got = _MS.Name(last[0].status) if last else "no state"
         raise CaseFailure(failure.message, expected=_MS.Name(status), got=got) from None
@@ -537,12 +166,12 @@ async def _until_status(
 
 def _increase_under_call(call: margin_pb2.MarginCall, account: str) -> Callable[[Decimal], Decimal]:
     """What a USDC top-up of ``extra`` adds to the account's collateral value, as §8.4 measures
-    it: the account's holdings (``_HOLDINGS`` plus ``extra``) valued under the call's own
+    it: the account's holdings (``HOLDINGS`` plus ``extra``) valued under the call's own
     policy and price snapshot at its issued_at, minus the call's ``collateral_value``."""
     policy = valuation_pb2.RiskPolicy.FromString(call.inputs.risk_policy.payload)
     snapshot = valuation_pb2.PriceSnapshot.FromString(call.inputs.price_snapshot.payload)
     at = call.header.issued_at.ToDatetime(tzinfo=UTC)
-    base = parse_amount(_HOLDINGS["USDC"])
+    base = parse_amount(HOLDINGS["USDC"])
     called = parse_amount(call.collateral_value.value)
 
     def increase(extra: Decimal) -> Decimal:
@@ -609,8 +238,8 @@ async def _top_up(
     await ctx.server_now()  # the kit signs on the exchange's clock
     change, _ = kit.holdings_change(
         call.account_id,
-        _client(ctx),
-        {"USDC": format_amount(parse_amount(_HOLDINGS["USDC"]) + extra)},
+        client_key(ctx),
+        {"USDC": format_amount(parse_amount(HOLDINGS["USDC"]) + extra)},
         epoch=epoch,
         reason=reason,
     )
@@ -618,19 +247,25 @@ async def _top_up(
 
 
 async def _until_satisfied(
-    ctx: CaseContext, call: margin_pb2.MarginCall, amount: Decimal, what: str
+    ctx: CaseContext,
+    call: margin_pb2.MarginCall,
+    amount: Decimal,
+    what: str,
+    *,
+    open_status: margin_pb2.MarginCallStatus.ValueType = _MS.MARGIN_CALL_STATUS_ISSUED,
 ) -> margin_pb2.MarginCallState:
-    """The call's state once it says ``satisfied_amount`` = ``amount``, or leaves ISSUED."""
+    """The call's state once it says ``satisfied_amount`` = ``amount``, or leaves
+    ``open_status``."""
     last: list[margin_pb2.MarginCallState] = []
 
     async def settled() -> bool:
         state = await _state(ctx, call.margin_call_id)
         last[:] = [state]
         satisfied = parse_amount(state.satisfied_amount.value or "0")
-        return satisfied == amount or state.status != _MS.MARGIN_CALL_STATUS_ISSUED
+        return satisfied == amount or state.status != open_status
 
     try:
-        await _poll(ctx, settled, what)
+        await poll(ctx, settled, what)
     except CaseFailure as failure:
         got = (
             f"{_MS.Name(last[0].status)}, satisfied_amount {last[0].satisfied_amount.value!r}"
@@ -643,10 +278,16 @@ async def _until_satisfied(
     return last[0]
 
 
-def _check_open_with(state: margin_pb2.MarginCallState, amount: Decimal, what: str) -> None:
+def _check_open_with(
+    state: margin_pb2.MarginCallState,
+    amount: Decimal,
+    what: str,
+    *,
+    open_status: margin_pb2.MarginCallStatus.ValueType = _MS.MARGIN_CALL_STATUS_ISSUED,
+) -> None:
     check_equal(
         f"status and satisfied_amount of the call {what} (§8.4)",
-        (_MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED), format_amount(amount)),
+        (_MS.Name(open_status), format_amount(amount)),
         (_MS.Name(state.status), state.satisfied_amount.value),
     )
 
@@ -717,7 +358,7 @@ async def partial_agreement(ctx: CaseContext) -> None:
     # A top-up between the agreed part and the whole call, valued as §8.4 says:
     # under the call's own policy and price snapshot.
     increase = _increase_under_call(call, account)
-    base = parse_amount(_HOLDINGS["USDC"])
+    base = parse_amount(HOLDINGS["USDC"])
     target = (agreed + call_amount) / 2
     extra = (target / _value_per_unit(increase)).quantize(Decimal(1))
     check(
@@ -729,7 +370,7 @@ async def partial_agreement(ctx: CaseContext) -> None:
     await ctx.server_now()
     top_up, _ = kit.holdings_change(
         account,
-        _client(ctx),
+        client_key(ctx),
         {"USDC": format_amount(base + extra)},
         epoch=2,
         reason=_H.HOLDINGS_CHANGE_REASON_TOP_UP,
@@ -791,12 +432,72 @@ async def satisfied_at_amount_due(ctx: CaseContext) -> None:
 
 
 @REGISTRY.case(
+    "exchange/margin-call/partial-agreement-below-one-unit",
+    Level.MUST,
+    "with 0.73 agreed (less than one unit of the currency), a top-up worth one quantum less "
+    "leaves the call PARTIALLY_AGREED with exactly that satisfied_amount, and the next, worth "
+    "exactly 0.73, makes it SATISFIED with satisfied_amount 0.73 (§8.1, §8.4)",
+    roles=_EXCHANGE,
+)
+async def partial_agreement_below_one_unit(ctx: CaseContext) -> None:
+    kit = ctx.counterpart
+    _, call = await _call(ctx, kit)
+    call_amount = parse_amount(call.call_amount.value)
+    quantum = _quantum(call)
+    agreed = Decimal("0.73")
+    check(
+        agreed < call_amount and agreed % quantum == 0 and agreed - quantum > 0,
+        "the call cannot be agreed in part at 0.73",
+        expected=f"a call above 0.73, figures in steps of at most 0.01 (step {quantum})",
+        got=f"call {call_amount}",
+    )
+    response = kit.sign(
+        _response(
+            call,
+            margin_pb2.MARGIN_CALL_RESPONSE_KIND_PARTIALLY_AGREE,
+            format_amount(agreed),
+            margin_pb2.DISPUTE_REASON_VALUATION,
+        )
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(margin_call_response=response))
+    partial = _MS.MARGIN_CALL_STATUS_PARTIALLY_AGREED
+    await _until_status(ctx, call.margin_call_id, partial, "the call is PARTIALLY_AGREED at 0.73")
+
+    short = agreed - quantum
+    await _top_up(ctx, kit, call, short, epoch=2)
+    state = await _until_satisfied(
+        ctx,
+        call,
+        short,
+        f"the call records a top-up worth {short} (0.73 agreed)",
+        open_status=partial,
+    )
+    _check_open_with(
+        state, short, "after a top-up one quantum short of 0.73 agreed", open_status=partial
+    )
+
+    await _top_up(ctx, kit, call, agreed, epoch=3)
+    state = await _until_status(
+        ctx,
+        call.margin_call_id,
+        _MS.MARGIN_CALL_STATUS_SATISFIED,
+        f"a top-up worth exactly the 0.73 agreed satisfies the call (call {call_amount})",
+    )
+    check_equal(
+        "satisfied_amount of the SATISFIED call",
+        format_amount(agreed),
+        state.satisfied_amount.value,
+    )
+
+
+@REGISTRY.case(
     "exchange/margin-call/satisfied-amount-follows-holdings",
     Level.MUST,
     "satisfied_amount is the increase, under the call's own inputs, of the collateral value of "
-    "the account's latest attested holdings: two partial top-ups, then a statement that lowers "
-    "the holdings (a settlement), each publish a MarginCallState with exactly the new figure, "
-    "the call still ISSUED (§8.1, §8.4)",
+    "the account's latest attested holdings, never below zero: two partial top-ups, then a "
+    "statement that lowers the holdings (a settlement), then one that takes them 0.37 below what "
+    "the call valued, each publish a MarginCallState with exactly the new figure (0 for the "
+    "last), the call still ISSUED (§8.1, §8.4)",
     roles=_EXCHANGE,
 )
 async def satisfied_amount_follows_holdings(ctx: CaseContext) -> None:
@@ -831,6 +532,21 @@ async def satisfied_amount_follows_holdings(ctx: CaseContext) -> None:
             f"the call's satisfied_amount is {amount} after {what} (amount due {due})",
         )
         _check_open_with(state, amount, f"after {what}")
+    # Below the holdings the call valued: the increase is negative, satisfied_amount is 0.
+    await ctx.server_now()
+    below, _ = kit.holdings_change(
+        call.account_id,
+        client_key(ctx),
+        {"USDC": format_amount(parse_amount(HOLDINGS["USDC"]) - Decimal("0.37"))},
+        epoch=5,
+        reason=_H.HOLDINGS_CHANGE_REASON_SETTLEMENT,
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=below))
+    what = "a settlement that takes the holdings 0.37 below what the call valued"
+    state = await _until_satisfied(
+        ctx, call, Decimal(0), f"the call's satisfied_amount is 0 after {what}"
+    )
+    _check_open_with(state, Decimal(0), f"after {what}")
 
 
 @REGISTRY.case(
@@ -861,7 +577,7 @@ async def dispute_does_not_expire(ctx: CaseContext) -> None:
         "status after a DISPUTE", _MS.Name(_MS.MARGIN_CALL_STATUS_DISPUTED), _MS.Name(state.status)
     )
     await _advance_past_due(ctx, call)
-    await asyncio.sleep(_GRACE)
+    await asyncio.sleep(GRACE)
     state = await _state(ctx, call.margin_call_id)
     check_equal(
         "status of a disputed call past its due_by",
@@ -952,7 +668,7 @@ async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
                 return envelope
         return None
 
-    envelope = await kit.wait_for(instructed, _SETTLE_TIMEOUT)
+    envelope = await kit.wait_for(instructed, SETTLE_TIMEOUT)
     check(
         envelope is not None,
         "the exchange did not instruct the custodian to liquidate after the call expired",
@@ -1037,7 +753,7 @@ async def open_until_due_by(ctx: CaseContext) -> None:
         _MS.MARGIN_CALL_STATUS_EXPIRED,
         "the unanswered call is EXPIRED one second after its due_by",
     )
-    envelope = await kit.wait_for(lambda: next(iter(naming()), None), _SETTLE_TIMEOUT)
+    envelope = await kit.wait_for(lambda: next(iter(naming()), None), SETTLE_TIMEOUT)
     check(
         envelope is not None,
         "the exchange did not instruct the custodian to liquidate one second after the call's "
