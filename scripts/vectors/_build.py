@@ -36,6 +36,8 @@ CLAUSES = {
         "§4.1/registry-entry-refused",
         "§4.1/duplicate-key-id-refused",
         "§4.3/snake-case-registry-names",
+        "§4.6/registry-version-accepted",
+        "§4.6/registry-history-kept",
     ),
     "pae.json": (),
     "statements.json": (

@@ -15,6 +15,7 @@ from typing import Any
 import nacl.signing
 
 from ._common import CUSTODIAN_ID, EXCHANGE_ID, seed_from
+from .key_registry_chains import registry_chains
 
 __all__ = ["keys_file"]
 
@@ -44,10 +45,14 @@ def keys_file() -> dict[str, Any]:
             "SHA-256 of the 32-byte raw public key; signature_hex is the deterministic "
             "Ed25519 signature of message_hex. registries[] are key registry files "
             "(§4.1, §4.3): a loader must accept each valid one with exactly its key_ids, "
-            "and refuse each invalid one (a local refusal, with no wire status)."
+            "and refuse each invalid one (a local refusal, with no wire status). chains[] are "
+            "signed key registries (§4.6, proto3 JSON of KeyRegistryChain, with root_sha256 the "
+            "pinned SHA-256 of version 1's bytes or null): a party must accept each valid one, "
+            "with the last version's number and key ids in force, and refuse each invalid one."
         ),
         "vectors": vectors,
         "registries": _registry_files(),
+        "chains": registry_chains(),
     }
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from collateral_sync._cli_keys import KeysUsageError, add_keys_parser
 from collateral_sync._version import __version__
 from collateral_sync.errors import CollateralSyncError, VerificationError
 from collateral_sync.v1 import common_pb2
@@ -37,6 +38,7 @@ _ROLES = {
     "exchange": common_pb2.PARTY_ROLE_EXCHANGE,
     "regulator": common_pb2.PARTY_ROLE_REGULATOR,
     "client": common_pb2.PARTY_ROLE_CLIENT,
+    "key_registry": common_pb2.PARTY_ROLE_KEY_REGISTRY,
 }
 
 
@@ -370,6 +372,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     keygen.set_defaults(func=_cmd_keygen)
 
+    add_keys_parser(sub, _parse_time)
+
     verify = sub.add_parser("verify", help="verify an audit bundle offline")
     verify.add_argument("file", help="AuditBundle as binary protobuf (.pb) or proto3 JSON (.json)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -471,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except _UsageError as err:
+    except (_UsageError, KeysUsageError) as err:
         print(f"collateral-sync: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except VerificationError as err:

@@ -404,6 +404,14 @@ class KeyRegistry:
         if not entry.key.HasField("revoked_at") or at_ns < _timestamp_ns(entry.key.revoked_at):
             entry.key.revoked_at.CopyFrom(_to_timestamp(at))
 
+    def replace(self, other: KeyRegistry) -> None:
+        """Hold exactly ``other``'s keys from now on, in one step (a new registry version).
+
+        Whoever holds this registry sees either the old keys or the new ones, never
+        a mix: the entries are swapped whole.
+        """
+        self._entries = dict(other._entries)
+
     # -- queries --
 
     def get(self, key_id: str) -> keys_pb2.PartyKey | None:

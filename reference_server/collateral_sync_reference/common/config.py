@@ -15,6 +15,7 @@ file's directory)::
                           "token": "custodian-hsm", "label": "custodian-1",
                           "pin_env": "CUSTODIAN_HSM_PIN"}})
       "key_registry": "keys/registry.json",
+      "key_registry_root": "<SHA-256 of a signed registry's version 1>",
       "tls": {"ca": "pki/ca.pem", "cert": "pki/custodian-1.pem", "key": "pki/custodian-1.key"},
       "peers": {"exchange-1": "127.0.0.1:7442"},
       "max_skew_seconds": 30,
@@ -26,6 +27,9 @@ file's directory)::
     }
 
 ``party_id``, ``role``, ``signing_key`` and ``key_registry`` are required.
+``key_registry`` is a plain registry (read once) or a signed one (PROTOCOL.md
+§4.6), whose new versions the server takes while it runs; ``key_registry_root``
+(optional) pins the signed registry's version 1 by its SHA-256.
 ``signing_key`` is a key file, or a key on a PKCS#11 token (an HSM): the
 module, the token's label, the key's label, and the token's user PIN from
 ``pin_env`` or ``pin_file``, never from the configuration itself.
@@ -325,6 +329,8 @@ class ServerConfig:
     tracing: TracingSettings | None = None
     #: How log lines on stderr look: ``text`` or ``json`` (one object per line).
     log_format: str = "text"
+    #: SHA-256 (hex) of version 1 of a signed key registry, pinned; None: not pinned.
+    key_registry_root: str | None = None
 
 
 def _storage_settings(section: ConfigSection, party_id: str) -> StorageSettings:
@@ -538,6 +544,7 @@ def load_config(
         storage=storage,
         signing_key=_signing_key(top, document.get("signing_key")),
         key_registry=top.path("key_registry"),
+        key_registry_root=_registry_root(top),
         tls=tls,
         peers=peers,
         max_skew=max_skew,
@@ -549,6 +556,16 @@ def load_config(
     )
     top.finish()
     return config
+
+
+def _registry_root(top: ConfigSection) -> str | None:
+    """``key_registry_root``: the SHA-256 of a signed registry's version 1, 64 hex digits."""
+    if "key_registry_root" not in top:
+        return None
+    root = top.string("key_registry_root")
+    if not re.fullmatch(r"[0-9a-f]{64}", root):
+        raise top.error("key_registry_root", "64 lowercase hex digits (a SHA-256)", root)
+    return root
 
 
 def _metrics_settings(top: ConfigSection) -> MetricsSettings | None:

@@ -64,6 +64,7 @@ from collateral_sync.dev_ca import load_certificate_chain_pem, load_private_key_
 from collateral_sync.errors import CollateralSyncError, MalformedError, SignerError, StorageError
 from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.server import add_servicer, create_server, start_server, stop_server
+from collateral_sync.signed_registry import load_key_registry
 from collateral_sync.signer import Pkcs11Signer, Signer
 from collateral_sync.transport import (
     ReloadableTls,
@@ -81,6 +82,7 @@ from collateral_sync_reference.common.config import (
     TlsFiles,
     load_config,
 )
+from collateral_sync_reference.common.keys import KeyFollower, SwitchingSigner
 from collateral_sync_reference.common.metrics import ServerMetrics
 from collateral_sync_reference.common.storage import PostgresStorage, SqlStorage, open_storage
 from collateral_sync_reference.common.storage._health import watch_database
@@ -223,11 +225,31 @@ def serve_main(
     parse_settings = getattr(module, "parse_settings", None)
     settings = parse_settings(config) if callable(parse_settings) else None
     # A refusal from here on ends the process, and with it a token signer's session.
-    signer = load_signer(config)
-    registry = _config_file(
-        config, "key_registry", config.key_registry, "a key registry file", KeyRegistry.load
+    token_or_file = load_signer(config)
+    signer = SwitchingSigner(token_or_file)
+    registry, signed = _config_file(
+        config,
+        "key_registry",
+        config.key_registry,
+        "a key registry file",
+        lambda path: load_key_registry(path, root_sha256=config.key_registry_root),
     )
     _check_registered(config, registry, signer)
+    role_logger = logging.getLogger(f"collateral_sync_reference.{config.role}")
+    follower = KeyFollower(
+        registry=registry,
+        signed=signed,
+        registry_path=config.key_registry,
+        signer=signer,
+        key_path=config.signing_key if isinstance(config.signing_key, Path) else None,
+        logger=role_logger,
+    )
+    if signed is not None:
+        role_logger.info(
+            "key registry version %d in force (root sha256 %s), followed for new versions",
+            signed.version,
+            signed.root_sha256,
+        )
     tls: TlsConfig | None = None
     server_tls: ServerTls | None = None
     if plaintext_for_testing:
@@ -247,7 +269,6 @@ def serve_main(
                 metadata={"field": "tls.cert", "expected": config.party_id, "actual": tls.party_id},
             )
         _check_validity(config, config.tls, tls, datetime.now(UTC))
-        role_logger = logging.getLogger(f"collateral_sync_reference.{config.role}")
         server_tls = ServerTls(config.tls, tls, party_id=config.party_id, logger=role_logger)
         server_tls.warn_if_expiring()
     storage = _open_storage(config)
@@ -269,12 +290,23 @@ def serve_main(
             listen=listen or config.listen,
             tracing=tracing,
         )
-        return asyncio.run(watching(server_tls, serving))
+        return asyncio.run(watching(server_tls, _following(follower, serving)))
     finally:
         # Flushes the spans still buffered, the last calls' included.
         tracing.shutdown()
         storage.close()
-        _close_signer(signer)
+        _close_signer(token_or_file)
+
+
+async def _following(follower: KeyFollower, work: Awaitable[_T]) -> _T:
+    """Await ``work`` while ``follower`` follows the registry and key files."""
+    watch = asyncio.create_task(follower.watch(), name="key-follower")
+    try:
+        return await work
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
 
 
 def load_signer(config: ServerConfig) -> Signer:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ollateral_sync/v1/common.proto\x12\x12\x63ollateral_sync.v1\"\x18\n\x07\x44\x65\x63imal\x12\r\n\x05value\x18\x01 \x01(\t\"N\n\x05\x41sset\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x33\n\x0b\x61sset_class\x18\x02 \x01(\x0e\x32\x1e.collateral_sync.v1.AssetClass\"\xcc\x01\n\x08Position\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12-\n\x08quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x34\n\x0flocked_quantity\x18\x04 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x35\n\x10pledged_quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal*\x8b\x01\n\tPartyRole\x12\x1a\n\x16PARTY_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14PARTY_ROLE_CUSTODIAN\x10\x01\x12\x17\n\x13PARTY_ROLE_EXCHANGE\x10\x02\x12\x18\n\x14PARTY_ROLE_REGULATOR\x10\x03\x12\x15\n\x11PARTY_ROLE_CLIENT\x10\x04*\xc3\x01\n\nAssetClass\x12\x1b\n\x17\x41SSET_CLASS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41SSET_CLASS_CRYPTO\x10\x01\x12\x1a\n\x16\x41SSET_CLASS_STABLECOIN\x10\x02\x12\x1d\n\x19\x41SSET_CLASS_TOKENIZED_MMF\x10\x03\x12\x1d\n\x19\x41SSET_CLASS_TOKENIZED_ETF\x10\x04\x12&\n\"ASSET_CLASS_TOKENIZED_SINGLE_STOCK\x10\x05\x42\xc4\x01\n\x14io.collateralsync.v1B\x0b\x43ommonProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ollateral_sync/v1/common.proto\x12\x12\x63ollateral_sync.v1\"\x18\n\x07\x44\x65\x63imal\x12\r\n\x05value\x18\x01 \x01(\t\"N\n\x05\x41sset\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x33\n\x0b\x61sset_class\x18\x02 \x01(\x0e\x32\x1e.collateral_sync.v1.AssetClass\"\xcc\x01\n\x08Position\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\x12-\n\x08quantity\x18\x03 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x34\n\x0flocked_quantity\x18\x04 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal\x12\x35\n\x10pledged_quantity\x18\x05 \x01(\x0b\x32\x1b.collateral_sync.v1.Decimal*\xa8\x01\n\tPartyRole\x12\x1a\n\x16PARTY_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14PARTY_ROLE_CUSTODIAN\x10\x01\x12\x17\n\x13PARTY_ROLE_EXCHANGE\x10\x02\x12\x18\n\x14PARTY_ROLE_REGULATOR\x10\x03\x12\x15\n\x11PARTY_ROLE_CLIENT\x10\x04\x12\x1b\n\x17PARTY_ROLE_KEY_REGISTRY\x10\x05*\xc3\x01\n\nAssetClass\x12\x1b\n\x17\x41SSET_CLASS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41SSET_CLASS_CRYPTO\x10\x01\x12\x1a\n\x16\x41SSET_CLASS_STABLECOIN\x10\x02\x12\x1d\n\x19\x41SSET_CLASS_TOKENIZED_MMF\x10\x03\x12\x1d\n\x19\x41SSET_CLASS_TOKENIZED_ETF\x10\x04\x12&\n\"ASSET_CLASS_TOKENIZED_SINGLE_STOCK\x10\x05\x42\xc4\x01\n\x14io.collateralsync.v1B\x0b\x43ommonProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024io.collateralsync.v1B\013CommonProtoP\001ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\242\002\003CSX\252\002\021CollateralSync.V1\272\002\002CS\312\002\021CollateralSync\\V1\352\002\022CollateralSync::V1'
   _globals['_PARTYROLE']._serialized_start=369
-  _globals['_PARTYROLE']._serialized_end=508
-  _globals['_ASSETCLASS']._serialized_start=511
-  _globals['_ASSETCLASS']._serialized_end=706
+  _globals['_PARTYROLE']._serialized_end=537
+  _globals['_ASSETCLASS']._serialized_start=540
+  _globals['_ASSETCLASS']._serialized_end=735
   _globals['_DECIMAL']._serialized_start=55
   _globals['_DECIMAL']._serialized_end=79
   _globals['_ASSET']._serialized_start=81

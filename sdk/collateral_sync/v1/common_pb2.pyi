@@ -28,6 +28,8 @@ class _PartyRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PartyRole.V
     PARTY_ROLE_EXCHANGE: _PartyRole.ValueType  # 2
     PARTY_ROLE_REGULATOR: _PartyRole.ValueType  # 3
     PARTY_ROLE_CLIENT: _PartyRole.ValueType  # 4
+    PARTY_ROLE_KEY_REGISTRY: _PartyRole.ValueType  # 5
+    """Signs versions of the key registry (docs/PROTOCOL.md §4.6), never a statement."""
 
 class PartyRole(_PartyRole, metaclass=_PartyRoleEnumTypeWrapper):
     """The roles a party can hold. A key is registered for exactly one role."""
@@ -37,6 +39,8 @@ PARTY_ROLE_CUSTODIAN: PartyRole.ValueType  # 1
 PARTY_ROLE_EXCHANGE: PartyRole.ValueType  # 2
 PARTY_ROLE_REGULATOR: PartyRole.ValueType  # 3
 PARTY_ROLE_CLIENT: PartyRole.ValueType  # 4
+PARTY_ROLE_KEY_REGISTRY: PartyRole.ValueType  # 5
+"""Signs versions of the key registry (docs/PROTOCOL.md §4.6), never a statement."""
 Global___PartyRole: _TypeAlias = PartyRole  # noqa: Y015
 
 class _AssetClass:

@@ -26,7 +26,7 @@ from collateral_sync.v1 import common_pb2 as collateral__sync_dot_v1_dot_common_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ollateral_sync/v1/keys.proto\x12\x12\x63ollateral_sync.v1\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x08PartyKey\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.collateral_sync.v1.PartyRole\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x0bKeyRegistry\x12*\n\x04keys\x18\x01 \x03(\x0b\x32\x1c.collateral_sync.v1.PartyKeyB\xc2\x01\n\x14io.collateralsync.v1B\tKeysProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ollateral_sync/v1/keys.proto\x12\x12\x63ollateral_sync.v1\x1a\x1f\x63ollateral_sync/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x08PartyKey\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.collateral_sync.v1.PartyRole\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x0bKeyRegistry\x12*\n\x04keys\x18\x01 \x03(\x0b\x32\x1c.collateral_sync.v1.PartyKey\"\xc8\x01\n\x12KeyRegistryVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\tissued_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04keys\x18\x03 \x03(\x0b\x32\x1c.collateral_sync.v1.PartyKey\x12\x33\n\rregistry_keys\x18\x04 \x03(\x0b\x32\x1c.collateral_sync.v1.PartyKey\x12\x11\n\tthreshold\x18\x05 \x01(\r\"6\n\x11RegistrySignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"f\n\x18SignedKeyRegistryVersion\x12\x0f\n\x07version\x18\x01 \x01(\x0c\x12\x39\n\nsignatures\x18\x02 \x03(\x0b\x32%.collateral_sync.v1.RegistrySignature\"R\n\x10KeyRegistryChain\x12>\n\x08versions\x18\x01 \x03(\x0b\x32,.collateral_sync.v1.SignedKeyRegistryVersionB\xc2\x01\n\x14io.collateralsync.v1B\tKeysProtoP\x01ZUgithub.com/collateral-sync/collateral-sync/gen/go/collateral_sync/v1;collateralsyncv1\xa2\x02\x03\x43SX\xaa\x02\x11\x43ollateralSync.V1\xba\x02\x02\x43S\xca\x02\x11\x43ollateralSync\\V1\xea\x02\x12\x43ollateralSync::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,4 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTYKEY']._serialized_end=374
   _globals['_KEYREGISTRY']._serialized_start=376
   _globals['_KEYREGISTRY']._serialized_end=433
+  _globals['_KEYREGISTRYVERSION']._serialized_start=436
+  _globals['_KEYREGISTRYVERSION']._serialized_end=636
+  _globals['_REGISTRYSIGNATURE']._serialized_start=638
+  _globals['_REGISTRYSIGNATURE']._serialized_end=692
+  _globals['_SIGNEDKEYREGISTRYVERSION']._serialized_start=694
+  _globals['_SIGNEDKEYREGISTRYVERSION']._serialized_end=796
+  _globals['_KEYREGISTRYCHAIN']._serialized_start=798
+  _globals['_KEYREGISTRYCHAIN']._serialized_end=880
 # @@protoc_insertion_point(module_scope)

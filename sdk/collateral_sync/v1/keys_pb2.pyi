@@ -91,3 +91,126 @@ class KeyRegistry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyRegistry: _TypeAlias = KeyRegistry  # noqa: Y015
+
+@_typing.final
+class KeyRegistryVersion(_message.Message):
+    """One version of the signed key registry (docs/PROTOCOL.md §4.6). Its serialized bytes are
+    what the registry keys sign, under the payload type
+    application/vnd.collateral-sync.v1.key-registry-version+proto.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    REGISTRY_KEYS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """1 for the first version; each next version is one more."""
+    threshold: _builtins.int
+    """How many distinct registry keys of this version must sign it, and the next one."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the version was made; later than the previous version's."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyKey]:
+        """The party keys in force: every key of the previous version, with at most an earlier end
+        or revocation, plus new ones.
+        """
+
+    @_builtins.property
+    def registry_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyKey]:
+        """The keys that sign registry versions, each of role PARTY_ROLE_KEY_REGISTRY."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        keys: _abc.Iterable[Global___PartyKey] | None = ...,
+        registry_keys: _abc.Iterable[Global___PartyKey] | None = ...,
+        threshold: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "keys", b"keys", "registry_keys", b"registry_keys", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRegistryVersion: _TypeAlias = KeyRegistryVersion  # noqa: Y015
+
+@_typing.final
+class RegistrySignature(_message.Message):
+    """A signature of a registry key over a KeyRegistryVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """key_id of a registry key."""
+    signature: _builtins.bytes
+    """Ed25519 signature over PAE(payload type, version bytes) (§3.2)."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistrySignature: _TypeAlias = RegistrySignature  # noqa: Y015
+
+@_typing.final
+class SignedKeyRegistryVersion(_message.Message):
+    """A KeyRegistryVersion as signed: its exact bytes and the signatures over them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    version: _builtins.bytes
+    """A serialized KeyRegistryVersion."""
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistrySignature]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.bytes = ...,
+        signatures: _abc.Iterable[Global___RegistrySignature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signatures", b"signatures", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedKeyRegistryVersion: _TypeAlias = SignedKeyRegistryVersion  # noqa: Y015
+
+@_typing.final
+class KeyRegistryChain(_message.Message):
+    """Every version of a signed key registry, oldest first, as stored in a file or exchanged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedKeyRegistryVersion]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___SignedKeyRegistryVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRegistryChain: _TypeAlias = KeyRegistryChain  # noqa: Y015

@@ -19,6 +19,7 @@ import nacl.signing
 import pytest
 from collateral_sync.errors import CollateralSyncError
 from collateral_sync.keys import KeyRegistry, SigningKey
+from collateral_sync.signed_registry import SignedKeyRegistry
 from collateral_sync.v1 import common_pb2, keys_pb2
 from google.protobuf import json_format
 
@@ -168,3 +169,78 @@ def test_a_negative_registry_vector_is_not_vacuous() -> None:
     fixed = {"keys": keys[:-1]}
     assert len(_own_registry(fixed)) == 2
     assert len(KeyRegistry.from_proto(json_format.ParseDict(fixed, keys_pb2.KeyRegistry()))) == 2
+
+
+# --- signed key registries (§4.6): the SDK, and an independent check from the text ------
+
+CHAINS = KEYS["chains"]
+_CHAIN_TYPE = b"application/vnd.collateral-sync.v1.key-registry-version+proto"
+
+
+def _own_chain_check(chain: keys_pb2.KeyRegistryChain, root: str | None) -> tuple[int, list[str]]:
+    """§4.6 read literally: each version's signers, numbering, time and history."""
+
+    def signers(signed: Any, version: Any, holders: Any) -> int:
+        pae = b"DSSEv1 %d %b %d %b" % (
+            len(_CHAIN_TYPE),
+            _CHAIN_TYPE,
+            len(signed.version),
+            signed.version,
+        )
+        keys = {k.key_id: k for k in holders.registry_keys}
+        good = set()
+        for signature in signed.signatures[:32]:
+            key = keys.get(signature.key_id)
+            if key is None or signature.key_id in good:
+                continue
+            at = version.issued_at.ToNanoseconds()
+            if key.valid_from.ToNanoseconds() > at:
+                continue
+            if own_verify(key.public_key, pae, signature.signature):
+                good.add(signature.key_id)
+        return len(good)
+
+    previous = None
+    for index, signed in enumerate(chain.versions):
+        version = keys_pb2.KeyRegistryVersion.FromString(signed.version)
+        assert 1 <= version.threshold <= len(version.registry_keys)
+        if previous is None:
+            assert version.version == 1
+            if root is not None:
+                assert hashlib.sha256(signed.version).hexdigest() == root
+        else:
+            assert version.version == previous.version + 1
+            assert version.issued_at.ToNanoseconds() > previous.issued_at.ToNanoseconds()
+            assert signers(signed, version, previous) >= previous.threshold
+            kept = {k.key_id: k for k in version.keys}
+            for old in previous.keys:
+                new = kept[old.key_id]
+                assert (new.public_key, new.valid_from) == (old.public_key, old.valid_from)
+                for end in ("valid_until", "revoked_at"):
+                    if old.HasField(end):
+                        assert new.HasField(end)
+                        assert (
+                            getattr(new, end).ToNanoseconds() <= getattr(old, end).ToNanoseconds()
+                        )
+        assert signers(signed, version, version) >= version.threshold, index
+        previous = version
+    assert previous is not None
+    return previous.version, [k.key_id for k in previous.keys]
+
+
+@pytest.mark.parametrize("vector", CHAINS, ids=lambda v: v["id"])
+def test_signed_registry_vector(vector: dict[str, Any]) -> None:
+    chain = keys_pb2.KeyRegistryChain()
+    json_format.ParseDict(vector["chain"], chain)
+    root = vector["root_sha256"]
+    expected = vector["expected"]
+    if expected["valid"]:
+        assert _own_chain_check(chain, root) == (expected["version"], expected["key_ids"])
+        signed = SignedKeyRegistry.verify(chain, root_sha256=root)
+        assert signed.version == expected["version"]
+        assert [k.key_id for k in signed.registry()] == expected["key_ids"]
+    else:
+        with pytest.raises((AssertionError, KeyError)):
+            _own_chain_check(chain, root)
+        with pytest.raises(CollateralSyncError):
+            SignedKeyRegistry.verify(chain, root_sha256=root)

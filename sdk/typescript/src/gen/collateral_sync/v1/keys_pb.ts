@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file collateral_sync/v1/keys.proto.
  */
 export const file_collateral_sync_v1_keys: GenFile = /*@__PURE__*/
-  fileDesc("Ch1jb2xsYXRlcmFsX3N5bmMvdjEva2V5cy5wcm90bxISY29sbGF0ZXJhbF9zeW5jLnYxIv4BCghQYXJ0eUtleRIQCghwYXJ0eV9pZBgBIAEoCRIrCgRyb2xlGAIgASgOMh0uY29sbGF0ZXJhbF9zeW5jLnYxLlBhcnR5Um9sZRISCgpwdWJsaWNfa2V5GAMgASgMEg4KBmtleV9pZBgEIAEoCRIuCgp2YWxpZF9mcm9tGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt2YWxpZF91bnRpbBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiOQoLS2V5UmVnaXN0cnkSKgoEa2V5cxgBIAMoCzIcLmNvbGxhdGVyYWxfc3luYy52MS5QYXJ0eUtleULCAQoUaW8uY29sbGF0ZXJhbHN5bmMudjFCCUtleXNQcm90b1ABWlVnaXRodWIuY29tL2NvbGxhdGVyYWwtc3luYy9jb2xsYXRlcmFsLXN5bmMvZ2VuL2dvL2NvbGxhdGVyYWxfc3luYy92MTtjb2xsYXRlcmFsc3luY3YxogIDQ1NYqgIRQ29sbGF0ZXJhbFN5bmMuVjG6AgJDU8oCEUNvbGxhdGVyYWxTeW5jXFYx6gISQ29sbGF0ZXJhbFN5bmM6OlYxYgZwcm90bzM", [file_collateral_sync_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("Ch1jb2xsYXRlcmFsX3N5bmMvdjEva2V5cy5wcm90bxISY29sbGF0ZXJhbF9zeW5jLnYxIv4BCghQYXJ0eUtleRIQCghwYXJ0eV9pZBgBIAEoCRIrCgRyb2xlGAIgASgOMh0uY29sbGF0ZXJhbF9zeW5jLnYxLlBhcnR5Um9sZRISCgpwdWJsaWNfa2V5GAMgASgMEg4KBmtleV9pZBgEIAEoCRIuCgp2YWxpZF9mcm9tGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt2YWxpZF91bnRpbBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiOQoLS2V5UmVnaXN0cnkSKgoEa2V5cxgBIAMoCzIcLmNvbGxhdGVyYWxfc3luYy52MS5QYXJ0eUtleSLIAQoSS2V5UmVnaXN0cnlWZXJzaW9uEg8KB3ZlcnNpb24YASABKAQSLQoJaXNzdWVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgRrZXlzGAMgAygLMhwuY29sbGF0ZXJhbF9zeW5jLnYxLlBhcnR5S2V5EjMKDXJlZ2lzdHJ5X2tleXMYBCADKAsyHC5jb2xsYXRlcmFsX3N5bmMudjEuUGFydHlLZXkSEQoJdGhyZXNob2xkGAUgASgNIjYKEVJlZ2lzdHJ5U2lnbmF0dXJlEg4KBmtleV9pZBgBIAEoCRIRCglzaWduYXR1cmUYAiABKAwiZgoYU2lnbmVkS2V5UmVnaXN0cnlWZXJzaW9uEg8KB3ZlcnNpb24YASABKAwSOQoKc2lnbmF0dXJlcxgCIAMoCzIlLmNvbGxhdGVyYWxfc3luYy52MS5SZWdpc3RyeVNpZ25hdHVyZSJSChBLZXlSZWdpc3RyeUNoYWluEj4KCHZlcnNpb25zGAEgAygLMiwuY29sbGF0ZXJhbF9zeW5jLnYxLlNpZ25lZEtleVJlZ2lzdHJ5VmVyc2lvbkLCAQoUaW8uY29sbGF0ZXJhbHN5bmMudjFCCUtleXNQcm90b1ABWlVnaXRodWIuY29tL2NvbGxhdGVyYWwtc3luYy9jb2xsYXRlcmFsLXN5bmMvZ2VuL2dvL2NvbGxhdGVyYWxfc3luYy92MTtjb2xsYXRlcmFsc3luY3YxogIDQ1NYqgIRQ29sbGF0ZXJhbFN5bmMuVjG6AgJDU8oCEUNvbGxhdGVyYWxTeW5jXFYx6gISQ29sbGF0ZXJhbFN5bmM6OlYxYgZwcm90bzM", [file_collateral_sync_v1_common, file_google_protobuf_timestamp]);
 
 /**
  * A public key registered for a party in one role.
@@ -93,4 +93,129 @@ export type KeyRegistry = Message<"collateral_sync.v1.KeyRegistry"> & {
  */
 export const KeyRegistrySchema: GenMessage<KeyRegistry> = /*@__PURE__*/
   messageDesc(file_collateral_sync_v1_keys, 1);
+
+/**
+ * One version of the signed key registry (docs/PROTOCOL.md §4.6). Its serialized bytes are
+ * what the registry keys sign, under the payload type
+ * application/vnd.collateral-sync.v1.key-registry-version+proto.
+ *
+ * @generated from message collateral_sync.v1.KeyRegistryVersion
+ */
+export type KeyRegistryVersion = Message<"collateral_sync.v1.KeyRegistryVersion"> & {
+  /**
+   * 1 for the first version; each next version is one more.
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
+
+  /**
+   * When the version was made; later than the previous version's.
+   *
+   * @generated from field: google.protobuf.Timestamp issued_at = 2;
+   */
+  issuedAt?: Timestamp | undefined;
+
+  /**
+   * The party keys in force: every key of the previous version, with at most an earlier end
+   * or revocation, plus new ones.
+   *
+   * @generated from field: repeated collateral_sync.v1.PartyKey keys = 3;
+   */
+  keys: PartyKey[];
+
+  /**
+   * The keys that sign registry versions, each of role PARTY_ROLE_KEY_REGISTRY.
+   *
+   * @generated from field: repeated collateral_sync.v1.PartyKey registry_keys = 4;
+   */
+  registryKeys: PartyKey[];
+
+  /**
+   * How many distinct registry keys of this version must sign it, and the next one.
+   *
+   * @generated from field: uint32 threshold = 5;
+   */
+  threshold: number;
+};
+
+/**
+ * Describes the message collateral_sync.v1.KeyRegistryVersion.
+ * Use `create(KeyRegistryVersionSchema)` to create a new message.
+ */
+export const KeyRegistryVersionSchema: GenMessage<KeyRegistryVersion> = /*@__PURE__*/
+  messageDesc(file_collateral_sync_v1_keys, 2);
+
+/**
+ * A signature of a registry key over a KeyRegistryVersion.
+ *
+ * @generated from message collateral_sync.v1.RegistrySignature
+ */
+export type RegistrySignature = Message<"collateral_sync.v1.RegistrySignature"> & {
+  /**
+   * key_id of a registry key.
+   *
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * Ed25519 signature over PAE(payload type, version bytes) (§3.2).
+   *
+   * @generated from field: bytes signature = 2;
+   */
+  signature: Uint8Array;
+};
+
+/**
+ * Describes the message collateral_sync.v1.RegistrySignature.
+ * Use `create(RegistrySignatureSchema)` to create a new message.
+ */
+export const RegistrySignatureSchema: GenMessage<RegistrySignature> = /*@__PURE__*/
+  messageDesc(file_collateral_sync_v1_keys, 3);
+
+/**
+ * A KeyRegistryVersion as signed: its exact bytes and the signatures over them.
+ *
+ * @generated from message collateral_sync.v1.SignedKeyRegistryVersion
+ */
+export type SignedKeyRegistryVersion = Message<"collateral_sync.v1.SignedKeyRegistryVersion"> & {
+  /**
+   * A serialized KeyRegistryVersion.
+   *
+   * @generated from field: bytes version = 1;
+   */
+  version: Uint8Array;
+
+  /**
+   * @generated from field: repeated collateral_sync.v1.RegistrySignature signatures = 2;
+   */
+  signatures: RegistrySignature[];
+};
+
+/**
+ * Describes the message collateral_sync.v1.SignedKeyRegistryVersion.
+ * Use `create(SignedKeyRegistryVersionSchema)` to create a new message.
+ */
+export const SignedKeyRegistryVersionSchema: GenMessage<SignedKeyRegistryVersion> = /*@__PURE__*/
+  messageDesc(file_collateral_sync_v1_keys, 4);
+
+/**
+ * Every version of a signed key registry, oldest first, as stored in a file or exchanged.
+ *
+ * @generated from message collateral_sync.v1.KeyRegistryChain
+ */
+export type KeyRegistryChain = Message<"collateral_sync.v1.KeyRegistryChain"> & {
+  /**
+   * @generated from field: repeated collateral_sync.v1.SignedKeyRegistryVersion versions = 1;
+   */
+  versions: SignedKeyRegistryVersion[];
+};
+
+/**
+ * Describes the message collateral_sync.v1.KeyRegistryChain.
+ * Use `create(KeyRegistryChainSchema)` to create a new message.
+ */
+export const KeyRegistryChainSchema: GenMessage<KeyRegistryChain> = /*@__PURE__*/
+  messageDesc(file_collateral_sync_v1_keys, 5);
 
