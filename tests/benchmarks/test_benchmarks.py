@@ -19,6 +19,7 @@ SYNC_ROWS = [
     ("signed updates applied durably", "raw PyNaCl verify, 1 per message"),
     ("signed updates applied durably", "raw PyNaCl sign+verify, 1 per message"),
     ("signed updates applied, metrics on", "the same with metrics off"),
+    ("signed updates applied, tracing on", "the same with tracing off"),
     ("margin call p50 (idle)", "raw unary gRPC round trip p50 (idle)"),
     ("margin call p99 (idle)", "raw unary gRPC round trip p99 (idle)"),
     ("margin call p50 (loaded)", "raw unary gRPC round trip p50 (loaded)"),
@@ -45,6 +46,8 @@ def _check_engine_section(section: str, raw: str) -> None:
     assert all(f"; raw {raw} " in line and line.endswith(" updates/s") for line in runs)
     # Each beside a run with the servers' metrics scraped meanwhile, at least once.
     assert all(" scrapes of both) " in line for line in runs)
+    # And beside one with both parties' spans recorded and exported.
+    assert all("; tracing on " in line for line in runs)
     assert not any("(0 scrapes" in line for line in runs)
     assert "check: the exchange applied all" in section
     assert "stored all 40 margin calls" in section

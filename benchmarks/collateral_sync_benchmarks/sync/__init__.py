@@ -37,6 +37,10 @@ noisy, so only same-run ratios compare):
   (``_metrics.py``: both parties serve them as the servers do, and both are
   scraped every 0.25 s during the run) beside the runs with metrics off,
   alternating which goes first. Target: metrics cost under 5 %.
+* The same throughput with tracing on (``_tracing.py``: both parties record
+  the sync session's spans and export them, as a server with a ``tracing``
+  section does, to ``/dev/null`` as JSON lines) beside off; the three
+  variants take turns going first. No target: the figure is reported.
 * Margin-call latency, price breach -> the custodian's durable
   acknowledgement: the exchange signs the price snapshot, values the account
   under its signed risk policy, signs a MarginCall carrying its valuation

@@ -58,6 +58,7 @@ from collateral_sync_benchmarks.sync._fixtures import (
 )
 from collateral_sync_benchmarks.sync._metrics import party_metrics
 from collateral_sync_benchmarks.sync._storage import _Database, _StorageSpec
+from collateral_sync_benchmarks.sync._tracing import SwitchableTracing
 
 # Helpers for the sibling modules only: nothing here is API.
 __all__: list[str] = []
@@ -305,9 +306,12 @@ async def _custodian_main(workdir: Path, pool_size: int) -> None:
     custodian = _Custodian(workdir, pool_size, _StorageSpec.load(workdir))
     # Its metrics as a reference custodian has them; the parent scrapes them in runs "on".
     metrics = party_metrics(_CUSTODIAN, "custodian", lambda: (custodian.session,))
+    # Spans recorded and exported only in runs "tracing on" (the parent says which).
+    tracing = SwitchableTracing.of_process()
     try:
         await _serve_commands(custodian, workdir, metrics)
     finally:
+        tracing.shutdown()
         metrics.stop()
         custodian.database.close()
 
@@ -371,6 +375,9 @@ async def _serve_commands(custodian: _Custodian, workdir: Path, metrics: ServerM
                         await custodian.session.wait_acknowledged(last)
                     elapsed = time.perf_counter() - begin
                     _reply({"updates": appended, "elapsed": elapsed})
+                elif op == "tracing":
+                    SwitchableTracing.of_process().on = bool(command["on"])
+                    _reply({"ok": True})
                 elif op == "apply-times":
                     _reply({"seconds": custodian.apply_seconds})
                     custodian.apply_seconds = []

@@ -60,6 +60,7 @@ from collateral_sync_benchmarks.sync._storage import (
     _RawStorage,
     _Storage,
 )
+from collateral_sync_benchmarks.sync._tracing import SwitchableTracing
 
 __all__ = ["run_sync_benchmark"]
 
@@ -177,6 +178,12 @@ class _SyncRun:
     elapsed: float
     custodian_cpu: float
     exchange_cpu: float
+
+
+async def _set_tracing(guard: _Guard, tracing: SwitchableTracing, *, on: bool) -> None:
+    """Both parties record and export the sync session's spans, or neither does."""
+    tracing.on = on
+    await guard.ask({"op": "tracing", "on": on}, _START_TIMEOUT)
 
 
 async def _sync_run(guard: _Guard, updates: int) -> _SyncRun:
@@ -402,34 +409,46 @@ async def _measure(
         f"the receiver, a transaction per {raw_storage.batch_size:,} updates, inserts one log "
         f"row holding the signed batch, {len(raw_storage.envelope):,} bytes, and upserts "
         f"{raw_storage.batch_size:,} positions by executemany); each run twice, with the "
-        f"servers' metrics scraped every {SCRAPE_INTERVAL:g} s (metrics on) and not "
-        f"(off), in turn first"
+        f"servers' metrics scraped every {SCRAPE_INTERVAL:g} s (metrics on), once with both "
+        f"parties recording and exporting the sync session's spans (tracing on) and once with "
+        f"neither (off), each in turn first"
     )
     raw_rates: list[float] = []
     storage_rates: list[float] = []
     runs: list[_SyncRun] = []
     metered: list[_SyncRun] = []
+    traced: list[_SyncRun] = []
+    tracing = SwitchableTracing.of_process()
     for n in range(THROUGHPUT_REPEATS):
         raw_rates.append(await _raw_stream_rate(raw_channel, guard, custodian, sizes.raw_messages))
         # In a thread: the exchange's event loop keeps its (idle) stream meanwhile.
         storage_rates.append(await asyncio.to_thread(raw_storage.run, sizes.updates))
-        # Off first, then on first: neither gains from running second.
-        for metrics_on in (False, True) if n % 2 == 0 else (True, False):
-            if not metrics_on:
+        # Each variant first in turn: none gains from running later.
+        variants = ("off", "metrics", "tracing")
+        for variant in variants[n % 3 :] + variants[: n % 3]:
+            if variant == "off":
                 runs.append(await _sync_run(guard, sizes.updates))
-                continue
-            with Scraper(endpoints) as scraper:
-                metered.append(await _sync_run(guard, sizes.updates))
+            elif variant == "metrics":
+                with Scraper(endpoints) as scraper:
+                    metered.append(await _sync_run(guard, sizes.updates))
+            else:
+                await _set_tracing(guard, tracing, on=True)
+                try:
+                    traced.append(await _sync_run(guard, sizes.updates))
+                finally:
+                    await _set_tracing(guard, tracing, on=False)
         run = runs[-1]
         print(
             f"  run {n + 1}: sync {run.rate:,.0f} updates/s in {run.elapsed:.2f} s (cpu: "
             f"custodian {run.custodian_cpu:.2f} s, exchange {run.exchange_cpu:.2f} s); "
             f"metrics on ({scraper.scrapes} scrapes of both) {metered[-1].rate:,.0f} updates/s; "
+            f"tracing on {traced[-1].rate:,.0f} updates/s; "
             f"raw gRPC stream {raw_rates[-1]:,.0f} msg/s; raw {driver} "
             f"{storage_rates[-1]:,.0f} updates/s"
         )
     rate = statistics.median(run.rate for run in runs)
     metered_rate = statistics.median(run.rate for run in metered)
+    traced_rate = statistics.median(run.rate for run in traced)
     raw_rate = statistics.median(raw_rates)
     storage_rate = statistics.median(storage_rates)
     print(
@@ -490,6 +509,16 @@ async def _measure(
                 metered_rate >= TARGET_METRICS_RATIO * rate,
                 f"metrics cost < {1 - TARGET_METRICS_RATIO:.0%}",
             ),
+        ).render()
+    )
+    print(
+        _Figure(
+            "signed updates applied, tracing on (median)",
+            traced_rate,
+            "updates/s",
+            "the same with tracing off (median)",
+            rate,
+            "/s",
         ).render()
     )
     received = await _check_heads(exchange, guard, "after the throughput runs")

@@ -122,12 +122,15 @@ def test_a_key_rotated_and_a_key_revoked_while_syncing(
     custodian_key = directory / "custodian.key.json"
     shutil.copy(parties.key_path(CUSTODIAN), custodian_key)
 
+    # At full speed: the servers' own sync settings, not the crash test's slowed ones.
     config = custodian_config(parties, directory, account_ids)
+    del config["sync"]
     config.update(
         key_registry=str(files[0]), key_registry_root=root, signing_key=str(custodian_key)
     )
     custodian = start_server("custodian", config, name="rotation-custodian")
     config = exchange_config(parties, directory, custodian.address)
+    del config["sync"]
     config.update(key_registry=str(files[1]), key_registry_root=root)
     exchange = start_server("exchange", config, name="rotation-exchange")
     exchange_db = parties.storage(directory, EXCHANGE)
