@@ -164,6 +164,12 @@ class SignedKeyRegistry:
         """SHA-256 of version 1's bytes: what a party pins as its trust root."""
         return hashlib.sha256(self._chain[0].signed.version).hexdigest()
 
+    def version_sha256(self, version: int) -> str:
+        """SHA-256 of the bytes of ``version`` (1 .. :attr:`version`)."""
+        if not 1 <= version <= len(self._chain):
+            raise ValueError(f"no version {version} in a chain of {len(self._chain)}")
+        return hashlib.sha256(self._chain[version - 1].signed.version).hexdigest()
+
     def registry(self) -> KeyRegistry:
         """The party keys of the version in force."""
         return KeyRegistry(self._chain[-1].version.keys)

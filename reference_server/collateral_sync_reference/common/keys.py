@@ -33,6 +33,8 @@ from collateral_sync.keys import KeyRegistry, SigningKey, role_name
 from collateral_sync.signed_registry import SignedKeyRegistry, read_chain
 from collateral_sync.signer import Signer
 
+from collateral_sync_reference.common.storage import SqlStorage
+
 __all__ = ["KeyFollower", "SwitchingSigner"]
 
 #: How often the files are looked at.
@@ -105,13 +107,24 @@ class KeyFollower:
         signer: SwitchingSigner,
         key_path: Path | None,
         logger: logging.Logger,
+        storage: SqlStorage,
+        where: str,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._registry = registry
         self._signed = signed
         self._signer = signer
         self._logger = logger
+        self._storage = storage
         self._now = now
+        if signed is not None:
+            _check_not_rolled_back(storage, signed, where)
+            _record(storage, signed)
+            logger.info(
+                "key registry version %d in force (root sha256 %s), followed for new versions",
+                signed.version,
+                signed.root_sha256,
+            )
         self._registry_file = _Watched(registry_path) if signed is not None else None
         self._key_file = _Watched(key_path) if key_path is not None else None
         for watched in (self._registry_file, self._key_file):
@@ -157,6 +170,7 @@ class KeyFollower:
         if updated.version == self._signed.version:
             return
         previous, self._signed = self._signed.version, updated
+        _record(self._storage, updated)
         self._registry.replace(updated.registry())
         self._logger.info(
             "key registry version %d in force (was %d): %d party keys",
@@ -216,3 +230,43 @@ class KeyFollower:
 
 def _message(err: CollateralSyncError | OSError) -> str:
     return err.message if isinstance(err, CollateralSyncError) else str(err)
+
+
+#: The signed registry version a server last had in force, kept in its storage: at
+#: start a file that goes back on it (a rollback) or differs at it (a fork) is refused.
+_META_VERSION = "key_registry.version"
+_META_DIGEST = "key_registry.version_sha256"
+
+
+def _check_not_rolled_back(storage: SqlStorage, signed: SignedKeyRegistry, where: str) -> None:
+    held = storage.get_meta(_META_VERSION)
+    if held is None:
+        return
+    version, digest = int(held), storage.get_meta(_META_DIGEST)
+    if signed.version < version:
+        raise MalformedError(
+            f"{where}: the signed registry ends at version {signed.version}, but version "
+            f"{version} was in force in this server's storage: a rollback is refused (put the "
+            "newer registry file back)",
+            metadata={
+                "field": "key_registry",
+                "expected": f">= version {version}",
+                "actual": f"version {signed.version}",
+            },
+        )
+    if signed.version_sha256(version) != digest:
+        raise MalformedError(
+            f"{where}: version {version} of the signed registry is not the one that was in "
+            "force in this server's storage: two histories of the registry",
+            metadata={
+                "field": "key_registry",
+                "expected": f"version {version} as in force",
+                "actual": "other bytes",
+            },
+        )
+
+
+def _record(storage: SqlStorage, signed: SignedKeyRegistry) -> None:
+    with storage.transaction():
+        storage.set_meta(_META_VERSION, str(signed.version))
+        storage.set_meta(_META_DIGEST, signed.version_sha256(signed.version))

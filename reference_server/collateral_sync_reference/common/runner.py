@@ -236,20 +236,6 @@ def serve_main(
     )
     _check_registered(config, registry, signer)
     role_logger = logging.getLogger(f"collateral_sync_reference.{config.role}")
-    follower = KeyFollower(
-        registry=registry,
-        signed=signed,
-        registry_path=config.key_registry,
-        signer=signer,
-        key_path=config.signing_key if isinstance(config.signing_key, Path) else None,
-        logger=role_logger,
-    )
-    if signed is not None:
-        role_logger.info(
-            "key registry version %d in force (root sha256 %s), followed for new versions",
-            signed.version,
-            signed.root_sha256,
-        )
     tls: TlsConfig | None = None
     server_tls: ServerTls | None = None
     if plaintext_for_testing:
@@ -274,6 +260,16 @@ def serve_main(
     storage = _open_storage(config)
     tracing = Tracing.off()
     try:
+        follower = KeyFollower(
+            registry=registry,
+            signed=signed,
+            registry_path=config.key_registry,
+            signer=signer,
+            key_path=config.signing_key if isinstance(config.signing_key, Path) else None,
+            logger=role_logger,
+            storage=storage,
+            where=f"config {config.file}: key_registry: {config.key_registry}",
+        )
         # Before any channel is made: the client instrumentation wraps the channels made after.
         tracing = start_tracing(config)
         clock: Clock = TestClock(storage) if test_mode else SystemClock()

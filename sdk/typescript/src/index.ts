@@ -24,6 +24,7 @@ export * from "./errors.js";
 export * from "./amounts.js";
 export { KeyRegistry, keyId, roleName, type ResolveOptions } from "./registry.js";
 export type { KeyRegistry as KeyRegistryMessage } from "./gen/collateral_sync/v1/keys_pb.js";
+export { SignedKeyRegistry, REGISTRY_PAYLOAD_TYPE, MAX_REGISTRY_SIGNATURES } from "./signedRegistry.js";
 export * from "./statements.js";
 export * from "./signing.js";
 export * from "./merkle.js";

@@ -9,7 +9,10 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { Ed25519VerifyKey } from "../src/ed25519.js";
 import { CollateralSyncError } from "../src/errors.js";
+import { fromJson } from "@bufbuild/protobuf";
+import { KeyRegistryChainSchema } from "../src/gen/collateral_sync/v1/keys_pb.js";
 import { KeyRegistry, keyId } from "../src/registry.js";
+import { SignedKeyRegistry } from "../src/signedRegistry.js";
 import { fromHex, loadVectors, TestSigner, toHex } from "./verification-fixtures.js";
 
 interface KeysFile {
@@ -28,6 +31,13 @@ interface KeysFile {
     description: string;
     registry: unknown;
     expected: { valid: true; key_ids: string[] } | { valid: false };
+  }[];
+  chains: {
+    id: string;
+    description: string;
+    chain: unknown;
+    root_sha256: string | null;
+    expected: { valid: true; version: number; key_ids: string[] } | { valid: false };
   }[];
 }
 
@@ -92,3 +102,24 @@ test("a registry survives toJson and fromJson", () => {
   registry.save(path);
   assert.deepEqual(KeyRegistry.load(path).keyIds(), registry.keyIds());
 });
+
+// Signed key registries (§4.6): the chain verifies with the last version's keys in force, or is refused.
+for (const vector of FILE.chains) {
+  test(`signed registry ${vector.id}: ${vector.expected.valid ? "in force" : "refused"}`, () => {
+    const chain = fromJson(KeyRegistryChainSchema, vector.chain as never);
+    const options = { rootSha256: vector.root_sha256 };
+    if (vector.expected.valid) {
+      const signed = SignedKeyRegistry.verify(chain, options);
+      assert.equal(signed.version, vector.expected.version);
+      assert.deepEqual(signed.registry().keyIds(), vector.expected.key_ids);
+      // The same chain again is no change; a shorter one is a rollback.
+      assert.equal(signed.update(chain).version, vector.expected.version);
+      if (chain.versions.length > 1) {
+        const shorter = { ...chain, versions: chain.versions.slice(0, -1) };
+        assert.throws(() => signed.update(shorter), CollateralSyncError);
+      }
+      return;
+    }
+    assert.throws(() => SignedKeyRegistry.verify(chain, options), CollateralSyncError);
+  });
+}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,7 +40,15 @@ from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE
 from collateral_sync.v1 import common_pb2, envelope_pb2, errors_pb2, keys_pb2, test_control_pb2
 from google.protobuf import duration_pb2
 
-from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, Parties, ServerProcess, StartServer
+from ..conftest import (
+    CLIENT,
+    CUSTODIAN,
+    EXCHANGE,
+    Parties,
+    ServerProcess,
+    StartServer,
+    serve_custodian_once,
+)
 from .test_crash_recovery import (
     custodian_config,
     database,
@@ -240,3 +249,41 @@ def test_a_key_rotated_and_a_key_revoked_while_syncing(
 
 async def _received_at_least(control: TestControlClient, count: int) -> bool:
     return (await heads(control))[CUSTODIAN_TO_EXCHANGE].sequence >= count
+
+
+def test_a_restart_on_an_older_or_other_registry_is_refused(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """The version in force is kept in the server's storage: a restart cannot go back on it."""
+    parties = reference_parties
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    keys = list(parties.registry)
+    v1 = _version(1, keys, at, 0, 1)
+    v2 = _version(2, keys, at + timedelta(minutes=1), 1, 2)
+    registry = tmp_path / "registry.json"
+    _publish([registry], v1, v2)
+    config = parties.config(CUSTODIAN, "custodian", tmp_path, peers={EXCHANGE: None}, custodian={})
+    config["key_registry"] = str(registry)
+    server = start_server("custodian", config, name="registry-restart")
+    _wait_for_log(server, "key registry version 2 in force")
+    server.stop()
+    path = tmp_path / "custodian.json"
+    path.write_text(json.dumps(config))
+
+    _publish([registry], v1)
+    result = serve_custodian_once(path)
+    assert result.returncode == 2, result.stderr
+    assert "ends at version 1, but version 2 was in force" in result.stderr
+    assert "a rollback is refused" in result.stderr
+
+    # The same number, other bytes: another history.
+    other = _version(2, keys, at + timedelta(minutes=2), 0, 2)
+    _publish([registry], v1, other)
+    result = serve_custodian_once(path)
+    assert result.returncode == 2, result.stderr
+    assert "version 2 of the signed registry is not the one that was in force" in result.stderr
+
+    # The chain it had, and one that extends it, start.
+    _publish([registry], v1, v2, _version(3, keys, at + timedelta(minutes=3), 0, 1))
+    server.start()
+    _wait_for_log(server, "key registry version 3 in force")
