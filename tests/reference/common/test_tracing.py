@@ -8,8 +8,9 @@ answers it on the sync stream. Once both stopped (which flushes their spans),
 the two logs show the RPCs with method and status, one trace across both
 processes from the exchange's sync stream to the custodian's answer, the
 batch that carried the call linked to the span that issued it, and log lines
-that parse and carry the trace id of the span they were written in. Tracing
-off makes no spans; a bad section is refused at start with one line and exit
+that parse and carry the trace id of the span they were written in. With the
+``otlp`` exporter the spans reach an OTLP/gRPC collector (a TraceService the
+test serves) with the server's resource attributes. Tracing off makes no spans; a bad section is refused at start with one line and exit
 code 2. In-process: a refused call's server span carries the status the
 error mapping sent.
 """
@@ -20,6 +21,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent import futures
 from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
@@ -43,6 +45,7 @@ from collateral_sync_reference.common.config import load_config
 from collateral_sync_reference.common.tracing import JsonLogFormatter, start_tracing
 from google.protobuf import duration_pb2
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -286,6 +289,68 @@ def test_without_a_tracing_section_there_are_no_spans(
     assert not tracing.enabled
     assert tracing.server_interceptors() == []
     tracing.shutdown()
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: what a collector at the configured endpoint gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_reach_an_otlp_collector(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    collector = _Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    try:
+        custodian = start_server(
+            "custodian",
+            reference_parties.config(
+                CUSTODIAN,
+                "custodian",
+                tmp_path,
+                peers={EXCHANGE: None},
+                tracing={"exporter": "otlp", "endpoint": f"http://127.0.0.1:{port}"},
+            ),
+            name="otlp-custodian",
+        )
+
+        async def call() -> None:
+            async with reference_parties.channel(custodian.address, EXCHANGE) as channel:
+                await TestControlClient(channel).advance_clock(
+                    test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration())
+                )
+
+        asyncio.run(call())
+        assert custodian.stop() == 0  # flushes what is still buffered
+    finally:
+        receiver.stop(grace=None)
+    resources = [
+        {a.key: a.value.string_value for a in spans.resource.attributes}
+        for request in collector.requests
+        for spans in request.resource_spans
+    ]
+    names = [
+        span.name
+        for request in collector.requests
+        for spans in request.resource_spans
+        for scope in spans.scope_spans
+        for span in scope.spans
+    ]
+    assert resources, "the collector received no spans"
+    assert all(r["service.name"] == "collateral-sync-custodian" for r in resources)
+    assert all(r["collateral_sync.party_id"] == CUSTODIAN for r in resources)
+    assert "/collateral_sync.v1.TestControlService/AdvanceClock" in names, names
 
 
 @pytest.mark.parametrize(
