@@ -41,6 +41,7 @@ from collateral_sync.v1 import (
     envelope_pb2,
     equivocation_pb2,
     errors_pb2,
+    liquidation_pb2,
     margin_pb2,
     position_sync_pb2,
     reconciliation_pb2,
@@ -57,6 +58,7 @@ from collateral_sync_reference.common import storage as _storage
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import exchange_stream as _exchange_stream_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
+from collateral_sync_reference.custodian import liquidations as _liquidations_module
 from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
@@ -92,6 +94,7 @@ _sdk_attestation: Any = _attestation_module
 _sync_session: Any = _session_module
 _custodian_emergency: Any = _emergency_module
 _custodian_settlement: Any = _settlement_module
+_custodian_liquidations: Any = _liquidations_module
 _custodian_pledges: Any = _pledges_module
 _regulator: Any = _regulator_module
 _cosigner: Any = _cosigner_module
@@ -1239,6 +1242,54 @@ def _exchange_satisfied_amount_only_rises() -> None:
     calls.set_status = set_status
 
 
+def _custodian_replay_before_reused_id() -> None:
+    """Stage g before the id (§12.4 steps 3, 4): a liquidation or settlement instruction
+    reusing a used id under an already-used sequence is refused REPLAYED, not STATE_CONFLICT."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._check_instruction
+
+    def check_instruction(self: Any, envelope: Any, now: Any, **kwargs: Any) -> Any:
+        message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
+        executed = (
+            self._ledger.store.liquidation(message.liquidation_id)
+            if message.liquidation_id
+            else None
+        )
+        if executed is not None and executed.instruction_payload != envelope.payload:
+            header = message.header
+            self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+        return original(self, envelope, now, **kwargs)
+
+    liquidations._check_instruction = check_instruction
+
+    settlement = _custodian_settlement.CustodianSettlement
+    submit = settlement.submit
+
+    def submit_replay_first(self: Any, envelope: Any) -> Any:
+        message = reconciliation_pb2.SettlementInstruction.FromString(envelope.payload)
+        existing = self._row(message.settlement_id)
+        if existing is not None and existing.payload != envelope.payload:
+            header = message.header
+            self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+        return submit(self, envelope)
+
+    settlement.submit = submit_replay_first
+
+
+def _custodian_sells_at_zero_price() -> None:
+    """A quote of 0 is taken for the smallest price there is (10^-18): a step whose asset is
+    quoted at 0 is sold in full for nothing (§9.3 passes it over)."""
+    original = _custodian_liquidations._snapshot_prices
+
+    def snapshot_prices(envelope: Any) -> dict[str, Decimal]:
+        return {
+            asset: price if price > 0 else Decimal("1e-18")
+            for asset, price in original(envelope).items()
+        }
+
+    _custodian_liquidations._snapshot_prices = snapshot_prices
+
+
 def _custodian_answers_expired_repeats() -> None:
     """A settlement instruction's id is looked up before the statement is verified: the same
     bytes again get the recorded answer even once they have expired (§12.4 step 1)."""
@@ -1668,6 +1719,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     "exchange-satisfies-only-above-amount-due": _exchange_satisfies_only_above_amount_due,
     "exchange-satisfied-amount-only-rises": _exchange_satisfied_amount_only_rises,
     "custodian-answers-expired-repeats": _custodian_answers_expired_repeats,
+    "custodian-sells-at-zero-price": _custodian_sells_at_zero_price,
+    "custodian-replay-before-reused-id": _custodian_replay_before_reused_id,
     "exchange-credits-negative-figures": _exchange_credits_negative_figures(
         "quantity", "locked_quantity", "pledged_quantity"
     ),

@@ -210,6 +210,17 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     ),
     # The writes idempotent by an id (§12.4): a settlement instruction, a dispute, a release.
     (
+        "custodian-sells-at-zero-price",
+        ["liquidation/amount-raised-part-way", "liquidation/zero-priced-*"],
+        {"liquidation/zero-priced-step-passed-over"},
+    ),
+    (
+        # Stage g before the id: a reused liquidation id under a used sequence is REPLAYED.
+        "custodian-replay-before-reused-id",
+        ["liquidation/re*", "settlement/re*"],
+        {"liquidation/reused-id-refused", "settlement/reused-id-refused"},
+    ),
+    (
         # The id before stages a-f: an expired repeat is answered from the record.
         "custodian-answers-expired-repeats",
         ["settlement/repeat-returns-recorded", "settlement/expired-repeat-refused"],
@@ -222,6 +233,8 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {
             "settlement/repeat-returns-recorded",
             "settlement/expired-repeat-refused",
+            # Its reuse under the first instruction's own sequence is REPLAYED too.
+            "settlement/reused-id-refused",
             "settlement/dispute-repeat-returns-recorded",
             "emergency/repeat-returns-same-receipt",
         },

@@ -379,6 +379,7 @@ async def _instruction(
     expires_at: datetime | None = None,
     liquidation_id: str | None = None,
     cited: tuple[attestation_pb2.HoldingsStatement, envelope_pb2.Envelope] | None = None,
+    sequence: int | None = None,
 ) -> _Instructed:
     """A liquidation instruction the custodian must find due, recomputed by the kit first (§9.2).
 
@@ -386,7 +387,8 @@ async def _instruction(
     ``amount`` must still be a breach (the policy's factors make it one); after
     a ``margin_call`` the amount is the call's exposure. Its inputs cite the
     account's holdings statement now, or ``cited`` (one the exchange had when it
-    issued the instruction); ``liquidation_id`` reuses an id.
+    issued the instruction); ``liquidation_id`` reuses an id, and ``sequence``
+    a header sequence.
     """
     if cited is None:
         statement, statement_envelope, _ = await holdings(ctx, pledged.account_id)
@@ -415,7 +417,7 @@ async def _instruction(
         ),
     )
     envelope = await ctx.sign(
-        message, ctx.key(_EXCHANGE_ROLE), issued_at=now, expires_at=expires_at
+        message, ctx.key(_EXCHANGE_ROLE), issued_at=now, expires_at=expires_at, sequence=sequence
     )
     # What the custodian will do with it, done by the kit first: the inputs verify as
     # evidence (the custodian's statement addressed to the exchange it is pledged to)
@@ -691,9 +693,9 @@ def _expected_fills(
         maximum = parse_amount(step.max_quantity)
         left = pledged.get(step.asset_id, Decimal(0))
         sellable = min(maximum, left)
+        if sellable <= 0 or price <= 0:
+            continue  # nothing to sell, or nothing to raise by selling it (§9.3)
         needed = _round_up(_ROUNDING.divide(rest, price))
-        if sellable <= 0:
-            continue
         if needed < sellable:
             fill = _ExpectedFill(
                 step,
@@ -1028,20 +1030,27 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
     Level.MUST,
     "after an instruction is executed, another instruction reusing its liquidation_id — a new "
     "statement for the same account and path, with its own figures — is FAILED_PRECONDITION "
-    "STATE_CONFLICT, gets no receipt and changes nothing (§9.4)",
+    "STATE_CONFLICT, gets no receipt and changes nothing (§9.4); so is one signed under the "
+    "first instruction's own sequence: the id is checked before replay (§12.4 steps 3, 4)",
     roles=_CUSTODIAN,
+    clauses=("§12.4/reused-id-refused",),
 )
 async def reused_id_refused(ctx: CaseContext) -> None:
     pledged = await _pledge_under_path(ctx)
     first = await _instruction(ctx, pledged)
     await _execute(ctx, pledged, first)
-    await _expect_refused(
-        ctx,
-        await _instruction(ctx, pledged, liquidation_id=first.liquidation_id),
-        f"SubmitLiquidationInstruction reusing the executed id {first.liquidation_id!r}",
-        grpc.StatusCode.FAILED_PRECONDITION,
-        _R.ERROR_REASON_STATE_CONFLICT,
-    )
+    used = liquidation_pb2.LiquidationInstruction.FromString(first.envelope.payload).header.sequence
+    for label, sequence in (("a fresh sequence", None), (f"its sequence {used}", used)):
+        await _expect_refused(
+            ctx,
+            await _instruction(
+                ctx, pledged, liquidation_id=first.liquidation_id, sequence=sequence
+            ),
+            f"SubmitLiquidationInstruction reusing the executed id {first.liquidation_id!r}, "
+            f"under {label}",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+        )
 
 
 @REGISTRY.case(
@@ -1177,6 +1186,32 @@ async def stream_instruction_fresh_by_batch(ctx: CaseContext) -> None:
     await _check_execution(
         ctx, pledged, instructed, found.liquidation_receipt, since=since, before=current
     )
+
+
+def _zero_priced_first(
+    assets: Sequence[str], statement: attestation_pb2.HoldingsStatement
+) -> list[_Step]:
+    """The first asset quoted at 0, then the second at its price: only the second can raise."""
+    first, second = assets
+    return [
+        _Step(first, _VENUES[0], _STEP_MAXIMA[0], "0"),
+        _Step(second, _VENUES[1], _STEP_MAXIMA[1], _PRICES[1]),
+    ]
+
+
+@REGISTRY.case(
+    "liquidation/zero-priced-step-passed-over",
+    Level.MUST,
+    "a path whose first step's asset the instruction's price snapshot quotes at 0: that step "
+    "is passed over with no fill (nothing is sold for nothing), and the amount is raised "
+    "part-way through the second step, RU(amount / price, 18) (§9.3)",
+    roles=_CUSTODIAN,
+    clauses=("§9.3/unpriced-step-passed-over",),
+)
+async def zero_priced_step_passed_over(ctx: CaseContext) -> None:
+    # A collateral factor of 0: any amount is below the liquidation line (§7.3).
+    pledged = await _pledge_under_path(ctx, layout=_zero_priced_first, factor="0")
+    await _execute(ctx, pledged, await _instruction(ctx, pledged, amount=_PART_OF_LAST))
 
 
 @REGISTRY.case(

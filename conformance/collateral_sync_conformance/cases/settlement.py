@@ -103,9 +103,10 @@ async def _instruction(
     amount: str = _AMOUNT,
     expires_at: datetime | None = None,
     settlement_id: str | None = None,
+    sequence: int | None = None,
 ) -> envelope_pb2.Envelope:
     """An instruction issued at ``now``, its dispute deadline ``now`` + the window; a fresh
-    ``settlement_id`` unless one is given."""
+    ``settlement_id`` unless one is given (and a fresh header sequence unless one is)."""
     message = reconciliation_pb2.SettlementInstruction(
         settlement_id=settlement_id or ctx.unique("conformance-settlement"),
         cutoff_id=cutoff_id,
@@ -116,7 +117,11 @@ async def _instruction(
     message.net_amount.value = amount
     message.dispute_deadline.FromDatetime(now + _WINDOW)
     return await ctx.sign(
-        message, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=now, expires_at=expires_at
+        message,
+        ctx.key(common_pb2.PARTY_ROLE_EXCHANGE),
+        issued_at=now,
+        expires_at=expires_at,
+        sequence=sequence,
     )
 
 
@@ -620,31 +625,42 @@ async def expired_repeat_refused(ctx: CaseContext) -> None:
     Level.MUST,
     "another instruction under the settlement_id of a pending one (the same account, asset and "
     "cycle, another uneven amount) is refused: FAILED_PRECONDITION STATE_CONFLICT, field "
-    "settlement_id; nothing changes and GetSettlement returns the first (§10.6, §12.4)",
+    "settlement_id, under a fresh sequence and under the first one's own (the id before "
+    "replay, §12.4 steps 3, 4); nothing changes and GetSettlement returns the first (§10.6, "
+    "§12.4)",
     roles=_CUSTODIAN,
     clauses=("§12.4/reused-id-refused",),
 )
 async def reused_id_refused(ctx: CaseContext) -> None:
     first, _ = await _pending(ctx)
     instruction = reconciliation_pb2.SettlementInstruction.FromString(first.payload)
-    other = await _instruction(
-        ctx,
-        instruction.account_id,
-        instruction.asset_id,
-        cutoff_id=instruction.cutoff_id,
-        cycle=instruction.cycle_of_day,
-        now=await ctx.server_now(),
-        amount=_OTHER_UNEVEN,
-        settlement_id=instruction.settlement_id,
-    )
-    before = await custodian_state(ctx)
-    expect_status(
-        await _send(ctx, other, "SubmitSettlementInstruction (another under a used settlement_id)"),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        _R.ERROR_REASON_STATE_CONFLICT,
-        metadata_field="settlement_id",
-    )
-    await expect_unchanged(ctx, before)
+    for label, sequence in (
+        ("a fresh sequence", None),
+        (f"its sequence {instruction.header.sequence}", instruction.header.sequence),
+    ):
+        other = await _instruction(
+            ctx,
+            instruction.account_id,
+            instruction.asset_id,
+            cutoff_id=instruction.cutoff_id,
+            cycle=instruction.cycle_of_day,
+            now=await ctx.server_now(),
+            amount=_OTHER_UNEVEN,
+            settlement_id=instruction.settlement_id,
+            sequence=sequence,
+        )
+        before = await custodian_state(ctx)
+        expect_status(
+            await _send(
+                ctx,
+                other,
+                f"SubmitSettlementInstruction (another under a used settlement_id, {label})",
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+            metadata_field="settlement_id",
+        )
+        await expect_unchanged(ctx, before)
     await _expect_recorded(ctx, instruction.settlement_id, first)
 
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from collateral_sync.amounts import amount_from_proto, amount_to_proto
-from collateral_sync.errors import VerificationError
+from collateral_sync.errors import StateError, VerificationError
 from collateral_sync.signing import VerifiedStatement, sign_statement
 from collateral_sync.statements import payload_type_of
 from collateral_sync.v1 import (
@@ -113,6 +113,11 @@ class Liquidations:
         executed = ledger.store.liquidation(liquidation_id) if liquidation_id else None
         if executed is not None and executed.instruction_payload == verified.payload:
             return verified, executed.receipt
+        if executed is not None and not on_stream:
+            # PROTOCOL.md §12.4: the id before stage g; other bytes under a used id are a
+            # conflict whatever their sequence. (On the stream the conflict is recorded as a
+            # rejected update, §6.5: _liquidate_verified raises it inside the batch.)
+            raise _reused(liquidation_id)
         ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
         return verified, None
 
@@ -133,12 +138,7 @@ class Liquidations:
         if not instruction.liquidation_id:
             raise _required("liquidation_instruction.liquidation_id", "a liquidation id")
         if ledger.store.liquidation(instruction.liquidation_id) is not None:
-            raise _conflict(
-                f"liquidation {instruction.liquidation_id!r} was executed from another instruction",
-                "liquidation_instruction.liquidation_id",
-                "a new liquidation id",
-                instruction.liquidation_id,
-            )
+            raise _reused(instruction.liquidation_id)
         account = ledger._account(instruction.account_id, "liquidation_instruction.account_id")
         path = self._authorised_path(account, verified)
         margin_call = self._expired_margin_call(account, verified)
@@ -331,3 +331,12 @@ def _snapshot_prices(envelope: envelope_pb2.Envelope) -> dict[str, Decimal]:
         quote.asset_id: amount_from_proto(quote.price, field=f"price_snapshot.{quote.asset_id}")
         for quote in snapshot.prices
     }
+
+
+def _reused(liquidation_id: str) -> StateError:
+    return _conflict(
+        f"liquidation {liquidation_id!r} was executed from another instruction",
+        "liquidation_instruction.liquidation_id",
+        "a new liquidation id",
+        liquidation_id,
+    )
