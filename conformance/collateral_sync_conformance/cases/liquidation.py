@@ -1030,8 +1030,9 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
     Level.MUST,
     "after an instruction is executed, another instruction reusing its liquidation_id — a new "
     "statement for the same account and path, with its own figures — is FAILED_PRECONDITION "
-    "STATE_CONFLICT, gets no receipt and changes nothing (§9.4); so is one signed under the "
-    "first instruction's own sequence: the id is checked before replay (§12.4 steps 3, 4)",
+    "STATE_CONFLICT, gets no receipt and changes nothing (§9.4); so are ones signed under the "
+    "first instruction's own sequence and under sequence 1: the id is checked before replay "
+    "(§12.4 steps 3, 4)",
     roles=_CUSTODIAN,
     clauses=("§12.4/reused-id-refused",),
 )
@@ -1040,7 +1041,13 @@ async def reused_id_refused(ctx: CaseContext) -> None:
     first = await _instruction(ctx, pledged)
     await _execute(ctx, pledged, first)
     used = liquidation_pb2.LiquidationInstruction.FromString(first.envelope.payload).header.sequence
-    for label, sequence in (("a fresh sequence", None), (f"its sequence {used}", used)):
+    # A fresh sequence, the first one's own, and one below it: other bytes that sort after
+    # and before the recorded ones, all refused for the id alone.
+    for label, sequence in (
+        ("a fresh sequence", None),
+        (f"its sequence {used}", used),
+        ("sequence 1", 1),
+    ):
         await _expect_refused(
             ctx,
             await _instruction(

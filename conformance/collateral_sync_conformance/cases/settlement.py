@@ -625,8 +625,8 @@ async def expired_repeat_refused(ctx: CaseContext) -> None:
     Level.MUST,
     "another instruction under the settlement_id of a pending one (the same account, asset and "
     "cycle, another uneven amount) is refused: FAILED_PRECONDITION STATE_CONFLICT, field "
-    "settlement_id, under a fresh sequence and under the first one's own (the id before "
-    "replay, §12.4 steps 3, 4); nothing changes and GetSettlement returns the first (§10.6, "
+    "settlement_id, under a fresh sequence, under the first one's own and under sequence 1 (the "
+    "id before replay, §12.4 steps 3, 4); nothing changes and GetSettlement returns the first (§10.6, "
     "§12.4)",
     roles=_CUSTODIAN,
     clauses=("§12.4/reused-id-refused",),
@@ -637,6 +637,7 @@ async def reused_id_refused(ctx: CaseContext) -> None:
     for label, sequence in (
         ("a fresh sequence", None),
         (f"its sequence {instruction.header.sequence}", instruction.header.sequence),
+        ("sequence 1", 1),
     ):
         other = await _instruction(
             ctx,
