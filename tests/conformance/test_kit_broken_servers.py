@@ -233,8 +233,9 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {
             "settlement/repeat-returns-recorded",
             "settlement/expired-repeat-refused",
-            # Its reuse under the first instruction's own sequence is REPLAYED too.
+            # Their reuse under the first statement's own sequence is REPLAYED too.
             "settlement/reused-id-refused",
+            "emergency/reused-id-refused",
             "settlement/dispute-repeat-returns-recorded",
             "emergency/repeat-returns-same-receipt",
         },

@@ -476,8 +476,9 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
     Level.MUST,
     "after a release is executed and the account pledged again, another release under its "
     "release_id — the same fields, signed anew by the regulator and the exchange, so other "
-    "payload bytes — is refused: FAILED_PRECONDITION STATE_CONFLICT, field release_id, and "
-    "changes nothing: the new pledge stays (§11 step 4, §12.4)",
+    "payload bytes, under a fresh sequence, the executed release's own and sequence 1 — is "
+    "refused: FAILED_PRECONDITION STATE_CONFLICT, field release_id, and changes nothing: the "
+    "new pledge stays (§11 step 4, §12.4 steps 3, 4)",
     roles=_CUSTODIAN,
     clauses=("§12.4/reused-id-refused",),
 )
@@ -485,14 +486,24 @@ async def reused_id_refused(ctx: CaseContext) -> None:
     regulator, exchange = _signers(ctx)
     account_id = await ensure_pledged(ctx)
     release = _release(ctx, account_id)
-    await _executed(ctx, release)
+    executed, _ = await _executed(ctx, release)
     await ensure_pledged(ctx)
-    reused = await ctx.sign(release, regulator, extra_signers=[exchange])
-    before = await custodian_state(ctx)
-    expect_status(
-        await _execute(ctx, reused, "ExecuteEmergencyRelease (another under a used release_id)"),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        _R.ERROR_REASON_STATE_CONFLICT,
-        metadata_field="release_id",
-    )
-    await expect_unchanged(ctx, before)
+    used = emergency_pb2.EmergencyRelease.FromString(executed.payload).header.sequence
+    # Under a fresh sequence, the executed release's own and sequence 1: other bytes sorting
+    # after and before the recorded ones, all refused for the id alone (§12.4 steps 3, 4).
+    for label, sequence in (
+        ("a fresh sequence", None),
+        (f"sequence {used}", used),
+        ("sequence 1", 1),
+    ):
+        reused = await ctx.sign(release, regulator, extra_signers=[exchange], sequence=sequence)
+        before = await custodian_state(ctx)
+        expect_status(
+            await _execute(
+                ctx, reused, f"ExecuteEmergencyRelease (another under a used release_id, {label})"
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+            metadata_field="release_id",
+        )
+        await expect_unchanged(ctx, before)
