@@ -474,11 +474,21 @@ def _answers_reused_liquidation_id() -> None:
     original = liquidations._check_instruction
 
     def check_instruction(self: Any, envelope: Any, now: datetime, **kwargs: Any) -> Any:
-        verified, receipt = original(self, envelope, now, **kwargs)
-        executed = self._ledger.store.liquidation(verified.message.liquidation_id)
-        if receipt is None and executed is not None:
-            return verified, executed.receipt
-        return verified, receipt
+        message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
+        executed = (
+            self._ledger.store.liquidation(message.liquidation_id)
+            if message.liquidation_id
+            else None
+        )
+        if executed is None:
+            return original(self, envelope, now, **kwargs)
+        verified = self._ledger._verify(
+            envelope,
+            liquidation_pb2.LiquidationInstruction,
+            now,
+            on_stream=kwargs.get("on_stream", False),
+        )
+        return verified, executed.receipt
 
     liquidations._check_instruction = check_instruction
 

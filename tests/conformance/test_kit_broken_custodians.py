@@ -149,7 +149,12 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     # Every case that executes a liquidation checks its receipt in full; the refusal does not.
     ("custodian-sells-past-step-maximum", ["liquidation/**"], _EXECUTING),
     ("custodian-sells-steps-out-of-order", ["liquidation/**"], _EXECUTING),
-    ("custodian-rounds-proceeds-up", ["liquidation/**"], _EXECUTING),
+    # The zero-priced case raises its amount part-way through a step: rounded as any fill.
+    (
+        "custodian-rounds-proceeds-up",
+        ["liquidation/**"],
+        {*_EXECUTING, "liquidation/zero-priced-step-passed-over"},
+    ),
     ("custodian-multiplies-at-28-digits", ["liquidation/**"], _EXECUTING),
     ("custodian-skips-yield-distribution", ["liquidation/**"], {"liquidation/yield-paid-first"}),
     (
@@ -214,7 +219,11 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["liquidation/**"],
         {"liquidation/amount-raised-part-way"},
     ),
-    ("custodian-sells-whole-steps", ["liquidation/**"], {"liquidation/amount-raised-part-way"}),
+    (
+        "custodian-sells-whole-steps",
+        ["liquidation/**"],
+        {"liquidation/amount-raised-part-way", "liquidation/zero-priced-step-passed-over"},
+    ),
     (
         "custodian-ignores-path-account",
         ["custodian/**"],
