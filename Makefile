@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Hand-written packages beside the SDK (generated code is excluded in pyproject).
 SERVER_PKGS := $(wildcard reference_server/collateral_sync_reference conformance/collateral_sync_conformance benchmarks/collateral_sync_benchmarks)
 
-.PHONY: setup setup-chromium setup-postgresql setup-softhsm2 gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
+.PHONY: setup setup-chromium setup-postgresql setup-prometheus setup-softhsm2 gen gen-check lint typecheck test test-fast test-typescript demo bench mutation release-proto clean
 
 # Each step says what it does; pip names each package as it goes (no minute of silence).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,7 +36,7 @@ $(TS_STAMP): $(TS_SDK)/package.json $(TS_SDK)/package-lock.json
 	npm ci --prefix $(TS_SDK) --no-audit --no-fund --loglevel=error
 	touch $(TS_STAMP)
 
-setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium setup-postgresql setup-softhsm2
+setup: $(STAMP) $(BUF) $(TS_STAMP) setup-chromium setup-postgresql setup-prometheus setup-softhsm2
 
 ## setup-postgresql: Debian's PostgreSQL server (initdb, pg_ctl), which the storage tests start
 ## in a temporary directory of their own (tests/_postgres.py). Installed with apt-get when
@@ -64,6 +64,21 @@ setup-softhsm2:
 	else \
 		echo "setup: SoftHSM2 is missing; as root run: apt-get install -y softhsm2" \
 			"(the PKCS#11 signing tests are skipped without it)"; \
+	fi
+
+## setup-prometheus: Debian's prometheus, for its promtool: the test that checks the
+## scrape config and alert rules in docs/ops/ and runs their rule tests. Installed with
+## apt-get when missing and we are root; otherwise says what to do (that test is skipped).
+setup-prometheus:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "setup: installing Debian's prometheus for promtool: apt-get install -y --no-install-recommends prometheus"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } \
+		|| echo "setup: prometheus could not be installed; the alert rules test will be skipped"; \
+	else \
+		echo "setup: promtool is missing; as root run: apt-get install -y prometheus" \
+			"(the alert rules test is skipped without it)"; \
 	fi
 
 ## setup-chromium: Debian's chromium, for the HTML report's browser test
