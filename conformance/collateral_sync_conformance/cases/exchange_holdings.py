@@ -387,8 +387,8 @@ async def negative_figures(ctx: CaseContext) -> None:
     "exchange/holdings/older-epoch-not-credited",
     Level.MUST,
     "an account is valued on its proven statement of highest epoch: a statement of a lower epoch "
-    "proven after it (other, larger holdings) does not replace it, and one of a higher epoch "
-    "does (§7.2)",
+    "proven after it (other, larger holdings), or another of the same epoch, does not replace "
+    "it, and one of a higher epoch does (§7.2)",
     roles=_EXCHANGE,
     clauses=("§7.2/highest-epoch-valued",),
 )
@@ -410,21 +410,24 @@ async def older_epoch(ctx: CaseContext) -> None:
     await poll(ctx, credited_newer, f"the exchange credits {account!r} at epoch 5")
     before = await credit_line(ctx, account)
     assert before is not None
-    older = await offer({"USDC": "180000.77"}, epoch=3)
-    await open_account(ctx, kit)  # a later, proven statement: the exchange has caught up
-    await asyncio.sleep(GRACE)
-    line = await credit_line(ctx, account)
-    check(
-        line is not None and relies_on(line, newer) and not relies_on(line, older),
-        "the exchange replaced the credited statement of epoch 5 by one of epoch 3",
-        expected=f"a credit line relying on leaf {newer.leaf_index} (epoch 5), "
-        f"collateral value {before.collateral_value.value}",
-        got="no credit line"
-        if line is None
-        else "leaves "
-        + ", ".join(str(a.leaf_index) for a in line.attestations)
-        + f" (epoch 3 is leaf {older.leaf_index}), collateral value {line.collateral_value.value}",
-    )
+    # A lower epoch, then the same epoch again (two statements with one epoch: refused).
+    for epoch, holdings in ((3, "180000.77"), (5, "91277.03")):
+        other = await offer({"USDC": holdings}, epoch=epoch)
+        await open_account(ctx, kit)  # a later, proven statement: the exchange has caught up
+        await asyncio.sleep(GRACE)
+        line = await credit_line(ctx, account)
+        check(
+            line is not None and relies_on(line, newer) and not relies_on(line, other),
+            f"the exchange replaced the credited statement of epoch 5 by another of epoch {epoch}",
+            expected=f"a credit line relying on leaf {newer.leaf_index} (epoch 5), "
+            f"collateral value {before.collateral_value.value}",
+            got="no credit line"
+            if line is None
+            else "leaves "
+            + ", ".join(str(a.leaf_index) for a in line.attestations)
+            + f" (the other is leaf {other.leaf_index}), collateral value "
+            + line.collateral_value.value,
+        )
     newest = await offer({"USDC": "69022.4"}, epoch=6)
 
     async def credited_newest() -> bool:
