@@ -718,6 +718,14 @@ def _liquidates_before_due_by() -> None:
     )
 
 
+def _liquidates_at_due_by() -> None:
+    """A named margin call is taken to have expired at its due_by, not after it: an
+    instruction issued exactly at due_by is executed (§9.2: the call is open through it)."""
+    _rewrite_margin_calls(
+        lambda record: dataclasses.replace(record, due_by=record.due_by - timedelta(microseconds=1))
+    )
+
+
 def _takes_other_accounts_calls() -> None:
     """A named margin call is looked up by its id alone, whatever account it is for: the
     instruction then fails its recomputation (PROOF_INVALID), not the look-up (NOT_FOUND)."""
@@ -898,6 +906,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-judges-stream-instructions-at-receipt": _judges_stream_instructions_at_receipt,
     "custodian-liquidates-on-disputed-calls": _liquidates_on_disputed_calls,
     "custodian-liquidates-before-due-by": _liquidates_before_due_by,
+    "custodian-liquidates-at-due-by": _liquidates_at_due_by,
     "custodian-takes-other-accounts-calls": _takes_other_accounts_calls,
     "custodian-records-empty-fills": _records_empty_fills,
     "custodian-skips-steps-priced-at-most-one": _skips_steps_priced_at_most_one,

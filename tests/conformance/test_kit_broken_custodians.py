@@ -207,6 +207,12 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"liquidation/call-expires-at-due-by"},
     ),
     (
+        # Only the instruction issued at due_by itself tells it: the call is open through it.
+        "custodian-liquidates-at-due-by",
+        ["liquidation/**"],
+        {"liquidation/call-expires-at-due-by"},
+    ),
+    (
         "custodian-takes-other-accounts-calls",
         ["liquidation/**"],
         {"liquidation/other-account-call-not-found"},

@@ -117,6 +117,7 @@ _EXACT = decimal.Context(prec=200, traps=[decimal.Inexact, decimal.InvalidOperat
 _ROUNDING = decimal.Context(prec=200, traps=[decimal.InvalidOperation])
 _QUANTUM = Decimal(1).scaleb(-_SCALE)
 _SECOND = timedelta(seconds=1)
+_MICROSECOND = timedelta(microseconds=1)
 
 #: amount-raised-part-way: the second asset is priced below 1 (a step is sold whatever its
 #: price), and each asset is sold at a second venue too, after its first step.
@@ -1276,28 +1277,31 @@ async def _expect_refused(
     "liquidation/call-expires-at-due-by",
     Level.MUST,
     "an instruction naming an undisputed margin call (§8.2, sent on SyncPositions) is refused "
-    "FAILED_PRECONDITION STATE_CONFLICT when issued one second before the call's due_by, "
-    "changing nothing, and executed when issued one second after it, the call EXPIRED (§8.1, "
-    "§9.2; moves the clock with test control)",
+    "FAILED_PRECONDITION STATE_CONFLICT when issued one second before the call's due_by and "
+    "when issued at due_by itself (the call is open through it), changing nothing, and "
+    "executed when issued one microsecond after it, the call EXPIRED (§8.1, §9.2; moves the "
+    "clock with test control)",
     roles=_CUSTODIAN,
+    clauses=("§9.2/liquidation-after-due-by",),
 )
 async def call_expires_at_due_by(ctx: CaseContext) -> None:
     await ctx.advance_clock(timedelta(0))  # skips the case without test control
     pledged = await _pledge_under_path(ctx, cure_period=_CURE_PERIOD)
     call = await _margin_call(ctx, pledged)
     due = call.due_by.ToDatetime(tzinfo=UTC)
-    await _clock_at(ctx, due - _SECOND)
-    early = await _instruction(ctx, pledged, margin_call=call, issued_at=due - _SECOND)
-    await _expect_refused(
-        ctx,
-        early,
-        "SubmitLiquidationInstruction issued one second before the call's due_by",
-        grpc.StatusCode.FAILED_PRECONDITION,
-        _R.ERROR_REASON_STATE_CONFLICT,
-    )
-    await _clock_at(ctx, due + _SECOND)
+    for issued, when in ((due - _SECOND, "one second before"), (due, "at")):
+        await _clock_at(ctx, issued)
+        await _expect_refused(
+            ctx,
+            await _instruction(ctx, pledged, margin_call=call, issued_at=issued),
+            f"SubmitLiquidationInstruction issued {when} the call's due_by",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+        )
+    after = due + _MICROSECOND
+    await _clock_at(ctx, after)
     await _execute(
-        ctx, pledged, await _instruction(ctx, pledged, margin_call=call, issued_at=due + _SECOND)
+        ctx, pledged, await _instruction(ctx, pledged, margin_call=call, issued_at=after)
     )
 
 

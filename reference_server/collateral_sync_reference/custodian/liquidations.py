@@ -222,12 +222,14 @@ class Liquidations:
                 "DISPUTED",
             )
         issued_us = to_us(verified.header.issued_at.ToDatetime(tzinfo=record.due_by.tzinfo))
-        if issued_us < to_us(record.due_by):
+        # PROTOCOL.md §9.2: a call is open through its due_by (a response at due_by is in
+        # time, §8.3); it has expired only for an instruction issued after it.
+        if issued_us <= to_us(record.due_by):
             raise _conflict(
                 f"margin call {call_id!r} is due by {record.due_by.isoformat()}; the "
-                "instruction was issued before it expired",
+                "instruction was issued at or before it, while the call was open",
                 "liquidation_instruction.margin_call_id",
-                f"issued at or after {record.due_by.isoformat()}",
+                f"issued after {record.due_by.isoformat()}",
                 verified.header.issued_at.ToJsonString(),
             )
         return margin_pb2.MarginCall.FromString(record.envelope.payload)
