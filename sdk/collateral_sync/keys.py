@@ -93,7 +93,7 @@ def _check_role(role: int, what: str) -> None:
         raise MalformedError(
             f"{what}: role must be a PartyRole other than PARTY_ROLE_UNSPECIFIED, "
             f"got {role_name(role)}",
-            metadata={"expected": "PARTY_ROLE_CUSTODIAN..CLIENT", "actual": role_name(role)},
+            metadata={"expected": "PARTY_ROLE_CUSTODIAN..KEY_REGISTRY", "actual": role_name(role)},
         )
 
 

@@ -226,9 +226,9 @@ def _entry(**changes: object) -> keys_pb2.PartyKey:
         (_entry(public_key=b"\x01" * 31), {"expected": "32", "actual": "31"}),
         (
             _entry(role=common_pb2.PARTY_ROLE_UNSPECIFIED),
-            {"expected": "PARTY_ROLE_CUSTODIAN..CLIENT", "actual": "PARTY_ROLE_UNSPECIFIED"},
+            {"expected": "PARTY_ROLE_CUSTODIAN..KEY_REGISTRY", "actual": "PARTY_ROLE_UNSPECIFIED"},
         ),
-        (_entry(role=42), {"expected": "PARTY_ROLE_CUSTODIAN..CLIENT", "actual": "42"}),
+        (_entry(role=42), {"expected": "PARTY_ROLE_CUSTODIAN..KEY_REGISTRY", "actual": "42"}),
         (_entry(party_id=""), {"expected": "non-empty", "actual": ""}),
     ],
 )

@@ -55,7 +55,7 @@ function checkRole(role: number, what: string): void {
   if (role === PartyRole.UNSPECIFIED || !isKnownRole(role)) {
     throw new MalformedError(
       `${what}: role must be a PartyRole other than PARTY_ROLE_UNSPECIFIED, got ${roleName(role)}`,
-      { metadata: { expected: "PARTY_ROLE_CUSTODIAN..CLIENT", actual: roleName(role) } },
+      { metadata: { expected: "PARTY_ROLE_CUSTODIAN..KEY_REGISTRY", actual: roleName(role) } },
     );
   }
 }
