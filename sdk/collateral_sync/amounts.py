@@ -21,6 +21,7 @@ __all__ = [
     "Amount",
     "amount_from_proto",
     "amount_to_proto",
+    "check_amount",
     "format_amount",
     "parse_amount",
 ]
@@ -40,6 +41,16 @@ _QUANTUM = decimal.Decimal(1).scaleb(-MAX_FRACTION_DIGITS)
 
 def parse_amount(text: str, *, field: str = "amount") -> Amount:
     """Parse canonical decimal text; refuse anything else with INVALID_AMOUNT."""
+    return decimal.Decimal(check_amount(text, field=field), context=_CONTEXT)
+
+
+def check_amount(text: str, *, field: str = "amount") -> str:
+    """``text`` itself if it is a canonical decimal; refuse anything else with INVALID_AMOUNT.
+
+    What ``format_amount(parse_amount(text))`` returns, without the round trip
+    through ``Decimal``: canonical text is its own canonical form. For amounts
+    that are checked and stored, not computed with (the sync hot path).
+    """
     if not isinstance(text, str) or _CANONICAL.fullmatch(text) is None or text == "-0":
         raise MalformedError(
             f"{field}: expected a canonical decimal (e.g. '12.5', at most "
@@ -48,7 +59,7 @@ def parse_amount(text: str, *, field: str = "amount") -> Amount:
             metadata={"field": field, "expected": "canonical decimal", "actual": str(text)[:80]},
             field_violations={field: "not a canonical decimal"},
         )
-    return decimal.Decimal(text, context=_CONTEXT)
+    return text
 
 
 def format_amount(value: Amount, *, field: str = "amount") -> str:

@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
+from collateral_sync.amounts import amount_to_proto, check_amount
 from collateral_sync.errors import MalformedError, StateError, VerificationError
 from collateral_sync.signing import VerifiedStatement, sign_statement, verify_statement
 from collateral_sync.sync import EXCHANGE_TO_CUSTODIAN, SyncLog, SyncSession
@@ -192,14 +192,14 @@ class _Exchange:
                         f"entry {sequence}: pledge_change without account or asset id",
                         metadata={"expected": "non-empty ids", "actual": "''"},
                     )
-                quantity = parse_amount(
+                quantity = check_amount(
                     change.pledged_quantity.value, field="pledge_change.pledged_quantity"
                 )
                 pledges.append(
                     (
                         change.account_id,
                         change.asset_id,
-                        format_amount(quantity),
+                        quantity,
                         sequence,
                         change.attestation.SerializeToString(),
                     )

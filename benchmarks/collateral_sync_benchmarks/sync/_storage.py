@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.amounts import check_amount
 from collateral_sync.dev_postgres import start_postgres
 from collateral_sync.signing import sign_statement
 from collateral_sync.sql import PostgresConnection, SqlConnection, postgres_ddl, postgres_pool
@@ -309,12 +309,12 @@ def _position_rows(count: int) -> list[tuple[str, str, str, int, bytes]]:
     rows = []
     for index in range(count):
         change = _pledge_update(index).pledge_change
-        quantity = parse_amount(change.pledged_quantity.value, field="pledged_quantity")
+        quantity = check_amount(change.pledged_quantity.value, field="pledged_quantity")
         rows.append(
             (
                 change.account_id,
                 change.asset_id,
-                format_amount(quantity),
+                quantity,
                 index + 1,
                 change.attestation.SerializeToString(),
             )

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
-from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.amounts import check_amount, format_amount, parse_amount
 from collateral_sync.errors import (
     CollateralSyncError,
     MalformedError,
@@ -176,14 +176,14 @@ class AttestedHoldings:
         # statement the change points at, which arrives as a holdings_change.
         if not change.account_id or not change.asset_id:
             raise malformed("pledge_change.account_id/asset_id", "non-empty ids", "''")
-        quantity = parse_amount(
+        quantity = check_amount(
             change.pledged_quantity.value, field="pledge_change.pledged_quantity"
         )
         self._store.holdings.add_pledge_change(
             sync_sequence=sequence,
             account_id=change.account_id,
             asset_id=change.asset_id,
-            pledged_quantity=format_amount(quantity),
+            pledged_quantity=quantity,
             attestation=change.attestation,
         )
 
@@ -191,14 +191,14 @@ class AttestedHoldings:
         """A yield accrual on the stream, recorded beside the holdings (they count nothing)."""
         if not accrual.account_id or not accrual.asset_id:
             raise malformed("yield_accrual.account_id/asset_id", "non-empty ids", "''")
-        quantity = parse_amount(
+        quantity = check_amount(
             accrual.accrued_quantity.value, field="yield_accrual.accrued_quantity"
         )
         self._store.holdings.add_yield_accrual(
             sync_sequence=sequence,
             account_id=accrual.account_id,
             asset_id=accrual.asset_id,
-            accrued_quantity=format_amount(quantity),
+            accrued_quantity=quantity,
             accrual_time_ns=timestamp_ns(accrual.accrual_time),
             attestation=accrual.attestation,
         )

@@ -1,7 +1,7 @@
 """vectors/amounts.json: canonical amounts.
 
 Checked with a character-level checker written from docs/PROTOCOL.md §2.1 and with the
-SDK's parse_amount and format_amount.
+SDK's parse_amount, format_amount and check_amount.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import decimal
 from typing import Any
 
 import pytest
-from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.amounts import check_amount, format_amount, parse_amount
 from collateral_sync.errors import CollateralSyncError
 from collateral_sync.v1 import errors_pb2
 
@@ -41,6 +41,7 @@ def _own_is_canonical(text: str) -> bool:
 def test_canonical_amount(text: str) -> None:
     assert _own_is_canonical(text)
     assert format_amount(parse_amount(text)) == text
+    assert check_amount(text) == text
 
 
 @pytest.mark.parametrize(
@@ -48,10 +49,12 @@ def test_canonical_amount(text: str) -> None:
 )
 def test_non_canonical_amount(vector: dict[str, Any]) -> None:
     assert not _own_is_canonical(vector["text"])
-    with pytest.raises(CollateralSyncError) as sdk:
-        parse_amount(vector["text"])
-    assert sdk.value.reason_name == vector["expected"]["reason"]
-    assert sdk.value.code.name == vector["expected"]["grpc_status"]
+    for check in (parse_amount, check_amount):
+        with pytest.raises(CollateralSyncError) as sdk:
+            check(vector["text"], field="quantity")
+        assert sdk.value.reason_name == vector["expected"]["reason"]
+        assert sdk.value.code.name == vector["expected"]["grpc_status"]
+        assert "quantity" in sdk.value.message
 
 
 @pytest.mark.parametrize("vector", AMOUNTS["formatting"], ids=lambda v: v["value"])
