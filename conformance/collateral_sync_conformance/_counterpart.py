@@ -645,6 +645,9 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
     async def RequestRedemption(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context)
 
+    async def ReleasePledge(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context)
+
     async def ExecuteEmergencyRelease(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context)
 

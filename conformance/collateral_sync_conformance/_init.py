@@ -183,7 +183,7 @@ def kit_arguments(role: str, ports: Ports) -> list[str]:
     further = (CLIENT, OTHER_CLIENT, OTHER_EXCHANGE, REGULATOR, STRANGER)
     keys: tuple[str, ...]
     if role == "custodian":
-        kit_party, keys = EXCHANGE, (EXCHANGE, CLIENT, REGULATOR, OTHER_EXCHANGE)
+        kit_party, keys = EXCHANGE, (EXCHANGE, CLIENT, REGULATOR, OTHER_EXCHANGE, OTHER_CLIENT)
         extra = [*_identities(*further), "--account", KIT_ACCOUNT]
     elif role == "exchange":
         kit_party, keys = CUSTODIAN, (CUSTODIAN, CLIENT)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -27,6 +28,7 @@ from collateral_sync.v1 import (
     envelope_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     reconciliation_pb2,
     valuation_pb2,
@@ -519,4 +521,61 @@ def redemption_request() -> custodian_service_pb2.RedemptionRequest:
         account_id=ACCOUNT,
         asset_id="USDC",
         quantity=decimal("100000.25"),
+    )
+
+
+# The pledge release (§5.9): the client takes 100000.25 USDC of its 400000 pledged back; the
+# exchange consents on the epoch-3 holdings at an exposure of 1000000.
+PLEDGE_RELEASE_ID = "pledge-release-acct-0001-0001"
+RELEASE_EXPOSURE = "1000000"
+RELEASED = (("USDC", "100000.25"),)
+
+
+def pledge_release_request() -> pledge_release_pb2.PledgeReleaseRequest:
+    return pledge_release_pb2.PledgeReleaseRequest(
+        release_id=PLEDGE_RELEASE_ID,
+        account_id=ACCOUNT,
+        exchange_id=EXCHANGE_ID,
+        releases=[
+            pledge_release_pb2.ReleasedQuantity(asset_id=asset, quantity=decimal(quantity))
+            for asset, quantity in RELEASED
+        ],
+    )
+
+
+def holdings_after_release() -> list[common_pb2.Position]:
+    """The epoch-3 positions with the released quantities taken out of their pledge."""
+    released = dict(RELEASED)
+    positions = []
+    for asset, quantity, locked, pledged in _HOLDINGS:
+        left = str(Decimal(pledged) - Decimal(released[asset])) if asset in released else pledged
+        positions.append(_position(asset, quantity, locked, left))
+    return positions
+
+
+def pledge_release_consent(
+    request: envelope_pb2.Envelope,
+    inputs: valuation_pb2.ValuationInputs,
+    collateral_value_after: str,
+    credit_limit_after: str,
+) -> pledge_release_pb2.PledgeReleaseConsent:
+    return pledge_release_pb2.PledgeReleaseConsent(
+        request=request,
+        inputs=inputs,
+        risk_policy_version=3,
+        exposure=decimal(RELEASE_EXPOSURE),
+        collateral_value_after=decimal(collateral_value_after),
+        credit_limit_after=decimal(credit_limit_after),
+    )
+
+
+def pledge_release_receipt(
+    consent: envelope_pb2.Envelope, executed_at: datetime, holdings: attestation_pb2.AttestationRef
+) -> pledge_release_pb2.PledgeReleaseReceipt:
+    return pledge_release_pb2.PledgeReleaseReceipt(
+        release_id=PLEDGE_RELEASE_ID,
+        account_id=ACCOUNT,
+        executed_at=timestamp(executed_at),
+        consent=consent,
+        holdings=holdings,
     )

@@ -123,6 +123,7 @@ class CustodianClient(_Client):
         "_get_inclusion_proof",
         "_get_settlement",
         "_pledge_collateral",
+        "_release_pledge",
         "_request_redemption",
         "_submit_liquidation_instruction",
         "_submit_settlement_instruction",
@@ -154,6 +155,9 @@ class CustodianClient(_Client):
         self._submit_liquidation_instruction: _UnaryMethod[
             m.SubmitLiquidationInstructionRequest, m.SubmitLiquidationInstructionResponse
         ] = stub.SubmitLiquidationInstruction
+        self._release_pledge: _UnaryMethod[m.ReleasePledgeRequest, m.ReleasePledgeResponse] = (
+            stub.ReleasePledge
+        )
         self._execute_emergency_release: _UnaryMethod[
             m.ExecuteEmergencyReleaseRequest, m.ExecuteEmergencyReleaseResponse
         ] = stub.ExecuteEmergencyRelease
@@ -237,6 +241,16 @@ class CustodianClient(_Client):
     ) -> custodian_service_pb2.SubmitLiquidationInstructionResponse:
         """Instruct a liquidation along the pre-authorised path."""
         return await self._unary(self._submit_liquidation_instruction, request, timeout, metadata)
+
+    async def release_pledge(
+        self,
+        request: custodian_service_pb2.ReleasePledgeRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> custodian_service_pb2.ReleasePledgeResponse:
+        """Give part of a pledge back: the client's request with the exchange's consent."""
+        return await self._unary(self._release_pledge, request, timeout, metadata)
 
     async def execute_emergency_release(
         self,

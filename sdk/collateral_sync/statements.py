@@ -24,6 +24,7 @@ from collateral_sync.v1 import (
     errors_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     reconciliation_pb2,
     valuation_pb2,
@@ -101,6 +102,9 @@ STATEMENT_TYPES: tuple[StatementType, ...] = (
     _row("emergency-release-receipt", emergency_pb2.EmergencyReleaseReceipt, _CUSTODIAN),
     _row("pledge-instruction", custodian_service_pb2.PledgeInstruction, _CLIENT),
     _row("redemption-request", custodian_service_pb2.RedemptionRequest, _CLIENT),
+    _row("pledge-release-request", pledge_release_pb2.PledgeReleaseRequest, _CLIENT),
+    _row("pledge-release-consent", pledge_release_pb2.PledgeReleaseConsent, _EXCHANGE),
+    _row("pledge-release-receipt", pledge_release_pb2.PledgeReleaseReceipt, _CUSTODIAN),
 )
 
 _BY_PAYLOAD_TYPE: Mapping[str, StatementType] = {t.payload_type: t for t in STATEMENT_TYPES}

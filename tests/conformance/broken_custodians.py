@@ -43,6 +43,7 @@ from collateral_sync_reference.custodian import attestation as _attestation_modu
 from collateral_sync_reference.custodian import emergency as _emergency_module
 from collateral_sync_reference.custodian import ledger as _ledger_module
 from collateral_sync_reference.custodian import liquidations as _liquidations_module
+from collateral_sync_reference.custodian import pledge_releases as _pledge_releases_module
 from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import redemptions as _redemptions_module
 from collateral_sync_reference.custodian import refresh as _refresh_module
@@ -57,6 +58,7 @@ _common_evidence: Any = _evidence_module
 _custodian_ledger: Any = _ledger_module
 _custodian_liquidations: Any = _liquidations_module
 _custodian_pledges: Any = _pledges_module
+_custodian_pledge_releases: Any = _pledge_releases_module
 _custodian_margin_call_store: Any = _margin_call_store_module
 _custodian_redemptions: Any = _redemptions_module
 _custodian_refresh: Any = _refresh_module
@@ -864,8 +866,106 @@ def _checks_no_step_amounts() -> None:
     _custodian_pledges._positive_amount = positive_amount
 
 
+# --- pledge release (§5.9) --------------------------------------------------------------
+
+
+def _releases_beyond_pledge() -> None:
+    """A release is bounded by what is not locked (quantity - locked), not by the pledge."""
+    releases = _custodian_pledge_releases.PledgeReleases
+
+    def check(account: Any, items: list[tuple[str, Decimal]]) -> None:
+        for index, (asset_id, quantity) in enumerate(items):
+            holding = account.holding(asset_id)
+            bound = holding.quantity - holding.locked
+            if quantity > bound:
+                raise StateError(
+                    f"release of {quantity} {asset_id} exceeds {bound}",
+                    reason=errors_pb2.ERROR_REASON_STATE_CONFLICT,
+                    metadata={"field": f"releases[{index}].quantity"},
+                )
+
+    releases._check_within_pledge = staticmethod(check)
+
+
+def _release_bound_exclusive() -> None:
+    """Releasing exactly the pledge is refused (the bound taken as exclusive)."""
+    releases = _custodian_pledge_releases.PledgeReleases
+
+    def check(account: Any, items: list[tuple[str, Decimal]]) -> None:
+        for index, (asset_id, quantity) in enumerate(items):
+            if quantity >= account.holding(asset_id).pledged:
+                raise StateError(
+                    f"release of {quantity} {asset_id} is not below the pledge",
+                    reason=errors_pb2.ERROR_REASON_STATE_CONFLICT,
+                    metadata={"field": f"releases[{index}].quantity"},
+                )
+
+    releases._check_within_pledge = staticmethod(check)
+
+
+def _releases_on_any_holdings() -> None:
+    """A consent is executed whatever holdings statement it was judged on."""
+    _custodian_pledge_releases.PledgeReleases._check_latest_holdings = lambda *_: None
+
+
+def _releases_for_any_client() -> None:
+    """Only the consenting exchange is checked: any registered client may ask for the release."""
+    releases = _custodian_pledge_releases.PledgeReleases
+
+    def check(self: Any, account: Any, consent: Any, request: Any) -> None:
+        exchange = consent.issuer
+        if exchange != request.message.exchange_id or exchange != account.exchange_id:
+            raise VerificationError(
+                "not the account's exchange",
+                reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+                metadata={"field": "consent.header.issuer", "actual": exchange},
+            )
+
+    releases._check_parties = check
+
+
+def _releases_on_any_exchange_consent() -> None:
+    """Only the client is checked: a consent by any registered exchange is obeyed."""
+    releases = _custodian_pledge_releases.PledgeReleases
+
+    def check(self: Any, account: Any, consent: Any, request: Any) -> None:
+        if request.issuer != account.client_id:
+            raise VerificationError(
+                "not the account's client",
+                reason=errors_pb2.ERROR_REASON_KEY_ROLE_MISMATCH,
+                metadata={"field": "request.header.issuer", "actual": request.issuer},
+            )
+
+    releases._check_parties = check
+
+
+def _release_lowers_quantity() -> None:
+    """A release is booked as a withdrawal: quantity falls with the pledge."""
+    releases = _custodian_pledge_releases.PledgeReleases
+    original = releases._move
+
+    def move(account: Any, items: list[tuple[str, Decimal]]) -> None:
+        original(account, items)
+        for asset_id, quantity in items:
+            account.holding(asset_id).quantity -= quantity
+
+    releases._move = staticmethod(move)
+
+
+def _re_executes_repeated_release() -> None:
+    """No record of executed releases is consulted: a repeat is a new release (or REPLAYED)."""
+    _custodian_pledge_releases.PledgeReleases._answered = lambda *_: None
+
+
 #: Fault name -> the patch that introduces it.
 FAULTS: dict[str, Callable[[], None]] = {
+    "custodian-releases-beyond-pledge": _releases_beyond_pledge,
+    "custodian-release-bound-exclusive": _release_bound_exclusive,
+    "custodian-releases-on-any-holdings": _releases_on_any_holdings,
+    "custodian-releases-for-any-client": _releases_for_any_client,
+    "custodian-releases-on-any-exchange-consent": _releases_on_any_exchange_consent,
+    "custodian-release-lowers-quantity": _release_lowers_quantity,
+    "custodian-re-executes-repeated-release": _re_executes_repeated_release,
     "custodian-signs-checkpoints-with-unregistered-key": _signs_checkpoints_with_unregistered_key,
     "custodian-refuses-checkpoint-at-log-size": _refuses_checkpoint_at_log_size,
     "custodian-alternates-checkpoint-origin": _alternates_checkpoint_origin,

@@ -73,6 +73,8 @@ def kit_files(reference_parties: Parties) -> dict[str, Path]:
         "regulator_key": reference_parties.key_path(REGULATOR),
         # A registered exchange that is not the stream's peer (sync/third-party-*).
         "other_exchange_key": reference_parties.key_path(OTHER_EXCHANGE),
+        # A registered client that does not own the kit's account (pledge-release/*).
+        "other_client_key": reference_parties.key_path(OTHER_CLIENT),
         # Further TLS identities (access/ cases): the account's client, another client,
         # another exchange, the regulator, and a stranger from the same CA.
         **{
@@ -190,6 +192,8 @@ def kit_argv(files: dict[str, Path], target: str, *extra: str) -> list[str]:
         str(files["regulator_key"]),
         "--kit-key",
         str(files["other_exchange_key"]),
+        "--kit-key",
+        str(files["other_client_key"]),
         *identity_argv(files),
         "--no-colour",
         *extra,

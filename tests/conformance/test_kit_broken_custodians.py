@@ -263,6 +263,53 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ["custodian/**"],
         {"custodian/path-with-bad-step-refused"},
     ),
+    # Pledge release (§5.9): each rule on both sides, so each fault fails its own case only.
+    (
+        # The release past the pledge leaves it negative: every later case meets that account.
+        "custodian-releases-beyond-pledge",
+        ["pledge-release/**"],
+        {
+            "pledge-release/executed-within-pledge",
+            "pledge-release/judged-on-latest-holdings",
+            "pledge-release/only-the-account-parties",
+            "pledge-release/repeat-answered-reused-id-refused",
+            "pledge-release/malformed-refused",
+        },
+    ),
+    (
+        "custodian-release-bound-exclusive",
+        ["pledge-release/**"],
+        {"pledge-release/executed-within-pledge"},
+    ),
+    (
+        "custodian-releases-on-any-holdings",
+        ["pledge-release/**"],
+        {"pledge-release/judged-on-latest-holdings"},
+    ),
+    (
+        "custodian-releases-for-any-client",
+        ["pledge-release/**"],
+        {"pledge-release/only-the-account-parties"},
+    ),
+    (
+        "custodian-releases-on-any-exchange-consent",
+        ["pledge-release/**"],
+        {"pledge-release/only-the-account-parties"},
+    ),
+    (
+        # Both cases that check what a release moved.
+        "custodian-release-lowers-quantity",
+        ["pledge-release/**"],
+        {
+            "pledge-release/executed-within-pledge",
+            "pledge-release/judged-on-latest-holdings",
+        },
+    ),
+    (
+        "custodian-re-executes-repeated-release",
+        ["pledge-release/**"],
+        {"pledge-release/repeat-answered-reused-id-refused"},
+    ),
     ("custodian-cosignature-put-first", ["emergency/**"], {"emergency/cosign-appends-signature"}),
     (
         # Both cases that execute a release read the holdings statement it led to.

@@ -70,6 +70,12 @@ ALSO_REFUSALS = {
         "custodian/redemption-up-to-redeemable-accepted",
         # Pledges up to the bound, then checks one quantum more is refused.
         "custodian/pledge-of-exactly-available-accepted",
+        # Releases up to the pledge, then checks one quantum more is refused.
+        "pledge-release/executed-within-pledge",
+        # A consent on the statement before the latest is refused, then one on the latest executed.
+        "pledge-release/judged-on-latest-holdings",
+        # Another client's request and another exchange's consent must be refused.
+        "pledge-release/only-the-account-parties",
         # Refused one second before the wait ends, then executed at its end.
         "emergency/regulator-custodian-executed-after-wait",
         # Its statement is refused one second before the cut-off.

@@ -60,6 +60,9 @@ EXPECTED_ROLES = {
     "liquidation-path": {CL},
     "pledge-instruction": {CL},
     "redemption-request": {CL},
+    "pledge-release-request": {CL},
+    "pledge-release-consent": {E},
+    "pledge-release-receipt": {C},
 }
 EXPECTED_PUBLIC = {"checkpoint", "risk-policy", "reconciliation-result", "price-snapshot"}
 
@@ -143,7 +146,7 @@ def test_table_has_the_brief_roles_and_public_types() -> None:
 
 def test_payload_types_are_unique_and_well_formed() -> None:
     types = [row.payload_type for row in STATEMENT_TYPES]
-    assert len(types) == len(set(types)) == 21
+    assert len(types) == len(set(types)) == 24
     for payload_type in types:
         assert re.fullmatch(
             r"application/vnd\.collateral-sync\.v1\.[a-z]+(-[a-z]+)*\+proto", payload_type

@@ -13,7 +13,7 @@ affects, follows it).
 from collateral_sync_conformance.cases import transport  # noqa: I001 (run order)
 from collateral_sync_conformance.cases import request
 from collateral_sync_conformance.cases import attestation, envelope, custodian
-from collateral_sync_conformance.cases import pledge_rules
+from collateral_sync_conformance.cases import pledge_rules, pledge_release
 from collateral_sync_conformance.cases import access
 from collateral_sync_conformance.cases import liquidation
 from collateral_sync_conformance.cases import sync, exchange
@@ -54,6 +54,7 @@ __all__ = [
     "exchange_served",
     "holdings_refresh",
     "liquidation",
+    "pledge_release",
     "pledge_rules",
     "reconciliation",
     "regulator",

@@ -8,6 +8,8 @@ through) and nothing else, except where one part acts through another:
 - ``attestation``: the attestation log, its checkpoints and proofs, and crash
   recovery between the log and the database;
 - ``pledges``: PledgeCollateral and the liquidation paths it records;
+- ``pledge_releases``: ReleasePledge, part of a pledge given back on the
+  client's request and the exchange's consent;
 - ``redemptions``: RequestRedemption, and settling each redemption when its lock ends;
 - ``yield_accrual``: deposits, and the daily yield on fund holdings;
 - ``refresh``: holdings statements re-attested before they expire;
@@ -33,6 +35,7 @@ from collateral_sync_reference.custodian.config import CustodianSettings
 from collateral_sync_reference.custodian.exchange_stream import ExchangeStream
 from collateral_sync_reference.custodian.ledger import Ledger
 from collateral_sync_reference.custodian.liquidations import Liquidations
+from collateral_sync_reference.custodian.pledge_releases import PledgeReleases
 from collateral_sync_reference.custodian.pledges import Pledges
 from collateral_sync_reference.custodian.redemptions import Redemptions
 from collateral_sync_reference.custodian.refresh import HoldingsRefresh
@@ -49,6 +52,7 @@ class Custodian:
         # First: it brings the log and the database into step before anything else runs.
         self.attestation = Attestation(ledger)
         self.pledges = Pledges(ledger)
+        self.pledge_releases = PledgeReleases(ledger)
         self.redemptions = Redemptions(ledger)
         self.yield_accrual = YieldAccrual(ledger)
         self.refresh = HoldingsRefresh(ledger)

@@ -26,6 +26,9 @@ holdings is a signed holdings statement appended to the attestation log and
 announced to the account's exchange. The behaviour lives in one module per
 responsibility, assembled by ``core``; this module wires it to gRPC.
 
+``ReleasePledge`` gives part of a pledge back on the client's request and the
+exchange's consent (``pledge_releases``, PROTOCOL.md §5.9).
+
 ``ExecuteEmergencyRelease`` executes a release signed by two of regulator,
 custodian and the account's exchange (``emergency``); the custodian
 also serves ``EmergencyReleaseService.CoSignEmergencyRelease`` and co-signs
@@ -94,6 +97,7 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
         custodian = role.custodian
         self._attestation = custodian.attestation
         self._pledges = custodian.pledges
+        self._pledge_releases = custodian.pledge_releases
         self._redemptions = custodian.redemptions
         self._liquidations = custodian.liquidations
 
@@ -206,6 +210,15 @@ class _CustodianService(custodian_service_pb2_grpc.CustodianServiceServicer):
             session.peer_party_id,
             session.acknowledged_sequence,
         )
+
+    async def ReleasePledge(
+        self,
+        request: custodian_service_pb2.ReleasePledgeRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> custodian_service_pb2.ReleasePledgeResponse:
+        require_statement(request, "consent", "a signed PledgeReleaseConsent")
+        # Any registered party may relay it: the client's and the exchange's signatures authorise it.
+        return self._pledge_releases.release(request.consent)
 
     async def ExecuteEmergencyRelease(
         self,

@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
+from collateral_sync.amounts import format_amount
 from collateral_sync.signing import pae
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -24,6 +26,7 @@ from collateral_sync.v1 import (
     position_sync_pb2,
     valuation_pb2,
 )
+from collateral_sync.valuation import credit_line_figures, value_collateral
 
 from .. import _messages as messages
 from .._common import (
@@ -90,6 +93,10 @@ class TypeStatements:
     # pledge-instruction, redemption-request
     pledge: envelope_pb2.Envelope
     redemption: envelope_pb2.Envelope
+    # pledge-release-request, pledge-release-consent, pledge-release-receipt
+    release_request: envelope_pb2.Envelope
+    release_consent: envelope_pb2.Envelope
+    release_pledge_receipt: envelope_pb2.Envelope
 
 
 def issue_type_statements(
@@ -271,6 +278,64 @@ def issue_type_statements(
         messages.redemption_request(), client, [CUSTODIAN_ID], 3, "redemption-acct-0001-0001"
     )
 
+    # pledge-release-request, pledge-release-consent, pledge-release-receipt (§5.9): the
+    # consent's figures are the epoch-3 holdings valued with the released USDC taken out of
+    # the pledge, under the inputs of the margin call.
+    release_request = issue(
+        messages.pledge_release_request(),
+        client,
+        [EXCHANGE_ID, CUSTODIAN_ID],
+        4,
+        messages.PLEDGE_RELEASE_ID,
+    )
+    policy_message = valuation_pb2.RiskPolicy.FromString(policy.payload)
+    after = value_collateral(
+        policy_message,
+        messages.holdings_after_release(),
+        valuation_pb2.PriceSnapshot.FromString(snapshot.payload).prices,
+        valued_at=ISSUED,
+    )
+    figures = credit_line_figures(
+        policy_message, after, Decimal(messages.RELEASE_EXPOSURE)
+    )
+    release_consent = issue(
+        messages.pledge_release_consent(
+            release_request,
+            inputs,
+            format_amount(figures.collateral_value),
+            format_amount(figures.credit_limit),
+        ),
+        exchange,
+        [CUSTODIAN_ID, CLIENT_ID],
+        5,
+        f"consent-{messages.PLEDGE_RELEASE_ID}",
+    )
+    after_release = issue(
+        messages.holdings(
+            epoch=4,
+            reason=attestation_pb2.HOLDINGS_CHANGE_REASON_PLEDGE_RELEASE,
+            rows=tuple(
+                (p.asset_id, p.quantity.value, p.locked_quantity.value, p.pledged_quantity.value)
+                for p in messages.holdings_after_release()
+            ),
+        ),
+        custodian,
+        [EXCHANGE_ID, CLIENT_ID],
+        10,
+        "holdings-acct-0001-epoch-4-released",
+    )
+    release_pledge_receipt = issue(
+        messages.pledge_release_receipt(
+            release_consent,
+            ISSUED,
+            messages.attestation_ref(pae(after_release.payload_type, after_release.payload), 58),
+        ),
+        custodian,
+        [EXCHANGE_ID, CLIENT_ID],
+        1,
+        f"receipt-{messages.PLEDGE_RELEASE_ID}",
+    )
+
     return TypeStatements(
         c2e=c2e,
         e2c=e2c,
@@ -303,4 +368,7 @@ def issue_type_statements(
         release_receipt=release_receipt,
         pledge=pledge,
         redemption=redemption,
+        release_request=release_request,
+        release_consent=release_consent,
+        release_pledge_receipt=release_pledge_receipt,
     )

@@ -4,13 +4,14 @@ liquidation-path (refused only: its valid statement is in envelope.py),
 liquidation-instruction, liquidation-receipt, shortfall-allocation,
 reconciliation-statement, reconciliation-result, settlement-instruction,
 settlement-dispute, emergency-release (issued by the custodian and by the exchange),
-emergency-release-receipt, pledge-instruction and redemption-request: each type's valid
+emergency-release-receipt, pledge-instruction, redemption-request and the pledge release's
+request, consent and receipt: each type's valid
 statement (types_issued.py), and one refused for a reason of its type.
 """
 
 from __future__ import annotations
 
-from collateral_sync.v1 import common_pb2
+from collateral_sync.v1 import common_pb2, envelope_pb2, pledge_release_pb2
 
 from .. import _messages as messages
 from .._common import (
@@ -291,6 +292,74 @@ def settlement_type_cases(keys: dict[str, NamedKey], issued: TypeStatements) -> 
             CUSTODIAN_ID,
         ),
         case(
+            "pledge-release-request/valid",
+            "The client asks for 100000.25 of its 400000 pledged USDC back, addressed to the "
+            "exchange and the custodian (§5.9).",
+            issued.release_request,
+            valid(CLIENT_ID, CLIENT_ID),
+            CUSTODIAN_ID,
+        ),
+        case(
+            "pledge-release-request/signed-by-exchange-key",
+            "A release request in the client's name signed only by the exchange's key: only "
+            "client keys may ask for a pledge back.",
+            forge(
+                messages.pledge_release_request(),
+                CLIENT_ID,
+                [EXCHANGE_ID, CUSTODIAN_ID],
+                4,
+                messages.PLEDGE_RELEASE_ID,
+                by=[exchange],
+            ),
+            status("KEY_ROLE_MISMATCH"),
+            CUSTODIAN_ID,
+        ),
+        case(
+            "pledge-release-consent/valid",
+            "The exchange's consent embedding the client's request, judged on the epoch-3 "
+            "holdings, addressed to the custodian and the client, verified by the custodian.",
+            issued.release_consent,
+            valid(EXCHANGE_ID, EXCHANGE_ID),
+            CUSTODIAN_ID,
+        ),
+        case(
+            "pledge-release-consent/not-addressed-to-custodian",
+            "The consent addressed to the client only, verified by the custodian that would "
+            "execute it.",
+            issue(
+                _consent_of(issued.release_consent),
+                exchange,
+                [CLIENT_ID],
+                6,
+                f"consent-{messages.PLEDGE_RELEASE_ID}-client-only",
+            ),
+            status("AUDIENCE_MISMATCH"),
+            CUSTODIAN_ID,
+        ),
+        case(
+            "pledge-release-receipt/valid",
+            "The custodian's receipt of the executed release, addressed to the exchange and the "
+            "client, verified by the exchange.",
+            issued.release_pledge_receipt,
+            valid(CUSTODIAN_ID, CUSTODIAN_ID),
+            EXCHANGE_ID,
+        ),
+        case(
+            "pledge-release-receipt/issued-by-client",
+            "The receipt issued and signed by the client: only custodian keys may confirm a "
+            "release.",
+            forge(
+                _receipt_of(issued.release_pledge_receipt),
+                CLIENT_ID,
+                [EXCHANGE_ID, CLIENT_ID],
+                1,
+                f"receipt-{messages.PLEDGE_RELEASE_ID}",
+                by=[client],
+            ),
+            status("KEY_ROLE_MISMATCH"),
+            EXCHANGE_ID,
+        ),
+        case(
             "redemption-request/replayed",
             "The same request again after the custodian acted on sequence 3: one request "
             "redeems once.",
@@ -300,3 +369,16 @@ def settlement_type_cases(keys: dict[str, NamedKey], issued: TypeStatements) -> 
             last_accepted_sequence=3,
         ),
     ]
+
+
+def _consent_of(envelope: envelope_pb2.Envelope) -> pledge_release_pb2.PledgeReleaseConsent:
+    """The consent's message without its header, to be issued anew."""
+    message = pledge_release_pb2.PledgeReleaseConsent.FromString(envelope.payload)
+    message.ClearField("header")
+    return message
+
+
+def _receipt_of(envelope: envelope_pb2.Envelope) -> pledge_release_pb2.PledgeReleaseReceipt:
+    message = pledge_release_pb2.PledgeReleaseReceipt.FromString(envelope.payload)
+    message.ClearField("header")
+    return message

@@ -44,6 +44,10 @@ class _HoldingsChangeReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     holdings statement is a log leaf and never re-signed, so an account nothing
     else changes gets a new one and stays citable as evidence (§3.6.1).
     """
+    HOLDINGS_CHANGE_REASON_PLEDGE_RELEASE: _HoldingsChangeReason.ValueType  # 11
+    """Part of a pledge given back to the client on the exchange's consent
+    (PROTOCOL.md §5.9); HOLDINGS_CHANGE_REASON_RELEASE is the emergency release.
+    """
 
 class HoldingsChangeReason(_HoldingsChangeReason, metaclass=_HoldingsChangeReasonEnumTypeWrapper):
     """Why holdings changed."""
@@ -63,6 +67,10 @@ HOLDINGS_CHANGE_REASON_REFRESH: HoldingsChangeReason.ValueType  # 10
 positions unchanged, the next epoch (PROTOCOL.md §5.8, "Refresh"). A
 holdings statement is a log leaf and never re-signed, so an account nothing
 else changes gets a new one and stays citable as evidence (§3.6.1).
+"""
+HOLDINGS_CHANGE_REASON_PLEDGE_RELEASE: HoldingsChangeReason.ValueType  # 11
+"""Part of a pledge given back to the client on the exchange's consent
+(PROTOCOL.md §5.9); HOLDINGS_CHANGE_REASON_RELEASE is the emergency release.
 """
 Global___HoldingsChangeReason: _TypeAlias = HoldingsChangeReason  # noqa: Y015
 

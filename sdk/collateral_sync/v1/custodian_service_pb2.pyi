@@ -499,6 +499,62 @@ class ExecuteEmergencyReleaseResponse(_message.Message):
 Global___ExecuteEmergencyReleaseResponse: _TypeAlias = ExecuteEmergencyReleaseResponse  # noqa: Y015
 
 @_typing.final
+class ReleasePledgeRequest(_message.Message):
+    """Request for ReleasePledge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def consent(self) -> _envelope_pb2.Envelope:
+        """Envelope of a PledgeReleaseConsent, signed by the exchange; it carries the
+        client's signed PledgeReleaseRequest.
+        """
+
+    def __init__(
+        self,
+        *,
+        consent: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePledgeRequest: _TypeAlias = ReleasePledgeRequest  # noqa: Y015
+
+@_typing.final
+class ReleasePledgeResponse(_message.Message):
+    """Response of ReleasePledge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    HOLDINGS_STATEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipt(self) -> _envelope_pb2.Envelope:
+        """Envelope of a PledgeReleaseReceipt."""
+
+    @_builtins.property
+    def holdings_statement(self) -> _envelope_pb2.Envelope:
+        """Envelope of the holdings statement that records the release."""
+
+    def __init__(
+        self,
+        *,
+        receipt: _envelope_pb2.Envelope | None = ...,
+        holdings_statement: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holdings_statement", b"holdings_statement", "receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdings_statement", b"holdings_statement", "receipt", b"receipt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePledgeResponse: _TypeAlias = ReleasePledgeResponse  # noqa: Y015
+
+@_typing.final
 class SubmitSettlementInstructionRequest(_message.Message):
     """Request for SubmitSettlementInstruction."""
 

@@ -70,6 +70,11 @@ class CustodianServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionResponse.FromString,
                 _registered_method=True)
+        self.ReleasePledge = channel.unary_unary(
+                '/collateral_sync.v1.CustodianService/ReleasePledge',
+                request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeResponse.FromString,
+                _registered_method=True)
         self.ExecuteEmergencyRelease = channel.unary_unary(
                 '/collateral_sync.v1.CustodianService/ExecuteEmergencyRelease',
                 request_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ExecuteEmergencyReleaseRequest.SerializeToString,
@@ -150,6 +155,14 @@ class CustodianServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleasePledge(self, request, context):
+        """Gives part of a pledge back to the client: the client's request, with the
+        exchange's consent (PROTOCOL.md §5.9).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExecuteEmergencyRelease(self, request, context):
         """Executes an emergency release signed by two of regulator, custodian, exchange.
         """
@@ -223,6 +236,11 @@ def add_CustodianServiceServicer_to_server(servicer, server):
                     servicer.SubmitLiquidationInstruction,
                     request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionResponse.SerializeToString,
+            ),
+            'ReleasePledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePledge,
+                    request_deserializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeResponse.SerializeToString,
             ),
             'ExecuteEmergencyRelease': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteEmergencyRelease,
@@ -440,6 +458,33 @@ class CustodianService:
             '/collateral_sync.v1.CustodianService/SubmitLiquidationInstruction',
             collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionRequest.SerializeToString,
             collateral__sync_dot_v1_dot_custodian__service__pb2.SubmitLiquidationInstructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.CustodianService/ReleasePledge',
+            collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_custodian__service__pb2.ReleasePledgeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class CustodianServiceStub:
     """Client asks to redeem; the assets are locked until settlement."""
     SubmitLiquidationInstruction: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitLiquidationInstructionRequest, _custodian_service_pb2.SubmitLiquidationInstructionResponse]
     """Exchange instructs a liquidation along the pre-authorised path."""
+    ReleasePledge: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.ReleasePledgeRequest, _custodian_service_pb2.ReleasePledgeResponse]
+    """Gives part of a pledge back to the client: the client's request, with the
+    exchange's consent (PROTOCOL.md §5.9).
+    """
     ExecuteEmergencyRelease: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.ExecuteEmergencyReleaseRequest, _custodian_service_pb2.ExecuteEmergencyReleaseResponse]
     """Executes an emergency release signed by two of regulator, custodian, exchange."""
     SubmitSettlementInstruction: _grpc.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitSettlementInstructionRequest, _custodian_service_pb2.SubmitSettlementInstructionResponse]
@@ -79,6 +83,10 @@ class CustodianServiceAsyncStub(CustodianServiceStub):
     """Client asks to redeem; the assets are locked until settlement."""
     SubmitLiquidationInstruction: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitLiquidationInstructionRequest, _custodian_service_pb2.SubmitLiquidationInstructionResponse]  # type: ignore[assignment]
     """Exchange instructs a liquidation along the pre-authorised path."""
+    ReleasePledge: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.ReleasePledgeRequest, _custodian_service_pb2.ReleasePledgeResponse]  # type: ignore[assignment]
+    """Gives part of a pledge back to the client: the client's request, with the
+    exchange's consent (PROTOCOL.md §5.9).
+    """
     ExecuteEmergencyRelease: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.ExecuteEmergencyReleaseRequest, _custodian_service_pb2.ExecuteEmergencyReleaseResponse]  # type: ignore[assignment]
     """Executes an emergency release signed by two of regulator, custodian, exchange."""
     SubmitSettlementInstruction: _aio.UnaryUnaryMultiCallable[_custodian_service_pb2.SubmitSettlementInstructionRequest, _custodian_service_pb2.SubmitSettlementInstructionResponse]  # type: ignore[assignment]
@@ -150,6 +158,16 @@ class CustodianServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_custodian_service_pb2.SubmitLiquidationInstructionResponse, _abc.Awaitable[_custodian_service_pb2.SubmitLiquidationInstructionResponse]]:
         """Exchange instructs a liquidation along the pre-authorised path."""
+
+    @_abc_1.abstractmethod
+    def ReleasePledge(
+        self,
+        request: _custodian_service_pb2.ReleasePledgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custodian_service_pb2.ReleasePledgeResponse, _abc.Awaitable[_custodian_service_pb2.ReleasePledgeResponse]]:
+        """Gives part of a pledge back to the client: the client's request, with the
+        exchange's consent (PROTOCOL.md §5.9).
+        """
 
     @_abc_1.abstractmethod
     def ExecuteEmergencyRelease(

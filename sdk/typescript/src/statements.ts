@@ -24,6 +24,11 @@ import {
   MarginCallSchema,
   MarginCallStateSchema,
 } from "./gen/collateral_sync/v1/margin_pb.js";
+import {
+  PledgeReleaseConsentSchema,
+  PledgeReleaseReceiptSchema,
+  PledgeReleaseRequestSchema,
+} from "./gen/collateral_sync/v1/pledge_release_pb.js";
 import { SyncBatchSchema } from "./gen/collateral_sync/v1/position_sync_pb.js";
 import {
   ReconciliationResultSchema,
@@ -87,6 +92,9 @@ export const STATEMENT_TYPES: readonly StatementType[] = Object.freeze([
   row("emergency-release-receipt", EmergencyReleaseReceiptSchema, [CUSTODIAN]),
   row("pledge-instruction", PledgeInstructionSchema, [CLIENT]),
   row("redemption-request", RedemptionRequestSchema, [CLIENT]),
+  row("pledge-release-request", PledgeReleaseRequestSchema, [CLIENT]),
+  row("pledge-release-consent", PledgeReleaseConsentSchema, [EXCHANGE]),
+  row("pledge-release-receipt", PledgeReleaseReceiptSchema, [CUSTODIAN]),
 ]);
 
 const BY_PAYLOAD_TYPE: ReadonlyMap<string, StatementType> = new Map(STATEMENT_TYPES.map((t) => [t.payloadType, t]));

@@ -16,6 +16,7 @@ import * as exchangeService from "../src/gen/collateral_sync/v1/exchange_service
 import * as keys from "../src/gen/collateral_sync/v1/keys_pb.js";
 import * as liquidation from "../src/gen/collateral_sync/v1/liquidation_pb.js";
 import * as margin from "../src/gen/collateral_sync/v1/margin_pb.js";
+import * as pledgeRelease from "../src/gen/collateral_sync/v1/pledge_release_pb.js";
 import * as positionSync from "../src/gen/collateral_sync/v1/position_sync_pb.js";
 import * as reconciliation from "../src/gen/collateral_sync/v1/reconciliation_pb.js";
 import * as reconciliationService from "../src/gen/collateral_sync/v1/reconciliation_service_pb.js";
@@ -40,6 +41,7 @@ const FILES: DescFile[] = [
   keys.file_collateral_sync_v1_keys,
   liquidation.file_collateral_sync_v1_liquidation,
   margin.file_collateral_sync_v1_margin,
+  pledgeRelease.file_collateral_sync_v1_pledge_release,
   positionSync.file_collateral_sync_v1_position_sync,
   reconciliation.file_collateral_sync_v1_reconciliation,
   reconciliationService.file_collateral_sync_v1_reconciliation_service,
@@ -67,7 +69,7 @@ test("every message with StatementHeader header = 1 is in the table, and only th
     .map((m) => m.typeName)
     .sort();
   assert.deepEqual(STATEMENT_TYPES.map((t) => t.schema.typeName).sort(), statements);
-  assert.equal(STATEMENT_TYPES.length, 21);
+  assert.equal(STATEMENT_TYPES.length, 24);
 });
 
 test("payload types follow application/vnd.collateral-sync.v1.<name>+proto", () => {

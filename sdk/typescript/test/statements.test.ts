@@ -234,7 +234,7 @@ test("the 4 MiB limit is pinned from both sides", () => {
 
 test("every statement type of §3.5 has a valid and an invalid vector", () => {
   const every = [...FILE.vectors, ...FILE.large_payloads];
-  assert.equal(STATEMENT_TYPES.length, 21);
+  assert.equal(STATEMENT_TYPES.length, 24);
   for (const row of STATEMENT_TYPES) {
     const ofType = every.filter((v) => v.expected_payload_type === row.payloadType && v.envelope.payload_type === row.payloadType);
     assert.ok(ofType.some((v) => v.expected.valid), `${row.name}: no valid vector`);

@@ -25,16 +25,22 @@ Operations driven:
 - liquidation, a signed ``LiquidationInstruction`` from the account's exchange
   along the recorded path: the yield is paid out first (Q -= Y, Y = 0), then
   each fill f of the receipt takes f <= min(P, Q - L) from both Q and P;
+- pledge release (§5.9), the client's signed request with the account's
+  exchange's consent judged on the latest holdings statement: P -= a when
+  a <= P;
 - attempts the rules refuse: pledging more than Q - P - L - Y, pledging to a
   second exchange, redeeming more than Q - P - L (pledged quantity is not
-  redeemable), and a liquidation from an exchange that holds no pledge.
+  redeemable), a liquidation from an exchange that holds no pledge, a release
+  of more than P, and a release consented by the other exchange or judged on
+  the holdings statement before the latest.
 
 After every step: 0 <= P, 0 <= L, 0 <= Y and P + L + Y <= Q for every account
 and asset, and the store equals the model. A refused operation changes no
 balance, no statement count and no attestation log size; an accepted one
 changes the balances exactly as §5.8 says, issues exactly one holdings
 statement per account it changes (with the reason of the change, and the
-positions the store holds), and never lowers P unless it is a liquidation.
+positions the store holds), and never lowers P unless it is a liquidation or
+a pledge release.
 
 Not covered: settlement instructions (§10.6) and emergency release (§11), the
 other two operations that lower P; they need an exchange's settlement cycle
@@ -64,6 +70,7 @@ from collateral_sync.v1 import (
     custodian_service_pb2,
     envelope_pb2,
     liquidation_pb2,
+    pledge_release_pb2,
     test_control_pb2,
     valuation_pb2,
 )
@@ -520,6 +527,63 @@ class CustodianConservation(RuleBasedStateMachine):
             reason="PATH_NOT_AUTHORISED",
         )
 
+    @precondition(lambda self: any(b.pledged > 0 for b in self.model.values()))
+    @rule(data=st.data())
+    def release_pledge(self, data: st.DataObject) -> None:
+        """The client asks, the account's exchange consents on the latest holdings: P -= a <= P."""
+        pledged = sorted(key for key, held in self.model.items() if held.pledged > 0)
+        account, asset = data.draw(st.sampled_from(pledged), label="pledged holding")
+        before = self.model[account, asset]
+        amount = _draw_amount(data, before.pledged, "release")
+        consent = self._release_consent(account, asset, amount)
+        what = f"release of {format_amount(amount)} {asset} of {account}'s pledge"
+        if amount > before.pledged:
+            self._refused(
+                "release beyond P",
+                what,
+                lambda: self._custodian.pledge_releases.release(consent),
+                because=f"§5.9: a <= P = {format_amount(before.pledged)} ({before})",
+                reason="STATE_CONFLICT",
+            )
+            return
+        expected = self._with(
+            {(account, asset): replace(before, pledged=_minus(before.pledged, amount))}
+        )
+        self._operate(
+            "pledge release",
+            what,
+            lambda: self._custodian.pledge_releases.release(consent),
+            expect=lambda _: (expected, [(account, REASON.HOLDINGS_CHANGE_REASON_PLEDGE_RELEASE)]),
+            pledge_may_fall=True,
+        )
+
+    @precondition(lambda self: any(b.pledged > 0 for b in self.model.values()))
+    @rule(data=st.data(), stale=st.booleans())
+    def release_without_consent(self, data: st.DataObject, stale: bool) -> None:
+        """A release the account's exchange did not consent to on the latest holdings is refused."""
+        pledged = sorted(key for key, held in self.model.items() if held.pledged > 0)
+        account, asset = data.draw(st.sampled_from(pledged), label="pledged holding")
+        amount = micro(1)
+        if stale:
+            consent = self._release_consent(account, asset, amount, judged_epoch_back=1)
+            self._refused(
+                "release judged on older holdings",
+                f"release of {account}'s {asset} judged on the statement before the latest",
+                lambda: self._custodian.pledge_releases.release(consent),
+                because="§5.9: the consent must judge the account's latest holdings",
+                reason="STATE_CONFLICT",
+            )
+            return
+        other = next(e for e in EXCHANGES if e != self.exchange_of[account])
+        consent = self._release_consent(account, asset, amount, exchange=other)
+        self._refused(
+            "release consented by another exchange",
+            f"release of {account}'s {asset} consented by {other}",
+            lambda: self._custodian.pledge_releases.release(consent),
+            because=f"§5.9: {account} is pledged to {self.exchange_of[account]}",
+            reason="KEY_ROLE_MISMATCH",
+        )
+
     # ------------------------------------------------------------------ after every step
 
     @invariant()
@@ -556,7 +620,7 @@ class CustodianConservation(RuleBasedStateMachine):
                 old = before.balances.get(key, Balances())
                 assert got.pledged >= old.pledged, (
                     f"{what}: P of {key[0]} {key[1]} fell from {format_amount(old.pledged)} to "
-                    f"{format_amount(got.pledged)}; only liquidation, settlement or emergency "
+                    f"{format_amount(got.pledged)}; only liquidation, settlement, pledge or emergency "
                     "release may lower it"
                 )
         expected, changes = expect(result)
@@ -810,6 +874,48 @@ class CustodianConservation(RuleBasedStateMachine):
         return custodian_service_pb2.PledgeCollateralRequest(
             pledge_instruction=self._sign(client, instruction), liquidation_path=path
         )
+
+    def _release_consent(
+        self,
+        account: str,
+        asset: str,
+        amount: Decimal,
+        *,
+        exchange: str | None = None,
+        judged_epoch_back: int = 0,
+    ) -> envelope_pb2.Envelope:
+        """The client's request for ``amount`` and a consent by ``exchange`` (default: the
+        account's) judged on the latest statement, or on one ``judged_epoch_back`` before it."""
+        client = ACCOUNTS[account]
+        consenting = exchange or self.exchange_of[account]
+        assert consenting
+        request = pledge_release_pb2.PledgeReleaseRequest(
+            release_id=f"release-{next(self._ids)}",
+            account_id=account,
+            exchange_id=consenting,
+            releases=[
+                pledge_release_pb2.ReleasedQuantity(
+                    asset_id=asset, quantity=amount_to_proto(amount)
+                )
+            ],
+        )
+        store = self._custodian.ledger.store
+        latest = store.latest_statement(account)
+        assert latest is not None
+        judged = latest.envelope
+        if judged_epoch_back:
+            older = [
+                s
+                for s in store.statements_from(0)
+                if s.account_id == account and s.epoch == latest.epoch - judged_epoch_back
+            ]
+            judged = older[0].envelope
+        consent = pledge_release_pb2.PledgeReleaseConsent(
+            request=self._sign(client, request, audience=(consenting, CUSTODIAN)),
+            inputs=valuation_pb2.ValuationInputs(holdings_statements=[judged]),
+            exposure=amount_to_proto("0"),
+        )
+        return self._sign(consenting, consent, audience=(CUSTODIAN, client))
 
     def _liquidation_instruction(
         self, account: str, exchange: str, amount: Decimal

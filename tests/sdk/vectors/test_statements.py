@@ -35,6 +35,7 @@ from collateral_sync.v1 import (
     keys_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     reconciliation_pb2,
     valuation_pb2,
@@ -89,6 +90,9 @@ _OWN_TABLE: dict[str, tuple[type[Message], set[str], bool]] = {
     "emergency-release-receipt": (emergency_pb2.EmergencyReleaseReceipt, {_CUSTODIAN}, False),
     "pledge-instruction": (custodian_service_pb2.PledgeInstruction, {_CLIENT}, False),
     "redemption-request": (custodian_service_pb2.RedemptionRequest, {_CLIENT}, False),
+    "pledge-release-request": (pledge_release_pb2.PledgeReleaseRequest, {_CLIENT}, False),
+    "pledge-release-consent": (pledge_release_pb2.PledgeReleaseConsent, {_EXCHANGE}, False),
+    "pledge-release-receipt": (pledge_release_pb2.PledgeReleaseReceipt, {_CUSTODIAN}, False),
 }
 _HEX = set("0123456789abcdef")
 _NS = 1_000_000_000
