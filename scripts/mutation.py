@@ -38,6 +38,7 @@ FAMILIES = {
     "custodian": (
         [
             f"{_SERVER}/custodian/pledges.py",
+            f"{_SERVER}/custodian/pledge_releases.py",
             f"{_SERVER}/custodian/redemptions.py",
             f"{_SERVER}/custodian/liquidations.py",
             f"{_SERVER}/common/access.py",

@@ -47,6 +47,7 @@ from collateral_sync_conformance._expect import (
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._checkpoints import latest_checkpoint
 from collateral_sync_conformance.cases._kit_account import (
+    QUANTUM,
     client_key,
     ensure_pledged,
     exchange_party,
@@ -54,6 +55,7 @@ from collateral_sync_conformance.cases._kit_account import (
     plan_pledge,
 )
 from collateral_sync_conformance.cases._raw_stream import KIT_WINDOW
+from collateral_sync_conformance.cases._release import pledged_account, release_consent
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
@@ -148,7 +150,8 @@ async def custodian_stranger_public(ctx: CaseContext) -> None:
     "access/custodian/stranger-refused",
     Level.MUST,
     "a stranger (party not in the registry) is refused holdings, proofs, settlements, and a "
-    "validly signed redemption it relays, with PERMISSION_DENIED naming the caller; nothing changes",
+    "validly signed redemption and pledge release it relays, with PERMISSION_DENIED naming the "
+    "caller; nothing changes",
     roles=_CUSTODIAN,
     clauses=("§4.5/stranger-refused",),
 )
@@ -181,6 +184,18 @@ async def custodian_stranger_refused(ctx: CaseContext) -> None:
             redemption_request=await ctx.sign(redemption, plan.client)
         ),
         "RequestRedemption",
+    )
+    expect_access_denied(outcome, field="caller", caller=stranger.party_id)
+    # A pledge release the client asked for and the exchange consented to, relayed by the stranger.
+    pledged = await pledged_account(ctx)
+    asset_id = sorted(pledged.pledged)[0]
+    consent = await release_consent(ctx, pledged, [(asset_id, QUANTUM)])
+    outcome = await _call(
+        ctx,
+        stranger,
+        stranger.custodian.release_pledge,
+        custodian_service_pb2.ReleasePledgeRequest(consent=consent),
+        "ReleasePledge",
     )
     expect_access_denied(outcome, field="caller", caller=stranger.party_id)
     await expect_unchanged(ctx, before)

@@ -14,15 +14,11 @@ pledge as they found it for the cases after them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import grpc
-from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
-from collateral_sync.errors import CollateralSyncError
-from collateral_sync.keys import SigningKey
+from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
@@ -31,13 +27,10 @@ from collateral_sync.v1 import (
     envelope_pb2,
     errors_pb2,
     pledge_release_pb2,
-    valuation_pb2,
 )
-from collateral_sync.valuation import value_collateral
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import (
-    CaseFailure,
     CaseSkipped,
     Outcome,
     check,
@@ -47,17 +40,22 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._exchange_side import kit_risk_policy, price_snapshot
 from collateral_sync_conformance.cases._kit_account import (
     QUANTUM,
     PledgePlan,
     client_key,
-    ensure_pledged,
     exchange_party,
     holdings,
     liquidation_path,
     pledge_instruction,
     position_figures,
+)
+from collateral_sync_conformance.cases._release import (
+    ConsentHeader,
+    PledgedAccount,
+    consent_header,
+    pledged_account,
+    release_consent,
 )
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
@@ -72,132 +70,6 @@ _ROLE = common_pb2.PartyRole
 _PART = Decimal("0.000317000000000009")
 
 
-@dataclass(frozen=True, slots=True)
-class _Account:
-    """The kit's pledged account as it stands: its latest statement and its pledged assets."""
-
-    account_id: str
-    statement: attestation_pb2.HoldingsStatement
-    envelope: envelope_pb2.Envelope
-    #: Pledged quantity by asset, for the assets with a pledge > 0.
-    pledged: dict[str, Decimal]
-
-
-async def _account(ctx: CaseContext) -> _Account:
-    account_id = await ensure_pledged(ctx)
-    statement, envelope, _ = await holdings(ctx, account_id)
-    pledged = {
-        p.asset_id: parse_amount(p.pledged_quantity.value or "0")
-        for p in statement.positions
-        if parse_amount(p.pledged_quantity.value or "0") > 0
-    }
-    check(
-        bool(pledged),
-        f"account {account_id!r} was pledged, yet its holdings statement shows no pledge",
-        expected="a position with pledged_quantity > 0",
-        got="none",
-    )
-    return _Account(account_id, statement, envelope, pledged)
-
-
-async def _consent(
-    ctx: CaseContext,
-    account: _Account,
-    releases: Sequence[tuple[str, str]],
-    *,
-    release_id: str | None = None,
-    judged: envelope_pb2.Envelope | None = None,
-    client: SigningKey | None = None,
-    exchange: SigningKey | None = None,
-    request_exchange_id: str | None = None,
-) -> envelope_pb2.Envelope:
-    """The client's request for ``releases`` (asset, quantity text) and the exchange's consent.
-
-    Judged on the account's latest statement unless ``judged``; signed by the
-    account's client and the kit's exchange unless ``client`` or ``exchange``.
-    """
-    exchange_key = exchange if exchange is not None else ctx.key(_ROLE.PARTY_ROLE_EXCHANGE)
-    exchange_id = exchange_party(ctx) if request_exchange_id is None else request_exchange_id
-    request = pledge_release_pb2.PledgeReleaseRequest(
-        release_id=release_id or ctx.unique("conformance-release"),
-        account_id=account.account_id,
-        exchange_id=exchange_id,
-        releases=[
-            pledge_release_pb2.ReleasedQuantity(
-                asset_id=asset_id, quantity=common_pb2.Decimal(value=quantity)
-            )
-            for asset_id, quantity in releases
-        ],
-    )
-    request_envelope = await ctx.sign(
-        request,
-        client if client is not None else client_key(ctx),
-        audience=[exchange_id, ctx.server_party_id],
-    )
-    now = await ctx.server_now()
-    statement_envelope = account.envelope if judged is None else judged
-    statement = attestation_pb2.HoldingsStatement.FromString(statement_envelope.payload)
-    assets = sorted(p.asset_id for p in statement.positions)
-    policy = kit_risk_policy(ctx, now, dict.fromkeys(assets, "1"))
-    snapshot = await price_snapshot(ctx, dict.fromkeys(assets, "1"), now)
-    after = _after(statement, releases)
-    try:
-        valued = value_collateral(
-            policy,
-            after,
-            valuation_pb2.PriceSnapshot.FromString(snapshot.payload).prices,
-            valued_at=now,
-        )
-    except CollateralSyncError as err:
-        raise CaseFailure(
-            f"the account's holdings statement (epoch {statement.epoch}) cannot be valued: "
-            f"{err.message}",
-            expected="non-negative, canonical quantities (§5.8, §7.2)",
-            got=err.metadata.get("actual", ""),
-        ) from err
-    consent = pledge_release_pb2.PledgeReleaseConsent(
-        request=request_envelope,
-        inputs=valuation_pb2.ValuationInputs(
-            risk_policy=await ctx.sign(policy, exchange_key, audience=["*"], issued_at=now),
-            holdings_statements=[statement_envelope],
-            price_snapshot=snapshot,
-        ),
-        risk_policy_version=policy.version,
-        exposure=amount_to_proto("0"),
-        collateral_value_after=amount_to_proto(format_amount(valued.collateral_value)),
-        credit_limit_after=amount_to_proto(format_amount(valued.collateral_value * 2)),
-    )
-    return await ctx.sign(
-        consent,
-        exchange_key,
-        audience=[ctx.server_party_id, client_key(ctx).party_id],
-        issued_at=now,
-    )
-
-
-def _after(
-    statement: attestation_pb2.HoldingsStatement, releases: Sequence[tuple[str, str]]
-) -> list[common_pb2.Position]:
-    """The statement's positions with each released quantity taken out of its pledge."""
-    taken: dict[str, Decimal] = {}
-    for asset_id, quantity in releases:
-        try:
-            taken[asset_id] = max(Decimal(0), parse_amount(quantity))
-        except CollateralSyncError:
-            continue  # a malformed release on purpose: the figures leave it out
-    positions = []
-    for position in statement.positions:
-        copy = common_pb2.Position()
-        copy.CopyFrom(position)
-        if position.asset_id in taken:
-            pledged = parse_amount(position.pledged_quantity.value or "0")
-            copy.pledged_quantity.value = format_amount(
-                max(Decimal(0), pledged - taken[position.asset_id])
-            )
-        positions.append(copy)
-    return positions
-
-
 async def _release(ctx: CaseContext, consent: envelope_pb2.Envelope, label: str) -> Outcome:
     return await ctx.rpc(
         ctx.custodian.release_pledge,
@@ -207,7 +79,7 @@ async def _release(ctx: CaseContext, consent: envelope_pb2.Envelope, label: str)
 
 
 async def _released(
-    ctx: CaseContext, account: _Account, consent: envelope_pb2.Envelope, label: str
+    ctx: CaseContext, account: PledgedAccount, consent: envelope_pb2.Envelope, label: str
 ) -> tuple[attestation_pb2.HoldingsStatement, pledge_release_pb2.PledgeReleaseReceipt]:
     """Execute ``consent`` (it must be accepted); the new statement and receipt, both verified."""
     response: custodian_service_pb2.ReleasePledgeResponse = expect_ok(
@@ -282,7 +154,7 @@ def _check_moved(
 
 
 async def _pledge_back(
-    ctx: CaseContext, account: _Account, asset_id: str, quantity: Decimal
+    ctx: CaseContext, account: PledgedAccount, asset_id: str, quantity: Decimal
 ) -> None:
     """Pledge ``quantity`` of ``asset_id`` again: what was released is pledgeable anew."""
     plan = PledgePlan(
@@ -322,9 +194,9 @@ async def _pledge_back(
     ),
 )
 async def executed_within_pledge(ctx: CaseContext) -> None:
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     parts = {asset_id: min(_PART, pledged / 3) for asset_id, pledged in account.pledged.items()}
-    consent = await _consent(
+    consent = await release_consent(
         ctx, account, [(asset_id, format_amount(part)) for asset_id, part in sorted(parts.items())]
     )
     after, receipt = await _released(
@@ -338,19 +210,19 @@ async def executed_within_pledge(ctx: CaseContext) -> None:
         got="''",
     )
 
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     asset_id, remaining = sorted(account.pledged.items())[0]
     before = await custodian_state(ctx)
     over = format_amount(remaining + Decimal(QUANTUM))
     outcome = await _release(
         ctx,
-        await _consent(ctx, account, [(asset_id, over)]),
+        await release_consent(ctx, account, [(asset_id, over)]),
         f"ReleasePledge of {over} {asset_id}, one quantum more than its pledge {remaining}",
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
     await expect_unchanged(ctx, before)
 
-    consent = await _consent(ctx, account, [(asset_id, format_amount(remaining))])
+    consent = await release_consent(ctx, account, [(asset_id, format_amount(remaining))])
     after, _ = await _released(
         ctx, account, consent, f"ReleasePledge of exactly the {remaining} {asset_id} pledged"
     )
@@ -371,12 +243,12 @@ async def executed_within_pledge(ctx: CaseContext) -> None:
     ),
 )
 async def judged_on_latest_holdings(ctx: CaseContext) -> None:
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     asset_id = sorted(account.pledged)[0]
     # A change of the account (a top-up), so that the statement the exchange judged is not the latest.
     await _pledge_back(ctx, account, asset_id, Decimal(QUANTUM))
     older = account.envelope
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     check(
         account.statement.epoch > attestation_pb2.HoldingsStatement.FromString(older.payload).epoch,
         "a pledge did not give the account a new holdings statement",
@@ -384,18 +256,38 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
         got=account.statement.epoch,
     )
     quantity = format_amount(min(_PART, account.pledged[asset_id] / 3))
+    older_epoch = attestation_pb2.HoldingsStatement.FromString(older.payload).epoch
     before = await custodian_state(ctx)
     outcome = await _release(
         ctx,
-        await _consent(ctx, account, [(asset_id, quantity)], judged=older),
+        await release_consent(ctx, account, [(asset_id, quantity)], judged=older),
         "ReleasePledge judged on the account's previous holdings statement",
+    )
+    expect_status(
+        outcome,
+        _C.FAILED_PRECONDITION,
+        _R.ERROR_REASON_STATE_CONFLICT,
+        metadata_field="inputs.holdings_statements",
+    )
+    info = outcome.error_info
+    metadata = dict(info.metadata) if info is not None else {}
+    check_equal(
+        "the refusal's metadata (expected: the latest epoch, actual: the epoch judged)",
+        (str(account.statement.epoch), str(older_epoch)),
+        (metadata.get("expected"), metadata.get("actual")),
+    )
+    await expect_unchanged(ctx, before)
+    outcome = await _release(
+        ctx,
+        await release_consent(ctx, account, [(asset_id, quantity)], also_judged=[older]),
+        "ReleasePledge judged on the latest holdings statement and the one before",
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
     await expect_unchanged(ctx, before)
     after, _ = await _released(
         ctx,
         account,
-        await _consent(ctx, account, [(asset_id, quantity)]),
+        await release_consent(ctx, account, [(asset_id, quantity)]),
         "the same release judged on the latest holdings statement",
     )
     _check_moved(account.statement, after, {asset_id: parse_amount(quantity)})
@@ -413,7 +305,7 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
     clauses=("§5.9/release-by-account-parties",),
 )
 async def only_the_account_parties(ctx: CaseContext) -> None:
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     asset_id = sorted(account.pledged)[0]
     quantity = format_amount(min(_PART, account.pledged[asset_id] / 3))
     own_client = client_key(ctx).party_id
@@ -435,14 +327,14 @@ async def only_the_account_parties(ctx: CaseContext) -> None:
         attempts.append(
             (
                 f"ReleasePledge requested by another client {key.party_id!r}",
-                await _consent(ctx, account, [(asset_id, quantity)], client=key),
+                await release_consent(ctx, account, [(asset_id, quantity)], client=key),
             )
         )
     for key in other_exchanges[:1]:
         attempts.append(
             (
                 f"ReleasePledge consented by another exchange {key.party_id!r}",
-                await _consent(
+                await release_consent(
                     ctx,
                     account,
                     [(asset_id, quantity)],
@@ -454,7 +346,7 @@ async def only_the_account_parties(ctx: CaseContext) -> None:
         attempts.append(
             (
                 f"ReleasePledge whose request names {key.party_id!r}, consented by {own_exchange!r}",
-                await _consent(
+                await release_consent(
                     ctx, account, [(asset_id, quantity)], request_exchange_id=key.party_id
                 ),
             )
@@ -475,11 +367,11 @@ async def only_the_account_parties(ctx: CaseContext) -> None:
     roles=_CUSTODIAN,
 )
 async def repeat_answered(ctx: CaseContext) -> None:
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     asset_id = sorted(account.pledged)[0]
     quantity = min(_PART, account.pledged[asset_id] / 3)
     release_id = ctx.unique("conformance-release")
-    consent = await _consent(
+    consent = await release_consent(
         ctx, account, [(asset_id, format_amount(quantity))], release_id=release_id
     )
     first: custodian_service_pb2.ReleasePledgeResponse = expect_ok(
@@ -495,13 +387,34 @@ async def repeat_answered(ctx: CaseContext) -> None:
         again.receipt.SerializeToString(),
     )
     await expect_unchanged(ctx, before)
-    moved = await _account(ctx)
-    other = await _consent(ctx, moved, [(asset_id, QUANTUM)], release_id=release_id)
-    outcome = await _release(
-        ctx, other, f"another consent under the used release_id {release_id!r}"
-    )
-    expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
-    await expect_unchanged(ctx, before)
+    moved = await pledged_account(ctx)
+    # Other consents under the used id: a fresh one, and two with the executed one's very
+    # header but a statement id sorting before and after it (so that comparing the payloads
+    # by order rather than for equality lets one through). The id is checked before the
+    # replay guard (§12.4): the reused sequence is not what refuses them.
+    executed = consent_header(consent)
+    others = [
+        ("a fresh consent", None),
+        *(
+            (
+                f"the executed consent's header with statement id {edge}",
+                ConsentHeader(
+                    executed.sequence,
+                    executed.issued_at,
+                    executed.expires_at,
+                    edge + executed.statement_id[1:],
+                ),
+            )
+            for edge in ("0", "~")
+        ),
+    ]
+    for what, header in others:
+        other = await release_consent(
+            ctx, moved, [(asset_id, QUANTUM)], release_id=release_id, header=header
+        )
+        outcome = await _release(ctx, other, f"{what} under the used release_id {release_id!r}")
+        expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+        await expect_unchanged(ctx, before)
     await _pledge_back(ctx, moved, asset_id, quantity)
 
 
@@ -515,7 +428,7 @@ async def repeat_answered(ctx: CaseContext) -> None:
     clauses=("§5.9/release-consent-verified",),
 )
 async def malformed_refused(ctx: CaseContext) -> None:
-    account = await _account(ctx)
+    account = await pledged_account(ctx)
     asset_id = sorted(account.pledged)[0]
     unit = format_amount(min(_PART, account.pledged[asset_id] / 3))
     cases: list[tuple[str, list[tuple[str, str]], int]] = [
@@ -528,11 +441,11 @@ async def malformed_refused(ctx: CaseContext) -> None:
     for what, releases, reason in cases:
         before = await custodian_state(ctx)
         outcome = await _release(
-            ctx, await _consent(ctx, account, releases), f"ReleasePledge of {what}"
+            ctx, await release_consent(ctx, account, releases), f"ReleasePledge of {what}"
         )
         expect_status(outcome, _C.INVALID_ARGUMENT, reason)
         await expect_unchanged(ctx, before)
-    consent = await _consent(ctx, account, [(asset_id, unit)])
+    consent = await release_consent(ctx, account, [(asset_id, unit)])
     message = pledge_release_pb2.PledgeReleaseConsent.FromString(consent.payload)
     tampered = bytearray(message.request.signatures[0].sig)
     tampered[0] ^= 1
