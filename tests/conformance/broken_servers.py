@@ -1242,6 +1242,29 @@ def _exchange_satisfied_amount_only_rises() -> None:
     calls.set_status = set_status
 
 
+def _custodian_stream_replays_reused_id() -> None:
+    """On the stream only, stage g before the id: a liquidation instruction reusing a used id
+    under an already-used sequence fails its batch as REPLAYED (blocking the stream) instead of
+    being recorded as a rejected update (§6.5, §12.4). The RPC path is left right."""
+    liquidations = _custodian_liquidations.Liquidations
+    original = liquidations._check_instruction
+
+    def check_instruction(self: Any, envelope: Any, now: Any, **kwargs: Any) -> Any:
+        if kwargs.get("on_stream"):
+            message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
+            executed = (
+                self._ledger.store.liquidation(message.liquidation_id)
+                if message.liquidation_id
+                else None
+            )
+            if executed is not None and executed.instruction_payload != envelope.payload:
+                header = message.header
+                self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+        return original(self, envelope, now, **kwargs)
+
+    liquidations._check_instruction = check_instruction
+
+
 def _custodian_replay_before_reused_id() -> None:
     """Stage g before the id (§12.4 steps 3, 4): a liquidation or settlement instruction
     reusing a used id under an already-used sequence is refused REPLAYED, not STATE_CONFLICT."""
@@ -1721,6 +1744,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-answers-expired-repeats": _custodian_answers_expired_repeats,
     "custodian-sells-at-zero-price": _custodian_sells_at_zero_price,
     "custodian-replay-before-reused-id": _custodian_replay_before_reused_id,
+    "custodian-stream-replays-reused-id": _custodian_stream_replays_reused_id,
     "exchange-credits-negative-figures": _exchange_credits_negative_figures(
         "quantity", "locked_quantity", "pledged_quantity"
     ),

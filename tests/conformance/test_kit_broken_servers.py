@@ -221,6 +221,13 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {"liquidation/reused-id-refused", "settlement/reused-id-refused"},
     ),
     (
+        # The same, on the stream only: the reused id fails its batch instead of being
+        # recorded as a rejected update.
+        "custodian-stream-replays-reused-id",
+        ["liquidation/re*"],
+        {"liquidation/reused-id-refused"},
+    ),
+    (
         # The id before stages a-f: an expired repeat is answered from the record.
         "custodian-answers-expired-repeats",
         ["settlement/repeat-returns-recorded", "settlement/expired-repeat-refused"],

@@ -1033,7 +1033,8 @@ async def repeat_returns_same_receipt(ctx: CaseContext) -> None:
     "statement for the same account and path, with its own figures — is FAILED_PRECONDITION "
     "STATE_CONFLICT, gets no receipt and changes nothing (§9.4); so are ones signed under the "
     "first instruction's own sequence and under sequence 1: the id is checked before replay "
-    "(§12.4 steps 3, 4)",
+    "(§12.4 steps 3, 4); on the stream, under a fresh sequence and the first one's, such an "
+    "instruction is acknowledged with its batch (recorded as rejected, §6.5) and sells nothing",
     roles=_CUSTODIAN,
     clauses=("§12.4/reused-id-refused",),
 )
@@ -1059,6 +1060,18 @@ async def reused_id_refused(ctx: CaseContext) -> None:
             grpc.StatusCode.FAILED_PRECONDITION,
             _R.ERROR_REASON_STATE_CONFLICT,
         )
+    # On the stream the reuse is an update recorded as rejected (§6.5, §12.4: the id before
+    # stage g), under the first one's sequence too: the batch is acknowledged, not failed as
+    # a replay that would block every entry behind it, and nothing is sold.
+    for sequence in (None, used):
+        before = await custodian_state(ctx)
+        reused = await _instruction(
+            ctx, pledged, liquidation_id=first.liquidation_id, sequence=sequence
+        )
+        await _send_on_stream(
+            ctx, [position_sync_pb2.PositionUpdate(liquidation_instruction=reused.envelope)]
+        )
+        await expect_unchanged(ctx, before)
 
 
 @REGISTRY.case(

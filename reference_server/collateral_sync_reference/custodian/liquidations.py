@@ -113,11 +113,14 @@ class Liquidations:
         executed = ledger.store.liquidation(liquidation_id) if liquidation_id else None
         if executed is not None and executed.instruction_payload == verified.payload:
             return verified, executed.receipt
-        if executed is not None and not on_stream:
+        if executed is not None:
             # PROTOCOL.md §12.4: the id before stage g; other bytes under a used id are a
-            # conflict whatever their sequence. (On the stream the conflict is recorded as a
-            # rejected update, §6.5: _liquidate_verified raises it inside the batch.)
-            raise _reused(liquidation_id)
+            # conflict whatever their sequence. On the stream the conflict is an update
+            # recorded as rejected (§6.5), not a replay that fails the batch:
+            # _liquidate_verified raises it inside the batch's savepoint.
+            if not on_stream:
+                raise _reused(liquidation_id)
+            return verified, None
         ledger.guard.check(verified.issuer, verified.payload_type, verified.sequence)
         return verified, None
 
