@@ -1242,6 +1242,15 @@ def _exchange_satisfied_amount_only_rises() -> None:
     calls.set_status = set_status
 
 
+def _replay_check_on_reused_liquidation_id(ledger: Any, envelope: Any) -> None:
+    """Stage g first for an instruction reusing an executed id with other bytes (REPLAYED)."""
+    message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
+    executed = ledger.store.liquidation(message.liquidation_id) if message.liquidation_id else None
+    if executed is not None and executed.instruction_payload != envelope.payload:
+        header = message.header
+        ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+
+
 def _custodian_stream_replays_reused_id() -> None:
     """On the stream only, stage g before the id: a liquidation instruction reusing a used id
     under an already-used sequence fails its batch as REPLAYED (blocking the stream) instead of
@@ -1251,15 +1260,7 @@ def _custodian_stream_replays_reused_id() -> None:
 
     def check_instruction(self: Any, envelope: Any, now: Any, **kwargs: Any) -> Any:
         if kwargs.get("on_stream"):
-            message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
-            executed = (
-                self._ledger.store.liquidation(message.liquidation_id)
-                if message.liquidation_id
-                else None
-            )
-            if executed is not None and executed.instruction_payload != envelope.payload:
-                header = message.header
-                self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+            _replay_check_on_reused_liquidation_id(self._ledger, envelope)
         return original(self, envelope, now, **kwargs)
 
     liquidations._check_instruction = check_instruction
@@ -1272,15 +1273,7 @@ def _custodian_replay_before_reused_id() -> None:
     original = liquidations._check_instruction
 
     def check_instruction(self: Any, envelope: Any, now: Any, **kwargs: Any) -> Any:
-        message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
-        executed = (
-            self._ledger.store.liquidation(message.liquidation_id)
-            if message.liquidation_id
-            else None
-        )
-        if executed is not None and executed.instruction_payload != envelope.payload:
-            header = message.header
-            self._ledger.guard.check(header.issuer, envelope.payload_type, header.sequence)
+        _replay_check_on_reused_liquidation_id(self._ledger, envelope)
         return original(self, envelope, now, **kwargs)
 
     liquidations._check_instruction = check_instruction

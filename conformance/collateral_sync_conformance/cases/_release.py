@@ -105,12 +105,13 @@ async def release_consent(
     exchange: SigningKey | None = None,
     request_exchange_id: str | None = None,
     also_judged: Sequence[envelope_pb2.Envelope] = (),
+    cited: Sequence[envelope_pb2.Envelope] | None = None,
     header: ConsentHeader | None = None,
 ) -> envelope_pb2.Envelope:
     """The client's request for ``releases`` (asset, quantity text) and the exchange's consent.
 
     Judged on the account's latest statement unless ``judged`` (and on
-    ``also_judged`` besides); signed by the account's client and the kit's
+    ``also_judged`` besides), or citing exactly ``cited`` (figures as judged); signed by the account's client and the kit's
     exchange unless ``client`` or ``exchange``; the consent's header is fresh
     unless ``header`` fixes its sequence, times and statement id.
     """
@@ -157,7 +158,9 @@ async def release_consent(
         request=request_envelope,
         inputs=valuation_pb2.ValuationInputs(
             risk_policy=await ctx.sign(policy, exchange_key, audience=["*"], issued_at=now),
-            holdings_statements=[statement_envelope, *also_judged],
+            holdings_statements=(
+                [statement_envelope, *also_judged] if cited is None else list(cited)
+            ),
             price_snapshot=snapshot,
         ),
         risk_policy_version=policy.version,

@@ -234,8 +234,9 @@ async def executed_within_pledge(ctx: CaseContext) -> None:
     "pledge-release/judged-on-latest-holdings",
     Level.MUST,
     "a consent judged on the account's holdings statement of the epoch before the latest is "
-    "refused FAILED_PRECONDITION STATE_CONFLICT and changes nothing, and the same release judged "
-    "on the latest is executed (§5.9)",
+    "refused FAILED_PRECONDITION STATE_CONFLICT (metadata: the latest epoch expected, the one "
+    "judged actual) and changes nothing, as are consents citing the latest and the one before, "
+    "none, or undecodable bytes; the same release judged on the latest is executed (§5.9)",
     roles=_CUSTODIAN,
     clauses=(
         "§5.9/release-on-latest-holdings",
@@ -284,6 +285,20 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
     )
     expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
     await expect_unchanged(ctx, before)
+    undecodable = envelope_pb2.Envelope()
+    undecodable.CopyFrom(account.envelope)
+    undecodable.payload = b"\xff" + account.envelope.payload
+    for what, cited in (
+        ("no holdings statement", []),
+        ("an undecodable holdings statement", [undecodable]),
+    ):
+        outcome = await _release(
+            ctx,
+            await release_consent(ctx, account, [(asset_id, quantity)], cited=cited),
+            f"ReleasePledge whose consent cites {what}",
+        )
+        expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
+        await expect_unchanged(ctx, before)
     after, _ = await _released(
         ctx,
         account,
@@ -361,7 +376,8 @@ async def only_the_account_parties(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "pledge-release/repeat-answered-reused-id-refused",
     Level.MUST,
-    "the same consent sent again is answered with the same receipt, byte for byte, and releases "
+    "the same consent sent again is answered with the same receipt and holdings statement, byte "
+    "for byte, and releases "
     "nothing twice; another consent under the used release_id is refused FAILED_PRECONDITION "
     "STATE_CONFLICT and changes nothing (§5.9, §12.4)",
     roles=_CUSTODIAN,
@@ -382,9 +398,9 @@ async def repeat_answered(ctx: CaseContext) -> None:
         await _release(ctx, consent, "the same ReleasePledge again")
     )
     check_equal(
-        "the receipt of the repeat",
-        first.receipt.SerializeToString(),
-        again.receipt.SerializeToString(),
+        "the receipt and holdings statement of the repeat",
+        (first.receipt.SerializeToString(), first.holdings_statement.SerializeToString()),
+        (again.receipt.SerializeToString(), again.holdings_statement.SerializeToString()),
     )
     await expect_unchanged(ctx, before)
     moved = await pledged_account(ctx)

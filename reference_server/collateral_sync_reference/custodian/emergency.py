@@ -33,7 +33,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from collateral_sync.amounts import amount_to_proto
 from collateral_sync.errors import MalformedError, StateError, VerificationError
 from collateral_sync.signing import VerifiedStatement, sign_statement, verify_threshold
 from collateral_sync.statements import payload_type_of
@@ -43,7 +42,6 @@ from collateral_sync.v1 import (
     emergency_pb2,
     envelope_pb2,
     errors_pb2,
-    position_sync_pb2,
     valuation_pb2,
 )
 
@@ -212,20 +210,7 @@ class CustodianEmergencyRelease:
                 ),
             )
             ledger.guard.record(verified)
-            ledger._announce(
-                account.exchange_id,
-                *(
-                    position_sync_pb2.PositionUpdate(
-                        pledge_change=position_sync_pb2.PledgeChange(
-                            account_id=account.account_id,
-                            asset_id=asset_id,
-                            pledged_quantity=amount_to_proto(_ZERO),
-                            attestation=ref,
-                        )
-                    )
-                    for asset_id in released
-                ),
-            )
+            ledger._announce_pledges(account, released, ref)
         return signed
 
     def _counted_parties(

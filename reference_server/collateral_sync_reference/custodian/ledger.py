@@ -24,7 +24,7 @@ sequence from the storage's counter in the transaction that stores it.
 from __future__ import annotations
 
 import decimal
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -263,6 +263,26 @@ class Ledger:
                 )
             issued.append((envelope, ref))
         return issued
+
+    def _announce_pledges(
+        self, account: Account, asset_ids: Iterable[str], ref: attestation_pb2.AttestationRef
+    ) -> None:
+        """A pledge_change per asset, by asset id: its pledge as the account now holds it, as
+        the holdings statement at ``ref`` records it (§6.8), on the account's exchange's log."""
+        self._announce(
+            account.exchange_id,
+            *(
+                position_sync_pb2.PositionUpdate(
+                    pledge_change=position_sync_pb2.PledgeChange(
+                        account_id=account.account_id,
+                        asset_id=asset_id,
+                        pledged_quantity=amount_to_proto(account.holding(asset_id).pledged),
+                        attestation=ref,
+                    )
+                )
+                for asset_id in sorted(asset_ids)
+            ),
+        )
 
     def _announce(self, exchange: str, *updates: position_sync_pb2.PositionUpdate) -> None:
         log = self.sync_logs.get(exchange)

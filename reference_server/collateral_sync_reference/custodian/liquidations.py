@@ -313,19 +313,11 @@ class Liquidations:
             )
         )
         ledger.guard.record(verified)
-        updates = [
-            position_sync_pb2.PositionUpdate(
-                pledge_change=position_sync_pb2.PledgeChange(
-                    account_id=account.account_id,
-                    asset_id=asset_id,
-                    pledged_quantity=amount_to_proto(account.holding(asset_id).pledged),
-                    attestation=ref,
-                )
-            )
-            for asset_id in sorted(sold)
-        ]
-        updates.append(position_sync_pb2.PositionUpdate(liquidation_receipt=envelope))
-        ledger._announce(verified.issuer, *updates)
+        # On the exchange's log: the pledges as they now stand, then the receipt (§6.8).
+        ledger._announce_pledges(account, sold, ref)
+        ledger._announce(
+            verified.issuer, position_sync_pb2.PositionUpdate(liquidation_receipt=envelope)
+        )
         return envelope
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from collateral_sync.amounts import amount_to_proto, format_amount
+from collateral_sync.amounts import format_amount
 from collateral_sync.errors import MalformedError, VerificationError
 from collateral_sync.signing import VerifiedStatement, sign_statement
 from collateral_sync.statements import payload_type_of
@@ -31,7 +31,6 @@ from collateral_sync.v1 import (
     envelope_pb2,
     errors_pb2,
     pledge_release_pb2,
-    position_sync_pb2,
 )
 from google.protobuf.message import DecodeError
 
@@ -134,20 +133,7 @@ class PledgeReleases:
                 ),
             )
             ledger.guard.record(consent)
-            ledger._announce(
-                account.exchange_id,
-                *(
-                    position_sync_pb2.PositionUpdate(
-                        pledge_change=position_sync_pb2.PledgeChange(
-                            account_id=account.account_id,
-                            asset_id=asset_id,
-                            pledged_quantity=amount_to_proto(account.holding(asset_id).pledged),
-                            attestation=ref,
-                        )
-                    )
-                    for asset_id, _ in sorted(releases)
-                ),
-            )
+            ledger._announce_pledges(account, (asset_id for asset_id, _ in releases), ref)
         return custodian_service_pb2.ReleasePledgeResponse(
             receipt=signed, holdings_statement=statement
         )

@@ -10,7 +10,7 @@ instructions must name. A top-up may send the path in force again.
 
 from __future__ import annotations
 
-from collateral_sync.amounts import amount_to_proto, format_amount
+from collateral_sync.amounts import format_amount
 from collateral_sync.errors import MalformedError
 from collateral_sync.signing import VerifiedStatement, add_signature
 from collateral_sync.v1 import (
@@ -18,7 +18,6 @@ from collateral_sync.v1 import (
     custodian_service_pb2,
     envelope_pb2,
     liquidation_pb2,
-    position_sync_pb2,
 )
 
 from collateral_sync_reference.common.errors import conflict as _conflict
@@ -122,17 +121,7 @@ class Pledges:
             [(envelope, ref)] = ledger._attest(
                 [_Change(account, reason, liquidation_path=recorded_path)], now
             )
-            ledger._announce(
-                exchange,
-                position_sync_pb2.PositionUpdate(
-                    pledge_change=position_sync_pb2.PledgeChange(
-                        account_id=account.account_id,
-                        asset_id=asset_id,
-                        pledged_quantity=amount_to_proto(holding.pledged),
-                        attestation=ref,
-                    )
-                ),
-            )
+            ledger._announce_pledges(account, [asset_id], ref)
         return envelope, ref
 
     def _check_path(

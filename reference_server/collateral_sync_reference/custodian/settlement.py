@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from collateral_sync.amounts import amount_from_proto, amount_to_proto, format_amount
+from collateral_sync.amounts import amount_from_proto, format_amount
 from collateral_sync.errors import (
     CollateralSyncError,
     MalformedError,
@@ -45,7 +45,6 @@ from collateral_sync.v1 import (
     custodian_service_pb2,
     envelope_pb2,
     errors_pb2,
-    position_sync_pb2,
     reconciliation_pb2,
 )
 
@@ -455,17 +454,7 @@ class CustodianSettlement:
                 [_Change(client, _SETTLEMENT), _Change(house, _SETTLEMENT)], now
             )
             if net > 0:
-                ledger._announce(
-                    client.exchange_id,
-                    position_sync_pb2.PositionUpdate(
-                        pledge_change=position_sync_pb2.PledgeChange(
-                            account_id=client.account_id,
-                            asset_id=asset_id,
-                            pledged_quantity=amount_to_proto(own.pledged),
-                            attestation=ref,
-                        )
-                    ),
-                )
+                ledger._announce_pledges(client, [asset_id], ref)
             self._db.execute(
                 "UPDATE custodian_settlements SET status = ?, attestation = ? "
                 "WHERE settlement_id = ?",
