@@ -869,38 +869,29 @@ def _checks_no_step_amounts() -> None:
 # --- pledge release (§5.9) --------------------------------------------------------------
 
 
-def _releases_beyond_pledge() -> None:
-    """A release is bounded by what is not locked (quantity - locked), not by the pledge."""
-    releases = _custodian_pledge_releases.PledgeReleases
+def _bound_releases(refused: Callable[[Any, Decimal], bool], why: str) -> None:
+    """Replace the release bound: ``refused(holding, quantity)`` decides, ``why`` says."""
 
     def check(account: Any, items: list[tuple[str, Decimal]]) -> None:
         for index, (asset_id, quantity) in enumerate(items):
-            holding = account.holding(asset_id)
-            bound = holding.quantity - holding.locked
-            if quantity > bound:
+            if refused(account.holding(asset_id), quantity):
                 raise StateError(
-                    f"release of {quantity} {asset_id} exceeds {bound}",
+                    f"release of {quantity} {asset_id} {why}",
                     reason=errors_pb2.ERROR_REASON_STATE_CONFLICT,
                     metadata={"field": f"releases[{index}].quantity"},
                 )
 
-    releases._check_within_pledge = staticmethod(check)
+    _custodian_pledge_releases.PledgeReleases._check_within_pledge = staticmethod(check)
+
+
+def _releases_beyond_pledge() -> None:
+    """A release is bounded by what is not locked (quantity - locked), not by the pledge."""
+    _bound_releases(lambda h, q: q > h.quantity - h.locked, "exceeds quantity - locked")
 
 
 def _release_bound_exclusive() -> None:
     """Releasing exactly the pledge is refused (the bound taken as exclusive)."""
-    releases = _custodian_pledge_releases.PledgeReleases
-
-    def check(account: Any, items: list[tuple[str, Decimal]]) -> None:
-        for index, (asset_id, quantity) in enumerate(items):
-            if quantity >= account.holding(asset_id).pledged:
-                raise StateError(
-                    f"release of {quantity} {asset_id} is not below the pledge",
-                    reason=errors_pb2.ERROR_REASON_STATE_CONFLICT,
-                    metadata={"field": f"releases[{index}].quantity"},
-                )
-
-    releases._check_within_pledge = staticmethod(check)
+    _bound_releases(lambda h, q: q >= h.pledged, "is not below the pledge")
 
 
 def _releases_on_any_holdings() -> None:

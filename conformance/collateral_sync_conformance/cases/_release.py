@@ -23,7 +23,7 @@ from collateral_sync.v1 import (
     pledge_release_pb2,
     valuation_pb2,
 )
-from collateral_sync.valuation import value_collateral
+from collateral_sync.valuation import credit_line_figures, value_collateral
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import CaseFailure, check
@@ -154,6 +154,7 @@ async def release_consent(
             expected="non-negative, canonical quantities (§5.8, §7.2)",
             got=err.metadata.get("actual", ""),
         ) from err
+    figures = credit_line_figures(policy, valued, Decimal(0))
     consent = pledge_release_pb2.PledgeReleaseConsent(
         request=request_envelope,
         inputs=valuation_pb2.ValuationInputs(
@@ -166,7 +167,7 @@ async def release_consent(
         risk_policy_version=policy.version,
         exposure=amount_to_proto("0"),
         collateral_value_after=amount_to_proto(format_amount(valued.collateral_value)),
-        credit_limit_after=amount_to_proto(format_amount(valued.collateral_value * 2)),
+        credit_limit_after=amount_to_proto(format_amount(figures.credit_limit)),
     )
     if header is None:
         return await ctx.sign(
