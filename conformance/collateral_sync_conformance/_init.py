@@ -186,7 +186,7 @@ def kit_arguments(role: str, ports: Ports) -> list[str]:
         kit_party, keys = EXCHANGE, (EXCHANGE, CLIENT, REGULATOR, OTHER_EXCHANGE, OTHER_CLIENT)
         extra = [*_identities(*further), "--account", KIT_ACCOUNT]
     elif role == "exchange":
-        kit_party, keys = CUSTODIAN, (CUSTODIAN, CLIENT)
+        kit_party, keys = CUSTODIAN, (CUSTODIAN, CLIENT, OTHER_CLIENT)
         extra = [
             "--server-party",
             EXCHANGE,

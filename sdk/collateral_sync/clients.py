@@ -332,6 +332,7 @@ class ExchangeClient(_Client):
         "_get_shortfall_allocation",
         "_list_liquidations",
         "_list_margin_calls",
+        "_request_pledge_release",
         "_respond_to_margin_call",
     )
 
@@ -360,6 +361,9 @@ class ExchangeClient(_Client):
         self._list_liquidations: _UnaryMethod[
             m.ListLiquidationsRequest, m.ListLiquidationsResponse
         ] = stub.ListLiquidations
+        self._request_pledge_release: _UnaryMethod[
+            m.RequestPledgeReleaseRequest, m.RequestPledgeReleaseResponse
+        ] = stub.RequestPledgeRelease
 
     async def get_risk_policy(
         self,
@@ -430,6 +434,16 @@ class ExchangeClient(_Client):
     ) -> exchange_service_pb2.ListLiquidationsResponse:
         """Liquidations of an account (instruction, receipt, allocation), one page."""
         return await self._unary(self._list_liquidations, request, timeout, metadata)
+
+    async def request_pledge_release(
+        self,
+        request: exchange_service_pb2.RequestPledgeReleaseRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> exchange_service_pb2.RequestPledgeReleaseResponse:
+        """The exchange's signed consent to the client's signed pledge-release request."""
+        return await self._unary(self._request_pledge_release, request, timeout, metadata)
 
 
 class RegulatorClient(_Client):

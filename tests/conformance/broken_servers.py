@@ -32,6 +32,7 @@ from collateral_sync import server as _server_module
 from collateral_sync import signing as _signing_module
 from collateral_sync._cli import main as cli_main
 from collateral_sync.errors import MalformedError, VerificationError
+from collateral_sync.statements import payload_type_of
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, EXCHANGE_TO_CUSTODIAN, ZERO_HASH
 from collateral_sync.sync import _log as _sync_log
 from collateral_sync.sync import _session as _session_module
@@ -43,6 +44,7 @@ from collateral_sync.v1 import (
     errors_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     reconciliation_pb2,
     reconciliation_service_pb2,
@@ -50,6 +52,7 @@ from collateral_sync.v1 import (
 )
 from collateral_sync.v1.attestation_pb2 import Checkpoint, HoldingsStatement
 from collateral_sync.v1.liquidation_pb2 import LiquidationPath
+from collateral_sync.valuation import ReleaseRefusal
 from collateral_sync_reference.common import access as _access_module
 from collateral_sync_reference.common import emergency as _cosigner_module
 from collateral_sync_reference.common import evidence as _evidence_module
@@ -68,6 +71,7 @@ from collateral_sync_reference.exchange import holdings as _holdings_module
 from collateral_sync_reference.exchange import liquidations as _liquidation_module
 from collateral_sync_reference.exchange import margin as _margin_module
 from collateral_sync_reference.exchange import margin_calls as _margin_calls_module
+from collateral_sync_reference.exchange import pledge_releases as _pledge_releases_module
 from collateral_sync_reference.exchange import revaluation as _revaluation_module
 from collateral_sync_reference.exchange import risk_policy as _risk_policy_module
 from collateral_sync_reference.exchange import servicers as _servicers_module
@@ -85,6 +89,7 @@ _exchange_valuation: Any = _valuation_module
 _exchange_margin_calls: Any = _margin_calls_module
 _exchange_margin_store: Any = _margin_store_module
 _exchange_margin: Any = _margin_module
+_exchange_pledge_releases: Any = _pledge_releases_module
 _exchange_liquidation: Any = _liquidation_module
 _exchange_revaluation: Any = _revaluation_module
 _exchange_risk_policy: Any = _risk_policy_module
@@ -1769,6 +1774,232 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-refuses-repeats-as-replayed": _custodian_refuses_repeats_as_replayed,
     "custodian-answers-reused-ids": _custodian_answers_reused_ids,
 }
+
+
+# --- the exchange's consent to a pledge release (§5.10) -------------------------------
+
+
+def _exchange_rejudges_release(
+    rejudge: Callable[[Any, tuple[Any, ...]], Any],
+) -> Callable[[], None]:
+    """Wrap the exchange's ``judge_release``: ``rejudge(judged, args)`` replaces its verdict."""
+
+    def patch() -> None:
+        original = _exchange_pledge_releases.judge_release
+
+        def judge_release(*args: Any, **kwargs: Any) -> Any:
+            return rejudge(original(*args, **kwargs), args)
+
+        _exchange_pledge_releases.judge_release = judge_release
+
+    return patch
+
+
+def _drop_refusals(prefixes: tuple[str, ...]) -> Callable[[Any, tuple[Any, ...]], Any]:
+    """Consents although refused, for refusals whose field starts with one of ``prefixes``."""
+
+    def rejudge(judged: Any, args: tuple[Any, ...]) -> Any:
+        refusal = judged.refusal
+        if refusal is not None and refusal.field.startswith(prefixes):
+            return dataclasses.replace(judged, refusal=None)
+        return judged
+
+    return rejudge
+
+
+def _edge_exclusive(judged: Any, args: tuple[Any, ...]) -> Any:
+    """Refuses a release that leaves the account exactly at its limit or at maintenance."""
+    maintenance = Decimal(args[0].maintenance_ratio.value)
+    at_edge = judged.credit_limit_after == judged.exposure or (
+        judged.collateral_ratio_after is not None and judged.collateral_ratio_after == maintenance
+    )
+    if judged.refusal is None and at_edge and judged.exposure > 0:
+        return dataclasses.replace(
+            judged,
+            refusal=ReleaseRefusal("at the limit", "credit_limit_after", "> exposure", "="),
+        )
+    return judged
+
+
+def _states_no_exposure(judged: Any, args: tuple[Any, ...]) -> Any:
+    """Judges on the account's exposure but states 0 in the consent."""
+    return dataclasses.replace(judged, exposure=Decimal(0))
+
+
+def _exchange_consent_figures_before_release() -> None:
+    """The consent states the account's figures before the release, not after it."""
+    original = _exchange_pledge_releases.judge_release
+
+    def judge_release(
+        policy: Any, positions: Any, prices: Any, releases: Any, *rest: Any, **kw: Any
+    ) -> Any:
+        judged = original(policy, positions, prices, releases, *rest, **kw)
+        before = original(policy, positions, prices, [], *rest, **kw)
+        return dataclasses.replace(
+            judged,
+            collateral_value_after=before.collateral_value_after,
+            credit_limit_after=before.credit_limit_after,
+        )
+
+    _exchange_pledge_releases.judge_release = judge_release
+
+
+def _exchange_release_judged_on_first_statement() -> None:
+    """A release is judged on (and cites) the account's first credited statement."""
+    consents = _exchange_pledge_releases.ReleaseConsents
+    original = consents.consent
+
+    class _FirstStatement:
+        def __init__(self, holdings: Any, store: Any) -> None:
+            self._holdings = holdings
+            self._store = store
+
+        def credited_holdings(self, account_id: str) -> Any:
+            rows = self._store.holdings.of_account(account_id)
+            return rows[0] if rows else self._holdings.credited_holdings(account_id)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._holdings, name)
+
+    def consent(self: Any, envelope: Any) -> Any:
+        valuer = self._valuer
+        holdings = valuer._holdings
+        valuer._holdings = _FirstStatement(holdings, self._store)
+        try:
+            return original(self, envelope)
+        finally:
+            valuer._holdings = holdings
+
+    consents.consent = consent
+
+
+def _exchange_consents_for_any_client() -> None:
+    """Any client's request is judged: the issuer is not checked against the account."""
+
+    def check_client(self: Any, request: Any) -> str:
+        return str(request.issuer)
+
+    _exchange_pledge_releases.ReleaseConsents._check_client = check_client
+
+
+def _exchange_consents_for_any_exchange() -> None:
+    """The request's exchange_id is not compared with the exchange's own party id."""
+    consents = _exchange_pledge_releases.ReleaseConsents
+    original = consents._check_client
+
+    def check_client(self: Any, request: Any) -> str:
+        named = request.message.exchange_id
+        request.message.exchange_id = self._context.party_id
+        try:
+            return str(original(self, request))
+        finally:
+            request.message.exchange_id = named
+
+    consents._check_client = check_client
+
+
+def _exchange_consents_under_open_call(statuses: frozenset[int]) -> Callable[[], None]:
+    def patch() -> None:
+        """Margin calls in ``statuses`` do not stop a release (as if they had ended)."""
+        _exchange_pledge_releases.TERMINAL = frozenset({*_exchange_margin.TERMINAL, *statuses})
+
+    return patch
+
+
+def _exchange_answers_reused_release_ids() -> None:
+    """Another request under a consented release id is answered with the recorded consent."""
+    consents = _exchange_pledge_releases.ReleaseConsents
+
+    def answered(self: Any, request: Any) -> Any:
+        recorded = self._store.release_consents.get(request.message.release_id)
+        return None if recorded is None else recorded.consent
+
+    consents._answered = answered
+
+
+def _exchange_replay_before_recorded_consent() -> None:
+    """The replay guard runs before the record: the same request again is REPLAYED."""
+    consents = _exchange_pledge_releases.ReleaseConsents
+    original = consents.consent
+
+    def consent(self: Any, envelope: Any) -> Any:
+        request = pledge_release_pb2.PledgeReleaseRequest
+        header = request.FromString(envelope.payload).header
+        self._context.replay.check(header.issuer, payload_type_of(request), header.sequence)
+        return original(self, envelope)
+
+    consents.consent = consent
+
+
+def _exchange_release_ignores_replay() -> None:
+    """No replay guard for requests: a sequence is neither checked nor recorded (stage g)."""
+    consents = _exchange_pledge_releases.ReleaseConsents
+    original = consents.consent
+
+    class _NoGuard:
+        def __init__(self, guard: Any) -> None:
+            self._guard = guard
+
+        def check(self, issuer: str, payload_type: str, sequence: int) -> None:
+            return None
+
+        def record(self, statement: Any) -> None:
+            return None
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._guard, name)
+
+    class _Context:
+        def __init__(self, context: Any) -> None:
+            self._context = context
+            self.replay = _NoGuard(context.replay)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._context, name)
+
+    def consent(self: Any, envelope: Any) -> Any:
+        context = self._context
+        self._context = _Context(context)
+        try:
+            return original(self, envelope)
+        finally:
+            self._context = context
+
+    consents.consent = consent
+
+
+_RELEASE_FAULTS: dict[str, Callable[[], None]] = {
+    "exchange-consents-beyond-policy": _exchange_rejudges_release(
+        _drop_refusals(("credit_limit_after", "collateral_ratio_after"))
+    ),
+    "exchange-consents-beyond-pledge": _exchange_rejudges_release(_drop_refusals(("releases[",))),
+    "exchange-consent-edge-exclusive": _exchange_rejudges_release(_edge_exclusive),
+    "exchange-consent-states-no-exposure": _exchange_rejudges_release(_states_no_exposure),
+    "exchange-consent-figures-before-release": _exchange_consent_figures_before_release,
+    "exchange-release-judged-on-first-statement": _exchange_release_judged_on_first_statement,
+    "exchange-consents-for-any-client": _exchange_consents_for_any_client,
+    "exchange-consents-for-any-exchange": _exchange_consents_for_any_exchange,
+    "exchange-consents-under-open-call": _exchange_consents_under_open_call(
+        frozenset(
+            {
+                margin_pb2.MARGIN_CALL_STATUS_ISSUED,
+                margin_pb2.MARGIN_CALL_STATUS_AGREED,
+                margin_pb2.MARGIN_CALL_STATUS_PARTIALLY_AGREED,
+                margin_pb2.MARGIN_CALL_STATUS_DISPUTED,
+            }
+        )
+    ),
+    "exchange-answers-reused-release-ids": _exchange_answers_reused_release_ids,
+    "exchange-replay-before-recorded-consent": _exchange_replay_before_recorded_consent,
+    "exchange-release-ignores-replay": _exchange_release_ignores_replay,
+    "exchange-release-ignores-expiry": lambda: _lenient_verify(
+        _exchange_pledge_releases, "ERROR_REASON_STATEMENT_EXPIRED", _at_issue
+    ),
+    "exchange-release-ignores-audience": lambda: _lenient_verify(
+        _exchange_pledge_releases, "ERROR_REASON_AUDIENCE_MISMATCH", _to_anyone
+    ),
+}
+FAULTS.update(_RELEASE_FAULTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

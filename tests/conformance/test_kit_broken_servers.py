@@ -800,6 +800,79 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
         ],
         {"reconciliation/unscheduled-cutoff-refused"},
     ),
+    # The consent to a pledge release (§5.10): each fault runs with its own case and the
+    # family's first, which every fault of the verdict or the figures also fails.
+    *(
+        (
+            fault,
+            [f"exchange/pledge-release/{case}" for case in run],
+            {f"exchange/pledge-release/{case}" for case in caught},
+        )
+        for fault, run, caught in [
+            (
+                "exchange-consents-beyond-policy",
+                ["consented-at-policy-edge"],
+                ["consented-at-policy-edge"],
+            ),
+            (
+                "exchange-consent-edge-exclusive",
+                ["consented-at-policy-edge"],
+                ["consented-at-policy-edge"],
+            ),
+            (
+                "exchange-consent-states-no-exposure",
+                ["consented-at-policy-edge"],
+                ["consented-at-policy-edge"],
+            ),
+            (
+                "exchange-consent-figures-before-release",
+                ["consented-at-policy-edge", "within-pledge"],
+                ["consented-at-policy-edge", "within-pledge"],
+            ),
+            (
+                "exchange-consents-beyond-pledge",
+                ["within-pledge", "consented-at-policy-edge"],
+                ["within-pledge"],
+            ),
+            (
+                "exchange-release-judged-on-first-statement",
+                ["judged-on-latest-holdings", "within-pledge"],
+                ["judged-on-latest-holdings"],
+            ),
+            (
+                "exchange-consents-for-any-client",
+                ["only-the-account-client"],
+                ["only-the-account-client"],
+            ),
+            (
+                "exchange-consents-for-any-exchange",
+                ["only-the-account-client"],
+                ["only-the-account-client"],
+            ),
+            (
+                "exchange-consents-under-open-call",
+                ["none-while-call-open"],
+                ["none-while-call-open"],
+            ),
+            (
+                "exchange-answers-reused-release-ids",
+                ["repeat-answered-reused-id-refused"],
+                ["repeat-answered-reused-id-refused"],
+            ),
+            (
+                "exchange-replay-before-recorded-consent",
+                ["repeat-answered-reused-id-refused"],
+                ["repeat-answered-reused-id-refused"],
+            ),
+            (
+                "exchange-release-ignores-replay",
+                ["repeat-answered-reused-id-refused", "malformed-refused"],
+                ["repeat-answered-reused-id-refused"],
+            ),
+            ("exchange-release-ignores-expiry", ["malformed-refused"], ["malformed-refused"]),
+            ("exchange-release-ignores-audience", ["malformed-refused"], ["malformed-refused"]),
+        ]
+    ),
     # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
     # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement
     # of the kit's log fails to prove: each fault runs with its own case only.

@@ -27,6 +27,7 @@ from .conftest import (
     CUSTODIAN,
     EXCHANGE,
     FURTHER_IDENTITIES,
+    OTHER_CLIENT,
     REGULATOR,
     Parties,
     ServerProcess,
@@ -87,6 +88,9 @@ def counterpart_argv(
         str(parties.key_path(CUSTODIAN)),
         "--kit-key",
         str(parties.key_path(CLIENT)),
+        # A registered client that does not own the kit's accounts (pledge-release/*).
+        "--kit-key",
+        str(parties.key_path(OTHER_CLIENT)),
         *parties_identity_argv(parties, *FURTHER_IDENTITIES),
         "--listen",
         listen,

@@ -125,6 +125,7 @@ def _exchange_argv(parties: Parties, files: dict[str, Path], target: str, *extra
 COUNTERPART_CASES = (
     "exchange/holdings/**",
     "exchange/margin-call/**",
+    "exchange/pledge-release/**",
     # It moves the exchange's clock a month ahead, past its custodian's statements.
     "exchange/served-statements-fresh",
     "sync/exchange/**",

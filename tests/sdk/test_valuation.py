@@ -26,6 +26,7 @@ from collateral_sync.v1 import (
     errors_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     valuation_pb2,
 )
 from collateral_sync.valuation import (
@@ -34,12 +35,15 @@ from collateral_sync.valuation import (
     allocate_shortfall,
     collateral_ratio,
     credit_line_figures,
+    judge_release,
     liquidation_amount,
     liquidation_shortfall,
     margin_call_amount,
     needs_liquidation,
     recompute_liquidation_instruction,
     recompute_margin_call,
+    recompute_pledge_release_consent,
+    released_quantities,
     validate_risk_policy,
     value_collateral,
 )
@@ -58,6 +62,7 @@ UNSPECIFIED = AC.ASSET_CLASS_UNSPECIFIED
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 EXCHANGE = "exchange-1"
 CUSTODIAN = "custodian-1"
+CLIENT = "client-1"
 ACCOUNT = "acct-1"
 
 ASSET_CLASSES = {
@@ -786,8 +791,15 @@ class Parties:
         self.custodian = SigningKey.generate(CUSTODIAN, common_pb2.PARTY_ROLE_CUSTODIAN)
         # A key the custodian party holds in the wrong role.
         self.custodian_as_exchange = SigningKey.generate(CUSTODIAN, common_pb2.PARTY_ROLE_EXCHANGE)
+        self.client = SigningKey.generate(CLIENT, common_pb2.PARTY_ROLE_CLIENT)
         self.registry = KeyRegistry()
-        for key in (self.exchange, self.other_exchange, self.custodian, self.custodian_as_exchange):
+        for key in (
+            self.exchange,
+            self.other_exchange,
+            self.custodian,
+            self.custodian_as_exchange,
+            self.client,
+        ):
             self.registry.add(key.party_key(valid_from=T0 - timedelta(days=30)))
         self.sequence = 0
 
@@ -1246,3 +1258,278 @@ def test_policy_listing_an_asset_twice_is_refused() -> None:
     with pytest.raises(MalformedError) as raised:
         valuation.validate_risk_policy(policy)
     assert "assets[6].asset_id" in raised.value.field_violations
+
+
+# ------------------------------------------------- pledge releases (PROTOCOL.md 5.10)
+#
+# Hand figures on holdings() (BENJI 1000, 100 locked, all pledged; USDC 500, 300
+# pledged) with BENJI at 1 and USDC at 0.9999, before any release: 1166.97 (see
+# CALL_FIGURES), credit limit 2333.94.
+
+RELEASE_PRICES = [quote("BENJI", "1"), quote("USDC", "0.9999")]
+
+
+def judge(
+    releases: list[tuple[str, str]],
+    exposure: str = "0",
+    policy: valuation_pb2.RiskPolicy | None = None,
+) -> valuation.ReleaseJudgement:
+    return judge_release(
+        policy or seed_policy(),
+        list(holdings().positions),
+        RELEASE_PRICES,
+        [(asset, D(quantity)) for asset, quantity in releases],
+        D(exposure),
+        valued_at=T0,
+        asset_classes=ASSET_CLASSES,
+    )
+
+
+def test_release_of_the_whole_usdc_pledge() -> None:
+    # USDC eligible 300 -> 0: 882 left, limit 1764.
+    judged = judge([("USDC", "300")])
+    assert (judged.collateral_value_after, judged.credit_limit_after) == (D("882"), D("1764"))
+    assert judged.refusal is None
+    (usdc,) = [p for p in judged.positions if p.asset_id == "USDC"]
+    assert (usdc.quantity.value, usdc.pledged_quantity.value) == ("500", "0")
+
+
+def test_releasing_the_pledge_over_locked_quantity_costs_nothing() -> None:
+    # BENJI pledged 1000, eligible min(1000, 1000 - 100) = 900: releasing 100 leaves 900.
+    assert judge([("BENJI", "100")]).collateral_value_after == D("1166.97")
+    # One more unit and the eligible quantity falls: 899 * 0.98 = 881.02; + 284.97.
+    assert judge([("BENJI", "101")]).collateral_value_after == D("1165.99")
+
+
+def test_release_beyond_the_pledge_is_refused_per_asset() -> None:
+    refusal = judge([("BENJI", "1"), ("USDC", "300.000000000000000001")]).refusal
+    assert refusal is not None
+    assert (refusal.field, refusal.expected, refusal.actual) == (
+        "releases[1].quantity",
+        "300",
+        "300.000000000000000001",
+    )
+    refusal = judge([("BTC", "1")]).refusal
+    assert refusal is not None
+    assert (refusal.field, refusal.expected) == (
+        "releases[0].quantity",
+        "0",
+    )
+
+
+def test_credit_limit_edge_is_inclusive() -> None:
+    # After releasing USDC 300: limit 1764, ratio 882 / 1764 = 0.5.
+    assert judge([("USDC", "300")], exposure="1764").refusal is None
+    refusal = judge([("USDC", "300")], exposure="1764.01").refusal
+    assert refusal is not None
+    assert (refusal.field, refusal.expected, refusal.actual) == (
+        "credit_limit_after",
+        ">= 1764.01",
+        "1764",
+    )
+
+
+def test_maintenance_edge_is_inclusive_when_leverage_allows_more() -> None:
+    # Leverage 3: the limit (2646) is not what binds; 882 / 1764 = 0.5 and
+    # 882 / 1764.02 = 0.49999... -> 0.49 < 0.5.
+    policy = seed_policy()
+    policy.leverage_cap.value = "3"
+    assert judge([("USDC", "300")], exposure="1764", policy=policy).refusal is None
+    refusal = judge([("USDC", "300")], exposure="1764.02", policy=policy).refusal
+    assert refusal is not None
+    assert (refusal.field, refusal.expected, refusal.actual) == (
+        "collateral_ratio_after",
+        ">= 0.5",
+        "0.49",
+    )
+
+
+def _request(**fields: object) -> pledge_release_pb2.PledgeReleaseRequest:
+    request = pledge_release_pb2.PledgeReleaseRequest(
+        release_id="rel-1",
+        account_id=ACCOUNT,
+        exchange_id=EXCHANGE,
+        releases=[
+            pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("300")),
+            pledge_release_pb2.ReleasedQuantity(asset_id="BENJI", quantity=_dec("0.5")),
+        ],
+    )
+    for name, value in fields.items():
+        if name == "releases":
+            del request.releases[:]
+            request.releases.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def test_released_quantities_in_request_order() -> None:
+    assert released_quantities(_request()) == [("USDC", D("300")), ("BENJI", D("0.5"))]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "field"),
+    [
+        ({"release_id": ""}, R.ERROR_REASON_MALFORMED, "request.release_id"),
+        ({"account_id": ""}, R.ERROR_REASON_MALFORMED, "request.account_id"),
+        ({"releases": []}, R.ERROR_REASON_MALFORMED, "request.releases"),
+        (
+            {"releases": [pledge_release_pb2.ReleasedQuantity(quantity=_dec("1"))]},
+            R.ERROR_REASON_MALFORMED,
+            "request.releases[0].asset_id",
+        ),
+        (
+            {
+                "releases": [
+                    pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("1")),
+                    pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("2")),
+                ]
+            },
+            R.ERROR_REASON_MALFORMED,
+            "request.releases[1].asset_id",
+        ),
+        (
+            {"releases": [pledge_release_pb2.ReleasedQuantity(asset_id="USDC")]},
+            R.ERROR_REASON_MALFORMED,
+            "request.releases[0].quantity",
+        ),
+        (
+            {
+                "releases": [
+                    pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("0"))
+                ]
+            },
+            R.ERROR_REASON_INVALID_AMOUNT,
+            "request.releases[0].quantity",
+        ),
+        (
+            {
+                "releases": [
+                    pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("1.10"))
+                ]
+            },
+            R.ERROR_REASON_INVALID_AMOUNT,
+            "request.releases[0].quantity",
+        ),
+    ],
+)
+def test_malformed_release_requests_are_refused(
+    fields: dict[str, object], reason: int, field: str
+) -> None:
+    with pytest.raises(MalformedError) as raised:
+        released_quantities(_request(**fields))
+    assert raised.value.reason == reason
+    assert raised.value.metadata["field"] == field
+
+
+def give_consent(
+    parties: Parties,
+    *,
+    request: pledge_release_pb2.PledgeReleaseRequest | None = None,
+    request_audience: list[str] | None = None,
+    exposure: str = "1764",
+    figures: tuple[str, str] = ("882", "1764"),
+) -> envelope_pb2.Envelope:
+    """The exchange's consent to releasing USDC 300 (figures after: 882, 1764)."""
+    asked = request or _request(
+        releases=[pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("300"))]
+    )
+    request_envelope = parties.sign(
+        asked,
+        parties.client,
+        request_audience or [EXCHANGE, CUSTODIAN],
+        T0 - timedelta(minutes=1),
+    )
+    consent = pledge_release_pb2.PledgeReleaseConsent(
+        request=request_envelope,
+        inputs=valuation_pb2.ValuationInputs(
+            risk_policy=parties.sign(
+                seed_policy(), parties.exchange, ["*"], T0 - timedelta(days=1)
+            ),
+            holdings_statements=[
+                parties.sign(holdings(), parties.custodian, [EXCHANGE], T0 - timedelta(hours=1))
+            ],
+            price_snapshot=parties.sign(
+                valuation_pb2.PriceSnapshot(prices=RELEASE_PRICES),
+                parties.exchange,
+                ["*"],
+                T0 - timedelta(minutes=1),
+            ),
+        ),
+        risk_policy_version=7,
+        exposure=_dec(exposure),
+        collateral_value_after=_dec(figures[0]),
+        credit_limit_after=_dec(figures[1]),
+    )
+    return parties.sign(consent, parties.exchange, [CUSTODIAN, CLIENT], T0)
+
+
+def recompute_consent(
+    parties: Parties, envelope: envelope_pb2.Envelope
+) -> valuation.PledgeReleaseConsentCheck:
+    return recompute_pledge_release_consent(
+        envelope,
+        parties.registry,
+        audience=CUSTODIAN,
+        asset_classes=ASSET_CLASSES,
+        now=T0 + timedelta(minutes=1),
+    )
+
+
+def test_a_consent_at_the_edge_recomputes() -> None:
+    parties = Parties()
+    checked = recompute_consent(parties, give_consent(parties))
+    assert checked.client_id == CLIENT
+    assert checked.releases == (("USDC", D("300")),)
+    assert (checked.judgement.collateral_value_after, checked.judgement.exposure) == (
+        D("882"),
+        D("1764"),
+    )
+    assert checked.holdings.epoch == 3
+
+
+@pytest.mark.parametrize(
+    ("figures", "field", "expected"),
+    [
+        (("1166.97", "1764"), "collateral_value_after", "882"),  # the value before the release
+        (("882", "2333.94"), "credit_limit_after", "1764"),
+    ],
+)
+def test_a_consent_with_figures_that_do_not_recompute_is_refuted(
+    figures: tuple[str, str], field: str, expected: str
+) -> None:
+    parties = Parties()
+    with pytest.raises(VerificationError) as raised:
+        recompute_consent(parties, give_consent(parties, figures=figures))
+    assert raised.value.reason == R.ERROR_REASON_PROOF_INVALID
+    assert (raised.value.metadata["field"], raised.value.metadata["expected"]) == (field, expected)
+
+
+def test_a_consent_outside_the_policy_is_refuted() -> None:
+    parties = Parties()
+    with pytest.raises(VerificationError) as raised:
+        recompute_consent(parties, give_consent(parties, exposure="1764.01"))
+    assert raised.value.reason == R.ERROR_REASON_PROOF_INVALID
+    assert raised.value.metadata["field"] == "credit_limit_after"
+
+
+def test_a_consent_to_a_request_for_another_exchange_is_refuted() -> None:
+    parties = Parties()
+    request = _request(
+        exchange_id="exchange-2",
+        releases=[pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("300"))],
+    )
+    with pytest.raises(VerificationError) as raised:
+        recompute_consent(
+            parties,
+            give_consent(parties, request=request, request_audience=[EXCHANGE, "exchange-2"]),
+        )
+    assert raised.value.reason == R.ERROR_REASON_PROOF_INVALID
+    assert raised.value.metadata["field"] == "request.exchange_id"
+
+
+def test_a_consent_to_a_request_not_addressed_to_the_exchange_is_refused() -> None:
+    parties = Parties()
+    with pytest.raises(VerificationError) as raised:
+        recompute_consent(parties, give_consent(parties, request_audience=[CUSTODIAN]))
+    assert raised.value.reason == R.ERROR_REASON_AUDIENCE_MISMATCH

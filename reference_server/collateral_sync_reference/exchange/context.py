@@ -77,6 +77,8 @@ class ExchangeSettings:
     policy_ttl: timedelta = timedelta(days=30)
     #: Lifetime of a liquidation instruction.
     instruction_ttl: timedelta = timedelta(days=1)
+    #: Lifetime of a pledge-release consent: short, as prices move after it is given.
+    release_consent_ttl: timedelta = timedelta(minutes=5)
     #: Profit per account for the auto-deleveraging ranking (there is no trading engine).
     profits: dict[str, Decimal] = field(default_factory=dict)
     max_skew: timedelta = DEFAULT_MAX_SKEW

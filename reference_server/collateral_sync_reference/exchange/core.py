@@ -9,7 +9,7 @@ one storage transaction:
 - the attestation checker, which credits or rejects a received holdings
   statement once its inclusion in the custodian's log is proven
   (:meth:`.holdings.AttestedHoldings.settle_holdings`);
-- requests: RespondToMarginCall, and in test mode SetExposure, SetPrice,
+- requests: RespondToMarginCall, RequestPledgeRelease, and in test mode SetExposure, SetPrice,
   RunValuation and the clock.
 
 Every change revalues the accounts it touches
@@ -34,6 +34,7 @@ One part per responsibility, each over the same
 - :mod:`.credit_lines`: each account's signed credit line;
 - :mod:`.margin_calls`: calls, their states, responses and satisfaction;
 - :mod:`.liquidation`: instructions, receipts and shortfall allocation;
+- :mod:`.pledge_releases`: consents to a client's release of part of its pledge;
 - :mod:`.revaluation`: when an account is revalued and what that leads to.
 
 Their tables are in :mod:`.store`, one module per part's group of tables.
@@ -65,6 +66,7 @@ from collateral_sync_reference.exchange.custodian_statements import CustodianSta
 from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.liquidations import Liquidations
 from collateral_sync_reference.exchange.margin_calls import MarginCalls
+from collateral_sync_reference.exchange.pledge_releases import ReleaseConsents
 from collateral_sync_reference.exchange.price_feed import PriceSource
 from collateral_sync_reference.exchange.revaluation import Revaluer
 from collateral_sync_reference.exchange.risk_policy import RiskPolicies
@@ -135,6 +137,7 @@ class ExchangeCore:
             self.margin_calls,
             holdings=self.holdings,
         )
+        self.release_consents = ReleaseConsents(context, self.valuer, self.holdings)
         self.revaluer = Revaluer(
             context, self.valuer, self.credit_lines, self.margin_calls, self.liquidations
         )

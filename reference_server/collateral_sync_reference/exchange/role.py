@@ -48,6 +48,7 @@ Configuration (the ``exchange`` section of the server's file; every key but
       "statement_ttl_seconds": 604800,
       "policy_ttl_seconds": 2592000,
       "instruction_ttl_seconds": 86400,
+      "release_consent_ttl_seconds": 300,
       "sweep_interval_seconds": 1,
       "settlement": {"after_reconciliation": true, "result_wait_seconds": 600}
     }
@@ -61,7 +62,7 @@ latest one it verified.
 
 The rules live in one module per responsibility (``holdings``, ``risk_policy``,
 ``valuation``, ``credit_lines``, ``margin_calls``, ``liquidations``,
-``revaluation``), assembled by ``core``; this module reads the configuration and
+``pledge_releases``, ``revaluation``), assembled by ``core``; this module reads the configuration and
 runs the background tasks: the sync stream (re-dialled with exponential backoff
 and jitter, resumed from the durable heads), the attestation checker, the
 liquidation submitter, and a sweep for time-driven work (scripted prices that
@@ -183,6 +184,7 @@ def parse_exchange_settings(config: ServerConfig) -> ExchangeRoleSettings:
             statement_ttl=section.seconds("statement_ttl_seconds", 7 * 86_400),
             policy_ttl=section.seconds("policy_ttl_seconds", 30 * 86_400),
             instruction_ttl=section.seconds("instruction_ttl_seconds", 86_400),
+            release_consent_ttl=section.seconds("release_consent_ttl_seconds", 300),
             profits=profits,
             max_skew=config.max_skew,
         ),

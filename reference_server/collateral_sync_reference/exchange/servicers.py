@@ -155,6 +155,20 @@ class ExchangeServicer(exchange_service_pb2_grpc.ExchangeServiceServicer):
             liquidations=records, next_page_token=token
         )
 
+    async def RequestPledgeRelease(
+        self,
+        request: exchange_service_pb2.RequestPledgeReleaseRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_service_pb2.RequestPledgeReleaseResponse:
+        # The request authenticates itself: any registered party may relay it.
+        _required(
+            request.HasField("pledge_release_request"),
+            "pledge_release_request",
+            "an Envelope of a PledgeReleaseRequest",
+        )
+        consent = self._core.release_consents.consent(request.pledge_release_request)
+        return exchange_service_pb2.RequestPledgeReleaseResponse(consent=consent)
+
 
 class ExchangeTestControl(TestControlBase):
     """TestControlService of the exchange: exposure, prices and valuation on demand."""

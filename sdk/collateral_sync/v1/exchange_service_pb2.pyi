@@ -360,3 +360,54 @@ class ListLiquidationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListLiquidationsResponse: _TypeAlias = ListLiquidationsResponse  # noqa: Y015
+
+@_typing.final
+class RequestPledgeReleaseRequest(_message.Message):
+    """Request for RequestPledgeRelease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLEDGE_RELEASE_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pledge_release_request(self) -> _envelope_pb2.Envelope:
+        """Envelope of a PledgeReleaseRequest, signed by the account's client."""
+
+    def __init__(
+        self,
+        *,
+        pledge_release_request: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pledge_release_request", b"pledge_release_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pledge_release_request", b"pledge_release_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPledgeReleaseRequest: _TypeAlias = RequestPledgeReleaseRequest  # noqa: Y015
+
+@_typing.final
+class RequestPledgeReleaseResponse(_message.Message):
+    """Response of RequestPledgeRelease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def consent(self) -> _envelope_pb2.Envelope:
+        """Envelope of a PledgeReleaseConsent, signed by the exchange, addressed to
+        the custodian and the client; the client relays it to the custodian's
+        ReleasePledge.
+        """
+
+    def __init__(
+        self,
+        *,
+        consent: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPledgeReleaseResponse: _TypeAlias = RequestPledgeReleaseResponse  # noqa: Y015

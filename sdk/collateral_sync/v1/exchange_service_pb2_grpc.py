@@ -70,6 +70,11 @@ class ExchangeServiceStub:
                 request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.SerializeToString,
                 response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.FromString,
                 _registered_method=True)
+        self.RequestPledgeRelease = channel.unary_unary(
+                '/collateral_sync.v1.ExchangeService/RequestPledgeRelease',
+                request_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseRequest.SerializeToString,
+                response_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -127,6 +132,15 @@ class ExchangeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestPledgeRelease(self, request, context):
+        """The exchange's signed consent to a client's request to release part of
+        its pledge, given only while the account stays within the exchange's
+        policy after the release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExchangeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
                     servicer.ListLiquidations,
                     request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.FromString,
                     response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.SerializeToString,
+            ),
+            'RequestPledgeRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPledgeRelease,
+                    request_deserializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseRequest.FromString,
+                    response_serializer=collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +375,33 @@ class ExchangeService:
             '/collateral_sync.v1.ExchangeService/ListLiquidations',
             collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsRequest.SerializeToString,
             collateral__sync_dot_v1_dot_exchange__service__pb2.ListLiquidationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPledgeRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collateral_sync.v1.ExchangeService/RequestPledgeRelease',
+            collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseRequest.SerializeToString,
+            collateral__sync_dot_v1_dot_exchange__service__pb2.RequestPledgeReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class ExchangeServiceStub:
     """Liquidations of an account: the signed instruction, the custodian's
     signed receipt and the signed shortfall allocation.
     """
+    RequestPledgeRelease: _grpc.UnaryUnaryMultiCallable[_exchange_service_pb2.RequestPledgeReleaseRequest, _exchange_service_pb2.RequestPledgeReleaseResponse]
+    """The exchange's signed consent to a client's request to release part of
+    its pledge, given only while the account stays within the exchange's
+    policy after the release.
+    """
 
 @_typing.type_check_only
 class ExchangeServiceAsyncStub(ExchangeServiceStub):
@@ -74,6 +79,11 @@ class ExchangeServiceAsyncStub(ExchangeServiceStub):
     ListLiquidations: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.ListLiquidationsRequest, _exchange_service_pb2.ListLiquidationsResponse]  # type: ignore[assignment]
     """Liquidations of an account: the signed instruction, the custodian's
     signed receipt and the signed shortfall allocation.
+    """
+    RequestPledgeRelease: _aio.UnaryUnaryMultiCallable[_exchange_service_pb2.RequestPledgeReleaseRequest, _exchange_service_pb2.RequestPledgeReleaseResponse]  # type: ignore[assignment]
+    """The exchange's signed consent to a client's request to release part of
+    its pledge, given only while the account stays within the exchange's
+    policy after the release.
     """
 
 class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +147,17 @@ class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exchange_service_pb2.ListLiquidationsResponse, _abc.Awaitable[_exchange_service_pb2.ListLiquidationsResponse]]:
         """Liquidations of an account: the signed instruction, the custodian's
         signed receipt and the signed shortfall allocation.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestPledgeRelease(
+        self,
+        request: _exchange_service_pb2.RequestPledgeReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_exchange_service_pb2.RequestPledgeReleaseResponse, _abc.Awaitable[_exchange_service_pb2.RequestPledgeReleaseResponse]]:
+        """The exchange's signed consent to a client's request to release part of
+        its pledge, given only while the account stays within the exchange's
+        policy after the release.
         """
 
 def add_ExchangeServiceServicer_to_server(servicer: ExchangeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

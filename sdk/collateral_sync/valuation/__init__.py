@@ -6,7 +6,10 @@ shortfall allocation — is computed here by pure functions over exact
 ``decimal.Decimal`` values (never floats), so a custodian running the same
 functions on the same signed inputs gets the same figures to the last digit.
 :func:`recompute_margin_call` and :func:`recompute_liquidation_instruction`
-do exactly that for a signed ``MarginCall`` or ``LiquidationInstruction``.
+do exactly that for a signed ``MarginCall`` or ``LiquidationInstruction``;
+:func:`judge_release` decides whether an exchange may consent to a pledge
+release, and :func:`recompute_pledge_release_consent` recomputes a signed
+``PledgeReleaseConsent`` (PROTOCOL.md §5.10).
 
 Rules (docs/PROTOCOL.md sections 2.3, 7.1-7.3, 8.2, 9.2 and 9.5 state the same)
 ------------------------------------------------------------------------------
@@ -111,6 +114,14 @@ from collateral_sync.valuation._recompute import (
     recompute_liquidation_instruction,
     recompute_margin_call,
 )
+from collateral_sync.valuation._release import (
+    PledgeReleaseConsentCheck,
+    ReleaseJudgement,
+    ReleaseRefusal,
+    judge_release,
+    recompute_pledge_release_consent,
+    released_quantities,
+)
 from collateral_sync.valuation._shortfall import (
     AdlCandidate,
     AdlRank,
@@ -126,17 +137,23 @@ __all__ = [
     "CreditLineFigures",
     "LiquidationCheck",
     "MarginCallCheck",
+    "PledgeReleaseConsentCheck",
     "PositionValuation",
+    "ReleaseJudgement",
+    "ReleaseRefusal",
     "ShortfallFigures",
     "allocate_shortfall",
     "collateral_ratio",
     "credit_line_figures",
+    "judge_release",
     "liquidation_amount",
     "liquidation_shortfall",
     "margin_call_amount",
     "needs_liquidation",
     "recompute_liquidation_instruction",
     "recompute_margin_call",
+    "recompute_pledge_release_consent",
+    "released_quantities",
     "validate_risk_policy",
     "value_collateral",
 ]

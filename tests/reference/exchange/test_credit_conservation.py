@@ -35,7 +35,12 @@ How the exchange is fed, with nothing mocked:
 
 Operations: deposits; yield accruals (on demand and at the daily yield time);
 pledges and top-ups by the account's client, to the exchange under test or
-to another exchange, within what is free; redemption locks within what is
+to another exchange, within what is free; pledge releases the client asks the
+exchange to consent to (up to a fifth more than pledged), each consent
+recomputed from its signed inputs with the SDK and checked to cite the
+credited statement, and sometimes relayed to the custodian, which must
+execute it exactly when that statement is still the account's latest (and
+then lower the pledge by exactly the quantity); redemption locks within what is
 redeemable, and their settlement when the clock passes their due time;
 liquidations; price changes (scripted feed, ``SetPrice``); exposure changes
 (``SetExposure``); time passing (the custodian's due work and the exchange's
@@ -67,8 +72,8 @@ Checked after every step, for every account:
    exchange, and a credit line there, if any (after an exposure change),
    cites nothing and grants 0.
 
-Not covered here: settlement cycles and emergency release (the other ways P
-falls), margin-call responses (the exchange→custodian direction of the
+Not covered here: settlement cycles and emergency release (two of the other
+ways P falls), margin-call responses (the exchange→custodian direction of the
 stream is not carried; the exchange's margin calls wait in its log), and a
 custodian that lies (forged proofs and rewritten logs are
 ``test_exchange.py``'s cases).
@@ -106,12 +111,18 @@ from collateral_sync.v1 import (
     common_pb2,
     custodian_service_pb2,
     envelope_pb2,
+    errors_pb2,
     liquidation_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     test_control_pb2,
     valuation_pb2,
 )
-from collateral_sync.valuation import credit_line_figures, value_collateral
+from collateral_sync.valuation import (
+    credit_line_figures,
+    recompute_pledge_release_consent,
+    value_collateral,
+)
 from collateral_sync_reference.common.clock import TestClock
 from collateral_sync_reference.custodian import parse_settings as parse_custodian_settings
 from collateral_sync_reference.custodian.config import CustodianSettings
@@ -576,6 +587,83 @@ class ExchangeCreditConservation(RuleBasedStateMachine):
             event("exposure: liquidation instructed")
         elif revaluation.margin_call_id:
             event("exposure: margin call issued")
+
+    @rule(
+        data=st.data(),
+        account=st.sampled_from(sorted(ACCOUNTS)),
+        asset=st.sampled_from(sorted(ASSETS)),
+        relay=st.booleans(),
+    )
+    def release_pledge(self, data: st.DataObject, account: str, asset: str, relay: bool) -> None:
+        """The client asks the exchange to release part of a pledge (§5.10), and may relay the
+        consent to the custodian (§5.9).
+
+        Every consent the exchange gives must recompute from its signed inputs, within
+        the pledge and the policy, citing exactly the statement it credits; the custodian
+        executes it exactly when that statement is still the account's latest.
+        """
+        pledged = self._holding(account, asset).pledged
+        amount = _draw_within(data, pledged * Decimal("1.2") + micro(1), "release")
+        assert amount is not None
+        request = pledge_release_pb2.PledgeReleaseRequest(
+            release_id=f"release-{next(self._ids)}",
+            account_id=account,
+            exchange_id=EXCHANGE,
+            releases=[
+                pledge_release_pb2.ReleasedQuantity(
+                    asset_id=asset, quantity=amount_to_proto(amount)
+                )
+            ],
+        )
+        client = ACCOUNTS[account]
+        envelope = sign_statement(
+            request,
+            self.keys[client],
+            audience=[EXCHANGE, CUSTODIAN],
+            sequence=next(self._sequence),
+            ttl=SIGNED_TTL,
+            issued_at=self._now(),
+        )
+        credited = self._credited_id(account)
+        try:
+            consent = self._core.release_consents.consent(envelope)
+        except CollateralSyncError as err:
+            event(f"release: the exchange refuses ({err.reason_name})")
+            assert self._credited_id(account) == credited
+            return
+        checked = recompute_pledge_release_consent(
+            consent, self._core.registry, audience=CUSTODIAN, now=self._now()
+        )
+        row = self._core.store.holdings.get(self._credited_id(account) or -1)
+        assert row is not None, "a consent for an account the exchange credits nothing of"
+        assert [e.payload for e in checked.consent.inputs.holdings_statements] == [
+            row.envelope.payload
+        ]
+        judged = {p.asset_id: p for p in checked.holdings.positions}
+        assert asset in judged
+        assert amount <= amount_from_proto(judged[asset].pledged_quantity)
+        event("release: the exchange consents")
+        if not relay:
+            return
+        latest = self._custodian.ledger.store.latest_statement(account)
+        assert latest is not None
+        on_latest = latest.envelope.payload == row.envelope.payload
+        before = self._holding(account, asset)
+        refusal: CollateralSyncError | None = None
+        try:
+            self._custodian.pledge_releases.release(consent)
+        except CollateralSyncError as err:
+            refusal = err
+        if refusal is not None:
+            assert not on_latest, f"a consent on the latest statement refused: {refusal}"
+            assert refusal.reason == errors_pb2.ERROR_REASON_STATE_CONFLICT
+            event("release: the custodian refuses a consent on an older epoch")
+            return
+        assert on_latest, "a consent on an older epoch executed"
+        after = self._holding(account, asset)
+        assert after.pledged == before.pledged - amount
+        assert (after.quantity, after.locked) == (before.quantity, before.locked)
+        event("release: executed")
 
     # ------------------------------------------------------------------ the stream and the proofs
 

@@ -11,7 +11,7 @@ apply), which every write method checks.
 The tables are grouped by the part of the exchange that owns them, one
 module a group: :mod:`.policies`, :mod:`.accounts`, :mod:`.holdings` (with
 the custodian's checkpoints and refused stream updates),
-:mod:`.margin_calls` and :mod:`.liquidations`.
+:mod:`.margin_calls`, :mod:`.liquidations` and :mod:`.pledge_releases`.
 
 Signed statements are stored as the serialised ``Envelope`` exactly as
 issued or received; amounts as canonical decimal text; times as integer
@@ -26,6 +26,7 @@ from collateral_sync_reference.exchange.store import (
     holdings,
     liquidations,
     margin_calls,
+    pledge_releases,
     policies,
 )
 from collateral_sync_reference.exchange.store.accounts import AccountRow, AccountTable
@@ -38,6 +39,10 @@ from collateral_sync_reference.exchange.store.holdings import (
 )
 from collateral_sync_reference.exchange.store.liquidations import LiquidationRow, LiquidationTable
 from collateral_sync_reference.exchange.store.margin_calls import MarginCallRow, MarginCallTable
+from collateral_sync_reference.exchange.store.pledge_releases import (
+    ReleaseConsentRow,
+    ReleaseConsentTable,
+)
 from collateral_sync_reference.exchange.store.policies import PolicyTable
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "HoldingsRow",
     "LiquidationRow",
     "MarginCallRow",
+    "ReleaseConsentRow",
 ]
 
 
@@ -68,6 +74,9 @@ class ExchangeStore:
                 *liquidations.SCHEMA,
             )
         )
+        # Added after version 1 of the tables above: its own component, so that
+        # a database made before it gains the table at start.
+        storage.execute_schema("exchange.pledge_releases", pledge_releases.SCHEMA)
         db = storage.connection
         self.policies = PolicyTable(db)
         self.accounts = AccountTable(db)
@@ -76,3 +85,4 @@ class ExchangeStore:
         self.rejected_updates = RejectedUpdateTable(db)
         self.margin_calls = MarginCallTable(db)
         self.liquidations = LiquidationTable(db)
+        self.release_consents = ReleaseConsentTable(db)
