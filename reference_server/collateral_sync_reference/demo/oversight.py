@@ -14,6 +14,10 @@ exchange, goes on through public interfaces only:
 - the exchange runs a settlement cycle (``RunSettlementCycle``); the
   custodian holds the instruction until its dispute deadline and executes it
   once the clocks pass it;
+- the client takes part of the second account's pledge back
+  (:mod:`~collateral_sync_reference.demo.pledge_release`): the exchange
+  refuses a release its policy does not allow at the account's exposure and
+  consents to a smaller one, the custodian executes the consent;
 - the exchange's process is stopped; the regulator's officer signs an
   emergency release, the custodian co-signs it (``CoSignEmergencyRelease``),
   refuses to execute it before the policy's wait and executes it after, with a
@@ -64,6 +68,7 @@ from google.protobuf import duration_pb2
 
 from collateral_sync_reference.demo import text as say
 from collateral_sync_reference.demo.facts import by_asset, decimal_of, positions_text, reason_name
+from collateral_sync_reference.demo.pledge_release import PledgeReleaseAct
 from collateral_sync_reference.demo.scenario import (
     BREAK,
     CLIENT,
@@ -143,7 +148,7 @@ def _totals(statement: reconciliation_pb2.ReconciliationStatement) -> str:
     )
 
 
-class OverseenStory(Story):
+class OverseenStory(Story, PledgeReleaseAct):
     """The lifecycle, then reconciliation, settlement, an emergency release, a redemption (12-16)."""
 
     def __init__(
@@ -171,6 +176,7 @@ class OverseenStory(Story):
         await self._matched_reconciliation()
         await self._break_located()
         await self._settlement_cycle()
+        await self._pledge_release()
         await self._emergency_release()
         await self._redemption()
 
@@ -513,7 +519,7 @@ class OverseenStory(Story):
         self._proven(await self.evidence.prove_holdings(after.envelope, after.ref), after.ref)
 
     async def _emergency_release(self) -> None:
-        say.section("15. The exchange goes dark: emergency release by regulator and custodian")
+        say.section("16. The exchange goes dark: emergency release by regulator and custodian")
         # What is released must be what the exchange last saw: wait for the stream to settle.
         await self._until("both servers to report the same sync-log heads", self._agreed_heads)
         code = await self._exchange_goes_dark()
@@ -657,7 +663,7 @@ class OverseenStory(Story):
         return attested, response.settles_at.ToDatetime(tzinfo=UTC)
 
     async def _redemption(self) -> None:
-        say.section("16. Redemption: locked for 24 h, then settled out of custody")
+        say.section("17. Redemption: locked for 24 h, then settled out of custody")
         asset, quantity = REDEMPTION
         amount = parse_amount(quantity)
         before = await self._holdings_now(SECOND_ACCOUNT)

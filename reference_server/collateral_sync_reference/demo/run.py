@@ -11,7 +11,8 @@ credit, exposure, a margin call and its partial dispute, a top-up that
 satisfies it and resolves the dispute, daily yield, liquidation with yield
 first, the shortfall waterfall; then
 (:mod:`collateral_sync_reference.demo.oversight`) a matched reconciliation, an
-injected break located to its account, a settlement cycle, and an emergency
+injected break located to its account, a settlement cycle, part of a pledge
+released on the exchange's consent, and an emergency
 release by regulator and custodian once the exchange has gone dark, and a
 redemption locked for 24 h, refused again while locked, then settled. It ends
 by exporting what each party relied on as audit bundles and checking them

@@ -33,6 +33,9 @@ __all__ = [
     "PROFITS",
     "REDEMPTION",
     "REGULATOR",
+    "RELEASE",
+    "RELEASE_EXPOSURE",
+    "RELEASE_REFUSED",
     "SECOND_ACCOUNT",
     "SECOND_DROP",
     "SECOND_HOLDINGS",
@@ -91,6 +94,10 @@ BREAK = {
     "delta": "25",
     "after_cutoffs": 1,
 }
+#: Act 15: acct-8's exposure, a release the policy refuses at it, and one it allows.
+RELEASE_EXPOSURE = "150000"
+RELEASE_REFUSED = ("USDC", "100000")
+RELEASE = ("USDC", "48500")
 #: After the release, the client redeems part of what acct-8 holds free (asset, quantity).
 REDEMPTION = ("USDC", "200000")
 #: The daily yield time is set this far after the start, so the clock jump stays short.

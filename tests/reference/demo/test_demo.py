@@ -174,6 +174,15 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "USDC 1,500 moves from acct-8's pledge to exchange-1/settlement",
         "(SETTLEMENT)",
         "acct-8 now: USDC 248,500 (148,500 pledged)",
+        # Pledge release: refused beyond the policy, consented within it, executed.
+        "refused a release of USDC 100,000: the credit limit left would not cover the exposure",
+        "STATE_CONFLICT: after the release the credit limit 92150 is below the exposure 150000",
+        "PledgeReleaseConsent signed by exchange-1 for custodian-1 and client-1",
+        "collateral value 95,000, credit limit 190,000 >= exposure 150,000, collateral ratio 0.63",
+        "ok      the consent recomputes from its signed inputs",
+        "(PLEDGE_RELEASE) at leaf ",
+        "acct-8 now: USDC 248,500 (100,000 pledged)",
+        "exchange-1 credits it once proven: collateral value 95,000, credit limit 190,000",
         # Emergency release: the exchange dark, too early refused, then executed.
         "exchange-1's process stops (exit code 0)",
         "a call to exchange-1 now fails: UNAVAILABLE",
