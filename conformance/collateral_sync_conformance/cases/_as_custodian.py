@@ -13,8 +13,14 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
-from collateral_sync.amounts import parse_amount
-from collateral_sync.v1 import attestation_pb2, position_sync_pb2, valuation_pb2
+from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.v1 import (
+    attestation_pb2,
+    common_pb2,
+    position_sync_pb2,
+    test_control_pb2,
+    valuation_pb2,
+)
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._counterpart import KitCustodian, credit_line_of, relies_on
@@ -30,6 +36,7 @@ __all__ = [
     "not_credited",
     "open_account",
     "poll",
+    "set_exposure",
 ]
 
 #: How long the exchange may take to prove and credit a statement, or to act on an answer.
@@ -99,3 +106,19 @@ async def check_not_credited(ctx: CaseContext, account: str, what: str) -> None:
         got=f"collateral value {value}, attestations "
         + ", ".join(f"leaf {a.leaf_index}" for a in (line.attestations if line else [])),
     )
+
+
+async def set_exposure(ctx: CaseContext, account: str, exposure: Decimal) -> str:
+    """SetExposure, then RunValuation, on the exchange under test (test control); returns the
+    margin call the valuation issued, if any ("" otherwise)."""
+    await ctx.control(
+        ctx.test_control.set_exposure,
+        test_control_pb2.SetExposureRequest(
+            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
+        ),
+    )
+    valued = await ctx.control(
+        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
+    )
+    call_id: str = valued.margin_call_id
+    return call_id

@@ -2,8 +2,8 @@
 
 A consent is what a correct exchange would sign: the client's request inside
 it, judged on the account's latest holdings statement (or one named), with the
-kit's own policy and prices and the figures after the release recomputed by
-the SDK.
+kit's own policy and prices and the figures after the release computed by the
+SDK (:func:`collateral_sync.valuation.judge_release`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collateral_sync.v1 import (
     pledge_release_pb2,
     valuation_pb2,
 )
-from collateral_sync.valuation import credit_line_figures, value_collateral
+from collateral_sync.valuation import judge_release
 
 from collateral_sync_conformance._context import CaseContext
 from collateral_sync_conformance._expect import CaseFailure, check
@@ -139,12 +139,13 @@ async def release_consent(
     assets = sorted(p.asset_id for p in statement.positions)
     policy = kit_risk_policy(ctx, now, dict.fromkeys(assets, "1"))
     snapshot = await price_snapshot(ctx, dict.fromkeys(assets, "1"), now)
-    after = _after(statement, releases)
     try:
-        valued = value_collateral(
+        after = judge_release(
             policy,
-            after,
+            statement.positions,
             valuation_pb2.PriceSnapshot.FromString(snapshot.payload).prices,
+            _well_formed(releases),
+            Decimal(0),
             valued_at=now,
         )
     except CollateralSyncError as err:
@@ -154,7 +155,6 @@ async def release_consent(
             expected="non-negative, canonical quantities (§5.8, §7.2)",
             got=err.metadata.get("actual", ""),
         ) from err
-    figures = credit_line_figures(policy, valued, Decimal(0))
     consent = pledge_release_pb2.PledgeReleaseConsent(
         request=request_envelope,
         inputs=valuation_pb2.ValuationInputs(
@@ -166,8 +166,8 @@ async def release_consent(
         ),
         risk_policy_version=policy.version,
         exposure=amount_to_proto("0"),
-        collateral_value_after=amount_to_proto(format_amount(valued.collateral_value)),
-        credit_limit_after=amount_to_proto(format_amount(figures.credit_limit)),
+        collateral_value_after=amount_to_proto(format_amount(after.collateral_value_after)),
+        credit_limit_after=amount_to_proto(format_amount(after.credit_limit_after)),
     )
     if header is None:
         return await ctx.sign(
@@ -187,24 +187,15 @@ async def release_consent(
     )
 
 
-def _after(
-    statement: attestation_pb2.HoldingsStatement, releases: Sequence[tuple[str, str]]
-) -> list[common_pb2.Position]:
-    """The statement's positions with each released quantity taken out of its pledge."""
-    taken: dict[str, Decimal] = {}
+def _well_formed(releases: Sequence[tuple[str, str]]) -> list[tuple[str, Decimal]]:
+    """The releases whose quantity is canonical and > 0: a malformed one, sent on purpose,
+    is left out of the figures."""
+    kept: list[tuple[str, Decimal]] = []
     for asset_id, quantity in releases:
         try:
-            taken[asset_id] = max(Decimal(0), parse_amount(quantity))
+            amount = parse_amount(quantity)
         except CollateralSyncError:
-            continue  # a malformed release on purpose: the figures leave it out
-    positions = []
-    for position in statement.positions:
-        copy = common_pb2.Position()
-        copy.CopyFrom(position)
-        if position.asset_id in taken:
-            pledged = parse_amount(position.pledged_quantity.value or "0")
-            copy.pledged_quantity.value = format_amount(
-                max(Decimal(0), pledged - taken[position.asset_id])
-            )
-        positions.append(copy)
-    return positions
+            continue
+        if amount > 0:
+            kept.append((asset_id, amount))
+    return kept

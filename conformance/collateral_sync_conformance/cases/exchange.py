@@ -35,6 +35,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
+from collateral_sync_conformance.cases._as_custodian import set_exposure
 from collateral_sync_conformance.cases._published import (
     latest_policy,
     signed_credit_line,
@@ -320,21 +321,6 @@ async def credit_line_recomputes(ctx: CaseContext) -> None:
 # ------------------------------------------------------------------ margin calls
 
 
-async def _set_exposure(ctx: CaseContext, account: str, exposure: Decimal) -> str:
-    """SetExposure then RunValuation; returns the margin call the valuation issued, if any."""
-    await ctx.control(
-        ctx.test_control.set_exposure,
-        test_control_pb2.SetExposureRequest(
-            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
-        ),
-    )
-    valued = await ctx.control(
-        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
-    )
-    call_id: str = valued.margin_call_id
-    return call_id
-
-
 _MS = margin_pb2.MarginCallStatus
 _OPEN = {
     _MS.MARGIN_CALL_STATUS_ISSUED,
@@ -415,7 +401,7 @@ async def margin_call_recomputes(ctx: CaseContext) -> None:
         exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
         earlier = await _call_ids(ctx, account)
         # SetExposure may revalue (and call) by itself; RunValuation then names no new call.
-        call_id = await _set_exposure(ctx, account, exposure)
+        call_id = await set_exposure(ctx, account, exposure)
         if not call_id:
             after = await _call_ids(ctx, account)
             fresh = sorted(set(after) - set(earlier))
@@ -466,7 +452,7 @@ async def margin_call_recomputes(ctx: CaseContext) -> None:
             state.message.call_amount.value,
         )
     finally:
-        await _set_exposure(ctx, account, Decimal(0))
+        await set_exposure(ctx, account, Decimal(0))
         if restore is not None:
             await _revalue_at(ctx, account, *restore)
 
@@ -612,11 +598,11 @@ async def _more_calls(ctx: CaseContext, account: str) -> None:
         for _ in range(_PAGED_CALLS):
             if len(known) >= _PAGED_CALLS:
                 break
-            await _set_exposure(ctx, account, exposure)
-            await _set_exposure(ctx, account, Decimal(0))
+            await set_exposure(ctx, account, exposure)
+            await set_exposure(ctx, account, Decimal(0))
             known = await _call_ids(ctx, account)
     finally:
-        await _set_exposure(ctx, account, Decimal(0))
+        await set_exposure(ctx, account, Decimal(0))
         if restore is not None:
             await _revalue_at(ctx, account, *restore)
 

@@ -61,6 +61,7 @@ from collateral_sync_conformance.cases._as_custodian import (
     credit_line,
     open_account,
     poll,
+    set_exposure,
 )
 from collateral_sync_conformance.cases._kit_account import client_key
 from collateral_sync_conformance.cases._published import latest_policy
@@ -88,15 +89,7 @@ async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.Ma
     maintenance = parse_amount(policy.maintenance_ratio.value)
     liquidation = parse_amount(policy.liquidation_ratio.value)
     exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
-    await ctx.control(
-        ctx.test_control.set_exposure,
-        test_control_pb2.SetExposureRequest(
-            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
-        ),
-    )
-    await ctx.control(
-        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
-    )
+    await set_exposure(ctx, account, exposure)
 
     def sent() -> Any:
         return next(

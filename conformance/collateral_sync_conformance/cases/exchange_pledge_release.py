@@ -36,7 +36,6 @@ from collateral_sync.v1 import (
     margin_pb2,
     pledge_release_pb2,
     position_sync_pb2,
-    test_control_pb2,
     valuation_pb2,
 )
 from collateral_sync.valuation import (
@@ -59,7 +58,7 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._as_custodian import credit_line, poll
+from collateral_sync_conformance.cases._as_custodian import credit_line, poll, set_exposure
 from collateral_sync_conformance.cases._kit_account import QUANTUM, client_key
 from collateral_sync_conformance.cases._published import latest_policy
 
@@ -124,18 +123,6 @@ async def _basis(
     if policy.version != line.risk_policy_version:
         raise CaseSkipped("the exchange's policy changed while the case ran")
     return policy, list(line.prices)
-
-
-async def _set_exposure(ctx: CaseContext, account: str, exposure: Decimal) -> None:
-    await ctx.control(
-        ctx.test_control.set_exposure,
-        test_control_pb2.SetExposureRequest(
-            account_id=account, exposure=common_pb2.Decimal(value=format_amount(exposure))
-        ),
-    )
-    await ctx.control(
-        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
-    )
 
 
 # --- requests and consents ---------------------------------------------------------------
@@ -325,7 +312,7 @@ async def consented_at_policy_edge(ctx: CaseContext) -> None:
     # Exposure that needs about 60% of the collateral: both limits bind somewhere below it.
     needed = max(1 / leverage, maintenance)
     exposure = (full.collateral_value_after * Decimal("0.6") / needed).quantize(Decimal("0.01"))
-    await _set_exposure(ctx, account, exposure)
+    await set_exposure(ctx, account, exposure)
     now = await ctx.server_now()
     edge = _largest_release(
         policy, positions, quotes, exposure, asset_id="USDC", pledged=parse_amount(_PLEDGED), at=now
@@ -539,7 +526,7 @@ async def none_while_call_open(ctx: CaseContext) -> None:
             "the exchange's policy leaves no room between maintenance and liquidation"
         )
     # Between the liquidation line and maintenance: a call, and no liquidation.
-    await _set_exposure(
+    await set_exposure(
         ctx, account, (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
     )
     call = await _open_call(ctx, account)
@@ -564,7 +551,7 @@ async def none_while_call_open(ctx: CaseContext) -> None:
         ["margin_call"],
     )
     # Exposure low enough that the release is well within the policy: the call is withdrawn.
-    await _set_exposure(ctx, account, (value / 10).quantize(Decimal("0.01")))
+    await set_exposure(ctx, account, (value / 10).quantize(Decimal("0.01")))
     await _until_status(ctx, call, _MS.MARGIN_CALL_STATUS_WITHDRAWN)
     request = await _request(ctx, account, small)
     await _consented(
