@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, InvalidOperation
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
 from collateral_sync.errors import CollateralSyncError
@@ -29,22 +29,26 @@ from collateral_sync.v1 import (
     envelope_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     valuation_pb2,
 )
 from collateral_sync.valuation import (
     AdlCandidate,
     allocate_shortfall,
     credit_line_figures,
+    judge_release,
     liquidation_amount,
     liquidation_shortfall,
     margin_call_amount,
     recompute_liquidation_instruction,
     recompute_margin_call,
+    recompute_pledge_release_consent,
     value_collateral,
 )
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from ._common import (
+    CLIENT_ID,
     CUSTODIAN_ID,
     EXCHANGE_ID,
     ISSUED,
@@ -1303,8 +1307,166 @@ def _liquidation_instruction_vectors(
     ]
 
 
+_RELEASE_ID = "release-acct-0001-0001"
+
+
+def _checked_consent(registry: KeyRegistry, envelope: envelope_pb2.Envelope) -> dict[str, Any]:
+    """The outcome of recomputing a consent with the SDK: its figures, or its refusal."""
+    try:
+        result = recompute_pledge_release_consent(
+            envelope, registry, audience=CUSTODIAN_ID, now=NOW
+        )
+    except CollateralSyncError as error:
+        return {**status(error.reason_name), "metadata": dict(error.metadata)}
+    judged = result.judgement
+    return {
+        "valid": True,
+        "collateral_value_after": _text(judged.collateral_value_after),
+        "credit_limit_after": _text(judged.credit_limit_after),
+        "collateral_ratio_after": None
+        if judged.collateral_ratio_after is None
+        else _text(judged.collateral_ratio_after),
+    }
+
+
+def _pledge_release_consent_vectors(
+    keys: dict[str, NamedKey], registry: KeyRegistry, signed: _SignedInputs
+) -> list[dict[str, Any]]:
+    """Consents judged on the call's signed inputs (epoch 5 latest): USDC pledged 150000."""
+    exchange = keys["exchange"].key
+    client = keys["client"].key
+    policy = signed.policy
+    quantum = Decimal(1).scaleb(-policy.rounding_scale)
+    releases = [("USDC", Decimal("100000.000000000000000001")), ("BENJI", Decimal("0.125"))]
+    after = judge_release(
+        policy, signed.positions, signed.prices, releases, Decimal(0), valued_at=VALUED_AT
+    )
+    maintenance = Decimal(policy.maintenance_ratio.value)
+    # The largest exposure the release leaves within the policy: the limit, or maintenance.
+    exposure = min(
+        after.credit_limit_after,
+        (after.collateral_value_after / maintenance).quantize(quantum, rounding=ROUND_FLOOR),
+    )
+    before = judge_release(
+        policy, signed.positions, signed.prices, [], Decimal(0), valued_at=VALUED_AT
+    )
+    beyond_pledge = [("USDC", Decimal("150000.000000000000000001"))]
+    beyond = judge_release(
+        policy, signed.positions, signed.prices, beyond_pledge, Decimal(0), valued_at=VALUED_AT
+    )
+    sequences = iter(range(41, 99))
+
+    def consent(
+        statement_id: str,
+        *,
+        quantities: Sequence[tuple[str, Decimal]] = releases,
+        exposure: Decimal = exposure,
+        figures: tuple[Decimal, Decimal] = (after.collateral_value_after, after.credit_limit_after),
+        exchange_id: str = EXCHANGE_ID,
+    ) -> tuple[envelope_pb2.Envelope, dict[str, str]]:
+        request = pledge_release_pb2.PledgeReleaseRequest(
+            release_id=f"{_RELEASE_ID}-{statement_id}",
+            account_id=_ACCOUNT,
+            exchange_id=exchange_id,
+            releases=[
+                pledge_release_pb2.ReleasedQuantity(asset_id=asset, quantity=decimal(_text(q)))
+                for asset, q in quantities
+            ],
+        )
+        request_envelope = _sign(
+            request,
+            client,
+            [EXCHANGE_ID, CUSTODIAN_ID],
+            next(sequences),
+            f"request-{statement_id}",
+            issued_at=VALUED_AT - timedelta(minutes=1),
+        )
+        stated = {
+            "exposure": _text(exposure),
+            "collateral_value_after": _text(figures[0]),
+            "credit_limit_after": _text(figures[1]),
+        }
+        message = pledge_release_pb2.PledgeReleaseConsent(
+            request=request_envelope,
+            inputs=signed.inputs,
+            risk_policy_version=policy.version,
+            exposure=decimal(stated["exposure"]),
+            collateral_value_after=decimal(stated["collateral_value_after"]),
+            credit_limit_after=decimal(stated["credit_limit_after"]),
+        )
+        envelope = _sign(
+            message,
+            exchange,
+            [CUSTODIAN_ID, CLIENT_ID],
+            next(sequences),
+            statement_id,
+            issued_at=VALUED_AT,
+        )
+        return envelope, stated
+
+    cases = [
+        (
+            "pledge-release-consent/valid-at-the-edge",
+            "§5.10",
+            "USDC 100000.000000000000000001 of its 150000 pledge and BENJI 0.125 released, judged "
+            "on the latest of two holdings statements at the consent's issued_at; the exposure "
+            "is the largest the account supports after the release (credit limit or "
+            "maintenance, both inclusive).",
+            consent("consent-a"),
+        ),
+        (
+            "pledge-release-consent/value-before-release",
+            "§5.10",
+            "The same consent stating the collateral value and credit limit before the release: "
+            "refused with PROOF_INVALID naming collateral_value_after.",
+            consent(
+                "consent-b",
+                figures=(before.collateral_value_after, before.credit_limit_after),
+            ),
+        ),
+        (
+            "pledge-release-consent/exposure-one-quantum-over",
+            "§5.10",
+            "The same release with an exposure one quantum above what the account supports after "
+            "it: the figures recompute, but the exchange consented outside its policy "
+            "(PROOF_INVALID naming credit_limit_after or collateral_ratio_after).",
+            consent("consent-c", exposure=exposure + quantum),
+        ),
+        (
+            "pledge-release-consent/beyond-pledge",
+            "§5.10",
+            "A release of one quantum more than the USDC pledge, its figures as recomputed: "
+            "refused with PROOF_INVALID naming releases[0].quantity, the pledge as expected.",
+            consent(
+                "consent-d",
+                quantities=beyond_pledge,
+                exposure=Decimal(0),
+                figures=(beyond.collateral_value_after, beyond.credit_limit_after),
+            ),
+        ),
+        (
+            "pledge-release-consent/request-for-another-exchange",
+            "§5.10",
+            "A consent to a request that names another exchange: PROOF_INVALID naming "
+            "request.exchange_id.",
+            consent("consent-e", exchange_id="exchange-2.example"),
+        ),
+    ]
+    return [
+        _statement_vector(
+            vector_id,
+            clause,
+            description,
+            envelope,
+            stated=stated,
+            expected=_checked_consent(registry, envelope),
+        )
+        for vector_id, clause, description, (envelope, stated) in cases
+    ]
+
+
 def valuation_file(keys: dict[str, NamedKey]) -> dict[str, Any]:
-    signing = [keys["custodian"], keys["exchange"]]
+    signing = [keys["custodian"], keys["exchange"], keys["client"]]
     registry = KeyRegistry(k.party_key() for k in signing)
     signed = _signed_inputs(keys)
     return {
@@ -1321,6 +1483,8 @@ def valuation_file(keys: dict[str, NamedKey]) -> dict[str, Any]:
             "reason, naming 'field'. 'margin_calls' and 'liquidation_instructions' are signed "
             "statements embedding their signed inputs: verify each with 'registry' as "
             "verifier_party_id at 'now' and recompute it from its inputs (sections 8.2, 9.2); "
+            "'pledge_release_consents' likewise (section 5.10: the client's request inside, "
+            "the figures after the release, within the pledge and the policy); "
             "a refusal gives the ErrorInfo metadata."
         ),
         "valuations": _valuation_vectors(),
@@ -1329,4 +1493,5 @@ def valuation_file(keys: dict[str, NamedKey]) -> dict[str, Any]:
         "registry": json_format.MessageToDict(registry.to_proto()),
         "margin_calls": _margin_call_vectors(keys, registry, signed),
         "liquidation_instructions": _liquidation_instruction_vectors(keys, registry, signed),
+        "pledge_release_consents": _pledge_release_consent_vectors(keys, registry, signed),
     }

@@ -9,6 +9,7 @@
 //                                  ratio, margin call amount, liquidation amount
 //   valuation/shortfall.ts   §9.5  shortfall, insurance fund, auto-deleveraging ranking
 //   valuation/recompute.ts   §8.2, §9.2  signed MarginCall / LiquidationInstruction recomputed
+//   valuation/release.ts     §5.10  a pledge release judged; a signed consent recomputed
 //   valuation/arith.ts       §2.3  exact quotient, wire rounding, the refusals they share
 
 export { assetClassName, parsePolicy, validateRiskPolicy, type ParsedPolicy } from "./valuation/policy.js";
@@ -41,3 +42,13 @@ export {
   type RecomputeLiquidationOptions,
   type RecomputeOptions,
 } from "./valuation/recompute.js";
+export {
+  judgeRelease,
+  recomputePledgeReleaseConsent,
+  releasedQuantities,
+  type JudgeReleaseOptions,
+  type PledgeReleaseConsentCheck,
+  type Release,
+  type ReleaseJudgement,
+  type ReleaseRefusal,
+} from "./valuation/release.js";

@@ -37,6 +37,7 @@ import {
   positionValuationToProto,
   recomputeLiquidationInstruction,
   recomputeMarginCall,
+  recomputePledgeReleaseConsent,
   shortfallAllocationToProto,
   validateRiskPolicy,
   valueCollateral,
@@ -95,6 +96,7 @@ interface ValuationFile {
   registry: JsonValue;
   margin_calls: StatementCase[];
   liquidation_instructions: StatementCase[];
+  pledge_release_consents: StatementCase[];
 }
 
 const FILE = loadVectors<ValuationFile>("valuation.json");
@@ -238,11 +240,15 @@ function recomputeOptions(vector: StatementCase) {
 test("valuation.json declares its kind and has valid and invalid cases of each family", () => {
   assert.equal(FILE.kind, "valuation");
   assert.ok(FILE.valuations.length > 0 && FILE.invalid.length > 0);
-  const ids = [...FILE.valuations, ...FILE.invalid, ...FILE.margin_calls, ...FILE.liquidation_instructions].map(
-    (v) => v.id,
-  );
+  const ids = [
+    ...FILE.valuations,
+    ...FILE.invalid,
+    ...FILE.margin_calls,
+    ...FILE.liquidation_instructions,
+    ...FILE.pledge_release_consents,
+  ].map((v) => v.id);
   assert.equal(new Set(ids).size, ids.length);
-  for (const family of [FILE.margin_calls, FILE.liquidation_instructions]) {
+  for (const family of [FILE.margin_calls, FILE.liquidation_instructions, FILE.pledge_release_consents]) {
     const outcomes = new Set(family.map((v) => (v.expected as { valid: boolean }).valid));
     assert.deepEqual([...outcomes].sort(), [false, true]);
   }
@@ -320,6 +326,26 @@ for (const vector of FILE.liquidation_instructions) {
         collateral_value: text(check.collateralValue),
         collateral_ratio: check.collateralRatio === undefined ? null : text(check.collateralRatio),
         amount: text(check.amount),
+      };
+    } catch (err) {
+      if (!(err instanceof CollateralSyncError)) throw err;
+      outcome = refusal(err);
+    }
+    assert.deepEqual(outcome, vector.expected);
+  });
+}
+
+for (const vector of FILE.pledge_release_consents) {
+  test(`pledge release consent ${vector.id}`, () => {
+    let outcome: JsonValue;
+    try {
+      const check = recomputePledgeReleaseConsent(envelopeOf(vector), registry(), recomputeOptions(vector));
+      const judged = check.judgement;
+      outcome = {
+        valid: true,
+        collateral_value_after: text(judged.collateralValueAfter),
+        credit_limit_after: text(judged.creditLimitAfter),
+        collateral_ratio_after: judged.collateralRatioAfter === undefined ? null : text(judged.collateralRatioAfter),
       };
     } catch (err) {
       if (!(err instanceof CollateralSyncError)) throw err;

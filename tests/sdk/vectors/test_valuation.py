@@ -27,6 +27,7 @@ from collateral_sync.valuation import (
     needs_liquidation,
     recompute_liquidation_instruction,
     recompute_margin_call,
+    recompute_pledge_release_consent,
     value_collateral,
 )
 from google.protobuf import json_format, timestamp_pb2
@@ -182,6 +183,7 @@ def test_valuation_file_covers_what_the_spec_requires() -> None:
     valid = {v["id"]: v for v in VALUATION["valuations"]}
     ids = [*valid, *ids_of(VALUATION["invalid"])]
     ids += ids_of(VALUATION["margin_calls"]) + ids_of(VALUATION["liquidation_instructions"])
+    ids += ids_of(VALUATION["pledge_release_consents"])
     assert len(ids) == len(set(ids))
     expected = [v["expected"] for v in valid.values()]
     classes = {p["asset_class"] for e in expected for p in e["positions"]}
@@ -196,6 +198,8 @@ def test_valuation_file_covers_what_the_spec_requires() -> None:
     assert reasons == {"MALFORMED", "INVALID_AMOUNT"}
     calls = {v["expected"]["valid"] for v in VALUATION["margin_calls"]}
     assert calls == {True, False}
+    consents = {v["expected"]["valid"] for v in VALUATION["pledge_release_consents"]}
+    assert consents == {True, False}
 
 
 def test_round_half_even_differs_by_one_quantum() -> None:
@@ -272,3 +276,35 @@ def test_margin_call_vector(vector: dict[str, Any]) -> None:
 )
 def test_liquidation_instruction_vector(vector: dict[str, Any]) -> None:
     assert _recomputed(recompute_liquidation_instruction, vector) == vector["expected"]
+
+
+@pytest.mark.parametrize(
+    "vector",
+    VALUATION["pledge_release_consents"],
+    ids=ids_of(VALUATION["pledge_release_consents"]),
+)
+def test_pledge_release_consent_vector(vector: dict[str, Any]) -> None:
+    try:
+        result = recompute_pledge_release_consent(
+            _envelope(vector),
+            _registry(),
+            audience=vector["verifier_party_id"],
+            now=_datetime(vector["now"]),
+        )
+    except CollateralSyncError as error:
+        outcome: dict[str, Any] = {
+            "valid": False,
+            "reason": error.reason_name,
+            "grpc_status": error.code.name,
+            "metadata": dict(error.metadata),
+        }
+    else:
+        judged = result.judgement
+        ratio = judged.collateral_ratio_after
+        outcome = {
+            "valid": True,
+            "collateral_value_after": _text(judged.collateral_value_after),
+            "credit_limit_after": _text(judged.credit_limit_after),
+            "collateral_ratio_after": None if ratio is None else _text(ratio),
+        }
+    assert outcome == vector["expected"]

@@ -69,14 +69,14 @@ export interface LiquidationCheck {
   readonly collateralRatio: Amount | undefined;
 }
 
-function refuted(field: string, expected: string, actual: string, why: string): VerificationError {
+export function refuted(field: string, expected: string, actual: string, why: string): VerificationError {
   return new VerificationError(`${why}: ${field} expected ${expected}, got ${actual}`, {
     reason: ErrorReason.PROOF_INVALID,
     metadata: { field, expected, actual },
   });
 }
 
-function compare(field: string, recomputed: Amount, stated: Amount): Amount {
+export function compare(field: string, recomputed: Amount, stated: Amount): Amount {
   if (!recomputed.equals(stated)) {
     const why = "the stated figure differs from the one recomputed from the signed inputs";
     throw refuted(field, formatAmount(recomputed), formatAmount(stated), why);
@@ -121,7 +121,7 @@ function verifyInput<M extends Message>(
 }
 
 /** Verify a statement's ValuationInputs as evidence at its issued_at (§8.2 steps 1–3). */
-function verifyInputs(inputs: ValuationInputs | undefined, registry: KeyRegistry, context: InputsContext): Inputs {
+export function verifyInputs(inputs: ValuationInputs | undefined, registry: KeyRegistry, context: InputsContext): Inputs {
   const { issuer, what } = context;
   if (!context.accountId) throw malformed("account_id", "a non-empty account id", "''", what);
   if (inputs?.riskPolicy === undefined) throw malformed("inputs.risk_policy", "a signed statement", "absent", what);
@@ -175,10 +175,10 @@ function verifyInputs(inputs: ValuationInputs | undefined, registry: KeyRegistry
   return { policy, parsed, snapshot, holdings: latest };
 }
 
-const stated = requiredNonNegative;
+export const stated = requiredNonNegative;
 
 /** The issuer and issued_at of a verified statement (verification requires both). */
-function headerOf(header: StatementHeader | undefined, what: string): { issuer: string; issuedAt: Timestamp } {
+export function headerOf(header: StatementHeader | undefined, what: string): { issuer: string; issuedAt: Timestamp } {
   if (header?.issuedAt === undefined) throw malformed("header.issued_at", "a timestamp", "unset", what);
   return { issuer: header.issuer, issuedAt: header.issuedAt };
 }
