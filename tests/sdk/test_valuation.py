@@ -1329,6 +1329,13 @@ def test_credit_limit_edge_is_inclusive() -> None:
     )
 
 
+def test_a_release_well_within_the_policy_is_allowed() -> None:
+    # After releasing USDC 300 against an exposure of 1000: limit 1764, ratio 0.88.
+    judged = judge([("USDC", "300")], exposure="1000")
+    assert judged.refusal is None
+    assert judged.collateral_ratio_after == D("0.88")
+
+
 def test_maintenance_edge_is_inclusive_when_leverage_allows_more() -> None:
     # Leverage 3: the limit (2646) is not what binds; 882 / 1764 = 0.5 and
     # 882 / 1764.02 = 0.49999... -> 0.49 < 0.5.
@@ -1391,6 +1398,15 @@ def test_released_quantities_in_request_order() -> None:
         (
             {"releases": [pledge_release_pb2.ReleasedQuantity(asset_id="USDC")]},
             R.ERROR_REASON_MALFORMED,
+            "request.releases[0].quantity",
+        ),
+        (
+            {
+                "releases": [
+                    pledge_release_pb2.ReleasedQuantity(asset_id="USDC", quantity=_dec("-1"))
+                ]
+            },
+            R.ERROR_REASON_INVALID_AMOUNT,
             "request.releases[0].quantity",
         ),
         (
