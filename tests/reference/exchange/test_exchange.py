@@ -59,6 +59,7 @@ from collateral_sync.v1 import (
     exchange_service_pb2,
     liquidation_pb2,
     margin_pb2,
+    pledge_release_pb2,
     position_sync_pb2,
     test_control_pb2,
     valuation_pb2,
@@ -67,6 +68,7 @@ from collateral_sync.valuation import (
     LiquidationCheck,
     recompute_liquidation_instruction,
     recompute_margin_call,
+    recompute_pledge_release_consent,
     value_collateral,
 )
 from collateral_sync_reference.common.config import ConfigSection
@@ -293,10 +295,11 @@ class FakeCustodian(custodian_service_pb2_grpc.CustodianServiceServicer):
                 for asset, quantity, locked, pledged in positions
             ],
         )
+        # Addressed as §5.8 says: the exchange it is pledged to, and the account's client.
         return sign_statement(
             holdings,
             self.key,
-            audience=[EXCHANGE],
+            audience=[EXCHANGE, self.client.party_id],
             sequence=self.next_sequence("holdings"),
             ttl=timedelta(days=30),
             issued_at=self.now(),
@@ -1683,6 +1686,104 @@ def test_liquidations_are_listed_in_pages_with_their_signed_records(
             for request, code, reason in bad:
                 error = await refused(w.exchange.list_liquidations(request))
                 assert (error.code, error.reason) == (code, reason)
+
+    run(scenario())
+
+
+def test_a_pledge_release_is_consented_at_the_edge_and_recorded(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """RequestPledgeRelease on the real exchange, on either engine (PROTOCOL.md §5.10).
+
+    Hand figures (§7.4 portfolio): releasing USDC 100000 of its 400000 pledge leaves USDC
+    worth 285000 and the uncapped total 2423000, so the ETF cap falls to 969200:
+    980000 + 285000 + 969200 + 138000 = 2372200, credit limit 4744400.
+    """
+
+    def request(release_id: str, quantity: str) -> envelope_pb2.Envelope:
+        return sign_statement(
+            pledge_release_pb2.PledgeReleaseRequest(
+                release_id=release_id,
+                account_id="acct-r",
+                exchange_id=EXCHANGE,
+                releases=[
+                    pledge_release_pb2.ReleasedQuantity(
+                        asset_id="USDC", quantity=common_pb2.Decimal(value=quantity)
+                    )
+                ],
+            ),
+            reference_parties.keys[CLIENT],
+            audience=[EXCHANGE, CUSTODIAN],
+            sequence=next(sequences),
+            ttl=timedelta(hours=1),
+            issued_at=clock(),
+        )
+
+    sequences = itertools.count(1)
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            prices=EXAMPLE_PRICES,
+            risk_policy=EXAMPLE_POLICY,
+        ) as w:
+            clock_of[:] = [w.custodian.now]
+            w.custodian.attest("acct-r", EXAMPLE_POSITIONS)
+            await w.custodian.wait_update(
+                "credit_line",
+                lambda c: c.account_id == "acct-r" and c.collateral_value.value != "0",
+            )
+
+            async def ask(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+                response = await w.exchange.request_pledge_release(
+                    exchange_service_pb2.RequestPledgeReleaseRequest(
+                        pledge_release_request=envelope
+                    )
+                )
+                return response.consent
+
+            async def expose(amount: str) -> None:
+                await w.control.set_exposure(
+                    test_control_pb2.SetExposureRequest(
+                        account_id="acct-r", exposure=common_pb2.Decimal(value=amount)
+                    )
+                )
+
+            await expose("4744400")
+            first = request("rel-1", "100000")
+            consent = await ask(first)
+            checked = recompute_pledge_release_consent(
+                consent, w.parties.registry, audience=CUSTODIAN, now=w.custodian.now()
+            )
+            judged = checked.judgement
+            assert (judged.collateral_value_after, judged.credit_limit_after) == (
+                d("2372200"),
+                d("4744400"),
+            )
+            assert (judged.exposure, judged.collateral_ratio_after) == (d("4744400"), d("0.5"))
+            # Asked again: the recorded consent, byte for byte.
+            assert await ask(first) == consent
+            reused = await refused(ask(request("rel-1", "99999")))
+            assert reused.reason == _R.ERROR_REASON_STATE_CONFLICT
+            assert reused.metadata["field"] == "pledge_release_request.release_id"
+            # One cent more exposure and the same release leaves the limit short.
+            await expose("4744400.01")
+            short = await refused(ask(request("rel-2", "100000")))
+            assert short.reason == _R.ERROR_REASON_STATE_CONFLICT
+            assert (short.metadata["field"], short.metadata["actual"]) == (
+                "credit_limit_after",
+                "4744400",
+            )
+            assert w.rows("SELECT release_id, account_id FROM exchange_release_consents") == [
+                ("rel-1", "acct-r")
+            ]
+
+    clock_of: list[Callable[[], datetime]] = []
+
+    def clock() -> datetime:
+        return clock_of[0]()
 
     run(scenario())
 
