@@ -49,6 +49,7 @@ from collateral_sync.v1 import (
     errors_pb2,
     exchange_service_pb2,
     liquidation_pb2,
+    margin_pb2,
     reconciliation_pb2,
     reconciliation_service_pb2,
     reconciliation_service_pb2_grpc,
@@ -797,6 +798,100 @@ def _position(account: str, asset: str, quantity: str) -> common_pb2.Position:
         locked_quantity=amount_to_proto("0"),
         pledged_quantity=amount_to_proto("0"),
     )
+
+
+def test_a_regulator_down_leaves_its_results_pending_and_stops_nothing_else(
+    reference_parties: Parties, start_server: Any, tmp_path: Path
+) -> None:
+    """The regulator fails (kill -9) before a cut-off and comes back after it (issue 16).
+
+    While it is down the parties state the cut-off, keep syncing, and the exchange
+    issues a margin call the custodian receives and answers on the stream; once
+    it is back the statements they kept resubmitting reach it, and it publishes
+    the cut-off's result, MATCHED.
+    """
+    parties = reference_parties
+    trio = start_trio(parties, start_server, tmp_path, "regulator-down")
+
+    async def scenario() -> None:
+        async with (
+            parties.channel(trio.custodian.address, REGULATOR) as to_custodian,
+            parties.channel(trio.exchange.address, REGULATOR) as to_exchange,
+        ):
+            custodian_control = TestControlClient(to_custodian)
+            exchange_control = TestControlClient(to_exchange)
+            exchange = ExchangeClient(to_exchange)
+            zero = test_control_pb2.AdvanceClockRequest(by=duration_pb2.Duration())
+            now = (await custodian_control.advance_clock(zero)).now.ToDatetime(tzinfo=UTC)
+            await pledge_all(parties, to_custodian, now)
+            await until_synced(custodian_control, exchange_control, exchange)
+
+            trio.regulator.kill()
+            cutoff_id = await pass_cutoff([custodian_control, exchange_control])
+            request = reconciliation_service_pb2.GetReconciliationStatementRequest(
+                cutoff_id=cutoff_id
+            )
+            async with asyncio.timeout(WAIT):
+                while True:
+                    try:
+                        for to_party in (to_custodian, to_exchange):
+                            await ReconciliationClient(to_party).get_reconciliation_statement(
+                                request
+                            )
+                        break
+                    except RPCError as err:
+                        # The exchange states the cut-off once its custodian's stream is past it.
+                        if err.reason != _R.ERROR_REASON_STATE_CONFLICT:
+                            raise
+                        await asyncio.sleep(0.1)
+
+            # Nothing else waits for the regulator: an exposure brings a margin call, which
+            # reaches the custodian and is answered on the stream.
+            # acct-q's collateral is worth 280000: 622222 puts its ratio at 0.45, between the
+            # liquidation line and maintenance.
+            await exchange_control.set_exposure(
+                test_control_pb2.SetExposureRequest(
+                    account_id="acct-q", exposure=amount_to_proto("622222")
+                )
+            )
+            await exchange_control.run_valuation(
+                test_control_pb2.RunValuationRequest(account_id="acct-q")
+            )
+            calls = (
+                await exchange.list_margin_calls(
+                    exchange_service_pb2.ListMarginCallsRequest(account_id="acct-q")
+                )
+            ).margin_call_states
+            assert len(calls) == 1
+            call_id = margin_pb2.MarginCallState.FromString(calls[0].payload).margin_call_id
+            async with asyncio.timeout(WAIT):
+                while True:
+                    state = (
+                        await exchange.get_margin_call(
+                            exchange_service_pb2.GetMarginCallRequest(margin_call_id=call_id)
+                        )
+                    ).margin_call_state
+                    status = margin_pb2.MarginCallState.FromString(state.payload).status
+                    if status != margin_pb2.MARGIN_CALL_STATUS_ISSUED:
+                        break
+                    await asyncio.sleep(0.1)
+            await until_synced(custodian_control, exchange_control, exchange)
+
+            # Back on the same data: its clock joins the others', and the result comes.
+            trio.regulator.start()
+            async with parties.channel(trio.regulator.address, CUSTODIAN) as to_regulator:
+                regulator_control = TestControlClient(to_regulator)
+                theirs = (await custodian_control.advance_clock(zero)).now.ToDatetime(tzinfo=UTC)
+                ours = (await regulator_control.advance_clock(zero)).now.ToDatetime(tzinfo=UTC)
+                by = duration_pb2.Duration()
+                by.FromTimedelta(max(theirs - ours, timedelta(0)))
+                await regulator_control.advance_clock(test_control_pb2.AdvanceClockRequest(by=by))
+                envelope = await await_result(RegulatorClient(to_regulator), cutoff_id)
+            result = verified_result(parties, envelope)
+            assert result.cutoff_id == cutoff_id
+            assert result.outcome == _F.RECONCILIATION_OUTCOME_MATCHED
+
+    run(scenario())
 
 
 def test_an_unreachable_party_leaves_the_result_pending_until_it_answers(
