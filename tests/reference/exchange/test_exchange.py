@@ -1788,6 +1788,98 @@ def test_a_pledge_release_is_consented_at_the_edge_and_recorded(
     run(scenario())
 
 
+class _UnansweringCustodian(FakeCustodian):
+    """Takes no liquidation instruction: the exchange's stays instructed, unanswered."""
+
+    async def SubmitLiquidationInstruction(
+        self, request: custodian_service_pb2.SubmitLiquidationInstructionRequest, context: Any
+    ) -> custodian_service_pb2.SubmitLiquidationInstructionResponse:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the custodian does not answer")
+        raise AssertionError("unreachable")
+
+
+def test_no_pledge_release_while_a_liquidation_awaits_its_receipt(
+    reference_parties: Parties, start_server: StartServer, tmp_path: Path
+) -> None:
+    """§5.10 step 6, the half the kit cannot reach: a liquidation is instructed only below
+    the liquidation line, where the policy refuses a release anyway, unless the exposure
+    falls meanwhile. Here it does; the account sorts after the other one, so that an id
+    compared by order rather than equality is caught too."""
+
+    def request(account_id: str, sequence: int) -> envelope_pb2.Envelope:
+        return sign_statement(
+            pledge_release_pb2.PledgeReleaseRequest(
+                release_id=f"rel-{account_id}",
+                account_id=account_id,
+                exchange_id=EXCHANGE,
+                releases=[
+                    pledge_release_pb2.ReleasedQuantity(
+                        asset_id="USDC", quantity=common_pb2.Decimal(value="1")
+                    )
+                ],
+            ),
+            reference_parties.keys[CLIENT],
+            audience=[EXCHANGE, CUSTODIAN],
+            sequence=sequence,
+            ttl=timedelta(hours=1),
+            issued_at=now[0](),
+        )
+
+    now: list[Callable[[], datetime]] = []
+
+    async def scenario() -> None:
+        async with world(
+            reference_parties,
+            start_server,
+            tmp_path,
+            custodian_type=_UnansweringCustodian,
+            prices=EXAMPLE_PRICES,
+            risk_policy=EXAMPLE_POLICY,
+        ) as w:
+            fake = w.custodian
+            now[:] = [fake.now]
+            for account in ("acct-b", "acct-y"):
+                fake.attest(account, EXAMPLE_POSITIONS, path=fake.path(account, f"path-{account}"))
+                await fake.wait_update(
+                    "credit_line",
+                    lambda c, a=account: c.account_id == a and c.collateral_value.value != "0",
+                )
+
+            async def expose(amount: str) -> None:
+                await w.control.set_exposure(
+                    test_control_pb2.SetExposureRequest(
+                        account_id="acct-y", exposure=amount_to_proto(amount)
+                    )
+                )
+
+            # 2505200 / 10000000 = 0.25 < 0.4: a close-out, which the custodian never answers.
+            await expose("10000000")
+            await w.until_rows(
+                "SELECT liquidation_id FROM exchange_liquidations "
+                "WHERE account_id = 'acct-y' AND status = 'instructed'"
+            )
+            await expose("0")
+
+            async def ask(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+                response = await w.exchange.request_pledge_release(
+                    exchange_service_pb2.RequestPledgeReleaseRequest(
+                        pledge_release_request=envelope
+                    )
+                )
+                return response.consent
+
+            pending = await refused(ask(request("acct-y", 1)))
+            assert pending.reason == _R.ERROR_REASON_STATE_CONFLICT
+            assert pending.metadata["field"] == "liquidation"
+            consent = await ask(request("acct-b", 2))
+            checked = recompute_pledge_release_consent(
+                consent, w.parties.registry, audience=CUSTODIAN, now=fake.now()
+            )
+            assert checked.request.account_id == "acct-b"
+
+    run(scenario())
+
+
 def test_set_price_and_exposure_refuse_bad_input(
     reference_parties: Parties, start_server: StartServer, tmp_path: Path
 ) -> None:
