@@ -1844,33 +1844,47 @@ def _exchange_consent_figures_before_release() -> None:
     _exchange_pledge_releases.judge_release = judge_release
 
 
-def _exchange_release_judged_on_first_statement() -> None:
-    """A release is judged on (and cites) the account's first credited statement."""
-    consents = _exchange_pledge_releases.ReleaseConsents
-    original = consents.consent
+def _exchange_release_judged_on(pick: Callable[[Any, str], Any]) -> Callable[[], None]:
+    """A release is judged on (and cites) the statement ``pick(store, account)`` finds."""
 
-    class _FirstStatement:
-        def __init__(self, holdings: Any, store: Any) -> None:
-            self._holdings = holdings
-            self._store = store
+    def patch() -> None:
+        consents = _exchange_pledge_releases.ReleaseConsents
+        original = consents.consent
 
-        def credited_holdings(self, account_id: str) -> Any:
-            rows = self._store.holdings.of_account(account_id)
-            return rows[0] if rows else self._holdings.credited_holdings(account_id)
+        class _Picked:
+            def __init__(self, holdings: Any, store: Any) -> None:
+                self._holdings = holdings
+                self._store = store
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._holdings, name)
+            def credited_holdings(self, account_id: str) -> Any:
+                return pick(self._store, account_id) or self._holdings.credited_holdings(account_id)
 
-    def consent(self: Any, envelope: Any) -> Any:
-        valuer = self._valuer
-        holdings = valuer._holdings
-        valuer._holdings = _FirstStatement(holdings, self._store)
-        try:
-            return original(self, envelope)
-        finally:
-            valuer._holdings = holdings
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._holdings, name)
 
-    consents.consent = consent
+        def consent(self: Any, envelope: Any) -> Any:
+            valuer = self._valuer
+            holdings = valuer._holdings
+            valuer._holdings = _Picked(holdings, self._store)
+            try:
+                return original(self, envelope)
+            finally:
+                valuer._holdings = holdings
+
+        consents.consent = consent
+
+    return patch
+
+
+def _first_statement(store: Any, account_id: str) -> Any:
+    """The account's first statement, whatever came after it."""
+    rows = store.holdings.of_account(account_id)
+    return rows[0] if rows else None
+
+
+def _latest_received(store: Any, account_id: str) -> Any:
+    """The account's latest statement received, proven or not."""
+    return store.holdings.latest(account_id)
 
 
 def _exchange_consents_for_any_client() -> None:
@@ -1976,7 +1990,8 @@ _RELEASE_FAULTS: dict[str, Callable[[], None]] = {
     "exchange-consent-edge-exclusive": _exchange_rejudges_release(_edge_exclusive),
     "exchange-consent-states-no-exposure": _exchange_rejudges_release(_states_no_exposure),
     "exchange-consent-figures-before-release": _exchange_consent_figures_before_release,
-    "exchange-release-judged-on-first-statement": _exchange_release_judged_on_first_statement,
+    "exchange-release-judged-on-first-statement": _exchange_release_judged_on(_first_statement),
+    "exchange-release-judged-on-received-statement": _exchange_release_judged_on(_latest_received),
     "exchange-consents-for-any-client": _exchange_consents_for_any_client,
     "exchange-consents-for-any-exchange": _exchange_consents_for_any_exchange,
     "exchange-consents-under-open-call": _exchange_consents_under_open_call(

@@ -840,6 +840,11 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
                 ["judged-on-latest-holdings"],
             ),
             (
+                "exchange-release-judged-on-received-statement",
+                ["judged-on-latest-holdings", "within-pledge"],
+                ["judged-on-latest-holdings"],
+            ),
+            (
                 "exchange-consents-for-any-client",
                 ["only-the-account-client"],
                 ["only-the-account-client"],

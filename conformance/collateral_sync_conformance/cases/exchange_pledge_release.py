@@ -58,7 +58,12 @@ from collateral_sync_conformance._expect import (
     sdk_check,
 )
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
-from collateral_sync_conformance.cases._as_custodian import credit_line, poll, set_exposure
+from collateral_sync_conformance.cases._as_custodian import (
+    credit_line,
+    open_account,
+    poll,
+    set_exposure,
+)
 from collateral_sync_conformance.cases._kit_account import QUANTUM, client_key
 from collateral_sync_conformance.cases._published import latest_policy
 
@@ -392,8 +397,9 @@ async def within_pledge(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "exchange/pledge-release/judged-on-latest-holdings",
     Level.MUST,
-    "after a top-up the exchange has proven, a release that only the new pledge covers is "
-    "consented, and the consent cites the new statement alone (§5.10)",
+    "a release that only an unproven top-up covers is refused (the credited statement is "
+    "judged); after the top-up is proven, the same release is consented and the consent "
+    "cites the new statement alone (§5.10)",
     roles=_EXCHANGE,
     clauses=("§5.10/consent-on-latest-holdings",),
 )
@@ -401,10 +407,31 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
     kit = ctx.counterpart
     account, _ = await _open(ctx, kit)
     more = "150000.000000000429"
-    _, latest = await _open(
-        ctx, kit, account=account, epoch=2, held={"USDC": "170000"}, pledged={"USDC": more}
-    )
+    top_up = {"USDC": "170000"}
     quantity = format_amount(parse_amount(_PLEDGED) + Decimal("0.5"))
+    # A top-up the exchange receives but cannot prove (no leaf holds it): not judged on.
+    await ctx.server_now()
+    unproven, _ = kit.holdings_change(
+        account,
+        client_key(ctx),
+        top_up,
+        epoch=2,
+        reason=_H.HOLDINGS_CHANGE_REASON_TOP_UP,
+        pledged={"USDC": more},
+        attest=False,
+    )
+    kit.announce(position_sync_pb2.PositionUpdate(holdings_change=unproven))
+    await open_account(ctx, kit)  # a later statement credited: the exchange has read past it
+    _expect_conflict(
+        await _ask(
+            ctx,
+            await _request(ctx, account, [("USDC", quantity)]),
+            f"RequestPledgeRelease of {quantity} USDC, which only an unproven top-up covers",
+        ),
+        [f"{_FIELD}.releases[0].quantity"],
+    )
+    # The same top-up attested: once proven, the release it covers is consented on it.
+    _, latest = await _open(ctx, kit, account=account, epoch=3, held=top_up, pledged={"USDC": more})
     request = await _request(ctx, account, [("USDC", quantity)])
     await _consented(
         ctx,
