@@ -1436,7 +1436,8 @@ def _pledge_release_consent_vectors(
             "pledge-release-consent/beyond-pledge",
             "§5.10",
             "A release of one quantum more than the USDC pledge, its figures as recomputed: "
-            "refused with PROOF_INVALID naming releases[0].quantity, the pledge as expected.",
+            "refused with PROOF_INVALID naming request.releases[0].quantity, the pledge as "
+            "expected.",
             consent(
                 "consent-d",
                 quantities=beyond_pledge,

@@ -307,8 +307,12 @@ def recompute_pledge_release_consent(
     _compare("credit_limit_after", judgement.credit_limit_after, stated_limit)
     refusal = judgement.refusal
     if refusal is not None:
+        # A release's quantity is the request's, inside the consent.
+        field = (
+            f"request.{refusal.field}" if refusal.field.startswith("releases[") else refusal.field
+        )
         raise _refuted(
-            refusal.field,
+            field,
             refusal.expected,
             refusal.actual,
             f"the exchange consented outside its policy ({refusal.message})",

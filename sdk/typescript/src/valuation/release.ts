@@ -268,7 +268,9 @@ export function recomputePledgeReleaseConsent(
   const refusal = judgement.refusal;
   if (refusal !== undefined) {
     const why = `the exchange consented outside its policy (${refusal.message})`;
-    throw refuted(refusal.field, refusal.expected, refusal.actual, why);
+    // A release's quantity is the request's, inside the consent.
+    const field = refusal.field.startsWith("releases[") ? `request.${refusal.field}` : refusal.field;
+    throw refuted(field, refusal.expected, refusal.actual, why);
   }
   return {
     consent,
