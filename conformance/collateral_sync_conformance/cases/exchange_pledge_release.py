@@ -446,7 +446,8 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
     Level.MUST,
     "a request signed by another client, for another exchange or by another role's key is "
     "refused with PERMISSION_DENIED KEY_ROLE_MISMATCH, and another client's request for an "
-    "account that does not exist gets the same refusal; a stranger relaying the client's "
+    "account that does not exist, or the client's for an account pledged to another "
+    "exchange, gets the same refusal; a stranger relaying the client's "
     "request is refused; the client's request relayed by another registered party is "
     "consented (§4.5, §5.10)",
     roles=_EXCHANGE,
@@ -506,6 +507,31 @@ async def only_the_account_client(ctx: CaseContext) -> None:
         _C.PERMISSION_DENIED,
         _R.ERROR_REASON_KEY_ROLE_MISMATCH,
     )
+    # Accounts the kit's custodian attests as pledged to another exchange, its id sorting
+    # below and above any usual party id: not this exchange's accounts.
+    for pledged_to in ("0-kit-other-exchange", "~-kit-other-exchange"):
+        await ctx.server_now()
+        away = ctx.unique("kit-release-elsewhere")
+        change, _ = kit.holdings_change(
+            away,
+            client_key(ctx),
+            {"USDC": _HELD},
+            epoch=1,
+            pledged={"USDC": _PLEDGED},
+            pledged_to=pledged_to,
+        )
+        kit.announce(position_sync_pb2.PositionUpdate(holdings_change=change))
+        await open_account(ctx, kit)  # a later statement credited: the exchange has read past it
+        expect_status(
+            await _ask(
+                ctx,
+                await _request(ctx, away, small),
+                f"RequestPledgeRelease by the client of an account pledged to {pledged_to!r}",
+            ),
+            _C.PERMISSION_DENIED,
+            _R.ERROR_REASON_KEY_ROLE_MISMATCH,
+            metadata_field=issuer,
+        )
     stranger = ctx.as_stranger()
     expect_access_denied(
         await _ask(
@@ -638,8 +664,9 @@ async def _until_status(
 @REGISTRY.case(
     "exchange/pledge-release/repeat-answered-reused-id-refused",
     Level.MUST,
-    "the same request again is answered with the recorded consent, byte for byte; another "
-    "request under its release id is refused with STATE_CONFLICT, and one with a sequence "
+    "the same request again is answered with the recorded consent, byte for byte; other "
+    "requests under its release id, their bytes sorting below and above it, are refused "
+    "with STATE_CONFLICT, and one with a sequence "
     "below the consented request's with REPLAYED (§5.10, §12.4)",
     roles=_EXCHANGE,
     clauses=("§5.10/consent-repeat-answered",),
@@ -660,15 +687,35 @@ async def repeat_answered(ctx: CaseContext) -> None:
         first.SerializeToString(),
         again.consent.SerializeToString(),
     )
-    _expect_conflict(
-        await _ask(
-            ctx,
-            await _request(ctx, account, [("USDC", "8")], release_id=release_id),
-            "another RequestPledgeRelease under the consented release id",
-        ),
-        [f"{_FIELD}.release_id"],
-    )
     sequence = pledge_release_pb2.PledgeReleaseRequest.FromString(request.payload).header.sequence
+    # Other payloads under the id, one sorting below the consented one's bytes and one above:
+    # only "different" may decide, not an order.
+    sides: dict[str, envelope_pb2.Envelope] = {}
+    for offset in range(1, 64):
+        candidate = await _request(
+            ctx, account, [("USDC", "8")], release_id=release_id, sequence=sequence + offset
+        )
+        side = "below" if candidate.payload < request.payload else "above"
+        sides.setdefault(side, candidate)
+        lower = await _request(
+            ctx,
+            account,
+            [("USDC", "8")],
+            release_id=release_id,
+            sequence=max(1, sequence - offset),
+        )
+        sides.setdefault("below" if lower.payload < request.payload else "above", lower)
+        if len(sides) == 2:
+            break
+    for side, reuse in sorted(sides.items()):
+        _expect_conflict(
+            await _ask(
+                ctx,
+                reuse,
+                f"another RequestPledgeRelease under the consented release id (bytes {side})",
+            ),
+            [f"{_FIELD}.release_id"],
+        )
     expect_status(
         await _ask(
             ctx,
