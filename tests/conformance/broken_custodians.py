@@ -949,7 +949,65 @@ def _re_executes_repeated_release() -> None:
 
 
 #: Fault name -> the patch that introduces it.
+def _settlement_funds(
+    client_bound: Callable[[Any], Decimal] | None, either_way: bool
+) -> Callable[[], None]:
+    """The payer's funds judged wrongly: the client's bound replaced, or the client made the
+    payer whichever the sign (§10.6)."""
+
+    def patch() -> None:
+        settlement = _custodian_settlement.CustodianSettlement
+        original = settlement._check_funds
+
+        def check_funds(client: Any, house: Any, asset_id: str, net: Decimal) -> None:
+            if client_bound is not None and net > 0:
+                available = client_bound(client.holding(asset_id))
+                if net > available:
+                    raise StateError(
+                        f"{client.account_id!r} can pay {available} {asset_id}",
+                        reason=errors_pb2.ERROR_REASON_STATE_CONFLICT,
+                        metadata={
+                            "field": "net_amount",
+                            "expected": f"<= {available}",
+                            "actual": str(net),
+                        },
+                    )
+                return
+            if either_way:
+                original(client, house, asset_id, abs(net))
+                return
+            original(client, house, asset_id, net)
+
+        settlement._check_funds = staticmethod(check_funds)
+
+    return patch
+
+
+def _settles_zero_net() -> None:
+    """No zero check: an instruction of net 0 is recorded, as if something were owed."""
+
+    class _Zero(Decimal):
+        __hash__ = Decimal.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            return False if other == 0 else Decimal.__eq__(self, other)
+
+    original = _custodian_settlement.amount_from_proto
+
+    def amount_from_proto(message: Any, **kwargs: Any) -> Decimal:
+        value = original(message, **kwargs)
+        return _Zero(value) if value == 0 else value
+
+    _custodian_settlement.amount_from_proto = amount_from_proto
+
+
 FAULTS: dict[str, Callable[[], None]] = {
+    # The client pays out of quantity - locked, its pledge ignored.
+    "custodian-settles-beyond-pledge": _settlement_funds(
+        lambda holding: holding.quantity - holding.locked, either_way=False
+    ),
+    "custodian-settlement-funds-from-client-either-way": _settlement_funds(None, either_way=True),
+    "custodian-settles-zero-net": _settles_zero_net,
     "custodian-releases-beyond-pledge": _releases_beyond_pledge,
     "custodian-release-bound-exclusive": _release_bound_exclusive,
     "custodian-releases-on-any-holdings": _releases_on_any_holdings,

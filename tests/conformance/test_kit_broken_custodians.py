@@ -73,6 +73,19 @@ _SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
 _QUIET_ACCOUNT = {"custodian-never-refreshes-holdings"}
 
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    # What the payer of a settlement holds, and a net of 0 (§10.6).
+    *(
+        (
+            fault,
+            ["settlement/payer-funds-bound", "settlement/third-cycle-refused"],
+            {"settlement/payer-funds-bound"},
+        )
+        for fault in (
+            "custodian-settles-beyond-pledge",
+            "custodian-settlement-funds-from-client-either-way",
+            "custodian-settles-zero-net",
+        )
+    ),
     (
         # Every case that reads a checkpoint fails; only this one is run among them.
         "custodian-signs-checkpoints-with-unregistered-key",

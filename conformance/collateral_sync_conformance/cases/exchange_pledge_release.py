@@ -487,17 +487,18 @@ async def only_the_account_client(ctx: CaseContext) -> None:
         for k in ctx.config.kit_keys
         if k.role == _ROLE.PARTY_ROLE_EXCHANGE and k.party_id != ctx.server_party_id
     ]
-    elsewhere = others_exchange[0] if others_exchange else "kit-another-exchange"
-    expect_status(
-        await _ask(
-            ctx,
-            await _request(ctx, account, small, exchange_id=elsewhere),
-            f"RequestPledgeRelease naming exchange {elsewhere!r}",
-        ),
-        _C.PERMISSION_DENIED,
-        _R.ERROR_REASON_KEY_ROLE_MISMATCH,
-        metadata_field=f"{_FIELD}.exchange_id",
-    )
+    # Another exchange named: a registered one, and names sorting below and above this one.
+    for elsewhere in [*others_exchange[:1], "0-kit-another-exchange", "~-kit-another-exchange"]:
+        expect_status(
+            await _ask(
+                ctx,
+                await _request(ctx, account, small, exchange_id=elsewhere),
+                f"RequestPledgeRelease naming exchange {elsewhere!r}",
+            ),
+            _C.PERMISSION_DENIED,
+            _R.ERROR_REASON_KEY_ROLE_MISMATCH,
+            metadata_field=f"{_FIELD}.exchange_id",
+        )
     expect_status(
         await _ask(
             ctx,

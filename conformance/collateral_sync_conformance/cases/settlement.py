@@ -49,7 +49,13 @@ from collateral_sync_conformance.cases._checkpoints import (
     latest_checkpoint,
     verify_leaf,
 )
-from collateral_sync_conformance.cases._kit_account import PLEDGE_UNIT, ensure_pledged, holdings
+from collateral_sync_conformance.cases._kit_account import (
+    PLEDGE_UNIT,
+    QUANTUM,
+    ensure_pledged,
+    exchange_party,
+    holdings,
+)
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
@@ -59,6 +65,8 @@ _R = errors_pb2.ErrorReason
 _STATUS = reconciliation_pb2.SettlementStatus
 #: The pilot's dispute window (§7.1); the custodian may apply a longer one, never a shorter.
 _WINDOW = timedelta(hours=24)
+#: The daily cap of the kit's exchange's policy (the pilot's, §7.4).
+_CAP = 2
 #: Far above any sane daily cap: the kit stops opening cycles here.
 _MAX_CYCLES_TRIED = 24
 _AMOUNT = format_amount(PLEDGE_UNIT / 10)
@@ -714,7 +722,7 @@ async def second_dispute_refused(ctx: CaseContext) -> None:
 @REGISTRY.case(
     "settlement/third-cycle-refused",
     Level.MUST,
-    "opening a cycle beyond max_settlement_cycles_per_day is refused: RESOURCE_EXHAUSTED LIMIT_EXCEEDED, nothing changed",
+    "opening a cycle beyond max_settlement_cycles_per_day is refused: the first two cycles of a day are accepted, the third RESOURCE_EXHAUSTED LIMIT_EXCEEDED, nothing changed",
     roles=_CUSTODIAN,
 )
 async def cycle_beyond_cap(ctx: CaseContext) -> None:
@@ -742,6 +750,9 @@ async def cycle_beyond_cap(ctx: CaseContext) -> None:
             got=outcome.summary(),
         )
         expect_status(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, _R.ERROR_REASON_LIMIT_EXCEEDED)
+        # The cap is the one the kit's exchange publishes (the pilot's, which a custodian
+        # without any policy applies too): the cycle after it is the first refused.
+        check_equal("the first cycle refused (max_settlement_cycles_per_day + 1)", _CAP + 1, cycle)
         # Nothing recorded: a regulator, who may read every settlement, is told NOT_FOUND.
         regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
         expect_status(
@@ -761,3 +772,134 @@ async def cycle_beyond_cap(ctx: CaseContext) -> None:
         expected=f"LIMIT_EXCEEDED within {_MAX_CYCLES_TRIED} cycles of one day",
         got=f"{_MAX_CYCLES_TRIED} cycles accepted",
     )
+
+
+async def _quiet_statement(ctx: CaseContext, account_id: str) -> attestation_pb2.HoldingsStatement:
+    """The account's latest statement once no new one has come for a second: instructions
+    earlier cases left pending fall due as the clock moves a day, and execute meanwhile."""
+    statement, _, _ = await holdings(ctx, account_id)
+    deadline = time.monotonic() + _EXECUTION_WAIT
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        again, _, _ = await holdings(ctx, account_id)
+        if again.epoch == statement.epoch:
+            return again
+        statement = again
+    return statement
+
+
+async def _house_holdings(ctx: CaseContext, house_id: str) -> attestation_pb2.HoldingsStatement:
+    """The exchange's settlement account as its owner, the exchange, reads it (§4.5)."""
+    exchange = exchange_party(ctx)
+    reader = ctx.as_party(exchange) if exchange in ctx.identity_parties else ctx.auditor
+    outcome = await ctx.rpc(
+        reader.custodian.get_holdings_statement,
+        custodian_service_pb2.GetHoldingsStatementRequest(account_id=house_id),
+        label=f"GetHoldingsStatement of {house_id}",
+    )
+    response: custodian_service_pb2.GetHoldingsStatementResponse = expect_ok(outcome)
+    statement: attestation_pb2.HoldingsStatement = attestation_pb2.HoldingsStatement.FromString(
+        response.holdings_statement.payload
+    )
+    return statement
+
+
+def _quantity(position: common_pb2.Position, name: str) -> Decimal:
+    return parse_amount(getattr(position, name).value or "0")
+
+
+@REGISTRY.case(
+    "settlement/payer-funds-bound",
+    Level.MUST,
+    "the client pays at most min(pledged, quantity - locked) of the asset: exactly that is "
+    "accepted and one quantum more refused with STATE_CONFLICT naming net_amount; the "
+    "exchange pays at most its settlement account's free quantity, the same way; a net of 0 "
+    "is INVALID_AMOUNT; every accepted instruction is disputed at once, so nothing moves "
+    "(§10.6)",
+    roles=_CUSTODIAN,
+    clauses=("§10.6/settlement-payer-holds-amount", "§10.6/settlement-net-not-zero"),
+)
+async def payer_funds_bound(ctx: CaseContext) -> None:
+    await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    statement = await _quiet_statement(ctx, account_id)
+    [position] = [p for p in statement.positions if p.asset_id == asset_id]
+    free = _quantity(position, "quantity") - _quantity(position, "locked_quantity")
+    available = min(_quantity(position, "pledged_quantity"), free)
+    quantum = Decimal(QUANTUM)
+
+    async def instruct(amount: Decimal | str, label: str, asset: str = asset_id) -> Outcome:
+        text = amount if isinstance(amount, str) else format_amount(amount)
+        envelope = await _instruction(
+            ctx,
+            account_id,
+            asset,
+            cutoff_id="conformance-cutoff-funds",
+            cycle=1,
+            now=await ctx.server_now(),
+            amount=text,
+        )
+        return await _send(ctx, envelope, f"SubmitSettlementInstruction {label}")
+
+    async def accepted_then_disputed(outcome: Outcome) -> None:
+        response: custodian_service_pb2.SubmitSettlementInstructionResponse = expect_ok(outcome)
+        check_equal(
+            "status of an instruction within the payer's funds",
+            _STATUS.Name(_STATUS.SETTLEMENT_STATUS_PENDING),
+            _STATUS.Name(response.status),
+        )
+        request = outcome.request
+        assert isinstance(request, custodian_service_pb2.SubmitSettlementInstructionRequest)
+        expect_ok(await _dispute(ctx, _settlement_id(request.settlement_instruction)))
+
+    def refused(outcome: Outcome, bound: Decimal) -> None:
+        expect_status(
+            outcome,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+            metadata_field="net_amount",
+        )
+        info = outcome.error_info
+        assert info is not None
+        check_equal(
+            "the refusal's expected (what the payer holds)",
+            f"<= {format_amount(bound)}",
+            info.metadata["expected"],
+        )
+
+    expect_status(
+        await instruct("0", "of net 0"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        _R.ERROR_REASON_INVALID_AMOUNT,
+        metadata_field="net_amount",
+    )
+    before = await custodian_state(ctx)
+    refused(
+        await instruct(available + quantum, "one quantum above what the client can pay"), available
+    )
+    await expect_unchanged(ctx, before)
+    await accepted_then_disputed(await instruct(available, "of exactly what the client can pay"))
+
+    # The other way: the exchange's own account pays, out of what it holds free.
+    house_id = f"{exchange_party(ctx)}/settlement"
+    house = await _house_holdings(ctx, house_id)
+    house_free = {
+        p.asset_id: _quantity(p, "quantity")
+        - _quantity(p, "locked_quantity")
+        - _quantity(p, "pledged_quantity")
+        for p in house.positions
+    }
+    paid = max(house_free, key=lambda a: (house_free[a], a)) if house_free else asset_id
+    bound = house_free.get(paid, Decimal(0))
+    before = await custodian_state(ctx)
+    refused(
+        await instruct(
+            -(bound + quantum), f"where {house_id} pays one quantum above its free {paid}", paid
+        ),
+        bound,
+    )
+    await expect_unchanged(ctx, before)
+    if bound > 0:
+        await accepted_then_disputed(
+            await instruct(-bound, f"where {house_id} pays exactly its free {paid}", paid)
+        )
