@@ -903,3 +903,60 @@ async def payer_funds_bound(ctx: CaseContext) -> None:
         await accepted_then_disputed(
             await instruct(-bound, f"where {house_id} pays exactly its free {paid}", paid)
         )
+
+
+@REGISTRY.case(
+    "settlement/cycle-of-day-counted",
+    Level.MUST,
+    "cycle_of_day is the custodian's count of the day's cut-offs: on a fresh day the first "
+    "cut-off as cycle 2 is refused with STATE_CONFLICT naming cycle_of_day and accepted as 1, "
+    "a second instruction of it as 2 is refused; the next cut-off as 1 is refused and "
+    "accepted as 2; every accepted instruction is disputed at once (§10.6)",
+    roles=_CUSTODIAN,
+    clauses=("§10.6/cycle-of-day-counted",),
+)
+async def cycle_of_day_counted(ctx: CaseContext) -> None:
+    await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+
+    async def instruct(cutoff_id: str, cycle: int) -> Outcome:
+        envelope = await _instruction(
+            ctx,
+            account_id,
+            asset_id,
+            cutoff_id=cutoff_id,
+            cycle=cycle,
+            now=await ctx.server_now(),
+            amount=_UNEVEN,
+        )
+        return await _send(
+            ctx, envelope, f"SubmitSettlementInstruction of {cutoff_id} as cycle {cycle}"
+        )
+
+    async def refused(outcome: Outcome, count: int) -> None:
+        expect_status(
+            outcome,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+            metadata_field="cycle_of_day",
+        )
+        info = outcome.error_info
+        assert info is not None
+        check_equal(
+            "the refusal's expected (the custodian's count)", str(count), info.metadata["expected"]
+        )
+
+    async def accepted(outcome: Outcome) -> None:
+        expect_ok(outcome)
+        request = outcome.request
+        assert isinstance(request, custodian_service_pb2.SubmitSettlementInstructionRequest)
+        expect_ok(await _dispute(ctx, _settlement_id(request.settlement_instruction)))
+
+    first, second = "conformance-cutoff-first", "conformance-cutoff-second"
+    before = await custodian_state(ctx)
+    await refused(await instruct(first, 2), 1)
+    await expect_unchanged(ctx, before)
+    await accepted(await instruct(first, 1))
+    await refused(await instruct(first, 2), 1)
+    await refused(await instruct(second, 1), 2)
+    await accepted(await instruct(second, 2))
