@@ -983,6 +983,29 @@ def _settlement_funds(
     return patch
 
 
+def _settles_what_it_cannot_pay() -> None:
+    """At execution the payer's funds are not checked again: a settlement whose payer's pledge
+    fell since it was accepted moves anyway (§10.6)."""
+    settlement = _custodian_settlement.CustodianSettlement
+    original_execute = settlement._execute
+    original_check = settlement._check_funds
+    executing: list[bool] = []
+
+    def check_funds(client: Any, house: Any, asset_id: str, net: Decimal) -> None:
+        if not executing:
+            original_check(client, house, asset_id, net)
+
+    def execute(self: Any, found: Any, now: datetime) -> None:
+        executing.append(True)
+        try:
+            original_execute(self, found, now)
+        finally:
+            executing.pop()
+
+    settlement._check_funds = staticmethod(check_funds)
+    settlement._execute = execute
+
+
 def _settles_zero_net() -> None:
     """No zero check: an instruction of net 0 is recorded, as if something were owed."""
 
@@ -1008,6 +1031,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     ),
     "custodian-settlement-funds-from-client-either-way": _settlement_funds(None, either_way=True),
     "custodian-settles-zero-net": _settles_zero_net,
+    "custodian-settles-what-it-cannot-pay": _settles_what_it_cannot_pay,
     "custodian-releases-beyond-pledge": _releases_beyond_pledge,
     "custodian-release-bound-exclusive": _release_bound_exclusive,
     "custodian-releases-on-any-holdings": _releases_on_any_holdings,

@@ -73,6 +73,12 @@ _SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
 _QUIET_ACCOUNT = {"custodian-never-refreshes-holdings"}
 
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    # A settlement whose payer can no longer pay, at its deadline (§10.6).
+    (
+        "custodian-settles-what-it-cannot-pay",
+        ["settlement/payer-short-at-execution-disputed"],
+        {"settlement/payer-short-at-execution-disputed"},
+    ),
     # What the payer of a settlement holds, and a net of 0 (§10.6).
     *(
         (

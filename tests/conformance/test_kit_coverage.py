@@ -80,6 +80,10 @@ ALSO_REFUSALS = {
         "emergency/regulator-custodian-executed-after-wait",
         # Its statement is refused one second before the cut-off.
         "reconciliation/view-frozen-at-cutoff",
+        # Exactly what the payer holds is accepted, one quantum more and a net of 0 refused.
+        "settlement/payer-funds-bound",
+        # The wrong cycle numbers are refused, the right ones accepted.
+        "settlement/cycle-of-day-counted",
     },
     Role.EXCHANGE: set(),
     Role.REGULATOR: {"regulator/result-not-found-before-both"},

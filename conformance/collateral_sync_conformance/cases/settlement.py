@@ -52,10 +52,15 @@ from collateral_sync_conformance.cases._checkpoints import (
 from collateral_sync_conformance.cases._kit_account import (
     PLEDGE_UNIT,
     QUANTUM,
+    PledgePlan,
+    client_key,
     ensure_pledged,
     exchange_party,
     holdings,
+    liquidation_path,
+    pledge_instruction,
 )
+from collateral_sync_conformance.cases._release import pledged_account, release_consent
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
@@ -804,6 +809,17 @@ async def _house_holdings(ctx: CaseContext, house_id: str) -> attestation_pb2.Ho
     return statement
 
 
+def _position_of(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> str:
+    """An asset's quantity, locked and pledged quantity in a statement, as text ("none")."""
+    for p in statement.positions:
+        if p.asset_id == asset_id:
+            return (
+                f"quantity {p.quantity.value}, locked {p.locked_quantity.value or '0'}, "
+                f"pledged {p.pledged_quantity.value or '0'}"
+            )
+    return "none"
+
+
 def _quantity(position: common_pb2.Position, name: str) -> Decimal:
     return parse_amount(getattr(position, name).value or "0")
 
@@ -960,3 +976,100 @@ async def cycle_of_day_counted(ctx: CaseContext) -> None:
     await refused(await instruct(first, 2), 1)
     await refused(await instruct(second, 1), 2)
     await accepted(await instruct(second, 2))
+
+
+@REGISTRY.case(
+    "settlement/payer-short-at-execution-disputed",
+    Level.MUST,
+    "an instruction for exactly what the client could pay is accepted; when the client's "
+    "pledge has since fallen below it (a pledge release), the custodian does not execute it "
+    "at its deadline: it is DISPUTED, with no attestation of a move, and the client's pledge "
+    "stays as the release left it (§10.6)",
+    roles=_CUSTODIAN,
+    clauses=("§10.6/settlement-never-partial",),
+)
+async def payer_short_at_execution(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    statement = await _quiet_statement(ctx, account_id)
+    [position] = [p for p in statement.positions if p.asset_id == asset_id]
+    pledged = _quantity(position, "pledged_quantity")
+    free = _quantity(position, "quantity") - _quantity(position, "locked_quantity")
+    available = min(pledged, free)
+    short = Decimal(_UNEVEN)
+    if available <= short:
+        raise CaseSkipped(f"account {account_id!r} can pay too little {asset_id} to fall short")
+    envelope = await _instruction(
+        ctx,
+        account_id,
+        asset_id,
+        cutoff_id="conformance-cutoff-short",
+        cycle=1,
+        now=now,
+        amount=format_amount(available),
+    )
+    deadline = _deadline(
+        await _submit(ctx, envelope, "SubmitSettlementInstruction of all it can pay")
+    )
+
+    # The exchange consents to releasing enough of the pledge that the client can pay less.
+    released = pledged - available + short
+    account = await pledged_account(ctx)
+    consent = await release_consent(ctx, account, [(asset_id, format_amount(released))])
+    expect_ok(
+        await ctx.rpc(
+            ctx.custodian.release_pledge,
+            custodian_service_pb2.ReleasePledgeRequest(consent=consent),
+            label=f"ReleasePledge of {format_amount(released)} {asset_id}",
+        )
+    )
+    before, _, _ = await holdings(ctx, account_id)
+
+    # Well past the deadline: when exactly it executes is executed-after-window's.
+    await _advance_to(ctx, deadline + timedelta(hours=1))
+    settlement_id = _settlement_id(envelope)
+    status = _STATUS.SETTLEMENT_STATUS_PENDING
+    waited = time.monotonic() + _EXECUTION_WAIT
+    while status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
+        await asyncio.sleep(0.2)
+        status = (await _get(ctx, settlement_id)).status
+    check_equal(
+        "status of an instruction the payer can no longer pay, past its deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED),
+        _STATUS.Name(status),
+    )
+    # The pledge (the yield a fund token earns as the clock moves a day may raise quantity).
+    after, _, _ = await holdings(ctx, account_id)
+    check_equal(
+        f"{account_id}'s pledged {asset_id} after the unpaid settlement",
+        _quantity(next(p for p in before.positions if p.asset_id == asset_id), "pledged_quantity"),
+        _quantity(next(p for p in after.positions if p.asset_id == asset_id), "pledged_quantity"),
+    )
+    found = await _get(ctx, settlement_id)
+    check(
+        not found.HasField("attestation"),
+        "a settlement the payer could not pay has an attestation of its move",
+        expected="no attestation: nothing moved",
+        got=str(found.attestation),
+    )
+
+    # What was released is pledged back, for the cases after this one.
+    plan = PledgePlan(
+        client=client_key(ctx),
+        account_id=account_id,
+        exchange_id=exchange_party(ctx),
+        asset_id=asset_id,
+        quantity=format_amount(released),
+        free=released,
+        pledged=Decimal(0),
+    )
+    expect_ok(
+        await ctx.rpc(
+            ctx.custodian.pledge_collateral,
+            custodian_service_pb2.PledgeCollateralRequest(
+                pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+                liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+            ),
+            label=f"PledgeCollateral of the {format_amount(released)} {asset_id} released",
+        )
+    )
