@@ -206,7 +206,8 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "custodian-executes-disputed-settlement",
         ["settlement/**"],
-        {"settlement/dispute-within-window"},
+        # Also the settlement it disputed itself because the payer could no longer pay.
+        {"settlement/dispute-within-window", "settlement/payer-short-at-execution-disputed"},
     ),
     # The writes idempotent by an id (§12.4): a settlement instruction, a dispute, a release.
     (

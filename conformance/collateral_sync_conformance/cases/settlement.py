@@ -724,61 +724,6 @@ async def second_dispute_refused(ctx: CaseContext) -> None:
     await _expect_recorded(ctx, settlement_id, instruction, first)
 
 
-@REGISTRY.case(
-    "settlement/third-cycle-refused",
-    Level.MUST,
-    "opening a cycle beyond max_settlement_cycles_per_day is refused: the first two cycles of a day are accepted, the third RESOURCE_EXHAUSTED LIMIT_EXCEEDED, nothing changed",
-    roles=_CUSTODIAN,
-)
-async def cycle_beyond_cap(ctx: CaseContext) -> None:
-    now = await _fresh_day(ctx)
-    account_id, asset_id = await _pledged_asset(ctx)
-    # The cap is the exchange's policy's (2 in the pilot): open cycles until refused.
-    for cycle in range(1, _MAX_CYCLES_TRIED + 1):
-        envelope = await _instruction(
-            ctx, account_id, asset_id, cutoff_id=f"conformance-cutoff-{cycle}", cycle=cycle, now=now
-        )
-        before = await custodian_state(ctx)
-        outcome = await ctx.rpc(
-            ctx.custodian.submit_settlement_instruction,
-            custodian_service_pb2.SubmitSettlementInstructionRequest(
-                settlement_instruction=envelope
-            ),
-            label="SubmitSettlementInstruction",
-        )
-        if outcome.ok:
-            continue
-        check(
-            cycle > 1,
-            "the first cycle of a fresh day was refused",
-            expected="PENDING",
-            got=outcome.summary(),
-        )
-        expect_status(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, _R.ERROR_REASON_LIMIT_EXCEEDED)
-        # The cap is the one the kit's exchange publishes (the pilot's, which a custodian
-        # without any policy applies too): the cycle after it is the first refused.
-        check_equal("the first cycle refused (max_settlement_cycles_per_day + 1)", _CAP + 1, cycle)
-        # Nothing recorded: a regulator, who may read every settlement, is told NOT_FOUND.
-        regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
-        expect_status(
-            await ctx.rpc(
-                regulator.custodian.get_settlement,
-                custodian_service_pb2.GetSettlementRequest(settlement_id=_settlement_id(envelope)),
-                label="GetSettlement",
-            ),
-            grpc.StatusCode.NOT_FOUND,
-            _R.ERROR_REASON_NOT_FOUND,
-        )
-        await expect_unchanged(ctx, before)
-        return
-    check(
-        False,
-        "no daily cap on settlement cycles",
-        expected=f"LIMIT_EXCEEDED within {_MAX_CYCLES_TRIED} cycles of one day",
-        got=f"{_MAX_CYCLES_TRIED} cycles accepted",
-    )
-
-
 async def _quiet_statement(ctx: CaseContext, account_id: str) -> attestation_pb2.HoldingsStatement:
     """The account's latest statement once no new one has come for a second: instructions
     earlier cases left pending fall due as the clock moves a day, and execute meanwhile."""
@@ -1072,4 +1017,124 @@ async def payer_short_at_execution(ctx: CaseContext) -> None:
             ),
             label=f"PledgeCollateral of the {format_amount(released)} {asset_id} released",
         )
+    )
+
+
+@REGISTRY.case(
+    "settlement/malformed-refused",
+    Level.MUST,
+    "an instruction without a settlement id, cut-off, account, asset or net amount, or with a "
+    "net amount that is not canonical, is refused with INVALID_ARGUMENT naming the field, "
+    "and records nothing (§10.6, §12)",
+    roles=_CUSTODIAN,
+)
+async def malformed_refused(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    before = await custodian_state(ctx)
+    for field, reason in (
+        ("settlement_id", _R.ERROR_REASON_MALFORMED),
+        ("cutoff_id", _R.ERROR_REASON_MALFORMED),
+        ("account_id", _R.ERROR_REASON_MALFORMED),
+        ("asset_id", _R.ERROR_REASON_MALFORMED),
+        ("net_amount", _R.ERROR_REASON_MALFORMED),
+        ("net_amount=1.50", _R.ERROR_REASON_INVALID_AMOUNT),
+    ):
+        message = reconciliation_pb2.SettlementInstruction(
+            settlement_id=ctx.unique("conformance-settlement"),
+            cutoff_id="conformance-cutoff-malformed",
+            account_id=account_id,
+            asset_id=asset_id,
+            cycle_of_day=1,
+        )
+        message.net_amount.value = _AMOUNT
+        message.dispute_deadline.FromDatetime(now + _WINDOW)
+        name = field.split("=")[0]
+        if "=" in field:
+            message.net_amount.value = field.split("=")[1]
+        elif name == "net_amount":
+            message.ClearField("net_amount")
+        else:
+            setattr(message, name, "")
+        envelope = await ctx.sign(message, ctx.key(common_pb2.PARTY_ROLE_EXCHANGE), issued_at=now)
+        expect_status(
+            await _send(ctx, envelope, f"SubmitSettlementInstruction without a good {name}"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            reason,
+            metadata_field=name,
+        )
+    await expect_unchanged(ctx, before)
+
+
+# Last: where no cap is kept, it opens many cycles whose amounts leave the pledge later.
+@REGISTRY.case(
+    "settlement/third-cycle-refused",
+    Level.MUST,
+    "opening a cycle beyond max_settlement_cycles_per_day is refused: the first two cycles of a day are accepted, the third RESOURCE_EXHAUSTED LIMIT_EXCEEDED, and so is a further cut-off claiming cycle 1 or 2; nothing changed",
+    roles=_CUSTODIAN,
+)
+async def cycle_beyond_cap(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    # The cap is the exchange's policy's (2 in the pilot): open cycles until refused.
+    for cycle in range(1, _MAX_CYCLES_TRIED + 1):
+        envelope = await _instruction(
+            ctx, account_id, asset_id, cutoff_id=f"conformance-cutoff-{cycle}", cycle=cycle, now=now
+        )
+        before = await custodian_state(ctx)
+        outcome = await ctx.rpc(
+            ctx.custodian.submit_settlement_instruction,
+            custodian_service_pb2.SubmitSettlementInstructionRequest(
+                settlement_instruction=envelope
+            ),
+            label="SubmitSettlementInstruction",
+        )
+        if outcome.ok:
+            continue
+        check(
+            cycle > 1,
+            "the first cycle of a fresh day was refused",
+            expected="PENDING",
+            got=outcome.summary(),
+        )
+        expect_status(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, _R.ERROR_REASON_LIMIT_EXCEEDED)
+        # The cap is the one the kit's exchange publishes (the pilot's, which a custodian
+        # without any policy applies too): the cycle after it is the first refused.
+        check_equal("the first cycle refused (max_settlement_cycles_per_day + 1)", _CAP + 1, cycle)
+        # Nothing recorded: a regulator, who may read every settlement, is told NOT_FOUND.
+        regulator = ctx.as_role(common_pb2.PARTY_ROLE_REGULATOR)
+        expect_status(
+            await ctx.rpc(
+                regulator.custodian.get_settlement,
+                custodian_service_pb2.GetSettlementRequest(settlement_id=_settlement_id(envelope)),
+                label="GetSettlement",
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            _R.ERROR_REASON_NOT_FOUND,
+        )
+        await expect_unchanged(ctx, before)
+        # Opening a further cycle is refused whatever number it claims: an allowed one too.
+        for claimed in range(1, _CAP + 1):
+            further = await _instruction(
+                ctx,
+                account_id,
+                asset_id,
+                cutoff_id=f"conformance-cutoff-further-{claimed}",
+                cycle=claimed,
+                now=now,
+            )
+            expect_status(
+                await _send(
+                    ctx, further, f"SubmitSettlementInstruction of a further cycle as {claimed}"
+                ),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                _R.ERROR_REASON_LIMIT_EXCEEDED,
+            )
+        await expect_unchanged(ctx, before)
+        return
+    check(
+        False,
+        "no daily cap on settlement cycles",
+        expected=f"LIMIT_EXCEEDED within {_MAX_CYCLES_TRIED} cycles of one day",
+        got=f"{_MAX_CYCLES_TRIED} cycles accepted",
     )
