@@ -19,6 +19,7 @@ from collateral_sync.keys import SigningKey
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
+    custodian_service_pb2,
     envelope_pb2,
     pledge_release_pb2,
     valuation_pb2,
@@ -26,19 +27,23 @@ from collateral_sync.v1 import (
 from collateral_sync.valuation import judge_release
 
 from collateral_sync_conformance._context import CaseContext
-from collateral_sync_conformance._expect import CaseFailure, check
+from collateral_sync_conformance._expect import CaseFailure, check, expect_ok
 from collateral_sync_conformance.cases._exchange_side import kit_risk_policy, price_snapshot
 from collateral_sync_conformance.cases._kit_account import (
+    PledgePlan,
     client_key,
     ensure_pledged,
     exchange_party,
     holdings,
+    liquidation_path,
+    pledge_instruction,
 )
 
 __all__ = [
     "ConsentHeader",
     "PledgedAccount",
     "consent_header",
+    "pledge_back",
     "pledged_account",
     "release_consent",
 ]
@@ -184,6 +189,29 @@ async def release_consent(
         issued_at=header.issued_at,
         expires_at=header.expires_at,
         statement_id=header.statement_id,
+    )
+
+
+async def pledge_back(ctx: CaseContext, account_id: str, asset_id: str, quantity: Decimal) -> None:
+    """Pledge ``quantity`` of ``asset_id`` again: what was released is pledgeable anew."""
+    plan = PledgePlan(
+        client=client_key(ctx),
+        account_id=account_id,
+        exchange_id=exchange_party(ctx),
+        asset_id=asset_id,
+        quantity=format_amount(quantity),
+        free=quantity,
+        pledged=Decimal(0),
+    )
+    expect_ok(
+        await ctx.rpc(
+            ctx.custodian.pledge_collateral,
+            custodian_service_pb2.PledgeCollateralRequest(
+                pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
+                liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
+            ),
+            label=f"PledgeCollateral of the {format_amount(quantity)} {asset_id} just released",
+        )
     )
 
 

@@ -42,18 +42,16 @@ from collateral_sync_conformance._expect import (
 from collateral_sync_conformance._registry import REGISTRY, Level, Role
 from collateral_sync_conformance.cases._kit_account import (
     QUANTUM,
-    PledgePlan,
     client_key,
     exchange_party,
     holdings,
-    liquidation_path,
-    pledge_instruction,
     position_figures,
 )
 from collateral_sync_conformance.cases._release import (
     ConsentHeader,
     PledgedAccount,
     consent_header,
+    pledge_back,
     pledged_account,
     release_consent,
 )
@@ -153,31 +151,6 @@ def _check_moved(
         )
 
 
-async def _pledge_back(
-    ctx: CaseContext, account: PledgedAccount, asset_id: str, quantity: Decimal
-) -> None:
-    """Pledge ``quantity`` of ``asset_id`` again: what was released is pledgeable anew."""
-    plan = PledgePlan(
-        client=client_key(ctx),
-        account_id=account.account_id,
-        exchange_id=exchange_party(ctx),
-        asset_id=asset_id,
-        quantity=format_amount(quantity),
-        free=quantity,
-        pledged=Decimal(0),
-    )
-    expect_ok(
-        await ctx.rpc(
-            ctx.custodian.pledge_collateral,
-            custodian_service_pb2.PledgeCollateralRequest(
-                pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
-                liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
-            ),
-            label=f"PledgeCollateral of the {format_amount(quantity)} {asset_id} just released",
-        )
-    )
-
-
 @REGISTRY.case(
     "pledge-release/executed-within-pledge",
     Level.MUST,
@@ -227,7 +200,7 @@ async def executed_within_pledge(ctx: CaseContext) -> None:
         ctx, account, consent, f"ReleasePledge of exactly the {remaining} {asset_id} pledged"
     )
     _check_moved(account.statement, after, {asset_id: remaining})
-    await _pledge_back(ctx, account, asset_id, remaining)
+    await pledge_back(ctx, account.account_id, asset_id, remaining)
 
 
 @REGISTRY.case(
@@ -247,7 +220,7 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
     account = await pledged_account(ctx)
     asset_id = sorted(account.pledged)[0]
     # A change of the account (a top-up), so that the statement the exchange judged is not the latest.
-    await _pledge_back(ctx, account, asset_id, Decimal(QUANTUM))
+    await pledge_back(ctx, account.account_id, asset_id, Decimal(QUANTUM))
     older = account.envelope
     account = await pledged_account(ctx)
     check(
@@ -306,7 +279,7 @@ async def judged_on_latest_holdings(ctx: CaseContext) -> None:
         "the same release judged on the latest holdings statement",
     )
     _check_moved(account.statement, after, {asset_id: parse_amount(quantity)})
-    await _pledge_back(ctx, account, asset_id, parse_amount(quantity))
+    await pledge_back(ctx, account.account_id, asset_id, parse_amount(quantity))
 
 
 @REGISTRY.case(
@@ -431,7 +404,7 @@ async def repeat_answered(ctx: CaseContext) -> None:
         outcome = await _release(ctx, other, f"{what} under the used release_id {release_id!r}")
         expect_status(outcome, _C.FAILED_PRECONDITION, _R.ERROR_REASON_STATE_CONFLICT)
         await expect_unchanged(ctx, before)
-    await _pledge_back(ctx, moved, asset_id, quantity)
+    await pledge_back(ctx, moved.account_id, asset_id, quantity)
 
 
 @REGISTRY.case(

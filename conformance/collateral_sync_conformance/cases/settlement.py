@@ -52,15 +52,11 @@ from collateral_sync_conformance.cases._checkpoints import (
 from collateral_sync_conformance.cases._kit_account import (
     PLEDGE_UNIT,
     QUANTUM,
-    PledgePlan,
-    client_key,
     ensure_pledged,
     exchange_party,
     holdings,
-    liquidation_path,
-    pledge_instruction,
 )
-from collateral_sync_conformance.cases._release import pledged_account, release_consent
+from collateral_sync_conformance.cases._release import pledge_back, pledged_account, release_consent
 from collateral_sync_conformance.cases._snapshots import custodian_state, expect_unchanged
 
 __all__: list[str] = []
@@ -999,25 +995,7 @@ async def payer_short_at_execution(ctx: CaseContext) -> None:
     )
 
     # What was released is pledged back, for the cases after this one.
-    plan = PledgePlan(
-        client=client_key(ctx),
-        account_id=account_id,
-        exchange_id=exchange_party(ctx),
-        asset_id=asset_id,
-        quantity=format_amount(released),
-        free=released,
-        pledged=Decimal(0),
-    )
-    expect_ok(
-        await ctx.rpc(
-            ctx.custodian.pledge_collateral,
-            custodian_service_pb2.PledgeCollateralRequest(
-                pledge_instruction=await ctx.sign(pledge_instruction(plan), plan.client),
-                liquidation_path=await ctx.sign(liquidation_path(plan), plan.client),
-            ),
-            label=f"PledgeCollateral of the {format_amount(released)} {asset_id} released",
-        )
-    )
+    await pledge_back(ctx, account_id, asset_id, released)
 
 
 @REGISTRY.case(
