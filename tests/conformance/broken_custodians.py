@@ -1006,6 +1006,16 @@ def _settles_what_it_cannot_pay() -> None:
     settlement._execute = execute
 
 
+def _settlement_credits_a_quantum_more() -> None:
+    """What a settlement credits an account is one quantum (10^-18) more than it debits."""
+    original = _custodian_settlement._add
+
+    def add(a: Decimal, b: Decimal) -> Decimal:
+        return Decimal(original(a, b)) + Decimal("1e-18")
+
+    _custodian_settlement._add = add
+
+
 def _settles_zero_net() -> None:
     """No zero check: an instruction of net 0 is recorded, as if something were owed."""
 
@@ -1032,6 +1042,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-settlement-funds-from-client-either-way": _settlement_funds(None, either_way=True),
     "custodian-settles-zero-net": _settles_zero_net,
     "custodian-settles-what-it-cannot-pay": _settles_what_it_cannot_pay,
+    "custodian-settlement-credits-a-quantum-more": _settlement_credits_a_quantum_more,
     "custodian-releases-beyond-pledge": _releases_beyond_pledge,
     "custodian-release-bound-exclusive": _release_bound_exclusive,
     "custodian-releases-on-any-holdings": _releases_on_any_holdings,

@@ -73,6 +73,12 @@ _SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
 _QUIET_ACCOUNT = {"custodian-never-refreshes-holdings"}
 
 MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
+    # What the exchange pays a client arrives whole, not a quantum more (§10.6).
+    (
+        "custodian-settlement-credits-a-quantum-more",
+        ["settlement/exchange-pays-executed", "settlement/executed-after-window"],
+        {"settlement/exchange-pays-executed"},
+    ),
     # A settlement whose payer can no longer pay, at its deadline (§10.6).
     (
         "custodian-settles-what-it-cannot-pay",
@@ -344,6 +350,7 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         {
             "settlement/instruction-pending-until-window",
             "settlement/executed-after-window",
+            "settlement/exchange-pays-executed",
             "settlement/dispute-at-deadline-refused",
         },
     ),
@@ -351,7 +358,7 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
     (
         "custodian-settles-a-minute-late",
         ["settlement/**"],
-        {"settlement/executed-after-window"},
+        {"settlement/executed-after-window", "settlement/exchange-pays-executed"},
     ),
     (
         "custodian-dispute-window-from-instruction",

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
-from collateral_sync.amounts import format_amount, parse_amount
+from collateral_sync.amounts import amount_to_proto, format_amount, parse_amount
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
@@ -32,6 +32,7 @@ from collateral_sync.v1 import (
     envelope_pb2,
     errors_pb2,
     reconciliation_pb2,
+    test_control_pb2,
 )
 
 from collateral_sync_conformance._context import CaseContext
@@ -979,6 +980,14 @@ async def payer_short_at_execution(ctx: CaseContext) -> None:
         _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED),
         _STATUS.Name(status),
     )
+    # And it stays so: a disputed instruction is never executed, also on a later sweep.
+    await ctx.advance_clock(_SECOND)
+    await asyncio.sleep(0.5)
+    check_equal(
+        "status of that instruction a second later",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_DISPUTED),
+        _STATUS.Name((await _get(ctx, settlement_id)).status),
+    )
     # The pledge (the yield a fund token earns as the clock moves a day may raise quantity).
     after, _, _ = await holdings(ctx, account_id)
     check_equal(
@@ -1042,6 +1051,96 @@ async def malformed_refused(ctx: CaseContext) -> None:
             metadata_field=name,
         )
     await expect_unchanged(ctx, before)
+
+
+@REGISTRY.case(
+    "settlement/exchange-pays-executed",
+    Level.MUST,
+    "an instruction with a negative net amount (the exchange pays the client) is executed "
+    "after its window: the client's quantity rises by exactly the amount, unpledged, and the "
+    "exchange's settlement account falls by it, both in SETTLEMENT holdings statements (§10.6)",
+    roles=_CUSTODIAN,
+)
+async def exchange_pays_executed(ctx: CaseContext) -> None:
+    now = await _fresh_day(ctx)
+    account_id, asset_id = await _pledged_asset(ctx)
+    house_id = f"{exchange_party(ctx)}/settlement"
+    # The exchange's account gets what it pays (test control): an uneven deposit.
+    await ctx.control(
+        ctx.test_control.deposit,
+        test_control_pb2.DepositRequest(
+            account_id=house_id, asset_id=asset_id, quantity=amount_to_proto("0.5")
+        ),
+    )
+    envelope = await _instruction(
+        ctx,
+        account_id,
+        asset_id,
+        cutoff_id="conformance-cutoff-pays",
+        cycle=1,
+        now=now,
+        amount=f"-{_UNEVEN}",
+    )
+    deadline = _deadline(
+        await _submit(ctx, envelope, "SubmitSettlementInstruction the exchange pays")
+    )
+    await _advance_to(ctx, deadline - _SECOND)
+    before, _, _ = await holdings(ctx, account_id)
+    house_before = await _house_holdings(ctx, house_id)
+    await ctx.advance_clock(2 * _SECOND)
+    settlement_id = _settlement_id(envelope)
+    found = await _get(ctx, settlement_id)
+    waited = time.monotonic() + _EXECUTION_WAIT
+    while found.status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
+        await asyncio.sleep(0.1)
+        found = await _get(ctx, settlement_id)
+    check_equal(
+        "status one second after the dispute deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_EXECUTED),
+        _STATUS.Name(found.status),
+    )
+    check(
+        found.HasField("attestation"),
+        "an executed settlement has no attestation of the move",
+        expected="the AttestationRef of the client's SETTLEMENT holdings statement",
+        got="none",
+    )
+    outcome = await ctx.rpc(
+        ctx.owner.custodian.get_inclusion_proof,
+        custodian_service_pb2.GetInclusionProofRequest(
+            leaf_index=found.attestation.leaf_index, tree_size=found.attestation.tree_size
+        ),
+        label="GetInclusionProof of the settlement's attestation",
+    )
+    leaf: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
+    statement = verify_leaf(ctx, leaf.holdings_statement)
+    check_equal(
+        "reason of the client's settlement statement",
+        attestation_pb2.HoldingsChangeReason.Name(
+            attestation_pb2.HOLDINGS_CHANGE_REASON_SETTLEMENT
+        ),
+        attestation_pb2.HoldingsChangeReason.Name(statement.reason),
+    )
+    quantity, pledged = _amounts(before, asset_id)
+    amount = parse_amount(_UNEVEN)
+    check_equal(
+        f"(quantity, pledged) of {asset_id} after the exchange paid {_UNEVEN}",
+        (format_amount(parse_amount(quantity) + amount), pledged),
+        _amounts(statement, asset_id),
+    )
+    house_after = await _house_holdings(ctx, house_id)
+    check_equal(
+        f"{house_id}'s {asset_id} after it paid {_UNEVEN}",
+        format_amount(parse_amount(_amounts(house_before, asset_id)[0]) - amount),
+        _amounts(house_after, asset_id)[0],
+    )
+    check_equal(
+        f"reason of {house_id}'s latest statement",
+        attestation_pb2.HoldingsChangeReason.Name(
+            attestation_pb2.HOLDINGS_CHANGE_REASON_SETTLEMENT
+        ),
+        attestation_pb2.HoldingsChangeReason.Name(house_after.reason),
+    )
 
 
 # Last: where no cap is kept, it opens many cycles whose amounts leave the pledge later.
