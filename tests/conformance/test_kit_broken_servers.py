@@ -250,6 +250,8 @@ CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
             "settlement/reused-id-refused",
             "emergency/reused-id-refused",
             "settlement/dispute-repeat-returns-recorded",
+            # Its other disputes, some under a sequence already used, are REPLAYED too.
+            "settlement/second-dispute-refused",
             "emergency/repeat-returns-same-receipt",
         },
     ),

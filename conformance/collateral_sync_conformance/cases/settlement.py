@@ -399,6 +399,17 @@ async def executed_after_window(ctx: CaseContext) -> None:
         expected="the AttestationRef of the client's SETTLEMENT holdings statement",
         got="none",
     )
+    # The account's client may read its settlement too (§4.5).
+    as_client = await ctx.rpc(
+        ctx.owner.custodian.get_settlement,
+        custodian_service_pb2.GetSettlementRequest(settlement_id=settlement_id),
+        label="GetSettlement as the account's client",
+    )
+    check_equal(
+        "the settlement as the account's client reads it",
+        found.SerializeToString(),
+        expect_ok(as_client).SerializeToString(),
+    )
     ref = found.attestation
     outcome = await ctx.rpc(
         ctx.owner.custodian.get_inclusion_proof,
@@ -709,14 +720,32 @@ async def second_dispute_refused(ctx: CaseContext) -> None:
     settlement_id = _settlement_id(instruction)
     first = await _signed_dispute(ctx, settlement_id)
     await _disputed(ctx, first, "DisputeSettlement")
-    second = await _signed_dispute(ctx, settlement_id, "conformance: another reason")
+    # Different disputes, their bytes sorting below and above the recorded one's: only
+    # "the same bytes" answers from the record, not an order.
+    sides: dict[str, envelope_pb2.Envelope] = {}
+    sequence = reconciliation_pb2.SettlementDispute.FromString(first.payload).header.sequence
+    for offset in range(1, 64):
+        for claimed in (sequence + offset, max(1, sequence - offset)):
+            other = await ctx.sign(
+                reconciliation_pb2.SettlementDispute(
+                    settlement_id=settlement_id, reason=f"conformance: another reason {offset}"
+                ),
+                ctx.key(common_pb2.PARTY_ROLE_EXCHANGE),
+                sequence=claimed,
+            )
+            sides.setdefault("below" if other.payload < first.payload else "above", other)
+        if len(sides) == 2:
+            break
     before = await custodian_state(ctx)
-    expect_status(
-        await _send_dispute(ctx, second, "DisputeSettlement (a second, different dispute)"),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        _R.ERROR_REASON_STATE_CONFLICT,
-        metadata_field="settlement_id",
-    )
+    for side, second in sorted(sides.items()):
+        expect_status(
+            await _send_dispute(
+                ctx, second, f"DisputeSettlement (a different dispute, bytes {side})"
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            _R.ERROR_REASON_STATE_CONFLICT,
+            metadata_field="settlement_id",
+        )
     await expect_unchanged(ctx, before)
     await _expect_recorded(ctx, settlement_id, instruction, first)
 
