@@ -328,6 +328,48 @@ async def _advance_to(ctx: CaseContext, moment: datetime) -> datetime:
     return await ctx.advance_clock(max(moment - now, timedelta(0)))
 
 
+async def _executed(
+    ctx: CaseContext, settlement_id: str
+) -> custodian_service_pb2.GetSettlementResponse:
+    """The settlement once EXECUTED with an attestation (the clock just passed its deadline).
+
+    A server may execute in the background rather than before AdvanceClock answers: the
+    kit gives it a few (real) seconds.
+    """
+    found = await _get(ctx, settlement_id)
+    waited = time.monotonic() + _EXECUTION_WAIT
+    while found.status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
+        await asyncio.sleep(0.1)
+        found = await _get(ctx, settlement_id)
+    check_equal(
+        "status one second after the dispute deadline",
+        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_EXECUTED),
+        _STATUS.Name(found.status),
+    )
+    check(
+        found.HasField("attestation"),
+        "an executed settlement has no attestation of the move",
+        expected="the AttestationRef of the client's SETTLEMENT holdings statement",
+        got="none",
+    )
+    return found
+
+
+async def _attested_move(
+    ctx: CaseContext, ref: attestation_pb2.AttestationRef
+) -> tuple[envelope_pb2.Envelope, attestation_pb2.HoldingsStatement]:
+    """The client's holdings statement at the settlement's leaf, verified as a log leaf."""
+    outcome = await ctx.rpc(
+        ctx.owner.custodian.get_inclusion_proof,
+        custodian_service_pb2.GetInclusionProofRequest(
+            leaf_index=ref.leaf_index, tree_size=ref.tree_size
+        ),
+        label="GetInclusionProof of the settlement's attestation",
+    )
+    leaf: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
+    return leaf.holdings_statement, verify_leaf(ctx, leaf.holdings_statement)
+
+
 def _amounts(statement: attestation_pb2.HoldingsStatement, asset_id: str) -> tuple[str, str]:
     """(quantity, pledged) of ``asset_id`` in a holdings statement, canonical text."""
     for position in statement.positions:
@@ -380,25 +422,9 @@ async def executed_after_window(ctx: CaseContext) -> None:
     before, _, _ = await holdings(ctx, account_id)
     since = await latest_checkpoint(ctx)
 
-    # One second after: executed, and attested. A server may execute in the background
-    # rather than before AdvanceClock answers: the kit gives it a few (real) seconds.
+    # One second after: executed, and attested.
     await ctx.advance_clock(2 * _SECOND)
-    found = await _get(ctx, settlement_id)
-    waited = time.monotonic() + _EXECUTION_WAIT
-    while found.status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
-        await asyncio.sleep(0.1)
-        found = await _get(ctx, settlement_id)
-    check_equal(
-        "status one second after the dispute deadline",
-        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_EXECUTED),
-        _STATUS.Name(found.status),
-    )
-    check(
-        found.HasField("attestation"),
-        "an executed settlement has no attestation of the move",
-        expected="the AttestationRef of the client's SETTLEMENT holdings statement",
-        got="none",
-    )
+    found = await _executed(ctx, settlement_id)
     # The account's client may read its settlement too (§4.5).
     as_client = await ctx.rpc(
         ctx.owner.custodian.get_settlement,
@@ -410,17 +436,8 @@ async def executed_after_window(ctx: CaseContext) -> None:
         found.SerializeToString(),
         expect_ok(as_client).SerializeToString(),
     )
-    ref = found.attestation
-    outcome = await ctx.rpc(
-        ctx.owner.custodian.get_inclusion_proof,
-        custodian_service_pb2.GetInclusionProofRequest(
-            leaf_index=ref.leaf_index, tree_size=ref.tree_size
-        ),
-        label="GetInclusionProof of the settlement's attestation",
-    )
-    leaf: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
-    statement = verify_leaf(ctx, leaf.holdings_statement)
-    await expect_attested(ctx, leaf.holdings_statement, ref, since=since)
+    envelope_of_move, statement = await _attested_move(ctx, found.attestation)
+    await expect_attested(ctx, envelope_of_move, found.attestation, since=since)
     check_equal("account of the settlement's holdings statement", account_id, statement.account_id)
     check_equal(
         "reason of the settlement's holdings statement",
@@ -1118,31 +1135,8 @@ async def exchange_pays_executed(ctx: CaseContext) -> None:
     house_before = await _house_holdings(ctx, house_id)
     await ctx.advance_clock(2 * _SECOND)
     settlement_id = _settlement_id(envelope)
-    found = await _get(ctx, settlement_id)
-    waited = time.monotonic() + _EXECUTION_WAIT
-    while found.status == _STATUS.SETTLEMENT_STATUS_PENDING and time.monotonic() < waited:
-        await asyncio.sleep(0.1)
-        found = await _get(ctx, settlement_id)
-    check_equal(
-        "status one second after the dispute deadline",
-        _STATUS.Name(_STATUS.SETTLEMENT_STATUS_EXECUTED),
-        _STATUS.Name(found.status),
-    )
-    check(
-        found.HasField("attestation"),
-        "an executed settlement has no attestation of the move",
-        expected="the AttestationRef of the client's SETTLEMENT holdings statement",
-        got="none",
-    )
-    outcome = await ctx.rpc(
-        ctx.owner.custodian.get_inclusion_proof,
-        custodian_service_pb2.GetInclusionProofRequest(
-            leaf_index=found.attestation.leaf_index, tree_size=found.attestation.tree_size
-        ),
-        label="GetInclusionProof of the settlement's attestation",
-    )
-    leaf: custodian_service_pb2.GetInclusionProofResponse = expect_ok(outcome)
-    statement = verify_leaf(ctx, leaf.holdings_statement)
+    found = await _executed(ctx, settlement_id)
+    _, statement = await _attested_move(ctx, found.attestation)
     check_equal(
         "reason of the client's settlement statement",
         attestation_pb2.HoldingsChangeReason.Name(
