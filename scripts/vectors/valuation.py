@@ -133,6 +133,7 @@ def _policy(
     stale_price_factor: str | None = "0.9",
     auto_deleveraging_rule: int = _PROFIT_TIMES_LEVERAGE,
     version: int = 3,
+    custodian_staleness_window: duration_pb2.Duration | None = None,
 ) -> valuation_pb2.RiskPolicy:
     """A risk policy of the pilot's shape; every figure can be replaced (None: absent)."""
 
@@ -183,6 +184,7 @@ def _policy(
             common_pb2.Asset(asset_id=asset_id, asset_class=asset_class)  # type: ignore[arg-type]
             for asset_id, asset_class in assets
         ],
+        custodian_staleness_window=custodian_staleness_window,
     )
 
 
@@ -931,6 +933,19 @@ def _invalid_cases() -> list[_Case]:
             "§7.1",
             "max_price_age of -5 s.",
             max_price_age=duration_pb2.Duration(seconds=-5),
+        ),
+        policy_case(
+            "policy/zero-custodian-staleness-window",
+            "§7.1, §11.2",
+            "custodian_staleness_window present and zero (absent means 300 s; present, it must "
+            "be positive).",
+            custodian_staleness_window=duration_pb2.Duration(),
+        ),
+        policy_case(
+            "policy/negative-custodian-staleness-window",
+            "§7.1, §11.2",
+            "custodian_staleness_window of -1 ns.",
+            custodian_staleness_window=duration_pb2.Duration(nanos=-1),
         ),
         input_case(
             "prices/two-quotes-for-one-asset",

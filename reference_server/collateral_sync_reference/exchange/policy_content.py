@@ -69,6 +69,7 @@ _PILOT_DURATIONS = {
     "max_price_age": 72 * 3600,
     "settlement_dispute_window": 24 * 3600,
     "emergency_release_wait": 48 * 3600,
+    "custodian_staleness_window": 300,
 }
 
 

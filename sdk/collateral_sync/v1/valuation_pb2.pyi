@@ -95,6 +95,7 @@ class RiskPolicy(_message.Message):
     PRICE_SOURCE_FIELD_NUMBER: _builtins.int
     STALE_PRICE_FACTOR_FIELD_NUMBER: _builtins.int
     ASSETS_FIELD_NUMBER: _builtins.int
+    CUSTODIAN_STALENESS_WINDOW_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Strictly increasing."""
     valuation_currency: _builtins.str
@@ -174,6 +175,14 @@ class RiskPolicy(_message.Message):
         valuation need no input beyond signed ones.
         """
 
+    @_builtins.property
+    def custodian_staleness_window(self) -> _duration_pb2.Duration:
+        """How long the exchange may hear nothing from a custodian on SyncPositions
+        before that custodian is silent: no credit limit rises and no liquidation
+        is instructed on its attestations until it is heard again (PROTOCOL.md
+        section 11.2). Absent: 300 s. Present: more than zero.
+        """
+
     def __init__(
         self,
         *,
@@ -199,10 +208,11 @@ class RiskPolicy(_message.Message):
         price_source: _builtins.str = ...,
         stale_price_factor: _common_pb2.Decimal | None = ...,
         assets: _abc.Iterable[_common_pb2.Asset] | None = ...,
+        custodian_staleness_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cure_period", b"cure_period", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cure_period", b"cure_period", "custodian_staleness_window", b"custodian_staleness_window", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_haircuts", b"asset_haircuts", "assets", b"assets", "auto_deleveraging_rule", b"auto_deleveraging_rule", "concentration_caps", b"concentration_caps", "cure_period", b"cure_period", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "haircuts", b"haircuts", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "max_settlement_cycles_per_day", b"max_settlement_cycles_per_day", "price_source", b"price_source", "rounding_scale", b"rounding_scale", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor", "stale_price_rule", b"stale_price_rule", "valuation_currency", b"valuation_currency", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_haircuts", b"asset_haircuts", "assets", b"assets", "auto_deleveraging_rule", b"auto_deleveraging_rule", "concentration_caps", b"concentration_caps", "cure_period", b"cure_period", "custodian_staleness_window", b"custodian_staleness_window", "effective_from", b"effective_from", "emergency_release_wait", b"emergency_release_wait", "haircuts", b"haircuts", "header", b"header", "insurance_fund_balance", b"insurance_fund_balance", "leverage_cap", b"leverage_cap", "liquidation_ratio", b"liquidation_ratio", "maintenance_ratio", b"maintenance_ratio", "max_price_age", b"max_price_age", "max_settlement_cycles_per_day", b"max_settlement_cycles_per_day", "price_source", b"price_source", "rounding_scale", b"rounding_scale", "settlement_dispute_window", b"settlement_dispute_window", "stale_price_factor", b"stale_price_factor", "stale_price_rule", b"stale_price_rule", "valuation_currency", b"valuation_currency", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

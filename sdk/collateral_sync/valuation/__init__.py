@@ -62,7 +62,8 @@ LAST_PRICE); leverage_cap > 0; 0 <= liquidation_ratio <= maintenance_ratio,
 both with at most rounding_scale decimal places (so that comparing the
 rounded ratio equals comparing the exact one, and a due call amount is
 always positive); insurance_fund_balance >= 0; rounding_scale <= 18;
-max_price_age >= 0; defined stale-price and auto-deleveraging rules; defined
+max_price_age >= 0; custodian_staleness_window > 0 if set (300 s if not,
+:func:`custodian_staleness_window`); defined stale-price and auto-deleveraging rules; defined
 classes; at most one haircut per class, one override per asset and one cap
 per class. :func:`validate_risk_policy` refuses anything else with
 :class:`~collateral_sync.errors.MalformedError` naming the field in metadata
@@ -107,7 +108,11 @@ from collateral_sync.valuation._collateral import (
     needs_liquidation,
     value_collateral,
 )
-from collateral_sync.valuation._policy import validate_risk_policy
+from collateral_sync.valuation._policy import (
+    DEFAULT_CUSTODIAN_STALENESS_WINDOW,
+    custodian_staleness_window,
+    validate_risk_policy,
+)
 from collateral_sync.valuation._recompute import (
     LiquidationCheck,
     MarginCallCheck,
@@ -131,6 +136,7 @@ from collateral_sync.valuation._shortfall import (
 )
 
 __all__ = [
+    "DEFAULT_CUSTODIAN_STALENESS_WINDOW",
     "AdlCandidate",
     "AdlRank",
     "CollateralValuation",
@@ -145,6 +151,7 @@ __all__ = [
     "allocate_shortfall",
     "collateral_ratio",
     "credit_line_figures",
+    "custodian_staleness_window",
     "judge_release",
     "liquidation_amount",
     "liquidation_shortfall",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from google.protobuf.message import Message
@@ -25,7 +26,11 @@ from collateral_sync.valuation._arith import (
     _non_negative,
 )
 
-__all__ = ["validate_risk_policy"]
+__all__ = [
+    "DEFAULT_CUSTODIAN_STALENESS_WINDOW",
+    "custodian_staleness_window",
+    "validate_risk_policy",
+]
 
 _ASSET_CLASS = common_pb2.AssetClass
 _UNSPECIFIED_CLASS = _ASSET_CLASS.ASSET_CLASS_UNSPECIFIED
@@ -33,6 +38,8 @@ _STALE = valuation_pb2.StalePriceRule
 _ADL = valuation_pb2.AutoDeleveragingRule
 
 MAX_ROUNDING_SCALE = MAX_FRACTION_DIGITS
+#: The window of a policy that sets none (PROTOCOL.md §7.1, §11.2).
+DEFAULT_CUSTODIAN_STALENESS_WINDOW = timedelta(seconds=300)
 
 
 def _at_most(value: Decimal, high: Decimal, field: str, what: str) -> Decimal:
@@ -188,6 +195,20 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
             f"seconds={age.seconds} nanos={age.nanos}",
             what,
         )
+    if policy.HasField("custodian_staleness_window"):
+        window = policy.custodian_staleness_window
+        if (
+            window.seconds < 0
+            or window.nanos < 0
+            or window.nanos >= _NS_PER_S
+            or not (window.seconds or window.nanos)
+        ):
+            raise _malformed(
+                "custodian_staleness_window",
+                "a positive duration, or none (300 s)",
+                f"seconds={window.seconds} nanos={window.nanos}",
+                what,
+            )
     rule = policy.stale_price_rule
     if rule not in (_STALE.STALE_PRICE_RULE_ZERO, _STALE.STALE_PRICE_RULE_LAST_PRICE):
         raise _malformed(
@@ -225,6 +246,17 @@ def _parse_policy(policy: valuation_pb2.RiskPolicy) -> _Policy:
         rounding_scale=scale,
         auto_deleveraging_rule=adl_rule,
     )
+
+
+def custodian_staleness_window(policy: valuation_pb2.RiskPolicy) -> timedelta:
+    """How long an exchange under ``policy`` may hear nothing from a custodian (§11.2).
+
+    The policy's ``custodian_staleness_window``, or 300 s if it sets none;
+    the policy is assumed valid (:func:`validate_risk_policy`).
+    """
+    if not policy.HasField("custodian_staleness_window"):
+        return DEFAULT_CUSTODIAN_STALENESS_WINDOW
+    return timedelta(microseconds=_duration_ns(policy.custodian_staleness_window) // 1000)
 
 
 def validate_risk_policy(policy: valuation_pb2.RiskPolicy) -> None:

@@ -4,7 +4,8 @@
 // A valid policy has canonical Decimals; collateral factors, caps and stale_price_factor in
 // [0, 1] (the factor may be absent unless the rule is LAST_PRICE); leverage_cap > 0;
 // 0 ≤ liquidation_ratio ≤ maintenance_ratio, both with at most rounding_scale fraction digits;
-// insurance_fund_balance ≥ 0; rounding_scale ≤ 18; max_price_age ≥ 0; defined stale-price and
+// insurance_fund_balance ≥ 0; rounding_scale ≤ 18; max_price_age ≥ 0; custodian_staleness_window
+// > 0 if set (300 s if not: the exchange's rule of §11.2, not a figure here); defined stale-price and
 // auto-deleveraging rules; defined classes; at most one haircut per class, one override per
 // asset and one cap per class. Anything else is MALFORMED (INVALID_AMOUNT for a non-canonical
 // or negative Decimal), naming the field. Mirrors sdk/collateral_sync/valuation/_policy.py.
@@ -139,6 +140,21 @@ export function parsePolicy(policy: RiskPolicy): ParsedPolicy {
   const age = policy.maxPriceAge;
   if (age !== undefined && (age.seconds < 0n || age.nanos < 0 || BigInt(age.nanos) >= NS_PER_S)) {
     throw malformed("max_price_age", "a non-negative duration", `seconds=${age.seconds} nanos=${age.nanos}`, WHAT);
+  }
+  const window = policy.custodianStalenessWindow;
+  if (
+    window !== undefined &&
+    (window.seconds < 0n ||
+      window.nanos < 0 ||
+      BigInt(window.nanos) >= NS_PER_S ||
+      (window.seconds === 0n && window.nanos === 0))
+  ) {
+    throw malformed(
+      "custodian_staleness_window",
+      "a positive duration, or none (300 s)",
+      `seconds=${window.seconds} nanos=${window.nanos}`,
+      WHAT,
+    );
   }
   const rule = policy.stalePriceRule;
   if (rule !== StalePriceRule.ZERO && rule !== StalePriceRule.LAST_PRICE) {
