@@ -1696,6 +1696,40 @@ def test_silent_peer_is_considered_gone(make_party: Callable[..., Party]) -> Non
     run(scenario())
 
 
+def test_silence_is_elapsed_time_since_the_peers_last_accepted_frame(
+    make_party: Callable[..., Party],
+) -> None:
+    """§11.2: a heartbeat resets it whatever time it carries; a refused frame does not."""
+
+    async def scenario() -> None:
+        custodian = make_party(CUSTODIAN)
+        await asyncio.sleep(0.05)
+        assert custodian.session.peer_silent_for >= timedelta(milliseconds=50)  # since made
+        peer = ScriptedPeer(custodian.session)
+        await peer.send(hello(EXCHANGE, EXCHANGE_TO_CUSTODIAN, heartbeat_interval_ms=10_000))
+        await peer.expect("hello")
+        assert custodian.session.peer_silent_for < timedelta(milliseconds=50)
+        await asyncio.sleep(0.1)
+        assert custodian.session.peer_silent_for >= timedelta(milliseconds=100)
+        # A heartbeat stamped a year ago is still a frame heard now.
+        beat = position_sync_pb2.SyncHeartbeat(sent_sequence=0)
+        beat.sent_at.FromDatetime(datetime.now(UTC) - timedelta(days=365))
+        await peer.send(Frame(heartbeat=beat))
+        await within(_until(lambda: custodian.session.peer_silent_for < timedelta(milliseconds=50)))
+        await asyncio.sleep(0.1)
+        # A frame the session refuses is not heard: the stream ends, silence goes on.
+        await peer.send(Frame())
+        await peer.failure()
+        assert custodian.session.peer_silent_for >= timedelta(milliseconds=100)
+
+    run(scenario())
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
 def test_custodian_refuses_a_stream_from_another_tls_identity(
     make_party: Callable[..., Party], pki: DevPki
 ) -> None:

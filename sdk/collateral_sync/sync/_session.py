@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -140,6 +141,7 @@ class SyncSession:
         self._acked = 0
         self._peer_sent_sequence = 0
         self._peer_issued_at: datetime | None = None
+        self._heard_monotonic = time.monotonic()
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Batches sent and not yet acknowledged: (last sequence, issued_at), by sequence.
         self._unacknowledged: deque[tuple[int, datetime]] = deque()
@@ -198,6 +200,19 @@ class SyncSession:
         exchange's cut-off wait, docs/PROTOCOL.md §10.2). Kept in memory only.
         """
         return self._peer_issued_at
+
+    @property
+    def peer_silent_for(self) -> timedelta:
+        """Time since the last frame of the peer's was accepted here, on any stream.
+
+        A hello that passed its checks, a batch verified and stored, an ack, or
+        a heartbeat; before any, the time since this object was made. Measured
+        on the machine's monotonic clock, which a test clock does not move: a
+        party that must not act on a silent counterparty's data (an exchange
+        whose custodian is silent, docs/PROTOCOL.md §11.2) compares this with
+        its window.
+        """
+        return timedelta(seconds=time.monotonic() - self._heard_monotonic)
 
     @property
     def oldest_unacknowledged_at(self) -> datetime | None:
@@ -308,6 +323,7 @@ class SyncSession:
                 metadata={"expected": "hello", "actual": kind or "unset"},
             )
         self._accept_hello(frame)
+        self._heard_monotonic = time.monotonic()
         if not self._speaks_first:
             await self._send_frame(send, self._own_hello())
 
@@ -535,6 +551,7 @@ class SyncSession:
                             "actual": kind or "unset",
                         },
                     )
+                self._heard_monotonic = time.monotonic()
 
     async def _on_batch(self, send: SendFrame, frame: position_sync_pb2.SyncFrame) -> None:
         with _TRACER.start_as_current_span(
