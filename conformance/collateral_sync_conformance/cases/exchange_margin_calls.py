@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 import grpc
 from collateral_sync.amounts import format_amount, parse_amount
-from collateral_sync.signing import verify_statement
 from collateral_sync.v1 import (
     attestation_pb2,
     common_pb2,
@@ -37,7 +36,6 @@ from collateral_sync.v1 import (
 )
 from collateral_sync.valuation import (
     recompute_liquidation_instruction,
-    recompute_margin_call,
     value_collateral,
 )
 from google.protobuf import duration_pb2
@@ -58,103 +56,22 @@ from collateral_sync_conformance.cases._as_custodian import (
     GRACE,
     HOLDINGS,
     SETTLE_TIMEOUT,
-    credit_line,
-    open_account,
     poll,
-    set_exposure,
 )
 from collateral_sync_conformance.cases._kit_account import client_key
-from collateral_sync_conformance.cases._published import latest_policy
+from collateral_sync_conformance.cases._margin import (
+    call_state,
+    instructions,
+    margin_call,
+    revalue_at,
+    until_status,
+)
 
 __all__: list[str] = []
 
 _EXCHANGE = [Role.EXCHANGE]
 _MS = margin_pb2.MarginCallStatus
 _H = attestation_pb2.HoldingsChangeReason
-
-
-async def _call(ctx: CaseContext, kit: KitCustodian) -> tuple[str, margin_pb2.MarginCall]:
-    """A credited account and an exposure between the liquidation line and maintenance.
-
-    Returns the account and the margin call the exchange issued, as it reached
-    the custodian on the stream (verified and recomputed by the SDK).
-    """
-    account, _ = await open_account(ctx, kit)
-    line = await credit_line(ctx, account)
-    assert line is not None
-    value = parse_amount(line.collateral_value.value or "0")
-    if value <= 0:
-        raise CaseSkipped("the exchange's policy gives USDC no collateral value")
-    policy = await latest_policy(ctx)
-    maintenance = parse_amount(policy.maintenance_ratio.value)
-    liquidation = parse_amount(policy.liquidation_ratio.value)
-    exposure = (value * 2 / (maintenance + liquidation)).quantize(Decimal("0.01"))
-    await set_exposure(ctx, account, exposure)
-
-    def sent() -> Any:
-        return next(
-            (
-                u
-                for u in kit.received
-                if u.variant == "margin_call" and u.message.account_id == account
-            ),
-            None,
-        )
-
-    received = await kit.wait_for(sent, SETTLE_TIMEOUT)
-    check(
-        received is not None,
-        "the exchange did not send the custodian its margin call on the stream (§6.8)",
-        expected=f"a margin_call update for {account} (collateral {value}, exposure {exposure})",
-        got=f"{len(kit.received)} updates, none a call for the account",
-    )
-    recomputed = sdk_check(
-        "the margin call sent to the custodian, recomputed from its signed inputs",
-        recompute_margin_call,
-        received.envelope,
-        ctx.registry,
-        audience=kit.party_id,
-        now=kit.now(),
-    )
-    check_equal("exposure the call was computed on", exposure, recomputed.exposure)
-    return account, recomputed.margin_call
-
-
-async def _state(ctx: CaseContext, call_id: str) -> margin_pb2.MarginCallState:
-    outcome = await ctx.rpc(
-        ctx.exchange.get_margin_call,
-        exchange_service_pb2.GetMarginCallRequest(margin_call_id=call_id),
-    )
-    response: exchange_service_pb2.GetMarginCallResponse = expect_ok(outcome)
-    verified = sdk_check(
-        "the margin call state",
-        verify_statement,
-        response.margin_call_state,
-        ctx.registry,
-        expected_type=margin_pb2.MarginCallState,
-        audience=ctx.kit_party_id,
-        now=await ctx.server_now(),
-    )
-    state: margin_pb2.MarginCallState = verified.message
-    return state
-
-
-async def _until_status(
-    ctx: CaseContext, call_id: str, status: margin_pb2.MarginCallStatus.ValueType, what: str
-) -> margin_pb2.MarginCallState:
-    last: list[margin_pb2.MarginCallState] = []
-
-    async def reached() -> bool:
-        state = await _state(ctx, call_id)
-        last[:] = [state]
-        return state.status == status
-
-    try:
-        await poll(ctx, reached, what)
-    except CaseFailure as failure:
-        got = _MS.Name(last[0].status) if last else "no state"
-        raise CaseFailure(failure.message, expected=_MS.Name(status), got=got) from None
-    return last[0]
 
 
 def _increase_under_call(call: margin_pb2.MarginCall, account: str) -> Callable[[Decimal], Decimal]:
@@ -252,7 +169,7 @@ async def _until_satisfied(
     last: list[margin_pb2.MarginCallState] = []
 
     async def settled() -> bool:
-        state = await _state(ctx, call.margin_call_id)
+        state = await call_state(ctx, call.margin_call_id)
         last[:] = [state]
         satisfied = parse_amount(state.satisfied_amount.value or "0")
         return satisfied == amount or state.status != open_status
@@ -322,7 +239,7 @@ async def _advance_past_due(ctx: CaseContext, call: margin_pb2.MarginCall) -> No
 )
 async def partial_agreement(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    account, call = await _call(ctx, kit)
+    account, call = await margin_call(ctx, kit)
     call_amount = parse_amount(call.call_amount.value)
     agreed = (call_amount / 2).quantize(Decimal("0.01"))
     check(
@@ -340,7 +257,7 @@ async def partial_agreement(ctx: CaseContext) -> None:
         )
     )
     kit.announce(position_sync_pb2.PositionUpdate(margin_call_response=response))
-    state = await _until_status(
+    state = await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_PARTIALLY_AGREED,
@@ -369,7 +286,7 @@ async def partial_agreement(ctx: CaseContext) -> None:
         reason=_H.HOLDINGS_CHANGE_REASON_TOP_UP,
     )
     kit.announce(position_sync_pb2.PositionUpdate(holdings_change=top_up))
-    state = await _until_status(
+    state = await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_SATISFIED,
@@ -401,7 +318,7 @@ def _quantum(call: margin_pb2.MarginCall) -> Decimal:
 )
 async def satisfied_at_amount_due(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    _, call = await _call(ctx, kit)
+    _, call = await margin_call(ctx, kit)
     due = parse_amount(call.call_amount.value)  # ISSUED: the whole call is due (§8.1)
     short = due - _quantum(call)
     check(short > 0, "call too small to fall short of", expected="> one quantum", got=str(due))
@@ -413,7 +330,7 @@ async def satisfied_at_amount_due(ctx: CaseContext) -> None:
     _check_open_with(state, short, f"after a top-up worth one quantum less than the {due} due")
 
     await _top_up(ctx, kit, call, due, epoch=3)
-    state = await _until_status(
+    state = await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_SATISFIED,
@@ -434,7 +351,7 @@ async def satisfied_at_amount_due(ctx: CaseContext) -> None:
 )
 async def partial_agreement_below_one_unit(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    _, call = await _call(ctx, kit)
+    _, call = await margin_call(ctx, kit)
     call_amount = parse_amount(call.call_amount.value)
     quantum = _quantum(call)
     agreed = Decimal("0.73")
@@ -454,7 +371,7 @@ async def partial_agreement_below_one_unit(ctx: CaseContext) -> None:
     )
     kit.announce(position_sync_pb2.PositionUpdate(margin_call_response=response))
     partial = _MS.MARGIN_CALL_STATUS_PARTIALLY_AGREED
-    await _until_status(ctx, call.margin_call_id, partial, "the call is PARTIALLY_AGREED at 0.73")
+    await until_status(ctx, call.margin_call_id, partial, "the call is PARTIALLY_AGREED at 0.73")
 
     short = agreed - quantum
     await _top_up(ctx, kit, call, short, epoch=2)
@@ -470,7 +387,7 @@ async def partial_agreement_below_one_unit(ctx: CaseContext) -> None:
     )
 
     await _top_up(ctx, kit, call, agreed, epoch=3)
-    state = await _until_status(
+    state = await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_SATISFIED,
@@ -495,7 +412,7 @@ async def partial_agreement_below_one_unit(ctx: CaseContext) -> None:
 )
 async def satisfied_amount_follows_holdings(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    _, call = await _call(ctx, kit)
+    _, call = await margin_call(ctx, kit)
     due = parse_amount(call.call_amount.value)
     quantum = _quantum(call)
     # Uneven parts of the amount due, each a multiple of the quantum: up, further up, down.
@@ -551,7 +468,7 @@ async def satisfied_amount_follows_holdings(ctx: CaseContext) -> None:
 )
 async def dispute_does_not_expire(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    _, call = await _call(ctx, kit)
+    _, call = await margin_call(ctx, kit)
     response = kit.sign(
         _response(
             call,
@@ -571,7 +488,7 @@ async def dispute_does_not_expire(ctx: CaseContext) -> None:
     )
     await _advance_past_due(ctx, call)
     await asyncio.sleep(GRACE)
-    state = await _state(ctx, call.margin_call_id)
+    state = await call_state(ctx, call.margin_call_id)
     check_equal(
         "status of a disputed call past its due_by",
         _MS.Name(_MS.MARGIN_CALL_STATUS_DISPUTED),
@@ -579,7 +496,7 @@ async def dispute_does_not_expire(ctx: CaseContext) -> None:
     )
     named = [
         e
-        for e in _instructions(kit)
+        for e in instructions(kit)
         if liquidation_pb2.LiquidationInstruction.FromString(e.payload).margin_call_id
         == call.margin_call_id
     ]
@@ -605,8 +522,8 @@ _UNKNOWN_KIND = 99
 )
 async def unknown_response_kind(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    _, call = await _call(ctx, kit)
-    before = await _state(ctx, call.margin_call_id)
+    _, call = await margin_call(ctx, kit)
+    before = await call_state(ctx, call.margin_call_id)
     check_equal(
         "status of the call before any response",
         _MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED),
@@ -620,20 +537,12 @@ async def unknown_response_kind(ctx: CaseContext) -> None:
         exchange_service_pb2.RespondToMarginCallRequest(margin_call_response=response),
     )
     expect_status(outcome, grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_MALFORMED)
-    after = await _state(ctx, call.margin_call_id)
+    after = await call_state(ctx, call.margin_call_id)
     check_equal(
         "status and agreed_amount of the call after the refused response (§12.3)",
         (_MS.Name(before.status), before.agreed_amount.value),
         (_MS.Name(after.status), after.agreed_amount.value),
     )
-
-
-def _instructions(kit: KitCustodian) -> list[Any]:
-    """Every liquidation instruction the exchange sent, by RPC or on the stream."""
-    return [
-        *kit.instructions,
-        *(u.envelope for u in kit.received if u.variant == "liquidation_instruction"),
-    ]
 
 
 @REGISTRY.case(
@@ -645,9 +554,9 @@ def _instructions(kit: KitCustodian) -> list[Any]:
 )
 async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    account, call = await _call(ctx, kit)
+    account, call = await margin_call(ctx, kit)
     await _advance_past_due(ctx, call)
-    await _until_status(
+    await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_EXPIRED,
@@ -655,7 +564,7 @@ async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
     )
 
     def instructed() -> Any:
-        for envelope in _instructions(kit):
+        for envelope in instructions(kit):
             message = liquidation_pb2.LiquidationInstruction.FromString(envelope.payload)
             if message.margin_call_id == call.margin_call_id:
                 return envelope
@@ -666,7 +575,7 @@ async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
         envelope is not None,
         "the exchange did not instruct the custodian to liquidate after the call expired",
         expected=f"a LiquidationInstruction naming {call.margin_call_id}",
-        got=f"{len(_instructions(kit))} instruction(s), none naming the call",
+        got=f"{len(instructions(kit))} instruction(s), none naming the call",
     )
     checked = sdk_check(
         "the liquidation instruction, recomputed from its signed inputs",
@@ -688,18 +597,6 @@ async def expiry_instructs_liquidation(ctx: CaseContext) -> None:
 _SECOND = timedelta(seconds=1)
 
 
-async def _revalue_at(ctx: CaseContext, account: str, moment: datetime) -> None:
-    """Move the exchange's clock to ``moment`` (not back) and revalue the account there."""
-    now = await ctx.server_now()
-    by = duration_pb2.Duration()
-    by.FromTimedelta(max(moment - now, timedelta(0)))
-    await ctx.control(ctx.test_control.advance_clock, test_control_pb2.AdvanceClockRequest(by=by))
-    await ctx.server_now()  # the kit follows the exchange's clock
-    await ctx.control(
-        ctx.test_control.run_valuation, test_control_pb2.RunValuationRequest(account_id=account)
-    )
-
-
 @REGISTRY.case(
     "exchange/margin-call/open-until-due-by",
     Level.MUST,
@@ -711,21 +608,21 @@ async def _revalue_at(ctx: CaseContext, account: str, moment: datetime) -> None:
 )
 async def open_until_due_by(ctx: CaseContext) -> None:
     kit = ctx.counterpart
-    account, call = await _call(ctx, kit)
+    account, call = await margin_call(ctx, kit)
     due = call.due_by.ToDatetime(tzinfo=UTC)
 
     def naming() -> list[Any]:
         return [
             envelope
-            for envelope in _instructions(kit)
+            for envelope in instructions(kit)
             if liquidation_pb2.LiquidationInstruction.FromString(envelope.payload).margin_call_id
             == call.margin_call_id
         ]
 
     # One second before due_by: the cure period is still running. No grace wait here:
     # the exchange's clock runs on while the kit waits, into the due time.
-    await _revalue_at(ctx, account, due - _SECOND)
-    state = await _state(ctx, call.margin_call_id)
+    await revalue_at(ctx, account, due - _SECOND)
+    state = await call_state(ctx, call.margin_call_id)
     check_equal(
         "status of the unanswered call one second before its due_by",
         _MS.Name(_MS.MARGIN_CALL_STATUS_ISSUED),
@@ -739,8 +636,8 @@ async def open_until_due_by(ctx: CaseContext) -> None:
     )
 
     # One second after: expired, and liquidated.
-    await _revalue_at(ctx, account, due + _SECOND)
-    await _until_status(
+    await revalue_at(ctx, account, due + _SECOND)
+    await until_status(
         ctx,
         call.margin_call_id,
         _MS.MARGIN_CALL_STATUS_EXPIRED,
@@ -752,5 +649,5 @@ async def open_until_due_by(ctx: CaseContext) -> None:
         "the exchange did not instruct the custodian to liquidate one second after the call's "
         "due_by",
         expected=f"a LiquidationInstruction naming {call.margin_call_id}",
-        got=f"{len(_instructions(kit))} instruction(s), none naming the call",
+        got=f"{len(instructions(kit))} instruction(s), none naming the call",
     )
