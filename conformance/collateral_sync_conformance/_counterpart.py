@@ -16,6 +16,10 @@ integrator points the exchange under test at the kit's ``--listen`` address
 - ``SubmitLiquidationInstruction``: recorded for the cases and answered with
   FAILED_PRECONDITION ``STATE_CONFLICT`` — the kit executes nothing.
 
+While a case holds the kit silent (:meth:`KitCustodian.silence`, §11.2) it is
+a custodian that is down: ``SyncPositions`` calls are held without a word and
+every other RPC answers UNAVAILABLE.
+
 Every other custodian RPC answers UNIMPLEMENTED. What the exchange sends on the
 stream is verified (the embedded statements with the SDK) and kept in memory
 for the cases; a statement that does not verify, or is not the exchange's own,
@@ -251,6 +255,10 @@ class KitCustodian:
         self.equivocation: tuple[int, envelope_pb2.Envelope] | None = None
         self._changed = asyncio.Condition()
         self._raw_wanted: asyncio.Future[RawStream] | None = None
+        #: Set while the kit is silent; set (and dropped) when the silence ends.
+        self._silenced: asyncio.Event | None = None
+        #: SyncPositions calls the session has served (counted as they start).
+        self.sessions_served = 0
         self._kick: asyncio.Event | None = None
         self._streams = 0
         self._server: grpc.aio.Server | None = None
@@ -546,6 +554,40 @@ class KitCustodian:
             if stream is not None:
                 stream.end()
 
+    # -- silence --
+
+    @contextlib.asynccontextmanager
+    async def silence(self) -> AsyncIterator[None]:
+        """Fall silent: end the exchange's call and say nothing until the block ends (§11.2).
+
+        Every call the exchange dials meanwhile is held without a frame, and
+        every other RPC answers UNAVAILABLE; at the end the held calls end
+        UNAVAILABLE, so the exchange re-dials and the session resumes.
+        """
+        ended = asyncio.Event()
+        self._silenced = ended
+        if self._kick is not None:
+            self._kick.set()
+        try:
+            yield
+        finally:
+            self._silenced = None
+            ended.set()
+
+    @property
+    def silent(self) -> bool:
+        return self._silenced is not None
+
+    async def wait_heard(self, served_before: int, timeout: float) -> bool:
+        """True once a session call after ``served_before`` calls has done its handshake."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.sessions_served > served_before and self.session.connected):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def _take_raw(self) -> asyncio.Future[RawStream] | None:
         wanted, self._raw_wanted = self._raw_wanted, None
         return wanted if wanted is not None and not wanted.done() else None
@@ -563,11 +605,16 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
     def _log(self) -> AttestationLog:
         return self._kit.fork if self._kit.fork is not None else self._kit.log
 
+    async def _unless_silent(self, context: grpc.aio.ServicerContext) -> None:
+        if self._kit.silent:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the kit's custodian is silent")
+
     async def GetCheckpoint(
         self,
         request: custodian_service_pb2.GetCheckpointRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetCheckpointResponse:
+        await self._unless_silent(context)
         try:
             checkpoint = self._kit.checkpoint(request.tree_size or None)
         except CollateralSyncError as err:
@@ -582,6 +629,7 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetInclusionProofRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetInclusionProofResponse:
+        await self._unless_silent(context)
         log = self._log()
         self._kit.inclusion_requests.append((request.leaf_index, request.tree_size))
         self._kit._wake()
@@ -599,6 +647,7 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.GetConsistencyProofRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.GetConsistencyProofResponse:
+        await self._unless_silent(context)
         log = self._log()
         self._kit.consistency_requests.append((request.first_tree_size, request.second_tree_size))
         self._kit._wake()
@@ -618,6 +667,7 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
         request: custodian_service_pb2.SubmitLiquidationInstructionRequest,
         context: grpc.aio.ServicerContext,
     ) -> custodian_service_pb2.SubmitLiquidationInstructionResponse:
+        await self._unless_silent(context)
         self._kit.record_instruction(request.liquidation_instruction)
         await self._abort(
             context,
@@ -670,10 +720,15 @@ class _Servicer(custodian_service_pb2_grpc.CustodianServiceServicer):
             check_peer_party(context, kit.exchange_id)
         except CollateralSyncError as err:
             await self._abort(context, err)
+        silenced = kit._silenced
+        if silenced is not None:
+            await silenced.wait()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the kit's custodian was silent")
         wanted = kit._take_raw()
         if wanted is not None:
             await self._hand_over(wanted, request_iterator, context)
             return
+        kit.sessions_served += 1
         kick = asyncio.Event()
         kit._kick = kick
         serving = asyncio.create_task(serve_sync_stream(kit.session, request_iterator, context))

@@ -161,6 +161,8 @@ def _server_config(role: str, ports: Ports) -> dict[str, Any]:
                 {"asset_id": "USDC", "price": "1"},
                 {"asset_id": "BENJI", "price": "1"},
             ],
+            # Short enough for the kit to wait out its custodian's silence (§11.2).
+            "risk_policy": {"custodian_staleness_window_seconds": 8},
         }
     else:
         # The parties it reconciles are the kit (--listen, --listen-exchange).

@@ -66,6 +66,7 @@ from collateral_sync_reference.custodian import pledges as _pledges_module
 from collateral_sync_reference.custodian import settlement as _settlement_module
 from collateral_sync_reference.exchange import attestation as _attest_module
 from collateral_sync_reference.exchange import credit_lines as _credit_lines_module
+from collateral_sync_reference.exchange import custodian_silence as _silence_module
 from collateral_sync_reference.exchange import custodian_statements as _statements_module
 from collateral_sync_reference.exchange import holdings as _holdings_module
 from collateral_sync_reference.exchange import liquidations as _liquidation_module
@@ -2015,6 +2016,88 @@ _RELEASE_FAULTS: dict[str, Callable[[], None]] = {
     ),
 }
 FAULTS.update(_RELEASE_FAULTS)
+
+
+# -- a custodian that falls silent (§11.2) --
+
+
+@contextlib.contextmanager
+def _heard(silence: Any) -> Any:
+    """Within the block, the custodian counts as heard, whatever the clock says."""
+    silence.is_silent = lambda policy: False
+    try:
+        yield
+    finally:
+        del silence.is_silent
+
+
+def _exchange_credit_ignores_silence() -> None:
+    """Credit lines are published as if the custodian were heard: a limit rises in silence."""
+    lines = _credit_lines_module.CreditLines
+    original = lines.publish
+
+    def publish(self: Any, account_id: str, valued: Any, now: datetime) -> None:
+        with _heard(self._context.silence):
+            original(self, account_id, valued, now)
+
+    lines.publish = publish
+
+
+def _exchange_revalues_ignoring_silence() -> None:
+    """Every revaluation as if the custodian were heard: credit rises and it liquidates in silence."""
+    revaluer = _exchange_revaluation.Revaluer
+    original = revaluer._revalue
+
+    def revalue(self: Any, account_id: str, now: datetime) -> Any:
+        with _heard(self._context.silence):
+            return original(self, account_id, now)
+
+    revaluer._revalue = revalue
+
+
+def _exchange_expires_calls_in_silence() -> None:
+    """A call falling due in silence is EXPIRED (though nothing is liquidated on it)."""
+    calls = _exchange_margin_calls.MarginCalls
+    original = calls.set_status
+    withdrawn = margin_pb2.MARGIN_CALL_STATUS_WITHDRAWN
+
+    def set_status(self: Any, call: Any, status: int, now: datetime, **kwargs: Any) -> Any:
+        if status == withdrawn and call.due_by_ns < int(now.timestamp() * 1e9):
+            status = margin_pb2.MARGIN_CALL_STATUS_EXPIRED
+        return original(self, call, status, now, **kwargs)
+
+    calls.set_status = set_status
+
+
+def _exchange_silence_window(window: timedelta | None) -> Callable[[], None]:
+    def patch() -> None:
+        """Silence judged on a window of its own (None: the custodian is never heard)."""
+
+        def is_silent(self: Any, policy: Any) -> bool:
+            return window is None or self._silent_for() > window
+
+        _silence_module.CustodianSilence.is_silent = is_silent
+
+    return patch
+
+
+def _exchange_no_call_after_withdrawal() -> None:
+    """A withdrawn call still counts as running: no new call follows it."""
+    revaluer = _exchange_revaluation
+    revaluer.BLOCKING = frozenset({*revaluer.BLOCKING, margin_pb2.MARGIN_CALL_STATUS_WITHDRAWN})
+    revaluer.TERMINAL = frozenset(revaluer.TERMINAL - {margin_pb2.MARGIN_CALL_STATUS_WITHDRAWN})
+
+
+FAULTS.update(
+    {
+        "exchange-raises-credit-while-custodian-silent": _exchange_credit_ignores_silence,
+        "exchange-revalues-ignoring-silence": _exchange_revalues_ignoring_silence,
+        "exchange-expires-calls-while-custodian-silent": _exchange_expires_calls_in_silence,
+        "exchange-silence-window-fixed-300s": _exchange_silence_window(timedelta(seconds=300)),
+        "exchange-never-hears-custodian": _exchange_silence_window(None),
+        "exchange-no-call-after-withdrawal": _exchange_no_call_after_withdrawal,
+    }
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -886,6 +886,24 @@ COUNTERPART_FAULTS: list[tuple[str, list[str], set[str]]] = [
             ("exchange-release-ignores-audience", ["malformed-refused"], ["malformed-refused"]),
         ]
     ),
+    # A custodian that falls silent (§11.2): every case waits a silence out, so each fault
+    # runs only the cases it is shown on; each case checks both sides of the silence.
+    *(
+        (
+            fault,
+            [f"exchange/custodian-silent/{case}" for case in cases],
+            {f"exchange/custodian-silent/{case}" for case in cases},
+        )
+        for fault, cases in [
+            ("exchange-raises-credit-while-custodian-silent", ["credit-not-raised"]),
+            ("exchange-revalues-ignoring-silence", ["no-liquidation", "call-withdrawn-at-due-by"]),
+            ("exchange-expires-calls-while-custodian-silent", ["call-withdrawn-at-due-by"]),
+            ("exchange-silence-window-fixed-300s", ["no-liquidation"]),
+            # The other side: an exchange that never counts its custodian heard.
+            ("exchange-never-hears-custodian", ["credit-not-raised"]),
+            ("exchange-no-call-after-withdrawal", ["call-withdrawn-at-due-by"]),
+        ]
+    ),
     # Proofs that name other sizes than the checkpoints', and a checkpoint of another log
     # (§5.3, §5.4). Once an exchange takes another log for the kit's, every later statement
     # of the kit's log fails to prove: each fault runs with its own case only.

@@ -59,6 +59,9 @@ def exchange_config(parties: Parties, directory: Path, custodian: str) -> dict[s
                 {"asset_id": "USDC", "price": "1"},
                 {"asset_id": "BENJI", "price": "1"},
             ],
+            # Short enough for the kit to wait out a silence (§11.2), long beside the
+            # kit's one-second heartbeats.
+            "risk_policy": {"custodian_staleness_window_seconds": 8},
         },
     )
 

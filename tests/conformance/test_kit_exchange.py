@@ -126,6 +126,7 @@ COUNTERPART_CASES = (
     "exchange/holdings/**",
     "exchange/margin-call/**",
     "exchange/pledge-release/**",
+    "exchange/custodian-silent/**",
     # It moves the exchange's clock a month ahead, past its custodian's statements.
     "exchange/served-statements-fresh",
     "sync/exchange/**",

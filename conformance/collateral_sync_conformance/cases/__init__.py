@@ -37,7 +37,7 @@ from collateral_sync_conformance.cases import holdings_refresh
 # the exchange's clock a risk policy's lifetime ahead, past every price and
 # holdings statement they value.
 from collateral_sync_conformance.cases import exchange_holdings, exchange_margin_calls
-from collateral_sync_conformance.cases import exchange_pledge_release
+from collateral_sync_conformance.cases import exchange_pledge_release, exchange_silence
 from collateral_sync_conformance.cases import exchange_served
 from collateral_sync_conformance.cases import evidence, sync_exchange
 
@@ -54,6 +54,7 @@ __all__ = [
     "exchange_margin_calls",
     "exchange_pledge_release",
     "exchange_served",
+    "exchange_silence",
     "holdings_refresh",
     "liquidation",
     "pledge_release",

@@ -35,6 +35,7 @@ from collateral_sync.v1 import (
 from google.protobuf.message import Message
 
 from collateral_sync_reference.common.storage import SqlReplayGuard, SqlStorage
+from collateral_sync_reference.exchange.custodian_silence import CustodianSilence
 from collateral_sync_reference.exchange.price_feed import PriceSource
 from collateral_sync_reference.exchange.store import ExchangeStore
 
@@ -125,6 +126,8 @@ class ExchangeContext:
     clock: Callable[[], datetime]
     #: What a part calls last when what it recorded can move an account's figures.
     revalue_each: RevalueEach
+    #: Whether the custodian is silent (§11.2); the role points it at its sync session.
+    silence: CustodianSilence = field(default_factory=CustodianSilence)
 
     @property
     def party_id(self) -> str:

@@ -35,7 +35,9 @@ One part per responsibility, each over the same
 - :mod:`.margin_calls`: calls, their states, responses and satisfaction;
 - :mod:`.liquidation`: instructions, receipts and shortfall allocation;
 - :mod:`.pledge_releases`: consents to a client's release of part of its pledge;
-- :mod:`.revaluation`: when an account is revalued and what that leads to.
+- :mod:`.revaluation`: when an account is revalued and what that leads to;
+- :mod:`.custodian_silence`: whether the custodian has been heard lately enough
+  to raise credit or liquidate on what it proved (§11.2).
 
 Their tables are in :mod:`.store`, one module per part's group of tables.
 
@@ -62,6 +64,7 @@ from collateral_sync_reference.exchange.context import (
     Revaluation,
 )
 from collateral_sync_reference.exchange.credit_lines import CreditLines
+from collateral_sync_reference.exchange.custodian_silence import CustodianSilence
 from collateral_sync_reference.exchange.custodian_statements import CustodianStatements
 from collateral_sync_reference.exchange.holdings import AttestedHoldings
 from collateral_sync_reference.exchange.liquidations import Liquidations
@@ -163,6 +166,11 @@ class ExchangeCore:
 
     def now(self) -> datetime:
         return self._context.now()
+
+    @property
+    def silence(self) -> CustodianSilence:
+        """Whether the custodian is silent (§11.2); the role points it at its sync session."""
+        return self._context.silence
 
     # -- start --
 

@@ -1,8 +1,9 @@
 """The reference exchange's credit lines: each account's figures, signed for the custodian.
 
 Every revaluation publishes the account's figures as a new signed
-``CreditLine`` on the sync log, if they changed
-(:meth:`CreditLines.publish`); GetCreditLine serves the latest, re-signed
+``CreditLine`` on the sync log, if they changed (:meth:`CreditLines.publish`)
+and, while the custodian is silent, if the credit limit did not rise (§11.2);
+GetCreditLine serves the latest, re-signed
 (same content) when less than half its lifetime is left.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
+from decimal import Decimal
 
-from collateral_sync.amounts import format_amount
+from collateral_sync.amounts import format_amount, parse_amount
 from collateral_sync.errors import StateError
 from collateral_sync.v1 import envelope_pb2, errors_pb2, position_sync_pb2, valuation_pb2
 
@@ -47,6 +49,12 @@ class CreditLines:
         ).digest()
         account = self._store.accounts.get(account_id)
         if account is not None and account.credit_key == key:
+            return
+        if self._context.silence.is_silent(valued.policy) and valued.credit_limit > _limit_of(
+            None if account is None else account.credit_line
+        ):
+            # §11.2: no credit limit rises on the data of a silent custodian; the
+            # line in force stays until the custodian is heard again.
             return
         credit = valuation_pb2.CreditLine(
             account_id=account_id,
@@ -92,3 +100,11 @@ class CreditLines:
             assert account.credit_key is not None
             self._store.accounts.set_credit_line(account_id, resigned, account.credit_key)
         return resigned
+
+
+def _limit_of(envelope: envelope_pb2.Envelope | None) -> Decimal:
+    """The credit limit of a signed credit line; 0 without one."""
+    if envelope is None:
+        return Decimal(0)
+    line = valuation_pb2.CreditLine.FromString(envelope.payload)
+    return parse_amount(line.credit_limit.value)

@@ -132,9 +132,17 @@ class Revaluer:
             in_flight = True
         now_ns = to_ns(now)
 
+        # While the custodian is silent what we hold of it may be out of date, and
+        # the client cannot move collateral there: nothing is liquidated, and a call
+        # falling due is withdrawn, to be issued anew once the custodian is heard (§11.2).
+        silent = self._context.silence.is_silent(policy)
+
         # 1. Expiry: due_by passed with the amount due unpaid.
         for call in calls:
             if call.status in EXPIRING and now_ns > call.due_by_ns:
+                if silent:
+                    self._margin_calls.set_status(call, _S.MARGIN_CALL_STATUS_WITHDRAWN, now)
+                    continue
                 self._margin_calls.set_status(call, _S.MARGIN_CALL_STATUS_EXPIRED, now)
                 if not in_flight and valued.holdings is not None and call.exposure > 0:
                     instructed = self._liquidations.instruct(account_id, valued, call, now)
@@ -163,7 +171,7 @@ class Revaluer:
                     self._margin_calls.set_status(call, _S.MARGIN_CALL_STATUS_WITHDRAWN, now)
             calls = [c for c in calls if c.status not in withdrawable]
 
-        if not in_flight and ratio is not None and valued.holdings is not None:
+        if not in_flight and not silent and ratio is not None and valued.holdings is not None:
             if ratio < liquidation_line:
                 # 4. Past the liquidation line: close out; open calls are moot.
                 for call in calls:

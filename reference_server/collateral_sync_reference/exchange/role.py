@@ -241,6 +241,7 @@ class ExchangeRole:
             max_skew=context.config.max_skew,
             clock=clock.now,
         )
+        self.core.silence.listen_to(lambda: self.session.peer_silent_for)
         context.metrics.add_source(exchange_figures(self.core.store, self.session, clock.now))
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
