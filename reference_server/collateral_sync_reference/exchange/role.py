@@ -242,7 +242,9 @@ class ExchangeRole:
             clock=clock.now,
         )
         self.core.silence.listen_to(lambda: self.session.peer_silent_for)
-        context.metrics.add_source(exchange_figures(self.core.store, self.session, clock.now))
+        context.metrics.add_source(
+            exchange_figures(self.core.store, self.session, clock.now, self.core.silence)
+        )
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sweep_now = asyncio.Event()

@@ -4,7 +4,8 @@ The reference custodian is killed (-9) while the exchange credits its accounts.
 Once the exchange's ``custodian_staleness_window`` has passed, a price rise
 raises no credit limit and an exposure far below the liquidation line is not
 liquidated; the custodian comes back on the same data and port, and the
-exchange, having heard it, instructs the liquidation. (That the limit then
+exchange, having heard it, instructs the liquidation. The exchange's
+``collateral_sync_custodian_silent`` gauge says 1 exactly while it waits. (That the limit then
 rises is checked by the kit's ``exchange/custodian-silent/credit-not-raised``
 against this exchange.)
 """
@@ -27,6 +28,7 @@ from collateral_sync.v1 import (
 )
 from google.protobuf import duration_pb2
 
+from .._scrape import metrics_address, scrape, value
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties
 from ..regulator.test_regulator import ACCOUNTS, free_port, pledge_all, run, until_synced
 
@@ -92,9 +94,14 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
                 ],
                 "risk_policy": {"custodian_staleness_window_seconds": WINDOW_SECONDS},
             },
+            metrics={"listen": "127.0.0.1:0"},
         ),
         name="silent-custodian-exchange",
     )
+    metrics = metrics_address(exchange_process)
+
+    def silent() -> float:
+        return value(scrape(metrics), "collateral_sync_custodian_silent", custodian=CUSTODIAN)
 
     async def scenario() -> None:
         async with (
@@ -110,6 +117,7 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
             await until_synced(custodian_control, control, exchange)
             before = await _limit(exchange)
             assert before > 0
+            assert silent() == 0
 
             custodian.kill()
             await asyncio.sleep(WINDOW_SECONDS + 1.5)
@@ -128,6 +136,7 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
             await asyncio.sleep(1.0)
             assert await _limit(exchange) <= before
             assert await _liquidations(exchange) == 0
+            assert silent() == 1
 
             # Back on the same data and port: the exchange re-dials, hears it, and acts.
             custodian.start()
@@ -137,5 +146,6 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
                         test_control_pb2.RunValuationRequest(account_id=ACCOUNT)
                     )
                     await asyncio.sleep(0.2)
+            assert silent() == 0
 
     run(scenario())

@@ -20,6 +20,7 @@ __all__ = [
     "ATTESTATION_CHECKPOINT_TREE_SIZE",
     "ATTESTATION_LOG_SIZE",
     "CERTIFICATE_EXPIRY",
+    "CUSTODIAN_SILENT",
     "LIQUIDATIONS",
     "MARGIN_CALLS",
     "RECONCILIATION_RESULTS",
@@ -204,6 +205,14 @@ MARGIN_CALLS = MetricSpec(
     ("state",),
 )
 
+CUSTODIAN_SILENT = MetricSpec(
+    f"{_PREFIX}custodian_silent",
+    "gauge",
+    "1 while the exchange's custodian is silent (PROTOCOL.md 11.2: no frame on its stream for "
+    "the policy's custodian_staleness_window): no credit limit rises and nothing is liquidated.",
+    ("custodian",),
+)
+
 # -- regulator ----------------------------------------------------------------------
 
 RECONCILIATION_RESULTS = MetricSpec(
@@ -231,5 +240,6 @@ ALL: tuple[MetricSpec, ...] = (
     ATTESTATION_CHECKPOINT_AGE,
     LIQUIDATIONS,
     MARGIN_CALLS,
+    CUSTODIAN_SILENT,
     RECONCILIATION_RESULTS,
 )
