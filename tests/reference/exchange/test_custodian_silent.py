@@ -5,7 +5,11 @@ Once the exchange's ``custodian_staleness_window`` has passed, a price rise
 raises no credit limit and an exposure far below the liquidation line is not
 liquidated; the custodian comes back on the same data and port, and the
 exchange, having heard it, instructs the liquidation. The exchange's
-``collateral_sync_custodian_silent`` gauge says 1 exactly while it waits. (That the limit then
+``collateral_sync_custodian_silent`` gauge says 1 exactly while it waits.
+Meanwhile exchange and regulator sign an emergency release of another
+account's pledge; the custodian back executes it at once (no waiting period
+with the exchange among the signers, §11 step 3) and the exchange credits
+nothing of that account after. (That the limit then
 rises is checked by the kit's ``exchange/custodian-silent/credit-not-raised``
 against this exchange.)
 """
@@ -19,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from collateral_sync.amounts import amount_to_proto, parse_amount
-from collateral_sync.clients import ExchangeClient, TestControlClient
+from collateral_sync.clients import (
+    CustodianClient,
+    EmergencyReleaseClient,
+    ExchangeClient,
+    TestControlClient,
+)
 from collateral_sync.v1 import (
     common_pb2,
     exchange_service_pb2,
@@ -29,6 +38,7 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 
 from .._scrape import metrics_address, scrape, value
+from ..common.test_emergency_release import cosign, execute, release, signer_parties
 from ..conftest import CLIENT, CUSTODIAN, EXCHANGE, REGULATOR, Parties
 from ..regulator.test_regulator import ACCOUNTS, free_port, pledge_all, run, until_synced
 
@@ -38,9 +48,9 @@ WAIT = 30.0
 ACCOUNT = "acct-q"
 
 
-async def _limit(exchange: ExchangeClient) -> Decimal:
+async def _limit(exchange: ExchangeClient, account: str = ACCOUNT) -> Decimal:
     response = await exchange.get_credit_line(
-        exchange_service_pb2.GetCreditLineRequest(account_id=ACCOUNT)
+        exchange_service_pb2.GetCreditLineRequest(account_id=account)
     )
     line = valuation_pb2.CreditLine.FromString(response.credit_line.payload)
     return parse_amount(line.credit_limit.value)
@@ -137,6 +147,13 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
             assert await _limit(exchange) <= before
             assert await _liquidations(exchange) == 0
             assert silent() == 1
+            # Exchange and regulator release another account's pledge meanwhile: the
+            # exchange co-signs (exposure 0) though its custodian is down (§11.2).
+            released = "acct-l"
+            now = (await control.advance_clock(zero)).now.ToDatetime(tzinfo=UTC)
+            proposal = release(parties, REGULATOR, released, "release-while-down", now=now)
+            signed = await cosign(EmergencyReleaseClient(to_exchange), proposal)
+            assert signer_parties(parties, signed) == [REGULATOR, EXCHANGE]
 
             # Back on the same data and port: the exchange re-dials, hears it, and acts.
             custodian.start()
@@ -147,5 +164,12 @@ def test_a_silent_custodian_raises_no_credit_and_liquidates_nothing_until_heard(
                     )
                     await asyncio.sleep(0.2)
             assert silent() == 0
+            # The release signed while it was down executes at once: no wait with the
+            # exchange among the signers; the exchange then credits nothing of the account.
+            receipt = await execute(CustodianClient(to_custodian), signed)
+            assert receipt.payload
+            async with asyncio.timeout(WAIT):
+                while await _limit(exchange, released) > 0:
+                    await asyncio.sleep(0.1)
 
     run(scenario())
