@@ -21,6 +21,7 @@ from collateral_sync_reference.demo.scenario import (
     REGULATOR,
     SECOND_ACCOUNT,
     SECOND_HOLDINGS,
+    SILENCE_WINDOW_SECONDS,
 )
 
 __all__ = ["custodian_config", "cutoffs_after", "exchange_config", "regulator_config"]
@@ -61,6 +62,9 @@ def custodian_config(
     return {
         **_party_files(CUSTODIAN, "custodian"),
         "peers": {EXCHANGE: None, REGULATOR: regulator_address},
+        # A heartbeat a second: the exchange tells a custodian that is down from a quiet one
+        # within its policy's short staleness window (act 16).
+        "sync": {"heartbeat_interval_ms": 1000},
         "custodian": {
             "log_origin": ORIGIN,
             "yield_time_utc": yield_time.strftime("%H:%M"),
@@ -88,6 +92,7 @@ def exchange_config(
             "log_origin": ORIGIN,
             "prices": [{"asset_id": asset, "price": price} for asset, price in PRICES.items()],
             "profits": PROFITS,
+            "risk_policy": {"custodian_staleness_window_seconds": SILENCE_WINDOW_SECONDS},
             "reconciliation": {
                 "cutoffs_utc": _schedule(cutoffs),
                 "regulator": REGULATOR,

@@ -18,6 +18,9 @@ exchange, goes on through public interfaces only:
   (:mod:`~collateral_sync_reference.demo.pledge_release`): the exchange
   refuses a release its policy does not allow at the account's exposure and
   consents to a smaller one, the custodian executes the consent;
+- the custodian's process is killed: past the policy's staleness window the
+  exchange raises no credit limit; the custodian restarts and the limit rises
+  (:mod:`~collateral_sync_reference.demo.custodian_down`);
 - the exchange's process is stopped; the regulator's officer signs an
   emergency release, the custodian co-signs it (``CoSignEmergencyRelease``),
   refuses to execute it before the policy's wait and executes it after, with a
@@ -67,6 +70,7 @@ from collateral_sync.v1 import (
 from google.protobuf import duration_pb2
 
 from collateral_sync_reference.demo import text as say
+from collateral_sync_reference.demo.custodian_down import CustodianDownAct
 from collateral_sync_reference.demo.facts import by_asset, decimal_of, positions_text, reason_name
 from collateral_sync_reference.demo.pledge_release import PledgeReleaseAct
 from collateral_sync_reference.demo.scenario import (
@@ -148,8 +152,9 @@ def _totals(statement: reconciliation_pb2.ReconciliationStatement) -> str:
     )
 
 
-class OverseenStory(Story, PledgeReleaseAct):
-    """The lifecycle, then reconciliation, settlement, an emergency release, a redemption (12-16)."""
+class OverseenStory(Story, PledgeReleaseAct, CustodianDownAct):
+    """The lifecycle, then reconciliation, settlement, a pledge release, the custodian down, an
+    emergency release, a redemption (12-18)."""
 
     def __init__(
         self,
@@ -162,6 +167,8 @@ class OverseenStory(Story, PledgeReleaseAct):
         regulator_key: Signer,
         cutoffs: tuple[time, time],
         exchange_goes_dark: Callable[[], Awaitable[int | None]],
+        custodian_goes_down: Callable[[], Awaitable[None]],
+        custodian_comes_back: Callable[[], Awaitable[int]],
     ) -> None:
         super().__init__(parties, registry, client_key, yield_time)
         self._r = regulator
@@ -169,6 +176,8 @@ class OverseenStory(Story, PledgeReleaseAct):
         self._regulator_sequence = itertools.count(1)
         self._cutoffs = cutoffs
         self._exchange_goes_dark = exchange_goes_dark
+        self._custodian_goes_down = custodian_goes_down
+        self._custodian_comes_back = custodian_comes_back
         self._matched_cutoff = ""
 
     async def run(self) -> None:
@@ -177,6 +186,7 @@ class OverseenStory(Story, PledgeReleaseAct):
         await self._break_located()
         await self._settlement_cycle()
         await self._pledge_release()
+        await self._custodian_down()
         await self._emergency_release()
         await self._redemption()
 
@@ -519,7 +529,7 @@ class OverseenStory(Story, PledgeReleaseAct):
         self._proven(await self.evidence.prove_holdings(after.envelope, after.ref), after.ref)
 
     async def _emergency_release(self) -> None:
-        say.section("16. The exchange goes dark: emergency release by regulator and custodian")
+        say.section("17. The exchange goes dark: emergency release by regulator and custodian")
         # What is released must be what the exchange last saw: wait for the stream to settle.
         await self._until("both servers to report the same sync-log heads", self._agreed_heads)
         code = await self._exchange_goes_dark()
@@ -663,7 +673,7 @@ class OverseenStory(Story, PledgeReleaseAct):
         return attested, response.settles_at.ToDatetime(tzinfo=UTC)
 
     async def _redemption(self) -> None:
-        say.section("17. Redemption: locked for 24 h, then settled out of custody")
+        say.section("18. Redemption: locked for 24 h, then settled out of custody")
         asset, quantity = REDEMPTION
         amount = parse_amount(quantity)
         before = await self._holdings_now(SECOND_ACCOUNT)

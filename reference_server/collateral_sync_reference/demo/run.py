@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -238,6 +239,16 @@ def run(workdir: Path, base_port: int | None = None) -> None:
         async def exchange_goes_dark() -> int | None:
             return await asyncio.to_thread(exchange.stop)
 
+        async def custodian_goes_down() -> None:
+            await asyncio.to_thread(custodian.kill)
+
+        async def custodian_comes_back() -> int:
+            # The same database, and the address the exchange dials.
+            document = json.loads(custodian.config.read_text(encoding="utf-8"))
+            write_config(custodian.config, {**document, "listen": custodian.address})
+            await asyncio.to_thread(custodian.start)
+            return custodian.pid
+
         addresses = (custodian.address, exchange.address, regulator.address)
         bundles = _INTERRUPT.run_async(
             lambda: _run_story(
@@ -247,6 +258,8 @@ def run(workdir: Path, base_port: int | None = None) -> None:
                 yield_time,
                 cutoffs=cutoffs,
                 exchange_goes_dark=exchange_goes_dark,
+                custodian_goes_down=custodian_goes_down,
+                custodian_comes_back=custodian_comes_back,
             )
         )
         stopped = servers.stop_all()
@@ -261,6 +274,8 @@ async def _run_story(
     *,
     cutoffs: tuple[time, time],
     exchange_goes_dark: Callable[[], Coroutine[Any, Any, int | None]],
+    custodian_goes_down: Callable[[], Coroutine[Any, Any, None]],
+    custodian_comes_back: Callable[[], Coroutine[Any, Any, int]],
 ) -> _Bundles:
     custodian_address, exchange_address, regulator_address = addresses
     pki = workdir / "pki"
@@ -311,6 +326,8 @@ async def _run_story(
             regulator_key=regulator_key,
             cutoffs=cutoffs,
             exchange_goes_dark=exchange_goes_dark,
+            custodian_goes_down=custodian_goes_down,
+            custodian_comes_back=custodian_comes_back,
         )
         await story.run()
         evidence = story.evidence
@@ -333,7 +350,7 @@ def _audit(
     bundles: _Bundles,
     stopped: list[tuple[ServerProcess, int | None]],
 ) -> None:
-    say.section("17. Audit: what each party relied on, verified offline")
+    say.section("19. Audit: what each party relied on, verified offline")
     say.step(
         "the servers are stopped ("
         + ", ".join(f"{server.role} exit code {code}" for server, code in stopped)

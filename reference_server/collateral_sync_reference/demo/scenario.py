@@ -102,6 +102,8 @@ RELEASE = ("USDC", "48500")
 REDEMPTION = ("USDC", "200000")
 #: The daily yield time is set this far after the start, so the clock jump stays short.
 YIELD_LEAD = timedelta(minutes=10)
+#: The exchange's custodian_staleness_window (§11.2): short, so act 16 waits it out.
+SILENCE_WINDOW_SECONDS = 4
 
 CLIENT_TTL = timedelta(hours=1)
 #: A standing authorisation: it must still be fresh at the top-up.

@@ -145,10 +145,12 @@ class Stage:
         )
         return Attested(response.holdings_statement, statement, response.attestation)
 
-    async def _credit_line(self) -> tuple[envelope_pb2.Envelope, valuation_pb2.CreditLine] | None:
+    async def _credit_line(
+        self, account_id: str = ACCOUNT
+    ) -> tuple[envelope_pb2.Envelope, valuation_pb2.CreditLine] | None:
         try:
             response = await self._c.exchange.get_credit_line(
-                exchange_service_pb2.GetCreditLineRequest(account_id=ACCOUNT)
+                exchange_service_pb2.GetCreditLineRequest(account_id=account_id)
             )
         except RPCError as err:
             # Until the exchange holds the account's statement it does not know the client

@@ -105,7 +105,7 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "exchange-1 holds none of them: it grants credit and trades against custodian-1's "
         "signed attestations"
     ), out[:400]
-    for number in range(1, 18):
+    for number in range(1, 20):
         assert f"\n== {number}. " in out, f"section {number} missing"
     # The story, in order: each step appears after the one before it.
     steps = [
@@ -183,6 +183,12 @@ def test_demo_tells_the_whole_lifecycle_and_verifies_its_audit_bundles(tmp_path:
         "(PLEDGE_RELEASE) at leaf ",
         "acct-8 now: USDC 248,500 (100,000 pledged)",
         "exchange-1 credits it once proven: collateral value 95,000, credit limit 190,000",
+        # The custodian down: credit frozen past the window, raised once it is back.
+        "custodian-1's process is killed (SIGKILL)",
+        "custodian_staleness_window (4 s) exchange-1 counts custodian-1 silent",
+        "exchange-1 revalues acct-8 and keeps its credit limit at ",
+        "custodian-1 restarts on the same database and address (pid ",
+        "ok      heard again, the same valuation counts: credit limit ",
         # Emergency release: the exchange dark, too early refused, then executed.
         "exchange-1's process stops (exit code 0)",
         "a call to exchange-1 now fails: UNAVAILABLE",
