@@ -1034,6 +1034,16 @@ def _settles_zero_net() -> None:
     _custodian_settlement.amount_from_proto = amount_from_proto
 
 
+def _streams_every_account_everywhere() -> None:
+    """Each update goes on every exchange's log, not only on that of the account's exchange."""
+
+    def announce(self: Any, exchange: str, *updates: Any) -> None:
+        for log in self.sync_logs.values():
+            log.append(updates)
+
+    _custodian_ledger.Ledger._announce = announce
+
+
 FAULTS: dict[str, Callable[[], None]] = {
     # The client pays out of quantity - locked, its pledge ignored.
     "custodian-settles-beyond-pledge": _settlement_funds(
@@ -1099,6 +1109,7 @@ FAULTS: dict[str, Callable[[], None]] = {
     "custodian-ignores-path-exchange": lambda: _path_checked_without("exchange_id"),
     "custodian-reuses-path-id": _reuses_path_id,
     "custodian-pledges-to-two-exchanges": _pledges_to_two_exchanges,
+    "custodian-streams-every-account-everywhere": _streams_every_account_everywhere,
     "custodian-pledge-bound-exclusive": _pledge_bound_exclusive,
     "custodian-top-up-attested-as-pledge": _top_up_attested_as_pledge,
     "custodian-checks-no-step-amounts": _checks_no_step_amounts,

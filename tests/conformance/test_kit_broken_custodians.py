@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,10 @@ _EXECUTING = {
 
 #: Faults only a custodian serving a second exchange (the kit's other exchange key) can show:
 #: to a custodian serving one, a pledge to another exchange is an unknown exchange.
-_SERVES_SECOND_EXCHANGE = {"custodian-pledges-to-two-exchanges"}
+_SERVES_SECOND_EXCHANGE = {
+    "custodian-pledges-to-two-exchanges",
+    "custodian-streams-every-account-everywhere",
+}
 
 #: Faults only an account that nothing else attests anew can show: the daily yield of the kit
 #: account's fund token gives it a new holdings statement every day, refreshed or not.
@@ -272,6 +276,12 @@ MORE_CUSTODIAN_FAULTS: list[tuple[str, list[str], set[str]]] = [
         "custodian-pledges-to-two-exchanges",
         ["custodian/**"],
         {"custodian/pledge-to-another-exchange-refused"},
+    ),
+    (
+        # Its custodian serves a second exchange too, whose stream the kit reads (§5.8).
+        "custodian-streams-every-account-everywhere",
+        ["sync/holdings-change-attested", "sync/other-exchange-stream-isolated"],
+        {"sync/other-exchange-stream-isolated"},
     ),
     (
         "custodian-pledge-bound-exclusive",
@@ -499,6 +509,29 @@ def test_a_broken_custodian_is_caught_by_its_cases(
         *_globs(*run),
     )
     assert _failed(argv, tmp_path / "reports", capsys) == caught_by, server.log_text()[-3000:]
+
+
+def test_a_custodian_serving_two_exchanges_keeps_their_streams_apart(
+    start_server: Any,
+    reference_parties: Parties,
+    kit_files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The reference custodian with a second exchange peer: its stream is served, and isolated."""
+    config = custodian_config(reference_parties, tmp_path)
+    config["peers"][OTHER_EXCHANGE] = None
+    server = start_server("custodian", config, name="two-exchanges")
+    argv = kit_argv(
+        kit_files,
+        server.address,
+        "--account",
+        KIT_ACCOUNT,
+        *_globs("sync/holdings-change-attested", "sync/other-exchange-stream-isolated"),
+    )
+    assert _failed(argv, tmp_path / "reports", capsys) == set()
+    # Served, not refused: the case read the second exchange's stream.
+    assert f"sync stream with {OTHER_EXCHANGE} opened" in server.log_text()
 
 
 def test_every_broken_custodian_fault_is_tested() -> None:

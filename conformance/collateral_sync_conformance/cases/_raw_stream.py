@@ -37,7 +37,7 @@ from collateral_sync.v1 import (
     valuation_pb2,
 )
 
-from collateral_sync_conformance._context import CaseContext
+from collateral_sync_conformance._context import CaseContext, PartyClients
 from collateral_sync_conformance._expect import (
     CaseFailure,
     Outcome,
@@ -92,6 +92,8 @@ class SyncStream:
     call: Any
     #: The custodian's hello.
     hello: position_sync_pb2.SyncHello
+    #: The exchange the kit speaks as on this stream (the kit's own unless opened as another).
+    party_id: str = ""
     last_sent: position_sync_pb2.SyncFrame | None = None
     close_frame: position_sync_pb2.SyncClose | None = None
     frames: list[position_sync_pb2.SyncFrame] = field(default_factory=list)
@@ -106,18 +108,27 @@ class SyncStream:
         received_entry_hash: bytes = ZERO_HASH,
         window: int = KIT_WINDOW,
         sent_sequence: int | None = None,
+        as_party: PartyClients | None = None,
     ) -> SyncStream:
-        """Dial, send the kit's hello, and return once the custodian's hello is read."""
-        call = ctx.custodian.sync_positions(timeout=ctx.config.rpc_timeout * 6)
+        """Dial, send the kit's hello, and return once the custodian's hello is read.
+
+        ``as_party``: speak as that exchange (a certificate of ``--identity``)
+        instead of the kit's own, which has sent nothing on that exchange's log.
+        """
+        clients = as_party.custodian if as_party is not None else ctx.custodian
+        party = as_party.party_id if as_party is not None else exchange_party(ctx)
+        if as_party is not None and sent_sequence is None:
+            sent_sequence = 0
+        call = clients.sync_positions(timeout=ctx.config.rpc_timeout * 6)
         hello = position_sync_pb2.SyncHello(
-            party_id=exchange_party(ctx),
+            party_id=party,
             sending_direction=EXCHANGE_TO_CUSTODIAN,  # type: ignore[arg-type]
             received_sequence=received_sequence,
             received_entry_hash=received_entry_hash,
             sent_sequence=ctx.session.sync_sent if sent_sequence is None else sent_sequence,
             window=window,
         )
-        stream = cls(ctx=ctx, call=call, hello=position_sync_pb2.SyncHello())
+        stream = cls(ctx=ctx, call=call, hello=position_sync_pb2.SyncHello(), party_id=party)
         stream._start_reading()
         try:
             await stream.send(position_sync_pb2.SyncFrame(hello=hello))
@@ -133,8 +144,9 @@ class SyncStream:
             raise
         assert first is not None
         stream.hello = first.hello
-        # Where the custodian stands in the kit's log, for the next hello and batch.
-        ctx.session.sync_sent = max(ctx.session.sync_sent, first.hello.received_sequence)
+        if as_party is None:
+            # Where the custodian stands in the kit's log, for the next hello and batch.
+            ctx.session.sync_sent = max(ctx.session.sync_sent, first.hello.received_sequence)
         return stream
 
     async def send(self, frame: position_sync_pb2.SyncFrame) -> None:
@@ -239,7 +251,7 @@ class SyncStream:
                     expected=f"batches up to sequence {sequence}",
                     got=f"up to {got}",
                 )
-            batch = await verified_entries(self.ctx, frame.batch)
+            batch = await verified_entries(self.ctx, frame.batch, receiver=self.party_id)
             entries.extend(batch)
             if ack:
                 await self.ack(batch[-1])
@@ -252,15 +264,17 @@ class SyncStream:
 
 
 async def verified_entries(
-    ctx: CaseContext, envelope: envelope_pb2.Envelope
+    ctx: CaseContext, envelope: envelope_pb2.Envelope, *, receiver: str = ""
 ) -> list[ReceivedEntry]:
-    """A custodian's batch, verified by the SDK: signature, sender, role, direction, chain."""
+    """A custodian's batch, verified by the SDK: signature, sender, role, direction, chain.
+
+    Addressed to ``receiver`` (default: the kit's exchange)."""
     verified = sdk_check(
         "a sync batch from the custodian",
         verify_sync_batch,
         envelope,
         ctx.registry,
-        receiver_party_id=exchange_party(ctx),
+        receiver_party_id=receiver or exchange_party(ctx),
         sender_party_id=ctx.server_party_id,
         direction=CUSTODIAN_TO_EXCHANGE,
         now=await ctx.server_now(),

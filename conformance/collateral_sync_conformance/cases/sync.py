@@ -12,16 +12,19 @@ run last: a custodian may hold an equivocating peer at arm's length.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
 from collateral_sync.amounts import amount_to_proto
 from collateral_sync.sync import CUSTODIAN_TO_EXCHANGE, ZERO_HASH
 from collateral_sync.v1 import (
+    attestation_pb2,
     common_pb2,
     custodian_service_pb2,
     envelope_pb2,
     errors_pb2,
+    liquidation_pb2,
     position_sync_pb2,
     test_control_pb2,
 )
@@ -51,6 +54,8 @@ from collateral_sync_conformance.cases._kit_account import (
 )
 from collateral_sync_conformance.cases._raw_stream import (
     KIT_WINDOW,
+    ReceivedEntry,
+    StreamEnded,
     SyncStream,
     check_ack,
     kit_batch,
@@ -179,6 +184,91 @@ async def holdings_change_attested(ctx: CaseContext) -> None:
         await expect_attested(ctx, change.holdings_statement, change.attestation, since=since)
     finally:
         await stream.close()
+
+
+def _account_of(update: position_sync_pb2.PositionUpdate) -> str:
+    """The account an update of the custodian's is about ("" if it names none)."""
+    kind = update.WhichOneof("update")
+    if kind == "holdings_change":
+        payload = update.holdings_change.holdings_statement.payload
+        return attestation_pb2.HoldingsStatement.FromString(payload).account_id
+    if kind == "liquidation_receipt":
+        return liquidation_pb2.LiquidationReceipt.FromString(
+            update.liquidation_receipt.payload
+        ).account_id
+    if kind in ("pledge_change", "yield_accrual"):
+        account: str = getattr(update, kind).account_id
+        return account
+    return ""
+
+
+async def _drain(stream: SyncStream, seconds: float) -> list[ReceivedEntry]:
+    """Every entry ``stream`` brings within ``seconds`` (each batch acknowledged)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    entries: list[ReceivedEntry] = []
+    with contextlib.suppress(StreamEnded):
+        while (remaining := deadline - loop.time()) > 0:
+            frame = await stream.frame_of(("batch",), remaining)
+            if frame is None:
+                break
+            batch = await verified_entries(stream.ctx, frame.batch, receiver=stream.party_id)
+            entries.extend(batch)
+            await stream.ack(batch[-1])
+    return entries
+
+
+@REGISTRY.case(
+    "sync/other-exchange-stream-isolated",
+    Level.MUST,
+    "a holdings change of the kit's account reaches the stream of the exchange it is pledged "
+    "to and no other: replayed from its start and followed for two seconds past the change, "
+    "the stream of a second registered exchange (an --identity of it) names the account in no "
+    "update; a custodian that does not serve that exchange, and refuses its stream, passes "
+    "(§5.8)",
+    roles=_CUSTODIAN,
+    clauses=("§5.8/stream-of-pledged-accounts",),
+)
+async def other_exchange_stream_isolated(ctx: CaseContext) -> None:
+    account = ctx.account()
+    ours = exchange_party(ctx)
+    other = ctx.as_role(_EXCHANGE_ROLE, besides=[ours])
+    try:
+        second = await SyncStream.open(ctx, as_party=other)
+    except StreamEnded:
+        return  # not served: nothing of the account can reach that exchange
+    stream = await SyncStream.open(ctx)
+    try:
+        head = stream.hello.sent_sequence
+        if head:
+            await stream.receive_until(head)
+        other_head = second.hello.sent_sequence
+        seen = await second.receive_until(other_head) if other_head else []
+        before, _, _ = await holdings(ctx, account)
+        await _change_holdings(ctx)
+        arrived = False
+        while not arrived:
+            entries = await stream.receive_until(head + 1)
+            head = entries[-1].sequence
+            arrived = any(
+                _account_of(e.update) == account
+                and e.update.WhichOneof("update") == "holdings_change"
+                and verify_leaf(ctx, e.update.holdings_change.holdings_statement).epoch
+                > before.epoch
+                for e in entries
+            )
+        seen += await _drain(second, 2.0)
+    finally:
+        await stream.close()
+        await second.close()
+    named = [e for e in seen if _account_of(e.update) == account]
+    check(
+        not named,
+        f"the custodian streamed account {account!r}, pledged to {ours}, to {other.party_id} "
+        "(§5.8: an exchange's stream carries the accounts pledged to it and no other)",
+        expected=f"no update naming {account} on {other.party_id}'s stream",
+        got=", ".join(f"{e.update.WhichOneof('update')} at {e.sequence}" for e in named[:5]),
+    )
 
 
 @REGISTRY.case(
