@@ -12,7 +12,14 @@
 //   valuation/release.ts     §5.10  a pledge release judged; a signed consent recomputed
 //   valuation/arith.ts       §2.3  exact quotient, wire rounding, the refusals they share
 
-export { assetClassName, parsePolicy, validateRiskPolicy, type ParsedPolicy } from "./valuation/policy.js";
+export {
+  assetClassName,
+  custodianStalenessWindowNs,
+  DEFAULT_CUSTODIAN_STALENESS_WINDOW_NS,
+  parsePolicy,
+  validateRiskPolicy,
+  type ParsedPolicy,
+} from "./valuation/policy.js";
 export {
   collateralRatio,
   creditLineFigures,

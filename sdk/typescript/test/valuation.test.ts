@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { create, fromBinary, fromJson, type JsonValue } from "@bufbuild/protobuf";
-import { type Timestamp, TimestampSchema } from "@bufbuild/protobuf/wkt";
+import { DurationSchema, type Timestamp, TimestampSchema } from "@bufbuild/protobuf/wkt";
 import { Amount, parseAmount } from "../src/amounts.js";
 import { CollateralSyncError } from "../src/errors.js";
 import {
@@ -30,6 +30,7 @@ import {
   allocateShortfall,
   assetClassName,
   creditLineFigures,
+  custodianStalenessWindowNs,
   liquidationAmount,
   liquidationShortfall,
   marginCallAmount,
@@ -275,6 +276,16 @@ test("round-half-even would land one quantum away from RD/RU", () => {
     const apart = Amount.fromText(halfEven).subtract(Amount.fromText(ours[name] ?? "")).abs();
     assert.ok(apart.equals(quantum), `${name}: ${halfEven} vs ${ours[name]}`);
   }
+});
+
+test("a policy's custodian staleness window: its own, or 300 s when it sets none (§11.2)", () => {
+  const first = FILE.valuations[0];
+  assert.ok(first !== undefined);
+  const policy = policyOf(first);
+  policy.custodianStalenessWindow = undefined;
+  assert.equal(custodianStalenessWindowNs(policy), 300_000_000_000n);
+  policy.custodianStalenessWindow = create(DurationSchema, { seconds: 8n, nanos: 5 });
+  assert.equal(custodianStalenessWindowNs(policy), 8_000_000_005n);
 });
 
 // --- every case ---------------------------------------------------------------------------

@@ -39,6 +39,19 @@ export interface ParsedPolicy {
   readonly autoDeleveragingRule: AutoDeleveragingRule;
 }
 
+/** The window of a policy that sets none (PROTOCOL.md §7.1, §11.2): 300 s, in nanoseconds. */
+export const DEFAULT_CUSTODIAN_STALENESS_WINDOW_NS = 300n * NS_PER_S;
+
+/**
+ * How long an exchange under `policy` may hear nothing from a custodian (§11.2), in
+ * nanoseconds: the policy's `custodian_staleness_window`, or 300 s if it sets none. The policy
+ * is assumed valid (`validateRiskPolicy`). Mirrors `custodian_staleness_window` in Python.
+ */
+export function custodianStalenessWindowNs(policy: RiskPolicy): bigint {
+  const window = policy.custodianStalenessWindow;
+  return window === undefined ? DEFAULT_CUSTODIAN_STALENESS_WINDOW_NS : durationNs(window);
+}
+
 /** The wire name of an asset class ("ASSET_CLASS_STABLECOIN"), or its number if undefined. */
 export function assetClassName(value: number): string {
   return AssetClassSchema.value[value as AssetClass]?.name ?? String(value);
