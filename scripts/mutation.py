@@ -51,6 +51,7 @@ FAMILIES = {
             f"{_SERVER}/exchange/margin_calls.py",
             f"{_SERVER}/exchange/holdings.py",
             f"{_SERVER}/exchange/pledge_releases.py",
+            f"{_SERVER}/exchange/custodian_silence.py",
         ],
         "tests/conformance/test_kit_exchange.py::test_reference_exchange_passes_every_must_case "
         "tests/conformance/test_kit_counterpart.py",
